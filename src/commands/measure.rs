@@ -1,0 +1,223 @@
+//! `vramcal measure`: one configuration, two real training steps, a phase table and a row.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use candle_core::Device;
+
+use crate::cli::{MeasureArgs, ModelArgs};
+use crate::config::{resolve_model, ConfigSource, ResolvedModel};
+use crate::error::Error;
+use crate::measure::{measure, HostProbe, Measurement, MemoryProbe, Setup};
+use crate::model::gguf::{config_from_gguf, read_content};
+use crate::model::weights::WeightsSpec;
+use crate::report::{append_row, table::phase_table, Row, RowContext, Status};
+use crate::spec::{gib, host_memory_bytes, parse_dtype, TrainSpec};
+
+/// Resolves `--model` and `--weights` into a model configuration and a weights source.
+///
+/// # Errors
+/// Unknown or malformed model, missing weights, a GGUF whose tensors do not fit the model.
+pub fn resolve(args: &ModelArgs) -> anyhow::Result<(ResolvedModel, WeightsSpec)> {
+    let weights = WeightsSpec::parse(&args.weights, args.seed)?;
+    let from_weights = match &weights {
+        WeightsSpec::Gguf(p) => {
+            let (content, _) = read_content(p)?;
+            let config = config_from_gguf(&content, p)?;
+            let name = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Some(ResolvedModel {
+                name,
+                config,
+                source: ConfigSource::File(p.clone()),
+            })
+        }
+        WeightsSpec::Safetensors(dir) if dir.join("config.json").is_file() => {
+            Some(resolve_model(&dir.display().to_string())?)
+        }
+        WeightsSpec::HfCache(id) => Some(resolve_model(id)?),
+        _ => None,
+    };
+    let model = match (&args.model, from_weights) {
+        (Some(name), Some(w)) => {
+            let m = resolve_model(name)?;
+            if m.config.param_shapes() != w.config.param_shapes() {
+                let diff = m
+                    .config
+                    .param_shapes()
+                    .into_iter()
+                    .zip(w.config.param_shapes())
+                    .find(|(a, b)| a != b)
+                    .map(|(a, b)| {
+                        format!(
+                            "{} is {:?} in the model, {:?} in the weights",
+                            a.name, a.shape, b.shape
+                        )
+                    })
+                    .unwrap_or_else(|| "they have different numbers of tensors".into());
+                anyhow::bail!(
+                    "--weights {} do not match --model {name}: {diff}",
+                    args.weights
+                );
+            }
+            m
+        }
+        (Some(name), None) => resolve_model(name)?,
+        (None, Some(w)) => w,
+        (None, None) => anyhow::bail!("--model is required with --weights {}", args.weights),
+    };
+    Ok((model, weights))
+}
+
+/// Parses `--device`.
+///
+/// # Errors
+/// [`Error::Device`] for an unknown device, or CUDA in a build without the `cuda` feature.
+pub fn parse_device(s: &str) -> Result<Device, Error> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match s.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| Error::Device {
+                device: s.into(),
+                reason: "expected `cpu`, `cuda` or `cuda:N`".into(),
+            })?,
+        None => {
+            return Err(Error::Device {
+                device: s.into(),
+                reason: "expected `cpu`, `cuda` or `cuda:N`".into(),
+            })
+        }
+    };
+    cuda_device(s, ordinal)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(s: &str, ordinal: usize) -> Result<Device, Error> {
+    Device::new_cuda(ordinal).map_err(|e| Error::Device {
+        device: s.into(),
+        reason: format!("cannot open: {e} (check the GPU index with nvidia-smi and that the driver supports CUDA 13.0)"),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(s: &str, _ordinal: usize) -> Result<Device, Error> {
+    Err(Error::Device {
+        device: s.into(),
+        reason: "this vramcal was built without CUDA; rebuild with `cargo build --release --features cuda` (see README)".into(),
+    })
+}
+
+/// The memory probe for `device`.
+///
+/// # Errors
+/// [`Error::Probe`] when the counting allocator is not installed, [`Error::Device`] for CUDA
+/// (its probe is not implemented yet).
+pub fn probe_for(device: &Device, name: &str) -> Result<Box<dyn MemoryProbe>, Error> {
+    match device {
+        Device::Cpu => Ok(Box::new(HostProbe::new()?)),
+        _ => Err(Error::Device {
+            device: name.into(),
+            reason: "measuring on CUDA needs the CUDA memory probe, which is not implemented yet"
+                .into(),
+        }),
+    }
+}
+
+/// Builds the training spec from the CLI arguments.
+///
+/// # Errors
+/// Bad dtype names.
+pub fn train_spec(args: &ModelArgs, batch: usize, seq: usize) -> anyhow::Result<TrainSpec> {
+    let mut spec = TrainSpec::new(batch, seq);
+    spec.dtype = parse_dtype(&args.dtype).context("--dtype")?;
+    spec.state_dtype =
+        parse_dtype(&args.optimizer_state_dtype).context("--optimizer-state-dtype")?;
+    spec.adamw.lr = args.lr;
+    spec.adamw.weight_decay = args.weight_decay;
+    spec.allow_longer = args.allow_longer;
+    spec.data_seed = args.data_seed;
+    Ok(spec)
+}
+
+/// Runs `vramcal measure`.
+///
+/// # Errors
+/// Bad input (before anything runs) or a failed step; in the latter case the row with the
+/// phases measured so far is still written to `--out` (status `error`).
+pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
+    let (model, weights) = resolve(&a.model)?;
+    let spec = train_spec(&a.model, a.batch, a.seq)?;
+    spec.validate(&model.config)?;
+    if let Some(out) = &a.out {
+        crate::report::csv_out::check_writable(out)?;
+    }
+    let device = parse_device(&a.model.device)?;
+    if device.is_cpu() {
+        if let (Some(need), Some(have)) = (spec.min_bytes(&model.config), host_memory_bytes()) {
+            if need > have {
+                anyhow::bail!(
+                    "batch {} × seq {} of {} needs at least {} GiB (weights, gradients, AdamW states and logits), more than this machine's {} GiB",
+                    spec.batch, spec.seq, model.name, gib(need), gib(have)
+                );
+            }
+        }
+    }
+    let probe = probe_for(&device, &a.model.device)?;
+    let setup = Setup {
+        model: model.clone(),
+        weights: weights.clone(),
+        spec: spec.clone(),
+        device,
+    };
+    let mut m = Measurement::default();
+    let result = measure(&setup, probe.as_ref(), &mut m);
+    let (status, message) = match &result {
+        Ok(()) => (Status::Ok, String::new()),
+        Err(e) => (Status::Error, e.to_string()),
+    };
+    let ctx = RowContext {
+        command: a.record_command.clone().unwrap_or_else(super::command_line),
+        model: model.name.clone(),
+        weights: weights.describe(),
+        device: a.model.device.clone(),
+    };
+    let row = Row::new(&ctx, &spec, &m, status, &message);
+    if !a.quiet {
+        let t = phase_table(&m, spec.tokens());
+        let head =
+            format!(
+            "vramcal {} | {} | {} | weights {} | dtype {} | AdamW states {} | batch {} × seq {}",
+            env!("CARGO_PKG_VERSION"), row.device, model.name, row.weights, row.dtype,
+            row.optimizer_state_dtype, spec.batch, spec.seq
+        );
+        if a.json {
+            eprintln!("{head}\n{t}")
+        } else {
+            println!("{head}\n{t}")
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&row)?);
+    } else if !a.quiet {
+        let mut w = csv::Writer::from_writer(vec![]);
+        w.serialize(&row)?;
+        print!("{}", String::from_utf8(w.into_inner()?)?);
+    }
+    if let Some(out) = &a.out {
+        append_row(out, &row)?;
+    }
+    result.with_context(|| {
+        format!(
+            "measuring {} at batch {} × seq {}",
+            model.name, spec.batch, spec.seq
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,38 @@
+//! The commands behind the CLI verbs. They return `anyhow` errors with context; `main` prints
+//! one line and exits non-zero.
+
+pub mod measure;
+pub mod models;
+pub mod sweep;
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command};
+
+/// Runs the parsed command line.
+///
+/// # Errors
+/// Any command's error, with context.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Models { json } => models::run(json),
+        Command::Measure(a) => measure::run(&a),
+        Command::Sweep(a) => sweep::run(&a),
+    }
+}
+
+/// The command line of this process, quoted where needed, for recording in results.
+pub fn command_line() -> String {
+    std::env::args()
+        .enumerate()
+        .map(|(i, a)| {
+            let a = if i == 0 { "vramcal".to_string() } else { a };
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '"' || c == '\'') {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            } else {
+                a
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

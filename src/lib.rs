@@ -1,0 +1,18 @@
+//! vramcal: measure, estimate and calibrate the peak memory of LLM fine-tuning steps.
+//!
+//! Pipeline: [`config`] (model sizes) → [`spec`] (training setup) → [`model`] (a trainable
+//! decoder) → [`measure`] (real steps, peak allocator memory per phase) → [`report`] (CSV rows
+//! and tables).
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod measure;
+pub mod model;
+pub mod optim;
+pub mod report;
+pub mod spec;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,170 @@
+//! AdamW (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization", Algorithm 2;
+//! the update of `torch.optim.AdamW`) with a chosen state dtype, updating parameters and
+//! states in place, chunk by chunk.
+//!
+//! Memory: the first and second moments `m`, `v` are allocated lazily at the first step (as
+//! PyTorch does), each the parameter's shape in the state dtype. The update runs over row
+//! chunks of at most [`AdamW::chunk_elems`] elements, so its transient is about ten chunk-sized
+//! f32 buffers (≈ 10 MiB at the default 2^18 elements), independent of the parameter size;
+//! PyTorch's foreach AdamW instead allocates about one parameter-sized buffer per tensor group.
+//! candle-nn's `AdamW` allocates about 13 parameter-sized temporaries per tensor, which is why
+//! vramcal does not use it.
+
+use candle_core::{DType, Tensor, Var};
+
+use crate::error::{Error, Result};
+
+/// AdamW hyper-parameters. Defaults are Hugging Face `TrainingArguments`' (lr 5e-5,
+/// betas (0.9, 0.999), eps 1e-8, weight decay 0).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay β1.
+    pub beta1: f64,
+    /// Second-moment decay β2.
+    pub beta2: f64,
+    /// ε added to √v̂.
+    pub eps: f64,
+    /// Decoupled weight decay λ.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 5e-5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// AdamW over a list of parameters.
+pub struct AdamW {
+    cfg: AdamWConfig,
+    state_dtype: DType,
+    vars: Vec<Var>,
+    m: Vec<Option<Tensor>>,
+    v: Vec<Option<Tensor>>,
+    t: usize,
+    /// Largest number of elements updated at once (default 2^18).
+    pub chunk_elems: usize,
+}
+
+impl AdamW {
+    /// Creates the optimizer; allocates nothing (states appear at the first step).
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for a non-float state dtype or out-of-range hyper-parameters.
+    pub fn new(vars: Vec<Var>, cfg: AdamWConfig, state_dtype: DType) -> Result<Self> {
+        if !state_dtype.is_float() {
+            return Err(Error::invalid(
+                "optimizer state dtype",
+                format!("{state_dtype:?}"),
+                "must be a float type",
+            ));
+        }
+        if !(cfg.lr.is_finite() && cfg.lr >= 0.0) {
+            return Err(Error::invalid(
+                "lr",
+                cfg.lr,
+                "must be finite and non-negative",
+            ));
+        }
+        for (name, b) in [("beta1", cfg.beta1), ("beta2", cfg.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(Error::invalid(name, b, "must be in [0, 1)"));
+            }
+        }
+        if !(cfg.eps.is_finite() && cfg.eps > 0.0) {
+            return Err(Error::invalid("eps", cfg.eps, "must be positive"));
+        }
+        let n = vars.len();
+        Ok(AdamW {
+            cfg,
+            state_dtype,
+            vars,
+            m: vec![None; n],
+            v: vec![None; n],
+            t: 0,
+            chunk_elems: 1 << 18,
+        })
+    }
+
+    /// Bytes held by the moment estimates now (0 before the first step).
+    pub fn state_bytes(&self) -> u64 {
+        self.m
+            .iter()
+            .chain(self.v.iter())
+            .flatten()
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum()
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> usize {
+        self.t
+    }
+
+    /// One update with `grads[i]` the gradient of the i-th parameter (same shape).
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] if the number of gradients differs from the parameters;
+    /// [`Error::Candle`] on shape or dtype mismatch.
+    pub fn step(&mut self, grads: &[Tensor]) -> Result<()> {
+        if grads.len() != self.vars.len() {
+            return Err(Error::invalid(
+                "gradients",
+                grads.len(),
+                format!("expected one per parameter ({})", self.vars.len()),
+            ));
+        }
+        self.t += 1;
+        let c = self.cfg;
+        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        for i in 0..self.vars.len() {
+            let var = &self.vars[i];
+            let g = &grads[i];
+            if self.m[i].is_none() {
+                self.m[i] = Some(Tensor::zeros(var.shape(), self.state_dtype, var.device())?);
+                self.v[i] = Some(Tensor::zeros(var.shape(), self.state_dtype, var.device())?);
+            }
+            let (m, v) = (
+                self.m[i].as_ref().expect("set"),
+                self.v[i].as_ref().expect("set"),
+            );
+            let pd = var.dtype();
+            let cd = if pd == DType::F64 || self.state_dtype == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            let dims = var.dims();
+            let rows = if dims.is_empty() { 1 } else { dims[0] };
+            let row_len = var.elem_count() / rows.max(1);
+            let chunk_rows = (self.chunk_elems / row_len.max(1)).max(1);
+            let mut r0 = 0;
+            while r0 < rows {
+                let n = chunk_rows.min(rows - r0);
+                let p_c = var.narrow(0, r0, n)?.to_dtype(cd)?;
+                let g_c = g.narrow(0, r0, n)?.to_dtype(cd)?;
+                let m_c = m.narrow(0, r0, n)?.to_dtype(cd)?;
+                let v_c = v.narrow(0, r0, n)?.to_dtype(cd)?;
+                let m_new = ((m_c * c.beta1)? + (&g_c * (1.0 - c.beta1))?)?;
+                let v_new = ((v_c * c.beta2)? + (g_c.sqr()? * (1.0 - c.beta2))?)?;
+                let denom = ((&v_new / bc2)?.sqrt()? + c.eps)?;
+                let update = ((&m_new / bc1)? / denom)?;
+                let p_new = ((p_c * (1.0 - c.lr * c.weight_decay))? - (update * c.lr)?)?;
+                m.slice_set(&m_new.to_dtype(self.state_dtype)?, 0, r0)?;
+                v.slice_set(&v_new.to_dtype(self.state_dtype)?, 0, r0)?;
+                var.slice_set(&p_new.to_dtype(pd)?, 0, r0)?;
+                r0 += n;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,94 @@
+//! Appending rows to a results CSV: one whole row per write, flushed and synced, after checking
+//! that an existing file has the same header.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::report::Row;
+
+fn csv_err(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Csv {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Checks that `path` can take rows: it is absent or empty, or its header equals
+/// [`Row::header`]. Creates missing parent folders.
+///
+/// # Errors
+/// [`Error::Csv`] for another header or an unreadable file, [`Error::Io`] if the folder
+/// cannot be created or the file cannot be opened for appending.
+pub fn check_writable(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    if path.exists()
+        && std::fs::metadata(path)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false)
+    {
+        let mut rdr = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_path(path)
+            .map_err(|e| csv_err(path, format!("cannot read: {e}")))?;
+        let first = rdr
+            .records()
+            .next()
+            .transpose()
+            .map_err(|e| csv_err(path, format!("cannot read the header: {e}")))?
+            .unwrap_or_default();
+        let have: Vec<String> = first.iter().map(String::from).collect();
+        if have != Row::header() {
+            return Err(csv_err(
+                path,
+                "exists with another header (not a vramcal results file of this version); choose another --out",
+            ));
+        }
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(())
+}
+
+/// Appends `row` to `path` (writing the header first if the file is new or empty), in one
+/// write, then flushes and syncs, so a crash never leaves half a row.
+///
+/// # Errors
+/// As [`check_writable`]; [`Error::Io`] if the write fails (the file keeps its earlier rows).
+pub fn append_row(path: &Path, row: &Row) -> Result<()> {
+    check_writable(path)?;
+    let new = std::fs::metadata(path)
+        .map(|m| m.len() == 0)
+        .unwrap_or(true);
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(new)
+        .from_writer(vec![]);
+    w.serialize(row).map_err(|e| csv_err(path, e.to_string()))?;
+    let bytes = w.into_inner().map_err(|e| csv_err(path, e.to_string()))?;
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    f.write_all(&bytes).map_err(|e| Error::io(path, e))?;
+    f.flush().map_err(|e| Error::io(path, e))?;
+    f.sync_data().map_err(|e| Error::io(path, e))?;
+    Ok(())
+}
+
+/// Reads every row of a results CSV.
+///
+/// # Errors
+/// [`Error::Csv`] if the file is unreadable or a row does not parse.
+pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
+    let mut rdr =
+        csv::Reader::from_path(path).map_err(|e| csv_err(path, format!("cannot read: {e}")))?;
+    rdr.deserialize()
+        .map(|r| r.map_err(|e| csv_err(path, format!("bad row: {e}"))))
+        .collect()
+}

@@ -1,0 +1,198 @@
+//! One measured point as one CSV row. Column names come from the field names; sizes end in
+//! `_bytes`, times in `_seconds`. Documented in README ("CSV schema").
+
+use serde::{Deserialize, Serialize};
+
+use crate::measure::Measurement;
+use crate::spec::TrainSpec;
+
+/// Outcome of a measured point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// All phases ran.
+    Ok,
+    /// Ran out of memory (device OOM or `--budget`).
+    Oom,
+    /// Failed for another reason; see `message`.
+    Error,
+}
+
+/// Context of a row that the measurement itself does not know.
+#[derive(Debug, Clone)]
+pub struct RowContext {
+    /// The command line that produced the row.
+    pub command: String,
+    /// Model name.
+    pub model: String,
+    /// Weights description (`random(seed=0)`, `gguf:file.gguf`, …).
+    pub weights: String,
+    /// Device requested (used when the measurement failed before the probe named it).
+    pub device: String,
+}
+
+/// One CSV row. Phase columns are `<phase>_peak_bytes` (highest allocated bytes during the
+/// phase) and `<phase>_end_bytes` (allocated bytes at its end). Empty cells mean "not
+/// measured" (a phase not reached, a counter the device lacks, an option not used).
+#[allow(missing_docs)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub tool_version: String,
+    pub utc_time: String,
+    pub host: String,
+    pub device: String,
+    pub command: String,
+    pub model: String,
+    pub weights: String,
+    pub params: u64,
+    pub trainable_params: u64,
+    pub dtype: String,
+    pub optimizer: String,
+    pub optimizer_state_dtype: String,
+    pub method: String,
+    pub lora_r: Option<u32>,
+    pub lora_alpha: Option<f64>,
+    pub lora_dropout: Option<f64>,
+    pub lora_targets: String,
+    pub quant: String,
+    pub checkpointing: String,
+    pub batch: usize,
+    pub seq: usize,
+    pub micro_batch: usize,
+    pub accumulate: usize,
+    pub baseline_bytes: Option<u64>,
+    pub param_bytes: Option<u64>,
+    pub grad_bytes: Option<u64>,
+    pub optimizer_state_bytes: Option<u64>,
+    pub load_peak_bytes: Option<u64>,
+    pub load_end_bytes: Option<u64>,
+    pub optimizer_init_peak_bytes: Option<u64>,
+    pub optimizer_init_end_bytes: Option<u64>,
+    pub step1_forward_peak_bytes: Option<u64>,
+    pub step1_forward_end_bytes: Option<u64>,
+    pub step1_backward_peak_bytes: Option<u64>,
+    pub step1_backward_end_bytes: Option<u64>,
+    pub step1_optimizer_step_peak_bytes: Option<u64>,
+    pub step1_optimizer_step_end_bytes: Option<u64>,
+    pub step2_forward_peak_bytes: Option<u64>,
+    pub step2_forward_end_bytes: Option<u64>,
+    pub step2_backward_peak_bytes: Option<u64>,
+    pub step2_backward_end_bytes: Option<u64>,
+    pub step2_optimizer_step_peak_bytes: Option<u64>,
+    pub step2_optimizer_step_end_bytes: Option<u64>,
+    pub save_peak_bytes: Option<u64>,
+    pub peak_bytes: Option<u64>,
+    pub peak_phase: String,
+    pub peak_reserved_bytes: Option<u64>,
+    pub peak_device_bytes: Option<u64>,
+    pub step1_seconds: Option<f64>,
+    pub step2_seconds: Option<f64>,
+    pub tokens_per_second: Option<f64>,
+    pub loss_step1: Option<f64>,
+    pub loss_step2: Option<f64>,
+    pub status: Option<Status>,
+    pub message: String,
+}
+
+impl Row {
+    /// Builds the row for `m` measured with `spec`.
+    pub fn new(
+        ctx: &RowContext,
+        spec: &TrainSpec,
+        m: &Measurement,
+        status: Status,
+        message: &str,
+    ) -> Row {
+        let ph = |name: &str| m.phase(name);
+        let peak = |name: &str| ph(name).map(|p| p.peak_allocated_bytes);
+        let end = |name: &str| ph(name).map(|p| p.end_allocated_bytes);
+        let measured = !m.phases.is_empty();
+        let (peak_phase, peak_bytes) = match m.peak() {
+            Some((n, b)) => (n.to_string(), Some(b)),
+            None => (String::new(), None),
+        };
+        let reserved = m.phases.iter().filter_map(|p| p.peak_reserved_bytes).max();
+        let device_used = m.phases.iter().filter_map(|p| p.end_device_bytes).max();
+        Row {
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            utc_time: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            host: gethostname::gethostname().to_string_lossy().into_owned(),
+            device: if m.device.is_empty() {
+                ctx.device.clone()
+            } else {
+                m.device.clone()
+            },
+            command: ctx.command.clone(),
+            model: ctx.model.clone(),
+            weights: ctx.weights.clone(),
+            params: m.params,
+            trainable_params: m.trainable_params,
+            dtype: spec.dtype.as_str().to_string(),
+            optimizer: "adamw".into(),
+            optimizer_state_dtype: spec.state_dtype.as_str().to_string(),
+            method: "full".into(),
+            lora_r: None,
+            lora_alpha: None,
+            lora_dropout: None,
+            lora_targets: String::new(),
+            quant: "none".into(),
+            checkpointing: "none".into(),
+            batch: spec.batch,
+            seq: spec.seq,
+            micro_batch: spec.batch,
+            accumulate: 1,
+            baseline_bytes: measured.then_some(m.baseline_bytes),
+            param_bytes: ph("load").map(|_| m.param_bytes),
+            grad_bytes: ph("step1_backward").map(|_| m.grad_bytes),
+            optimizer_state_bytes: ph("step1_optimizer_step").map(|_| m.optimizer_state_bytes),
+            load_peak_bytes: peak("load"),
+            load_end_bytes: end("load"),
+            optimizer_init_peak_bytes: peak("optimizer_init"),
+            optimizer_init_end_bytes: end("optimizer_init"),
+            step1_forward_peak_bytes: peak("step1_forward"),
+            step1_forward_end_bytes: end("step1_forward"),
+            step1_backward_peak_bytes: peak("step1_backward"),
+            step1_backward_end_bytes: end("step1_backward"),
+            step1_optimizer_step_peak_bytes: peak("step1_optimizer_step"),
+            step1_optimizer_step_end_bytes: end("step1_optimizer_step"),
+            step2_forward_peak_bytes: peak("step2_forward"),
+            step2_forward_end_bytes: end("step2_forward"),
+            step2_backward_peak_bytes: peak("step2_backward"),
+            step2_backward_end_bytes: end("step2_backward"),
+            step2_optimizer_step_peak_bytes: peak("step2_optimizer_step"),
+            step2_optimizer_step_end_bytes: end("step2_optimizer_step"),
+            save_peak_bytes: None,
+            peak_bytes,
+            peak_phase,
+            peak_reserved_bytes: reserved,
+            peak_device_bytes: device_used,
+            step1_seconds: m.step_seconds.first().copied(),
+            step2_seconds: m.step_seconds.get(1).copied(),
+            tokens_per_second: m.step_seconds.get(1).map(|s| spec.tokens() as f64 / s),
+            loss_step1: m.losses.first().copied(),
+            loss_step2: m.losses.get(1).copied(),
+            status: Some(status),
+            message: message.to_string(),
+        }
+    }
+
+    /// The CSV header, from the field names.
+    pub fn header() -> Vec<String> {
+        let mut w = csv::WriterBuilder::new()
+            .has_headers(true)
+            .from_writer(vec![]);
+        // Serializing a default row makes the csv crate emit the header.
+        w.serialize(Row::default()).expect("in-memory write");
+        let bytes = w.into_inner().expect("in-memory flush");
+        let text = String::from_utf8(bytes).expect("utf8");
+        let first = text.lines().next().unwrap_or_default().to_string();
+        csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_reader(first.as_bytes())
+            .records()
+            .next()
+            .and_then(|r| r.ok())
+            .map(|r| r.iter().map(String::from).collect())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,26 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// Path of the real SmolLM2-135M GGUF fetched by `scripts/fetch-smollm2.sh`, or `None` when it
+/// is absent and this is not CI. Under CI (`CI` set) a missing file is a test failure: the
+/// real-model tests must run there.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let p = std::env::var_os("VRAMCAL_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("VRAMCAL_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/vramcal"));
+            cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    if p.is_file() {
+        return Some(p);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{} is missing: run scripts/fetch-smollm2.sh (CI must test the real model)", p.display());
+    }
+    eprintln!("SKIPPED: {} not found; run scripts/fetch-smollm2.sh", p.display());
+    None
+}

@@ -1,0 +1,120 @@
+//! Model configs: presets' parameter counts, parsing and rejection of bad configs.
+
+use std::path::Path;
+
+use vramcal::config::{preset, presets, resolve_model, ModelConfig};
+use vramcal::Error;
+
+/// Independent closed form, written out per term from transformers' module shapes.
+fn closed_form(c: &ModelConfig) -> u64 {
+    let (h, i, l, v) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.num_hidden_layers as u64,
+        c.vocab_size as u64,
+    );
+    let hd = c.head_dim() as u64;
+    let q = c.num_attention_heads as u64 * hd;
+    let kv = c.kv_heads() as u64 * hd;
+    let per_layer = h * q + h * kv + h * kv + q * h + h * i * 3 + 2 * h;
+    v * h + l * per_layer + h + if c.tie_word_embeddings { 0 } else { v * h }
+}
+
+#[test]
+fn preset_param_counts_match_closed_form_and_shapes() {
+    for p in presets() {
+        let from_shapes: u64 = p
+            .config
+            .param_shapes()
+            .iter()
+            .map(|s| s.numel() as u64)
+            .sum();
+        assert_eq!(p.config.param_count(), closed_form(&p.config), "{}", p.name);
+        assert_eq!(from_shapes, p.config.param_count(), "{}", p.name);
+    }
+}
+
+#[test]
+fn published_counts() {
+    assert_eq!(
+        preset("mistral-7b-v0.1").unwrap().config.param_count(),
+        7_241_732_096
+    );
+    assert_eq!(
+        preset("smollm2-135m").unwrap().config.param_count(),
+        134_515_008
+    );
+    assert_eq!(
+        preset("smollm2-360m").unwrap().config.param_count(),
+        361_821_120
+    );
+    assert_eq!(
+        preset("llama-2-7b").unwrap().config.param_count(),
+        6_738_415_616
+    );
+    assert_eq!(
+        preset("llama-3-8b").unwrap().config.param_count(),
+        8_030_261_248
+    );
+    assert_eq!(
+        preset("tinyllama-1.1b").unwrap().config.param_count(),
+        1_100_048_384
+    );
+}
+
+const SMOLLM2_JSON: &str = r#"{
+  "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
+  "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+  "vocab_size": 49152, "rms_norm_eps": 1e-05, "rope_theta": 100000,
+  "max_position_embeddings": 8192, "tie_word_embeddings": true, "torch_dtype": "bfloat16"
+}"#;
+
+#[test]
+fn parses_hf_config_json_with_integer_theta() {
+    let c = ModelConfig::from_json_str(SMOLLM2_JSON, Path::new("config.json")).unwrap();
+    assert_eq!(c, preset("smollm2-135m").unwrap().config);
+}
+
+fn parse_err(text: &str) -> Error {
+    ModelConfig::from_json_str(text, Path::new("cfg/config.json")).unwrap_err()
+}
+
+#[test]
+fn rejects_bad_configs_with_the_file_named() {
+    let e = parse_err("{ not json");
+    assert!(matches!(e, Error::Config { .. }), "{e}");
+    assert!(e.to_string().contains("cfg/config.json"));
+
+    let e = parse_err(&SMOLLM2_JSON.replace("\"hidden_size\": 576,", ""));
+    assert!(e.to_string().contains("hidden_size"), "{e}");
+
+    let e = parse_err(&SMOLLM2_JSON.replace("LlamaForCausalLM", "GPT2LMHeadModel"));
+    assert!(matches!(e, Error::UnknownArchitecture { .. }), "{e}");
+
+    let e =
+        parse_err(&SMOLLM2_JSON.replace("\"num_hidden_layers\": 30", "\"num_hidden_layers\": 0"));
+    assert!(
+        e.to_string().contains("num_hidden_layers must be positive"),
+        "{e}"
+    );
+
+    let e = parse_err(
+        &SMOLLM2_JSON.replace("\"num_key_value_heads\": 3", "\"num_key_value_heads\": 4"),
+    );
+    assert!(e.to_string().contains("not a multiple"), "{e}");
+
+    let e = parse_err(&SMOLLM2_JSON.replace(
+        "\"vocab_size\": 49152",
+        "\"vocab_size\": 18446744073709551615",
+    ));
+    assert!(e.to_string().contains("overflows"), "{e}");
+
+    let e = parse_err(&SMOLLM2_JSON.replace("\"hidden_size\": 576", "\"hidden_size\": -5"));
+    assert!(matches!(e, Error::Config { .. }), "{e}");
+}
+
+#[test]
+fn unknown_model_lists_presets() {
+    let e = resolve_model("no-such-model").unwrap_err();
+    assert!(e.to_string().contains("smollm2-135m"), "{e}");
+}
