@@ -106,21 +106,21 @@ impl ModelConfig {
                 return Err(bad(format!("{name} must be positive, got 0")));
             }
         }
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(bad(format!(
                 "num_attention_heads = {} is not a multiple of num_key_value_heads = {}",
                 self.num_attention_heads,
                 self.kv_heads()
             )));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(bad(format!(
                 "hidden_size = {} is not a multiple of num_attention_heads = {} (and no head_dim given)",
                 self.hidden_size, self.num_attention_heads
             )));
         }
         let hd = self.head_dim();
-        if hd == 0 || hd % 2 != 0 {
+        if hd == 0 || !hd.is_multiple_of(2) {
             return Err(bad(format!(
                 "head_dim = {hd} must be positive and even (RoPE rotates pairs)"
             )));
@@ -206,6 +206,11 @@ impl ModelConfig {
 
     /// Total parameter count (see [`ModelConfig::checked_param_count`]); saturates on overflow,
     /// which [`ModelConfig::validate`] rules out.
+    ///
+    /// ```
+    /// let mistral = vramcal::config::preset("mistral-7b-v0.1").unwrap().config;
+    /// assert_eq!(mistral.param_count(), 7_241_732_096);
+    /// ```
     pub fn param_count(&self) -> u64 {
         self.checked_param_count().unwrap_or(u64::MAX)
     }

@@ -126,9 +126,7 @@ impl AdamW {
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
-        for i in 0..self.vars.len() {
-            let var = &self.vars[i];
-            let g = &grads[i];
+        for (i, (var, g)) in self.vars.iter().zip(grads).enumerate() {
             if self.m[i].is_none() {
                 self.m[i] = Some(Tensor::zeros(var.shape(), self.state_dtype, var.device())?);
                 self.v[i] = Some(Tensor::zeros(var.shape(), self.state_dtype, var.device())?);

@@ -68,6 +68,9 @@ pub fn resolve(args: &ModelArgs) -> anyhow::Result<(ResolvedModel, WeightsSpec)>
         (None, Some(w)) => w,
         (None, None) => anyhow::bail!("--model is required with --weights {}", args.weights),
     };
+    // Bad weights are bad input: find them before anything is measured or written.
+    let mut src = crate::model::weights::open_source(&weights)?;
+    crate::model::weights::check_all(src.as_mut(), &model.config)?;
     Ok((model, weights))
 }
 

@@ -19,6 +19,13 @@ pub fn parse_axis(name: &str, items: &[String]) -> Result<Vec<usize>, Error> {
     let mut out = Vec::new();
     for it in items {
         let t = it.trim();
+        if t.is_empty() {
+            return Err(Error::invalid(
+                name,
+                items.join(","),
+                "the list is empty or has an empty entry",
+            ));
+        }
         let v: usize = t
             .parse()
             .map_err(|_| Error::invalid(name, t, "expected a positive integer"))?;

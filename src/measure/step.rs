@@ -145,6 +145,25 @@ pub fn random_batch(
     ))
 }
 
+/// Backward pass from `loss`, keeping only the parameters' gradients (detached, in
+/// [`Decoder::named_vars`] order) and dropping candle's `GradStore` and the graph.
+///
+/// # Errors
+/// [`Error::InvalidValue`] if a parameter received no gradient; [`Error::Candle`].
+pub fn param_grads(model: &Decoder, loss: Tensor) -> Result<Vec<Tensor>> {
+    let store = loss.backward()?;
+    let mut grads = Vec::new();
+    for (name, v) in model.named_vars() {
+        let g = store
+            .get(v)
+            .ok_or_else(|| Error::invalid("gradient", &name, "parameter received no gradient"))?;
+        grads.push(g.detach());
+    }
+    drop(store);
+    drop(loss);
+    Ok(grads)
+}
+
 /// Runs the protocol for `setup`, recording into `out` as it goes.
 ///
 /// # Errors

@@ -25,6 +25,7 @@ pub struct GgufWeights {
     path: PathBuf,
     n_head: usize,
     n_kv_head: usize,
+    file_len: u64,
 }
 
 /// Reads a GGUF header (metadata and tensor table).
@@ -134,7 +135,11 @@ impl GgufWeights {
     pub fn open(path: &Path) -> Result<Self> {
         let (content, reader) = read_content(path)?;
         let cfg = config_from_gguf(&content, path)?;
+        let file_len = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len();
         Ok(GgufWeights {
+            file_len,
             content,
             reader,
             path: path.to_path_buf(),
@@ -197,14 +202,8 @@ pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((rows, cols))?)
 }
 
-impl WeightSource for GgufWeights {
-    fn tensor(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
+impl GgufWeights {
+    fn info(&self, name: &str) -> Result<(String, &candle_core::quantized::gguf_file::TensorInfo)> {
         let g = gguf_name(name).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
             name: name.into(),
@@ -217,7 +216,43 @@ impl WeightSource for GgufWeights {
                 path: self.path.clone(),
                 name: format!("{name} (GGUF {g})"),
             })?;
+        Ok((g, info))
+    }
+}
+
+impl WeightSource for GgufWeights {
+    fn check(&mut self, name: &str, shape: &[usize]) -> Result<()> {
+        let (g, info) = self.info(name)?;
         check_shape(&self.path, name, shape, info.shape.dims())?;
+        let n = info.shape.elem_count();
+        let bs = info.ggml_dtype.block_size();
+        let bytes = (n / bs * info.ggml_dtype.type_size()) as u64;
+        let end = self
+            .content
+            .tensor_data_offset
+            .saturating_add(info.offset)
+            .saturating_add(bytes);
+        if !n.is_multiple_of(bs) || end > self.file_len {
+            return Err(Error::Weights {
+                path: self.path.clone(),
+                reason: format!(
+                    "{g}: data ends at byte {end}, past the end of the file ({} bytes): truncated?",
+                    self.file_len
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        self.check(name, shape)?;
+        let (g, _) = self.info(name)?;
         let q = self
             .content
             .tensor(&mut self.reader, &g, &Device::Cpu)

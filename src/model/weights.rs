@@ -25,6 +25,28 @@ pub trait WeightSource {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor>;
+
+    /// Checks, without reading the data, that tensor `name` exists with `shape` and that its
+    /// data lies within the file. The default (random weights) accepts everything.
+    ///
+    /// # Errors
+    /// As [`WeightSource::tensor`].
+    fn check(&mut self, name: &str, shape: &[usize]) -> Result<()> {
+        let _ = (name, shape);
+        Ok(())
+    }
+}
+
+/// Checks every parameter of `cfg` against `src` before anything is loaded, so bad weights
+/// are reported before a measurement starts.
+///
+/// # Errors
+/// The first [`Error::MissingTensor`], [`Error::WeightShape`] or [`Error::Weights`].
+pub fn check_all(src: &mut dyn WeightSource, cfg: &crate::config::ModelConfig) -> Result<()> {
+    for p in cfg.param_shapes() {
+        src.check(&p.name, &p.shape)?;
+    }
+    Ok(())
 }
 
 /// The `--weights` argument, parsed.
@@ -161,6 +183,14 @@ pub struct MapWeights {
 }
 
 impl WeightSource for MapWeights {
+    fn check(&mut self, name: &str, shape: &[usize]) -> Result<()> {
+        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.into(),
+        })?;
+        check_shape(&self.path, name, shape, t.dims())
+    }
+
     fn tensor(
         &mut self,
         name: &str,
@@ -261,6 +291,19 @@ impl SafetensorsWeights {
 }
 
 impl WeightSource for SafetensorsWeights {
+    fn check(&mut self, name: &str, shape: &[usize]) -> Result<()> {
+        let file = self.files.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.into(),
+        })?;
+        // Headers and data extents were validated when the files were opened.
+        let view = self.st.get(name).map_err(|e| Error::Weights {
+            path: file.clone(),
+            reason: format!("{name}: {e}"),
+        })?;
+        check_shape(file, name, shape, view.shape())
+    }
+
     fn tensor(
         &mut self,
         name: &str,
@@ -268,21 +311,9 @@ impl WeightSource for SafetensorsWeights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let file = self
-            .files
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::MissingTensor {
-                path: self.path.clone(),
-                name: name.into(),
-            })?;
-        let view = self.st.get(name).map_err(|e| Error::Weights {
-            path: file.clone(),
-            reason: format!("{name}: {e}"),
-        })?;
-        check_shape(&file, name, shape, view.shape())?;
+        self.check(name, shape)?;
         let t = self.st.load(name, device).map_err(|e| Error::Weights {
-            path: file.clone(),
+            path: self.files.get(name).cloned().unwrap_or_default(),
             reason: format!("{name}: {e}"),
         })?;
         Ok(t.to_dtype(dtype)?)

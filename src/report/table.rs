@@ -41,7 +41,7 @@ pub fn phase_table(m: &Measurement, tokens_per_step: usize) -> String {
     if let Some(t) = m.step_seconds.get(1) {
         let _ = writeln!(
             s,
-            "step 2 (steady state): {:.3} s, {:.1} tokens/s, loss {:.4}",
+            "step 2: {:.3} s, {:.1} tokens/s, loss {:.4}",
             t,
             tokens_per_step as f64 / t,
             m.losses.get(1).copied().unwrap_or(f64::NAN)

@@ -12,15 +12,23 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
         .unwrap_or_else(|| {
             let cache = std::env::var_os("VRAMCAL_CACHE")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/vramcal"));
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/vramcal")
+                });
             cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
         });
     if p.is_file() {
         return Some(p);
     }
     if std::env::var_os("CI").is_some() {
-        panic!("{} is missing: run scripts/fetch-smollm2.sh (CI must test the real model)", p.display());
+        panic!(
+            "{} is missing: run scripts/fetch-smollm2.sh (CI must test the real model)",
+            p.display()
+        );
     }
-    eprintln!("SKIPPED: {} not found; run scripts/fetch-smollm2.sh", p.display());
+    eprintln!(
+        "SKIPPED: {} not found; run scripts/fetch-smollm2.sh",
+        p.display()
+    );
     None
 }

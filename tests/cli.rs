@@ -1,0 +1,402 @@
+//! The `vramcal` binary: success paths and one clear error line (non-zero exit, CSV
+//! unchanged) for each class of bad input.
+
+mod common;
+
+use std::path::Path;
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn vramcal() -> Command {
+    Command::cargo_bin("vramcal").unwrap()
+}
+
+/// Runs `args`, expects failure with exactly one `error:` line containing `needle`, and
+/// checks that `csv` (if any) was not modified.
+fn fails_with<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    args: &[S],
+    needle: &str,
+    csv: Option<&Path>,
+) {
+    let before = csv.map(|p| std::fs::read(p).unwrap());
+    let out = vramcal().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{args:?}: stderr was {stderr}");
+    assert!(
+        errors[0].contains(needle),
+        "{args:?}: {:?} does not contain {needle:?}",
+        errors[0]
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    if let (Some(p), Some(b)) = (csv, before) {
+        assert_eq!(std::fs::read(p).unwrap(), b, "{} changed", p.display());
+    }
+}
+
+fn rows(p: &Path) -> Vec<csv::StringRecord> {
+    csv::Reader::from_path(p)
+        .unwrap()
+        .records()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+#[test]
+fn models_lists_exact_counts() {
+    vramcal().arg("models").assert().success().stdout(
+        predicate::str::contains("7,241,732,096").and(predicate::str::contains("134,515,008")),
+    );
+}
+
+#[test]
+fn help_has_examples() {
+    for cmd in ["measure", "sweep", "models"] {
+        vramcal()
+            .args([cmd, "--help"])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("Examples"));
+    }
+}
+
+#[test]
+fn measure_appends_rows_and_prints_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("sub/out.csv");
+    let c = csv.to_str().unwrap();
+    vramcal()
+        .args([
+            "measure", "--model", "tiny", "--batch", "2", "--seq", "8", "--out", c,
+        ])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("step2_backward")
+                .and(predicate::str::contains("peak allocated")),
+        );
+    let out = vramcal()
+        .args([
+            "measure", "--model", "tiny", "--batch", "1", "--seq", "16", "--json", "--out", c,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let row: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(row["status"], "ok");
+    assert_eq!(row["seq"], 16);
+    let r = rows(&csv);
+    assert_eq!(r.len(), 2);
+    let header = csv::Reader::from_path(&csv)
+        .unwrap()
+        .headers()
+        .unwrap()
+        .clone();
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    assert_eq!(&r[0][col("status")], "ok");
+    assert_eq!(&r[0][col("params")], "21664");
+    let peak: u64 = r[1][col("peak_bytes")].parse().unwrap();
+    assert_eq!(peak, row["peak_bytes"].as_u64().unwrap());
+    assert!(r[0][col("command")].contains("measure --model tiny"));
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_keeps_the_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("keep.csv");
+    let c = csv.to_str().unwrap();
+    vramcal()
+        .args([
+            "measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--out", c,
+        ])
+        .assert()
+        .success();
+    let keep = Some(csv.as_path());
+    let m = |extra: &[&str]| -> Vec<String> {
+        ["measure", "--out", c]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+
+    // Config files.
+    let bad = dir.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    let cfg = bad.join("config.json");
+    let cfg_s = cfg.to_str().unwrap();
+    std::fs::write(&cfg, "{ \"hidden_size\": ").unwrap();
+    fails_with(
+        &m(&["--model", cfg_s, "--batch", "1", "--seq", "4"]),
+        "malformed model config",
+        keep,
+    );
+    let tiny = serde_json::to_value(vramcal::config::preset("tiny").unwrap().config).unwrap();
+    let mut missing = tiny.clone();
+    missing.as_object_mut().unwrap().remove("vocab_size");
+    std::fs::write(&cfg, missing.to_string()).unwrap();
+    fails_with(
+        &m(&["--model", cfg_s, "--batch", "1", "--seq", "4"]),
+        "vocab_size",
+        keep,
+    );
+    let mut arch = tiny.clone();
+    arch["architectures"] = serde_json::json!(["BertModel"]);
+    std::fs::write(&cfg, arch.to_string()).unwrap();
+    fails_with(
+        &m(&["--model", cfg_s, "--batch", "1", "--seq", "4"]),
+        "unsupported architecture",
+        keep,
+    );
+    let mut zero = tiny.clone();
+    zero["num_attention_heads"] = serde_json::json!(0);
+    std::fs::write(&cfg, zero.to_string()).unwrap();
+    fails_with(
+        &m(&["--model", cfg_s, "--batch", "1", "--seq", "4"]),
+        "num_attention_heads must be positive",
+        keep,
+    );
+    fails_with(
+        &m(&["--model", "nonexistent-model", "--batch", "1", "--seq", "4"]),
+        "unknown model",
+        keep,
+    );
+
+    // Sizes.
+    fails_with(
+        &m(&["--model", "tiny", "--batch", "0", "--seq", "4"]),
+        "--batch",
+        keep,
+    );
+    fails_with(
+        &m(&["--model", "tiny", "--batch", "1", "--seq", "65"]),
+        "max_position_embeddings",
+        keep,
+    );
+    fails_with(
+        &m(&[
+            "--model",
+            "tiny",
+            "--batch",
+            "4611686018427387904",
+            "--seq",
+            "64",
+        ]),
+        "overflows",
+        keep,
+    );
+    fails_with(
+        &m(&["--model", "tiny", "--batch", "1000000000", "--seq", "64"]),
+        "more than this machine",
+        keep,
+    );
+    fails_with(
+        &m(&[
+            "--model", "tiny", "--batch", "1", "--seq", "4", "--dtype", "int8",
+        ]),
+        "dtype",
+        keep,
+    );
+
+    // Weights.
+    fails_with(
+        &m(&[
+            "--model",
+            "tiny",
+            "--batch",
+            "1",
+            "--seq",
+            "4",
+            "--weights",
+            "/no/such.gguf",
+        ]),
+        "no such file",
+        keep,
+    );
+    let st = dir.path().join("w.safetensors");
+    std::fs::write(&st, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+    fails_with(
+        &m(&[
+            "--model",
+            "tiny",
+            "--batch",
+            "1",
+            "--seq",
+            "4",
+            "--weights",
+            st.to_str().unwrap(),
+        ]),
+        "w.safetensors",
+        keep,
+    );
+    if let Some(g) = common::smollm2_gguf() {
+        let cut = dir.path().join("cut.gguf");
+        let bytes = std::fs::read(&g).unwrap();
+        std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+        fails_with(
+            &m(&[
+                "--model",
+                "smollm2-135m",
+                "--batch",
+                "1",
+                "--seq",
+                "4",
+                "--weights",
+                cut.to_str().unwrap(),
+            ]),
+            "cut.gguf",
+            keep,
+        );
+        fails_with(
+            &m(&[
+                "--model",
+                "tiny",
+                "--batch",
+                "1",
+                "--seq",
+                "4",
+                "--weights",
+                g.to_str().unwrap(),
+            ]),
+            "do not match",
+            keep,
+        );
+    }
+
+    // Devices and outputs.
+    if !cfg!(feature = "cuda") {
+        fails_with(
+            &m(&[
+                "--model", "tiny", "--batch", "1", "--seq", "4", "--device", "cuda:0",
+            ]),
+            "--features cuda",
+            keep,
+        );
+    }
+    fails_with(
+        &m(&[
+            "--model", "tiny", "--batch", "1", "--seq", "4", "--device", "tpu",
+        ]),
+        "expected `cpu`",
+        keep,
+    );
+    let other = dir.path().join("other.csv");
+    std::fs::write(&other, "a,b\n1,2\n").unwrap();
+    fails_with(
+        &[
+            "measure",
+            "--model",
+            "tiny",
+            "--batch",
+            "1",
+            "--seq",
+            "4",
+            "--out",
+            other.to_str().unwrap(),
+        ],
+        "another header",
+        Some(other.as_path()),
+    );
+    fails_with(
+        &[
+            "measure",
+            "--model",
+            "tiny",
+            "--batch",
+            "1",
+            "--seq",
+            "4",
+            "--out",
+            "/proc/vramcal/x.csv",
+        ],
+        "/proc/vramcal",
+        None,
+    );
+
+    assert_eq!(rows(&csv).len(), 1);
+}
+
+#[test]
+fn allow_longer_lifts_the_context_limit() {
+    vramcal()
+        .args([
+            "measure",
+            "--model",
+            "tiny",
+            "--batch",
+            "1",
+            "--seq",
+            "70",
+            "--allow-longer",
+            "--quiet",
+        ])
+        .assert()
+        .success();
+}
+
+#[test]
+fn sweep_writes_one_row_per_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("sweep.csv");
+    vramcal()
+        .args([
+            "sweep",
+            "--model",
+            "tiny",
+            "--batch",
+            "1,2",
+            "--seq",
+            "8,16",
+            "--out",
+            csv.to_str().unwrap(),
+        ])
+        .assert()
+        .success();
+    let r = rows(&csv);
+    assert_eq!(r.len(), 4);
+    let header = csv::Reader::from_path(&csv)
+        .unwrap()
+        .headers()
+        .unwrap()
+        .clone();
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let points: Vec<(String, String)> = r
+        .iter()
+        .map(|x| (x[col("batch")].to_string(), x[col("seq")].to_string()))
+        .collect();
+    assert_eq!(
+        points,
+        [("1", "8"), ("1", "16"), ("2", "8"), ("2", "16")]
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+    assert!(r.iter().all(|x| &x[col("status")] == "ok"));
+    assert!(r
+        .iter()
+        .all(|x| x[col("command")].contains("sweep --model tiny")));
+}
+
+#[test]
+fn sweep_rejects_malformed_grids_before_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("never.csv");
+    let c = csv.to_str().unwrap();
+    for (b, s, needle) in [
+        ("1,0", "8", "at least 1"),
+        ("1,x", "8", "positive integer"),
+        ("1,1", "8", "listed twice"),
+        ("1", "", "empty"),
+        ("1", "8,65", "max_position_embeddings"),
+    ] {
+        fails_with(
+            &[
+                "sweep", "--model", "tiny", "--batch", b, "--seq", s, "--out", c,
+            ],
+            needle,
+            None,
+        );
+        assert!(!csv.exists() || std::fs::read_to_string(&csv).unwrap().is_empty());
+    }
+}
