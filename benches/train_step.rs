@@ -22,7 +22,7 @@ fn bench(c: &mut Criterion) {
     let spec = TrainSpec::new(1, 256);
     let model = Decoder::new(&cfg, &mut RandomWeights::new(0), spec.dtype, &Device::Cpu).unwrap();
     let vars = model
-        .named_vars()
+        .trainable_vars()
         .into_iter()
         .map(|(_, v)| v.clone())
         .collect();

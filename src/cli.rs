@@ -28,12 +28,12 @@ pub enum Command {
     },
     /// Measure one training configuration: two real steps, peak memory per phase.
     #[command(
-        after_help = "Examples:\n  vramcal measure --model smollm2-135m --batch 1 --seq 256\n  vramcal measure --model smollm2-135m --weights ~/.cache/vramcal/models/SmolLM2-135M-Instruct.Q4_1.gguf --batch 1 --seq 128 --out results/cpu/mine.csv\n  vramcal measure --model path/to/config.json --batch 2 --seq 512 --dtype bf16 --json"
+        after_help = "Examples:\n  vramcal measure --model smollm2-135m --batch 1 --seq 256\n  vramcal measure --model smollm2-135m --method qlora --lora r=16,alpha=32,targets=all-linear --checkpointing layers --batch 2 --seq 512 --save adapter\n  vramcal measure --model tiny --batch 2 --accumulate 4 --seq 32\n  vramcal measure --model smollm2-135m --weights ~/.cache/vramcal/models/SmolLM2-135M-Instruct.Q4_1.gguf --batch 1 --seq 128 --out results/cpu/mine.csv\n  vramcal measure --model path/to/config.json --batch 2 --seq 512 --dtype bf16 --json"
     )]
     Measure(MeasureArgs),
     /// Measure a grid of batch × seq points, each in its own process, one CSV row per point.
     #[command(
-        after_help = "Examples:\n  vramcal sweep --model smollm2-135m --batch 1,2 --seq 64,128,256\n  vramcal sweep --model tiny --batch 1,2,4 --seq 16,32 --out /tmp/tiny.csv"
+        after_help = "Examples:\n  vramcal sweep --model smollm2-135m --batch 1,2 --seq 64,128,256\n  vramcal sweep --model smollm2-135m --method full,lora,qlora --lora r=8,targets=q_proj,v_proj --checkpointing none,layers --batch 1 --seq 128,256 --save adapter\n  vramcal sweep --model tiny --batch 1,2,4 --seq 16,32 --out /tmp/tiny.csv"
     )]
     Sweep(SweepArgs),
 }
@@ -73,6 +73,29 @@ pub struct ModelArgs {
     /// Seed of the random token batches.
     #[arg(long, default_value_t = 0)]
     pub data_seed: u64,
+    /// LoRA settings (implies --method lora unless another method is given), e.g.
+    /// `r=16,alpha=32,dropout=0.05,targets=q_proj,k_proj,v_proj,o_proj`. Targets: q,k,v,o,
+    /// gate,up,down (with or without `_proj`), `attn`, `mlp`, `all-linear`. Defaults are PEFT's:
+    /// r=8, alpha=8, dropout=0, targets=q_proj,v_proj.
+    #[arg(long)]
+    pub lora: Option<String>,
+    /// Quantization of the frozen base: `none` or `nf4` (with LoRA: QLoRA).
+    #[arg(long, default_value = "none")]
+    pub quant: String,
+    /// With NF4: quantize the per-block absmax values too (QLoRA's double quantization).
+    #[arg(long)]
+    pub double_quant: bool,
+    /// Micro-batches per optimizer step (gradient accumulation); --batch is the micro-batch.
+    #[arg(long, default_value_t = 1)]
+    pub accumulate: usize,
+    /// Save after step 2, measured as the `save` phase: `none`, `adapter` (the trained
+    /// tensors: PEFT files for LoRA, model.safetensors for full) or `merged` (adapters merged
+    /// into the base, whole model saved).
+    #[arg(long, default_value = "none")]
+    pub save: String,
+    /// Folder the save phase writes into (default: a temporary folder, removed afterwards).
+    #[arg(long)]
+    pub save_dir: Option<PathBuf>,
 }
 
 /// `vramcal measure`.
@@ -81,12 +104,20 @@ pub struct MeasureArgs {
     /// The model and training setup.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Sequences per step (micro-batch).
-    #[arg(long)]
+    /// Sequences per forward/backward pass (the micro-batch).
+    #[arg(long, visible_alias = "micro-batch")]
     pub batch: usize,
     /// Tokens per sequence.
     #[arg(long)]
     pub seq: usize,
+    /// Fine-tuning method: `full`, `lora` or `qlora` (LoRA on an NF4 base). Default: `lora`
+    /// when --lora is given, else `full`.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Activation checkpointing: `none`, `layers` (every decoder layer) or `every:K`
+    /// (segments of K layers).
+    #[arg(long, default_value = "none")]
+    pub checkpointing: String,
     /// Print the result row as JSON on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,
@@ -107,9 +138,20 @@ pub struct SweepArgs {
     /// The model and training setup.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Batch sizes, comma-separated, e.g. `1,2,4`.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Micro-batch sizes, comma-separated, e.g. `1,2,4`.
+    #[arg(
+        long,
+        visible_alias = "micro-batch",
+        value_delimiter = ',',
+        required = true
+    )]
     pub batch: Vec<String>,
+    /// Methods, comma-separated: `full`, `lora`, `qlora`.
+    #[arg(long, value_delimiter = ',')]
+    pub method: Vec<String>,
+    /// Checkpointing settings, comma-separated, e.g. `none,layers`.
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    pub checkpointing: Vec<String>,
     /// Sequence lengths, comma-separated, e.g. `64,128,256`.
     #[arg(long, value_delimiter = ',', required = true)]
     pub seq: Vec<String>,

@@ -4,7 +4,38 @@ use candle_core::DType;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::model::lora::{LoraConfig, Target};
+use crate::model::save::SaveMode;
+use crate::model::{Adaptation, Checkpointing, Quant};
 use crate::optim::AdamWConfig;
+
+/// `(out, in)` of LoRA target `t` in a layer of `cfg`.
+pub fn target_shape(cfg: &ModelConfig, t: Target) -> (usize, usize) {
+    let h = cfg.hidden_size;
+    let q = cfg.num_attention_heads * cfg.head_dim();
+    let kv = cfg.kv_heads() * cfg.head_dim();
+    let i = cfg.intermediate_size;
+    match t {
+        Target::QProj => (q, h),
+        Target::KProj | Target::VProj => (kv, h),
+        Target::OProj => (h, q),
+        Target::GateProj | Target::UpProj => (i, h),
+        Target::DownProj => (h, i),
+    }
+}
+
+/// LoRA parameters `L · Σ_targets r·(in + out)` (PEFT's count).
+pub fn lora_param_count(cfg: &ModelConfig, lora: &LoraConfig) -> u64 {
+    let per_layer: u64 = lora
+        .targets
+        .iter()
+        .map(|&t| {
+            let (o, i) = target_shape(cfg, t);
+            (lora.r * (i + o)) as u64
+        })
+        .sum();
+    per_layer * cfg.num_hidden_layers as u64
+}
 
 /// Parses a dtype name: `f32`, `bf16`, `f16` or `f64`.
 ///
@@ -42,6 +73,14 @@ pub struct TrainSpec {
     pub allow_longer: bool,
     /// Seed of the random token batches.
     pub data_seed: u64,
+    /// Full fine-tuning, LoRA or QLoRA.
+    pub adaptation: Adaptation,
+    /// Activation checkpointing.
+    pub checkpointing: Checkpointing,
+    /// Micro-batches per optimizer step (gradient accumulation); `batch` is the micro-batch.
+    pub accumulate: usize,
+    /// What the `save` phase writes after step 2.
+    pub save: SaveMode,
 }
 
 impl TrainSpec {
@@ -55,12 +94,24 @@ impl TrainSpec {
             adamw: AdamWConfig::default(),
             allow_longer: false,
             data_seed: 0,
+            adaptation: Adaptation::default(),
+            checkpointing: Checkpointing::None,
+            accumulate: 1,
+            save: SaveMode::None,
         }
     }
 
-    /// Tokens per step (`batch · seq`).
+    /// Tokens per optimizer step (`micro-batch · accumulate · seq`).
     pub fn tokens(&self) -> usize {
-        self.batch * self.seq
+        self.batch * self.accumulate * self.seq
+    }
+
+    /// Parameters that get gradients and AdamW states.
+    pub fn trainable_params(&self, cfg: &ModelConfig) -> u64 {
+        match &self.adaptation.lora {
+            Some(l) => lora_param_count(cfg, l),
+            None => cfg.param_count(),
+        }
     }
 
     /// Checks the spec against the model: positive sizes, `seq ≤ max_position_embeddings`
@@ -81,6 +132,11 @@ impl TrainSpec {
                 max: cfg.max_position_embeddings,
             });
         }
+        if self.accumulate == 0 {
+            return Err(Error::invalid("--accumulate", 0, "must be at least 1"));
+        }
+        self.adaptation.validate(self.dtype)?;
+        self.checkpointing.validate(cfg.num_hidden_layers)?;
         if !matches!(
             self.dtype,
             DType::F32 | DType::BF16 | DType::F16 | DType::F64
@@ -101,18 +157,28 @@ impl TrainSpec {
         Ok(())
     }
 
-    /// A lower bound of the peak (bytes) that no implementation can go below: weights,
-    /// gradients and AdamW states, plus f32 logits `(batch, seq, vocab)`. `None` on overflow.
+    /// A lower bound of the peak (bytes) that no implementation can go below: the base
+    /// weights (NF4 linear weights at half a byte), gradients and AdamW states of the trainable
+    /// parameters, plus f32 logits `(micro-batch, seq, vocab)`. `None` on overflow.
     pub fn min_bytes(&self, cfg: &ModelConfig) -> Option<u64> {
         let n = cfg.checked_param_count()?;
         let w = self.dtype.size_in_bytes() as u64;
         let s = self.state_dtype.size_in_bytes() as u64;
-        let per_param = w.checked_mul(2)?.checked_add(s.checked_mul(2)?)?;
+        let base = match self.adaptation.quant {
+            Quant::None => n.checked_mul(w)?,
+            Quant::Nf4 { .. } => n.checked_mul(w)? / 4,
+        };
+        let t = match &self.adaptation.lora {
+            Some(l) => lora_param_count(cfg, l),
+            None => n,
+        };
+        let per_trainable = w.checked_add(s.checked_mul(2)?)?;
         let logits = (self.batch as u64)
             .checked_mul(self.seq as u64)?
             .checked_mul(cfg.vocab_size as u64)?
             .checked_mul(4)?;
-        n.checked_mul(per_param)?.checked_add(logits)
+        base.checked_add(t.checked_mul(per_trainable)?)?
+            .checked_add(logits)
     }
 }
 

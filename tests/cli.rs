@@ -400,3 +400,137 @@ fn sweep_rejects_malformed_grids_before_running() {
         assert!(!csv.exists() || std::fs::read_to_string(&csv).unwrap().is_empty());
     }
 }
+
+#[test]
+fn peft_bad_input_gets_one_clear_line() {
+    let base = ["measure", "--model", "tiny", "--batch", "1", "--seq", "8"];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    fails_with(&with(&["--lora", "r=0"]), "rank must be at least 1", None);
+    fails_with(&with(&["--lora", "r=4,alpha=0"]), "alpha", None);
+    fails_with(
+        &with(&["--lora", "targets=q_proj,embed"]),
+        "unknown target",
+        None,
+    );
+    fails_with(&with(&["--lora", "dropout=1.5"]), "dropout", None);
+    fails_with(
+        &with(&["--method", "qlora", "--dtype", "f64"]),
+        "f32, bf16, f16",
+        None,
+    );
+    fails_with(
+        &with(&["--method", "full", "--quant", "nf4"]),
+        "qlora",
+        None,
+    );
+    fails_with(
+        &with(&["--method", "full", "--lora", "r=4"]),
+        "needs --method lora",
+        None,
+    );
+    fails_with(
+        &with(&["--method", "dora"]),
+        "expected full, lora or qlora",
+        None,
+    );
+    fails_with(&with(&["--quant", "int3"]), "expected none or nf4", None);
+    fails_with(&with(&["--checkpointing", "every:0"]), "at least 1", None);
+    fails_with(
+        &with(&["--checkpointing", "every:3"]),
+        "between 1 and the layer count (2)",
+        None,
+    );
+    fails_with(
+        &with(&["--checkpointing", "sometimes"]),
+        "expected none, layers or every:K",
+        None,
+    );
+    fails_with(&with(&["--accumulate", "0"]), "--accumulate", None);
+    fails_with(
+        &with(&["--save", "everything"]),
+        "expected none, adapter or merged",
+        None,
+    );
+}
+
+#[test]
+fn sweep_over_methods_and_checkpointing_records_every_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("peft.csv");
+    let saves = dir.path().join("saved");
+    vramcal()
+        .args([
+            "sweep",
+            "--model",
+            "tiny",
+            "--method",
+            "full,lora,qlora",
+            "--lora",
+            "r=4,alpha=8,targets=q_proj,v_proj",
+        ])
+        .args([
+            "--checkpointing",
+            "none,layers",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--save",
+            "adapter",
+        ])
+        .args([
+            "--out",
+            csv.to_str().unwrap(),
+            "--save-dir",
+            saves.to_str().unwrap(),
+        ])
+        .assert()
+        .success();
+    let r = rows(&csv);
+    assert_eq!(r.len(), 6);
+    let header = csv::Reader::from_path(&csv)
+        .unwrap()
+        .headers()
+        .unwrap()
+        .clone();
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let get = |i: usize, name: &str| r[i][col(name)].to_string();
+    let methods: Vec<String> = (0..6)
+        .map(|i| format!("{}/{}", get(i, "method"), get(i, "checkpointing")))
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            "full/none",
+            "full/layers",
+            "lora/none",
+            "lora/layers",
+            "qlora/none",
+            "qlora/layers"
+        ]
+    );
+    for i in 0..6 {
+        assert_eq!(get(i, "status"), "ok");
+        assert!(get(i, "save_peak_bytes").parse::<u64>().unwrap() > 0);
+        assert!(get(i, "saved_file_bytes").parse::<u64>().unwrap() > 0);
+    }
+    assert_eq!(get(0, "trainable_params"), "21664");
+    assert_eq!(get(0, "lora_r"), "");
+    assert_eq!(
+        get(2, "trainable_params"),
+        (2 * (4 * (32 + 32) + 4 * (32 + 16))).to_string()
+    );
+    assert_eq!(get(2, "lora_targets"), "q_proj;v_proj");
+    assert_eq!(get(4, "quant"), "nf4");
+    // The saved adapter of point 3 (lora/none) is a PEFT adapter; point 1 (full) a model.
+    assert!(saves.join("point-3/adapter_model.safetensors").is_file());
+    assert!(saves.join("point-3/adapter_config.json").is_file());
+    assert!(saves.join("point-1/model.safetensors").is_file());
+    // QLoRA's base weights are smaller than LoRA's.
+    assert!(
+        get(4, "param_bytes").parse::<u64>().unwrap()
+            < get(2, "param_bytes").parse::<u64>().unwrap()
+    );
+}

@@ -29,7 +29,7 @@ fn tiny_batch(batch: usize, seq: usize) -> (Tensor, Tensor) {
 fn names_and_shapes_match_param_table() {
     let m = tiny_model(DType::F32);
     let table = m.config().param_shapes();
-    let vars = m.named_vars();
+    let vars = m.trainable_vars();
     assert_eq!(vars.len(), table.len());
     for ((name, v), p) in vars.iter().zip(&table) {
         assert_eq!(name, &p.name);
@@ -53,9 +53,9 @@ fn finite_difference_gradients_f64_every_tensor() {
     let h = 1e-5;
     let mut checked = 0;
     let mut worst: f64 = 0.0;
-    for (name, var) in m.named_vars() {
+    for (name, var) in m.trainable_vars() {
         let g = grads
-            .get(var)
+            .get(&var)
             .unwrap_or_else(|| panic!("{name} has no gradient"));
         let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
         let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
@@ -69,11 +69,11 @@ fn finite_difference_gradients_f64_every_tensor() {
                 v.set(&Tensor::from_vec(w, v.shape(), &Device::Cpu).unwrap())
                     .unwrap();
             };
-            set(var, h);
+            set(&var, h);
             let lp = loss_f64(&m, &x, &y);
-            set(var, -h);
+            set(&var, -h);
             let lm = loss_f64(&m, &x, &y);
-            set(var, 0.0);
+            set(&var, 0.0);
             let fd = (lp - lm) / (2.0 * h);
             let err = (fd - g[idx]).abs();
             let tol = 1e-8 + 1e-5 * fd.abs().max(g[idx].abs());
@@ -95,9 +95,9 @@ fn assert_all_get_gradients(dtype: DType) {
     let (x, y) = tiny_batch(2, 12);
     let loss = m.loss(&x, &y).unwrap();
     let grads = loss.backward().unwrap();
-    for (name, var) in m.named_vars() {
+    for (name, var) in m.trainable_vars() {
         let g = grads
-            .get(var)
+            .get(&var)
             .unwrap_or_else(|| panic!("{name}: no gradient ({dtype:?})"));
         let norm = g
             .to_dtype(DType::F64)

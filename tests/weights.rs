@@ -14,7 +14,7 @@ fn tiny_tensors() -> (Decoder, HashMap<String, Tensor>) {
     let cfg = preset("tiny").unwrap().config;
     let m = Decoder::new(&cfg, &mut RandomWeights::new(3), DType::F32, &Device::Cpu).unwrap();
     let map = m
-        .named_vars()
+        .trainable_vars()
         .into_iter()
         .map(|(n, v)| (n, v.as_tensor().clone()))
         .collect();

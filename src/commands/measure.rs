@@ -8,9 +8,13 @@ use candle_core::Device;
 use crate::cli::{MeasureArgs, ModelArgs};
 use crate::config::{resolve_model, ConfigSource, ResolvedModel};
 use crate::error::Error;
-use crate::measure::{measure, HostProbe, Measurement, MemoryProbe, Setup};
+use crate::measure::step::measure_with_save_dir;
+use crate::measure::{HostProbe, Measurement, MemoryProbe, Setup};
 use crate::model::gguf::{config_from_gguf, read_content};
+use crate::model::lora::LoraConfig;
+use crate::model::save::SaveMode;
 use crate::model::weights::WeightsSpec;
+use crate::model::{Adaptation, Checkpointing, Quant};
 use crate::report::{append_row, table::phase_table, Row, RowContext, Status};
 use crate::spec::{gib, host_memory_bytes, parse_dtype, TrainSpec};
 
@@ -133,12 +137,75 @@ pub fn probe_for(device: &Device, name: &str) -> Result<Box<dyn MemoryProbe>, Er
     }
 }
 
+/// Builds the adaptation (full, LoRA, QLoRA) from `--method`, `--lora`, `--quant`,
+/// `--double-quant`.
+///
+/// # Errors
+/// Unknown method or quantization, malformed `--lora`, `--lora` with `--method full`.
+pub fn adaptation(args: &ModelArgs, method: Option<&str>) -> anyhow::Result<Adaptation> {
+    let quant = match args.quant.as_str() {
+        "none" => Quant::None,
+        "nf4" => Quant::Nf4 {
+            double: args.double_quant,
+        },
+        q => return Err(Error::invalid("--quant", q, "expected none or nf4").into()),
+    };
+    let method = method.unwrap_or(if args.lora.is_some() { "lora" } else { "full" });
+    let lora = || -> anyhow::Result<LoraConfig> {
+        Ok(match &args.lora {
+            Some(s) => LoraConfig::parse(s)?,
+            None => LoraConfig::default(),
+        })
+    };
+    let ad = match method {
+        "full" => {
+            if args.lora.is_some() {
+                return Err(Error::invalid(
+                    "--lora",
+                    args.lora.clone().unwrap_or_default(),
+                    "needs --method lora or qlora",
+                )
+                .into());
+            }
+            Adaptation {
+                lora: None,
+                quant,
+                seed: args.seed,
+            }
+        }
+        "lora" => Adaptation {
+            lora: Some(lora()?),
+            quant,
+            seed: args.seed,
+        },
+        "qlora" => Adaptation {
+            lora: Some(lora()?),
+            quant: Quant::Nf4 {
+                double: args.double_quant,
+            },
+            seed: args.seed,
+        },
+        m => return Err(Error::invalid("--method", m, "expected full, lora or qlora").into()),
+    };
+    Ok(ad)
+}
+
 /// Builds the training spec from the CLI arguments.
 ///
 /// # Errors
-/// Bad dtype names.
-pub fn train_spec(args: &ModelArgs, batch: usize, seq: usize) -> anyhow::Result<TrainSpec> {
+/// Bad dtype names, method, LoRA, checkpointing or save settings.
+pub fn train_spec(
+    args: &ModelArgs,
+    batch: usize,
+    seq: usize,
+    method: Option<&str>,
+    checkpointing: &str,
+) -> anyhow::Result<TrainSpec> {
     let mut spec = TrainSpec::new(batch, seq);
+    spec.adaptation = adaptation(args, method)?;
+    spec.checkpointing = Checkpointing::parse(checkpointing)?;
+    spec.accumulate = args.accumulate;
+    spec.save = SaveMode::parse(&args.save)?;
     spec.dtype = parse_dtype(&args.dtype).context("--dtype")?;
     spec.state_dtype =
         parse_dtype(&args.optimizer_state_dtype).context("--optimizer-state-dtype")?;
@@ -149,6 +216,19 @@ pub fn train_spec(args: &ModelArgs, batch: usize, seq: usize) -> anyhow::Result<
     Ok(spec)
 }
 
+/// PEFT's `print_trainable_parameters` line for a measurement.
+fn trainable_line(m: &Measurement) -> String {
+    let pct = if m.params > 0 {
+        100.0 * m.trainable_params as f64 / m.params as f64
+    } else {
+        0.0
+    };
+    format!(
+        "trainable params: {} || all params: {} || trainable%: {pct:.4}",
+        m.trainable_params, m.params
+    )
+}
+
 /// Runs `vramcal measure`.
 ///
 /// # Errors
@@ -156,7 +236,13 @@ pub fn train_spec(args: &ModelArgs, batch: usize, seq: usize) -> anyhow::Result<
 /// phases measured so far is still written to `--out` (status `error`).
 pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
     let (model, weights) = resolve(&a.model)?;
-    let spec = train_spec(&a.model, a.batch, a.seq)?;
+    let spec = train_spec(
+        &a.model,
+        a.batch,
+        a.seq,
+        a.method.as_deref(),
+        &a.checkpointing,
+    )?;
     spec.validate(&model.config)?;
     if let Some(out) = &a.out {
         crate::report::csv_out::check_writable(out)?;
@@ -180,7 +266,7 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
         device,
     };
     let mut m = Measurement::default();
-    let result = measure(&setup, probe.as_ref(), &mut m);
+    let result = measure_with_save_dir(&setup, probe.as_ref(), &mut m, a.model.save_dir.as_deref());
     let (status, message) = match &result {
         Ok(()) => (Status::Ok, String::new()),
         Err(e) => (Status::Error, e.to_string()),
@@ -194,11 +280,27 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
     let row = Row::new(&ctx, &spec, &m, status, &message);
     if !a.quiet {
         let t = phase_table(&m, spec.tokens());
-        let head =
-            format!(
-            "vramcal {} | {} | {} | weights {} | dtype {} | AdamW states {} | batch {} × seq {}",
-            env!("CARGO_PKG_VERSION"), row.device, model.name, row.weights, row.dtype,
-            row.optimizer_state_dtype, spec.batch, spec.seq
+        let lora = spec
+            .adaptation
+            .lora
+            .as_ref()
+            .map(|l| format!(" ({l})"))
+            .unwrap_or_default();
+        let head = format!(
+            "vramcal {} | {} | {} | weights {} | {}{lora} | quant {} | checkpointing {} | dtype {} | AdamW states {} | micro-batch {} x accumulate {} x seq {}\n{}",
+            env!("CARGO_PKG_VERSION"),
+            row.device,
+            model.name,
+            row.weights,
+            row.method,
+            row.quant,
+            row.checkpointing,
+            row.dtype,
+            row.optimizer_state_dtype,
+            spec.batch,
+            spec.accumulate,
+            spec.seq,
+            trainable_line(&m),
         );
         if a.json {
             eprintln!("{head}\n{t}")

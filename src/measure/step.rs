@@ -10,8 +10,10 @@
 //!   parameters' gradients are kept (detached) and candle's `GradStore` is dropped, since it
 //!   also holds gradients of constants (mask, RoPE tables) that keep the graph alive;
 //! * `optimizer_step`: the update, then the gradients are freed (PyTorch's
-//!   `zero_grad(set_to_none=True)`).
+//!   `zero_grad(set_to_none=True)`);
+//! * `save` (optional): the trained tensors or the merged model written to disk.
 
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -20,8 +22,9 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use crate::config::ResolvedModel;
 use crate::error::{Error, Result};
 use crate::measure::probe::MemoryProbe;
+use crate::model::save::SaveMode;
 use crate::model::weights::{open_source, WeightsSpec};
-use crate::model::Decoder;
+use crate::model::{Decoder, ForwardCtx};
 use crate::optim::AdamW;
 use crate::spec::TrainSpec;
 
@@ -83,6 +86,8 @@ pub struct Measurement {
     pub losses: Vec<f64>,
     /// Forward + backward + optimizer seconds of each completed step.
     pub step_seconds: Vec<f64>,
+    /// Bytes written by the `save` phase, if it ran.
+    pub saved_bytes: Option<u64>,
 }
 
 impl Measurement {
@@ -145,83 +150,162 @@ pub fn random_batch(
     ))
 }
 
-/// Backward pass from `loss`, keeping only the parameters' gradients (detached, in
-/// [`Decoder::named_vars`] order) and dropping candle's `GradStore` and the graph.
+/// Backward pass from `loss` of a plain [`Decoder::loss`], keeping only the trainable
+/// tensors' gradients (detached, in [`Decoder::trainable_vars`] order) and dropping candle's
+/// `GradStore` and the graph.
 ///
 /// # Errors
-/// [`Error::InvalidValue`] if a parameter received no gradient; [`Error::Candle`].
+/// [`Error::InvalidValue`] if a trainable tensor received no gradient; [`Error::Candle`].
 pub fn param_grads(model: &Decoder, loss: Tensor) -> Result<Vec<Tensor>> {
     let store = loss.backward()?;
-    let mut grads = Vec::new();
-    for (name, v) in model.named_vars() {
-        let g = store
-            .get(v)
-            .ok_or_else(|| Error::invalid("gradient", &name, "parameter received no gradient"))?;
-        grads.push(g.detach());
-    }
-    drop(store);
     drop(loss);
-    Ok(grads)
+    model
+        .trainable_vars()
+        .iter()
+        .map(|(name, v)| {
+            store
+                .get(v)
+                .map(|g| g.detach())
+                .ok_or_else(|| Error::invalid("gradient", name, "parameter received no gradient"))
+        })
+        .collect()
+}
+
+/// Adds `g` into `acc` tensor by tensor, in place (as PyTorch accumulates into `.grad`): the
+/// transient is one tensor-sized sum at a time.
+fn accumulate_into(acc: &[Tensor], g: Vec<Tensor>) -> Result<()> {
+    for (a, g) in acc.iter().zip(g) {
+        let sum = (a + &g)?;
+        drop(g);
+        a.slice_set(&sum, 0, 0)?;
+    }
+    Ok(())
+}
+
+/// Merges the records from index `from` on into one record per name of `names`, in that
+/// order: highest peak, last end, summed time (the micro-batches of one step).
+fn merge_phases(out: &mut Measurement, from: usize, names: &[String]) {
+    let recs: Vec<PhaseRecord> = out.phases.drain(from..).collect();
+    for name in names {
+        let same: Vec<&PhaseRecord> = recs.iter().filter(|p| &p.name == name).collect();
+        out.phases.push(PhaseRecord {
+            name: name.clone(),
+            peak_allocated_bytes: same
+                .iter()
+                .map(|p| p.peak_allocated_bytes)
+                .max()
+                .unwrap_or(0),
+            end_allocated_bytes: same.last().map_or(0, |p| p.end_allocated_bytes),
+            peak_reserved_bytes: same.iter().filter_map(|p| p.peak_reserved_bytes).max(),
+            end_device_bytes: same.last().and_then(|p| p.end_device_bytes),
+            seconds: same.iter().map(|p| p.seconds).sum(),
+        });
+    }
 }
 
 /// Runs the protocol for `setup`, recording into `out` as it goes.
 ///
+/// Each step runs `accumulate` micro-batches (forward, backward, gradients summed in place),
+/// then one AdamW update; the `forward` and `backward` records of a step cover all its
+/// micro-batches (highest peak, summed time). With [`SaveMode`] other than `None`, a `save`
+/// phase follows step 2, writing into `save_dir` (a temporary folder, removed afterwards,
+/// when `None`).
+///
 /// # Errors
 /// [`Error::InvalidValue`]/[`Error::SeqTooLong`] from validation (before anything runs),
-/// weight-loading errors in `load`, [`Error::Candle`] from the step. On error `out` keeps the
-/// phases completed so far.
+/// weight-loading errors in `load`, [`Error::Candle`] from the step, [`Error::Io`] from the
+/// save. On error `out` keeps the phases completed so far.
 pub fn measure(setup: &Setup, probe: &dyn MemoryProbe, out: &mut Measurement) -> Result<()> {
+    measure_with_save_dir(setup, probe, out, None)
+}
+
+/// [`measure`] with the folder the `save` phase writes into.
+///
+/// # Errors
+/// As [`measure`].
+pub fn measure_with_save_dir(
+    setup: &Setup,
+    probe: &dyn MemoryProbe,
+    out: &mut Measurement,
+    save_dir: Option<&Path>,
+) -> Result<()> {
     let cfg = &setup.model.config;
     let spec = &setup.spec;
     spec.validate(cfg)?;
     out.device = probe.device_name();
-    out.params = cfg.param_count();
-    out.trainable_params = cfg.param_count();
     out.dtype = spec.dtype.as_str().to_string();
     out.state_dtype = spec.state_dtype.as_str().to_string();
+    out.trainable_params = spec.trainable_params(cfg);
+    out.params = cfg.param_count()
+        + if spec.adaptation.lora.is_some() {
+            out.trainable_params
+        } else {
+            0
+        };
     probe.synchronize()?;
     out.baseline_bytes = probe.read()?.allocated_bytes;
 
-    let model = phase(probe, out, "load", || {
+    let mut model = phase(probe, out, "load", || {
         let mut src = open_source(&setup.weights)?;
-        Decoder::new(cfg, src.as_mut(), spec.dtype, &setup.device)
+        Decoder::with_adaptation(
+            cfg,
+            src.as_mut(),
+            spec.dtype,
+            &setup.device,
+            &spec.adaptation,
+        )
     })?;
+    out.params = model.param_count();
+    out.trainable_params = model.trainable_count();
     out.param_bytes = model.param_bytes();
-    let vars: Vec<_> = model
-        .named_vars()
-        .into_iter()
-        .map(|(_, v)| v.clone())
-        .collect();
+    let vars: Vec<_> = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
     let mut opt = phase(probe, out, "optimizer_init", || {
         AdamW::new(vars, spec.adamw, spec.state_dtype)
     })?;
 
     for step in 1..=2u64 {
-        let (inputs, targets) = random_batch(spec, cfg.vocab_size, step, &setup.device)?;
-        let loss = phase(probe, out, &format!("step{step}_forward"), || {
-            model.loss(&inputs, &targets)
-        })?;
-        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !loss_value.is_finite() {
-            return Err(Error::invalid(
-                "loss",
-                loss_value,
-                "the forward pass produced a non-finite loss",
-            ));
-        }
-        let grads = phase(probe, out, &format!("step{step}_backward"), || {
-            let store = loss.backward()?;
-            let mut grads = Vec::new();
-            for (name, v) in model.named_vars() {
-                let g = store.get(v).ok_or_else(|| {
-                    Error::invalid("gradient", &name, "parameter received no gradient")
-                })?;
-                grads.push(g.detach());
+        let first = out.phases.len();
+        let mut grads: Option<Vec<Tensor>> = None;
+        for micro in 0..spec.accumulate as u64 {
+            let batch_id = (step - 1) * spec.accumulate as u64 + micro;
+            let (inputs, targets) =
+                random_batch(spec, cfg.vocab_size, batch_id + 1, &setup.device)?;
+            let ctx = ForwardCtx {
+                train: true,
+                seed: spec.data_seed ^ (batch_id << 20),
+            };
+            let fwd = phase(probe, out, &format!("step{step}_forward"), || {
+                model.forward_train(&inputs, &targets, spec.checkpointing, ctx)
+            })?;
+            let loss_value = fwd.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !loss_value.is_finite() {
+                return Err(Error::invalid(
+                    "loss",
+                    loss_value,
+                    "the forward pass produced a non-finite loss",
+                ));
             }
-            drop(store);
-            drop(loss);
-            Ok(grads)
-        })?;
+            if micro == 0 {
+                out.losses.push(loss_value);
+            }
+            phase(probe, out, &format!("step{step}_backward"), || {
+                let g = model.backward(fwd)?;
+                match &grads {
+                    None => grads = Some(g),
+                    Some(acc) => accumulate_into(acc, g)?,
+                }
+                Ok(())
+            })?;
+        }
+        merge_phases(
+            out,
+            first,
+            &[
+                format!("step{step}_forward"),
+                format!("step{step}_backward"),
+            ],
+        );
+        let grads = grads.expect("accumulate >= 1");
         if step == 1 {
             out.grad_bytes = grads
                 .iter()
@@ -239,7 +323,25 @@ pub fn measure(setup: &Setup, probe: &dyn MemoryProbe, out: &mut Measurement) ->
         let n = out.phases.len();
         out.step_seconds
             .push(out.phases[n - 3..].iter().map(|p| p.seconds).sum());
-        out.losses.push(loss_value);
+    }
+
+    if spec.save != SaveMode::None {
+        let tmp;
+        let dir = match save_dir {
+            Some(d) => d,
+            None => {
+                tmp = std::env::temp_dir().join(format!("vramcal-save-{}", std::process::id()));
+                tmp.as_path()
+            }
+        };
+        let written = phase(probe, out, "save", || match spec.save {
+            SaveMode::Merged => model.merge_and_save(dir),
+            _ => model.save_trained(dir, &setup.model.name),
+        });
+        if save_dir.is_none() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        out.saved_bytes = Some(written?);
     }
     Ok(())
 }

@@ -1,41 +1,204 @@
-//! The trainable Mistral/Llama-style decoder.
+//! The trainable Mistral/Llama-style decoder, with full fine-tuning, LoRA, a 4-bit (NF4)
+//! frozen base, and activation checkpointing.
 //!
 //! Layout and names follow transformers' `modeling_mistral.py` / `modeling_llama.py` so that
-//! weights map by path (`model.layers.0.self_attn.q_proj.weight`). Everything is built from
-//! candle operations that have a backward pass: candle 0.11's fused `softmax_last_dim`,
-//! `rms_norm` and `rotary_emb::rope` silently detach (no gradient), so they are not used here.
-//! `tests/gradients.rs` checks every parameter against finite differences.
+//! weights map by path (`model.layers.0.self_attn.q_proj.weight`); LoRA adapters use PEFT's
+//! names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`). Everything is
+//! built from candle operations that have a backward pass: candle 0.11's fused
+//! `softmax_last_dim`, `rms_norm` and `rotary_emb::rope` silently detach (no gradient), so they
+//! are not used here. `tests/gradients.rs` checks every trainable tensor against finite
+//! differences.
 
 pub mod gguf;
+pub mod linear;
+pub mod lora;
+pub mod nf4;
+pub mod save;
 pub mod weights;
 
-use candle_core::{DType, Device, Module, Tensor, Var, D};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use linear::{frozen_linear, linear, FrozenRef, LoraAdapter, Param, Weight};
+pub use linear::{ForwardCtx, Linear};
+use lora::{LoraConfig, Target};
+use nf4::Nf4Tensor;
 pub use weights::{WeightSource, WeightsSpec};
 
-/// One decoder layer's parameters (HF names).
+/// Quantization of the frozen base's linear weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Quant {
+    /// None: base weights in the compute dtype.
+    #[default]
+    None,
+    /// NF4 with one f32 absmax per 64 values; `double` quantizes the absmax values too.
+    Nf4 {
+        /// Double quantization of the absmax values.
+        double: bool,
+    },
+}
+
+impl Quant {
+    /// CSV label: `none`, `nf4` or `nf4-dq`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Quant::None => "none",
+            Quant::Nf4 { double: false } => "nf4",
+            Quant::Nf4 { double: true } => "nf4-dq",
+        }
+    }
+}
+
+/// Activation checkpointing (recompute).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Checkpointing {
+    /// Keep every activation for backward.
+    #[default]
+    None,
+    /// Keep only the input of every `K`-th decoder layer; backward recomputes segments of `K`
+    /// layers from them (`Every(1)` = every layer, transformers' `gradient_checkpointing`).
+    Every(usize),
+}
+
+impl Checkpointing {
+    /// Parses `none`, `layers` or `every:K`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for anything else or `K = 0`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "none" | "off" => Ok(Checkpointing::None),
+            "layers" | "on" => Ok(Checkpointing::Every(1)),
+            _ => {
+                let k = s
+                    .strip_prefix("every:")
+                    .and_then(|k| k.parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        Error::invalid("--checkpointing", s, "expected none, layers or every:K")
+                    })?;
+                if k == 0 {
+                    return Err(Error::invalid(
+                        "--checkpointing",
+                        s,
+                        "the interval K must be at least 1",
+                    ));
+                }
+                Ok(Checkpointing::Every(k))
+            }
+        }
+    }
+
+    /// Checks `K` against the number of layers.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] if `K` exceeds the layer count.
+    pub fn validate(self, layers: usize) -> Result<()> {
+        if let Checkpointing::Every(k) = self {
+            if k == 0 || k > layers {
+                return Err(Error::invalid(
+                    "--checkpointing",
+                    format!("every:{k}"),
+                    format!("the interval must be between 1 and the layer count ({layers})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// CSV label: `none`, `layers` or `every:K`.
+    pub fn label(self) -> String {
+        match self {
+            Checkpointing::None => "none".into(),
+            Checkpointing::Every(1) => "layers".into(),
+            Checkpointing::Every(k) => format!("every:{k}"),
+        }
+    }
+}
+
+/// How the base model is adapted: full fine-tuning (no LoRA), LoRA, or QLoRA (LoRA + NF4).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Adaptation {
+    /// LoRA settings; `None` for full fine-tuning.
+    pub lora: Option<LoraConfig>,
+    /// Quantization of the frozen base (only with LoRA).
+    pub quant: Quant,
+    /// Seed of the adapters' initialization.
+    pub seed: u64,
+}
+
+impl Adaptation {
+    /// CSV label of the method: `full`, `lora` or `qlora`.
+    pub fn method(&self) -> &'static str {
+        match (&self.lora, self.quant) {
+            (None, _) => "full",
+            (Some(_), Quant::None) => "lora",
+            (Some(_), Quant::Nf4 { .. }) => "qlora",
+        }
+    }
+
+    /// Checks the combination.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for a quantized base without LoRA (a 4-bit base cannot be
+    /// trained) or NF4 with a compute dtype it cannot dequantize into.
+    pub fn validate(&self, dtype: DType) -> Result<()> {
+        if let Some(l) = &self.lora {
+            l.validate()?;
+        }
+        if let Quant::Nf4 { .. } = self.quant {
+            if self.lora.is_none() {
+                return Err(Error::invalid(
+                    "--quant",
+                    "nf4",
+                    "a quantized base is frozen: use it with LoRA (--method qlora)",
+                ));
+            }
+            linear::check_quant_dtype(dtype)?;
+        }
+        Ok(())
+    }
+}
+
+/// One decoder layer (HF names).
 #[derive(Debug)]
 pub struct Layer {
     /// RMSNorm before attention, `(hidden,)`.
-    pub input_layernorm: Var,
-    /// Query projection, `(heads·head_dim, hidden)`.
-    pub q_proj: Var,
-    /// Key projection, `(kv_heads·head_dim, hidden)`.
-    pub k_proj: Var,
-    /// Value projection, `(kv_heads·head_dim, hidden)`.
-    pub v_proj: Var,
-    /// Output projection, `(hidden, heads·head_dim)`.
-    pub o_proj: Var,
+    pub input_layernorm: Param,
+    /// Query projection `(heads·head_dim, hidden)`.
+    pub q_proj: Linear,
+    /// Key projection `(kv_heads·head_dim, hidden)`.
+    pub k_proj: Linear,
+    /// Value projection `(kv_heads·head_dim, hidden)`.
+    pub v_proj: Linear,
+    /// Output projection `(hidden, heads·head_dim)`.
+    pub o_proj: Linear,
     /// RMSNorm before the MLP, `(hidden,)`.
-    pub post_attention_layernorm: Var,
-    /// SwiGLU gate, `(intermediate, hidden)`.
-    pub gate_proj: Var,
-    /// SwiGLU up, `(intermediate, hidden)`.
-    pub up_proj: Var,
-    /// SwiGLU down, `(hidden, intermediate)`.
-    pub down_proj: Var,
+    pub post_attention_layernorm: Param,
+    /// SwiGLU gate `(intermediate, hidden)`.
+    pub gate_proj: Linear,
+    /// SwiGLU up `(intermediate, hidden)`.
+    pub up_proj: Linear,
+    /// SwiGLU down `(hidden, intermediate)`.
+    pub down_proj: Linear,
+}
+
+impl Layer {
+    /// The linear module for `t`.
+    pub fn linear(&self, t: Target) -> &Linear {
+        match t {
+            Target::QProj => &self.q_proj,
+            Target::KProj => &self.k_proj,
+            Target::VProj => &self.v_proj,
+            Target::OProj => &self.o_proj,
+            Target::GateProj => &self.gate_proj,
+            Target::UpProj => &self.up_proj,
+            Target::DownProj => &self.down_proj,
+        }
+    }
 }
 
 /// The decoder: embedding, `L` layers, final norm, LM head (tied or not).
@@ -44,49 +207,53 @@ pub struct Decoder {
     cfg: ModelConfig,
     dtype: DType,
     device: Device,
+    adaptation: Adaptation,
     /// Token embedding `model.embed_tokens.weight`, `(vocab, hidden)`.
-    pub embed_tokens: Var,
+    pub embed_tokens: Param,
     /// Decoder layers `model.layers.N`.
     pub layers: Vec<Layer>,
     /// Final RMSNorm `model.norm.weight`, `(hidden,)`.
-    pub norm: Var,
+    pub norm: Param,
     /// Untied LM head `lm_head.weight`, `(vocab, hidden)`; `None` when tied to the embedding.
-    pub lm_head: Option<Var>,
+    pub lm_head: Option<Param>,
 }
 
-/// A parameter path prefix, in the style of candle's `VarBuilder::pp`.
-struct Path<'a> {
-    prefix: String,
+/// What a training forward pass leaves for [`Decoder::backward`].
+pub struct TrainForward {
+    /// The loss (scalar, f32; f64 for f64 models), with its graph.
+    pub loss: Tensor,
+    ctx: ForwardCtx,
+    input_ids: Tensor,
+    /// Checkpointed segments: (first layer, layer count, saved input `(b, s, hidden)`).
+    segments: Vec<(usize, usize, Tensor)>,
+    /// The leaf that the head's graph starts from, under checkpointing.
+    head_input: Option<Var>,
+}
+
+struct Loader<'a> {
     src: &'a mut dyn WeightSource,
     dtype: DType,
     device: &'a Device,
 }
 
-impl<'a> Path<'a> {
-    fn pp(&mut self, name: &str) -> Path<'_> {
-        let prefix = if self.prefix.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}.{name}", self.prefix)
-        };
-        Path {
-            prefix,
-            src: &mut *self.src,
-            dtype: self.dtype,
-            device: self.device,
-        }
+impl Loader<'_> {
+    fn tensor(&mut self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.src.tensor(name, shape, dtype, self.device)
     }
 
-    fn var(&mut self, shape: &[usize]) -> Result<Var> {
-        let name = format!("{}.weight", self.prefix);
-        let t = self.src.tensor(&name, shape, self.dtype, self.device)?;
-        Ok(Var::from_tensor(&t)?)
+    fn param(&mut self, name: &str, shape: &[usize], trainable: bool) -> Result<Param> {
+        let t = self.tensor(name, shape, self.dtype)?;
+        Ok(if trainable {
+            Param::Trainable(Var::from_tensor(&t)?)
+        } else {
+            Param::Frozen(t)
+        })
     }
 }
 
 impl Decoder {
-    /// Builds the decoder, taking every parameter from `src` in the order of
-    /// [`ModelConfig::param_shapes`].
+    /// Builds a decoder for full fine-tuning, taking every parameter from `src` in the order
+    /// of [`ModelConfig::param_shapes`].
     ///
     /// # Errors
     /// The source's errors ([`Error::MissingTensor`], [`Error::WeightShape`],
@@ -97,32 +264,77 @@ impl Decoder {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::with_adaptation(cfg, src, dtype, device, &Adaptation::default())
+    }
+
+    /// Builds a decoder for `ad`: full fine-tuning, or a frozen base (NF4-quantized linear
+    /// layers with [`Quant::Nf4`]; embeddings, norms and `lm_head` stay in the compute dtype,
+    /// as in QLoRA) with LoRA adapters on the target modules.
+    ///
+    /// # Errors
+    /// As [`Decoder::new`]; [`Error::InvalidValue`] for an invalid adaptation.
+    pub fn with_adaptation(
+        cfg: &ModelConfig,
+        src: &mut dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+        ad: &Adaptation,
+    ) -> Result<Self> {
+        ad.validate(dtype)?;
+        let full = ad.lora.is_none();
         let h = cfg.hidden_size;
         let q = cfg.num_attention_heads * cfg.head_dim();
         let kv = cfg.kv_heads() * cfg.head_dim();
         let i = cfg.intermediate_size;
-        let mut root = Path {
-            prefix: String::new(),
-            src,
-            dtype,
-            device,
-        };
-        let mut model = root.pp("model");
-        let embed_tokens = model.pp("embed_tokens").var(&[cfg.vocab_size, h])?;
+        let mut ld = Loader { src, dtype, device };
+        let embed_tokens = ld.param("model.embed_tokens.weight", &[cfg.vocab_size, h], full)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
-            let mut lp = model.pp(&format!("layers.{l}"));
-            let input_layernorm = lp.pp("input_layernorm").var(&[h])?;
-            let mut attn = lp.pp("self_attn");
-            let q_proj = attn.pp("q_proj").var(&[q, h])?;
-            let k_proj = attn.pp("k_proj").var(&[kv, h])?;
-            let v_proj = attn.pp("v_proj").var(&[kv, h])?;
-            let o_proj = attn.pp("o_proj").var(&[h, q])?;
-            let post_attention_layernorm = lp.pp("post_attention_layernorm").var(&[h])?;
-            let mut mlp = lp.pp("mlp");
-            let gate_proj = mlp.pp("gate_proj").var(&[i, h])?;
-            let up_proj = mlp.pp("up_proj").var(&[i, h])?;
-            let down_proj = mlp.pp("down_proj").var(&[h, i])?;
+            let p = format!("model.layers.{l}");
+            let mut lin = |t: Target, out: usize, inp: usize| -> Result<Linear> {
+                let name = format!("{p}.{}.weight", t.path());
+                let weight = match (full, ad.quant) {
+                    (true, _) => Weight::Trainable(Var::from_tensor(&ld.tensor(
+                        &name,
+                        &[out, inp],
+                        dtype,
+                    )?)?),
+                    (false, Quant::None) => Weight::Frozen(ld.tensor(&name, &[out, inp], dtype)?),
+                    (false, Quant::Nf4 { double }) => {
+                        let w = ld.tensor(&name, &[out, inp], DType::F32)?;
+                        let v = w.flatten_all()?.to_vec1::<f32>()?;
+                        drop(w);
+                        Weight::Nf4(Arc::new(Nf4Tensor::quantize(&v, &[out, inp], double)?))
+                    }
+                };
+                let lora = match &ad.lora {
+                    Some(c) if c.targets.contains(&t) => {
+                        let seed = ad
+                            .seed
+                            .wrapping_mul(1_000_003)
+                            .wrapping_add((l * 8 + t as usize) as u64);
+                        Some(LoraAdapter::new(out, inp, c, dtype, device, seed)?)
+                    }
+                    _ => None,
+                };
+                Ok(Linear {
+                    weight,
+                    lora,
+                    out,
+                    inp,
+                    dtype,
+                })
+            };
+            let q_proj = lin(Target::QProj, q, h)?;
+            let k_proj = lin(Target::KProj, kv, h)?;
+            let v_proj = lin(Target::VProj, kv, h)?;
+            let o_proj = lin(Target::OProj, h, q)?;
+            let gate_proj = lin(Target::GateProj, i, h)?;
+            let up_proj = lin(Target::UpProj, i, h)?;
+            let down_proj = lin(Target::DownProj, h, i)?;
+            let input_layernorm = ld.param(&format!("{p}.input_layernorm.weight"), &[h], full)?;
+            let post_attention_layernorm =
+                ld.param(&format!("{p}.post_attention_layernorm.weight"), &[h], full)?;
             layers.push(Layer {
                 input_layernorm,
                 q_proj,
@@ -135,16 +347,17 @@ impl Decoder {
                 down_proj,
             });
         }
-        let norm = model.pp("norm").var(&[h])?;
+        let norm = ld.param("model.norm.weight", &[h], full)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(root.pp("lm_head").var(&[cfg.vocab_size, h])?)
+            Some(ld.param("lm_head.weight", &[cfg.vocab_size, h], full)?)
         };
         Ok(Decoder {
             cfg: cfg.clone(),
             dtype,
             device: device.clone(),
+            adaptation: ad.clone(),
             embed_tokens,
             layers,
             norm,
@@ -167,49 +380,289 @@ impl Decoder {
         &self.device
     }
 
-    /// All trainable parameters with their HF names, in [`ModelConfig::param_shapes`] order.
-    pub fn named_vars(&self) -> Vec<(String, &Var)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
+    /// The adaptation the model was built with.
+    pub fn adaptation(&self) -> &Adaptation {
+        &self.adaptation
+    }
+
+    /// Trainable tensors with their names, in a fixed order: HF names for full fine-tuning
+    /// ([`ModelConfig::param_shapes`] order), PEFT names for LoRA adapters (`lora_A` then
+    /// `lora_B` of each adapted module, layer by layer).
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        fn param(out: &mut Vec<(String, Var)>, name: String, p: &Param) {
+            if let Param::Trainable(v) = p {
+                out.push((name, v.clone()));
+            }
+        }
+        fn lin(out: &mut Vec<(String, Var)>, layer: &str, t: Target, l: &Linear) {
+            if let Weight::Trainable(v) = &l.weight {
+                out.push((format!("{layer}.{}.weight", t.path()), v.clone()));
+            }
+            if let Some(a) = &l.lora {
+                let base = format!("base_model.model.{layer}.{}", t.path());
+                out.push((format!("{base}.lora_A.weight"), a.a.clone()));
+                out.push((format!("{base}.lora_B.weight"), a.b.clone()));
+            }
+        }
+        let mut out = Vec::new();
+        param(
+            &mut out,
+            "model.embed_tokens.weight".into(),
+            &self.embed_tokens,
+        );
         for (l, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            out.push((
+            param(
+                &mut out,
                 format!("{p}.input_layernorm.weight"),
                 &layer.input_layernorm,
-            ));
-            out.push((format!("{p}.self_attn.q_proj.weight"), &layer.q_proj));
-            out.push((format!("{p}.self_attn.k_proj.weight"), &layer.k_proj));
-            out.push((format!("{p}.self_attn.v_proj.weight"), &layer.v_proj));
-            out.push((format!("{p}.self_attn.o_proj.weight"), &layer.o_proj));
-            out.push((
+            );
+            for t in &Target::ALL[..4] {
+                lin(&mut out, &p, *t, layer.linear(*t));
+            }
+            param(
+                &mut out,
                 format!("{p}.post_attention_layernorm.weight"),
                 &layer.post_attention_layernorm,
-            ));
-            out.push((format!("{p}.mlp.gate_proj.weight"), &layer.gate_proj));
-            out.push((format!("{p}.mlp.up_proj.weight"), &layer.up_proj));
-            out.push((format!("{p}.mlp.down_proj.weight"), &layer.down_proj));
+            );
+            for t in &Target::ALL[4..] {
+                lin(&mut out, &p, *t, layer.linear(*t));
+            }
         }
-        out.push(("model.norm.weight".to_string(), &self.norm));
-        if let Some(w) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), w));
+        param(&mut out, "model.norm.weight".into(), &self.norm);
+        if let Some(h) = &self.lm_head {
+            param(&mut out, "lm_head.weight".into(), h);
         }
         out
     }
 
-    /// Bytes held by the parameters (elements × dtype size).
-    pub fn param_bytes(&self) -> u64 {
-        self.named_vars()
+    /// Total parameters, PEFT's way: base parameters (counted unquantized) plus adapters.
+    pub fn param_count(&self) -> u64 {
+        let adapters: u64 = self
+            .adapters()
+            .map(|a| (a.a.elem_count() + a.b.elem_count()) as u64)
+            .sum();
+        self.cfg.param_count() + adapters
+    }
+
+    /// Parameters that receive gradients and optimizer states.
+    pub fn trainable_count(&self) -> u64 {
+        self.trainable_vars()
             .iter()
-            .map(|(_, v)| (v.elem_count() * v.dtype().size_in_bytes()) as u64)
+            .map(|(_, v)| v.elem_count() as u64)
             .sum()
     }
 
-    /// Forward pass: token ids `(batch, seq)` (u32) to logits `(batch, seq, vocab)` in the
-    /// model dtype.
+    /// PEFT's `print_trainable_parameters` line.
+    pub fn trainable_summary(&self) -> String {
+        let (t, a) = (self.trainable_count(), self.param_count());
+        format!(
+            "trainable params: {t} || all params: {a} || trainable%: {:.4}",
+            100.0 * t as f64 / a as f64
+        )
+    }
+
+    fn adapters(&self) -> impl Iterator<Item = &LoraAdapter> {
+        self.layers.iter().flat_map(|l| {
+            Target::ALL
+                .into_iter()
+                .filter_map(move |t| l.linear(t).lora.as_ref())
+        })
+    }
+
+    /// Bytes held by all parameters as stored (NF4 weights at their packed size).
+    pub fn param_bytes(&self) -> u64 {
+        let mut b = self.embed_tokens.bytes()
+            + self.norm.bytes()
+            + self.lm_head.as_ref().map_or(0, Param::bytes);
+        for l in &self.layers {
+            b += l.input_layernorm.bytes() + l.post_attention_layernorm.bytes();
+            for t in Target::ALL {
+                let lin = l.linear(t);
+                b += lin.weight_bytes();
+                if let Some(a) = &lin.lora {
+                    b +=
+                        ((a.a.elem_count() + a.b.elem_count()) * self.dtype.size_in_bytes()) as u64;
+                }
+            }
+        }
+        b
+    }
+
+    /// Forward pass without dropout: token ids `(batch, seq)` (u32) → logits
+    /// `(batch, seq, vocab)` in the model dtype.
     ///
     /// # Errors
-    /// [`Error::InvalidValue`] for a sequence of length 0; [`Error::Candle`] otherwise (e.g.
-    /// token ids outside the vocabulary).
+    /// [`Error::InvalidValue`] for an empty input; [`Error::Candle`] otherwise (e.g. ids
+    /// outside the vocabulary).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let ctx = ForwardCtx {
+            train: false,
+            seed: 0,
+        };
+        let aux = self.aux(input_ids)?;
+        let mut x = self.embed(input_ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(l, layer, &x, &aux, ctx)?;
+        }
+        self.logits(&x)
+    }
+
+    /// Mean next-token cross-entropy (nats) of `targets` given `input_ids` (both
+    /// `(batch, seq)`), without dropout and without checkpointing.
+    ///
+    /// # Errors
+    /// As [`Decoder::forward`].
+    pub fn loss(&self, input_ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        cross_entropy(&self.forward(input_ids)?, targets)
+    }
+
+    /// Training forward pass: the loss, keeping for backward what `ckpt` allows (everything,
+    /// or only every `K`-th layer's input). `ctx` decides dropout.
+    ///
+    /// # Errors
+    /// As [`Decoder::forward`]; [`Error::InvalidValue`] for a checkpoint interval out of range.
+    pub fn forward_train(
+        &self,
+        input_ids: &Tensor,
+        targets: &Tensor,
+        ckpt: Checkpointing,
+        ctx: ForwardCtx,
+    ) -> Result<TrainForward> {
+        ckpt.validate(self.layers.len())?;
+        let aux = self.aux(input_ids)?;
+        let k = match ckpt {
+            Checkpointing::None => {
+                let mut x = self.embed(input_ids)?;
+                for (l, layer) in self.layers.iter().enumerate() {
+                    x = self.layer_forward(l, layer, &x, &aux, ctx)?;
+                }
+                let loss = cross_entropy(&self.logits(&x)?, targets)?;
+                return Ok(TrainForward {
+                    loss,
+                    ctx,
+                    input_ids: input_ids.clone(),
+                    segments: vec![],
+                    head_input: None,
+                });
+            }
+            Checkpointing::Every(k) => k,
+        };
+        // Checkpointed: run each segment of k layers keeping only its input; the segment's
+        // graph is dropped as soon as its output is detached.
+        let mut x = self.embed(input_ids)?.detach();
+        let mut segments = Vec::new();
+        let mut first = 0;
+        while first < self.layers.len() {
+            let n = k.min(self.layers.len() - first);
+            let input = x.clone();
+            for l in first..first + n {
+                x = self.layer_forward(l, &self.layers[l], &x, &aux, ctx)?;
+            }
+            x = x.detach();
+            segments.push((first, n, input));
+            first += n;
+        }
+        let head_input = Var::from_tensor(&x)?;
+        drop(x);
+        let loss = cross_entropy(&self.logits(head_input.as_tensor())?, targets)?;
+        Ok(TrainForward {
+            loss,
+            ctx,
+            input_ids: input_ids.clone(),
+            segments,
+            head_input: Some(head_input),
+        })
+    }
+
+    /// Backward pass: the gradients of [`Decoder::trainable_vars`], in that order, detached;
+    /// candle's `GradStore` and the graph are dropped. Under checkpointing each segment is
+    /// recomputed from its saved input and backpropagated through `sum(y · g)` with `g` the
+    /// gradient of its output, chaining input gradients down to the embedding.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] if a trainable tensor received no gradient; [`Error::Candle`].
+    pub fn backward(&self, f: TrainForward) -> Result<Vec<Tensor>> {
+        let vars = self.trainable_vars();
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut collect = |store: &candle_core::backprop::GradStore| -> Result<()> {
+            for (i, (_, v)) in vars.iter().enumerate() {
+                if let Some(g) = store.get(v) {
+                    let g = g.detach();
+                    grads[i] = Some(match grads[i].take() {
+                        Some(acc) => (acc + g)?,
+                        None => g,
+                    });
+                }
+            }
+            Ok(())
+        };
+        let TrainForward {
+            loss,
+            ctx,
+            input_ids,
+            segments,
+            head_input,
+        } = f;
+        let store = loss.backward()?;
+        drop(loss);
+        collect(&store)?;
+        if let Some(hv) = head_input {
+            let mut g = store
+                .get(&hv)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "gradient",
+                        "head input",
+                        "no gradient reached the last layer",
+                    )
+                })?
+                .detach();
+            drop(store);
+            drop(hv);
+            let aux = self.aux(&input_ids)?;
+            for (first, n, input) in segments.into_iter().rev() {
+                let xv = Var::from_tensor(&input)?;
+                drop(input);
+                let mut y = xv.as_tensor().clone();
+                for l in first..first + n {
+                    y = self.layer_forward(l, &self.layers[l], &y, &aux, ctx)?;
+                }
+                let s = (y * &g)?.sum_all()?;
+                let st = s.backward()?;
+                drop(s);
+                collect(&st)?;
+                g = st
+                    .get(&xv)
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            "gradient",
+                            format!("layer {first}"),
+                            "no gradient reached the input",
+                        )
+                    })?
+                    .detach();
+            }
+            if let Param::Trainable(_) = self.embed_tokens {
+                let e = self.embed(&input_ids)?;
+                let st = (e * &g)?.sum_all()?.backward()?;
+                collect(&st)?;
+            }
+        } else {
+            drop(store);
+        }
+        grads
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, (name, _))| {
+                g.ok_or_else(|| {
+                    Error::invalid("gradient", name, "trainable tensor received no gradient")
+                })
+            })
+            .collect()
+    }
+
+    fn aux(&self, input_ids: &Tensor) -> Result<Aux> {
         let (b, s) = input_ids.dims2()?;
         if s == 0 || b == 0 {
             return Err(Error::invalid(
@@ -218,61 +671,77 @@ impl Decoder {
                 "batch and seq must be positive",
             ));
         }
-        let h = self.cfg.hidden_size;
-        let rope = Rope::new(&self.cfg, s, self.dtype, &self.device)?;
-        let mask = causal_mask(s, self.cfg.sliding_window, &self.device)?
-            .to_dtype(softmax_dtype(self.dtype))?;
-        // (batch·seq,) -> (batch·seq, hidden) -> (batch, seq, hidden)
-        let mut x = self
+        Ok(Aux {
+            rope: Rope::new(&self.cfg, s, self.dtype, &self.device)?,
+            mask: causal_mask(s, self.cfg.sliding_window, &self.device)?
+                .to_dtype(softmax_dtype(self.dtype))?,
+        })
+    }
+
+    /// `(batch, seq)` → `(batch, seq, hidden)`. A frozen embedding's output carries no graph.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let x = self
             .embed_tokens
+            .tensor()
             .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, s, h))?;
-        for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &rope, &mask)?;
+            .reshape((b, s, self.cfg.hidden_size))?;
+        Ok(match self.embed_tokens {
+            Param::Trainable(_) => x,
+            Param::Frozen(_) => x.detach(),
+        })
+    }
+
+    /// Final norm and LM head: `(b, s, hidden)` → logits `(b, s, vocab)`.
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = rms_norm(x, self.norm.tensor(), self.cfg.rms_norm_eps)?;
+        match self.lm_head.as_ref().unwrap_or(&self.embed_tokens) {
+            Param::Trainable(w) => linear(&x, w),
+            Param::Frozen(w) => {
+                frozen_linear(&x, &FrozenRef::Dense(w.clone()), self.cfg.vocab_size)
+            }
         }
-        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        // (batch·seq, hidden) x (hidden, vocab) -> (batch, seq, vocab)
-        let logits = linear(&x, head)?;
-        Ok(logits)
     }
 
-    /// Mean next-token cross-entropy (nats) of `targets` `(batch, seq)` given `input_ids`
-    /// `(batch, seq)`: the forward pass plus [`cross_entropy`]. Returns a scalar in f32 (f64
-    /// for an f64 model).
-    ///
-    /// # Errors
-    /// As [`Decoder::forward`]; [`Error::Candle`] on mismatched shapes.
-    pub fn loss(&self, input_ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let logits = self.forward(input_ids)?;
-        cross_entropy(&logits, targets)
-    }
-
-    fn layer_forward(&self, l: &Layer, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
+    fn layer_forward(
+        &self,
+        li: usize,
+        l: &Layer,
+        x: &Tensor,
+        aux: &Aux,
+        ctx: ForwardCtx,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let eps = cfg.rms_norm_eps;
+        let salt = |t: Target| (li * 8 + t as usize) as u64;
 
         // --- attention block ---
-        let xn = rms_norm(x, &l.input_layernorm, eps)?; // (b, s, hidden)
-                                                        // (b, s, heads·hd) -> (b, heads, s, hd)
-        let q = linear(&xn, &l.q_proj)?
+        let xn = rms_norm(x, l.input_layernorm.tensor(), eps)?; // (b, s, hidden)
+                                                                // (b, s, heads·hd) -> (b, heads, s, hd)
+        let q = l
+            .q_proj
+            .forward(&xn, ctx, salt(Target::QProj))?
             .reshape((b, s, nh, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let k = linear(&xn, &l.k_proj)?
+        let k = l
+            .k_proj
+            .forward(&xn, ctx, salt(Target::KProj))?
             .reshape((b, s, nkv, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let v = linear(&xn, &l.v_proj)?
+        let v = l
+            .v_proj
+            .forward(&xn, ctx, salt(Target::VProj))?
             .reshape((b, s, nkv, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = rope.apply(&q)?; // (b, heads, s, hd)
-        let k = rope.apply(&k)?; // (b, kv_heads, s, hd)
-                                 // Grouped-query attention without repeating K/V: the `rep` query heads that share a
-                                 // K/V head are stacked along the row axis, (b, kv_heads, rep·s, hd).
+        let q = aux.rope.apply(&q)?; // (b, heads, s, hd)
+        let k = aux.rope.apply(&k)?; // (b, kv_heads, s, hd)
+                                     // Grouped-query attention without repeating K/V: the `rep` query heads that share a
+                                     // K/V head are stacked along the row axis, (b, kv_heads, rep·s, hd).
         let rep = nh / nkv;
         let qg = q.reshape((b, nkv, rep * s, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -280,23 +749,34 @@ impl Decoder {
         let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, nh, s, s))?;
         let scores = scores
             .to_dtype(softmax_dtype(self.dtype))?
-            .broadcast_add(mask)?;
+            .broadcast_add(&aux.mask)?;
         let probs = softmax_last_dim(&scores)?.to_dtype(self.dtype)?; // (b, heads, s, s)
                                                                       // (b, kv_heads, rep·s, s) x (b, kv_heads, s, hd) -> (b, heads, s, hd)
-        let ctx = probs
+        let ctx_v = probs
             .reshape((b, nkv, rep * s, s))?
             .matmul(&v)?
             .reshape((b, nh, s, hd))?;
-        let ctx = ctx.transpose(1, 2)?.reshape((b, s, nh * hd))?; // (b, s, heads·hd)
-        let x = (x + linear(&ctx, &l.o_proj)?)?;
+        let ctx_v = ctx_v.transpose(1, 2)?.reshape((b, s, nh * hd))?; // (b, s, heads·hd)
+        let x = (x + l.o_proj.forward(&ctx_v, ctx, salt(Target::OProj))?)?;
 
         // --- SwiGLU MLP block ---
-        let xn = rms_norm(&x, &l.post_attention_layernorm, eps)?;
-        let gate = linear(&xn, &l.gate_proj)?.silu()?; // (b, s, intermediate)
-        let up = linear(&xn, &l.up_proj)?; // (b, s, intermediate)
-        let y = linear(&(gate * up)?, &l.down_proj)?; // (b, s, hidden)
+        let xn = rms_norm(&x, l.post_attention_layernorm.tensor(), eps)?;
+        let gate = l
+            .gate_proj
+            .forward(&xn, ctx, salt(Target::GateProj))?
+            .silu()?; // (b, s, intermediate)
+        let up = l.up_proj.forward(&xn, ctx, salt(Target::UpProj))?; // (b, s, intermediate)
+        let y = l
+            .down_proj
+            .forward(&(gate * up)?, ctx, salt(Target::DownProj))?; // (b, s, hidden)
         Ok((x + y)?)
     }
+}
+
+/// Per-pass constants: RoPE tables and the attention mask.
+struct Aux {
+    rope: Rope,
+    mask: Tensor,
 }
 
 /// Dtype used for softmax, RMSNorm statistics and the loss: f32 for half types (as
@@ -306,17 +786,6 @@ fn softmax_dtype(dtype: DType) -> DType {
         DType::F64 => DType::F64,
         _ => DType::F32,
     }
-}
-
-/// `x · Wᵀ` for `x` `(…, in)` and `W` `(out, in)` → `(…, out)`.
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (out, inp) = w.dims2()?;
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
-    let mut shape = dims[..dims.len() - 1].to_vec();
-    shape.push(out);
-    Ok(y.reshape(shape)?)
 }
 
 /// RMSNorm (Zhang & Sennrich 2019; transformers' `LlamaRMSNorm`): statistics in f32,
@@ -340,9 +809,8 @@ fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&sum)?)
 }
 
-/// Additive attention mask `(1, 1, seq, seq)` in f32/f64-compatible form: 0 where query `i`
-/// may see key `j` (`j ≤ i` and, with a sliding window `w`, `i − j < w`, as transformers'
-/// Mistral mask), −∞ elsewhere.
+/// Additive attention mask `(1, 1, seq, seq)`: 0 where query `i` may see key `j` (`j ≤ i`
+/// and, with a sliding window `w`, `i − j < w`, as transformers' Mistral mask), −∞ elsewhere.
 fn causal_mask(s: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
     let mut m = vec![0f32; s * s];
     for i in 0..s {
@@ -414,12 +882,4 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let lse = shifted.exp()?.sum_keepdim(1)?.log()?; // (b·s, 1)
     let picked = shifted.gather(&targets.reshape((b * s, 1))?.contiguous()?, 1)?; // (b·s, 1)
     Ok((lse - picked)?.mean_all()?)
-}
-
-/// Plain forward without a graph, for comparisons: same as [`Decoder::forward`] but usable
-/// as a candle [`Module`].
-impl Module for Decoder {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        Decoder::forward(self, xs).map_err(|e| candle_core::Error::Msg(e.to_string()))
-    }
 }

@@ -1,0 +1,323 @@
+//! Linear layers of the decoder: trainable, frozen (dense or NF4) and LoRA-adapted.
+//!
+//! A frozen weight must not get a gradient: candle's backward computes gradients for *both*
+//! matmul operands even when one is a constant, and keeps them in the `GradStore`, so a plain
+//! `x·Wᵀ` with a frozen `W` would cost a full weight-sized gradient per layer. vramcal applies
+//! frozen weights through [`FrozenMatmul`], a custom op that holds `W` and whose backward
+//! returns only the input gradient `grad·W` (what PyTorch does for `requires_grad=False`).
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use super::nf4::Nf4Tensor;
+use crate::error::{Error, Result};
+
+/// A frozen weight as the op sees it.
+#[derive(Debug, Clone)]
+pub enum FrozenRef {
+    /// Dense `(out, in)` in the compute dtype.
+    Dense(Tensor),
+    /// NF4, dequantized to this dtype on every use (a transient copy).
+    Nf4(Arc<Nf4Tensor>, DType),
+}
+
+impl FrozenRef {
+    fn dense(&self, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            FrozenRef::Dense(t) => Ok(t.clone()),
+            FrozenRef::Nf4(q, dt) => q
+                .dequantize(*dt, device)
+                .map_err(|e| candle_core::Error::Msg(e.to_string())),
+        }
+    }
+}
+
+/// `x·Wᵀ` for a frozen `W` `(out, in)` and `x` `(rows, in)`; backward gives `grad·W` for `x`
+/// and nothing for `W`.
+pub struct FrozenMatmul(pub FrozenRef);
+
+fn frozen_fwd<S: BackendStorage>(
+    x: &S,
+    l: &Layout,
+    w: &Tensor,
+    pick: impl Fn(&Storage) -> Option<&S>,
+) -> candle_core::Result<(S, Shape)> {
+    let (rows, k) = l.shape().dims2()?;
+    let (n, k2) = w.dims2()?;
+    if k != k2 {
+        candle_core::bail!("frozen-linear: input has {k} features, weight expects {k2}")
+    }
+    let wt = w.t()?;
+    let (ws, wl) = wt.storage_and_layout();
+    let Some(wst) = pick(&ws) else {
+        candle_core::bail!("frozen-linear: weight on another device than the input")
+    };
+    let out = x.matmul(wst, (1, rows, n, k), l, wl)?;
+    Ok((out, Shape::from((rows, n))))
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = self.0.dense(&Device::Cpu)?;
+        frozen_fwd(x, l, &w, |s| match s {
+            Storage::Cpu(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let w = self.0.dense(&Device::Cuda(x.device().clone()))?;
+        frozen_fwd(x, l, &w, |s| match s {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let w = self.0.dense(grad.device())?;
+        Ok(Some(grad.matmul(&w)?))
+    }
+}
+
+/// `x·Wᵀ` for `x` `(…, in)` and a trainable `W` `(out, in)` → `(…, out)`.
+///
+/// # Errors
+/// [`Error::Candle`] on shape mismatch.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (out, inp) = w.dims2()?;
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let mut shape = dims[..dims.len() - 1].to_vec();
+    shape.push(out);
+    Ok(y.reshape(shape)?)
+}
+
+/// `x·Wᵀ` through [`FrozenMatmul`]: `x` `(…, in)` → `(…, out)`, no gradient for `W`.
+///
+/// # Errors
+/// [`Error::Candle`] on shape mismatch.
+pub fn frozen_linear(x: &Tensor, w: &FrozenRef, out: usize) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inp = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x
+        .reshape((rows, inp))?
+        .contiguous()?
+        .apply_op1(FrozenMatmul(w.clone()))?;
+    let mut shape = dims[..dims.len() - 1].to_vec();
+    shape.push(out);
+    Ok(y.reshape(shape)?)
+}
+
+/// A parameter that is either trained or frozen (norms, embeddings).
+#[derive(Debug, Clone)]
+pub enum Param {
+    /// Receives gradients and optimizer states.
+    Trainable(Var),
+    /// Fixed.
+    Frozen(Tensor),
+}
+
+impl Param {
+    /// The tensor.
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            Param::Trainable(v) => v.as_tensor(),
+            Param::Frozen(t) => t,
+        }
+    }
+
+    /// The variable, if trainable.
+    pub fn var(&self) -> Option<&Var> {
+        match self {
+            Param::Trainable(v) => Some(v),
+            Param::Frozen(_) => None,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        let t = self.tensor();
+        (t.elem_count() * t.dtype().size_in_bytes()) as u64
+    }
+}
+
+/// The base weight of a linear layer.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// Trained (full fine-tuning).
+    Trainable(Var),
+    /// Frozen, dense in the compute dtype.
+    Frozen(Tensor),
+    /// Frozen, NF4-quantized; dequantized per use.
+    Nf4(Arc<Nf4Tensor>),
+}
+
+/// A LoRA adapter on one linear layer.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// `lora_A`, `(r, in)`, Kaiming-uniform.
+    pub a: Var,
+    /// `lora_B`, `(out, r)`, zero.
+    pub b: Var,
+    /// `alpha / r`.
+    pub scale: f64,
+    /// Dropout on the adapter input.
+    pub dropout: f64,
+}
+
+impl LoraAdapter {
+    /// A fresh adapter: `A ~ U(−1/√in, 1/√in)` (PyTorch's `kaiming_uniform_(a=√5)`, as PEFT
+    /// initializes it), `B = 0`.
+    ///
+    /// # Errors
+    /// [`Error::Candle`].
+    pub fn new(
+        out: usize,
+        inp: usize,
+        cfg: &crate::model::lora::LoraConfig,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a: Vec<f64> = (0..cfg.r * inp)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let a = Tensor::from_vec(a, (cfg.r, inp), device)?.to_dtype(dtype)?;
+        Ok(LoraAdapter {
+            a: Var::from_tensor(&a)?,
+            b: Var::zeros((out, cfg.r), dtype, device)?,
+            scale: cfg.scale(),
+            dropout: cfg.dropout,
+        })
+    }
+}
+
+/// Context of one forward pass: whether dropout is active and the seed its masks derive from
+/// (so recomputation under checkpointing reproduces them).
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardCtx {
+    /// Apply dropout.
+    pub train: bool,
+    /// Base seed of this pass's dropout masks.
+    pub seed: u64,
+}
+
+/// Inverted dropout with a reproducible mask: keeps each element with probability `1 − p`
+/// and scales it by `1 / (1 − p)`. The mask is an activation-sized tensor that the graph keeps
+/// (as PyTorch keeps its mask).
+///
+/// # Errors
+/// [`Error::Candle`].
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            if rng.random::<f64>() >= p {
+                keep as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}
+
+/// A linear layer `(in → out)`: base weight plus an optional LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// The base weight `(out, in)`.
+    pub weight: Weight,
+    /// The adapter, if this module is a LoRA target.
+    pub lora: Option<LoraAdapter>,
+    /// Output features.
+    pub out: usize,
+    /// Input features.
+    pub inp: usize,
+    /// Compute dtype.
+    pub dtype: DType,
+}
+
+impl Linear {
+    /// `x` `(…, in)` → `(…, out)`; `salt` distinguishes this module's dropout mask.
+    ///
+    /// # Errors
+    /// [`Error::Candle`].
+    pub fn forward(&self, x: &Tensor, ctx: ForwardCtx, salt: u64) -> Result<Tensor> {
+        let base = match &self.weight {
+            Weight::Trainable(w) => linear(x, w)?,
+            Weight::Frozen(w) => frozen_linear(x, &FrozenRef::Dense(w.clone()), self.out)?,
+            Weight::Nf4(q) => frozen_linear(x, &FrozenRef::Nf4(q.clone(), self.dtype), self.out)?,
+        };
+        let Some(l) = &self.lora else { return Ok(base) };
+        let xd = if ctx.train && l.dropout > 0.0 {
+            dropout(
+                x,
+                l.dropout,
+                ctx.seed
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add(salt),
+            )?
+        } else {
+            x.clone()
+        };
+        let h = linear(&xd, &l.a)?; // (…, r)
+        let d = linear(&h, &l.b)?; // (…, out)
+        Ok((base + (d * l.scale)?)?)
+    }
+
+    /// The base weight as a dense tensor in `dtype` (dequantized for NF4).
+    ///
+    /// # Errors
+    /// [`Error::Candle`].
+    pub fn dense_weight(&self, device: &Device) -> Result<Tensor> {
+        Ok(match &self.weight {
+            Weight::Trainable(v) => v.as_tensor().clone(),
+            Weight::Frozen(t) => t.clone(),
+            Weight::Nf4(q) => q.dequantize(self.dtype, device)?,
+        })
+    }
+
+    /// Bytes of the base weight as stored.
+    pub fn weight_bytes(&self) -> u64 {
+        match &self.weight {
+            Weight::Trainable(v) => (v.elem_count() * v.dtype().size_in_bytes()) as u64,
+            Weight::Frozen(t) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
+            Weight::Nf4(q) => q.bytes(),
+        }
+    }
+}
+
+/// Error for a quantized base with a dtype NF4 cannot dequantize into.
+pub fn check_quant_dtype(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::BF16 | DType::F16 => Ok(()),
+        d => Err(Error::invalid(
+            "--dtype",
+            d.as_str(),
+            "NF4 dequantizes into a 16- or 32-bit float compute dtype (f32, bf16, f16)",
+        )),
+    }
+}

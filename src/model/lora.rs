@@ -1,0 +1,240 @@
+//! LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3):
+//! `y = W0·x + (alpha / r)·B·A·x` with `A` `(r, in)` Kaiming-uniform and `B` `(out, r)` zero,
+//! the base `W0` frozen. Names and defaults follow PEFT's `LoraConfig`.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A linear module of the decoder layer that LoRA can adapt (HF names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// `self_attn.q_proj`
+    QProj,
+    /// `self_attn.k_proj`
+    KProj,
+    /// `self_attn.v_proj`
+    VProj,
+    /// `self_attn.o_proj`
+    OProj,
+    /// `mlp.gate_proj`
+    GateProj,
+    /// `mlp.up_proj`
+    UpProj,
+    /// `mlp.down_proj`
+    DownProj,
+}
+
+impl Target {
+    /// All seven, in layer order.
+    pub const ALL: [Target; 7] = [
+        Target::QProj,
+        Target::KProj,
+        Target::VProj,
+        Target::OProj,
+        Target::GateProj,
+        Target::UpProj,
+        Target::DownProj,
+    ];
+
+    /// HF module name, e.g. `q_proj`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::QProj => "q_proj",
+            Target::KProj => "k_proj",
+            Target::VProj => "v_proj",
+            Target::OProj => "o_proj",
+            Target::GateProj => "gate_proj",
+            Target::UpProj => "up_proj",
+            Target::DownProj => "down_proj",
+        }
+    }
+
+    /// Path inside a decoder layer, e.g. `self_attn.q_proj`.
+    pub fn path(self) -> &'static str {
+        match self {
+            Target::QProj => "self_attn.q_proj",
+            Target::KProj => "self_attn.k_proj",
+            Target::VProj => "self_attn.v_proj",
+            Target::OProj => "self_attn.o_proj",
+            Target::GateProj => "mlp.gate_proj",
+            Target::UpProj => "mlp.up_proj",
+            Target::DownProj => "mlp.down_proj",
+        }
+    }
+
+    fn parse_group(s: &str) -> Option<Vec<Target>> {
+        let one = |t| Some(vec![t]);
+        match s {
+            "q" | "q_proj" => one(Target::QProj),
+            "k" | "k_proj" => one(Target::KProj),
+            "v" | "v_proj" => one(Target::VProj),
+            "o" | "o_proj" => one(Target::OProj),
+            "gate" | "gate_proj" => one(Target::GateProj),
+            "up" | "up_proj" => one(Target::UpProj),
+            "down" | "down_proj" => one(Target::DownProj),
+            "attn" => Some(Target::ALL[..4].to_vec()),
+            "mlp" => Some(Target::ALL[4..].to_vec()),
+            "all-linear" | "all" => Some(Target::ALL.to_vec()),
+            _ => None,
+        }
+    }
+}
+
+/// LoRA hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Rank `r`.
+    pub r: usize,
+    /// Scaling numerator `alpha` (the update is scaled by `alpha / r`).
+    pub alpha: f64,
+    /// Dropout probability on the adapter input, in [0, 1).
+    pub dropout: f64,
+    /// Adapted modules, sorted, no duplicates.
+    pub targets: Vec<Target>,
+}
+
+impl Default for LoraConfig {
+    /// PEFT's defaults: r 8, alpha 8, dropout 0, targets `q_proj,v_proj` (its Llama default).
+    fn default() -> Self {
+        LoraConfig {
+            r: 8,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: vec![Target::QProj, Target::VProj],
+        }
+    }
+}
+
+impl LoraConfig {
+    /// Parses `r=16,alpha=32,dropout=0.0,targets=q_proj,k_proj,v_proj,o_proj`. Items without
+    /// `=` continue the previous key's list (so `targets=q_proj,v_proj` works unquoted).
+    /// Targets are `q,k,v,o,gate,up,down` (with or without `_proj`), `attn`, `mlp` or
+    /// `all-linear`. Unset keys keep PEFT's defaults.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for unknown keys or targets, rank 0, alpha ≤ 0, dropout outside
+    /// [0, 1), or no targets.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let mut c = LoraConfig::default();
+        let mut targets: Option<Vec<Target>> = None;
+        let mut last_key = String::new();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (key, value) = match item.split_once('=') {
+                Some((k, v)) => (k.trim().to_string(), v.trim()),
+                None if last_key == "targets" => ("targets".to_string(), item),
+                None => {
+                    return Err(Error::invalid(
+                        "--lora",
+                        spec,
+                        format!("expected key=value, got {item:?}"),
+                    ))
+                }
+            };
+            let num = |v: &str| -> Result<f64> {
+                v.parse::<f64>()
+                    .map_err(|_| Error::invalid(format!("--lora {key}"), v, "expected a number"))
+            };
+            match key.as_str() {
+                "r" | "rank" => {
+                    c.r = value.parse().map_err(|_| {
+                        Error::invalid("--lora r", value, "expected a positive integer")
+                    })?
+                }
+                "alpha" | "lora_alpha" => c.alpha = num(value)?,
+                "dropout" | "lora_dropout" => c.dropout = num(value)?,
+                "targets" | "target_modules" => {
+                    let t = Target::parse_group(value).ok_or_else(|| {
+                        Error::invalid(
+                            "--lora targets",
+                            value,
+                            "unknown target (expected q,k,v,o,gate,up,down, *_proj, attn, mlp or all-linear)",
+                        )
+                    })?;
+                    targets.get_or_insert_with(Vec::new).extend(t);
+                }
+                _ => {
+                    return Err(Error::invalid(
+                        "--lora",
+                        key,
+                        "unknown key (expected r, alpha, dropout, targets)",
+                    ))
+                }
+            }
+            last_key = key;
+        }
+        if let Some(mut t) = targets {
+            t.sort();
+            t.dedup();
+            c.targets = t;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks the ranges.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`].
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::invalid("--lora r", 0, "rank must be at least 1"));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(Error::invalid(
+                "--lora alpha",
+                self.alpha,
+                "must be positive",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::invalid(
+                "--lora dropout",
+                self.dropout,
+                "must be in [0, 1)",
+            ));
+        }
+        if self.targets.is_empty() {
+            return Err(Error::invalid(
+                "--lora targets",
+                "",
+                "at least one target module is needed",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `alpha / r`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    /// Targets as `q_proj;v_proj` (the CSV's `lora_targets`).
+    pub fn targets_label(&self) -> String {
+        self.targets
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+}
+
+impl fmt::Display for LoraConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "r={},alpha={},dropout={},targets={}",
+            self.r,
+            self.alpha,
+            self.dropout,
+            self.targets
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    }
+}

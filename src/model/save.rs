@@ -1,0 +1,247 @@
+//! Saving what was trained: PEFT adapter files for LoRA (`adapter_model.safetensors`,
+//! `adapter_config.json`), `model.safetensors` with HF names for full fine-tuning, and the
+//! merged model (`W + (alpha/r)·B·A`, dequantizing an NF4 base) — where users report running
+//! out of memory after training.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::linear::{Param, Weight};
+use super::lora::Target;
+use super::Decoder;
+use crate::error::{Error, Result};
+
+/// What the `save` phase writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum SaveMode {
+    /// Nothing (no `save` phase).
+    #[default]
+    None,
+    /// The trained tensors: PEFT adapter files for LoRA, `model.safetensors` for full.
+    Adapter,
+    /// Adapters merged into the base, saved as `model.safetensors`.
+    Merged,
+}
+
+impl SaveMode {
+    /// Parses `none`, `adapter` or `merged`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`].
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(SaveMode::None),
+            "adapter" | "trained" => Ok(SaveMode::Adapter),
+            "merged" | "merge" => Ok(SaveMode::Merged),
+            _ => Err(Error::invalid(
+                "--save",
+                s,
+                "expected none, adapter or merged",
+            )),
+        }
+    }
+
+    /// CSV label.
+    pub fn label(self) -> &'static str {
+        match self {
+            SaveMode::None => "none",
+            SaveMode::Adapter => "adapter",
+            SaveMode::Merged => "merged",
+        }
+    }
+}
+
+/// PEFT's `adapter_config.json` (the keys PEFT writes for a LoRA adapter).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    /// Always `LORA`.
+    pub peft_type: String,
+    /// Always `CAUSAL_LM`.
+    pub task_type: String,
+    /// The base model's name or path.
+    pub base_model_name_or_path: String,
+    /// Rank.
+    pub r: usize,
+    /// Alpha.
+    pub lora_alpha: f64,
+    /// Dropout.
+    pub lora_dropout: f64,
+    /// Adapted module names, e.g. `["q_proj", "v_proj"]`.
+    pub target_modules: Vec<String>,
+    /// Bias handling (`none`).
+    pub bias: String,
+    /// Whether weights are stored transposed (`false`).
+    pub fan_in_fan_out: bool,
+    /// Saved for inference (`true`).
+    pub inference_mode: bool,
+}
+
+fn st_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Weights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+impl Decoder {
+    /// Writes the trained tensors into `dir`: for LoRA, `adapter_model.safetensors` (PEFT
+    /// names) and `adapter_config.json`; for full fine-tuning, `model.safetensors` (HF names).
+    /// Returns the bytes written.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if `dir` cannot be written; [`Error::Weights`] if serialization fails.
+    pub fn save_trained(&self, dir: &Path, base_model: &str) -> Result<u64> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let tensors: HashMap<String, Tensor> = self
+            .trainable_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        let file = match &self.adaptation().lora {
+            Some(l) => {
+                let cfg = AdapterConfig {
+                    peft_type: "LORA".into(),
+                    task_type: "CAUSAL_LM".into(),
+                    base_model_name_or_path: base_model.into(),
+                    r: l.r,
+                    lora_alpha: l.alpha,
+                    lora_dropout: l.dropout,
+                    target_modules: l.targets.iter().map(|t| t.name().to_string()).collect(),
+                    bias: "none".into(),
+                    fan_in_fan_out: false,
+                    inference_mode: true,
+                };
+                let cfg_path = dir.join("adapter_config.json");
+                let text = serde_json::to_string_pretty(&cfg).map_err(|e| st_err(&cfg_path, e))?;
+                std::fs::write(&cfg_path, text).map_err(|e| Error::io(&cfg_path, e))?;
+                dir.join("adapter_model.safetensors")
+            }
+            None => dir.join("model.safetensors"),
+        };
+        candle_core::safetensors::save(&tensors, &file).map_err(|e| st_err(&file, e))?;
+        dir_bytes(dir)
+    }
+
+    /// Merges every adapter into its base weight (`W ← W + (alpha/r)·B·A`; an NF4 base is
+    /// dequantized to the compute dtype first), drops the adapters, and writes the whole model
+    /// as `model.safetensors` (HF names) into `dir`. Dense bases are merged in place, as PEFT's
+    /// `merge_and_unload` does. Returns the bytes written.
+    ///
+    /// # Errors
+    /// [`Error::Io`]/[`Error::Weights`] on write failure; [`Error::Candle`].
+    pub fn merge_and_save(&mut self, dir: &Path) -> Result<u64> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let device = self.device().clone();
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        let param = |p: &Param| p.tensor().clone();
+        tensors.insert(
+            "model.embed_tokens.weight".into(),
+            param(&self.embed_tokens),
+        );
+        tensors.insert("model.norm.weight".into(), param(&self.norm));
+        if let Some(h) = &self.lm_head {
+            tensors.insert("lm_head.weight".into(), param(h));
+        }
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{li}");
+            tensors.insert(
+                format!("{p}.input_layernorm.weight"),
+                param(&layer.input_layernorm),
+            );
+            tensors.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                param(&layer.post_attention_layernorm),
+            );
+            for t in Target::ALL {
+                let lin = match t {
+                    Target::QProj => &mut layer.q_proj,
+                    Target::KProj => &mut layer.k_proj,
+                    Target::VProj => &mut layer.v_proj,
+                    Target::OProj => &mut layer.o_proj,
+                    Target::GateProj => &mut layer.gate_proj,
+                    Target::UpProj => &mut layer.up_proj,
+                    Target::DownProj => &mut layer.down_proj,
+                };
+                let w = match (lin.lora.take(), &lin.weight) {
+                    (None, _) => lin.dense_weight(&device)?,
+                    (Some(a), _) => {
+                        let delta = (a.b.matmul(a.a.as_tensor())? * a.scale)?; // (out, in)
+                        match &lin.weight {
+                            Weight::Frozen(w) => {
+                                let merged = (w + delta.to_dtype(w.dtype())?)?;
+                                w.slice_set(&merged, 0, 0)?;
+                                w.clone()
+                            }
+                            _ => {
+                                let dense = lin.dense_weight(&device)?;
+                                let merged = (dense + delta.to_dtype(lin.dtype)?)?;
+                                lin.weight = Weight::Frozen(merged.clone());
+                                merged
+                            }
+                        }
+                    }
+                };
+                tensors.insert(format!("{p}.{}.weight", t.path()), w);
+            }
+        }
+        let file = dir.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &file).map_err(|e| st_err(&file, e))?;
+        dir_bytes(dir)
+    }
+
+    /// Loads PEFT adapter files from `dir` into this model's adapters.
+    ///
+    /// # Errors
+    /// [`Error::Weights`] if the config disagrees with the model's LoRA settings (rank,
+    /// alpha, targets) or the model has no adapters; [`Error::MissingTensor`] /
+    /// [`Error::WeightShape`] for missing or mis-shaped tensors; [`Error::Io`].
+    pub fn load_adapter(&self, dir: &Path) -> Result<AdapterConfig> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let cfg: AdapterConfig = serde_json::from_str(&text).map_err(|e| st_err(&cfg_path, e))?;
+        let Some(l) = &self.adaptation().lora else {
+            return Err(st_err(
+                &cfg_path,
+                "the model has no LoRA adapters to load into",
+            ));
+        };
+        let targets: Vec<String> = l.targets.iter().map(|t| t.name().to_string()).collect();
+        if cfg.r != l.r
+            || cfg.lora_alpha != l.alpha
+            || cfg.target_modules != targets
+            || cfg.peft_type != "LORA"
+        {
+            return Err(st_err(
+                &cfg_path,
+                format!(
+                    "adapter is {} r={} alpha={} targets={:?}, the model has r={} alpha={} targets={targets:?}",
+                    cfg.peft_type, cfg.r, cfg.lora_alpha, cfg.target_modules, l.r, l.alpha
+                ),
+            ));
+        }
+        let file = dir.join("adapter_model.safetensors");
+        let tensors =
+            candle_core::safetensors::load(&file, self.device()).map_err(|e| st_err(&file, e))?;
+        for (name, var) in self.trainable_vars() {
+            let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor {
+                path: file.clone(),
+                name: name.clone(),
+            })?;
+            super::weights::check_shape(&file, &name, var.dims(), t.dims())?;
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        Ok(cfg)
+    }
+}
+
+fn dir_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        total += e.metadata().map_err(|err| Error::io(e.path(), err))?.len();
+    }
+    Ok(total)
+}
