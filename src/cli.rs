@@ -9,7 +9,13 @@ use clap::{Args, Parser, Subcommand};
 /// Measures real training steps (forward, loss, backward, AdamW) and records the peak
 /// allocator memory of every phase.
 #[derive(Debug, Parser)]
-#[command(name = "vramcal", version, about, long_about = None)]
+#[command(
+    name = "vramcal",
+    version,
+    about = "Measures the peak memory of real LLM fine-tuning steps, phase by phase (full, LoRA, QLoRA, checkpointing; CPU)",
+    long_about = None,
+    allow_negative_numbers = true
+)]
 pub struct Cli {
     /// The command to run.
     #[command(subcommand)]
@@ -28,11 +34,13 @@ pub enum Command {
     },
     /// Measure one training configuration: two real steps, peak memory per phase.
     #[command(
+        allow_negative_numbers = true,
         after_help = "Examples:\n  vramcal measure --model smollm2-135m --batch 1 --seq 256\n  vramcal measure --model smollm2-135m --method qlora --lora r=16,alpha=32,targets=all-linear --checkpointing layers --batch 2 --seq 512 --save adapter\n  vramcal measure --model tiny --batch 2 --accumulate 4 --seq 32\n  vramcal measure --model smollm2-135m --weights ~/.cache/vramcal/models/SmolLM2-135M-Instruct.Q4_1.gguf --batch 1 --seq 128 --out results/cpu/mine.csv\n  vramcal measure --model path/to/config.json --batch 2 --seq 512 --dtype bf16 --json"
     )]
     Measure(MeasureArgs),
     /// Measure a grid of batch × seq points, each in its own process, one CSV row per point.
     #[command(
+        allow_negative_numbers = true,
         after_help = "Examples:\n  vramcal sweep --model smollm2-135m --batch 1,2 --seq 64,128,256\n  vramcal sweep --model smollm2-135m --method full,lora,qlora --lora r=8,targets=q_proj,v_proj --checkpointing none,layers --batch 1 --seq 128,256 --save adapter\n  vramcal sweep --model tiny --batch 1,2,4 --seq 16,32 --out /tmp/tiny.csv"
     )]
     Sweep(SweepArgs),
@@ -121,7 +129,8 @@ pub struct MeasureArgs {
     /// Print the result row as JSON on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,
-    /// Do not print the table.
+    /// Print neither the table nor the CSV row (errors still go to stderr; with --json the
+    /// JSON row is still printed).
     #[arg(long)]
     pub quiet: bool,
     /// Append the result row to this CSV file (created with a header if absent).

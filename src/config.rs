@@ -409,6 +409,10 @@ pub fn resolve_model(name: &str) -> Result<ResolvedModel> {
         });
     }
     let path = Path::new(name);
+    let looks_like_path = name.starts_with('.')
+        || name.starts_with('/')
+        || name.starts_with('~')
+        || name.ends_with(".json");
     if path.exists() {
         let file = if path.is_dir() {
             path.join("config.json")
@@ -419,7 +423,9 @@ pub fn resolve_model(name: &str) -> Result<ResolvedModel> {
         let dir = if path.is_dir() {
             path
         } else {
-            path.parent().unwrap_or(Path::new("."))
+            path.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
         };
         let label = dir
             .canonicalize()
@@ -432,7 +438,13 @@ pub fn resolve_model(name: &str) -> Result<ResolvedModel> {
             source: ConfigSource::File(file),
         });
     }
-    if name.contains('/') && !name.starts_with('.') && !name.starts_with('/') {
+    if looks_like_path {
+        return Err(Error::io(
+            path,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
+    }
+    if name.contains('/') {
         if let Some(file) = hf_cache_file(name, "config.json") {
             let config = ModelConfig::from_json_file(&file)?;
             return Ok(ResolvedModel {

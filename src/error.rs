@@ -82,13 +82,12 @@ pub enum Error {
         name: String,
     },
     /// An I/O error on a named file.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying error (part of the message, so not repeated as a source).
+        err: std::io::Error,
     },
     /// A results CSV could not be read or written, or has another schema.
     #[error("{path}: {reason}")]
@@ -113,8 +112,24 @@ pub enum Error {
         reason: String,
     },
     /// A tensor operation failed inside candle.
-    #[error("tensor operation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    #[error("tensor operation failed: {}", candle_msg(.0))]
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
+}
+
+/// A candle error's message without the backtrace candle appends when `RUST_BACKTRACE` is set.
+pub fn candle_msg(e: &candle_core::Error) -> String {
+    e.to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// `Result` with vramcal's [`Error`].
@@ -135,10 +150,10 @@ impl Error {
     }
 
     /// Shorthand for [`Error::Io`].
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err,
         }
     }
 }

@@ -30,6 +30,39 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// Checks the ranges: finite non-negative learning rate and weight decay, betas in
+    /// [0, 1), positive eps (as `torch.optim.AdamW` requires).
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] naming the option.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return Err(Error::invalid(
+                "--lr",
+                self.lr,
+                "must be finite and non-negative",
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::invalid(
+                "--weight-decay",
+                self.weight_decay,
+                "must be finite and non-negative",
+            ));
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(Error::invalid(name, b, "must be in [0, 1)"));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(Error::invalid("eps", self.eps, "must be positive"));
+        }
+        Ok(())
+    }
+}
+
 impl Default for AdamWConfig {
     fn default() -> Self {
         AdamWConfig {
@@ -67,21 +100,7 @@ impl AdamW {
                 "must be a float type",
             ));
         }
-        if !(cfg.lr.is_finite() && cfg.lr >= 0.0) {
-            return Err(Error::invalid(
-                "lr",
-                cfg.lr,
-                "must be finite and non-negative",
-            ));
-        }
-        for (name, b) in [("beta1", cfg.beta1), ("beta2", cfg.beta2)] {
-            if !(0.0..1.0).contains(&b) {
-                return Err(Error::invalid(name, b, "must be in [0, 1)"));
-            }
-        }
-        if !(cfg.eps.is_finite() && cfg.eps > 0.0) {
-            return Err(Error::invalid("eps", cfg.eps, "must be positive"));
-        }
+        cfg.validate()?;
         let n = vars.len();
         Ok(AdamW {
             cfg,

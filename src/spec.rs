@@ -135,6 +135,14 @@ impl TrainSpec {
         if self.accumulate == 0 {
             return Err(Error::invalid("--accumulate", 0, "must be at least 1"));
         }
+        self.adamw.validate()?;
+        if !self.state_dtype.is_float() {
+            return Err(Error::invalid(
+                "--optimizer-state-dtype",
+                self.state_dtype.as_str(),
+                "must be a float type",
+            ));
+        }
         self.adaptation.validate(self.dtype)?;
         self.checkpointing.validate(cfg.num_hidden_layers)?;
         if !matches!(

@@ -272,7 +272,7 @@ fn bad_input_gets_one_clear_line_and_keeps_the_csv() {
             &m(&[
                 "--model", "tiny", "--batch", "1", "--seq", "4", "--device", "cuda:0",
             ]),
-            "--features cuda",
+            "without the `cuda` feature",
             keep,
         );
     }
@@ -533,4 +533,188 @@ fn sweep_over_methods_and_checkpointing_records_every_column() {
         get(4, "param_bytes").parse::<u64>().unwrap()
             < get(2, "param_bytes").parse::<u64>().unwrap()
     );
+}
+
+/// Findings of a new-user trial: each must stay fixed.
+#[test]
+fn new_user_findings_stay_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("keep.csv");
+    let c = csv.to_str().unwrap();
+    vramcal()
+        .args([
+            "measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--out", c, "--quiet",
+        ])
+        .assert()
+        .success();
+    let keep = Some(csv.as_path());
+
+    // Optimizer settings are rejected before anything runs; negative numbers are values.
+    for (opt, v, needle) in [
+        ("--lr", "-1", "--lr"),
+        ("--lr", "NaN", "--lr"),
+        ("--weight-decay", "-5", "--weight-decay"),
+    ] {
+        fails_with(
+            &[
+                "measure", "--model", "tiny", "--batch", "1", "--seq", "4", opt, v, "--out", c,
+            ],
+            needle,
+            keep,
+        );
+    }
+    let out = vramcal()
+        .args(["measure", "--model", "tiny", "--batch", "-1", "--seq", "4"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value '-1'"));
+
+    // A rejected device creates no output folder.
+    let deep = dir.path().join("new/sub/x.csv");
+    fails_with(
+        &[
+            "measure",
+            "--model",
+            "tiny",
+            "--batch",
+            "1",
+            "--seq",
+            "4",
+            "--device",
+            "gpu",
+            "--out",
+            deep.to_str().unwrap(),
+        ],
+        "expected `cpu`",
+        None,
+    );
+    assert!(!dir.path().join("new").exists());
+
+    // A missing config path is reported as a missing file, once.
+    let out = vramcal()
+        .args([
+            "measure",
+            "--model",
+            "./nope/config.json",
+            "--batch",
+            "1",
+            "--seq",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("./nope/config.json") && err.contains("not found"),
+        "{err}"
+    );
+    assert_eq!(err.matches("not found").count(), 1, "{err}");
+
+    // Rows are never glued onto a last line without a newline.
+    let mut bytes = std::fs::read(&csv).unwrap();
+    bytes.pop();
+    std::fs::write(&csv, &bytes).unwrap();
+    vramcal()
+        .args([
+            "measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--out", c, "--quiet",
+        ])
+        .assert()
+        .success();
+    let r = rows(&csv);
+    assert_eq!(r.len(), 2);
+    assert!(r.iter().all(|x| x.len() == r[0].len()));
+
+    // Devices can be outputs.
+    vramcal()
+        .args([
+            "measure",
+            "--model",
+            "tiny",
+            "--batch",
+            "1",
+            "--seq",
+            "4",
+            "--out",
+            "/dev/null",
+            "--quiet",
+        ])
+        .assert()
+        .success();
+
+    // Weights with tensors the config does not describe are refused.
+    let cfg = vramcal::config::preset("tiny").unwrap().config;
+    let m = vramcal::model::Decoder::new(
+        &cfg,
+        &mut vramcal::model::weights::RandomWeights::new(0),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut map: std::collections::HashMap<String, candle_core::Tensor> = m
+        .trainable_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    map.insert(
+        "model.layers.2.input_layernorm.weight".into(),
+        candle_core::Tensor::ones(32, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+    );
+    let st = dir.path().join("extra.safetensors");
+    candle_core::safetensors::save(&map, &st).unwrap();
+    fails_with(
+        &[
+            "measure",
+            "--model",
+            "tiny",
+            "--batch",
+            "1",
+            "--seq",
+            "4",
+            "--weights",
+            st.to_str().unwrap(),
+            "--out",
+            c,
+        ],
+        "model.layers.2.input_layernorm.weight",
+        keep,
+    );
+
+    // A sweep point that cannot fit is rejected before any point runs.
+    fails_with(
+        &[
+            "sweep",
+            "--model",
+            "tiny",
+            "--batch",
+            "1,1000000000",
+            "--seq",
+            "64",
+            "--out",
+            c,
+        ],
+        "more than this machine",
+        keep,
+    );
+}
+
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    use std::process::{Command as Std, Stdio};
+    for args in [
+        vec!["models", "--json"],
+        vec!["measure", "--model", "tiny", "--batch", "1", "--seq", "4"],
+    ] {
+        let mut child = Std::new(assert_cmd::cargo::cargo_bin("vramcal"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader goes away before anything is written
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?} {err}", out.status);
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }

@@ -1,5 +1,6 @@
 //! `vramcal measure`: one configuration, two real training steps, a phase table and a row.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -74,7 +75,7 @@ pub fn resolve(args: &ModelArgs) -> anyhow::Result<(ResolvedModel, WeightsSpec)>
     };
     // Bad weights are bad input: find them before anything is measured or written.
     let mut src = crate::model::weights::open_source(&weights)?;
-    crate::model::weights::check_all(src.as_mut(), &model.config)?;
+    crate::model::weights::check_all(src.as_mut(), &model.config, Path::new(&args.weights))?;
     Ok((model, weights))
 }
 
@@ -117,7 +118,7 @@ fn cuda_device(s: &str, ordinal: usize) -> Result<Device, Error> {
 fn cuda_device(s: &str, _ordinal: usize) -> Result<Device, Error> {
     Err(Error::Device {
         device: s.into(),
-        reason: "this vramcal was built without CUDA; rebuild with `cargo build --release --features cuda` (see README)".into(),
+        reason: "this vramcal was built without the `cuda` feature, and measuring on CUDA is not implemented yet: use --device cpu".into(),
     })
 }
 
@@ -244,21 +245,13 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
         &a.checkpointing,
     )?;
     spec.validate(&model.config)?;
+    let device = parse_device(&a.model.device)?;
+    check_fits(&spec, &model, &device)?;
+    let probe = probe_for(&device, &a.model.device)?;
+    // Only now, with all input checked, may the output file be created.
     if let Some(out) = &a.out {
         crate::report::csv_out::check_writable(out)?;
     }
-    let device = parse_device(&a.model.device)?;
-    if device.is_cpu() {
-        if let (Some(need), Some(have)) = (spec.min_bytes(&model.config), host_memory_bytes()) {
-            if need > have {
-                anyhow::bail!(
-                    "batch {} × seq {} of {} needs at least {} GiB (weights, gradients, AdamW states and logits), more than this machine's {} GiB",
-                    spec.batch, spec.seq, model.name, gib(need), gib(have)
-                );
-            }
-        }
-    }
-    let probe = probe_for(&device, &a.model.device)?;
     let setup = Setup {
         model: model.clone(),
         weights: weights.clone(),
@@ -278,8 +271,11 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
         device: a.model.device.clone(),
     };
     let row = Row::new(&ctx, &spec, &m, status, &message);
+    // The row is written before anything is printed: a closed stdout cannot lose it.
+    if let Some(out) = &a.out {
+        append_row(out, &row)?;
+    }
     if !a.quiet {
-        let t = phase_table(&m, spec.tokens());
         let lora = spec
             .adaptation
             .lora
@@ -287,7 +283,7 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
             .map(|l| format!(" ({l})"))
             .unwrap_or_default();
         let head = format!(
-            "vramcal {} | {} | {} | weights {} | {}{lora} | quant {} | checkpointing {} | dtype {} | AdamW states {} | micro-batch {} x accumulate {} x seq {}\n{}",
+            "vramcal {} | {} | {} | weights {} | {}{lora} | quant {} | checkpointing {} | dtype {} | AdamW states {} | micro-batch {} x accumulate {} x seq {}\n{}\n{}",
             env!("CARGO_PKG_VERSION"),
             row.device,
             model.name,
@@ -301,22 +297,20 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
             spec.accumulate,
             spec.seq,
             trainable_line(&m),
+            phase_table(&m, spec.tokens()),
         );
         if a.json {
-            eprintln!("{head}\n{t}")
+            eprintln!("{head}");
         } else {
-            println!("{head}\n{t}")
+            super::emit(&head)?;
         }
     }
     if a.json {
-        println!("{}", serde_json::to_string(&row)?);
+        super::emit(&format!("{}\n", serde_json::to_string(&row)?))?;
     } else if !a.quiet {
         let mut w = csv::Writer::from_writer(vec![]);
         w.serialize(&row)?;
-        print!("{}", String::from_utf8(w.into_inner()?)?);
-    }
-    if let Some(out) = &a.out {
-        append_row(out, &row)?;
+        super::emit(&String::from_utf8(w.into_inner()?)?)?;
     }
     result.with_context(|| {
         format!(
@@ -325,4 +319,23 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
         )
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Rejects a point that cannot fit in this machine's memory (CPU): weights, gradients, AdamW
+/// states and logits alone exceed it. Activations come on top, so passing is no promise.
+///
+/// # Errors
+/// When the lower bound exceeds the host memory.
+pub fn check_fits(spec: &TrainSpec, model: &ResolvedModel, device: &Device) -> anyhow::Result<()> {
+    if device.is_cpu() {
+        if let (Some(need), Some(have)) = (spec.min_bytes(&model.config), host_memory_bytes()) {
+            if need > have {
+                anyhow::bail!(
+                    "micro-batch {} × seq {} of {} needs at least {} GiB (weights, gradients, AdamW states and logits), more than this machine's {} GiB",
+                    spec.batch, spec.seq, model.name, gib(need), gib(have)
+                );
+            }
+        }
+    }
+    Ok(())
 }

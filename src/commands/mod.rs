@@ -21,6 +21,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Writes `text` to stdout. A closed pipe (`vramcal models | head`) ends the output quietly
+/// instead of panicking as `print!` does.
+///
+/// # Errors
+/// Other write errors.
+pub fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
 /// The command line of this process, quoted where needed, for recording in results.
 pub fn command_line() -> String {
     std::env::args()

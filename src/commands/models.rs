@@ -32,17 +32,17 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        super::emit(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
-        "{:<16} {:>15} {:>6} {:>6} {:>9} {:>7}  source",
+    let mut text = format!(
+        "{:<16} {:>15} {:>6} {:>6} {:>9} {:>7}  source\n",
         "preset", "params", "layers", "hidden", "heads/kv", "vocab"
     );
     for p in &ps {
         let c = &p.config;
-        println!(
-            "{:<16} {:>15} {:>6} {:>6} {:>9} {:>7}  {}",
+        text += &format!(
+            "{:<16} {:>15} {:>6} {:>6} {:>9} {:>7}  {}\n",
             p.name,
             thousands(c.param_count()),
             c.num_hidden_layers,
@@ -52,5 +52,6 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
             p.source
         );
     }
+    super::emit(&text)?;
     Ok(ExitCode::SUCCESS)
 }

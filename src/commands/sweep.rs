@@ -96,26 +96,28 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     };
     let ckpts = parse_names("--checkpointing", &a.checkpointing)?;
     let (model, weights) = super::measure::resolve(&a.model)?;
+    let device = super::measure::parse_device(&a.model.device)?;
     // Validate every point before running any.
     let mut grid = Vec::new();
     for m in &methods {
         for c in &ckpts {
             for &b in &batches {
                 for &s in &seqs {
-                    super::measure::train_spec(
+                    let spec = super::measure::train_spec(
                         &point_args(&a.model, m.as_deref()),
                         b,
                         s,
                         m.as_deref(),
                         c,
-                    )?
-                    .validate(&model.config)?;
+                    )?;
+                    spec.validate(&model.config)?;
+                    super::measure::check_fits(&spec, &model, &device)?;
                     grid.push((m.clone(), c.clone(), b, s));
                 }
             }
         }
     }
-    super::measure::parse_device(&a.model.device)?;
+    super::measure::probe_for(&device, &a.model.device)?;
     let dev_dir = a.model.device.replace(':', "");
     let out = a
         .out
@@ -127,7 +129,7 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     let total = grid.len();
     let mut failed = 0;
     for (i, (method, ckpt, b, s)) in grid.into_iter().enumerate() {
-        let m = &a.model;
+        let m = &point_args(&a.model, method.as_deref());
         let mut cmd = Command::new(&exe);
         cmd.arg("measure")
             .args(["--weights", &m.weights, "--dtype", &m.dtype])
@@ -157,8 +159,7 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         if let Some(method) = &method {
             cmd.args(["--method", method]);
         }
-        // LoRA settings apply to the LoRA methods only (a full point ignores them).
-        if let (Some(l), false) = (&m.lora, method.as_deref() == Some("full")) {
+        if let Some(l) = &m.lora {
             cmd.args(["--lora", l]);
         }
         if m.double_quant {
@@ -172,6 +173,7 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
                 .arg(d.join(format!("point-{}", i + 1)));
         }
         let output = cmd
+            .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .output()
             .with_context(|| format!("starting {}", exe.display()))?;
@@ -187,32 +189,24 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
                 let last = stderr
                     .lines()
                     .rev()
-                    .find(|l| !l.trim().is_empty())
+                    .find(|l| !l.trim().is_empty() && !l.starts_with("note:"))
                     .unwrap_or("");
+                let signal = signal_name(&output.status);
                 let why = match output.status.code() {
                     Some(c) => format!("child exited with code {c}: {last}"),
-                    None => format!("child killed by a signal ({:?}): {last}", output.status),
+                    None => format!("child killed by {signal}: {last}"),
                 };
+                // Rust's allocation-failure message, or SIGKILL (the kernel's OOM killer).
+                let oom = stderr.contains("memory allocation of") || signal == "SIGKILL";
                 let ctx = RowContext {
                     command: command.clone(),
                     model: model.name.clone(),
                     weights: weights.describe(),
                     device: m.device.clone(),
                 };
-                let spec = super::measure::train_spec(
-                    &point_args(m, method.as_deref()),
-                    b,
-                    s,
-                    method.as_deref(),
-                    &ckpt,
-                )?;
-                Row::new(
-                    &ctx,
-                    &spec,
-                    &Measurement::default(),
-                    Status::Error,
-                    why.trim(),
-                )
+                let spec = super::measure::train_spec(m, b, s, method.as_deref(), &ckpt)?;
+                let status = if oom { Status::Oom } else { Status::Error };
+                Row::new(&ctx, &spec, &Measurement::default(), status, why.trim())
             }
         };
         if row.status != Some(Status::Ok) {
@@ -227,19 +221,35 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             .step2_seconds
             .map(|t| format!("{t:.2}"))
             .unwrap_or_else(|| "-".into());
+        let status = serde_json::to_value(row.status.unwrap_or(Status::Error)).unwrap_or_default();
         eprintln!(
-            "[{}/{total}] {} ckpt {} batch {b} seq {s}: {:?} peak {peak} GiB, step2 {secs} s {}",
+            "[{}/{total}] {} ckpt {} batch {b} seq {s}: {} peak {peak} GiB, step2 {secs} s{}",
             i + 1,
             row.method,
             row.checkpointing,
-            row.status.unwrap_or(Status::Error),
-            row.message
+            status.as_str().unwrap_or("error"),
+            if row.message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", row.message)
+            }
         );
     }
-    eprintln!("wrote {total} rows to {}", out.display());
+    eprintln!("wrote {total} row(s) to {}", out.display());
     if failed > 0 {
         eprintln!("{failed} of {total} points failed (see status/message in the CSV)");
         return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn signal_name(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status.signal() {
+        Some(6) => "SIGABRT".into(),
+        Some(9) => "SIGKILL".into(),
+        Some(11) => "SIGSEGV".into(),
+        Some(n) => format!("signal {n}"),
+        None => "no signal".into(),
+    }
 }

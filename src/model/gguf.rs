@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::weights::{check_shape, WeightSource};
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::{candle_msg, Error, Result};
 
 /// An open GGUF file.
 pub struct GgufWeights {
@@ -37,7 +37,7 @@ pub fn read_content(path: &Path) -> Result<(Content, BufReader<File>)> {
     let mut reader = BufReader::new(f);
     let content = Content::read(&mut reader).map_err(|e| Error::Weights {
         path: path.to_path_buf(),
-        reason: format!("not a valid GGUF file: {e}"),
+        reason: format!("not a valid GGUF file: {}", candle_msg(&e)),
     })?;
     Ok((content, reader))
 }
@@ -56,7 +56,7 @@ fn md_usize(c: &Content, path: &Path, key: &str) -> Result<usize> {
         .or_else(|_| v.to_u64().map(|x| x as usize))
         .map_err(|e| Error::Weights {
             path: path.to_path_buf(),
-            reason: format!("metadata key {key}: {e}"),
+            reason: format!("metadata key {key}: {}", candle_msg(&e)),
         })
 }
 
@@ -70,7 +70,7 @@ pub fn config_from_gguf(c: &Content, path: &Path) -> Result<ModelConfig> {
         .to_string()
         .map_err(|e| Error::Weights {
             path: path.to_path_buf(),
-            reason: format!("general.architecture: {e}"),
+            reason: format!("general.architecture: {}", candle_msg(&e)),
         })?
         .clone();
     if arch != "llama" && arch != "mistral" {
@@ -110,7 +110,7 @@ pub fn config_from_gguf(c: &Content, path: &Path) -> Result<ModelConfig> {
         rms_norm_eps: md(c, path, &k("attention.layer_norm_rms_epsilon")).and_then(|v| {
             v.to_f32().map_err(|e| Error::Weights {
                 path: path.to_path_buf(),
-                reason: e.to_string(),
+                reason: candle_msg(&e),
             })
         })? as f64,
         rope_theta: md(c, path, &k("rope.freq_base"))
@@ -258,7 +258,7 @@ impl WeightSource for GgufWeights {
             .tensor(&mut self.reader, &g, &Device::Cpu)
             .map_err(|e| Error::Weights {
                 path: self.path.clone(),
-                reason: format!("{g}: {e}"),
+                reason: format!("{g}: {}", candle_msg(&e)),
             })?;
         let mut t = q.dequantize(&Device::Cpu)?; // f32, (out, in)
         if g.ends_with("attn_q.weight") {

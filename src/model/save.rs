@@ -82,7 +82,7 @@ pub struct AdapterConfig {
 fn st_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Weights {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        reason: e.to_string().lines().next().unwrap_or_default().to_string(),
     }
 }
 

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::Normal;
 
-use crate::error::{Error, Result};
+use crate::error::{candle_msg, Error, Result};
 
 /// A provider of named parameter tensors.
 pub trait WeightSource {
@@ -35,6 +35,11 @@ pub trait WeightSource {
         let _ = (name, shape);
         Ok(())
     }
+
+    /// Names of the tensors the source holds, where it can list them (empty otherwise).
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Checks every parameter of `cfg` against `src` before anything is loaded, so bad weights
@@ -42,9 +47,36 @@ pub trait WeightSource {
 ///
 /// # Errors
 /// The first [`Error::MissingTensor`], [`Error::WeightShape`] or [`Error::Weights`].
-pub fn check_all(src: &mut dyn WeightSource, cfg: &crate::config::ModelConfig) -> Result<()> {
-    for p in cfg.param_shapes() {
+pub fn check_all(
+    src: &mut dyn WeightSource,
+    cfg: &crate::config::ModelConfig,
+    path: &Path,
+) -> Result<()> {
+    let shapes = cfg.param_shapes();
+    for p in &shapes {
         src.check(&p.name, &p.shape)?;
+    }
+    // Model tensors the config does not describe mean the config does not match the weights
+    // (more layers, an untied head); RoPE buffers some exports keep are harmless.
+    let expected: std::collections::HashSet<&str> =
+        shapes.iter().map(|p| p.name.as_str()).collect();
+    let mut extra: Vec<String> = src
+        .names()
+        .into_iter()
+        .filter(|n| {
+            (n.starts_with("model.") || n.starts_with("lm_head.")) && !n.contains("rotary_emb")
+        })
+        .filter(|n| !expected.contains(n.as_str()))
+        .collect();
+    extra.sort();
+    if let Some(first) = extra.first() {
+        return Err(Error::Weights {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{} tensor(s) the model config does not describe, e.g. {first}: do the weights belong to another config?",
+                extra.len()
+            ),
+        });
     }
     Ok(())
 }
@@ -183,6 +215,10 @@ pub struct MapWeights {
 }
 
 impl WeightSource for MapWeights {
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+
     fn check(&mut self, name: &str, shape: &[usize]) -> Result<()> {
         let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
@@ -271,7 +307,7 @@ impl SafetensorsWeights {
             // SAFETY: the file is only read; vramcal does not modify it while mapped.
             let one = unsafe { MmapedSafetensors::new(f) }.map_err(|e| Error::Weights {
                 path: f.clone(),
-                reason: format!("not a valid safetensors file: {e}"),
+                reason: format!("not a valid safetensors file: {}", candle_msg(&e)),
             })?;
             for (name, _) in one.tensors() {
                 by_name.insert(name, f.clone());
@@ -280,7 +316,7 @@ impl SafetensorsWeights {
         // SAFETY: as above.
         let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::Weights {
             path: path.to_path_buf(),
-            reason: format!("not a valid safetensors file: {e}"),
+            reason: format!("not a valid safetensors file: {}", candle_msg(&e)),
         })?;
         Ok(SafetensorsWeights {
             st,
@@ -291,6 +327,10 @@ impl SafetensorsWeights {
 }
 
 impl WeightSource for SafetensorsWeights {
+    fn names(&self) -> Vec<String> {
+        self.files.keys().cloned().collect()
+    }
+
     fn check(&mut self, name: &str, shape: &[usize]) -> Result<()> {
         let file = self.files.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
@@ -299,7 +339,7 @@ impl WeightSource for SafetensorsWeights {
         // Headers and data extents were validated when the files were opened.
         let view = self.st.get(name).map_err(|e| Error::Weights {
             path: file.clone(),
-            reason: format!("{name}: {e}"),
+            reason: format!("{name}: {}", candle_msg(&e)),
         })?;
         check_shape(file, name, shape, view.shape())
     }
@@ -314,7 +354,7 @@ impl WeightSource for SafetensorsWeights {
         self.check(name, shape)?;
         let t = self.st.load(name, device).map_err(|e| Error::Weights {
             path: self.files.get(name).cloned().unwrap_or_default(),
-            reason: format!("{name}: {e}"),
+            reason: format!("{name}: {}", candle_msg(&e)),
         })?;
         Ok(t.to_dtype(dtype)?)
     }
@@ -362,11 +402,18 @@ pub fn hf_cache_dir(id: &str) -> Result<PathBuf> {
     let cfg = crate::config::hf_cache_file(id, "config.json");
     let st = crate::config::hf_cache_file(id, "model.safetensors.index.json")
         .or_else(|| crate::config::hf_cache_file(id, "model.safetensors"));
+    let path = hf_hub::Cache::from_env()
+        .path()
+        .join(format!("models--{}", id.replace('/', "--")));
     match (cfg, st) {
         (Some(c), Some(_)) => Ok(c.parent().map(Path::to_path_buf).unwrap_or_default()),
+        (Some(_), None) => Err(Error::Weights {
+            path,
+            reason: format!("model {id} is in the local Hugging Face cache without model.safetensors or model.safetensors.index.json (vramcal does not download)"),
+        }),
         _ => Err(Error::Weights {
-            path: hf_hub::Cache::from_env().path().join(format!("models--{}", id.replace('/', "--"))),
-            reason: format!("model {id} is not in the local Hugging Face cache (config.json and model.safetensors needed; vramcal does not download)"),
+            path,
+            reason: format!("model {id} is not in the local Hugging Face cache (config.json and safetensors needed; vramcal does not download)"),
         }),
     }
 }

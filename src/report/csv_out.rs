@@ -63,22 +63,37 @@ pub fn check_writable(path: &Path) -> Result<()> {
 /// As [`check_writable`]; [`Error::Io`] if the write fails (the file keeps its earlier rows).
 pub fn append_row(path: &Path, row: &Row) -> Result<()> {
     check_writable(path)?;
-    let new = std::fs::metadata(path)
-        .map(|m| m.len() == 0)
-        .unwrap_or(true);
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let new = meta.len() == 0;
     let mut w = csv::WriterBuilder::new()
         .has_headers(new)
         .from_writer(vec![]);
     w.serialize(row).map_err(|e| csv_err(path, e.to_string()))?;
-    let bytes = w.into_inner().map_err(|e| csv_err(path, e.to_string()))?;
+    let mut bytes = w.into_inner().map_err(|e| csv_err(path, e.to_string()))?;
+    if meta.is_file() && !new && !ends_with_newline(path)? {
+        // A hand-edited file may lack the final newline: do not glue our row onto its last.
+        bytes.insert(0, b'\n');
+    }
     let mut f = OpenOptions::new()
         .append(true)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
     f.write_all(&bytes).map_err(|e| Error::io(path, e))?;
     f.flush().map_err(|e| Error::io(path, e))?;
-    f.sync_data().map_err(|e| Error::io(path, e))?;
+    if meta.is_file() {
+        // (Devices such as /dev/null cannot be synced.)
+        f.sync_data().map_err(|e| Error::io(path, e))?;
+    }
     Ok(())
+}
+
+fn ends_with_newline(path: &Path) -> Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    f.seek(SeekFrom::End(-1)).map_err(|e| Error::io(path, e))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last).map_err(|e| Error::io(path, e))?;
+    Ok(last[0] == b'\n')
 }
 
 /// Reads every row of a results CSV.
