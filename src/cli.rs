@@ -44,6 +44,82 @@ pub enum Command {
         after_help = "Examples:\n  vramcal sweep --model smollm2-135m --batch 1,2 --seq 64,128,256\n  vramcal sweep --model smollm2-135m --method full,lora,qlora --lora r=8,targets=q_proj,v_proj --checkpointing none,layers --batch 1 --seq 128,256 --save adapter\n  vramcal sweep --model tiny --batch 1,2,4 --seq 16,32 --out /tmp/tiny.csv"
     )]
     Sweep(SweepArgs),
+    /// Find the largest micro-batch (or sequence) that fits in a memory budget, by measurement.
+    #[command(
+        allow_negative_numbers = true,
+        after_help = "Examples:\n  vramcal max --model smollm2-135m --seq 256 --budget 4GiB\n  vramcal max --model smollm2-135m --axis seq --batch 1 --budget 3GiB --method lora --checkpointing layers"
+    )]
+    Max(MaxArgs),
+    /// Project the time of a whole fine-tune from a measured step (tokens/s, device-hours, MFU).
+    #[command(
+        allow_negative_numbers = true,
+        after_help = "Examples:\n  vramcal plan --model smollm2-135m --examples 10000 --seq 1024 --epochs 1\n  vramcal plan --model smollm2-135m --method lora --batch 2 --seq 512 --examples 50000 --peak-tflops 1.5"
+    )]
+    Plan(PlanArgs),
+}
+
+/// `vramcal max`.
+#[derive(Debug, Clone, Args)]
+pub struct MaxArgs {
+    /// The model and training setup (--budget is required).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The size to search: `batch` (micro-batch at fixed --seq) or `seq` (at fixed --batch).
+    #[arg(long, default_value = "batch")]
+    pub axis: String,
+    /// Micro-batch (fixed when searching seq).
+    #[arg(long, visible_alias = "micro-batch", default_value_t = 1)]
+    pub batch: usize,
+    /// Tokens per sequence (fixed when searching batch).
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Fine-tuning method: full, lora or qlora.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Activation checkpointing: none, layers or every:K.
+    #[arg(long, default_value = "none")]
+    pub checkpointing: String,
+    /// Largest size to try (default: 4096 for batch, max_position_embeddings for seq).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Also append every probe's row to this CSV.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `vramcal plan`.
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    /// The model and training setup.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Micro-batch.
+    #[arg(long, visible_alias = "micro-batch", default_value_t = 1)]
+    pub batch: usize,
+    /// Tokens per example (the measured sequence length).
+    #[arg(long)]
+    pub seq: usize,
+    /// Fine-tuning method: full, lora or qlora.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Activation checkpointing: none, layers or every:K.
+    #[arg(long, default_value = "none")]
+    pub checkpointing: String,
+    /// Training examples per epoch.
+    #[arg(long)]
+    pub examples: u64,
+    /// Epochs.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u64,
+    /// Peak FLOP/s of the device for the MFU, in TFLOP/s (overrides --gpu).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Take the peak FLOP/s for the MFU from this GPU (dense bf16 datasheet figure).
+    #[arg(long)]
+    pub gpu: Option<String>,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// What to measure, shared by `measure` and `sweep`.
@@ -104,6 +180,14 @@ pub struct ModelArgs {
     /// Folder the save phase writes into (default: a temporary folder, removed afterwards).
     #[arg(long)]
     pub save_dir: Option<PathBuf>,
+    /// Cap on allocated memory, e.g. `4GiB` (units B, KiB, MiB, GiB, KB, MB, GB): a point that
+    /// needs more ends as `status=oom` with the phases measured before. Makes "does it fit in
+    /// 80 GiB" testable on a smaller machine.
+    #[arg(long)]
+    pub budget: Option<String>,
+    /// Extra training steps after step 2, timed only, for the median step time and tokens/s.
+    #[arg(long, default_value_t = 0)]
+    pub timed_steps: usize,
 }
 
 /// `vramcal measure`.
@@ -139,6 +223,10 @@ pub struct MeasureArgs {
     /// Command line to record in the row (set by `sweep` for its children).
     #[arg(long, hide = true)]
     pub record_command: Option<String>,
+    /// Run the measurement in this process and stream its progress as JSON lines (how
+    /// `measure`, `sweep` and `max` run each point in a child process).
+    #[arg(long, hide = true)]
+    pub child: bool,
 }
 
 /// `vramcal sweep`.
@@ -167,4 +255,8 @@ pub struct SweepArgs {
     /// Output CSV (default `results/<device>/<model>.csv`); rows are appended.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Skip points already in the output CSV (same configuration columns, any status), e.g.
+    /// after an interrupted sweep.
+    #[arg(long)]
+    pub resume: bool,
 }

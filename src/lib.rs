@@ -12,7 +12,9 @@ pub mod measure;
 pub mod model;
 pub mod optim;
 pub mod report;
+pub mod size;
 pub mod spec;
+pub mod throughput;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

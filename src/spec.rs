@@ -198,6 +198,15 @@ pub fn host_memory_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Formats bytes for reading: MiB (2^20) below 1 GiB, else GiB (2^30), with the unit.
+pub fn human(bytes: u64) -> String {
+    if bytes < 1 << 30 {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    }
+}
+
 /// Formats bytes as GiB (2^30 bytes) with two decimals, for display only.
 pub fn gib(bytes: u64) -> String {
     format!("{:.2}", bytes as f64 / (1u64 << 30) as f64)

@@ -7,10 +7,10 @@ use anyhow::Context;
 use candle_core::Device;
 
 use crate::cli::{MeasureArgs, ModelArgs};
+use crate::commands::point::{run_point, send, ChildLine, PointResult};
 use crate::config::{resolve_model, ConfigSource, ResolvedModel};
 use crate::error::Error;
-use crate::measure::step::measure_with_save_dir;
-use crate::measure::{HostProbe, Measurement, MemoryProbe, Setup};
+use crate::measure::{measure_with, Event, HostProbe, Measurement, MemoryProbe, Options, Setup};
 use crate::model::gguf::{config_from_gguf, read_content};
 use crate::model::lora::LoraConfig;
 use crate::model::save::SaveMode;
@@ -18,6 +18,7 @@ use crate::model::weights::WeightsSpec;
 use crate::model::{Adaptation, Checkpointing, Quant};
 use crate::report::{append_row, table::phase_table, Row, RowContext, Status};
 use crate::spec::{gib, host_memory_bytes, parse_dtype, TrainSpec};
+use crate::throughput::model_flops_per_token;
 
 /// Resolves `--model` and `--weights` into a model configuration and a weights source.
 ///
@@ -246,31 +247,44 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
     )?;
     spec.validate(&model.config)?;
     let device = parse_device(&a.model.device)?;
+    let budget = budget(&a.model)?;
     check_fits(&spec, &model, &device)?;
     let probe = probe_for(&device, &a.model.device)?;
-    // Only now, with all input checked, may the output file be created.
-    if let Some(out) = &a.out {
-        crate::report::csv_out::check_writable(out)?;
-    }
-    let setup = Setup {
-        model: model.clone(),
-        weights: weights.clone(),
-        spec: spec.clone(),
-        device,
-    };
-    let mut m = Measurement::default();
-    let result = measure_with_save_dir(&setup, probe.as_ref(), &mut m, a.model.save_dir.as_deref());
-    let (status, message) = match &result {
-        Ok(()) => (Status::Ok, String::new()),
-        Err(e) => (Status::Error, e.to_string()),
-    };
     let ctx = RowContext {
         command: a.record_command.clone().unwrap_or_else(super::command_line),
         model: model.name.clone(),
         weights: weights.describe(),
         device: a.model.device.clone(),
+        budget_bytes: budget,
+        model_flops_per_token: Some(model_flops_per_token(&model.config, &spec)),
     };
-    let row = Row::new(&ctx, &spec, &m, status, &message);
+    if a.child {
+        return run_child(
+            a,
+            &ctx,
+            Setup {
+                model,
+                weights,
+                spec,
+                device,
+            },
+            probe.as_ref(),
+            budget,
+        );
+    }
+    // Only now, with all input checked, may the output file be created.
+    if let Some(out) = &a.out {
+        crate::report::csv_out::check_writable(out)?;
+    }
+    let exe = std::env::current_exe().context("locating the vramcal binary")?;
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if a.record_command.is_none() {
+        args.extend(["--record-command".into(), ctx.command.clone().into()]);
+    }
+    let PointResult {
+        row,
+        measurement: m,
+    } = run_point(&exe, &args, &ctx, &spec, |_| {})?;
     // The row is written before anything is printed: a closed stdout cannot lose it.
     if let Some(out) = &a.out {
         append_row(out, &row)?;
@@ -312,13 +326,65 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
         w.serialize(&row)?;
         super::emit(&String::from_utf8(w.into_inner()?)?)?;
     }
-    result.with_context(|| {
-        format!(
-            "measuring {} at batch {} × seq {}",
-            model.name, spec.batch, spec.seq
-        )
-    })?;
+    if row.status != Some(Status::Ok) {
+        anyhow::bail!(
+            "measuring {} at micro-batch {} × seq {}: {}",
+            model.name,
+            spec.batch,
+            spec.seq,
+            row.message
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The measuring child: runs the protocol in this process under the budget, streaming its
+/// progress and then the row as JSON lines on stdout.
+fn run_child(
+    a: &MeasureArgs,
+    ctx: &RowContext,
+    setup: Setup,
+    probe: &dyn MemoryProbe,
+    budget: Option<u64>,
+) -> anyhow::Result<ExitCode> {
+    let mut m = Measurement::default();
+    let mut on_event = |e: Event<'_>| {
+        let line = match e {
+            Event::Started(p) => ChildLine::Started(p.to_string()),
+            Event::Finished(m) => ChildLine::Progress(m.clone()),
+        };
+        let _ = send(&line);
+    };
+    crate::measure::alloc::set_limit(budget);
+    let opts = Options {
+        save_dir: a.model.save_dir.as_deref(),
+        timed_steps: a.model.timed_steps,
+        on_event: Some(&mut on_event),
+    };
+    let result = measure_with(&setup, probe, &mut m, opts);
+    crate::measure::alloc::set_limit(None);
+    let (status, message) = match &result {
+        Ok(()) => (Status::Ok, String::new()),
+        Err(e) => (Status::Error, e.to_string()),
+    };
+    let row = Row::new(ctx, &setup.spec, &m, status, &message);
+    send(&ChildLine::Row(Box::new(row)))?;
+    Ok(if result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Parses `--budget`.
+///
+/// # Errors
+/// A malformed size.
+pub fn budget(args: &ModelArgs) -> anyhow::Result<Option<u64>> {
+    Ok(match &args.budget {
+        Some(b) => Some(crate::size::parse_size("--budget", b)?),
+        None => None,
+    })
 }
 
 /// Rejects a point that cannot fit in this machine's memory (CPU): weights, gradients, AdamW

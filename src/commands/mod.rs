@@ -1,8 +1,11 @@
 //! The commands behind the CLI verbs. They return `anyhow` errors with context; `main` prints
 //! one line and exits non-zero.
 
+pub mod max;
 pub mod measure;
 pub mod models;
+pub mod plan;
+pub mod point;
 pub mod sweep;
 
 use std::process::ExitCode;
@@ -18,6 +21,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Models { json } => models::run(json),
         Command::Measure(a) => measure::run(&a),
         Command::Sweep(a) => sweep::run(&a),
+        Command::Max(a) => max::run(&a),
+        Command::Plan(a) => plan::run(&a),
     }
 }
 

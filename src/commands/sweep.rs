@@ -2,14 +2,23 @@
 //! (a fresh allocator per point; a crash kills only that point), one CSV row per point.
 
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 
 use anyhow::Context;
 
+use std::collections::HashSet;
+use std::ffi::OsString;
+
+use comfy_table::Table;
+use indicatif::{ProgressBar, ProgressStyle};
+
 use crate::cli::{ModelArgs, SweepArgs};
+use crate::commands::point::run_point;
 use crate::error::Error;
 use crate::measure::Measurement;
 use crate::report::{append_row, Row, RowContext, Status};
+use crate::spec::TrainSpec;
+use crate::throughput::model_flops_per_token;
 
 /// Parses a comma-separated grid axis: positive integers, no duplicates, not empty.
 ///
@@ -97,22 +106,35 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     let ckpts = parse_names("--checkpointing", &a.checkpointing)?;
     let (model, weights) = super::measure::resolve(&a.model)?;
     let device = super::measure::parse_device(&a.model.device)?;
+    let budget = super::measure::budget(&a.model)?;
+    let command = super::command_line();
     // Validate every point before running any.
     let mut grid = Vec::new();
     for m in &methods {
         for c in &ckpts {
             for &b in &batches {
                 for &s in &seqs {
-                    let spec = super::measure::train_spec(
-                        &point_args(&a.model, m.as_deref()),
-                        b,
-                        s,
-                        m.as_deref(),
-                        c,
-                    )?;
+                    let args = point_args(&a.model, m.as_deref());
+                    let spec = super::measure::train_spec(&args, b, s, m.as_deref(), c)?;
                     spec.validate(&model.config)?;
                     super::measure::check_fits(&spec, &model, &device)?;
-                    grid.push((m.clone(), c.clone(), b, s));
+                    let ctx = RowContext {
+                        command: command.clone(),
+                        model: model.name.clone(),
+                        weights: weights.describe(),
+                        device: a.model.device.clone(),
+                        budget_bytes: budget,
+                        model_flops_per_token: Some(model_flops_per_token(&model.config, &spec)),
+                    };
+                    grid.push(Point {
+                        method: m.clone(),
+                        ckpt: c.clone(),
+                        batch: b,
+                        seq: s,
+                        args,
+                        spec,
+                        ctx,
+                    });
                 }
             }
         }
@@ -124,91 +146,50 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("results/{dev_dir}/{}.csv", model.name)));
     crate::report::csv_out::check_writable(&out)?;
-    let exe = std::env::current_exe().context("locating the vramcal binary")?;
-    let command = super::command_line();
+    let _lock = lock(&out)?;
     let total = grid.len();
+    if a.resume {
+        let done: HashSet<String> = crate::report::csv_out::read_rows_for_resume(&out)?
+            .iter()
+            .map(config_key)
+            .collect();
+        grid.retain(|p| {
+            !done.contains(&config_key(&Row::new(
+                &p.ctx,
+                &p.spec,
+                &Measurement::default(),
+                Status::Ok,
+                "",
+            )))
+        });
+        eprintln!(
+            "resuming: {} of {total} point(s) already in {}",
+            total - grid.len(),
+            out.display()
+        );
+    }
+    let exe = std::env::current_exe().context("locating the vramcal binary")?;
+    let bar = ProgressBar::new(grid.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} eta {eta} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let mut failed = 0;
-    for (i, (method, ckpt, b, s)) in grid.into_iter().enumerate() {
-        let m = &point_args(&a.model, method.as_deref());
-        let mut cmd = Command::new(&exe);
-        cmd.arg("measure")
-            .args(["--weights", &m.weights, "--dtype", &m.dtype])
-            .args(["--optimizer-state-dtype", &m.optimizer_state_dtype])
-            .args([
-                "--lr",
-                &m.lr.to_string(),
-                "--weight-decay",
-                &m.weight_decay.to_string(),
-            ])
-            .args(["--device", &m.device, "--seed", &m.seed.to_string()])
-            .args(["--data-seed", &m.data_seed.to_string()])
-            .args([
-                "--quant",
-                &m.quant,
-                "--accumulate",
-                &m.accumulate.to_string(),
-                "--save",
-                &m.save,
-            ])
-            .args(["--checkpointing", &ckpt])
-            .args(["--batch", &b.to_string(), "--seq", &s.to_string()])
-            .args(["--json", "--quiet", "--record-command", &command]);
-        if let Some(name) = &m.model {
-            cmd.args(["--model", name]);
-        }
-        if let Some(method) = &method {
-            cmd.args(["--method", method]);
-        }
-        if let Some(l) = &m.lora {
-            cmd.args(["--lora", l]);
-        }
-        if m.double_quant {
-            cmd.arg("--double-quant");
-        }
-        if m.allow_longer {
-            cmd.arg("--allow-longer");
-        }
-        if let Some(d) = &m.save_dir {
-            cmd.arg("--save-dir")
-                .arg(d.join(format!("point-{}", i + 1)));
-        }
-        let output = cmd
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("starting {}", exe.display()))?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let parsed = stdout
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<Row>(l).ok());
-        let row = match parsed {
-            Some(r) => r,
-            None => {
-                let last = stderr
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty() && !l.starts_with("note:"))
-                    .unwrap_or("");
-                let signal = signal_name(&output.status);
-                let why = match output.status.code() {
-                    Some(c) => format!("child exited with code {c}: {last}"),
-                    None => format!("child killed by {signal}: {last}"),
-                };
-                // Rust's allocation-failure message, or SIGKILL (the kernel's OOM killer).
-                let oom = stderr.contains("memory allocation of") || signal == "SIGKILL";
-                let ctx = RowContext {
-                    command: command.clone(),
-                    model: model.name.clone(),
-                    weights: weights.describe(),
-                    device: m.device.clone(),
-                };
-                let spec = super::measure::train_spec(m, b, s, method.as_deref(), &ckpt)?;
-                let status = if oom { Status::Oom } else { Status::Error };
-                Row::new(&ctx, &spec, &Measurement::default(), status, why.trim())
-            }
-        };
+    let mut summary = Vec::new();
+    let mut last_peak = String::from("-");
+    for (i, p) in grid.iter().enumerate() {
+        let label = format!(
+            "{} ckpt {} batch {} seq {}",
+            p.method.as_deref().unwrap_or("full"),
+            p.ckpt,
+            p.batch,
+            p.seq
+        );
+        let args = child_args(p, i, &command);
+        let res = run_point(&exe, &args, &p.ctx, &p.spec, |phase| {
+            bar.set_message(format!("{label}: {phase} (last peak {last_peak} GiB)"));
+        })?;
+        let row = res.row;
         if row.status != Some(Status::Ok) {
             failed += 1;
         }
@@ -218,38 +199,218 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             .map(crate::spec::gib)
             .unwrap_or_else(|| "-".into());
         let secs = row
-            .step2_seconds
+            .step_seconds_median
             .map(|t| format!("{t:.2}"))
             .unwrap_or_else(|| "-".into());
-        let status = serde_json::to_value(row.status.unwrap_or(Status::Error)).unwrap_or_default();
-        eprintln!(
-            "[{}/{total}] {} ckpt {} batch {b} seq {s}: {} peak {peak} GiB, step2 {secs} s{}",
+        let status = status_label(row.status);
+        let line = format!(
+            "[{}/{}] {label}: {status} peak {peak} GiB, step {secs} s{}",
             i + 1,
-            row.method,
-            row.checkpointing,
-            status.as_str().unwrap_or("error"),
+            grid.len(),
             if row.message.is_empty() {
                 String::new()
             } else {
                 format!(": {}", row.message)
             }
         );
+        // (A hidden bar, when stderr is not a terminal, would swallow println.)
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+        bar.inc(1);
+        last_peak = peak.clone();
+        summary.push([
+            row.method.clone(),
+            row.checkpointing.clone(),
+            p.batch.to_string(),
+            p.seq.to_string(),
+            status.to_string(),
+            row.peak_bytes.map(|b| b.to_string()).unwrap_or_default(),
+            peak,
+            secs,
+            row.tokens_per_second
+                .map(|t| format!("{t:.1}"))
+                .unwrap_or_default(),
+        ]);
     }
-    eprintln!("wrote {total} row(s) to {}", out.display());
+    bar.finish_and_clear();
+    if !summary.is_empty() {
+        let mut t = Table::new();
+        t.load_style(comfy_table::presets::ASCII_MARKDOWN)
+            .set_header([
+                "method",
+                "ckpt",
+                "batch",
+                "seq",
+                "status",
+                "peak_bytes",
+                "peak GiB",
+                "step s",
+                "tokens/s",
+            ]);
+        for r in summary {
+            t.add_row(r);
+        }
+        eprintln!("{t}");
+    }
+    eprintln!("wrote {} row(s) to {}", grid.len(), out.display());
     if failed > 0 {
-        eprintln!("{failed} of {total} points failed (see status/message in the CSV)");
+        eprintln!(
+            "{failed} of {} points failed (see status/message in the CSV)",
+            grid.len()
+        );
         return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn signal_name(status: &std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status.signal() {
-        Some(6) => "SIGABRT".into(),
-        Some(9) => "SIGKILL".into(),
-        Some(11) => "SIGSEGV".into(),
-        Some(n) => format!("signal {n}"),
-        None => "no signal".into(),
+/// One planned point.
+struct Point {
+    method: Option<String>,
+    ckpt: String,
+    batch: usize,
+    seq: usize,
+    args: ModelArgs,
+    spec: TrainSpec,
+    ctx: RowContext,
+}
+
+fn status_label(s: Option<Status>) -> &'static str {
+    match s {
+        Some(Status::Ok) => "ok",
+        Some(Status::Oom) => "oom",
+        _ => "error",
+    }
+}
+
+/// The `measure` arguments of one point.
+fn child_args(p: &Point, i: usize, command: &str) -> Vec<OsString> {
+    let m = &p.args;
+    let mut v: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| v.extend(items.iter().map(OsString::from));
+    push(&["measure", "--weights", &m.weights, "--dtype", &m.dtype]);
+    push(&["--optimizer-state-dtype", &m.optimizer_state_dtype]);
+    push(&[
+        "--lr",
+        &m.lr.to_string(),
+        "--weight-decay",
+        &m.weight_decay.to_string(),
+    ]);
+    push(&[
+        "--device",
+        &m.device,
+        "--seed",
+        &m.seed.to_string(),
+        "--data-seed",
+        &m.data_seed.to_string(),
+    ]);
+    push(&[
+        "--quant",
+        &m.quant,
+        "--accumulate",
+        &m.accumulate.to_string(),
+        "--save",
+        &m.save,
+    ]);
+    push(&[
+        "--timed-steps",
+        &m.timed_steps.to_string(),
+        "--checkpointing",
+        &p.ckpt,
+    ]);
+    push(&[
+        "--batch",
+        &p.batch.to_string(),
+        "--seq",
+        &p.seq.to_string(),
+        "--record-command",
+        command,
+    ]);
+    if let Some(name) = &m.model {
+        push(&["--model", name]);
+    }
+    if let Some(method) = &p.method {
+        push(&["--method", method]);
+    }
+    if let Some(l) = &m.lora {
+        push(&["--lora", l]);
+    }
+    if let Some(b) = &m.budget {
+        push(&["--budget", b]);
+    }
+    if m.double_quant {
+        push(&["--double-quant"]);
+    }
+    if m.allow_longer {
+        push(&["--allow-longer"]);
+    }
+    if let Some(d) = &m.save_dir {
+        v.push("--save-dir".into());
+        v.push(d.join(format!("point-{}", i + 1)).into_os_string());
+    }
+    v
+}
+
+/// The configuration columns of a row: two rows with the same key measured the same point.
+pub fn config_key(r: &Row) -> String {
+    let opt = |v: Option<String>| v.unwrap_or_default();
+    [
+        r.device.clone(),
+        r.model.clone(),
+        r.weights.clone(),
+        r.dtype.clone(),
+        r.optimizer.clone(),
+        r.optimizer_state_dtype.clone(),
+        r.method.clone(),
+        opt(r.lora_r.map(|x| x.to_string())),
+        opt(r.lora_alpha.map(|x| x.to_string())),
+        opt(r.lora_dropout.map(|x| x.to_string())),
+        r.lora_targets.clone(),
+        r.quant.clone(),
+        r.checkpointing.clone(),
+        r.batch.to_string(),
+        r.seq.to_string(),
+        r.micro_batch.to_string(),
+        r.accumulate.to_string(),
+        r.save.clone(),
+        opt(r.budget_bytes.map(|x| x.to_string())),
+    ]
+    .join("|")
+}
+
+/// Takes the advisory lock `<out>.lock` for the whole sweep (released by the kernel if the
+/// process dies, so a killed sweep never leaves a stale lock).
+///
+/// # Errors
+/// When another process holds it.
+fn lock(out: &std::path::Path) -> anyhow::Result<LockGuard> {
+    let path = PathBuf::from(format!("{}.lock", out.display()));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("creating the lock file {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(LockGuard { _file: f, path }),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another vramcal sweep is writing {} (it holds {}); wait for it or choose another --out",
+            out.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::Error::from(e).context(format!("locking {}", path.display()))),
+    }
+}
+
+struct LockGuard {
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }

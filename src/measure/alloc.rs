@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 static COUNTING: AtomicBool = AtomicBool::new(true);
+static LIMIT: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 /// Global allocator that forwards to [`System`] and keeps live and peak byte counts.
 ///
@@ -20,12 +21,18 @@ static COUNTING: AtomicBool = AtomicBool::new(true);
 /// since frees of blocks counted earlier are still subtracted.
 pub struct CountingAlloc;
 
+/// Counts `n` more bytes; `false` (and nothing counted) when that would pass the budget.
 #[inline]
-fn add(n: usize) {
+fn add(n: usize) -> bool {
     if COUNTING.load(Ordering::Relaxed) {
         let now = CURRENT.fetch_add(n, Ordering::Relaxed) + n;
+        if now > LIMIT.load(Ordering::Relaxed) {
+            CURRENT.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
         PEAK.fetch_max(now, Ordering::Relaxed);
     }
+    true
 }
 
 #[inline]
@@ -39,17 +46,23 @@ fn sub(n: usize) {
 // the returned memory.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if !add(layout.size()) {
+            return std::ptr::null_mut();
+        }
         let p = System.alloc(layout);
-        if !p.is_null() {
-            add(layout.size());
+        if p.is_null() {
+            sub(layout.size());
         }
         p
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if !add(layout.size()) {
+            return std::ptr::null_mut();
+        }
         let p = System.alloc_zeroed(layout);
-        if !p.is_null() {
-            add(layout.size());
+        if p.is_null() {
+            sub(layout.size());
         }
         p
     }
@@ -60,13 +73,15 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let grow = new_size.saturating_sub(layout.size());
+        if grow > 0 && !add(grow) {
+            return std::ptr::null_mut();
+        }
         let p = System.realloc(ptr, layout, new_size);
-        if !p.is_null() {
-            if new_size >= layout.size() {
-                add(new_size - layout.size());
-            } else {
-                sub(layout.size() - new_size);
-            }
+        if p.is_null() {
+            sub(grow);
+        } else if new_size < layout.size() {
+            sub(layout.size() - new_size);
         }
         p
     }
@@ -85,6 +100,20 @@ pub fn peak_bytes() -> u64 {
 /// Sets the peak to the current live bytes, starting a new measuring window.
 pub fn reset_peak() {
     PEAK.store(CURRENT.load(Ordering::SeqCst), Ordering::SeqCst);
+}
+
+/// Caps the live bytes: an allocation that would pass `bytes` fails (the Rust runtime then
+/// reports "memory allocation of N bytes failed" and aborts: run capped work in a child
+/// process). `None` removes the cap.
+pub fn set_limit(bytes: Option<u64>) {
+    let v = bytes.map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX));
+    LIMIT.store(v, Ordering::SeqCst);
+}
+
+/// The cap set by [`set_limit`], if any (bytes).
+pub fn limit() -> Option<u64> {
+    let v = LIMIT.load(Ordering::SeqCst);
+    (v != usize::MAX).then_some(v as u64)
 }
 
 /// Switches counting on or off (on by default). Off is for measuring the counter's overhead.

@@ -7,4 +7,4 @@ pub mod step;
 
 pub use alloc::CountingAlloc;
 pub use probe::{HostProbe, MemoryProbe, MemoryReading};
-pub use step::{measure, Measurement, PhaseRecord, Setup};
+pub use step::{measure, measure_with, Event, Measurement, Options, PhaseRecord, Setup};

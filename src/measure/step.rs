@@ -90,6 +90,21 @@ pub struct Measurement {
     pub saved_bytes: Option<u64>,
 }
 
+/// Median of the steady-state step times (step 2 and any extra timed steps), seconds.
+pub fn median_step_seconds(m: &Measurement) -> Option<f64> {
+    let mut t: Vec<f64> = m.step_seconds.iter().skip(1).copied().collect();
+    if t.is_empty() {
+        return None;
+    }
+    t.sort_by(f64::total_cmp);
+    let n = t.len();
+    Some(if n % 2 == 1 {
+        t[n / 2]
+    } else {
+        (t[n / 2 - 1] + t[n / 2]) / 2.0
+    })
+}
+
 impl Measurement {
     /// The phase named `name`, if measured.
     pub fn phase(&self, name: &str) -> Option<&PhaseRecord> {
@@ -105,12 +120,46 @@ impl Measurement {
     }
 }
 
+/// What the protocol reports as it goes (for a parent process streaming a child's progress).
+pub enum Event<'a> {
+    /// A phase is starting.
+    Started(&'a str),
+    /// A phase ended; the measurement so far.
+    Finished(&'a Measurement),
+}
+
+/// Options of a measurement beyond its [`Setup`].
+#[derive(Default)]
+pub struct Options<'a> {
+    /// Folder the `save` phase writes into (default: a temporary folder, removed afterwards).
+    pub save_dir: Option<&'a Path>,
+    /// Extra steps after step 2, timed only (no phase records), for the median step time.
+    pub timed_steps: usize,
+    /// Called at each phase start and end.
+    pub on_event: Option<&'a mut dyn FnMut(Event<'_>)>,
+}
+
+/// Test hook: `VRAMCAL_FAULT=panic:<phase>` makes the protocol panic when `<phase>` starts,
+/// so tests can check that a crashing point is recorded and a sweep goes on.
+fn injected_fault(name: &str) {
+    if let Ok(f) = std::env::var("VRAMCAL_FAULT") {
+        if f.strip_prefix("panic:") == Some(name) {
+            panic!("fault injected by VRAMCAL_FAULT at {name}");
+        }
+    }
+}
+
 fn phase<T>(
     probe: &dyn MemoryProbe,
     out: &mut Measurement,
+    ev: &mut Option<&mut dyn FnMut(Event<'_>)>,
     name: &str,
     f: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
+    if let Some(cb) = ev.as_mut() {
+        cb(Event::Started(name));
+    }
+    injected_fault(name);
     probe.synchronize()?;
     probe.reset_peak()?;
     let t0 = Instant::now();
@@ -126,6 +175,9 @@ fn phase<T>(
         end_device_bytes: rd.device_used_bytes,
         seconds,
     });
+    if let Some(cb) = ev.as_mut() {
+        cb(Event::Finished(out));
+    }
     Ok(r)
 }
 
@@ -216,19 +268,24 @@ fn merge_phases(out: &mut Measurement, from: usize, names: &[String]) {
 /// weight-loading errors in `load`, [`Error::Candle`] from the step, [`Error::Io`] from the
 /// save. On error `out` keeps the phases completed so far.
 pub fn measure(setup: &Setup, probe: &dyn MemoryProbe, out: &mut Measurement) -> Result<()> {
-    measure_with_save_dir(setup, probe, out, None)
+    measure_with(setup, probe, out, Options::default())
 }
 
-/// [`measure`] with the folder the `save` phase writes into.
+/// [`measure`] with [`Options`].
 ///
 /// # Errors
 /// As [`measure`].
-pub fn measure_with_save_dir(
+pub fn measure_with(
     setup: &Setup,
     probe: &dyn MemoryProbe,
     out: &mut Measurement,
-    save_dir: Option<&Path>,
+    opts: Options<'_>,
 ) -> Result<()> {
+    let Options {
+        save_dir,
+        timed_steps,
+        on_event: mut ev,
+    } = opts;
     let cfg = &setup.model.config;
     let spec = &setup.spec;
     spec.validate(cfg)?;
@@ -245,7 +302,7 @@ pub fn measure_with_save_dir(
     probe.synchronize()?;
     out.baseline_bytes = probe.read()?.allocated_bytes;
 
-    let mut model = phase(probe, out, "load", || {
+    let mut model = phase(probe, out, &mut ev, "load", || {
         let mut src = open_source(&setup.weights)?;
         Decoder::with_adaptation(
             cfg,
@@ -259,7 +316,7 @@ pub fn measure_with_save_dir(
     out.trainable_params = model.trainable_count();
     out.param_bytes = model.param_bytes();
     let vars: Vec<_> = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
-    let mut opt = phase(probe, out, "optimizer_init", || {
+    let mut opt = phase(probe, out, &mut ev, "optimizer_init", || {
         AdamW::new(vars, spec.adamw, spec.state_dtype)
     })?;
 
@@ -274,7 +331,7 @@ pub fn measure_with_save_dir(
                 train: true,
                 seed: spec.data_seed ^ (batch_id << 20),
             };
-            let fwd = phase(probe, out, &format!("step{step}_forward"), || {
+            let fwd = phase(probe, out, &mut ev, &format!("step{step}_forward"), || {
                 model.forward_train(&inputs, &targets, spec.checkpointing, ctx)
             })?;
             let loss_value = fwd.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -288,7 +345,7 @@ pub fn measure_with_save_dir(
             if micro == 0 {
                 out.losses.push(loss_value);
             }
-            phase(probe, out, &format!("step{step}_backward"), || {
+            phase(probe, out, &mut ev, &format!("step{step}_backward"), || {
                 let g = model.backward(fwd)?;
                 match &grads {
                     None => grads = Some(g),
@@ -312,17 +369,50 @@ pub fn measure_with_save_dir(
                 .map(|g| (g.elem_count() * g.dtype().size_in_bytes()) as u64)
                 .sum();
         }
-        phase(probe, out, &format!("step{step}_optimizer_step"), || {
-            opt.step(&grads)?;
-            drop(grads);
-            Ok(())
-        })?;
+        phase(
+            probe,
+            out,
+            &mut ev,
+            &format!("step{step}_optimizer_step"),
+            || {
+                opt.step(&grads)?;
+                drop(grads);
+                Ok(())
+            },
+        )?;
         if step == 1 {
             out.optimizer_state_bytes = opt.state_bytes();
         }
         let n = out.phases.len();
         out.step_seconds
             .push(out.phases[n - 3..].iter().map(|p| p.seconds).sum());
+    }
+
+    for extra in 0..timed_steps as u64 {
+        let t0 = Instant::now();
+        let mut grads: Option<Vec<Tensor>> = None;
+        for micro in 0..spec.accumulate as u64 {
+            let batch_id = (2 + extra) * spec.accumulate as u64 + micro;
+            let (inputs, targets) =
+                random_batch(spec, cfg.vocab_size, batch_id + 1, &setup.device)?;
+            let ctx = ForwardCtx {
+                train: true,
+                seed: spec.data_seed ^ (batch_id << 20),
+            };
+            let g = model.backward(model.forward_train(
+                &inputs,
+                &targets,
+                spec.checkpointing,
+                ctx,
+            )?)?;
+            match &grads {
+                None => grads = Some(g),
+                Some(acc) => accumulate_into(acc, g)?,
+            }
+        }
+        opt.step(&grads.expect("accumulate >= 1"))?;
+        probe.synchronize()?;
+        out.step_seconds.push(t0.elapsed().as_secs_f64());
     }
 
     if spec.save != SaveMode::None {
@@ -334,7 +424,7 @@ pub fn measure_with_save_dir(
                 tmp.as_path()
             }
         };
-        let written = phase(probe, out, "save", || match spec.save {
+        let written = phase(probe, out, &mut ev, "save", || match spec.save {
             SaveMode::Merged => model.merge_and_save(dir),
             _ => model.save_trained(dir, &setup.model.name),
         });

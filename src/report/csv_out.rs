@@ -107,3 +107,28 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
         .map(|r| r.map_err(|e| csv_err(path, format!("bad row: {e}"))))
         .collect()
 }
+
+/// Reads the rows of a results CSV for `--resume`. A last line without its newline (a write cut
+/// short) is removed from the file first, so the resumed sweep measures that point again.
+/// An absent or empty file has no rows.
+///
+/// # Errors
+/// [`Error::Csv`] if a complete row does not parse; [`Error::Io`].
+pub fn read_rows_for_resume(path: &Path) -> Result<Vec<Row>> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(vec![]);
+    };
+    if meta.len() == 0 || !meta.is_file() {
+        return Ok(vec![]);
+    }
+    if !ends_with_newline(path)? {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        f.set_len(keep as u64).map_err(|e| Error::io(path, e))?;
+    }
+    read_rows(path)
+}

@@ -29,6 +29,10 @@ pub struct RowContext {
     pub weights: String,
     /// Device requested (used when the measurement failed before the probe named it).
     pub device: String,
+    /// The `--budget` cap on allocated bytes, if any.
+    pub budget_bytes: Option<u64>,
+    /// Model FLOPs per token of this configuration ([`crate::throughput::model_flops_per_token`]).
+    pub model_flops_per_token: Option<f64>,
 }
 
 /// One CSV row. Phase columns are `<phase>_peak_bytes` (highest allocated bytes during the
@@ -61,6 +65,7 @@ pub struct Row {
     pub micro_batch: usize,
     pub accumulate: usize,
     pub save: String,
+    pub budget_bytes: Option<u64>,
     pub baseline_bytes: Option<u64>,
     pub param_bytes: Option<u64>,
     pub grad_bytes: Option<u64>,
@@ -89,7 +94,10 @@ pub struct Row {
     pub peak_device_bytes: Option<u64>,
     pub step1_seconds: Option<f64>,
     pub step2_seconds: Option<f64>,
+    pub timed_steps: usize,
+    pub step_seconds_median: Option<f64>,
     pub tokens_per_second: Option<f64>,
+    pub model_flops_per_token: Option<f64>,
     pub loss_step1: Option<f64>,
     pub loss_step2: Option<f64>,
     pub status: Option<Status>,
@@ -145,6 +153,7 @@ impl Row {
             micro_batch: spec.batch,
             accumulate: spec.accumulate,
             save: spec.save.label().into(),
+            budget_bytes: ctx.budget_bytes,
             baseline_bytes: measured.then_some(m.baseline_bytes),
             param_bytes: ph("load").map(|_| m.param_bytes),
             grad_bytes: ph("step1_backward").map(|_| m.grad_bytes),
@@ -173,7 +182,11 @@ impl Row {
             peak_device_bytes: device_used,
             step1_seconds: m.step_seconds.first().copied(),
             step2_seconds: m.step_seconds.get(1).copied(),
-            tokens_per_second: m.step_seconds.get(1).map(|s| spec.tokens() as f64 / s),
+            timed_steps: m.step_seconds.len().saturating_sub(1),
+            step_seconds_median: crate::measure::step::median_step_seconds(m),
+            tokens_per_second: crate::measure::step::median_step_seconds(m)
+                .map(|s| spec.tokens() as f64 / s),
+            model_flops_per_token: ctx.model_flops_per_token,
             loss_step1: m.losses.first().copied(),
             loss_step2: m.losses.get(1).copied(),
             status: Some(status),

@@ -1,0 +1,152 @@
+//! `vramcal plan`: measure a step (in a child process, with extra timed steps), then project
+//! the whole fine-tune: tokens, optimizer steps, wall time, device-hours, and the MFU when the
+//! device's peak FLOP/s is known.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use super::point::run_point;
+use crate::cli::PlanArgs;
+use crate::report::{RowContext, Status};
+use crate::throughput::{gpu, model_flops_per_token, plan};
+
+/// Runs `vramcal plan`.
+///
+/// # Errors
+/// Bad input, or a measurement that did not succeed.
+pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
+    let (model, weights) = super::measure::resolve(&a.model)?;
+    let spec = super::measure::train_spec(
+        &a.model,
+        a.batch,
+        a.seq,
+        a.method.as_deref(),
+        &a.checkpointing,
+    )?;
+    spec.validate(&model.config)?;
+    let peak = match (a.peak_tflops, &a.gpu) {
+        (Some(t), _) if t.is_finite() && t > 0.0 => Some(t * 1e12),
+        (Some(t), _) => {
+            return Err(crate::Error::invalid("--peak-tflops", t, "must be positive").into())
+        }
+        (None, Some(g)) => Some(gpu(g)?.peak_bf16_flops),
+        (None, None) => None,
+    };
+    let device = super::measure::parse_device(&a.model.device)?;
+    super::measure::check_fits(&spec, &model, &device)?;
+    super::measure::probe_for(&device, &a.model.device)?;
+    // Validate the projection's inputs before measuring.
+    plan(&model.config, &spec, a.examples, a.epochs, 1.0, peak)?;
+    let command = super::command_line();
+    let ctx = RowContext {
+        command: command.clone(),
+        model: model.name.clone(),
+        weights: weights.describe(),
+        device: a.model.device.clone(),
+        budget_bytes: super::measure::budget(&a.model)?,
+        model_flops_per_token: Some(model_flops_per_token(&model.config, &spec)),
+    };
+    let timed = if a.model.timed_steps == 0 {
+        2
+    } else {
+        a.model.timed_steps
+    };
+    let mut args: Vec<std::ffi::OsString> = vec!["measure".into()];
+    let skip = [
+        "--examples",
+        "--epochs",
+        "--peak-tflops",
+        "--gpu",
+        "--timed-steps",
+    ];
+    let mut it = std::env::args_os().skip(2).peekable();
+    while let Some(x) = it.next() {
+        let s = x.to_string_lossy().to_string();
+        let key = s.split('=').next().unwrap_or("").to_string();
+        if s == "--json" {
+            continue;
+        }
+        if skip.contains(&key.as_str()) {
+            if !s.contains('=') {
+                it.next();
+            }
+            continue;
+        }
+        args.push(x);
+    }
+    args.extend([
+        "--timed-steps".into(),
+        timed.to_string().into(),
+        "--record-command".into(),
+        command.into(),
+    ]);
+    let exe = std::env::current_exe().context("locating the vramcal binary")?;
+    eprintln!(
+        "measuring {} step(s) of {} at micro-batch {} × seq {} ...",
+        2 + timed,
+        model.name,
+        a.batch,
+        a.seq
+    );
+    let row = run_point(&exe, &args, &ctx, &spec, |_| {})?.row;
+    if row.status != Some(Status::Ok) {
+        anyhow::bail!("the measurement did not succeed: {}", row.message);
+    }
+    let tps = row.tokens_per_second.unwrap_or(0.0);
+    let p = plan(&model.config, &spec, a.examples, a.epochs, tps, peak)?;
+    if a.json {
+        super::emit(&format!("{}\n", serde_json::to_string_pretty(&p)?))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let hms = |s: f64| {
+        let s = s.round() as u64;
+        format!("{}h {:02}m {:02}s", s / 3600, (s / 60) % 60, s % 60)
+    };
+    let mut t = format!(
+        "{} on {}: {} {} | micro-batch {} × accumulate {} × seq {} | checkpointing {}\n",
+        model.name,
+        row.device,
+        row.method,
+        row.quant,
+        spec.batch,
+        spec.accumulate,
+        spec.seq,
+        row.checkpointing
+    );
+    t += &format!(
+        "measured: {:.1} tokens/s (median of {} steady-state steps, {:.3} s each), peak {} bytes\n",
+        tps,
+        row.timed_steps + 1,
+        row.step_seconds_median.unwrap_or(0.0),
+        row.peak_bytes.unwrap_or(0)
+    );
+    t += &format!(
+        "plan: {} examples × {} epoch(s) × {} tokens = {} tokens in {} optimizer steps\n",
+        p.examples, p.epochs, p.seq, p.tokens, p.steps
+    );
+    t += &format!(
+        "projected wall time: {} ({:.2} device-hours on this device)\n",
+        hms(p.seconds),
+        p.device_hours
+    );
+    t += &format!(
+        "model FLOPs: {:.3e} per token (6N + 12·L·H·Q·T, PaLM App. B; LoRA skips frozen weight gradients), achieved {:.3} TFLOP/s\n",
+        p.model_flops_per_token,
+        p.achieved_flops / 1e12
+    );
+    match p.mfu {
+        Some(m) => {
+            t += &format!(
+                "MFU: {:.2} % of {:.1} TFLOP/s peak\n",
+                100.0 * m,
+                p.peak_flops.unwrap_or(0.0) / 1e12
+            )
+        }
+        None => {
+            t += "MFU: give --peak-tflops (or --gpu for a GPU's datasheet peak) to compute it\n"
+        }
+    }
+    super::emit(&t)?;
+    Ok(ExitCode::SUCCESS)
+}

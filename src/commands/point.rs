@@ -1,0 +1,155 @@
+//! Running one measured point in a child process of this binary (a fresh allocator per point;
+//! an abort, a crash or an out-of-memory kill ends only the child). The child streams its
+//! progress as JSON lines, so a child that dies still yields a row with every phase it
+//! finished.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::measure::Measurement;
+use crate::report::{Row, RowContext, Status};
+use crate::spec::{human, TrainSpec};
+
+/// One line a child writes on stdout.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ChildLine {
+    /// A phase started.
+    Started(String),
+    /// A phase ended: the measurement so far.
+    Progress(Measurement),
+    /// The finished row.
+    Row(Box<Row>),
+}
+
+/// Writes one line for the parent; a parent that went away ends the child.
+///
+/// # Errors
+/// JSON serialization errors.
+pub fn send(line: &ChildLine) -> anyhow::Result<()> {
+    use std::io::Write;
+    let text = serde_json::to_string(line)? + "\n";
+    let mut out = std::io::stdout().lock();
+    if out
+        .write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
+        // Nobody reads our result any more (the parent was killed): stop measuring.
+        std::process::exit(3);
+    }
+    Ok(())
+}
+
+/// What a point produced.
+pub struct PointResult {
+    /// The row (from the child, or built from its last progress if it died).
+    pub row: Row,
+    /// The measurement as far as it got.
+    pub measurement: Measurement,
+}
+
+/// Runs `exe measure --child <args>` and collects the point. `on_started` sees each phase as
+/// it starts.
+///
+/// # Errors
+/// Only when the child cannot be started; a child that fails gives a row with status `oom`
+/// (an allocation failure: the budget or the machine) or `error`.
+pub fn run_point(
+    exe: &Path,
+    args: &[OsString],
+    ctx: &RowContext,
+    spec: &TrainSpec,
+    mut on_started: impl FnMut(&str),
+) -> anyhow::Result<PointResult> {
+    let mut child = Command::new(exe)
+        .args(args)
+        .arg("--child")
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let stdout = child.stdout.take().expect("piped");
+    let mut last = Measurement::default();
+    let mut started = String::new();
+    let mut row = None;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        match serde_json::from_str::<ChildLine>(&line) {
+            Ok(ChildLine::Started(p)) => {
+                on_started(&p);
+                started = p;
+            }
+            Ok(ChildLine::Progress(m)) => last = m,
+            Ok(ChildLine::Row(r)) => row = Some(*r),
+            Err(_) => {}
+        }
+    }
+    let status = child.wait().context("waiting for the measuring child")?;
+    let stderr = err_thread.join().unwrap_or_default();
+    if let Some(row) = row {
+        return Ok(PointResult {
+            row,
+            measurement: last,
+        });
+    }
+    let reason = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !l.starts_with("note:"))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let signal = signal_name(&status);
+    // Rust's allocation-failure report, or SIGKILL (the kernel's OOM killer).
+    let oom = stderr.contains("memory allocation of") || signal == "SIGKILL";
+    let during = if started.is_empty() {
+        String::new()
+    } else {
+        format!(" during {started}")
+    };
+    let message = if oom {
+        match ctx.budget_bytes {
+            Some(b) if stderr.contains("memory allocation of") => {
+                format!(
+                    "out of memory{during}: needed more than --budget {b} bytes ({}) ({reason})",
+                    human(b)
+                )
+            }
+            _ => format!("out of memory{during}: {reason}"),
+        }
+    } else {
+        match status.code() {
+            Some(c) => format!("measuring process failed{during} (exit code {c}): {reason}"),
+            None => format!("measuring process killed by {signal}{during}: {reason}"),
+        }
+    };
+    let st = if oom { Status::Oom } else { Status::Error };
+    Ok(PointResult {
+        row: Row::new(ctx, spec, &last, st, &message),
+        measurement: last,
+    })
+}
+
+fn signal_name(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status.signal() {
+        Some(6) => "SIGABRT".into(),
+        Some(9) => "SIGKILL".into(),
+        Some(11) => "SIGSEGV".into(),
+        Some(n) => format!("signal {n}"),
+        None => "no signal".into(),
+    }
+}
