@@ -56,6 +56,102 @@ pub enum Command {
         after_help = "Examples:\n  vramcal plan --model smollm2-135m --examples 10000 --seq 1024 --epochs 1\n  vramcal plan --model smollm2-135m --method lora --batch 2 --seq 512 --examples 50000 --peak-tflops 1.5"
     )]
     Plan(PlanArgs),
+    /// Predict the peak memory of a configuration, itemized, with reference formulas and a
+    /// fits-on verdict.
+    #[command(
+        allow_negative_numbers = true,
+        after_help = "Examples:\n  vramcal estimate --model mistral-7b-v0.1 --batch 1 --seq 1024 --dtype bf16 --gpu a100-80gb\n  vramcal estimate --model llama-3-8b --method qlora --lora r=16,targets=all-linear --checkpointing layers --batch 2 --seq 2048 --dtype bf16 --profile torch-sdpa --budget 24GiB\n  vramcal estimate --model smollm2-135m --batch 2 --seq 512 --calibration results/calibration/cpu-candle.csv --json"
+    )]
+    Estimate(EstimateArgs),
+    /// Fit the estimator's coefficients to measured CSVs and write a calibration table.
+    #[command(
+        after_help = "Examples:\n  vramcal calibrate --measured results/cpu/smollm2-135m.csv results/cpu/smollm2-135m-peft.csv"
+    )]
+    Calibrate(CalibrateArgs),
+    /// Compare estimates with measurements; exit non-zero when accuracy thresholds are exceeded.
+    #[command(
+        after_help = "Examples:\n  vramcal check --measured results/cpu/*.csv --calibration results/calibration/cpu-candle.csv --max-error 0.03 --max-median-error 0.01\n  vramcal check --measured ../shared/cases/public-measurements.csv --profile torch-sdpa"
+    )]
+    Check(CheckArgs),
+}
+
+/// `vramcal estimate`.
+#[derive(Debug, Clone, Args)]
+pub struct EstimateArgs {
+    /// The model and training setup (--weights is not used).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Micro-batch.
+    #[arg(long, visible_alias = "micro-batch", default_value_t = 1)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long)]
+    pub seq: usize,
+    /// Fine-tuning method: full, lora or qlora.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Activation checkpointing: none, layers or every:K.
+    #[arg(long, default_value = "none")]
+    pub checkpointing: String,
+    /// Implementation profile: candle (vramcal's model), torch-sdpa or torch-eager.
+    #[arg(long, default_value = "candle")]
+    pub profile: String,
+    /// Calibration table from `vramcal calibrate` (default: uncalibrated coefficients).
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+    /// Verdict against this GPU's memory (see the list in the error for an unknown name).
+    #[arg(long)]
+    pub gpu: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vramcal calibrate`.
+#[derive(Debug, Clone, Args)]
+pub struct CalibrateArgs {
+    /// Measured CSVs made by vramcal.
+    #[arg(long, num_args = 1.., required = true)]
+    pub measured: Vec<PathBuf>,
+    /// Profile to fit.
+    #[arg(long, default_value = "candle")]
+    pub profile: String,
+    /// Rows to hold out of the fit and report separately: `largest-seq` or `none`.
+    #[arg(long, default_value = "largest-seq")]
+    pub holdout: String,
+    /// Output table (default `results/calibration/<device>-<profile>.csv`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `vramcal check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Measured CSVs: vramcal's own, or a published-measurements file like
+    /// `../shared/cases/public-measurements.csv`.
+    #[arg(long, num_args = 1.., required = true)]
+    pub measured: Vec<PathBuf>,
+    /// Profile to check.
+    #[arg(long, default_value = "candle")]
+    pub profile: String,
+    /// Calibration table (default: uncalibrated coefficients).
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+    /// Fail when any row's absolute relative error exceeds this (e.g. 0.03).
+    #[arg(long)]
+    pub max_error: Option<f64>,
+    /// Fail when the median absolute relative error exceeds this (e.g. 0.01).
+    #[arg(long)]
+    pub max_median_error: Option<f64>,
+    /// Safety margin added to estimates when counting under-estimates (e.g. 0.03).
+    #[arg(long, default_value_t = 0.0)]
+    pub margin: f64,
+    /// Write the per-row table as CSV here.
+    #[arg(long)]
+    pub out_csv: Option<PathBuf>,
+    /// Write the per-row table and summary as Markdown here.
+    #[arg(long)]
+    pub out_md: Option<PathBuf>,
 }
 
 /// `vramcal max`.

@@ -4,10 +4,12 @@
 //! decoder) → [`measure`] (real steps, peak allocator memory per phase) → [`report`] (CSV rows
 //! and tables).
 
+pub mod calibrate;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod estimate;
 pub mod measure;
 pub mod model;
 pub mod optim;

@@ -1,6 +1,9 @@
 //! The commands behind the CLI verbs. They return `anyhow` errors with context; `main` prints
 //! one line and exits non-zero.
 
+pub mod calibrate;
+pub mod check;
+pub mod estimate;
 pub mod max;
 pub mod measure;
 pub mod models;
@@ -23,6 +26,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sweep(a) => sweep::run(&a),
         Command::Max(a) => max::run(&a),
         Command::Plan(a) => plan::run(&a),
+        Command::Estimate(a) => estimate::run(&a),
+        Command::Calibrate(a) => calibrate::run(&a),
+        Command::Check(a) => check::run(&a),
     }
 }
 

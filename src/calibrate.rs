@@ -1,0 +1,324 @@
+//! Fitting the estimator's coefficients to measured rows, and calibration tables.
+//!
+//! The fit minimizes the squared *relative* error of the predicted training peak over the
+//! measured rows, with every coefficient ≥ 0 (non-negative least squares, solved exactly by
+//! trying every set of active terms: there are five).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{resolve_model, ModelConfig};
+use crate::error::{Error, Result};
+use crate::estimate::{predicted_backward_peak, terms, Coefficients, Profile, TERMS};
+use crate::model::lora::LoraConfig;
+use crate::model::{Adaptation, Checkpointing, Quant};
+use crate::report::Row;
+use crate::spec::{parse_dtype, TrainSpec};
+
+/// The training peak of a measured row: the highest peak of the step phases (load and save
+/// excluded), bytes.
+pub fn training_peak(r: &Row) -> Option<u64> {
+    [
+        r.step1_forward_peak_bytes,
+        r.step1_backward_peak_bytes,
+        r.step1_optimizer_step_peak_bytes,
+        r.step2_forward_peak_bytes,
+        r.step2_backward_peak_bytes,
+        r.step2_optimizer_step_peak_bytes,
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+}
+
+/// Rebuilds the model config and training spec a row was measured with.
+///
+/// # Errors
+/// Unknown model, or columns that do not parse.
+pub fn spec_from_row(r: &Row) -> Result<(ModelConfig, TrainSpec)> {
+    let cfg = resolve_model(&r.model)?.config;
+    let mut spec = TrainSpec::new(r.micro_batch, r.seq);
+    spec.dtype = parse_dtype(&r.dtype)?;
+    spec.state_dtype = parse_dtype(&r.optimizer_state_dtype)?;
+    spec.accumulate = r.accumulate.max(1);
+    spec.allow_longer = true;
+    spec.checkpointing = Checkpointing::parse(&r.checkpointing)?;
+    let quant = match r.quant.as_str() {
+        "nf4" => Quant::Nf4 { double: false },
+        "nf4-dq" => Quant::Nf4 { double: true },
+        _ => Quant::None,
+    };
+    let lora = match r.method.as_str() {
+        "lora" | "qlora" => Some(LoraConfig::parse(&format!(
+            "r={},alpha={},dropout={},targets={}",
+            r.lora_r.unwrap_or(8),
+            r.lora_alpha.unwrap_or(8.0),
+            r.lora_dropout.unwrap_or(0.0),
+            r.lora_targets.replace(';', ",")
+        ))?),
+        _ => None,
+    };
+    spec.adaptation = Adaptation {
+        lora,
+        quant,
+        seed: 0,
+    };
+    Ok((cfg, spec))
+}
+
+/// Solves `min ‖A·c − y‖²` subject to `c ≥ 0` for a few columns by trying every active set.
+fn nnls(a: &[Vec<f64>], y: &[f64]) -> Vec<f64> {
+    let k = a.first().map_or(0, Vec::len);
+    let mut best = (f64::INFINITY, vec![0.0; k]);
+    for mask in 0u32..(1 << k) {
+        let cols: Vec<usize> = (0..k).filter(|j| mask & (1 << j) != 0).collect();
+        let Some(sol) = least_squares(a, y, &cols) else {
+            continue;
+        };
+        if sol.iter().any(|&v| v < 0.0) {
+            continue;
+        }
+        let mut c = vec![0.0; k];
+        for (j, v) in cols.iter().zip(&sol) {
+            c[*j] = *v;
+        }
+        let r: f64 = a
+            .iter()
+            .zip(y)
+            .map(|(row, yi)| (row.iter().zip(&c).map(|(x, w)| x * w).sum::<f64>() - yi).powi(2))
+            .sum();
+        if r < best.0 {
+            best = (r, c);
+        }
+    }
+    best.1
+}
+
+/// Unconstrained least squares on the columns `cols` (normal equations, Gaussian elimination
+/// with partial pivoting); `None` if singular.
+fn least_squares(a: &[Vec<f64>], y: &[f64], cols: &[usize]) -> Option<Vec<f64>> {
+    let m = cols.len();
+    if m == 0 {
+        return Some(vec![]);
+    }
+    let mut g = vec![vec![0.0; m + 1]; m];
+    for (row, yi) in a.iter().zip(y) {
+        for (p, &cp) in cols.iter().enumerate() {
+            for (q, &cq) in cols.iter().enumerate() {
+                g[p][q] += row[cp] * row[cq];
+            }
+            g[p][m] += row[cp] * yi;
+        }
+    }
+    for i in 0..m {
+        let piv = (i..m).max_by(|&x, &z| g[x][i].abs().total_cmp(&g[z][i].abs()))?;
+        if g[piv][i].abs() < 1e-12 {
+            return None;
+        }
+        g.swap(i, piv);
+        let pivot_row = g[i].clone();
+        for (r, row) in g.iter_mut().enumerate() {
+            if r != i {
+                let f = row[i] / pivot_row[i];
+                for (x, p) in row.iter_mut().zip(&pivot_row).skip(i) {
+                    *x -= f * p;
+                }
+            }
+        }
+    }
+    Some((0..m).map(|i| g[i][m] / g[i][i]).collect())
+}
+
+/// A measured point ready for fitting.
+pub struct Point {
+    /// The row.
+    pub row: Row,
+    /// Its training peak (bytes).
+    pub measured: u64,
+    /// Its terms.
+    pub terms: crate::estimate::Terms,
+}
+
+/// Turns successful rows into points for `profile`.
+///
+/// # Errors
+/// Rows whose model or settings cannot be rebuilt.
+pub fn points(rows: &[Row], profile: Profile) -> Result<Vec<Point>> {
+    let mut out = Vec::new();
+    for r in rows
+        .iter()
+        .filter(|r| r.status == Some(crate::report::Status::Ok))
+    {
+        let Some(measured) = training_peak(r) else {
+            continue;
+        };
+        let (cfg, spec) = spec_from_row(r)?;
+        out.push(Point {
+            row: r.clone(),
+            measured,
+            terms: terms(&cfg, &spec, profile),
+        });
+    }
+    Ok(out)
+}
+
+/// Fits the coefficients of `profile` to `pts` (relative least squares, non-negative). Under
+/// checkpointing a point's peak is in one of two branches (see [`TERMS`]); the fit alternates
+/// between assigning each point to the branch its current coefficients put the peak in and
+/// solving the non-negative least squares for that assignment, until the assignment is stable.
+///
+/// # Errors
+/// [`Error::InvalidValue`] with fewer points than terms.
+pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficients> {
+    let k = TERMS.len();
+    if pts.len() < k {
+        return Err(Error::invalid(
+            "measured rows",
+            pts.len(),
+            format!("at least {k} successful rows are needed to fit {k} terms"),
+        ));
+    }
+    let y: Vec<f64> = pts
+        .iter()
+        .map(|p| {
+            (p.measured as f64 - (p.terms.weights + p.terms.optimizer_states) as f64)
+                / p.measured as f64
+        })
+        .collect();
+    let mut c = Coefficients::uncalibrated(profile).values;
+    let mut branches: Vec<bool> = pts.iter().map(|p| p.terms.head_branch(&c)).collect();
+    for _ in 0..20 {
+        let a: Vec<Vec<f64>> = pts
+            .iter()
+            .zip(&branches)
+            .map(|(p, &h)| {
+                p.terms
+                    .design(h)
+                    .iter()
+                    .map(|x| x / p.measured as f64)
+                    .collect()
+            })
+            .collect();
+        c.copy_from_slice(&nnls(&a, &y));
+        let next: Vec<bool> = pts.iter().map(|p| p.terms.head_branch(&c)).collect();
+        if next == branches {
+            break;
+        }
+        branches = next;
+    }
+    Ok(Coefficients {
+        profile,
+        values: c,
+        source: source.into(),
+    })
+}
+
+/// Relative error `(predicted − measured) / measured` of each point.
+pub fn errors(pts: &[&Point], c: &Coefficients) -> Vec<f64> {
+    pts.iter()
+        .map(|p| {
+            (predicted_backward_peak(&p.terms, c).max(optimizer_peak(p)) - p.measured as f64)
+                / p.measured as f64
+        })
+        .collect()
+}
+
+fn optimizer_peak(p: &Point) -> f64 {
+    (p.terms.weights + p.terms.gradients + p.terms.optimizer_states + (10u64 << 20)) as f64
+}
+
+/// One row of a calibration table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationRow {
+    /// Profile the coefficients belong to.
+    pub profile: String,
+    /// Device the measurements were made on.
+    pub device: String,
+    /// Term name (see [`TERMS`]).
+    pub term: String,
+    /// Fitted coefficient.
+    pub coefficient: f64,
+    /// Unit of the coefficient.
+    pub unit: String,
+    /// Measured rows used for the fit.
+    pub points_used: usize,
+    /// Median absolute relative error on the fitted rows.
+    pub fit_median_abs_error: f64,
+    /// Largest absolute relative error on the held-out rows (empty if none).
+    pub heldout_max_abs_error: Option<f64>,
+    /// Measured CSVs the fit read.
+    pub source_files: String,
+    /// vramcal version that made the table.
+    pub tool_version: String,
+    /// The command that made the table.
+    pub command: String,
+}
+
+/// Writes a calibration table (one row per term).
+///
+/// # Errors
+/// [`Error::Io`]/[`Error::Csv`].
+pub fn write_table(path: &Path, rows: &[CalibrationRow]) -> Result<()> {
+    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    let mut w = csv::Writer::from_path(path).map_err(|e| Error::Csv {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    for r in rows {
+        w.serialize(r).map_err(|e| Error::Csv {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+    }
+    w.flush().map_err(|e| Error::io(path, e))
+}
+
+/// Reads a calibration table for `profile`.
+///
+/// # Errors
+/// [`Error::Csv`] if malformed, for another profile, made by another vramcal version, or
+/// lacking a term.
+pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
+    let bad = |reason: String| Error::Csv {
+        path: PathBuf::from(path),
+        reason,
+    };
+    let mut r = csv::Reader::from_path(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let rows: Vec<CalibrationRow> = r
+        .deserialize()
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| bad(format!("not a vramcal calibration table: {e}")))?;
+    let mut values = [f64::NAN; 8];
+    for row in &rows {
+        if row.profile != profile.name() {
+            return Err(bad(format!(
+                "is a calibration for profile {}, not {}",
+                row.profile,
+                profile.name()
+            )));
+        }
+        if row.tool_version != env!("CARGO_PKG_VERSION") {
+            return Err(bad(format!(
+                "was made by vramcal {}, this is {}: recalibrate with `vramcal calibrate`",
+                row.tool_version,
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+        let i = TERMS
+            .iter()
+            .position(|t| *t == row.term)
+            .ok_or_else(|| bad(format!("unknown term {}", row.term)))?;
+        values[i] = row.coefficient;
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(bad(format!("has no coefficient for term {}", TERMS[i])));
+    }
+    Ok(Coefficients {
+        profile,
+        values,
+        source: path.display().to_string(),
+    })
+}

@@ -1,0 +1,142 @@
+//! `vramcal calibrate`: fit the estimator's coefficients to measured rows, report the fit and
+//! held-out errors, and write the calibration table.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::calibrate::{errors, fit, points, write_table, CalibrationRow, Point};
+use crate::cli::CalibrateArgs;
+use crate::estimate::{Profile, TERMS};
+use crate::report::csv_out::read_rows;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn abs_max(v: &[f64]) -> f64 {
+    v.iter().fold(0.0, |a, x| a.max(x.abs()))
+}
+
+/// Runs `vramcal calibrate`.
+///
+/// # Errors
+/// Unreadable or empty measurements, too few successful rows, an unknown hold-out rule.
+pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
+    let profile = Profile::parse(&a.profile)?;
+    let mut rows = Vec::new();
+    for f in &a.measured {
+        let r = read_rows(f)?;
+        if r.is_empty() {
+            anyhow::bail!("{}: no measured rows", f.display());
+        }
+        rows.extend(r);
+    }
+    let pts = points(&rows, profile)?;
+    let mut devices: Vec<String> = pts.iter().map(|p| p.row.device.clone()).collect();
+    devices.sort();
+    devices.dedup();
+    let device = devices.join("+");
+    let (train, held): (Vec<&Point>, Vec<&Point>) = match a.holdout.as_str() {
+        "none" => (pts.iter().collect(), vec![]),
+        "largest-seq" => {
+            let max_seq = pts.iter().map(|p| p.row.seq).max().unwrap_or(0);
+            pts.iter().partition(|p| p.row.seq < max_seq)
+        }
+        other => {
+            return Err(
+                crate::Error::invalid("--holdout", other, "expected largest-seq or none").into(),
+            )
+        }
+    };
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "results/calibration/{device}-{}.csv",
+            profile.name()
+        ))
+    });
+    let c = fit(&train, profile, &out.display().to_string())?;
+    let fit_err = errors(&train, &c);
+    let held_err = errors(&held, &c);
+    // Leave-one-out over the fitted rows.
+    let mut loo = Vec::new();
+    for i in 0..train.len() {
+        let rest: Vec<&Point> = train
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, p)| *p)
+            .collect();
+        if let Ok(ci) = fit(&rest, profile, "loo") {
+            loo.extend(errors(&[train[i]], &ci));
+        }
+    }
+    let files = a
+        .measured
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(";");
+    let table: Vec<CalibrationRow> = TERMS
+        .iter()
+        .zip(c.values)
+        .map(|(term, v)| CalibrationRow {
+            profile: profile.name().into(),
+            device: device.clone(),
+            term: (*term).into(),
+            coefficient: v,
+            unit: if *term == "constant" {
+                "bytes".into()
+            } else {
+                "bytes per byte of the term".into()
+            },
+            points_used: train.len(),
+            fit_median_abs_error: median(fit_err.iter().map(|e| e.abs()).collect()),
+            heldout_max_abs_error: (!held_err.is_empty()).then(|| abs_max(&held_err)),
+            source_files: files.clone(),
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+            command: super::command_line(),
+        })
+        .collect();
+    write_table(&out, &table)?;
+    let mut t = format!(
+        "calibration of profile {} on {device}: {} rows fitted, {} held out\n",
+        profile.name(),
+        train.len(),
+        held.len()
+    );
+    for (term, v) in TERMS.iter().zip(c.values) {
+        t += &format!("  {term:<20} {v:.6}\n");
+    }
+    let pct = |x: f64| format!("{:.2} %", 100.0 * x);
+    t += &format!(
+        "fit rows: median |error| {}, max {}\n",
+        pct(median(fit_err.iter().map(|e| e.abs()).collect())),
+        pct(abs_max(&fit_err))
+    );
+    t += &format!(
+        "leave-one-out: median |error| {}, max {}\n",
+        pct(median(loo.iter().map(|e| e.abs()).collect())),
+        pct(abs_max(&loo))
+    );
+    if !held.is_empty() {
+        t += &format!(
+            "held-out rows ({}): median |error| {}, max {}, under-estimates {}\n",
+            a.holdout,
+            pct(median(held_err.iter().map(|e| e.abs()).collect())),
+            pct(abs_max(&held_err)),
+            held_err.iter().filter(|e| **e < 0.0).count()
+        );
+    }
+    t += &format!("wrote {}\n", out.display());
+    super::emit(&t)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,221 @@
+//! `vramcal estimate`: the itemized prediction, reference formulas, and a fits-on verdict with
+//! the cheapest changes that make a configuration fit.
+
+use std::process::ExitCode;
+
+use crate::cli::EstimateArgs;
+use crate::config::{resolve_model, ModelConfig};
+use crate::estimate::{estimate, references, Coefficients, Estimate, Profile};
+use crate::model::lora::LoraConfig;
+use crate::model::{Adaptation, Checkpointing, Quant};
+use crate::spec::{gib, TrainSpec};
+use crate::throughput::gpu;
+
+/// Loads the coefficients for `profile` (a calibration table or the uncalibrated ones).
+///
+/// # Errors
+/// A table that is malformed or for another profile or version.
+pub fn coefficients(
+    path: Option<&std::path::Path>,
+    profile: Profile,
+) -> anyhow::Result<Coefficients> {
+    Ok(match path {
+        Some(p) => crate::calibrate::read_table(p, profile)?,
+        None => Coefficients::uncalibrated(profile),
+    })
+}
+
+fn alternatives(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(String, TrainSpec)> {
+    let mut v = Vec::new();
+    if spec.checkpointing == Checkpointing::None {
+        let mut s = spec.clone();
+        s.checkpointing = Checkpointing::Every(1);
+        v.push((
+            "activation checkpointing (--checkpointing layers)".to_string(),
+            s,
+        ));
+    }
+    let mut mb = spec.batch;
+    while mb > 1 {
+        mb /= 2;
+        let mut s = spec.clone();
+        s.accumulate = spec.accumulate * spec.batch / mb;
+        s.batch = mb;
+        v.push((
+            format!(
+                "micro-batch {mb} × accumulate {} (same tokens per step)",
+                s.accumulate
+            ),
+            s,
+        ));
+    }
+    if spec.adaptation.lora.is_none() {
+        let lora = LoraConfig::parse("r=16,alpha=32,targets=all-linear").expect("valid");
+        let mut s = spec.clone();
+        s.adaptation = Adaptation {
+            lora: Some(lora.clone()),
+            quant: Quant::None,
+            seed: 0,
+        };
+        v.push((
+            "LoRA r=16 on all linear layers (--method lora)".to_string(),
+            s,
+        ));
+        let mut s = spec.clone();
+        s.adaptation = Adaptation {
+            lora: Some(lora),
+            quant: Quant::Nf4 { double: true },
+            seed: 0,
+        };
+        v.push((
+            "QLoRA r=16 on all linear layers (--method qlora --double-quant)".to_string(),
+            s,
+        ));
+    } else if spec.adaptation.quant == Quant::None {
+        let mut s = spec.clone();
+        s.adaptation.quant = Quant::Nf4 { double: true };
+        v.push((
+            "4-bit NF4 base (--method qlora --double-quant)".to_string(),
+            s,
+        ));
+    }
+    // Combined with checkpointing.
+    let with_ckpt: Vec<(String, TrainSpec)> = v
+        .iter()
+        .filter(|(_, s)| s.checkpointing == Checkpointing::None && s.adaptation != spec.adaptation)
+        .map(|(n, s)| {
+            let mut s = s.clone();
+            s.checkpointing = Checkpointing::Every(1);
+            (format!("{n} + checkpointing"), s)
+        })
+        .collect();
+    v.extend(with_ckpt);
+    v.retain(|(_, s)| s.validate(cfg).is_ok());
+    v
+}
+
+/// Runs `vramcal estimate`.
+///
+/// # Errors
+/// Bad input: unknown model, GPU or profile, budget without unit, a calibration table for
+/// another profile or version.
+pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
+    let name =
+        a.model.model.clone().ok_or_else(|| {
+            crate::Error::invalid("--model", "", "vramcal estimate needs --model")
+        })?;
+    let model = resolve_model(&name)?;
+    let cfg = &model.config;
+    let mut spec = super::measure::train_spec(
+        &a.model,
+        a.batch,
+        a.seq,
+        a.method.as_deref(),
+        &a.checkpointing,
+    )?;
+    spec.allow_longer = a.model.allow_longer;
+    spec.validate(cfg)?;
+    let profile = Profile::parse(&a.profile)?;
+    let c = coefficients(a.calibration.as_deref(), profile)?;
+    let budget = match (&a.gpu, super::measure::budget(&a.model)?) {
+        (Some(g), _) => Some((gpu(g)?.name.to_string(), gpu(g)?.memory_bytes)),
+        (None, Some(b)) => Some(("--budget".to_string(), b)),
+        (None, None) => None,
+    };
+    let e = estimate(cfg, &spec, profile, &c)?;
+    let refs = [
+        references::seed_rule(cfg, &spec),
+        references::korthikanti(cfg, &spec),
+    ];
+    let alts: Vec<(String, Estimate)> = match &budget {
+        Some((_, b)) if e.peak_bytes > *b => alternatives(cfg, &spec)
+            .into_iter()
+            .filter_map(|(n, s)| estimate(cfg, &s, profile, &c).ok().map(|x| (n, x)))
+            .collect(),
+        _ => vec![],
+    };
+    if a.json {
+        let v = serde_json::json!({
+            "model": model.name, "estimate": e, "references": refs,
+            "budget": budget.as_ref().map(|(n, b)| serde_json::json!({"name": n, "bytes": b, "fits": e.peak_bytes <= *b})),
+            "alternatives": alts.iter().map(|(n, x)| serde_json::json!({"change": n, "peak_bytes": x.peak_bytes})).collect::<Vec<_>>(),
+        });
+        super::emit(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let lora = spec
+        .adaptation
+        .lora
+        .as_ref()
+        .map(|l| format!(" ({l})"))
+        .unwrap_or_default();
+    let mut t = format!(
+        "vramcal estimate | {} | {}{lora} | quant {} | checkpointing {} | dtype {} | AdamW states {} | micro-batch {} x seq {} | profile {} ({})\n",
+        model.name,
+        spec.adaptation.method(),
+        spec.adaptation.quant.label(),
+        spec.checkpointing.label(),
+        spec.dtype.as_str(),
+        spec.state_dtype.as_str(),
+        spec.batch,
+        spec.seq,
+        profile.name(),
+        c.source
+    );
+    t += &format!("{:<32} {:>16} {:>9}  formula\n", "item", "bytes", "GiB");
+    for i in &e.items {
+        t += &format!(
+            "{:<32} {:>16} {:>9}  {}\n",
+            i.name,
+            i.bytes,
+            gib(i.bytes),
+            i.formula
+        );
+    }
+    t += &format!(
+        "{:<32} {:>16} {:>9}  in {}\n",
+        "peak (predicted)",
+        e.peak_bytes,
+        gib(e.peak_bytes),
+        e.peak_phase
+    );
+    t += "reference formulas (GiB = 2^30 bytes):\n";
+    for r in &refs {
+        t += &format!(
+            "  {:<26} {:>16} {:>9}  {:+.1} % vs vramcal  [{}]\n",
+            r.name,
+            r.bytes,
+            gib(r.bytes),
+            100.0 * (r.bytes as f64 - e.peak_bytes as f64) / e.peak_bytes as f64,
+            r.source
+        );
+    }
+    if let Some((name, b)) = &budget {
+        if e.peak_bytes <= *b {
+            t += &format!(
+                "verdict: fits in {name} ({} GiB): headroom {} GiB\n",
+                gib(*b),
+                gib(b - e.peak_bytes)
+            );
+        } else {
+            t += &format!(
+                "verdict: does NOT fit in {name} ({} GiB): {} GiB over\n",
+                gib(*b),
+                gib(e.peak_bytes - b)
+            );
+            let mut fit: Vec<&(String, Estimate)> =
+                alts.iter().filter(|(_, x)| x.peak_bytes <= *b).collect();
+            fit.sort_by_key(|(_, x)| std::cmp::Reverse(x.peak_bytes));
+            if fit.is_empty() {
+                t += "  none of checkpointing, a smaller micro-batch, LoRA or QLoRA makes it fit\n";
+            } else {
+                t += "  changes that make it fit (least memory saved first):\n";
+                for (n, x) in fit {
+                    t += &format!("    {n}: {} GiB\n", gib(x.peak_bytes));
+                }
+            }
+        }
+    }
+    super::emit(&t)?;
+    Ok(ExitCode::SUCCESS)
+}

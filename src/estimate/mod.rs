@@ -1,0 +1,382 @@
+//! The analytic estimator: predicts the peak allocated memory of a training step, itemized
+//! (weights, gradients, optimizer states, saved activations, logits and loss, backward
+//! transient, fixed overhead), from the model config and the training setup.
+//!
+//! Profiles:
+//! * `candle`: what vramcal's own model keeps, from the saved-tensor table in [`table`], with
+//!   coefficients that `vramcal calibrate` fits to vramcal's measurements;
+//! * `torch-sdpa`, `torch-eager`: what PyTorch + transformers keep for the same decoder (see
+//!   [`torch`]); eager attention also keeps the `(batch, heads, seq, seq)` probabilities.
+
+pub mod references;
+pub mod table;
+pub mod torch;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::{Checkpointing, Quant};
+use crate::spec::TrainSpec;
+
+/// Which implementation's memory to predict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Profile {
+    /// vramcal's candle model.
+    Candle,
+    /// PyTorch + transformers with SDPA/flash attention.
+    TorchSdpa,
+    /// PyTorch + transformers with eager attention.
+    TorchEager,
+}
+
+impl Profile {
+    /// Parses `candle`, `torch-sdpa` or `torch-eager`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`].
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "candle" => Ok(Profile::Candle),
+            "torch-sdpa" | "torch" => Ok(Profile::TorchSdpa),
+            "torch-eager" => Ok(Profile::TorchEager),
+            _ => Err(Error::invalid(
+                "--profile",
+                s,
+                "expected candle, torch-sdpa or torch-eager",
+            )),
+        }
+    }
+
+    /// Name as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Candle => "candle",
+            Profile::TorchSdpa => "torch-sdpa",
+            Profile::TorchEager => "torch-eager",
+        }
+    }
+}
+
+/// The terms whose coefficients calibration fits (bytes; `constant` is 1):
+/// * `activations`: saved tensors of the kept layers other than attention scores;
+/// * `attention_scores`: the `(batch, heads, seq, seq)` tensors of the kept layers;
+/// * `checkpoint_inputs`: saved layer inputs under checkpointing;
+/// * `logits_and_loss`: the head's `(N, V)` tensors (backward adds their gradients);
+/// * `gradients_live`: gradients of the trainable parameters;
+/// * `largest_trainable`: bytes of the largest trainable tensor (gradient-accumulation
+///   transients such as a tied embedding's two gradient contributions);
+/// * `attention_transient`: one layer's attention scores (softmax backward's temporaries);
+/// * `constant`: fixed overhead.
+///
+/// Without checkpointing the whole graph is alive during backward, so the peak is the sum of
+/// all terms. With checkpointing the head's graph is freed before the layers are recomputed,
+/// so the peak is the larger of an early moment (the head) and a late one (one recomputed
+/// segment, the gradients); `checkpoint_inputs` and `constant` count at both.
+pub const TERMS: [&str; 8] = [
+    "activations",
+    "attention_scores",
+    "checkpoint_inputs",
+    "logits_and_loss",
+    "gradients_live",
+    "largest_trainable",
+    "attention_transient",
+    "constant",
+];
+
+/// Which terms count at the early (`true`) or late (`false`) moment of backward.
+pub fn in_branch(term: usize, early: bool, checkpointed: bool) -> bool {
+    match (checkpointed, term) {
+        (false, _) => true,
+        (true, 2 | 7) => true,
+        (true, 3 | 5) => early,
+        (true, _) => !early,
+    }
+}
+
+/// Coefficients of [`TERMS`] for one profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Coefficients {
+    /// Profile they belong to.
+    pub profile: Profile,
+    /// One per term, in [`TERMS`] order.
+    pub values: [f64; 8],
+    /// Where they come from (`uncalibrated` or the calibration file).
+    pub source: String,
+}
+
+impl Coefficients {
+    /// First-principles coefficients: every kept tensor counted once, gradients alive at the
+    /// end of backward, no transient, no fixed overhead.
+    pub fn uncalibrated(profile: Profile) -> Self {
+        Coefficients {
+            profile,
+            values: [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+            source: "uncalibrated".into(),
+        }
+    }
+}
+
+/// One line of an itemized estimate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Item {
+    /// What it is.
+    pub name: String,
+    /// Bytes.
+    pub bytes: u64,
+    /// How it was computed.
+    pub formula: String,
+}
+
+/// An itemized estimate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Estimate {
+    /// Profile used.
+    pub profile: Profile,
+    /// Items; their sum is `peak_bytes` when the peak is in backward.
+    pub items: Vec<Item>,
+    /// Predicted peak allocated bytes.
+    pub peak_bytes: u64,
+    /// Phase predicted to hold the peak.
+    pub peak_phase: String,
+    /// Source of the coefficients.
+    pub coefficients: String,
+}
+
+/// The exact static part and the calibrated terms of a point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Terms {
+    /// Parameter bytes as stored.
+    pub weights: u64,
+    /// Gradient bytes (trainable parameters, model dtype).
+    pub gradients: u64,
+    /// AdamW state bytes.
+    pub optimizer_states: u64,
+    /// The calibrated terms, in [`TERMS`] order (bytes; `constant` is 1).
+    pub terms: [f64; 8],
+    /// Whether checkpointing is on (it changes which terms are alive when; see [`TERMS`]).
+    pub checkpointed: bool,
+}
+
+impl Terms {
+    /// The design row of this point at the early (`true`) or late moment of backward: the
+    /// terms alive then, zeros elsewhere.
+    pub fn design(&self, early: bool) -> [f64; 8] {
+        let mut row = self.terms;
+        for (i, v) in row.iter_mut().enumerate() {
+            if !in_branch(i, early, self.checkpointed) {
+                *v = 0.0;
+            }
+        }
+        row
+    }
+
+    /// Whether the early moment holds the peak under coefficients `c`.
+    pub fn head_branch(&self, c: &[f64; 8]) -> bool {
+        let dot = |r: [f64; 8]| r.iter().zip(c).map(|(x, k)| x * k).sum::<f64>();
+        dot(self.design(true)) > dot(self.design(false))
+    }
+}
+
+/// Parameter bytes as stored: the model dtype, NF4 linear weights at 0.5 byte plus block
+/// constants, LoRA adapters in the model dtype.
+pub fn weight_bytes(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let d = spec.dtype.size_in_bytes() as u64;
+    let adapters = spec
+        .adaptation
+        .lora
+        .as_ref()
+        .map_or(0, |l| crate::spec::lora_param_count(cfg, l));
+    let mut bytes = adapters * d;
+    for p in cfg.param_shapes() {
+        let numel = p.numel() as u64;
+        let quantized =
+            p.name.contains("_proj.") && matches!(spec.adaptation.quant, Quant::Nf4 { .. });
+        bytes += match (quantized, spec.adaptation.quant) {
+            (true, Quant::Nf4 { double }) => {
+                let blocks = numel.div_ceil(64);
+                let scales = if double {
+                    blocks + blocks.div_ceil(256) * 4
+                } else {
+                    blocks * 4
+                };
+                numel.div_ceil(2) + scales
+            }
+            _ => numel * d,
+        };
+    }
+    bytes
+}
+
+/// The static part and the terms of `spec` for the `candle` profile.
+pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec) -> Terms {
+    let d = spec.dtype.size_in_bytes() as u64;
+    let t = spec.trainable_params(cfg);
+    let layer = table::layer(cfg, spec);
+    let scores: u64 = layer
+        .iter()
+        .filter(|x| x.shape == "(S2)")
+        .map(|x| x.bytes())
+        .sum();
+    let other: u64 = layer
+        .iter()
+        .filter(|x| x.shape != "(S2)")
+        .map(|x| x.bytes())
+        .sum();
+    let head: u64 = table::head(cfg, spec).iter().map(|x| x.bytes()).sum();
+    let l = cfg.num_hidden_layers as u64;
+    let n = (spec.batch * spec.seq) as u64;
+    let (kept, ckpt) = match spec.checkpointing {
+        Checkpointing::None => (l, 0),
+        // One segment of k layers recomputed at a time; every segment's input kept, plus the
+        // leaf copy of the last hidden state.
+        Checkpointing::Every(k) => {
+            let k = (k as u64).min(l);
+            (k, (l.div_ceil(k) + 1) * n * cfg.hidden_size as u64 * d)
+        }
+    };
+    Terms {
+        weights: weight_bytes(cfg, spec),
+        gradients: t * d,
+        optimizer_states: 2 * t * spec.state_dtype.size_in_bytes() as u64,
+        terms: [
+            (kept * other) as f64,
+            (kept * scores) as f64,
+            ckpt as f64,
+            head as f64,
+            (t * d) as f64,
+            largest_trainable(cfg, spec) as f64,
+            scores as f64,
+            1.0,
+        ],
+        checkpointed: ckpt > 0,
+    }
+}
+
+/// Bytes of the largest trainable tensor (model dtype).
+pub fn largest_trainable(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let d = spec.dtype.size_in_bytes() as u64;
+    let elems = match &spec.adaptation.lora {
+        None => cfg
+            .param_shapes()
+            .iter()
+            .map(|p| p.numel() as u64)
+            .max()
+            .unwrap_or(0),
+        Some(l) => l
+            .targets
+            .iter()
+            .map(|&t| {
+                let (o, i) = crate::spec::target_shape(cfg, t);
+                (l.r * o.max(i)) as u64
+            })
+            .max()
+            .unwrap_or(0),
+    };
+    elems * d
+}
+
+/// The static part and the terms of `spec` for `profile`.
+pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile: Profile) -> Terms {
+    match profile {
+        Profile::Candle => candle_terms(cfg, spec),
+        Profile::TorchSdpa => torch::terms(cfg, spec, false),
+        Profile::TorchEager => torch::terms(cfg, spec, true),
+    }
+}
+
+/// Predicted peak of step 2's backward with coefficients `c` (see [`TERMS`]).
+pub fn predicted_backward_peak(t: &Terms, c: &Coefficients) -> f64 {
+    let row = t.design(t.head_branch(&c.values));
+    (t.weights + t.optimizer_states) as f64
+        + row.iter().zip(c.values).map(|(x, k)| x * k).sum::<f64>()
+}
+
+/// Estimates the peak of a training step of `spec` on `cfg`.
+///
+/// # Errors
+/// [`Error::InvalidValue`] when the coefficients belong to another profile, or the spec is
+/// invalid for the model.
+pub fn estimate(
+    cfg: &ModelConfig,
+    spec: &TrainSpec,
+    profile: Profile,
+    c: &Coefficients,
+) -> Result<Estimate> {
+    if c.profile != profile {
+        return Err(Error::invalid(
+            "--calibration",
+            &c.source,
+            format!(
+                "has coefficients for profile {}, not {}",
+                c.profile.name(),
+                profile.name()
+            ),
+        ));
+    }
+    spec.validate(cfg)?;
+    let t = terms(cfg, spec, profile);
+    let bwd = predicted_backward_peak(&t, c);
+    // The optimizer step holds weights, gradients and states, plus its transient: vramcal's
+    // chunked AdamW ~10 MiB; PyTorch's foreach AdamW about one parameter-sized buffer.
+    let opt_transient = match profile {
+        Profile::Candle => 10u64 << 20,
+        // foreach AdamW: about one parameter-sized buffer in the parameters' dtype.
+        _ => t.gradients,
+    };
+    let opt = (t.weights + t.gradients + t.optimizer_states + opt_transient) as f64;
+    let names = [
+        (
+            "saved activations (layers)",
+            "saved-tensor table without scores × layers kept",
+        ),
+        (
+            "saved attention scores",
+            "(S2) entries of the table × layers kept",
+        ),
+        ("checkpointed layer inputs", "(⌈L/K⌉ + 1) · N · h · dtype"),
+        (
+            "logits and loss",
+            "head table: (N, V) logits and loss intermediates",
+        ),
+        ("gradients (alive in backward)", "trainable params × dtype"),
+        ("gradient transient", "largest trainable tensor × dtype"),
+        ("attention backward transient", "one layer's (S2) entries"),
+        ("fixed overhead (workspace)", "constant"),
+    ];
+    let mut items = vec![
+        Item {
+            name: "weights".into(),
+            bytes: t.weights,
+            formula: "params × dtype (NF4: 0.5 B + block scales)".into(),
+        },
+        Item {
+            name: "optimizer states (AdamW m, v)".into(),
+            bytes: t.optimizer_states,
+            formula: "2 × trainable params × state dtype".into(),
+        },
+    ];
+    let row = t.design(t.head_branch(&c.values));
+    for (i, (name, f)) in names.iter().enumerate() {
+        let b = row[i] * c.values[i];
+        if b > 0.0 {
+            items.push(Item {
+                name: (*name).into(),
+                bytes: b.round() as u64,
+                formula: format!("{:.3} × {f}", c.values[i]),
+            });
+        }
+    }
+    let (peak, phase) = if bwd >= opt {
+        (bwd, "backward")
+    } else {
+        (opt, "optimizer_step")
+    };
+    Ok(Estimate {
+        profile,
+        items,
+        peak_bytes: peak.round() as u64,
+        peak_phase: phase.into(),
+        coefficients: c.source.clone(),
+    })
+}

@@ -1,0 +1,212 @@
+//! The estimator's accuracy gate on the committed CPU measurements, the committed calibration
+//! table being what `vramcal calibrate` makes of them, the check against published PyTorch
+//! measurements, and bad input for estimate, calibrate and check.
+
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vramcal"))
+}
+
+const MEASURED: [&str; 2] = [
+    "results/cpu/smollm2-135m.csv",
+    "results/cpu/smollm2-135m-peft.csv",
+];
+const CALIBRATION: &str = "results/calibration/cpu-candle.csv";
+
+/// Median |error| ≤ 1 %, max ≤ 5 %, and no under-estimate once a 5 % margin is added (what
+/// README states as reached; the 3 % max is not reached yet).
+#[test]
+fn candle_estimates_stay_accurate_on_committed_measurements() {
+    let out = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "check",
+            "--measured",
+            MEASURED[0],
+            MEASURED[1],
+            "--calibration",
+            CALIBRATION,
+        ])
+        .args([
+            "--max-median-error",
+            "0.01",
+            "--max-error",
+            "0.05",
+            "--margin",
+            "0.05",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("under-estimates 0 of 26 with a 5.0 % margin"),
+        "{text}"
+    );
+}
+
+/// The committed table is reproduced by `vramcal calibrate` on the committed measurements.
+#[test]
+fn committed_calibration_is_what_calibrate_makes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = dir.path().join("cal.csv");
+    let st = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "calibrate",
+            "--measured",
+            MEASURED[0],
+            MEASURED[1],
+            "--out",
+            fresh.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let coef = |p: &std::path::Path| -> Vec<(String, f64)> {
+        let mut r = csv::Reader::from_path(p).unwrap();
+        let h = r.headers().unwrap().clone();
+        let (t, c) = (
+            h.iter().position(|x| x == "term").unwrap(),
+            h.iter().position(|x| x == "coefficient").unwrap(),
+        );
+        r.records()
+            .map(|x| x.unwrap())
+            .map(|x| (x[t].to_string(), x[c].parse().unwrap()))
+            .collect()
+    };
+    let committed = coef(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(CALIBRATION));
+    let made = coef(&fresh);
+    assert_eq!(committed.len(), made.len());
+    for ((t1, c1), (t2, c2)) in committed.iter().zip(&made) {
+        assert_eq!(t1, t2);
+        assert!(
+            (c1 - c2).abs() <= 1e-9 * c1.abs().max(1.0),
+            "{t1}: committed {c1}, calibrate makes {c2}"
+        );
+    }
+}
+
+#[test]
+fn public_measurements_are_checked_with_the_torch_profiles() {
+    let public = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/cases/public-measurements.csv");
+    if !public.is_file() {
+        if std::env::var_os("CI").is_some() {
+            panic!("{} is missing", public.display());
+        }
+        eprintln!("SKIPPED: {} not found", public.display());
+        return;
+    }
+    for profile in ["torch-sdpa", "torch-eager"] {
+        let out = bin()
+            .args([
+                "check",
+                "--measured",
+                public.to_str().unwrap(),
+                "--profile",
+                profile,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("| pub-01 |") && text.contains("| pub-08 |"),
+            "{text}"
+        );
+        assert!(text.contains(&format!("profile {profile}")), "{text}");
+    }
+}
+
+fn fails(args: &[&str], needle: &str) {
+    let out = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let lines: Vec<_> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains(needle), "{args:?}: {}", lines[0]);
+}
+
+#[test]
+fn estimator_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let est = ["estimate", "--model", "smollm2-135m", "--seq", "128"];
+    let with = |extra: &[&str]| -> Vec<String> {
+        est.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let run = |v: Vec<String>, needle: &str| {
+        fails(&v.iter().map(String::as_str).collect::<Vec<_>>(), needle)
+    };
+    run(with(&["--gpu", "tpu-v9"]), "known: a100-40gb");
+    run(with(&["--budget", "80"]), "missing its unit");
+    run(
+        with(&["--profile", "jax"]),
+        "expected candle, torch-sdpa or torch-eager",
+    );
+    run(
+        with(&["--calibration", CALIBRATION, "--profile", "torch-sdpa"]),
+        "not torch-sdpa",
+    );
+    let old = dir.path().join("old.csv");
+    let text =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(CALIBRATION))
+            .unwrap();
+    std::fs::write(
+        &old,
+        text.replace(&format!(",{},", env!("CARGO_PKG_VERSION")), ",0.0.1,"),
+    )
+    .unwrap();
+    run(
+        with(&["--calibration", old.to_str().unwrap()]),
+        "was made by vramcal 0.0.1",
+    );
+    let empty = dir.path().join("empty.csv");
+    std::fs::write(&empty, "").unwrap();
+    fails(
+        &["check", "--measured", empty.to_str().unwrap()],
+        "empty.csv",
+    );
+    let junk = dir.path().join("junk.csv");
+    std::fs::write(&junk, "a,b\n1,2\n").unwrap();
+    fails(&["check", "--measured", junk.to_str().unwrap()], "junk.csv");
+    fails(
+        &[
+            "calibrate",
+            "--measured",
+            junk.to_str().unwrap(),
+            "--out",
+            dir.path().join("c.csv").to_str().unwrap(),
+        ],
+        "junk.csv",
+    );
+    fails(
+        &[
+            "check",
+            "--measured",
+            MEASURED[0],
+            "--calibration",
+            CALIBRATION,
+            "--max-error",
+            "0.001",
+        ],
+        "exceeds --max-error",
+    );
+}

@@ -1,0 +1,214 @@
+//! The estimator: its saved-tensor table against a measured layer, exact parameter bytes,
+//! calibration round trip, and bad input.
+
+use candle_core::{DType, Device};
+use vramcal::config::{preset, ModelConfig};
+use vramcal::estimate::{estimate, table, weight_bytes, Coefficients, Profile};
+use vramcal::measure::step::random_batch;
+use vramcal::measure::{alloc, CountingAlloc};
+use vramcal::model::lora::LoraConfig;
+use vramcal::model::weights::RandomWeights;
+use vramcal::model::{Adaptation, Checkpointing, Decoder, ForwardCtx, Quant};
+use vramcal::spec::TrainSpec;
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn cfg(layers: usize) -> ModelConfig {
+    let mut c = preset("tiny").unwrap().config;
+    c.hidden_size = 256;
+    c.intermediate_size = 512;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = Some(2);
+    c.vocab_size = 512;
+    c.num_hidden_layers = layers;
+    c.max_position_embeddings = 512;
+    c.sliding_window = None;
+    c
+}
+
+fn spec(dtype: DType, ad: Adaptation) -> TrainSpec {
+    let mut s = TrainSpec::new(2, 96);
+    s.dtype = dtype;
+    s.adaptation = ad;
+    s
+}
+
+/// Bytes the forward graph keeps: allocated after the forward minus before it. gemm keeps
+/// thread-local packing buffers that each rayon thread allocates on its first large matmul, so
+/// the forward is warmed up several times and the smallest of several readings is taken.
+fn forward_kept(c: &ModelConfig, s: &TrainSpec) -> u64 {
+    let m = Decoder::with_adaptation(
+        c,
+        &mut RandomWeights::new(0),
+        s.dtype,
+        &Device::Cpu,
+        &s.adaptation,
+    )
+    .unwrap();
+    let (x, y) = random_batch(s, c.vocab_size, 1, &Device::Cpu).unwrap();
+    let ctx = ForwardCtx {
+        train: true,
+        seed: 1,
+    };
+    for _ in 0..3 {
+        drop(m.forward_train(&x, &y, Checkpointing::None, ctx).unwrap());
+    }
+    (0..4)
+        .map(|_| {
+            let before = alloc::current_bytes();
+            let f = m.forward_train(&x, &y, Checkpointing::None, ctx).unwrap();
+            let after = alloc::current_bytes();
+            drop(f);
+            after - before
+        })
+        .min()
+        .unwrap()
+}
+
+/// The table's bytes for one layer match the measured difference between a 2-layer and a
+/// 1-layer model within 1 % (f32 and bf16, full and LoRA with dropout).
+#[test]
+fn saved_tensor_table_matches_a_measured_layer() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // One matmul thread: gemm's thread-local workspace is then allocated once, in the warm-up,
+    // instead of whenever another rayon thread first picks up a large matmul.
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+    let lora = || Adaptation {
+        lora: Some(LoraConfig::parse("r=8,alpha=16,dropout=0.1,targets=all-linear").unwrap()),
+        quant: Quant::None,
+        seed: 0,
+    };
+    for (dtype, ad) in [
+        (DType::F32, Adaptation::default()),
+        (DType::BF16, Adaptation::default()),
+        (DType::F32, lora()),
+    ] {
+        let s = spec(dtype, ad);
+        let measured = forward_kept(&cfg(2), &s) as f64 - forward_kept(&cfg(1), &s) as f64;
+        let predicted: u64 = table::layer(&cfg(1), &s).iter().map(|t| t.bytes()).sum();
+        let err = (predicted as f64 - measured) / measured;
+        eprintln!(
+            "{dtype:?} {}: table {predicted} vs measured {measured} ({:+.2} %)",
+            s.adaptation.method(),
+            100.0 * err
+        );
+        assert!(
+            err.abs() < 0.01,
+            "{dtype:?} {}: {:+.2} %",
+            s.adaptation.method(),
+            100.0 * err
+        );
+    }
+}
+
+/// Parameter bytes are exact for every method.
+#[test]
+fn parameter_bytes_are_exact() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for (dtype, ad) in [
+        (DType::F32, Adaptation::default()),
+        (DType::BF16, Adaptation::default()),
+        (
+            DType::F32,
+            Adaptation {
+                lora: Some(LoraConfig::parse("r=4,targets=attn").unwrap()),
+                quant: Quant::None,
+                seed: 0,
+            },
+        ),
+        (
+            DType::BF16,
+            Adaptation {
+                lora: Some(LoraConfig::default()),
+                quant: Quant::Nf4 { double: false },
+                seed: 0,
+            },
+        ),
+        (
+            DType::F32,
+            Adaptation {
+                lora: Some(LoraConfig::default()),
+                quant: Quant::Nf4 { double: true },
+                seed: 0,
+            },
+        ),
+    ] {
+        let c = cfg(2);
+        let s = spec(dtype, ad);
+        let m = Decoder::with_adaptation(
+            &c,
+            &mut RandomWeights::new(0),
+            dtype,
+            &Device::Cpu,
+            &s.adaptation,
+        )
+        .unwrap();
+        assert_eq!(
+            weight_bytes(&c, &s),
+            m.param_bytes(),
+            "{dtype:?} {}",
+            s.adaptation.method()
+        );
+        let e = estimate(
+            &c,
+            &s,
+            Profile::Candle,
+            &Coefficients::uncalibrated(Profile::Candle),
+        )
+        .unwrap();
+        assert_eq!(e.items[0].bytes, m.param_bytes());
+    }
+}
+
+/// Estimates behave: more tokens cost more, checkpointing and LoRA cost less, and the torch
+/// profiles' eager attention costs more than SDPA at long sequences.
+#[test]
+fn estimates_move_the_right_way() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = preset("mistral-7b-v0.1").unwrap().config;
+    let u = |p| Coefficients::uncalibrated(p);
+    let mut s = TrainSpec::new(1, 1024);
+    s.dtype = DType::BF16;
+    let base = estimate(&c, &s, Profile::Candle, &u(Profile::Candle))
+        .unwrap()
+        .peak_bytes;
+    let mut longer = s.clone();
+    longer.seq = 2048;
+    assert!(
+        estimate(&c, &longer, Profile::Candle, &u(Profile::Candle))
+            .unwrap()
+            .peak_bytes
+            > base
+    );
+    let mut ck = s.clone();
+    ck.checkpointing = Checkpointing::Every(1);
+    assert!(
+        estimate(&c, &ck, Profile::Candle, &u(Profile::Candle))
+            .unwrap()
+            .peak_bytes
+            < base
+    );
+    let mut lo = s.clone();
+    lo.adaptation = Adaptation {
+        lora: Some(LoraConfig::default()),
+        quant: Quant::None,
+        seed: 0,
+    };
+    assert!(
+        estimate(&c, &lo, Profile::Candle, &u(Profile::Candle))
+            .unwrap()
+            .peak_bytes
+            < base
+    );
+    let sdpa = estimate(&c, &longer, Profile::TorchSdpa, &u(Profile::TorchSdpa))
+        .unwrap()
+        .peak_bytes;
+    let eager = estimate(&c, &longer, Profile::TorchEager, &u(Profile::TorchEager))
+        .unwrap()
+        .peak_bytes;
+    assert!(eager > sdpa);
+    // The other profile's coefficients are refused.
+    assert!(estimate(&c, &s, Profile::TorchSdpa, &u(Profile::Candle)).is_err());
+}
