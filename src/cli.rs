@@ -181,6 +181,9 @@ pub struct MaxArgs {
     /// Also append every probe's row to this CSV.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Calibration table for the estimator's answer printed beside the measured one.
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
 }
 
 /// `vramcal plan`.

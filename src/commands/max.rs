@@ -10,7 +10,7 @@ use super::point::run_point;
 use crate::cli::MaxArgs;
 use crate::error::Error;
 use crate::report::{append_row, Row, RowContext, Status};
-use crate::spec::gib;
+use crate::spec::human;
 use crate::throughput::model_flops_per_token;
 
 /// Runs `vramcal max`.
@@ -88,10 +88,16 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
         if let Some(out) = &a.out {
             append_row(out, &row)?;
         }
-        let peak = row.peak_bytes.map(gib).unwrap_or_else(|| "-".into());
+        let peak = row.peak_bytes.map(human).unwrap_or_else(|| "-".into());
         eprintln!(
-            "probe {axis_name} {x}: {:?} (peak {peak} GiB) {}",
-            row.status.unwrap_or(Status::Error),
+            "probe {axis_name} {x}: {} (peak {peak}) {}",
+            if row.status == Some(Status::Ok) {
+                "ok"
+            } else if row.status == Some(Status::Oom) {
+                "oom"
+            } else {
+                "error"
+            },
             row.message
         );
         match row.status {
@@ -136,27 +142,58 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
     };
     let text = match (&best, &fail) {
         (None, Some((_, f))) => format!(
-            "even {axis_name} 1 does not fit in {} GiB at {fixed} ({})\n",
-            gib(budget),
+            "even {axis_name} 1 does not fit in {} at {fixed} ({})\n",
+            human(budget),
             f.message
         ),
         (Some((x, r)), None) => format!(
-            "{axis_name} {x} fits in {} GiB at {fixed} (peak {} bytes); it is the --limit, larger was not tried\n",
-            gib(budget),
+            "{axis_name} {x} fits in {} at {fixed} (peak {} bytes); it is the --limit, larger was not tried\n",
+            human(budget),
             r.peak_bytes.unwrap_or(0)
         ),
         (Some((x, r)), Some((y, f))) => format!(
-            "largest {axis_name} that fits in {} GiB at {fixed}: {x} (peak {} bytes = {} GiB); {y} does not ({})\n",
-            gib(budget),
+            "largest {axis_name} that fits in {} at {fixed}: {x} (peak {} bytes = {}); {y} does not ({})\n",
+            human(budget),
             r.peak_bytes.unwrap_or(0),
-            gib(r.peak_bytes.unwrap_or(0)),
+            human(r.peak_bytes.unwrap_or(0)),
             f.message
         ),
         (None, None) => unreachable!("the first probe either fits or not"),
     };
-    super::emit(
-        &(text + "estimate: not available yet (the analytic estimator is not implemented)\n"),
-    )?;
+    // The estimator's answer for the same search (candle profile; calibrated when
+    // --calibration is given).
+    let coeffs =
+        super::estimate::coefficients(a.calibration.as_deref(), crate::estimate::Profile::Candle)?;
+    let fits_est = |x: usize| -> bool {
+        let (b, s) = point(x);
+        super::measure::train_spec(&a.model, b, s, a.method.as_deref(), &a.checkpointing)
+            .ok()
+            .and_then(|spec| {
+                crate::estimate::estimate(
+                    &model.config,
+                    &spec,
+                    crate::estimate::Profile::Candle,
+                    &coeffs,
+                )
+                .ok()
+            })
+            .is_some_and(|e| e.peak_bytes <= budget)
+    };
+    let est = if !fits_est(1) {
+        "estimate: even 1 does not fit".to_string()
+    } else {
+        let (mut lo, mut hi) = (1usize, limit + 1);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits_est(mid) {
+                lo = mid
+            } else {
+                hi = mid
+            }
+        }
+        format!("estimate ({}): {axis_name} {lo}", coeffs.source)
+    };
+    super::emit(&(text + &est + "\n"))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -166,6 +203,7 @@ fn strip_max_only(args: &mut Vec<std::ffi::OsString>) {
         "--axis",
         "--limit",
         "--out",
+        "--calibration",
         "--batch",
         "--micro-batch",
         "--seq",
