@@ -718,3 +718,14 @@ fn closed_stdout_is_not_a_panic() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn the_table_reports_the_steady_state_step() {
+    vramcal()
+        .args(["measure", "--model", "tiny", "--batch", "1", "--seq", "8"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("step 2: ").and(predicate::str::contains("tokens/s, loss")),
+        );
+}

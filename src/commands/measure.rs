@@ -368,6 +368,8 @@ fn run_child(
         Err(e) => (Status::Error, e.to_string()),
     };
     let row = Row::new(ctx, &setup.spec, &m, status, &message);
+    // The complete measurement (step times and losses come after the last phase event).
+    send(&ChildLine::Progress(m))?;
     send(&ChildLine::Row(Box::new(row)))?;
     Ok(if result.is_ok() {
         ExitCode::SUCCESS
