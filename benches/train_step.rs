@@ -2,7 +2,7 @@
 //! f32, random weights: with the counting allocator counting, and with counting switched off
 //! (same binary, `vramcal::measure::alloc::set_counting(false)`), to measure its overhead.
 //!
-//! Run: `cargo bench --bench train_step` (about 3 minutes on 2 cores).
+//! Run: `cargo bench --bench train_step` (about 5 minutes on 2 cores).
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -37,11 +37,19 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("train_step_smollm2-135m_b1_s256_f32");
     g.sample_size(10);
     g.measurement_time(std::time::Duration::from_secs(30));
-    alloc::set_counting(true);
-    g.bench_function("counting_allocator_on", |b| b.iter(&mut step));
-    alloc::set_counting(false);
-    g.bench_function("counting_allocator_off", |b| b.iter(&mut step));
-    alloc::set_counting(true);
+    // Interleaved, so that an order effect (the machine warming up, the allocator's arenas
+    // growing) is not mistaken for the counter's cost.
+    for round in 1..=2 {
+        alloc::set_counting(false);
+        g.bench_function(format!("counting_allocator_off_{round}"), |b| {
+            b.iter(&mut step)
+        });
+        alloc::set_counting(true);
+        alloc::reset_peak();
+        g.bench_function(format!("counting_allocator_on_{round}"), |b| {
+            b.iter(&mut step)
+        });
+    }
     g.finish();
 }
 

@@ -276,6 +276,9 @@ pub struct ModelArgs {
     /// into the base, whole model saved).
     #[arg(long, default_value = "none")]
     pub save: String,
+    /// Same as `--save merged`: merge the adapters into the base and save the whole model.
+    #[arg(long)]
+    pub merge_save: bool,
     /// Folder the save phase writes into (default: a temporary folder, removed afterwards).
     #[arg(long)]
     pub save_dir: Option<PathBuf>,

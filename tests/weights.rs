@@ -170,3 +170,67 @@ fn not_a_gguf_file_is_reported() {
     assert!(matches!(e, Error::Weights { .. }), "{e}");
     assert!(e.to_string().contains("broken.gguf"), "{e}");
 }
+
+/// A model in a Hugging Face cache layout (`$HF_HOME/hub/models--org--name/snapshots/<rev>/`)
+/// is found offline by id, for the config (`--model org/name`) and the weights (`hf:org/name`).
+#[test]
+fn hf_cache_model_is_found_offline() {
+    let (m, map) = tiny_tensors();
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--acme--tiny-test");
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(rev);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    write_config(&snap);
+    candle_core::safetensors::save(&map, snap.join("model.safetensors")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vramcal"))
+        .env("HF_HOME", home.path())
+        .args([
+            "measure",
+            "--model",
+            "acme/tiny-test",
+            "--weights",
+            "hf:acme/tiny-test",
+            "--batch",
+            "1",
+            "--seq",
+            "6",
+            "--json",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(row["model"], "acme/tiny-test");
+    assert_eq!(row["weights"], "hf:acme/tiny-test");
+    assert_eq!(row["params"], 21664);
+    // And the same weights load back through the library path.
+    let dir = vramcal::model::weights::hf_cache_dir_in(&home.path().join("hub"), "acme/tiny-test")
+        .unwrap();
+    let got = load(&WeightsSpec::Safetensors(dir)).unwrap();
+    assert_eq!(logits(&got), logits(&m));
+    // An id that is not cached says so.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vramcal"))
+        .env("HF_HOME", home.path())
+        .args([
+            "measure",
+            "--model",
+            "tiny",
+            "--weights",
+            "hf:acme/absent",
+            "--batch",
+            "1",
+            "--seq",
+            "6",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the local Hugging Face cache"));
+}

@@ -43,7 +43,10 @@ pub fn resolve(args: &ModelArgs) -> anyhow::Result<(ResolvedModel, WeightsSpec)>
         WeightsSpec::Safetensors(dir) if dir.join("config.json").is_file() => {
             Some(resolve_model(&dir.display().to_string())?)
         }
-        WeightsSpec::HfCache(id) => Some(resolve_model(id)?),
+        WeightsSpec::HfCache(id) => {
+            crate::model::weights::hf_cache_dir(id)?;
+            Some(resolve_model(id)?)
+        }
         _ => None,
     };
     let model = match (&args.model, from_weights) {
@@ -208,6 +211,12 @@ pub fn train_spec(
     spec.checkpointing = Checkpointing::parse(checkpointing)?;
     spec.accumulate = args.accumulate;
     spec.save = SaveMode::parse(&args.save)?;
+    if args.merge_save {
+        if spec.save == SaveMode::Adapter {
+            return Err(Error::invalid("--merge-save", "", "conflicts with --save adapter").into());
+        }
+        spec.save = SaveMode::Merged;
+    }
     spec.dtype = parse_dtype(&args.dtype).context("--dtype")?;
     spec.state_dtype =
         parse_dtype(&args.optimizer_state_dtype).context("--optimizer-state-dtype")?;

@@ -343,6 +343,9 @@ fn child_args(p: &Point, i: usize, command: &str) -> Vec<OsString> {
     if m.double_quant {
         push(&["--double-quant"]);
     }
+    if m.merge_save {
+        push(&["--merge-save"]);
+    }
     if m.allow_longer {
         push(&["--allow-longer"]);
     }

@@ -394,17 +394,19 @@ pub fn open_source(spec: &WeightsSpec) -> Result<Box<dyn WeightSource>> {
     })
 }
 
-/// The snapshot folder of model `id` in the local Hugging Face cache.
+/// The snapshot folder of model `id` in the Hugging Face cache rooted at `hub` (the folder
+/// holding `models--org--name`).
 ///
 /// # Errors
 /// [`Error::Weights`] when the model has no cached `config.json` and safetensors.
-pub fn hf_cache_dir(id: &str) -> Result<PathBuf> {
-    let cfg = crate::config::hf_cache_file(id, "config.json");
-    let st = crate::config::hf_cache_file(id, "model.safetensors.index.json")
-        .or_else(|| crate::config::hf_cache_file(id, "model.safetensors"));
-    let path = hf_hub::Cache::from_env()
-        .path()
-        .join(format!("models--{}", id.replace('/', "--")));
+pub fn hf_cache_dir_in(hub: &Path, id: &str) -> Result<PathBuf> {
+    let cache = hf_hub::Cache::new(hub.to_path_buf());
+    let repo = cache.model(id.to_string());
+    let cfg = repo.get("config.json");
+    let st = repo
+        .get("model.safetensors.index.json")
+        .or_else(|| repo.get("model.safetensors"));
+    let path = hub.join(format!("models--{}", id.replace('/', "--")));
     match (cfg, st) {
         (Some(c), Some(_)) => Ok(c.parent().map(Path::to_path_buf).unwrap_or_default()),
         (Some(_), None) => Err(Error::Weights {
@@ -416,4 +418,12 @@ pub fn hf_cache_dir(id: &str) -> Result<PathBuf> {
             reason: format!("model {id} is not in the local Hugging Face cache (config.json and safetensors needed; vramcal does not download)"),
         }),
     }
+}
+
+/// The snapshot folder of model `id` in the local Hugging Face cache.
+///
+/// # Errors
+/// [`Error::Weights`] when the model has no cached `config.json` and safetensors.
+pub fn hf_cache_dir(id: &str) -> Result<PathBuf> {
+    hf_cache_dir_in(hf_hub::Cache::from_env().path(), id)
 }
