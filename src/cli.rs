@@ -102,6 +102,19 @@ pub struct EstimateArgs {
     /// Verdict against this GPU's memory (see the list in the error for an unknown name).
     #[arg(long)]
     pub gpu: Option<String>,
+    /// Per-GPU memory under data-parallel sharding: zero1, zero2, zero3 or fsdp.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Data-parallel GPUs for --shard.
+    #[arg(long, default_value_t = 1)]
+    pub gpus: usize,
+    /// Print a device map placing whole layers on the devices of --max-memory (loading or
+    /// inference: weights only), like accelerate's infer_auto_device_map.
+    #[arg(long)]
+    pub device_map: bool,
+    /// Per-device memory for --device-map, e.g. `0=24GiB,1=24GiB`.
+    #[arg(long)]
+    pub max_memory: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

@@ -212,3 +212,65 @@ fn estimates_move_the_right_way() {
     // The other profile's coefficients are refused.
     assert!(estimate(&c, &s, Profile::TorchSdpa, &u(Profile::Candle)).is_err());
 }
+
+#[test]
+fn sharding_divides_what_it_should() {
+    use vramcal::estimate::multi::{device_map, parse_max_memory, shard, Shard};
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = preset("llama-3-8b").unwrap().config;
+    let mut s = TrainSpec::new(1, 1024);
+    s.dtype = DType::BF16;
+    let (w, g, st) = (16_060_522_496u64, 16_060_522_496u64, 64_242_089_984u64);
+    let z1 = shard(&c, &s, Shard::Zero1, 8, w, g, st).unwrap();
+    assert_eq!(
+        (z1.weights, z1.gradients, z1.optimizer_states),
+        (w, g, st / 8)
+    );
+    let z2 = shard(&c, &s, Shard::Zero2, 8, w, g, st).unwrap();
+    assert_eq!(
+        (z2.weights, z2.gradients, z2.optimizer_states),
+        (w, g / 8, st / 8)
+    );
+    let z3 = shard(&c, &s, Shard::Zero3, 8, w, g, st).unwrap();
+    let layer = 2 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336 + 2 * 4096) as u64;
+    assert_eq!(z3.weights, w / 8 + layer);
+    assert!(shard(&c, &s, Shard::Zero3, 0, w, g, st).is_err());
+    // LoRA: only adapters are sharded as gradients and states; the estimate drops per GPU.
+    let mut lo = s.clone();
+    lo.adaptation = Adaptation {
+        lora: Some(LoraConfig::default()),
+        quant: Quant::None,
+        seed: 0,
+    };
+    let u = Coefficients::uncalibrated(Profile::Candle);
+    let one = vramcal::estimate::estimate_sharded(&c, &s, Profile::Candle, &u, None)
+        .unwrap()
+        .peak_bytes;
+    let eight =
+        vramcal::estimate::estimate_sharded(&c, &s, Profile::Candle, &u, Some((Shard::Zero3, 8)))
+            .unwrap()
+            .peak_bytes;
+    assert!(eight < one);
+
+    // Device map: every module once, in order, within each budget; too little memory fails.
+    let budgets = parse_max_memory("0=10GiB,1=10GiB").unwrap();
+    let map = device_map(&c, &s, &budgets).unwrap();
+    assert_eq!(map.len(), 1 + 32 + 1);
+    assert!(map.windows(2).all(|p| p[0].device <= p[1].device));
+    for (d, b) in budgets.iter().enumerate() {
+        assert!(
+            map.iter()
+                .filter(|p| p.device == d)
+                .map(|p| p.bytes)
+                .sum::<u64>()
+                <= *b
+        );
+    }
+    assert_eq!(
+        map.iter().map(|p| p.bytes).sum::<u64>(),
+        weight_bytes(&c, &s)
+    );
+    assert!(device_map(&c, &s, &parse_max_memory("0=5GiB,1=5GiB").unwrap()).is_err());
+    assert!(parse_max_memory("1=8GiB").is_err());
+    assert!(parse_max_memory("0=8").is_err());
+}

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use crate::cli::EstimateArgs;
 use crate::config::{resolve_model, ModelConfig};
-use crate::estimate::{estimate, references, Coefficients, Estimate, Profile};
+use crate::estimate::{estimate_sharded, multi, references, Coefficients, Estimate, Profile};
 use crate::model::lora::LoraConfig;
 use crate::model::{Adaptation, Checkpointing, Quant};
 use crate::spec::{gib, TrainSpec};
@@ -122,7 +122,34 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
         (None, Some(b)) => Some(("--budget".to_string(), b)),
         (None, None) => None,
     };
-    let e = estimate(cfg, &spec, profile, &c)?;
+    let sharding = match &a.shard {
+        Some(sh) => Some((multi::Shard::parse(sh)?, a.gpus)),
+        None if a.gpus != 1 => {
+            return Err(crate::Error::invalid(
+                "--gpus",
+                a.gpus,
+                "needs --shard (zero1, zero2, zero3 or fsdp)",
+            )
+            .into())
+        }
+        None => None,
+    };
+    let e = estimate_sharded(cfg, &spec, profile, &c, sharding)?;
+    let map = match (a.device_map, &a.max_memory) {
+        (true, Some(m)) => Some(multi::device_map(cfg, &spec, &multi::parse_max_memory(m)?)?),
+        (true, None) => {
+            return Err(crate::Error::invalid(
+                "--device-map",
+                "",
+                "needs --max-memory, e.g. 0=24GiB,1=24GiB",
+            )
+            .into())
+        }
+        (false, Some(_)) => {
+            return Err(crate::Error::invalid("--max-memory", "", "goes with --device-map").into())
+        }
+        (false, None) => None,
+    };
     let refs = [
         references::seed_rule(cfg, &spec),
         references::korthikanti(cfg, &spec),
@@ -130,7 +157,11 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
     let alts: Vec<(String, Estimate)> = match &budget {
         Some((_, b)) if e.peak_bytes > *b => alternatives(cfg, &spec)
             .into_iter()
-            .filter_map(|(n, s)| estimate(cfg, &s, profile, &c).ok().map(|x| (n, x)))
+            .filter_map(|(n, s)| {
+                estimate_sharded(cfg, &s, profile, &c, sharding)
+                    .ok()
+                    .map(|x| (n, x))
+            })
             .collect(),
         _ => vec![],
     };
@@ -139,6 +170,8 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
             "model": model.name, "estimate": e, "references": refs,
             "budget": budget.as_ref().map(|(n, b)| serde_json::json!({"name": n, "bytes": b, "fits": e.peak_bytes <= *b})),
             "alternatives": alts.iter().map(|(n, x)| serde_json::json!({"change": n, "peak_bytes": x.peak_bytes})).collect::<Vec<_>>(),
+            "sharding": a.shard.as_ref().map(|s| serde_json::json!({"shard": s, "gpus": a.gpus})),
+            "device_map": map,
         });
         super::emit(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
         return Ok(ExitCode::SUCCESS);
@@ -179,6 +212,38 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
         gib(e.peak_bytes),
         e.peak_phase
     );
+    if let Some(sh) = &a.shard {
+        t += &format!(
+            "(per GPU: {sh} over {} data-parallel GPUs; activations per GPU)\n",
+            a.gpus
+        );
+    }
+    if let Some(map) = &map {
+        t += "device map (weights only, layers in order):\n";
+        let mut dev = usize::MAX;
+        for p in map {
+            if p.device != dev {
+                dev = p.device;
+                let on: Vec<&str> = map
+                    .iter()
+                    .filter(|q| q.device == dev)
+                    .map(|q| q.module.as_str())
+                    .collect();
+                let bytes: u64 = map
+                    .iter()
+                    .filter(|q| q.device == dev)
+                    .map(|q| q.bytes)
+                    .sum();
+                t += &format!(
+                    "  device {dev}: {} .. {} ({} modules, {} GiB)\n",
+                    on[0],
+                    on[on.len() - 1],
+                    on.len(),
+                    gib(bytes)
+                );
+            }
+        }
+    }
     t += "reference formulas (GiB = 2^30 bytes):\n";
     for r in &refs {
         t += &format!(

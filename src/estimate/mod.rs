@@ -8,6 +8,7 @@
 //! * `torch-sdpa`, `torch-eager`: what PyTorch + transformers keep for the same decoder (see
 //!   [`torch`]); eager attention also keeps the `(batch, heads, seq, seq)` probabilities.
 
+pub mod multi;
 pub mod references;
 pub mod table;
 pub mod torch;
@@ -303,6 +304,21 @@ pub fn estimate(
     profile: Profile,
     c: &Coefficients,
 ) -> Result<Estimate> {
+    estimate_sharded(cfg, spec, profile, c, None)
+}
+
+/// [`estimate`] per GPU under `sharding` = (scheme, data-parallel GPUs) (see [`multi::shard`]);
+/// activations stay per GPU (each GPU runs its own micro-batch).
+///
+/// # Errors
+/// As [`estimate`]; [`Error::InvalidValue`] for zero GPUs.
+pub fn estimate_sharded(
+    cfg: &ModelConfig,
+    spec: &TrainSpec,
+    profile: Profile,
+    c: &Coefficients,
+    sharding: Option<(multi::Shard, usize)>,
+) -> Result<Estimate> {
     if c.profile != profile {
         return Err(Error::invalid(
             "--calibration",
@@ -315,7 +331,22 @@ pub fn estimate(
         ));
     }
     spec.validate(cfg)?;
-    let t = terms(cfg, spec, profile);
+    let mut t = terms(cfg, spec, profile);
+    if let Some((sh, gpus)) = sharding {
+        let m = multi::shard(
+            cfg,
+            spec,
+            sh,
+            gpus,
+            t.weights,
+            t.gradients,
+            t.optimizer_states,
+        )?;
+        t.weights = m.weights;
+        t.optimizer_states = m.optimizer_states;
+        t.terms[4] *= m.gradients as f64 / t.gradients.max(1) as f64;
+        t.gradients = m.gradients;
+    }
     let bwd = predicted_backward_peak(&t, c);
     // The optimizer step holds weights, gradients and states, plus its transient: vramcal's
     // chunked AdamW ~10 MiB; PyTorch's foreach AdamW about one parameter-sized buffer.
