@@ -73,6 +73,29 @@ pub enum Command {
         after_help = "Examples:\n  vramcal check --measured results/cpu/*.csv --calibration results/calibration/cpu-candle.csv --max-error 0.03 --max-median-error 0.01\n  vramcal check --measured ../shared/cases/public-measurements.csv --profile torch-sdpa"
     )]
     Check(CheckArgs),
+    /// Plot measured vs estimated peaks and the estimate's components (SVG and PNG) with an
+    /// index.md.
+    #[command(
+        after_help = "Examples:\n  vramcal report --measured results/cpu/smollm2-135m.csv results/cpu/smollm2-135m-peft.csv --calibration results/calibration/cpu-candle.csv --out report"
+    )]
+    Report(ReportArgs),
+}
+
+/// `vramcal report`.
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// Measured CSVs made by vramcal.
+    #[arg(long, num_args = 1.., required = true)]
+    pub measured: Vec<PathBuf>,
+    /// Profile of the estimates.
+    #[arg(long, default_value = "candle")]
+    pub profile: String,
+    /// Calibration table (default: uncalibrated coefficients).
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long, default_value = "report")]
+    pub out: PathBuf,
 }
 
 /// `vramcal estimate`.

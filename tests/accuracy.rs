@@ -210,3 +210,50 @@ fn estimator_bad_input() {
         "exceeds --max-error",
     );
 }
+
+#[test]
+fn report_writes_the_plots_and_an_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let st = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "report",
+            "--measured",
+            MEASURED[0],
+            MEASURED[1],
+            "--calibration",
+            CALIBRATION,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let index = std::fs::read_to_string(out.join("index.md")).unwrap();
+    let svgs: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "svg"))
+        .collect();
+    // Six (method, checkpointing) groups: a peak chart and a components chart each.
+    assert_eq!(svgs.len(), 12);
+    for svg in &svgs {
+        let text = std::fs::read_to_string(svg).unwrap();
+        assert!(
+            text.contains("<text") && text.contains("GiB"),
+            "{}",
+            svg.display()
+        );
+        let png = svg.with_extension("png");
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", png.display());
+        let name = svg.file_name().unwrap().to_string_lossy().to_string();
+        assert!(index.contains(&name), "index.md does not show {name}");
+    }
+    assert!(index.contains("median |error|"));
+}

@@ -9,6 +9,7 @@ pub mod measure;
 pub mod models;
 pub mod plan;
 pub mod point;
+pub mod report;
 pub mod sweep;
 
 use std::process::ExitCode;
@@ -29,6 +30,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Estimate(a) => estimate::run(&a),
         Command::Calibrate(a) => calibrate::run(&a),
         Command::Check(a) => check::run(&a),
+        Command::Report(a) => report::run(&a),
     }
 }
 

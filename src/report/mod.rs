@@ -1,6 +1,7 @@
 //! Results: the one CSV row struct, appending rows safely, and the terminal table.
 
 pub mod csv_out;
+pub mod plots;
 pub mod row;
 pub mod table;
 
