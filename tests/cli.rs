@@ -729,3 +729,14 @@ fn the_table_reports_the_steady_state_step() {
             predicate::str::contains("step 2: ").and(predicate::str::contains("tokens/s, loss")),
         );
 }
+
+#[test]
+fn timed_steps_are_counted_after_step_two() {
+    let out = vramcal().args(["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--timed-steps", "2", "--json", "--quiet"]).output().unwrap();
+    assert!(out.status.success());
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(row["timed_steps"], 2);
+    let median = row["step_seconds_median"].as_f64().unwrap();
+    let tps = row["tokens_per_second"].as_f64().unwrap();
+    assert!((tps - 8.0 / median).abs() < 1e-9 * tps);
+}

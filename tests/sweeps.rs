@@ -298,6 +298,27 @@ fn plan_projects_time_from_measured_throughput() {
     assert!((p["seconds"].as_f64().unwrap() - 320_000.0 / tps).abs() < 1e-6);
     let mfu = p["mfu"].as_f64().unwrap();
     assert!((mfu - p["model_flops_per_token"].as_f64().unwrap() * tps / 1e12).abs() < 1e-12);
+    // --batch is optional for plan (default 1).
+    let st = bin()
+        .args([
+            "plan",
+            "--model",
+            "tiny",
+            "--examples",
+            "100",
+            "--seq",
+            "16",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let p: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(p["steps"], 100);
     let bad = bin()
         .args(["plan", "--model", "tiny", "--examples", "0", "--seq", "32"])
         .output()

@@ -59,6 +59,9 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
         "--peak-tflops",
         "--gpu",
         "--timed-steps",
+        "--batch",
+        "--micro-batch",
+        "--seq",
     ];
     let mut it = std::env::args_os().skip(2).peekable();
     while let Some(x) = it.next() {
@@ -76,6 +79,10 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
         args.push(x);
     }
     args.extend([
+        "--batch".into(),
+        a.batch.to_string().into(),
+        "--seq".into(),
+        a.seq.to_string().into(),
         "--timed-steps".into(),
         timed.to_string().into(),
         "--record-command".into(),

@@ -182,7 +182,7 @@ impl Row {
             peak_device_bytes: device_used,
             step1_seconds: m.step_seconds.first().copied(),
             step2_seconds: m.step_seconds.get(1).copied(),
-            timed_steps: m.step_seconds.len().saturating_sub(1),
+            timed_steps: m.step_seconds.len().saturating_sub(2),
             step_seconds_median: crate::measure::step::median_step_seconds(m),
             tokens_per_second: crate::measure::step::median_step_seconds(m)
                 .map(|s| spec.tokens() as f64 / s),
