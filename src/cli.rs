@@ -110,12 +110,9 @@ pub struct EstimateArgs {
     /// Tokens per sequence.
     #[arg(long)]
     pub seq: usize,
-    /// Fine-tuning method: full, lora or qlora.
-    #[arg(long)]
-    pub method: Option<String>,
-    /// Activation checkpointing: none, layers or every:K.
-    #[arg(long, default_value = "none")]
-    pub checkpointing: String,
+    /// Fine-tuning method and checkpointing.
+    #[command(flatten)]
+    pub how: MethodArgs,
     /// Implementation profile: candle (vramcal's model), torch-sdpa or torch-eager.
     #[arg(long, default_value = "candle")]
     pub profile: String,
@@ -205,12 +202,9 @@ pub struct MaxArgs {
     /// Tokens per sequence (fixed when searching batch).
     #[arg(long)]
     pub seq: Option<usize>,
-    /// Fine-tuning method: full, lora or qlora.
-    #[arg(long)]
-    pub method: Option<String>,
-    /// Activation checkpointing: none, layers or every:K.
-    #[arg(long, default_value = "none")]
-    pub checkpointing: String,
+    /// Fine-tuning method and checkpointing.
+    #[command(flatten)]
+    pub how: MethodArgs,
     /// Largest size to try (default: 4096 for batch, max_position_embeddings for seq).
     #[arg(long)]
     pub limit: Option<usize>,
@@ -234,12 +228,9 @@ pub struct PlanArgs {
     /// Tokens per example (the measured sequence length).
     #[arg(long)]
     pub seq: usize,
-    /// Fine-tuning method: full, lora or qlora.
-    #[arg(long)]
-    pub method: Option<String>,
-    /// Activation checkpointing: none, layers or every:K.
-    #[arg(long, default_value = "none")]
-    pub checkpointing: String,
+    /// Fine-tuning method and checkpointing.
+    #[command(flatten)]
+    pub how: MethodArgs,
     /// Training examples per epoch.
     #[arg(long)]
     pub examples: u64,
@@ -328,6 +319,19 @@ pub struct ModelArgs {
     pub timed_steps: usize,
 }
 
+/// Fine-tuning method and activation checkpointing of one point.
+#[derive(Debug, Clone, Args)]
+pub struct MethodArgs {
+    /// Fine-tuning method: `full`, `lora` or `qlora` (LoRA on an NF4 base). Default: `lora`
+    /// when --lora is given, else `full`.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Activation checkpointing: `none`, `layers` (every decoder layer) or `every:K`
+    /// (segments of K layers).
+    #[arg(long, default_value = "none")]
+    pub checkpointing: String,
+}
+
 /// `vramcal measure`.
 #[derive(Debug, Clone, Args)]
 pub struct MeasureArgs {
@@ -340,14 +344,9 @@ pub struct MeasureArgs {
     /// Tokens per sequence.
     #[arg(long)]
     pub seq: usize,
-    /// Fine-tuning method: `full`, `lora` or `qlora` (LoRA on an NF4 base). Default: `lora`
-    /// when --lora is given, else `full`.
-    #[arg(long)]
-    pub method: Option<String>,
-    /// Activation checkpointing: `none`, `layers` (every decoder layer) or `every:K`
-    /// (segments of K layers).
-    #[arg(long, default_value = "none")]
-    pub checkpointing: String,
+    /// Fine-tuning method and checkpointing.
+    #[command(flatten)]
+    pub how: MethodArgs,
     /// Print the result row as JSON on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,

@@ -732,7 +732,22 @@ fn the_table_reports_the_steady_state_step() {
 
 #[test]
 fn timed_steps_are_counted_after_step_two() {
-    let out = vramcal().args(["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--timed-steps", "2", "--json", "--quiet"]).output().unwrap();
+    let out = vramcal()
+        .args([
+            "measure",
+            "--model",
+            "tiny",
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--timed-steps",
+            "2",
+            "--json",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(row["timed_steps"], 2);

@@ -110,8 +110,8 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
         &a.model,
         a.batch,
         a.seq,
-        a.method.as_deref(),
-        &a.checkpointing,
+        a.how.method.as_deref(),
+        &a.how.checkpointing,
     )?;
     spec.allow_longer = a.model.allow_longer;
     spec.validate(cfg)?;

@@ -54,8 +54,14 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
     // Validate the extremes before any probe.
     for x in [1, limit] {
         let (b, s) = point(x);
-        super::measure::train_spec(&a.model, b, s, a.method.as_deref(), &a.checkpointing)?
-            .validate(&model.config)?;
+        super::measure::train_spec(
+            &a.model,
+            b,
+            s,
+            a.how.method.as_deref(),
+            &a.how.checkpointing,
+        )?
+        .validate(&model.config)?;
     }
     if let Some(out) = &a.out {
         crate::report::csv_out::check_writable(out)?;
@@ -64,8 +70,13 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
     let command = super::command_line();
     let probe = |x: usize| -> anyhow::Result<Row> {
         let (b, s) = point(x);
-        let spec =
-            super::measure::train_spec(&a.model, b, s, a.method.as_deref(), &a.checkpointing)?;
+        let spec = super::measure::train_spec(
+            &a.model,
+            b,
+            s,
+            a.how.method.as_deref(),
+            &a.how.checkpointing,
+        )?;
         let ctx = RowContext {
             command: command.clone(),
             model: model.name.clone(),
@@ -166,18 +177,24 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
         super::estimate::coefficients(a.calibration.as_deref(), crate::estimate::Profile::Candle)?;
     let fits_est = |x: usize| -> bool {
         let (b, s) = point(x);
-        super::measure::train_spec(&a.model, b, s, a.method.as_deref(), &a.checkpointing)
+        super::measure::train_spec(
+            &a.model,
+            b,
+            s,
+            a.how.method.as_deref(),
+            &a.how.checkpointing,
+        )
+        .ok()
+        .and_then(|spec| {
+            crate::estimate::estimate(
+                &model.config,
+                &spec,
+                crate::estimate::Profile::Candle,
+                &coeffs,
+            )
             .ok()
-            .and_then(|spec| {
-                crate::estimate::estimate(
-                    &model.config,
-                    &spec,
-                    crate::estimate::Profile::Candle,
-                    &coeffs,
-                )
-                .ok()
-            })
-            .is_some_and(|e| e.peak_bytes <= budget)
+        })
+        .is_some_and(|e| e.peak_bytes <= budget)
     };
     let est = if !fits_est(1) {
         "estimate: even 1 does not fit".to_string()

@@ -251,8 +251,8 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
         &a.model,
         a.batch,
         a.seq,
-        a.method.as_deref(),
-        &a.checkpointing,
+        a.how.method.as_deref(),
+        &a.how.checkpointing,
     )?;
     spec.validate(&model.config)?;
     let device = parse_device(&a.model.device)?;

@@ -21,8 +21,8 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
         &a.model,
         a.batch,
         a.seq,
-        a.method.as_deref(),
-        &a.checkpointing,
+        a.how.method.as_deref(),
+        &a.how.checkpointing,
     )?;
     spec.validate(&model.config)?;
     let peak = match (a.peak_tflops, &a.gpu) {
