@@ -289,9 +289,10 @@ pub struct ModelArgs {
     /// r=8, alpha=8, dropout=0, targets=q_proj,v_proj.
     #[arg(long)]
     pub lora: Option<String>,
-    /// Quantization of the frozen base: `none` or `nf4` (with LoRA: QLoRA).
-    #[arg(long, default_value = "none")]
-    pub quant: String,
+    /// Quantization of the frozen base: `none` or `nf4` (with LoRA: QLoRA; `--method qlora`
+    /// implies it).
+    #[arg(long)]
+    pub quant: Option<String>,
     /// With NF4: quantize the per-block absmax values too (QLoRA's double quantization).
     #[arg(long)]
     pub double_quant: bool,
@@ -309,7 +310,7 @@ pub struct ModelArgs {
     /// Folder the save phase writes into (default: a temporary folder, removed afterwards).
     #[arg(long)]
     pub save_dir: Option<PathBuf>,
-    /// Cap on allocated memory, e.g. `4GiB` (units B, KiB, MiB, GiB, KB, MB, GB): a point that
+    /// Cap on allocated memory, e.g. `4GiB` (units B, KiB, MiB, GiB, TiB, KB, MB, GB, TB): a point that
     /// needs more ends as `status=oom` with the phases measured before. Makes "does it fit in
     /// 80 GiB" testable on a smaller machine.
     #[arg(long)]

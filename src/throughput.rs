@@ -179,8 +179,21 @@ pub fn plan(
         ));
     }
     let per_step = (spec.batch * spec.accumulate) as u64;
-    let steps = examples.div_ceil(per_step) * epochs;
-    let tokens = examples * epochs * spec.seq as u64;
+    let too_big = || {
+        Error::invalid(
+            "--examples × --epochs × --seq",
+            format!("{examples} × {epochs} × {}", spec.seq),
+            "overflows 64 bits",
+        )
+    };
+    let steps = examples
+        .div_ceil(per_step)
+        .checked_mul(epochs)
+        .ok_or_else(too_big)?;
+    let tokens = examples
+        .checked_mul(epochs)
+        .and_then(|x| x.checked_mul(spec.seq as u64))
+        .ok_or_else(too_big)?;
     let seconds = tokens as f64 / tokens_per_second;
     let f = model_flops_per_token(cfg, spec);
     let achieved = f * tokens_per_second;

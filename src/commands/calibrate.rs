@@ -34,6 +34,12 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     let profile = Profile::parse(&a.profile)?;
     let mut rows = Vec::new();
     for f in &a.measured {
+        if super::check::is_public(f)? {
+            anyhow::bail!(
+                "{}: a published-measurements file: use it with `vramcal check`, never to fit",
+                f.display()
+            );
+        }
         let r = read_rows(f)?;
         if r.is_empty() {
             anyhow::bail!("{}: no measured rows", f.display());
@@ -122,11 +128,15 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         pct(median(fit_err.iter().map(|e| e.abs()).collect())),
         pct(abs_max(&fit_err))
     );
-    t += &format!(
-        "leave-one-out: median |error| {}, max {}\n",
-        pct(median(loo.iter().map(|e| e.abs()).collect())),
-        pct(abs_max(&loo))
-    );
+    if loo.is_empty() {
+        t += &format!("leave-one-out: n/a (each fit needs {} rows)\n", TERMS.len());
+    } else {
+        t += &format!(
+            "leave-one-out: median |error| {}, max {}\n",
+            pct(median(loo.iter().map(|e| e.abs()).collect())),
+            pct(abs_max(&loo))
+        );
+    }
     if !held.is_empty() {
         t += &format!(
             "held-out rows ({}): median |error| {}, max {}, under-estimates {}\n",

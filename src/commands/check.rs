@@ -82,7 +82,11 @@ fn public_spec(p: &Public) -> anyhow::Result<TrainSpec> {
     Ok(s)
 }
 
-fn is_public(path: &Path) -> anyhow::Result<bool> {
+/// Whether `path` is a published-measurements file (columns `source` and `counter`).
+///
+/// # Errors
+/// An unreadable file.
+pub fn is_public(path: &Path) -> anyhow::Result<bool> {
     let mut r = csv::Reader::from_path(path)
         .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
     let h = r
@@ -117,6 +121,22 @@ fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
 /// Unreadable, empty or malformed measured files; a bad calibration; thresholds exceeded.
 pub fn run(a: &CheckArgs) -> anyhow::Result<ExitCode> {
     let profile = Profile::parse(&a.profile)?;
+    for (name, v) in [
+        ("--max-error", a.max_error),
+        ("--max-median-error", a.max_median_error),
+        ("--margin", Some(a.margin)),
+    ] {
+        if let Some(v) = v {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(crate::Error::invalid(
+                    name,
+                    v,
+                    "must be a finite fraction ≥ 0, e.g. 0.03",
+                )
+                .into());
+            }
+        }
+    }
     let c = super::estimate::coefficients(a.calibration.as_deref(), profile)?;
     let mut out: Vec<Compared> = Vec::new();
     for f in &a.measured {

@@ -117,8 +117,27 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
     spec.validate(cfg)?;
     let profile = Profile::parse(&a.profile)?;
     let c = coefficients(a.calibration.as_deref(), profile)?;
+    if a.model.weights != "random" {
+        return Err(crate::Error::invalid(
+            "--weights",
+            &a.model.weights,
+            "estimate reads no weights: give --model",
+        )
+        .into());
+    }
     let budget = match (&a.gpu, super::measure::budget(&a.model)?) {
-        (Some(g), _) => Some((gpu(g)?.name.to_string(), gpu(g)?.memory_bytes)),
+        (Some(_), Some(_)) => {
+            return Err(crate::Error::invalid(
+                "--budget",
+                "",
+                "give either --gpu or --budget, not both",
+            )
+            .into())
+        }
+        (Some(g), None) => {
+            let g = gpu(g)?;
+            Some((g.name.to_string(), g.memory_bytes))
+        }
         (None, Some(b)) => Some(("--budget".to_string(), b)),
         (None, None) => None,
     };
@@ -167,7 +186,15 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
     };
     if a.json {
         let v = serde_json::json!({
-            "model": model.name, "estimate": e, "references": refs,
+            "model": model.name,
+            "method": spec.adaptation.method(),
+            "checkpointing": spec.checkpointing.label(),
+            "dtype": spec.dtype.as_str(),
+            "micro_batch": spec.batch,
+            "accumulate": spec.accumulate,
+            "seq": spec.seq,
+            "estimate": e,
+            "references": refs,
             "budget": budget.as_ref().map(|(n, b)| serde_json::json!({"name": n, "bytes": b, "fits": e.peak_bytes <= *b})),
             "alternatives": alts.iter().map(|(n, x)| serde_json::json!({"change": n, "peak_bytes": x.peak_bytes})).collect::<Vec<_>>(),
             "sharding": a.shard.as_ref().map(|s| serde_json::json!({"shard": s, "gpus": a.gpus})),
@@ -183,7 +210,7 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
         .map(|l| format!(" ({l})"))
         .unwrap_or_default();
     let mut t = format!(
-        "vramcal estimate | {} | {}{lora} | quant {} | checkpointing {} | dtype {} | AdamW states {} | micro-batch {} x seq {} | profile {} ({})\n",
+        "vramcal estimate | {} | {}{lora} | quant {} | checkpointing {} | dtype {} | AdamW states {} | micro-batch {} x accumulate {} x seq {} | profile {} ({})\n",
         model.name,
         spec.adaptation.method(),
         spec.adaptation.quant.label(),
@@ -191,6 +218,7 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
         spec.dtype.as_str(),
         spec.state_dtype.as_str(),
         spec.batch,
+        spec.accumulate,
         spec.seq,
         profile.name(),
         c.source

@@ -34,6 +34,14 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
         "seq" => true,
         other => return Err(Error::invalid("--axis", other, "expected batch or seq").into()),
     };
+    if by_seq && a.seq.is_some() {
+        return Err(Error::invalid(
+            "--seq",
+            a.seq.unwrap_or(0),
+            "is what --axis seq searches: give --batch and --budget",
+        )
+        .into());
+    }
     let fixed_seq = match (by_seq, a.seq) {
         (false, Some(s)) => s,
         (false, None) => {

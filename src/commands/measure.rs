@@ -148,12 +148,12 @@ pub fn probe_for(device: &Device, name: &str) -> Result<Box<dyn MemoryProbe>, Er
 /// # Errors
 /// Unknown method or quantization, malformed `--lora`, `--lora` with `--method full`.
 pub fn adaptation(args: &ModelArgs, method: Option<&str>) -> anyhow::Result<Adaptation> {
-    let quant = match args.quant.as_str() {
-        "none" => Quant::None,
-        "nf4" => Quant::Nf4 {
+    let quant = match args.quant.as_deref() {
+        None | Some("none") => Quant::None,
+        Some("nf4") => Quant::Nf4 {
             double: args.double_quant,
         },
-        q => return Err(Error::invalid("--quant", q, "expected none or nf4").into()),
+        Some(q) => return Err(Error::invalid("--quant", q, "expected none or nf4").into()),
     };
     let method = method.unwrap_or(if args.lora.is_some() { "lora" } else { "full" });
     let lora = || -> anyhow::Result<LoraConfig> {
@@ -183,15 +183,33 @@ pub fn adaptation(args: &ModelArgs, method: Option<&str>) -> anyhow::Result<Adap
             quant,
             seed: args.seed,
         },
-        "qlora" => Adaptation {
-            lora: Some(lora()?),
-            quant: Quant::Nf4 {
-                double: args.double_quant,
-            },
-            seed: args.seed,
-        },
+        "qlora" => {
+            if args.quant.as_deref() == Some("none") {
+                return Err(Error::invalid(
+                    "--quant",
+                    "none",
+                    "conflicts with --method qlora (a 4-bit base)",
+                )
+                .into());
+            }
+            Adaptation {
+                lora: Some(lora()?),
+                quant: Quant::Nf4 {
+                    double: args.double_quant,
+                },
+                seed: args.seed,
+            }
+        }
         m => return Err(Error::invalid("--method", m, "expected full, lora or qlora").into()),
     };
+    if args.double_quant && !matches!(ad.quant, Quant::Nf4 { .. }) {
+        return Err(Error::invalid(
+            "--double-quant",
+            "",
+            "goes with a 4-bit base (--method qlora or --quant nf4)",
+        )
+        .into());
+    }
     Ok(ad)
 }
 
@@ -281,10 +299,16 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
             budget,
         );
     }
-    // Only now, with all input checked, may the output file be created.
-    if let Some(out) = &a.out {
-        crate::report::csv_out::check_writable(out)?;
-    }
+    check_save_dir(&a.model)?;
+    // Only now, with all input checked, may the output file be created; a sweep writing the
+    // same file holds its lock, and so does this measurement until its row is written.
+    let _lock = match &a.out {
+        Some(out) => {
+            crate::report::csv_out::check_writable(out)?;
+            Some(crate::report::csv_out::lock(out)?)
+        }
+        None => None,
+    };
     let exe = std::env::current_exe().context("locating the vramcal binary")?;
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     if a.record_command.is_none() {
@@ -356,6 +380,7 @@ fn run_child(
     probe: &dyn MemoryProbe,
     budget: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
+    die_with_parent();
     let mut m = Measurement::default();
     let mut on_event = |e: Event<'_>| {
         let line = match e {
@@ -385,6 +410,45 @@ fn run_child(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Makes the kernel kill this measuring child when its parent dies (`kill -9` of a sweep),
+/// so it never keeps a large point running beside a resumed sweep (Linux `PR_SET_PDEATHSIG`).
+fn die_with_parent() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: prctl with PR_SET_PDEATHSIG only sets a signal number for this process.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        }
+        // The parent may already be gone (re-parented to init or a subreaper).
+        if std::os::unix::process::parent_id() == 1 {
+            std::process::exit(3);
+        }
+    }
+}
+
+/// Checks `--save-dir` before anything runs: it needs a save, and must be (or become) a folder.
+///
+/// # Errors
+/// `--save-dir` without `--save`, a path that is a file, or a folder that cannot be created.
+pub fn check_save_dir(args: &ModelArgs) -> anyhow::Result<()> {
+    let Some(d) = &args.save_dir else {
+        return Ok(());
+    };
+    if args.save == "none" && !args.merge_save {
+        return Err(Error::invalid(
+            "--save-dir",
+            d.display(),
+            "needs --save adapter|merged (or --merge-save)",
+        )
+        .into());
+    }
+    if d.exists() && !d.is_dir() {
+        return Err(Error::invalid("--save-dir", d.display(), "exists and is not a folder").into());
+    }
+    std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    Ok(())
 }
 
 /// Parses `--budget`.

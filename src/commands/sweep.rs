@@ -140,13 +140,26 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         }
     }
     super::measure::probe_for(&device, &a.model.device)?;
+    super::measure::check_save_dir(&a.model)?;
+    if a.model.lora.is_some()
+        && !methods
+            .iter()
+            .any(|m| matches!(m.as_deref(), Some("lora" | "qlora") | None))
+    {
+        return Err(crate::Error::invalid(
+            "--lora",
+            a.model.lora.clone().unwrap_or_default(),
+            "needs a lora or qlora method in --method",
+        )
+        .into());
+    }
     let dev_dir = a.model.device.replace(':', "");
     let out = a
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("results/{dev_dir}/{}.csv", model.name)));
     crate::report::csv_out::check_writable(&out)?;
-    let _lock = lock(&out)?;
+    let _lock = crate::report::csv_out::lock(&out)?;
     let total = grid.len();
     if a.resume {
         let done: HashSet<String> = crate::report::csv_out::read_rows_for_resume(&out)?
@@ -306,14 +319,10 @@ fn child_args(p: &Point, i: usize, command: &str) -> Vec<OsString> {
         "--data-seed",
         &m.data_seed.to_string(),
     ]);
-    push(&[
-        "--quant",
-        &m.quant,
-        "--accumulate",
-        &m.accumulate.to_string(),
-        "--save",
-        &m.save,
-    ]);
+    push(&["--accumulate", &m.accumulate.to_string(), "--save", &m.save]);
+    if let Some(q) = &m.quant {
+        push(&["--quant", q]);
+    }
     push(&[
         "--timed-steps",
         &m.timed_steps.to_string(),
@@ -381,39 +390,4 @@ pub fn config_key(r: &Row) -> String {
         opt(r.budget_bytes.map(|x| x.to_string())),
     ]
     .join("|")
-}
-
-/// Takes the advisory lock `<out>.lock` for the whole sweep (released by the kernel if the
-/// process dies, so a killed sweep never leaves a stale lock).
-///
-/// # Errors
-/// When another process holds it.
-fn lock(out: &std::path::Path) -> anyhow::Result<LockGuard> {
-    let path = PathBuf::from(format!("{}.lock", out.display()));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("creating the lock file {}", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(LockGuard { _file: f, path }),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "another vramcal sweep is writing {} (it holds {}); wait for it or choose another --out",
-            out.display(),
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::Error::from(e).context(format!("locking {}", path.display()))),
-    }
-}
-
-struct LockGuard {
-    _file: std::fs::File,
-    path: PathBuf,
-}
-
-impl Drop for LockGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
 }

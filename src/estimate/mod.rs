@@ -22,6 +22,7 @@ use crate::spec::TrainSpec;
 
 /// Which implementation's memory to predict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Profile {
     /// vramcal's candle model.
     Candle,
@@ -245,7 +246,9 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec) -> Terms {
             (kept * scores) as f64,
             ckpt as f64,
             head as f64,
-            (t * d) as f64,
+            // With gradient accumulation the sum of earlier micro-batches' gradients is alive
+            // while the next micro-batch builds its own.
+            (t * d * if spec.accumulate > 1 { 2 } else { 1 }) as f64,
             largest_trainable(cfg, spec) as f64,
             scores as f64,
             1.0,
@@ -351,7 +354,10 @@ pub fn estimate_sharded(
     // The optimizer step holds weights, gradients and states, plus its transient: vramcal's
     // chunked AdamW ~10 MiB; PyTorch's foreach AdamW about one parameter-sized buffer.
     let opt_transient = match profile {
-        Profile::Candle => 10u64 << 20,
+        // Chunked AdamW: about ten f32 buffers of one chunk (at most 2^18 elements).
+        Profile::Candle => {
+            10 * 4 * (largest_trainable(cfg, spec) / spec.dtype.size_in_bytes() as u64).min(1 << 18)
+        }
         // foreach AdamW: about one parameter-sized buffer in the parameters' dtype.
         _ => t.gradients,
     };
@@ -401,6 +407,34 @@ pub fn estimate_sharded(
     let (peak, phase) = if bwd >= opt {
         (bwd, "backward")
     } else {
+        // The items that add up at the optimizer step.
+        items = vec![
+            Item {
+                name: "weights".into(),
+                bytes: t.weights,
+                formula: "params × dtype (NF4: 0.5 B + block scales)".into(),
+            },
+            Item {
+                name: "optimizer states (AdamW m, v)".into(),
+                bytes: t.optimizer_states,
+                formula: "2 × trainable params × state dtype".into(),
+            },
+            Item {
+                name: "gradients".into(),
+                bytes: t.gradients,
+                formula: "trainable params × dtype".into(),
+            },
+            Item {
+                name: "optimizer step transient".into(),
+                bytes: opt_transient,
+                formula: match profile {
+                    Profile::Candle => {
+                        "10 f32 buffers of one update chunk (≤ 2^18 elements)".into()
+                    }
+                    _ => "foreach AdamW: one parameter-sized buffer".into(),
+                },
+            },
+        ];
         (opt, "optimizer_step")
     };
     Ok(Estimate {

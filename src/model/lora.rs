@@ -122,6 +122,14 @@ impl LoraConfig {
         let mut c = LoraConfig::default();
         let mut targets: Option<Vec<Target>> = None;
         let mut last_key = String::new();
+        let mut seen: Vec<String> = Vec::new();
+        if spec.split(',').all(|x| x.trim().is_empty()) {
+            return Err(Error::invalid(
+                "--lora",
+                spec,
+                "is empty (e.g. r=16,alpha=32,targets=q_proj,v_proj)",
+            ));
+        }
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (key, value) = match item.split_once('=') {
                 Some((k, v)) => (k.trim().to_string(), v.trim()),
@@ -138,6 +146,22 @@ impl LoraConfig {
                 v.parse::<f64>()
                     .map_err(|_| Error::invalid(format!("--lora {key}"), v, "expected a number"))
             };
+            let canonical = match key.as_str() {
+                "rank" => "r",
+                "lora_alpha" => "alpha",
+                "lora_dropout" => "dropout",
+                "target_modules" => "targets",
+                k => k,
+            }
+            .to_string();
+            if canonical != "targets" && seen.contains(&canonical) {
+                return Err(Error::invalid(
+                    "--lora",
+                    spec,
+                    format!("{canonical} is given twice"),
+                ));
+            }
+            seen.push(canonical);
             match key.as_str() {
                 "r" | "rank" => {
                     c.r = value.parse().map_err(|_| {

@@ -3,7 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::report::Row;
@@ -131,4 +131,41 @@ pub fn read_rows_for_resume(path: &Path) -> Result<Vec<Row>> {
         f.set_len(keep as u64).map_err(|e| Error::io(path, e))?;
     }
     read_rows(path)
+}
+
+/// Takes the advisory lock `<out>.lock` (for a whole sweep, or a measurement until its row is
+/// written) (released by the kernel if the
+/// process dies, so a killed sweep never leaves a stale lock).
+///
+/// # Errors
+/// When another process holds it.
+pub fn lock(out: &Path) -> anyhow::Result<LockGuard> {
+    let path = PathBuf::from(format!("{}.lock", out.display()));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("creating the lock file {}: {e}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(LockGuard { _file: f, path }),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another vramcal sweep or measurement is writing {} (it holds {}); wait for it or choose another --out",
+            out.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::Error::from(e).context(format!("locking {}", path.display()))),
+    }
+}
+
+/// Holds the lock; removes the lock file when dropped.
+pub struct LockGuard {
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
