@@ -760,33 +760,147 @@ fn timed_steps_are_counted_after_step_two() {
 #[test]
 fn second_trial_findings_stay_fixed() {
     let m = |extra: &[&str]| -> Vec<String> {
-        ["measure", "--model", "tiny", "--batch", "1", "--seq", "8"].iter().chain(extra).map(|s| s.to_string()).collect()
+        ["measure", "--model", "tiny", "--batch", "1", "--seq", "8"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
     };
     fails_with(&m(&["--lora", "r=8,r=4"]), "r is given twice", None);
     fails_with(&m(&["--lora", ",,,"]), "is empty", None);
-    fails_with(&m(&["--method", "qlora", "--quant", "none"]), "conflicts with --method qlora", None);
+    fails_with(
+        &m(&["--method", "qlora", "--quant", "none"]),
+        "conflicts with --method qlora",
+        None,
+    );
     fails_with(&m(&["--double-quant"]), "goes with a 4-bit base", None);
-    fails_with(&m(&["--save-dir", "/tmp/vramcal-never"]), "needs --save", None);
+    fails_with(
+        &m(&["--save-dir", "/tmp/vramcal-never"]),
+        "needs --save",
+        None,
+    );
     let f = tempfile::NamedTempFile::new().unwrap();
-    fails_with(&m(&["--save", "adapter", "--save-dir", f.path().to_str().unwrap()]), "is not a folder", None);
-    fails_with(&["max", "--model", "tiny", "--axis", "seq", "--seq", "8", "--budget", "4MiB"], "is what --axis seq searches", None);
-    fails_with(&["estimate", "--model", "tiny", "--seq", "8", "--budget", "1GiB", "--gpu", "a100-80gb"], "either --gpu or --budget", None);
-    fails_with(&["estimate", "--model", "tiny", "--seq", "8", "--weights", "README.md"], "reads no weights", None);
-    fails_with(&["check", "--measured", "results/cpu/smollm2-135m.csv", "--max-error=nan"], "finite fraction", None);
-    fails_with(&["plan", "--model", "tiny", "--seq", "8", "--examples", "2305843009213693952"], "overflows", None);
-    fails_with(&["sweep", "--model", "tiny", "--method", "full", "--lora", "r=4", "--batch", "1", "--seq", "8", "--out", "/tmp/vramcal-never.csv"], "needs a lora or qlora method", None);
+    fails_with(
+        &m(&[
+            "--save",
+            "adapter",
+            "--save-dir",
+            f.path().to_str().unwrap(),
+        ]),
+        "is not a folder",
+        None,
+    );
+    fails_with(
+        &[
+            "max", "--model", "tiny", "--axis", "seq", "--seq", "8", "--budget", "4MiB",
+        ],
+        "is what --axis seq searches",
+        None,
+    );
+    fails_with(
+        &[
+            "estimate",
+            "--model",
+            "tiny",
+            "--seq",
+            "8",
+            "--budget",
+            "1GiB",
+            "--gpu",
+            "a100-80gb",
+        ],
+        "either --gpu or --budget",
+        None,
+    );
+    fails_with(
+        &[
+            "estimate",
+            "--model",
+            "tiny",
+            "--seq",
+            "8",
+            "--weights",
+            "README.md",
+        ],
+        "reads no weights",
+        None,
+    );
+    fails_with(
+        &[
+            "check",
+            "--measured",
+            "results/cpu/smollm2-135m.csv",
+            "--max-error=nan",
+        ],
+        "finite fraction",
+        None,
+    );
+    fails_with(
+        &[
+            "plan",
+            "--model",
+            "tiny",
+            "--seq",
+            "8",
+            "--examples",
+            "2305843009213693952",
+        ],
+        "overflows",
+        None,
+    );
+    fails_with(
+        &[
+            "sweep",
+            "--model",
+            "tiny",
+            "--method",
+            "full",
+            "--lora",
+            "r=4",
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--out",
+            "/tmp/vramcal-never.csv",
+        ],
+        "needs a lora or qlora method",
+        None,
+    );
     // The estimate reports the optimizer step's items when the peak is there, and they add up.
-    let out = vramcal().args(["estimate", "--model", "tiny", "--seq", "8", "--json"]).output().unwrap();
+    let out = vramcal()
+        .args(["estimate", "--model", "tiny", "--seq", "8", "--json"])
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["estimate"]["profile"], "candle");
     assert_eq!(v["seq"], 8);
-    let items: u64 = v["estimate"]["items"].as_array().unwrap().iter().map(|i| i["bytes"].as_u64().unwrap()).sum();
+    let items: u64 = v["estimate"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["bytes"].as_u64().unwrap())
+        .sum();
     let peak = v["estimate"]["peak_bytes"].as_u64().unwrap();
     assert!(items.abs_diff(peak) <= 8, "items {items} vs peak {peak}");
     // Accumulation keeps the summed gradients alive: the estimate grows with it.
     let est = |acc: &str| -> u64 {
-        let o = vramcal().args(["estimate", "--model", "smollm2-135m", "--seq", "64", "--accumulate", acc, "--json"]).output().unwrap();
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["estimate"]["peak_bytes"].as_u64().unwrap()
+        let o = vramcal()
+            .args([
+                "estimate",
+                "--model",
+                "smollm2-135m",
+                "--seq",
+                "64",
+                "--accumulate",
+                acc,
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["estimate"]["peak_bytes"]
+            .as_u64()
+            .unwrap()
     };
     assert!(est("2") > est("1"));
 }
@@ -797,5 +911,19 @@ fn a_measurement_respects_a_sweeps_lock() {
     let out = dir.path().join("locked.csv");
     let lock = std::fs::File::create(format!("{}.lock", out.display())).unwrap();
     lock.try_lock().unwrap();
-    fails_with(&["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--out", out.to_str().unwrap()], "another vramcal sweep", None);
+    fails_with(
+        &[
+            "measure",
+            "--model",
+            "tiny",
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "another vramcal sweep",
+        None,
+    );
 }
