@@ -176,7 +176,8 @@ fn a_second_sweep_on_the_same_file_is_refused() {
         .output()
         .unwrap();
     assert!(!st.status.success());
-    assert!(String::from_utf8_lossy(&st.stderr).contains("another vramcal sweep or measurement is writing"));
+    assert!(String::from_utf8_lossy(&st.stderr)
+        .contains("another vramcal sweep or measurement is writing"));
     drop(lock);
     let st = bin()
         .args([
