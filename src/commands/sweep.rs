@@ -25,29 +25,18 @@ use crate::throughput::model_flops_per_token;
 /// # Errors
 /// [`Error::InvalidValue`] naming the axis and the bad entry.
 pub fn parse_axis(name: &str, items: &[String]) -> Result<Vec<usize>, Error> {
-    let mut out = Vec::new();
-    for it in items {
-        let t = it.trim();
-        if t.is_empty() {
-            return Err(Error::invalid(
-                name,
-                items.join(","),
-                "the list is empty or has an empty entry",
-            ));
-        }
+    let mut out: Vec<usize> = Vec::new();
+    for t in parse_names(name, items)? {
         let v: usize = t
             .parse()
-            .map_err(|_| Error::invalid(name, t, "expected a positive integer"))?;
+            .map_err(|_| Error::invalid(name, &t, "expected a positive integer"))?;
         if v == 0 {
-            return Err(Error::invalid(name, t, "must be at least 1"));
+            return Err(Error::invalid(name, &t, "must be at least 1"));
         }
         if out.contains(&v) {
-            return Err(Error::invalid(name, t, "listed twice"));
+            return Err(Error::invalid(name, &t, "listed twice"));
         }
         out.push(v);
-    }
-    if out.is_empty() {
-        return Err(Error::invalid(name, "", "the list is empty"));
     }
     Ok(out)
 }
