@@ -381,7 +381,8 @@ pub fn estimate_sharded(
         ("attention backward transient", "one layer's (S2) entries"),
         ("fixed overhead (workspace)", "constant"),
     ];
-    let mut items = vec![
+    // Held at every moment of the step.
+    let held = vec![
         Item {
             name: "weights".into(),
             bytes: t.weights,
@@ -393,6 +394,7 @@ pub fn estimate_sharded(
             formula: "2 × trainable params × state dtype".into(),
         },
     ];
+    let mut items = held.clone();
     let row = t.design(t.head_branch(&c.values));
     for (i, (name, f)) in names.iter().enumerate() {
         let b = row[i] * c.values[i];
@@ -408,17 +410,8 @@ pub fn estimate_sharded(
         (bwd, "backward")
     } else {
         // The items that add up at the optimizer step.
-        items = vec![
-            Item {
-                name: "weights".into(),
-                bytes: t.weights,
-                formula: "params × dtype (NF4: 0.5 B + block scales)".into(),
-            },
-            Item {
-                name: "optimizer states (AdamW m, v)".into(),
-                bytes: t.optimizer_states,
-                formula: "2 × trainable params × state dtype".into(),
-            },
+        items = held;
+        items.extend([
             Item {
                 name: "gradients".into(),
                 bytes: t.gradients,
@@ -434,7 +427,7 @@ pub fn estimate_sharded(
                     _ => "foreach AdamW: one parameter-sized buffer".into(),
                 },
             },
-        ];
+        ]);
         (opt, "optimizer_step")
     };
     Ok(Estimate {
