@@ -17,3 +17,18 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// `hypotf` for this binary, so that it does not import glibc 2.35's `hypotf@GLIBC_2.35` (the
+/// SVG renderer behind `vramcal report` calls it) and starts on machines with glibc 2.34, such
+/// as the lent GPU machines. The squares of f32 values cannot overflow an f64, so the sum of
+/// squares in f64 (square root: one instruction, no libm) rounded once to f32 is within an ulp
+/// of glibc's result; infinities win over NaN as C99 (F.10.4.3) requires.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[no_mangle]
+pub extern "C" fn hypotf(x: f32, y: f32) -> f32 {
+    if x.is_infinite() || y.is_infinite() {
+        return f32::INFINITY;
+    }
+    let (x, y) = (f64::from(x), f64::from(y));
+    (x * x + y * y).sqrt() as f32
+}

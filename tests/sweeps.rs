@@ -326,3 +326,37 @@ fn plan_projects_time_from_measured_throughput() {
         .unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--examples"));
 }
+
+#[test]
+fn a_results_file_of_an_earlier_version_takes_new_rows() {
+    // The committed CPU results predate the `memory_counter` column.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/cpu/smollm2-135m.csv");
+    let header = std::fs::read_to_string(&src).unwrap();
+    assert!(!header.lines().next().unwrap().contains("memory_counter"));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("old.csv");
+    std::fs::copy(&src, &out).unwrap();
+    let before = rows(&out);
+    let st = bin()
+        .args([
+            "measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--quiet", "--out",
+        ])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let after = rows(&out);
+    assert_eq!(after.len(), before.len() + 1);
+    for (a, b) in after.iter().zip(&before) {
+        // Every earlier value kept; the new column empty.
+        for (k, v) in b {
+            assert_eq!(&a[k], v, "column {k}");
+        }
+        assert_eq!(a["memory_counter"], "");
+    }
+    assert_eq!(
+        after.last().unwrap()["memory_counter"],
+        "host-counting-allocator"
+    );
+    assert!(!dir.path().join("old.csv.upgrade").exists());
+}

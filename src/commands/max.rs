@@ -27,8 +27,7 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
             "vramcal max needs a --budget, e.g. --budget 80GiB",
         )
     })?;
-    let device = super::measure::parse_device(&a.model.device)?;
-    super::measure::probe_for(&device, &a.model.device)?;
+    super::measure::parse_device(&a.model.device)?;
     let by_seq = match a.axis.as_str() {
         "batch" => false,
         "seq" => true,

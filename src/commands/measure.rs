@@ -10,7 +10,10 @@ use crate::cli::{MeasureArgs, ModelArgs};
 use crate::commands::point::{run_point, send, ChildLine, PointResult};
 use crate::config::{resolve_model, ConfigSource, ResolvedModel};
 use crate::error::Error;
-use crate::measure::{measure_with, Event, HostProbe, Measurement, MemoryProbe, Options, Setup};
+use crate::measure::{
+    failure_hint, is_device_oom, measure_with, Event, HostProbe, Measurement, MemoryProbe, Options,
+    Setup,
+};
 use crate::model::gguf::{config_from_gguf, read_content};
 use crate::model::lora::LoraConfig;
 use crate::model::save::SaveMode;
@@ -83,13 +86,37 @@ pub fn resolve(args: &ModelArgs) -> anyhow::Result<(ResolvedModel, WeightsSpec)>
     Ok((model, weights))
 }
 
-/// Parses `--device`.
+/// A checked `--device` value, not yet opened. Parents (measure, sweep, max, plan) only
+/// check it; the measuring child opens it, so no other process holds a CUDA context that the
+/// device-wide counter would see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The host CPU.
+    Cpu,
+    /// CUDA device with this ordinal.
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    /// Whether this is the CPU.
+    pub fn is_cpu(&self) -> bool {
+        *self == DeviceChoice::Cpu
+    }
+}
+
+const DEVICE_SYNTAX: &str = "expected `cpu`, `cuda` or `cuda:N`";
+
+/// Parses and checks `--device` without opening it: the syntax, the `cuda` feature, that the
+/// driver sees the device (no context is created), and that the CPU probe can count.
 ///
 /// # Errors
-/// [`Error::Device`] for an unknown device, or CUDA in a build without the `cuda` feature.
-pub fn parse_device(s: &str) -> Result<Device, Error> {
+/// [`Error::Device`] for an unknown device, CUDA in a build without the `cuda` feature, an
+/// ordinal the machine does not have, or no usable driver; [`Error::Probe`] when the counting
+/// allocator is not installed.
+pub fn parse_device(s: &str) -> Result<DeviceChoice, Error> {
     if s == "cpu" {
-        return Ok(Device::Cpu);
+        HostProbe::new()?;
+        return Ok(DeviceChoice::Cpu);
     }
     let ordinal = match s.strip_prefix("cuda") {
         Some("") => 0,
@@ -98,47 +125,87 @@ pub fn parse_device(s: &str) -> Result<Device, Error> {
             .and_then(|n| n.parse::<usize>().ok())
             .ok_or_else(|| Error::Device {
                 device: s.into(),
-                reason: "expected `cpu`, `cuda` or `cuda:N`".into(),
+                reason: DEVICE_SYNTAX.into(),
             })?,
         None => {
             return Err(Error::Device {
                 device: s.into(),
-                reason: "expected `cpu`, `cuda` or `cuda:N`".into(),
+                reason: DEVICE_SYNTAX.into(),
             })
         }
     };
-    cuda_device(s, ordinal)
+    check_cuda(s, ordinal)?;
+    Ok(DeviceChoice::Cuda(ordinal))
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_device(s: &str, ordinal: usize) -> Result<Device, Error> {
-    Device::new_cuda(ordinal).map_err(|e| Error::Device {
+fn check_cuda(s: &str, ordinal: usize) -> Result<(), Error> {
+    let n = crate::measure::cuda::device_count().map_err(|e| Error::Device {
         device: s.into(),
-        reason: format!("cannot open: {e} (check the GPU index with nvidia-smi and that the driver supports CUDA 13.0)"),
-    })
+        reason: format!(
+            "{}; this machine has no usable NVIDIA GPU and driver (`nvidia-smi` should list one): use --device cpu",
+            match e {
+                Error::Device { reason, .. } => reason,
+                other => other.to_string(),
+            }
+        ),
+    })?;
+    if ordinal >= n {
+        return Err(Error::Device {
+            device: s.into(),
+            reason: match n {
+                0 => "the driver sees no CUDA device: use --device cpu".into(),
+                _ => format!(
+                    "this machine has {n} CUDA device(s), cuda:0 to cuda:{}",
+                    n - 1
+                ),
+            },
+        });
+    }
+    Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_device(s: &str, _ordinal: usize) -> Result<Device, Error> {
+fn check_cuda(s: &str, _ordinal: usize) -> Result<(), Error> {
     Err(Error::Device {
         device: s.into(),
-        reason: "this vramcal was built without the `cuda` feature, and measuring on CUDA is not implemented yet: use --device cpu".into(),
+        reason: "this vramcal was built without the `cuda` feature: rebuild with `cargo build --release --features cuda` (README, \"CUDA\"), or use --device cpu".into(),
     })
 }
 
-/// The memory probe for `device`.
+/// Opens a checked device (in the measuring process only).
 ///
 /// # Errors
-/// [`Error::Probe`] when the counting allocator is not installed, [`Error::Device`] for CUDA
-/// (its probe is not implemented yet).
-pub fn probe_for(device: &Device, name: &str) -> Result<Box<dyn MemoryProbe>, Error> {
-    match device {
-        Device::Cpu => Ok(Box::new(HostProbe::new()?)),
-        _ => Err(Error::Device {
-            device: name.into(),
-            reason: "measuring on CUDA needs the CUDA memory probe, which is not implemented yet"
-                .into(),
+/// [`Error::Device`] when CUDA cannot create a context on it.
+pub fn open_device(d: DeviceChoice) -> Result<Device, Error> {
+    match d {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda(n) => Device::new_cuda(n).map_err(|e| Error::Device {
+            device: format!("cuda:{n}"),
+            reason: format!(
+                "cannot open: {e} (check the GPU with nvidia-smi and that its driver supports CUDA 13.0)"
+            ),
         }),
+    }
+}
+
+/// The memory probe for an opened `device`; `blocker_bytes` (the `--budget` blocker on a GPU)
+/// are left out of the device counter.
+///
+/// # Errors
+/// [`Error::Probe`] when the counting allocator is not installed or the CUDA driver refuses a
+/// query.
+pub fn probe_for(device: &Device, blocker_bytes: u64) -> Result<Box<dyn MemoryProbe>, Error> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => Ok(Box::new(crate::measure::cuda::CudaProbe::new(
+            d,
+            blocker_bytes,
+        )?)),
+        _ => {
+            let _ = blocker_bytes;
+            Ok(Box::new(HostProbe::new()?))
+        }
     }
 }
 
@@ -275,8 +342,7 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
     spec.validate(&model.config)?;
     let device = parse_device(&a.model.device)?;
     let budget = budget(&a.model)?;
-    check_fits(&spec, &model, &device)?;
-    let probe = probe_for(&device, &a.model.device)?;
+    check_fits(&spec, &model, device)?;
     let ctx = RowContext {
         command: a.record_command.clone().unwrap_or_else(super::command_line),
         model: model.name.clone(),
@@ -286,6 +352,18 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
         model_flops_per_token: Some(model_flops_per_token(&model.config, &spec)),
     };
     if a.child {
+        let device = open_device(device)?;
+        // The budget caps the counting allocator on the CPU; on a GPU a blocker allocation
+        // leaves only the budget free on the device (held until the child exits).
+        #[cfg(feature = "cuda")]
+        let blocker = match (&device, budget) {
+            (Device::Cuda(d), Some(b)) => Some(crate::measure::cuda::Blocker::leave_free(d, b)?),
+            _ => None,
+        };
+        #[cfg(feature = "cuda")]
+        let probe = probe_for(&device, blocker.as_ref().map_or(0, |b| b.bytes))?;
+        #[cfg(not(feature = "cuda"))]
+        let probe = probe_for(&device, 0)?;
         return run_child(
             a,
             &ctx,
@@ -385,11 +463,13 @@ fn run_child(
     let mut on_event = |e: Event<'_>| {
         let line = match e {
             Event::Started(p) => ChildLine::Started(p.to_string()),
-            Event::Finished(m) => ChildLine::Progress(m.clone()),
+            Event::Finished(m) => ChildLine::Progress(Box::new(m.clone())),
         };
         let _ = send(&line);
     };
-    crate::measure::alloc::set_limit(budget);
+    if setup.device.is_cpu() {
+        crate::measure::alloc::set_limit(budget);
+    }
     let opts = Options {
         save_dir: a.model.save_dir.as_deref(),
         timed_steps: a.model.timed_steps,
@@ -399,11 +479,22 @@ fn run_child(
     crate::measure::alloc::set_limit(None);
     let (status, message) = match &result {
         Ok(()) => (Status::Ok, String::new()),
-        Err(e) => (Status::Error, e.to_string()),
+        Err(e) => {
+            let msg = e.to_string();
+            let status = if is_device_oom(&msg) {
+                Status::Oom
+            } else {
+                Status::Error
+            };
+            match failure_hint(&msg) {
+                Some(h) => (status, format!("{msg} ({h})")),
+                None => (status, msg),
+            }
+        }
     };
     let row = Row::new(ctx, &setup.spec, &m, status, &message);
     // The complete measurement (step times and losses come after the last phase event).
-    send(&ChildLine::Progress(m))?;
+    send(&ChildLine::Progress(Box::new(m)))?;
     send(&ChildLine::Row(Box::new(row)))?;
     Ok(if result.is_ok() {
         ExitCode::SUCCESS
@@ -467,7 +558,11 @@ pub fn budget(args: &ModelArgs) -> anyhow::Result<Option<u64>> {
 ///
 /// # Errors
 /// When the lower bound exceeds the host memory.
-pub fn check_fits(spec: &TrainSpec, model: &ResolvedModel, device: &Device) -> anyhow::Result<()> {
+pub fn check_fits(
+    spec: &TrainSpec,
+    model: &ResolvedModel,
+    device: DeviceChoice,
+) -> anyhow::Result<()> {
     if device.is_cpu() {
         if let (Some(need), Some(have)) = (spec.min_bytes(&model.config), host_memory_bytes()) {
             if need > have {

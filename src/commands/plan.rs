@@ -34,8 +34,7 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
         (None, None) => None,
     };
     let device = super::measure::parse_device(&a.model.device)?;
-    super::measure::check_fits(&spec, &model, &device)?;
-    super::measure::probe_for(&device, &a.model.device)?;
+    super::measure::check_fits(&spec, &model, device)?;
     // Validate the projection's inputs before measuring.
     plan(&model.config, &spec, a.examples, a.epochs, 1.0, peak)?;
     let command = super::command_line();

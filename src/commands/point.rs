@@ -21,7 +21,7 @@ pub enum ChildLine {
     /// A phase started.
     Started(String),
     /// A phase ended: the measurement so far.
-    Progress(Measurement),
+    Progress(Box<Measurement>),
     /// The finished row.
     Row(Box<Row>),
 }
@@ -92,7 +92,7 @@ pub fn run_point(
                 on_started(&p);
                 started = p;
             }
-            Ok(ChildLine::Progress(m)) => last = m,
+            Ok(ChildLine::Progress(m)) => last = *m,
             Ok(ChildLine::Row(r)) => row = Some(*r),
             Err(_) => {}
         }

@@ -106,7 +106,7 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
                     let args = point_args(&a.model, m.as_deref());
                     let spec = super::measure::train_spec(&args, b, s, m.as_deref(), c)?;
                     spec.validate(&model.config)?;
-                    super::measure::check_fits(&spec, &model, &device)?;
+                    super::measure::check_fits(&spec, &model, device)?;
                     let ctx = RowContext {
                         command: command.clone(),
                         model: model.name.clone(),
@@ -128,7 +128,6 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    super::measure::probe_for(&device, &a.model.device)?;
     super::measure::check_save_dir(&a.model)?;
     if a.model.lora.is_some()
         && !methods

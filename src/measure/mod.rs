@@ -2,9 +2,11 @@
 //! protocol.
 
 pub mod alloc;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod probe;
 pub mod step;
 
 pub use alloc::CountingAlloc;
-pub use probe::{HostProbe, MemoryProbe, MemoryReading};
+pub use probe::{failure_hint, is_device_oom, HostProbe, MemoryProbe, MemoryReading};
 pub use step::{measure, measure_with, Event, Measurement, Options, PhaseRecord, Setup};

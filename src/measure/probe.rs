@@ -31,6 +31,9 @@ pub struct MemoryReading {
 pub trait MemoryProbe {
     /// Human-readable device name, e.g. `cpu` or `cuda:0 (NVIDIA H200)`.
     fn device_name(&self) -> String;
+    /// Which counter `allocated` comes from, recorded in each row's `memory_counter`
+    /// (`host-counting-allocator`, `cuda-mempool`, or the device-counter fallback).
+    fn counter(&self) -> &'static str;
     /// Waits until queued device work is done, so a reading covers it.
     ///
     /// # Errors
@@ -74,6 +77,10 @@ impl MemoryProbe for HostProbe {
         "cpu".into()
     }
 
+    fn counter(&self) -> &'static str {
+        "host-counting-allocator"
+    }
+
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
@@ -91,5 +98,29 @@ impl MemoryProbe for HostProbe {
             peak_reserved_bytes: None,
             device_used_bytes: None,
         })
+    }
+}
+
+/// Whether a failure message reports that the device ran out of memory (CUDA driver, cuBLAS
+/// or cuRAND allocation failures), so the point is recorded as `status=oom`.
+pub fn is_device_oom(message: &str) -> bool {
+    [
+        "CUDA_ERROR_OUT_OF_MEMORY",
+        "CUBLAS_STATUS_ALLOC_FAILED",
+        "CURAND_STATUS_ALLOCATION_FAILED",
+    ]
+    .iter()
+    .any(|k| message.contains(k))
+}
+
+/// What to do about a device failure whose fix lies outside vramcal (driver or build), if the
+/// message shows one.
+pub fn failure_hint(message: &str) -> Option<&'static str> {
+    if message.contains("CUDA_ERROR_UNSUPPORTED_PTX_VERSION") {
+        Some("the GPU driver is older than the CUDA toolkit that compiled vramcal's kernels (13.0): update the driver (nvidia-smi shows the CUDA version it supports) or rebuild with a toolkit no newer than it")
+    } else if message.contains("CUDA_ERROR_NO_BINARY_FOR_GPU") {
+        Some("vramcal's kernels were compiled for another GPU: rebuild with CUDA_COMPUTE_CAP=80 (PTX that newer GPUs compile) or this GPU's compute capability")
+    } else {
+        None
     }
 }

@@ -64,6 +64,9 @@ pub struct PhaseRecord {
 pub struct Measurement {
     /// Device name from the probe.
     pub device: String,
+    /// The counter `allocated` comes from ([`MemoryProbe::counter`]).
+    #[serde(default)]
+    pub counter: String,
     /// Allocated bytes before loading (the process's own baseline).
     pub baseline_bytes: u64,
     /// Parameters of the model.
@@ -290,6 +293,7 @@ pub fn measure_with(
     let spec = &setup.spec;
     spec.validate(cfg)?;
     out.device = probe.device_name();
+    out.counter = probe.counter().to_string();
     out.dtype = spec.dtype.as_str().to_string();
     out.state_dtype = spec.state_dtype.as_str().to_string();
     out.trainable_params = spec.trainable_params(cfg);

@@ -16,7 +16,8 @@ fn csv_err(path: &Path, reason: impl Into<String>) -> Error {
 }
 
 /// Checks that `path` can take rows: it is absent or empty, or its header equals
-/// [`Row::header`]. Creates missing parent folders.
+/// [`Row::header`] (a file of an earlier vramcal, whose columns are all still there, is first
+/// rewritten with today's header). Creates missing parent folders.
 ///
 /// # Errors
 /// [`Error::Csv`] for another header or an unreadable file, [`Error::Io`] if the folder
@@ -41,11 +42,17 @@ pub fn check_writable(path: &Path) -> Result<()> {
             .map_err(|e| csv_err(path, format!("cannot read the header: {e}")))?
             .unwrap_or_default();
         let have: Vec<String> = first.iter().map(String::from).collect();
-        if have != Row::header() {
-            return Err(csv_err(
-                path,
-                "exists with another header (not a vramcal results file of this version); choose another --out",
-            ));
+        let now = Row::header();
+        if have != now {
+            let earlier_version =
+                have.iter().all(|c| now.contains(c)) && have.iter().any(|c| c == "tool_version");
+            if !earlier_version {
+                return Err(csv_err(
+                    path,
+                    "exists with another header (not a vramcal results file of this version); choose another --out",
+                ));
+            }
+            upgrade(path)?;
         }
     }
     OpenOptions::new()
@@ -54,6 +61,27 @@ pub fn check_writable(path: &Path) -> Result<()> {
         .open(path)
         .map_err(|e| Error::io(path, e))?;
     Ok(())
+}
+
+/// Rewrites a results file of an earlier vramcal, whose columns are a subset of today's, with
+/// today's header (columns added since then are empty in its rows), through a temporary file
+/// renamed over it, so rows can be appended. Its rows keep every value they had.
+fn upgrade(path: &Path) -> Result<()> {
+    let rows = read_rows(path)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".upgrade");
+    let tmp = PathBuf::from(tmp);
+    let mut w = csv::Writer::from_path(&tmp).map_err(|e| csv_err(&tmp, e.to_string()))?;
+    for r in &rows {
+        w.serialize(r).map_err(|e| csv_err(&tmp, e.to_string()))?;
+    }
+    if rows.is_empty() {
+        w.write_record(Row::header())
+            .map_err(|e| csv_err(&tmp, e.to_string()))?;
+    }
+    let f = w.into_inner().map_err(|e| csv_err(&tmp, e.to_string()))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Appends `row` to `path` (writing the header first if the file is new or empty), in one

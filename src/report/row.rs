@@ -92,6 +92,8 @@ pub struct Row {
     pub peak_phase: String,
     pub peak_reserved_bytes: Option<u64>,
     pub peak_device_bytes: Option<u64>,
+    #[serde(default)]
+    pub memory_counter: String,
     pub step1_seconds: Option<f64>,
     pub step2_seconds: Option<f64>,
     pub timed_steps: usize,
@@ -180,6 +182,7 @@ impl Row {
             peak_phase,
             peak_reserved_bytes: reserved,
             peak_device_bytes: device_used,
+            memory_counter: m.counter.clone(),
             step1_seconds: m.step_seconds.first().copied(),
             step2_seconds: m.step_seconds.get(1).copied(),
             timed_steps: m.step_seconds.len().saturating_sub(2),

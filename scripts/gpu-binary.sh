@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds the `--features cuda` binary on a machine without a GPU (CUDA 13.0 toolkit from PyPI
+# wheels, stub libraries to link against) and puts a stripped copy at target/gpu/vramcal, the
+# binary scripts/gpu-check.sh runs on a GPU machine: carry target/gpu/vramcal.gz there with the
+# repository.
+# Cold: about 15 minutes on 2 cores; the build folder is $CARGO_TARGET_DIR-cuda (default
+# ~/.cache/vramcal/target-cuda), shared with .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(bash scripts/cuda-toolkit.sh)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/vramcal/target}-cuda"
+cargo build --release --features cuda
+mkdir -p target/gpu
+strip -o target/gpu/vramcal "$CARGO_TARGET_DIR/release/vramcal"
+# About 60 MB stripped (PTX for every candle kernel), 15 MB gzipped: carry the .gz.
+gzip -9 -c target/gpu/vramcal >target/gpu/vramcal.gz
+# It starts here against the stubs; a GPU machine loads its real libraries instead.
+LD_LIBRARY_PATH="$VRAMCAL_CUDA_STUBS" target/gpu/vramcal --version >&2
+ls -l target/gpu/
