@@ -40,7 +40,8 @@ FIELDS = [
     "precision", "optimizer", "batch", "seq", "seq_kind", "checkpointing", "attention", "gpu",
     "counter", "peak_bytes", "notes", "status", "peak_reserved_bytes", "load_peak_bytes",
     "step2_forward_peak_bytes", "step2_backward_peak_bytes", "step2_optimizer_step_peak_bytes",
-    "saved_activation_bytes", "step1_seconds", "step2_seconds", "forward_seconds",
+    "saved_activation_bytes", "step1_seconds", "step2_seconds", "step_seconds_median",
+    "timed_steps", "forward_seconds",
     "backward_seconds", "optimizer_seconds", "torch_version", "transformers_version",
 ]
 
@@ -104,6 +105,7 @@ def measure(args, cfg, method, ckpt, batch, seq):
         "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
         "counter": "allocated" if cuda else "none (CPU: see saved_activation_bytes)",
         "torch_version": torch.__version__, "transformers_version": transformers.__version__,
+        "timed_steps": args.timed_steps,
     }
     if method == "lora":
         row.update(lora_r=args.lora_r, lora_alpha=args.lora_alpha,
@@ -136,7 +138,10 @@ def measure(args, cfg, method, ckpt, batch, seq):
                     if child in targets and isinstance(sub, torch.nn.Linear):
                         setattr(mod, child, LoraLinear(sub, args.lora_r, args.lora_alpha))
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5 renamed it; both take the same arguments.
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
             if method == "lora":
                 model.enable_input_require_grads()
         model.train()
@@ -145,16 +150,30 @@ def measure(args, cfg, method, ckpt, batch, seq):
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g).to(device)
         saved = {}
+        # Parameters and buffers that autograd saves (a linear layer saves its weight) are not
+        # activations: leave their storages out.
+        fixed = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
 
         def pack(t):
             try:
                 key = t.untyped_storage().data_ptr()
-                saved[key] = t.untyped_storage().nbytes()
+                if key not in fixed:
+                    saved[key] = t.untyped_storage().nbytes()
             except RuntimeError:
                 pass
             return t
 
-        for step in (1, 2):
+        times = []
+        for step in range(1, 3 + args.timed_steps):
+            if step > 2:
+                # Extra steps: timed only, like vramcal's --timed-steps.
+                t0 = time.perf_counter()
+                model(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+                continue
             t0 = time.perf_counter()
             saved.clear()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -169,6 +188,11 @@ def measure(args, cfg, method, ckpt, batch, seq):
 
             phase(f"step{step}_optimizer_step", opt_step)
             row[f"step{step}_seconds"] = time.perf_counter() - t0
+            if step == 2:
+                times.append(row["step2_seconds"])
+        times.sort()
+        n = len(times)
+        row["step_seconds_median"] = times[n // 2] if n % 2 else (times[n // 2 - 1] + times[n // 2]) / 2
         row["status"] = "ok"
     except torch.OutOfMemoryError as e:
         row["status"] = "oom"
@@ -208,6 +232,8 @@ def main():
     ap.add_argument("--lora-alpha", type=float, default=32.0)
     ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--timed-steps", type=int, default=0,
+                    help="extra steps after step 2, timed only; step_seconds_median covers step 2 and these")
     ap.add_argument("--out", required=True, help="CSV to append to")
     a = ap.parse_args()
     if a.threads:

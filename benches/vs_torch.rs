@@ -1,0 +1,137 @@
+//! The training step of smollm2-135m (f32, AdamW, random weights) at batch 1 × seq 256 and
+//! 2 × 512, per phase, beside the same step in PyTorch + transformers on the same machine: the
+//! ratios that issue "Lean and fast training step" targets (step time ≤ 1.0×, forward
+//! activations ≤ 1.1× PyTorch-SDPA's).
+//!
+//! Run: `cargo bench --bench vs_torch` (vramcal only, about 2 minutes on 2 cores), or with
+//! `VRAMCAL_TORCH_PYTHON=/path/to/python` (a Python with torch and transformers) to run
+//! `scripts/torch_reference.py` on the same points and print the ratios (about 10 more
+//! minutes). Run it on an otherwise idle machine: both sides use every core.
+//!
+//! vramcal's forward activations are the allocated bytes that step 2's forward adds (end of
+//! forward minus end of step 1); PyTorch's are the bytes of the tensors autograd saves for
+//! backward, parameters left out (`saved_tensors_hooks`). Step time is the median of step 2
+//! and three more steps on both sides.
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::Device;
+use vramcal::config::resolve_model;
+use vramcal::measure::{measure_with, HostProbe, Measurement, Options, Setup};
+use vramcal::measure::{step::median_step_seconds, CountingAlloc};
+use vramcal::model::weights::WeightsSpec;
+use vramcal::spec::TrainSpec;
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+const POINTS: [(usize, usize); 2] = [(1, 256), (2, 512)];
+const TIMED_STEPS: usize = 3;
+
+/// PyTorch's figures for one point: step seconds (median), forward, backward and optimizer
+/// seconds of step 2, saved activation bytes.
+struct Torch {
+    step: f64,
+    phases: [f64; 3],
+    saved_bytes: f64,
+}
+
+fn torch(python: &str, batch: usize, seq: usize) -> Option<Torch> {
+    let dir = tempfile::tempdir().ok()?;
+    let out = dir.path().join("torch.csv");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_reference.py");
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let st = Command::new(python)
+        .arg(script)
+        .args([
+            "--vramcal",
+            env!("CARGO_BIN_EXE_vramcal"),
+            "--model",
+            "smollm2-135m",
+        ])
+        .args(["--batch", &batch.to_string(), "--seq", &seq.to_string()])
+        .args(["--dtype", "f32", "--device", "cpu", "--attn", "sdpa"])
+        .args(["--threads", &threads.to_string()])
+        .args(["--timed-steps", &TIMED_STEPS.to_string(), "--out"])
+        .arg(&out)
+        .status()
+        .ok()?;
+    if !st.success() {
+        eprintln!("torch_reference.py failed ({st})");
+        return None;
+    }
+    let mut r = csv::Reader::from_path(&out).ok()?;
+    let h = r.headers().ok()?.clone();
+    let rec = r.records().next()?.ok()?;
+    let get = |k: &str| -> Option<f64> {
+        let i = h.iter().position(|c| c == k)?;
+        rec.get(i)?.parse().ok()
+    };
+    Some(Torch {
+        step: get("step_seconds_median")?,
+        phases: [
+            get("forward_seconds")?,
+            get("backward_seconds")?,
+            get("optimizer_seconds")?,
+        ],
+        saved_bytes: get("saved_activation_bytes")?,
+    })
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument is not supported here.
+    let python = std::env::var("VRAMCAL_TORCH_PYTHON").ok();
+    let probe = HostProbe::new().expect("the counting allocator is installed");
+    println!(
+        "| batch × seq | side | step s (median) | forward s | backward s | optimizer s | forward activations bytes | peak bytes |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (batch, seq) in POINTS {
+        let setup = Setup {
+            model: resolve_model("smollm2-135m").unwrap(),
+            weights: WeightsSpec::Random { seed: 0 },
+            spec: TrainSpec::new(batch, seq),
+            device: Device::Cpu,
+        };
+        let mut m = Measurement::default();
+        measure_with(
+            &setup,
+            &probe,
+            &mut m,
+            Options {
+                timed_steps: TIMED_STEPS,
+                ..Options::default()
+            },
+        )
+        .expect("the step runs");
+        let ph = |n: &str| m.phase(n).expect("phase measured");
+        let step = median_step_seconds(&m).unwrap();
+        let secs = [
+            ph("step2_forward").seconds,
+            ph("step2_backward").seconds,
+            ph("step2_optimizer_step").seconds,
+        ];
+        let act = ph("step2_forward").end_allocated_bytes as f64
+            - ph("step1_optimizer_step").end_allocated_bytes as f64;
+        let peak = m.peak().unwrap().1;
+        println!(
+            "| {batch} × {seq} | vramcal (candle) | {step:.3} | {:.3} | {:.3} | {:.3} | {act:.0} | {peak} |",
+            secs[0], secs[1], secs[2]
+        );
+        if let Some(t) = python.as_deref().and_then(|p| torch(p, batch, seq)) {
+            println!(
+                "| {batch} × {seq} | PyTorch SDPA | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | |",
+                t.step, t.phases[0], t.phases[1], t.phases[2], t.saved_bytes
+            );
+            println!(
+                "| {batch} × {seq} | ratio vramcal / PyTorch | **{:.2}** | {:.2} | {:.2} | {:.2} | **{:.2}** | |",
+                step / t.step,
+                secs[0] / t.phases[0],
+                secs[1] / t.phases[1],
+                secs[2] / t.phases[2],
+                act / t.saved_bytes
+            );
+        }
+    }
+}
