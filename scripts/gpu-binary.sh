@@ -3,12 +3,15 @@
 # wheels, stub libraries to link against) and puts a stripped copy at target/gpu/vramcal, the
 # binary scripts/gpu-check.sh runs on a GPU machine: carry target/gpu/vramcal.gz there with the
 # repository.
-# Cold: about 15 minutes on 2 cores; the build folder is $CARGO_TARGET_DIR-cuda (default
-# ~/.cache/vramcal/target-cuda), shared with .ci/run.
+# Cold: about 15 minutes on 2 cores. The build folder is $CARGO_TARGET_DIR when set (README's
+# "Building with CUDA" sets it), else <cache>/target-cuda, the one .ci/run uses.
+#   VRAMCAL_CACHE      cache root (default ~/.cache/vramcal)
+#   CUDA_COMPUTE_CAP   80 (default: PTX for A100 and newer, JIT-compiled once per machine) or 90
+#                      (sm_90a, H100/H200 only, no JIT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash scripts/cuda-toolkit.sh)"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/vramcal/target}-cuda"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${VRAMCAL_CACHE:-$HOME/.cache/vramcal}/target-cuda}"
 cargo build --release --features cuda
 mkdir -p target/gpu
 strip -o target/gpu/vramcal "$CARGO_TARGET_DIR/release/vramcal"

@@ -14,8 +14,9 @@
 #
 #   VRAMCAL_BIN   the binary (default target/gpu/vramcal, or its .gz)
 set -uo pipefail
-cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu-check-out}}"
+mkdir -p "$out" && out="$(cd "$out" && pwd)" # relative to where it was called from
+cd "$(dirname "$0")/.."
 budget_s="${VRAMCAL_GPU_CHECK_SECONDS:-450}"
 bin="${VRAMCAL_BIN:-target/gpu/vramcal}"
 mkdir -p "$out"
@@ -40,7 +41,7 @@ EOF
 if [ -n "$libs" ]; then
   export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
-case ":$LD_LIBRARY_PATH:" in
+case ":${LD_LIBRARY_PATH:-}:" in
   *stubs*) echo "error: a stub library folder is on LD_LIBRARY_PATH ($LD_LIBRARY_PATH)"; exit 1 ;;
 esac
 if [ ! -x "$bin" ] && [ -f "$bin.gz" ]; then
@@ -53,7 +54,8 @@ if [ ! -x "$bin" ]; then
 fi
 missing="$(ldd "$bin" | grep 'not found')"
 if [ -n "$missing" ]; then
-  echo "error: $bin cannot start; missing libraries (install torch's CUDA 13 wheels or set LD_LIBRARY_PATH):"
+  echo "error: $bin cannot start; missing libraries (libcuda.so.1 comes with the NVIDIA driver; the"
+  echo "others with PyTorch's CUDA 13 wheels, nvidia-cublas, -curand, -cuda-runtime; or set LD_LIBRARY_PATH):"
   echo "$missing"
   exit 1
 fi
@@ -61,7 +63,7 @@ fi
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 # One tiny point first: the device works (and the driver JIT-compiles the PTX once, into its
 # cache, before anything is timed).
-if ! "$bin" measure --model tiny --batch 1 --seq 8 --device cuda:0 --quiet; then
+if ! timeout 300 "$bin" measure --model tiny --batch 1 --seq 8 --device cuda:0 --quiet; then
   echo "error: vramcal cannot measure on cuda:0 here (the line above says why)"
   exit 1
 fi
@@ -69,13 +71,15 @@ fi
 lora="r=16,alpha=32,targets=q_proj,k_proj,v_proj,o_proj"
 # Same recipe on both sides: bf16 weights, AdamW states in bf16 (PyTorch's AdamW keeps its
 # states in the parameters' dtype), random weights and tokens.
+# LoRA first: if a stage is cut short, the points most users run are the ones measured.
 common=(--device cuda:0 --weights random --dtype bf16 --optimizer-state-dtype bf16
-  --method full,lora --lora "$lora" --checkpointing none,layers)
+  --method lora,full --lora "$lora" --checkpointing layers,none)
 
-stage() { # name, command...
-  local name=$1 t
-  shift
+stage() { # name, at most this many seconds, command...
+  local name=$1 cap=$2 t
+  shift 2
   t=$(left)
+  [ "$t" -gt "$cap" ] && t=$cap
   if [ "$t" -le 15 ]; then
     echo "-- $name: skipped, the time budget is spent"
     return
@@ -92,22 +96,25 @@ stage() { # name, command...
 
 have_torch=0
 python3 -c "import torch, transformers; assert torch.cuda.is_available()" 2>/dev/null && have_torch=1
-torch_ref() { # model, batch, seq
-  python3 scripts/torch_reference.py --vramcal "$bin" --model "$1" --method full,lora \
-    --lora-r 16 --lora-alpha 32 --lora-targets q_proj,k_proj,v_proj,o_proj \
-    --checkpointing none,layers --batch "$2" --seq "$3" --dtype bf16 --device cuda --attn sdpa \
-    --out "$out/torch-$1.csv"
-}
+torch_ref=(python3 scripts/torch_reference.py --vramcal "$bin" --method lora,full
+  --lora-r 16 --lora-alpha 32 --lora-targets q_proj,k_proj,v_proj,o_proj
+  --checkpointing layers,none --dtype bf16 --device cuda --attn sdpa)
 
-small=(--batch 1,2,4 --seq 512,1024,2048,4096)
-large=(--batch 1,4 --seq 512,2048,4096)
-stage "vramcal smollm2-135m" "$bin" sweep --model smollm2-135m "${common[@]}" "${small[@]}" \
-  --resume --out "$out/vramcal-smollm2-135m.csv"
-[ $have_torch = 1 ] && stage "torch smollm2-135m" torch_ref smollm2-135m 1,2,4 512,1024,2048,4096
-stage "vramcal mistral-7b-v0.1" "$bin" sweep --model mistral-7b-v0.1 "${common[@]}" "${large[@]}" \
-  --resume --out "$out/vramcal-mistral-7b-v0.1.csv"
-[ $have_torch = 1 ] && stage "torch mistral-7b-v0.1" torch_ref mistral-7b-v0.1 1,4 512,2048,4096
-[ $have_torch = 1 ] || echo "-- torch reference: skipped (python3 with torch, transformers and CUDA not found)"
+# Per-stage caps (seconds) keep one stage from eating the others' time.
+stage "vramcal smollm2-135m" 110 "$bin" sweep --model smollm2-135m "${common[@]}" \
+  --batch 1,2,4 --seq 512,1024,2048,4096 --resume --out "$out/vramcal-smollm2-135m.csv"
+if [ $have_torch = 1 ]; then
+  stage "torch smollm2-135m" 80 "${torch_ref[@]}" --model smollm2-135m --batch 1,2,4 \
+    --seq 512,1024,2048,4096 --out "$out/torch-smollm2-135m.csv"
+fi
+stage "vramcal mistral-7b-v0.1" 150 "$bin" sweep --model mistral-7b-v0.1 "${common[@]}" \
+  --batch 1,4 --seq 512,2048,4096 --resume --out "$out/vramcal-mistral-7b-v0.1.csv"
+if [ $have_torch = 1 ]; then
+  stage "torch mistral-7b-v0.1" 100 "${torch_ref[@]}" --model mistral-7b-v0.1 --batch 1,4 \
+    --seq 512,2048,4096 --out "$out/torch-mistral-7b-v0.1.csv"
+else
+  echo "-- torch reference: skipped (python3 with torch, transformers and CUDA not found)"
+fi
 
 echo "== the estimator against these measurements (report only; no thresholds)"
 shopt -s nullglob
@@ -134,12 +141,18 @@ key = lambda r, ck: (r["model"], r["method"], ck, int(r["batch"]), int(r["seq"])
 mine = {key(r, "on" if r["checkpointing"] != "none" else "off"): r for r in rows("vramcal-*.csv")}
 theirs = {key(r, r["checkpointing"]): r for r in rows("torch-*.csv")}
 gib = lambda b: f"{int(b) / 2**30:.2f}" if b else "-"
-lines = ["| model | method | ckpt | batch | seq | vramcal allocated GiB | torch allocated GiB | ratio | vramcal reserved GiB | torch reserved GiB | vramcal device GiB | vramcal s/step | torch s/step |",
+def step2(r):
+    # Step 2's peak (forward, backward, optimizer step): loading differs between the tools.
+    v = [int(r[k]) for k in ("step2_forward_peak_bytes", "step2_backward_peak_bytes",
+                             "step2_optimizer_step_peak_bytes") if r.get(k)]
+    return max(v) if v else None
+lines = ["| model | method | ckpt | batch | seq | vramcal step-2 peak GiB | torch step-2 peak GiB | ratio | vramcal reserved GiB | torch reserved GiB | vramcal device GiB | vramcal s/step | torch s/step |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 for k in sorted(set(mine) & set(theirs)):
     m, t = mine[k], theirs[k]
-    ratio = f"{int(m['peak_bytes']) / int(t['peak_bytes']):.2f}" if m["peak_bytes"] and t["peak_bytes"] else m["status"] + "/" + t["status"]
-    lines.append(f"| {' | '.join(map(str, k))} | {gib(m['peak_bytes'])} | {gib(t['peak_bytes'])} | {ratio} | "
+    a, b = step2(m), step2(t)
+    ratio = f"{a / b:.2f}" if a and b and m["status"] == t["status"] == "ok" else f"{m['status']}/{t['status']}"
+    lines.append(f"| {' | '.join(map(str, k))} | {gib(a)} | {gib(b)} | {ratio} | "
                  f"{gib(m['peak_reserved_bytes'])} | {gib(t['peak_reserved_bytes'])} | {gib(m['peak_device_bytes'])} | "
                  f"{m['step2_seconds'] or '-'} | {t['step2_seconds'] or '-'} |")
 text = "GiB = 2^30 bytes.\n\n" + "\n".join(lines) + "\n"

@@ -81,8 +81,14 @@ def build(cfg: dict, dtype, device, attn: str):
         cls = transformers.LlamaForCausalLM
     conf._attn_implementation = attn
     torch.manual_seed(0)
-    with torch.device(device):
-        model = cls(conf).to(dtype)
+    # Built in the target dtype on the device directly: no fp32 copy inflates the load phase.
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(conf)
+    finally:
+        torch.set_default_dtype(prev)
     return model
 
 
@@ -197,6 +203,12 @@ def measure(args, cfg, method, ckpt, batch, seq):
     except torch.OutOfMemoryError as e:
         row["status"] = "oom"
         row["notes"] = str(e).splitlines()[0][:200]
+    except RuntimeError as e:
+        # cuBLAS/cuDNN allocation failures arrive as RuntimeError; anything else is an error row.
+        text = str(e)
+        alloc = "ALLOC" in text or "out of memory" in text
+        row["status"] = "oom" if alloc else "error"
+        row["notes"] = text.splitlines()[0][:200] if text else type(e).__name__
     finally:
         del model, opt
         if cuda:

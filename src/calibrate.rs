@@ -44,6 +44,7 @@ pub fn spec_from_row(r: &Row) -> Result<(ModelConfig, TrainSpec)> {
     spec.accumulate = r.accumulate.max(1);
     spec.allow_longer = true;
     spec.checkpointing = Checkpointing::parse(&r.checkpointing)?;
+    spec.attention = crate::model::Attention::parse(&r.attention)?;
     let quant = match r.quant.as_str() {
         "nf4" => Quant::Nf4 { double: false },
         "nf4-dq" => Quant::Nf4 { double: true },
@@ -163,10 +164,14 @@ pub fn points(rows: &[Row], profile: Profile) -> Result<Vec<Point>> {
     Ok(out)
 }
 
-/// Fits the coefficients of `profile` to `pts` (relative least squares, non-negative). Under
-/// checkpointing a point's peak is in one of two branches (see [`TERMS`]); the fit alternates
-/// between assigning each point to the branch its current coefficients put the peak in and
+/// Fits the coefficients of `profile` to `pts` (relative least squares, non-negative). A
+/// point's peak is in one of two moments of backward (see [`TERMS`]); the fit alternates
+/// between assigning each point to the moment its current coefficients put the peak in and
 /// solving the non-negative least squares for that assignment, until the assignment is stable.
+/// The alternation can settle in a local optimum, so it starts from several assignments (the
+/// uncalibrated coefficients', all early, all late) and keeps the coefficients whose predicted
+/// peaks (the larger moment, as `estimate` computes them) have the least squared relative
+/// error.
 ///
 /// # Errors
 /// [`Error::InvalidValue`] with fewer points than terms.
@@ -186,32 +191,92 @@ pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficient
                 / p.measured as f64
         })
         .collect();
-    let mut c = Coefficients::uncalibrated(profile).values;
-    let mut branches: Vec<bool> = pts.iter().map(|p| p.terms.head_branch(&c)).collect();
+    let start = Coefficients::uncalibrated(profile).values;
+    let starts: [Vec<bool>; 3] = [
+        pts.iter().map(|p| p.terms.head_branch(&start)).collect(),
+        vec![true; pts.len()],
+        vec![false; pts.len()],
+    ];
+    let mut best: Option<(f64, [f64; 8])> = None;
+    for branches in starts {
+        let c = alternate(pts, &y, branches, &fixed_coefficients(profile));
+        let cand = Coefficients {
+            profile,
+            values: c,
+            source: String::new(),
+        };
+        let sse: f64 = errors(pts, &cand).iter().map(|e| e * e).sum();
+        if best.as_ref().is_none_or(|(b, _)| sse < *b) {
+            best = Some((sse, c));
+        }
+    }
+    let (_, c) = best.expect("three starts");
+    Ok(Coefficients {
+        profile,
+        values: c,
+        source: source.into(),
+    })
+}
+
+/// Coefficients that are counted, not fitted:
+/// * `gradients_live` = 1 for every profile: gradient bytes are exact (the trainable
+///   parameters in the model dtype); fitted, the constant gradients of full fine-tuning trade
+///   places with other constants of the same rows, which would not carry over to other models;
+/// * `attention_transient` = 4 for `candle`: the fused attention's backward (`src/ops/
+///   attention.rs`) holds four `(batch, heads, seq, seq)` compute-dtype tensors at once (`P`,
+///   `dP`, `dP − rowsum`, `dS`). Short sequences, where it is small, cannot pin it down, and a
+///   fit on them extrapolates it wrongly to long ones.
+pub fn fixed_coefficients(profile: Profile) -> Vec<(usize, f64)> {
+    match profile {
+        Profile::Candle => vec![(4, 1.0), (6, 4.0)],
+        _ => vec![(4, 1.0)],
+    }
+}
+
+/// The alternation of [`fit`] from one branch assignment, with `fixed` coefficients held.
+fn alternate(
+    pts: &[&Point],
+    y: &[f64],
+    mut branches: Vec<bool>,
+    fixed: &[(usize, f64)],
+) -> [f64; 8] {
+    let is_fixed = |i: usize| fixed.iter().find(|(j, _)| *j == i).map(|(_, v)| *v);
+    let mut c = [0.0; 8];
     for _ in 0..20 {
+        let mut yk = Vec::with_capacity(pts.len());
         let a: Vec<Vec<f64>> = pts
             .iter()
             .zip(&branches)
-            .map(|(p, &h)| {
-                p.terms
-                    .design(h)
-                    .iter()
-                    .map(|x| x / p.measured as f64)
+            .zip(y)
+            .map(|((p, &h), &yi)| {
+                let d = p.terms.design(h);
+                let m = p.measured as f64;
+                let held: f64 = fixed.iter().map(|&(i, v)| v * d[i]).sum();
+                yk.push(yi - held / m);
+                d.iter()
+                    .enumerate()
+                    .filter(|(i, _)| is_fixed(*i).is_none())
+                    .map(|(_, x)| x / m)
                     .collect()
             })
             .collect();
-        c.copy_from_slice(&nnls(&a, &y));
+        let sol = nnls(&a, &yk);
+        let mut j = 0;
+        for (i, ci) in c.iter_mut().enumerate() {
+            if let Some(v) = is_fixed(i) {
+                *ci = v;
+            } else {
+                *ci = sol[j];
+                j += 1;
+            }
+        }
         let next: Vec<bool> = pts.iter().map(|p| p.terms.head_branch(&c)).collect();
         if next == branches {
             break;
         }
         branches = next;
     }
-    Ok(Coefficients {
-        profile,
-        values: c,
-        source: source.into(),
-    })
+    c
 }
 
 /// Relative error `(predicted − measured) / measured` of each point.

@@ -318,6 +318,11 @@ pub struct ModelArgs {
     /// Extra training steps after step 2, timed only, for the median step time and tokens/s.
     #[arg(long, default_value_t = 0)]
     pub timed_steps: usize,
+    /// What attention keeps for backward: `sdpa` (q, k, v and the output; probabilities
+    /// recomputed, as PyTorch's SDPA/FlashAttention) or `eager` (also the (batch, heads, seq,
+    /// seq) probabilities, as transformers' eager attention).
+    #[arg(long, default_value = "sdpa")]
+    pub attention: String,
 }
 
 /// Fine-tuning method and activation checkpointing of one point.

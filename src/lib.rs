@@ -12,6 +12,7 @@ pub mod error;
 pub mod estimate;
 pub mod measure;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod report;
 pub mod size;

@@ -6,7 +6,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::lora::{LoraConfig, Target};
 use crate::model::save::SaveMode;
-use crate::model::{Adaptation, Checkpointing, Quant};
+use crate::model::{Adaptation, Attention, Checkpointing, Quant};
 use crate::optim::AdamWConfig;
 
 /// `(out, in)` of LoRA target `t` in a layer of `cfg`.
@@ -77,6 +77,8 @@ pub struct TrainSpec {
     pub adaptation: Adaptation,
     /// Activation checkpointing.
     pub checkpointing: Checkpointing,
+    /// What attention keeps for backward (`sdpa` or `eager`).
+    pub attention: Attention,
     /// Micro-batches per optimizer step (gradient accumulation); `batch` is the micro-batch.
     pub accumulate: usize,
     /// What the `save` phase writes after step 2.
@@ -96,6 +98,7 @@ impl TrainSpec {
             data_seed: 0,
             adaptation: Adaptation::default(),
             checkpointing: Checkpointing::None,
+            attention: Attention::Sdpa,
             accumulate: 1,
             save: SaveMode::None,
         }

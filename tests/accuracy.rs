@@ -8,14 +8,15 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vramcal"))
 }
 
-const MEASURED: [&str; 3] = [
+const MEASURED: [&str; 4] = [
     "results/cpu/smollm2-135m.csv",
     "results/cpu/smollm2-135m-peft.csv",
     "results/cpu/smollm2-135m-ckpt.csv",
+    "results/cpu/smollm2-135m-eager.csv",
 ];
 const CALIBRATION: &str = "results/calibration/cpu-candle.csv";
 
-/// Median |error| ≤ 1 %, max ≤ 20 %, and no under-estimate once a 10 % margin is added (what
+/// Median |error| ≤ 1 %, max ≤ 6 %, and no under-estimate once a 3 % margin is added (what
 /// README states as reached; the 3 % max target is not reached yet).
 #[test]
 fn candle_estimates_stay_accurate_on_committed_measurements() {
@@ -27,6 +28,7 @@ fn candle_estimates_stay_accurate_on_committed_measurements() {
             MEASURED[0],
             MEASURED[1],
             MEASURED[2],
+            MEASURED[3],
             "--calibration",
             CALIBRATION,
         ])
@@ -34,9 +36,9 @@ fn candle_estimates_stay_accurate_on_committed_measurements() {
             "--max-median-error",
             "0.01",
             "--max-error",
-            "0.20",
+            "0.06",
             "--margin",
-            "0.10",
+            "0.03",
         ])
         .output()
         .unwrap();
@@ -47,7 +49,7 @@ fn candle_estimates_stay_accurate_on_committed_measurements() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("under-estimates 0 of 44 with a 10.0 % margin"),
+        text.contains("under-estimates 0 of 52 with a 3.0 % margin"),
         "{text}"
     );
 }
@@ -65,6 +67,7 @@ fn committed_calibration_is_what_calibrate_makes() {
             MEASURED[0],
             MEASURED[1],
             MEASURED[2],
+            MEASURED[3],
             "--out",
             fresh.to_str().unwrap(),
         ])
@@ -259,4 +262,37 @@ fn report_writes_the_plots_and_an_index() {
         assert!(index.contains(&name), "index.md does not show {name}");
     }
     assert!(index.contains("median |error|"));
+}
+
+/// Rows of a PyTorch-reference file (scripts/torch_reference.py) that ran out of memory carry
+/// `status=oom` and may have no peak: they are skipped, not checked and not fatal.
+#[test]
+fn reference_rows_that_failed_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("torch.csv");
+    std::fs::write(
+        &f,
+        "id,source,model,method,lora_r,lora_alpha,lora_targets,quant,precision,optimizer,batch,seq,seq_kind,checkpointing,attention,gpu,counter,peak_bytes,notes,status\n\
+         a,t,smollm2-135m,full,,,,none,bf16 weights,AdamW,1,512,random,off,sdpa,g,allocated,2000000000,,ok\n\
+         b,t,smollm2-135m,full,,,,none,bf16 weights,AdamW,64,4096,random,off,sdpa,g,allocated,,CUDA out of memory,oom\n\
+         c,t,smollm2-135m,full,,,,none,bf16 weights,AdamW,64,2048,random,off,sdpa,g,allocated,12345,partial,oom\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args([
+            "check",
+            "--measured",
+            f.to_str().unwrap(),
+            "--profile",
+            "torch-sdpa",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(": 1 rows;"), "{text}");
 }

@@ -8,7 +8,7 @@ use vramcal::measure::step::random_batch;
 use vramcal::measure::{alloc, CountingAlloc};
 use vramcal::model::lora::LoraConfig;
 use vramcal::model::weights::RandomWeights;
-use vramcal::model::{Adaptation, Checkpointing, Decoder, ForwardCtx, Quant};
+use vramcal::model::{Adaptation, Attention, Checkpointing, Decoder, ForwardCtx, Quant};
 use vramcal::spec::TrainSpec;
 
 #[global_allocator]
@@ -39,7 +39,7 @@ fn spec(dtype: DType, ad: Adaptation) -> TrainSpec {
 /// thread-local packing buffers that each rayon thread allocates on its first large matmul, so
 /// the forward is warmed up several times and the smallest of several readings is taken.
 fn forward_kept(c: &ModelConfig, s: &TrainSpec) -> u64 {
-    let m = Decoder::with_adaptation(
+    let mut m = Decoder::with_adaptation(
         c,
         &mut RandomWeights::new(0),
         s.dtype,
@@ -47,6 +47,7 @@ fn forward_kept(c: &ModelConfig, s: &TrainSpec) -> u64 {
         &s.adaptation,
     )
     .unwrap();
+    m.set_attention(s.attention);
     let (x, y) = random_batch(s, c.vocab_size, 1, &Device::Cpu).unwrap();
     let ctx = ForwardCtx {
         train: true,
@@ -68,7 +69,8 @@ fn forward_kept(c: &ModelConfig, s: &TrainSpec) -> u64 {
 }
 
 /// The table's bytes for one layer match the measured difference between a 2-layer and a
-/// 1-layer model within 1 % (f32 and bf16, full and LoRA with dropout).
+/// 1-layer model within 1 % (f32 and bf16, full and LoRA with dropout, sdpa and eager
+/// attention).
 #[test]
 fn saved_tensor_table_matches_a_measured_layer() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -80,17 +82,19 @@ fn saved_tensor_table_matches_a_measured_layer() {
         quant: Quant::None,
         seed: 0,
     };
-    for (dtype, ad) in [
-        (DType::F32, Adaptation::default()),
-        (DType::BF16, Adaptation::default()),
-        (DType::F32, lora()),
+    for (dtype, ad, attention) in [
+        (DType::F32, Adaptation::default(), Attention::Sdpa),
+        (DType::BF16, Adaptation::default(), Attention::Sdpa),
+        (DType::F32, lora(), Attention::Sdpa),
+        (DType::BF16, Adaptation::default(), Attention::Eager),
     ] {
-        let s = spec(dtype, ad);
+        let mut s = spec(dtype, ad);
+        s.attention = attention;
         let measured = forward_kept(&cfg(2), &s) as f64 - forward_kept(&cfg(1), &s) as f64;
         let predicted: u64 = table::layer(&cfg(1), &s).iter().map(|t| t.bytes()).sum();
         let err = (predicted as f64 - measured) / measured;
         eprintln!(
-            "{dtype:?} {}: table {predicted} vs measured {measured} ({:+.2} %)",
+            "{dtype:?} {} {attention:?}: table {predicted} vs measured {measured} ({:+.2} %)",
             s.adaptation.method(),
             100.0 * err
         );

@@ -329,14 +329,26 @@ fn plan_projects_time_from_measured_throughput() {
 
 #[test]
 fn a_results_file_of_an_earlier_version_takes_new_rows() {
-    // The committed CPU results predate the `memory_counter` column.
+    // A committed results file without the columns added since 0.1.0's first results
+    // (`memory_counter`, `attention`), as files written before them are.
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/cpu/smollm2-135m.csv");
-    let header = std::fs::read_to_string(&src).unwrap();
-    assert!(!header.lines().next().unwrap().contains("memory_counter"));
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("old.csv");
-    std::fs::copy(&src, &out).unwrap();
+    {
+        let mut r = csv::Reader::from_path(&src).unwrap();
+        let h = r.headers().unwrap().clone();
+        let keep: Vec<usize> = (0..h.len())
+            .filter(|&i| !["memory_counter", "attention"].contains(&&h[i]))
+            .collect();
+        let mut w = csv::Writer::from_path(&out).unwrap();
+        w.write_record(keep.iter().map(|&i| &h[i])).unwrap();
+        for rec in r.records() {
+            let rec = rec.unwrap();
+            w.write_record(keep.iter().map(|&i| &rec[i])).unwrap();
+        }
+    }
     let before = rows(&out);
+    assert!(!before[0].contains_key("memory_counter"));
     let st = bin()
         .args([
             "measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--quiet", "--out",
@@ -353,6 +365,7 @@ fn a_results_file_of_an_earlier_version_takes_new_rows() {
             assert_eq!(&a[k], v, "column {k}");
         }
         assert_eq!(a["memory_counter"], "");
+        assert_eq!(a["attention"], "");
     }
     assert_eq!(
         after.last().unwrap()["memory_counter"],

@@ -45,7 +45,12 @@ struct Public {
     seq: usize,
     checkpointing: String,
     counter: String,
-    peak_bytes: u64,
+    /// Empty in rows that ran out of memory or failed (scripts/torch_reference.py writes them).
+    peak_bytes: Option<u64>,
+    /// `ok`, `oom` or `error` where the file says (scripts/torch_reference.py); only `ok` rows
+    /// (or rows without the column) are checked.
+    #[serde(default)]
+    status: Option<String>,
 }
 
 fn public_spec(p: &Public) -> anyhow::Result<TrainSpec> {
@@ -146,6 +151,10 @@ pub fn run(a: &CheckArgs) -> anyhow::Result<ExitCode> {
                 csv::Reader::from_path(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
             for p in r.deserialize::<Public>() {
                 let p = p.map_err(|e| anyhow::anyhow!("{}: malformed row: {e}", f.display()))?;
+                let ok = matches!(p.status.as_deref(), None | Some("") | Some("ok"));
+                let Some(peak) = p.peak_bytes.filter(|_| ok) else {
+                    continue;
+                };
                 let cfg = resolve_model(&p.model)?.config;
                 let spec = public_spec(&p)?;
                 let e = estimate(&cfg, &spec, profile, &c)?;
@@ -156,10 +165,9 @@ pub fn run(a: &CheckArgs) -> anyhow::Result<ExitCode> {
                         p.model, p.method, p.batch, p.seq, p.checkpointing, p.precision
                     ),
                     counter: p.counter.clone(),
-                    measured_bytes: p.peak_bytes,
+                    measured_bytes: peak,
                     predicted_bytes: e.peak_bytes,
-                    relative_error: (e.peak_bytes as f64 - p.peak_bytes as f64)
-                        / p.peak_bytes as f64,
+                    relative_error: (e.peak_bytes as f64 - peak as f64) / peak as f64,
                 });
             }
         } else {

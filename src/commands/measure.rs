@@ -104,7 +104,7 @@ impl DeviceChoice {
     }
 }
 
-const DEVICE_SYNTAX: &str = "expected `cpu`, `cuda` or `cuda:N`";
+const DEVICE_SYNTAX: &str = "expected `cpu`, `cuda` or `cuda:N` (N a GPU index, 0 to 9999)";
 
 /// Parses and checks `--device` without opening it: the syntax, the `cuda` feature, that the
 /// driver sees the device (no context is created), and that the CPU probe can count.
@@ -122,6 +122,7 @@ pub fn parse_device(s: &str) -> Result<DeviceChoice, Error> {
         Some("") => 0,
         Some(rest) => rest
             .strip_prefix(':')
+            .filter(|n| !n.is_empty() && n.len() <= 4 && n.bytes().all(|c| c.is_ascii_digit()))
             .and_then(|n| n.parse::<usize>().ok())
             .ok_or_else(|| Error::Device {
                 device: s.into(),
@@ -169,7 +170,7 @@ fn check_cuda(s: &str, ordinal: usize) -> Result<(), Error> {
 fn check_cuda(s: &str, _ordinal: usize) -> Result<(), Error> {
     Err(Error::Device {
         device: s.into(),
-        reason: "this vramcal was built without the `cuda` feature: rebuild with `cargo build --release --features cuda` (README, \"CUDA\"), or use --device cpu".into(),
+        reason: "this vramcal was built without the `cuda` feature: rebuild with `cargo build --release --features cuda` (README, \"Building with CUDA\"), or use --device cpu".into(),
     })
 }
 
@@ -308,6 +309,7 @@ pub fn train_spec(
     spec.adamw.lr = args.lr;
     spec.adamw.weight_decay = args.weight_decay;
     spec.allow_longer = args.allow_longer;
+    spec.attention = crate::model::Attention::parse(&args.attention)?;
     spec.data_seed = args.data_seed;
     Ok(spec)
 }
@@ -408,7 +410,7 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
             .map(|l| format!(" ({l})"))
             .unwrap_or_default();
         let head = format!(
-            "vramcal {} | {} | {} | weights {} | {}{lora} | quant {} | checkpointing {} | dtype {} | AdamW states {} | micro-batch {} x accumulate {} x seq {}\n{}\n{}",
+            "vramcal {} | {} | {} | weights {} | {}{lora} | quant {} | checkpointing {} | attention {} | dtype {} | AdamW states {} | micro-batch {} x accumulate {} x seq {}\n{}\n{}",
             env!("CARGO_PKG_VERSION"),
             row.device,
             model.name,
@@ -416,6 +418,7 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
             row.method,
             row.quant,
             row.checkpointing,
+            row.attention,
             row.dtype,
             row.optimizer_state_dtype,
             spec.batch,

@@ -308,6 +308,7 @@ fn child_args(p: &Point, i: usize, command: &str) -> Vec<OsString> {
         &m.data_seed.to_string(),
     ]);
     push(&["--accumulate", &m.accumulate.to_string(), "--save", &m.save]);
+    push(&["--attention", &m.attention]);
     if let Some(q) = &m.quant {
         push(&["--quant", q]);
     }
@@ -370,6 +371,8 @@ pub fn config_key(r: &Row) -> String {
         r.lora_targets.clone(),
         r.quant.clone(),
         r.checkpointing.clone(),
+        crate::model::Attention::parse(&r.attention)
+            .map_or_else(|_| r.attention.clone(), |a| a.label().to_string()),
         r.batch.to_string(),
         r.seq.to_string(),
         r.micro_batch.to_string(),

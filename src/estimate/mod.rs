@@ -62,19 +62,27 @@ impl Profile {
 
 /// The terms whose coefficients calibration fits (bytes; `constant` is 1):
 /// * `activations`: saved tensors of the kept layers other than attention scores;
-/// * `attention_scores`: the `(batch, heads, seq, seq)` tensors of the kept layers;
+/// * `attention_scores`: the `(batch, heads, seq, seq)` tensors of the kept layers (none for
+///   `candle`, whose fused attention recomputes them; the `torch-eager` profile keeps them);
 /// * `checkpoint_inputs`: saved layer inputs under checkpointing;
-/// * `logits_and_loss`: the head's `(N, V)` tensors (backward adds their gradients);
+/// * `logits_and_loss`: the head's logits: for `candle` one `(min(N, 256), V)` chunk of the
+///   fused LM head (its kept `(N, h)` tensors count with the activations); for the torch
+///   profiles the `(N, V)` logits and the loss's intermediates (backward adds their gradients);
 /// * `gradients_live`: gradients of the trainable parameters;
 /// * `largest_trainable`: bytes of the largest trainable tensor (gradient-accumulation
 ///   transients such as a tied embedding's two gradient contributions);
-/// * `attention_transient`: one layer's attention scores (softmax backward's temporaries);
+/// * `attention_transient`: one layer's attention scores in the compute dtype (the fused
+///   attention's scores and probabilities, formed one layer at a time);
 /// * `constant`: fixed overhead.
 ///
-/// Without checkpointing the whole graph is alive during backward, so the peak is the sum of
-/// all terms. With checkpointing the head's graph is freed before the layers are recomputed,
-/// so the peak is the larger of an early moment (the head) and a late one (one recomputed
-/// segment, the gradients); `checkpoint_inputs` and `constant` count at both.
+/// The peak of backward is the larger of two moments: early, the head's backward (its logits
+/// chunk or logits, and the LM head's gradient), and late, when the gradients have built up
+/// (with the attention transient of a layer's backward, and a tied embedding's two gradient
+/// contributions being summed at the very end). `checkpoint_inputs`, `largest_trainable` and
+/// `constant` count at both. The activations are alive at both moments without checkpointing
+/// (candle keeps the whole graph until backward ends), and only late with it (the head's graph
+/// is freed before the layers are recomputed; one segment's graph is alive then). The torch
+/// profiles without checkpointing sum every term instead (their uncalibrated model).
 pub const TERMS: [&str; 8] = [
     "activations",
     "attention_scores",
@@ -86,12 +94,14 @@ pub const TERMS: [&str; 8] = [
     "constant",
 ];
 
-/// Which terms count at the early (`true`) or late (`false`) moment of backward.
-pub fn in_branch(term: usize, early: bool, checkpointed: bool) -> bool {
-    match (checkpointed, term) {
+/// Which terms count at the early (`true`) or late (`false`) moment of backward; `two_moments`
+/// is false where every term counts at once (see [`TERMS`]).
+pub fn in_branch(term: usize, early: bool, checkpointed: bool, two_moments: bool) -> bool {
+    match (checkpointed || two_moments, term) {
         (false, _) => true,
-        (true, 2 | 7) => true,
-        (true, 3 | 5) => early,
+        (true, 0 | 1) => !checkpointed || !early,
+        (true, 2 | 5 | 7) => true,
+        (true, 3) => early,
         (true, _) => !early,
     }
 }
@@ -158,6 +168,9 @@ pub struct Terms {
     pub terms: [f64; 8],
     /// Whether checkpointing is on (it changes which terms are alive when; see [`TERMS`]).
     pub checkpointed: bool,
+    /// Whether the head and the gradients peak at separate moments without checkpointing too
+    /// (`candle`); see [`TERMS`].
+    pub two_moments: bool,
 }
 
 impl Terms {
@@ -166,7 +179,7 @@ impl Terms {
     pub fn design(&self, early: bool) -> [f64; 8] {
         let mut row = self.terms;
         for (i, v) in row.iter_mut().enumerate() {
-            if !in_branch(i, early, self.checkpointed) {
+            if !in_branch(i, early, self.checkpointed, self.two_moments) {
                 *v = 0.0;
             }
         }
@@ -225,7 +238,10 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec) -> Terms {
         .filter(|x| x.shape != "(S2)")
         .map(|x| x.bytes())
         .sum();
-    let head: u64 = table::head(cfg, spec).iter().map(|x| x.bytes()).sum();
+    // The head's kept (N, h) tensors count with the activations; the logits exist only one
+    // chunk at a time, which stops growing at CE_CHUNK_TOKENS tokens.
+    let head_kept: u64 = table::head(cfg, spec).iter().map(|x| x.bytes()).sum();
+    let head = table::logits_chunk(cfg, spec);
     let l = cfg.num_hidden_layers as u64;
     let n = (spec.batch * spec.seq) as u64;
     let (kept, ckpt) = match spec.checkpointing {
@@ -242,7 +258,7 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec) -> Terms {
         gradients: t * d,
         optimizer_states: 2 * t * spec.state_dtype.size_in_bytes() as u64,
         terms: [
-            (kept * other) as f64,
+            (kept * other + if ckpt > 0 { 0 } else { head_kept }) as f64,
             (kept * scores) as f64,
             ckpt as f64,
             head as f64,
@@ -250,10 +266,11 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec) -> Terms {
             // while the next micro-batch builds its own.
             (t * d * if spec.accumulate > 1 { 2 } else { 1 }) as f64,
             largest_trainable(cfg, spec) as f64,
-            scores as f64,
+            table::attention_scores(cfg, spec) as f64,
             1.0,
         ],
         checkpointed: ckpt > 0,
+        two_moments: true,
     }
 }
 
@@ -374,11 +391,14 @@ pub fn estimate_sharded(
         ("checkpointed layer inputs", "(⌈L/K⌉ + 1) · N · h · dtype"),
         (
             "logits and loss",
-            "head table: (N, V) logits and loss intermediates",
+            "candle: one (min(N, 256), V) logits chunk; torch: (N, V) logits, loss intermediates",
         ),
         ("gradients (alive in backward)", "trainable params × dtype"),
         ("gradient transient", "largest trainable tensor × dtype"),
-        ("attention backward transient", "one layer's (S2) entries"),
+        (
+            "attention transient",
+            "one layer's (b, heads, s, s) in the compute dtype",
+        ),
         ("fixed overhead (workspace)", "constant"),
     ];
     // Held at every moment of the step.

@@ -13,6 +13,7 @@ use candle_core::DType;
 
 use crate::config::ModelConfig;
 use crate::model::lora::Target;
+use crate::model::Attention;
 use crate::spec::{target_shape, TrainSpec};
 
 /// One kept tensor of the forward graph.
@@ -44,20 +45,6 @@ fn t(name: impl Into<String>, shape: &'static str, elems: u64, elem_bytes: u64) 
     }
 }
 
-/// RMSNorm's kept tensors for `(N, h)` input (statistics in f32).
-fn rms_norm(out: &mut Vec<SavedTensor>, p: &str, n: u64, h: u64, d: u64, cast: bool) {
-    if cast {
-        out.push(t(format!("{p}.x_f32"), "(N, h)", n * h, 4)); // x.to_dtype(f32)
-    }
-    out.push(t(format!("{p}.x_sq"), "(N, h)", n * h, 4)); // x²
-    out.push(t(format!("{p}.stats"), "(N, 1)", 4 * n, 4)); // mean, +eps, sqrt, recip
-    out.push(t(format!("{p}.x_normed"), "(N, h)", n * h, 4)); // x · inv
-    if cast {
-        out.push(t(format!("{p}.normed_cast"), "(N, h)", n * h, d)); // back to the model dtype
-    }
-    out.push(t(format!("{p}.out"), "(N, h)", n * h, d)); // · weight
-}
-
 /// A linear layer's kept tensors: its output, plus LoRA's adapter path and dropout copies.
 #[allow(clippy::too_many_arguments)]
 fn linear(
@@ -87,21 +74,19 @@ fn linear(
     }
 }
 
-/// Kept tensors of one decoder layer for `spec` (micro-batch × seq tokens).
+/// Kept tensors of one decoder layer for `spec` (micro-batch × seq tokens). The fused ops
+/// (`src/ops/`) keep their inputs, which are other ops' outputs listed here, and nothing else;
+/// a residual add keeps both its inputs.
 pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     let d = spec.dtype.size_in_bytes() as u64;
-    let cast = spec.dtype != DType::F32 && spec.dtype != DType::F64;
-    let f = if spec.dtype == DType::F64 { 8 } else { 4 }; // softmax dtype
     let n = (spec.batch * spec.seq) as u64;
     let h = cfg.hidden_size as u64;
     let (qd, _) = target_shape(cfg, Target::QProj);
     let (kvd, _) = target_shape(cfg, Target::KProj);
     let (q, kv, i) = (qd as u64, kvd as u64, cfg.intermediate_size as u64);
-    let s2 = (spec.batch * cfg.num_attention_heads * spec.seq * spec.seq) as u64;
     let mut v = Vec::new();
-    rms_norm(&mut v, "input_layernorm", n, h, d, cast);
+    v.push(t("input_layernorm.out", "(N, h)", n * h, d)); // fused; keeps its input x
     linear(&mut v, "q_proj", "(N, q)", n, q, h, d, spec, Target::QProj);
-    v.push(t("q.contiguous", "(N, q)", n * q, d)); // (b, s, H, hd) -> (b, H, s, hd)
     linear(
         &mut v,
         "k_proj",
@@ -113,7 +98,6 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
         spec,
         Target::KProj,
     );
-    v.push(t("k.contiguous", "(N, kv)", n * kv, d));
     linear(
         &mut v,
         "v_proj",
@@ -124,34 +108,17 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
         d,
         spec,
         Target::VProj,
-    );
-    v.push(t("v.contiguous", "(N, kv)", n * kv, d));
-    // RoPE: neg of half, cat, ·cos, ·sin, sum.
-    v.push(t("rope_q", "4.5·(N, q)", 9 * n * q / 2, d));
-    v.push(t("rope_k", "4.5·(N, kv)", 9 * n * kv / 2, d));
-    v.push(t("scores", "(S2)", s2, d)); // q·kᵀ
-    v.push(t("scores_scaled", "(S2)", s2, d)); // · 1/√hd
-    if cast {
-        v.push(t("scores_f32", "(S2)", s2, f));
+    ); // kept by attention
+    v.push(t("rope_q", "(N, q)", n * q, d)); // fused; kept by attention
+    v.push(t("rope_k", "(N, kv)", n * kv, d));
+    if spec.attention == Attention::Eager {
+        let s2 = (spec.batch * cfg.num_attention_heads * spec.seq * spec.seq) as u64;
+        v.push(t("attention.probs", "(S2)", s2, d)); // --attention eager keeps them
     }
-    v.push(t("scores_masked", "(S2)", s2, f)); // + mask
-    v.push(t("scores_shifted", "(S2)", s2, f)); // − row max
-    v.push(t("scores_exp", "(S2)", s2, f));
-    v.push(t("probs", "(S2)", s2, f)); // / row sum
-    if cast {
-        v.push(t("probs_cast", "(S2)", s2, d));
-    }
-    v.push(t(
-        "softmax_stats",
-        "(b, H, s, 1)",
-        2 * s2 / spec.seq as u64,
-        f,
-    ));
-    v.push(t("attn_out", "(N, q)", n * q, d)); // probs·v
-    v.push(t("attn_out.contiguous", "(N, q)", n * q, d)); // (b, H, s, hd) -> (b, s, q)
+    v.push(t("attention.out", "(N, q)", n * q, d)); // fused, (b, s, heads·hd)
     linear(&mut v, "o_proj", "(N, h)", n, h, q, d, spec, Target::OProj);
     v.push(t("residual_attn", "(N, h)", n * h, d));
-    rms_norm(&mut v, "post_attention_layernorm", n, h, d, cast);
+    v.push(t("post_attention_layernorm.out", "(N, h)", n * h, d));
     linear(
         &mut v,
         "gate_proj",
@@ -163,7 +130,6 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
         spec,
         Target::GateProj,
     );
-    v.push(t("silu", "(N, i)", n * i, d));
     linear(
         &mut v,
         "up_proj",
@@ -175,7 +141,7 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
         spec,
         Target::UpProj,
     );
-    v.push(t("gate_x_up", "(N, i)", n * i, d));
+    v.push(t("swiglu.out", "(N, i)", n * i, d)); // fused; keeps gate and up
     linear(
         &mut v,
         "down_proj",
@@ -191,21 +157,29 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     v
 }
 
-/// Kept tensors of the embedding, final norm, LM head and loss.
+/// Kept tensors of the embedding, final norm and the fused LM head with its loss (which keeps
+/// the norm's output and the weight; the logits exist only chunk by chunk).
 pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     let d = spec.dtype.size_in_bytes() as u64;
-    let cast = spec.dtype != DType::F32 && spec.dtype != DType::F64;
-    let f = if spec.dtype == DType::F64 { 8 } else { 4 };
     let n = (spec.batch * spec.seq) as u64;
-    let (h, vcb) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
-    let mut v = vec![t("embed_out", "(N, h)", n * h, d)];
-    rms_norm(&mut v, "norm", n, h, d, cast);
-    v.push(t("logits", "(N, V)", n * vcb, d));
-    if cast {
-        v.push(t("logits_f32", "(N, V)", n * vcb, f));
-    }
-    v.push(t("logits_shifted", "(N, V)", n * vcb, f)); // − row max
-    v.push(t("logits_exp", "(N, V)", n * vcb, f));
-    v.push(t("loss_stats", "(N, 1)", 4 * n, f));
-    v
+    let h = cfg.hidden_size as u64;
+    vec![
+        t("embed_out", "(N, h)", n * h, d),
+        t("norm.out", "(N, h)", n * h, d),
+    ]
+}
+
+/// Bytes of one chunk of the fused LM head's logits, `(min(N, CE_CHUNK_TOKENS), V)` in the
+/// compute dtype: the head's transient in forward and backward.
+pub fn logits_chunk(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let f = if spec.dtype == DType::F64 { 8 } else { 4 };
+    let rows = (spec.batch * spec.seq).min(crate::ops::CE_CHUNK_TOKENS) as u64;
+    rows * cfg.vocab_size as u64 * f
+}
+
+/// Bytes of one `(batch, heads, seq, seq)` tensor in the compute dtype: the fused attention
+/// forms its scores and probabilities one layer at a time (forward, and again in backward).
+pub fn attention_scores(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let f = if spec.dtype == DType::F64 { 8 } else { 4 };
+    (spec.batch * cfg.num_attention_heads * spec.seq * spec.seq) as u64 * f
 }

@@ -89,5 +89,6 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, eager: bool) -> Terms {
             1.0,
         ],
         checkpointed: ckpt > 0,
+        two_moments: false,
     }
 }

@@ -316,6 +316,7 @@ pub fn measure_with(
             &spec.adaptation,
         )
     })?;
+    model.set_attention(spec.attention);
     out.params = model.param_count();
     out.trainable_params = model.trainable_count();
     out.param_bytes = model.param_bytes();

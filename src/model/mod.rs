@@ -3,11 +3,12 @@
 //!
 //! Layout and names follow transformers' `modeling_mistral.py` / `modeling_llama.py` so that
 //! weights map by path (`model.layers.0.self_attn.q_proj.weight`); LoRA adapters use PEFT's
-//! names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`). Everything is
-//! built from candle operations that have a backward pass: candle 0.11's fused
-//! `softmax_last_dim`, `rms_norm` and `rotary_emb::rope` silently detach (no gradient), so they
-//! are not used here. `tests/gradients.rs` checks every trainable tensor against finite
-//! differences.
+//! names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`). RMSNorm, RoPE,
+//! attention, the SwiGLU gate and the LM head with its loss are vramcal's fused ops
+//! ([`crate::ops`]), which keep for backward only what PyTorch's SDPA path keeps (candle 0.11's
+//! own fused `softmax_last_dim`, `rms_norm` and `rotary_emb::rope` silently detach, so they are
+//! not used for anything that needs a gradient). `tests/gradients.rs` checks every trainable
+//! tensor against finite differences; `tests/ops.rs` each op against its composed form.
 
 pub mod gguf;
 pub mod linear;
@@ -18,11 +19,12 @@ pub mod weights;
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::ops;
 use linear::{frozen_linear, linear, FrozenRef, LoraAdapter, Param, Weight};
 pub use linear::{ForwardCtx, Linear};
 use lora::{LoraConfig, Target};
@@ -49,6 +51,40 @@ impl Quant {
             Quant::None => "none",
             Quant::Nf4 { double: false } => "nf4",
             Quant::Nf4 { double: true } => "nf4-dq",
+        }
+    }
+}
+
+/// What attention keeps for backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Attention {
+    /// `q`, `k`, `v` and the output; probabilities recomputed in backward (PyTorch's SDPA /
+    /// FlashAttention).
+    #[default]
+    Sdpa,
+    /// Also the `(batch, heads, seq, seq)` probabilities (transformers' eager attention).
+    Eager,
+}
+
+impl Attention {
+    /// CSV and CLI label: `sdpa` or `eager`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Attention::Sdpa => "sdpa",
+            Attention::Eager => "eager",
+        }
+    }
+
+    /// Parses `sdpa` or `eager`; an empty string (rows written before the column existed) is
+    /// `sdpa`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for anything else.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "sdpa" | "" => Ok(Attention::Sdpa),
+            "eager" => Ok(Attention::Eager),
+            _ => Err(Error::invalid("--attention", s, "expected sdpa or eager")),
         }
     }
 }
@@ -208,6 +244,7 @@ pub struct Decoder {
     dtype: DType,
     device: Device,
     adaptation: Adaptation,
+    attention: Attention,
     /// Token embedding `model.embed_tokens.weight`, `(vocab, hidden)`.
     pub embed_tokens: Param,
     /// Decoder layers `model.layers.N`.
@@ -358,6 +395,7 @@ impl Decoder {
             dtype,
             device: device.clone(),
             adaptation: ad.clone(),
+            attention: Attention::default(),
             embed_tokens,
             layers,
             norm,
@@ -383,6 +421,16 @@ impl Decoder {
     /// The adaptation the model was built with.
     pub fn adaptation(&self) -> &Adaptation {
         &self.adaptation
+    }
+
+    /// What attention keeps for backward (default [`Attention::Sdpa`]).
+    pub fn attention(&self) -> Attention {
+        self.attention
+    }
+
+    /// Sets what attention keeps for backward.
+    pub fn set_attention(&mut self, a: Attention) {
+        self.attention = a;
     }
 
     /// Trainable tensors with their names, in a fixed order: HF names for full fine-tuning
@@ -496,6 +544,11 @@ impl Decoder {
     /// [`Error::InvalidValue`] for an empty input; [`Error::Candle`] otherwise (e.g. ids
     /// outside the vocabulary).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.logits(&self.hidden(input_ids)?)
+    }
+
+    /// The last layer's output `(batch, seq, hidden)` without dropout.
+    fn hidden(&self, input_ids: &Tensor) -> Result<Tensor> {
         let ctx = ForwardCtx {
             train: false,
             seed: 0,
@@ -505,7 +558,7 @@ impl Decoder {
         for (l, layer) in self.layers.iter().enumerate() {
             x = self.layer_forward(l, layer, &x, &aux, ctx)?;
         }
-        self.logits(&x)
+        Ok(x)
     }
 
     /// Mean next-token cross-entropy (nats) of `targets` given `input_ids` (both
@@ -514,7 +567,7 @@ impl Decoder {
     /// # Errors
     /// As [`Decoder::forward`].
     pub fn loss(&self, input_ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        cross_entropy(&self.forward(input_ids)?, targets)
+        self.head_loss(&self.hidden(input_ids)?, targets)
     }
 
     /// Training forward pass: the loss, keeping for backward what `ckpt` allows (everything,
@@ -537,7 +590,7 @@ impl Decoder {
                 for (l, layer) in self.layers.iter().enumerate() {
                     x = self.layer_forward(l, layer, &x, &aux, ctx)?;
                 }
-                let loss = cross_entropy(&self.logits(&x)?, targets)?;
+                let loss = self.head_loss(&x, targets)?;
                 return Ok(TrainForward {
                     loss,
                     ctx,
@@ -565,7 +618,7 @@ impl Decoder {
         }
         let head_input = Var::from_tensor(&x)?;
         drop(x);
-        let loss = cross_entropy(&self.logits(head_input.as_tensor())?, targets)?;
+        let loss = self.head_loss(head_input.as_tensor(), targets)?;
         Ok(TrainForward {
             loss,
             ctx,
@@ -692,9 +745,19 @@ impl Decoder {
         })
     }
 
+    /// Final norm, LM head and mean cross-entropy of `targets` `(b, s)` for hidden states
+    /// `x` `(b, s, hidden)`, fused ([`ops::lm_head_cross_entropy`]): the logits are formed
+    /// chunk by chunk and never kept.
+    fn head_loss(&self, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let x = ops::rms_norm(x, self.norm.tensor(), self.cfg.rms_norm_eps)?;
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens).tensor();
+        ops::lm_head_cross_entropy(&x.reshape((b * s, h))?, w, &targets.flatten_all()?)
+    }
+
     /// Final norm and LM head: `(b, s, hidden)` → logits `(b, s, vocab)`.
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let x = rms_norm(x, self.norm.tensor(), self.cfg.rms_norm_eps)?;
+        let x = ops::rms_norm(x, self.norm.tensor(), self.cfg.rms_norm_eps)?;
         match self.lm_head.as_ref().unwrap_or(&self.embed_tokens) {
             Param::Trainable(w) => linear(&x, w),
             Param::Frozen(w) => {
@@ -718,57 +781,37 @@ impl Decoder {
         let salt = |t: Target| (li * 8 + t as usize) as u64;
 
         // --- attention block ---
-        let xn = rms_norm(x, l.input_layernorm.tensor(), eps)?; // (b, s, hidden)
-                                                                // (b, s, heads·hd) -> (b, heads, s, hd)
+        let xn = ops::rms_norm(x, l.input_layernorm.tensor(), eps)?; // (b, s, hidden)
+                                                                     // (b, s, heads·hd) -> views (b, heads, s, hd); RoPE writes contiguous outputs.
         let q = l
             .q_proj
             .forward(&xn, ctx, salt(Target::QProj))?
             .reshape((b, s, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+            .transpose(1, 2)?;
         let k = l
             .k_proj
             .forward(&xn, ctx, salt(Target::KProj))?
             .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+            .transpose(1, 2)?;
         let v = l
             .v_proj
             .forward(&xn, ctx, salt(Target::VProj))?
             .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = aux.rope.apply(&q)?; // (b, heads, s, hd)
-        let k = aux.rope.apply(&k)?; // (b, kv_heads, s, hd)
-                                     // Grouped-query attention without repeating K/V: the `rep` query heads that share a
-                                     // K/V head are stacked along the row axis, (b, kv_heads, rep·s, hd).
-        let rep = nh / nkv;
-        let qg = q.reshape((b, nkv, rep * s, hd))?;
+            .transpose(1, 2)?; // (b, kv_heads, s, hd)
+        let q = ops::rope(&q, &aux.rope.cos, &aux.rope.sin)?; // (b, heads, s, hd)
+        let k = ops::rope(&k, &aux.rope.cos, &aux.rope.sin)?; // (b, kv_heads, s, hd)
         let scale = 1.0 / (hd as f64).sqrt();
-        // (b, kv_heads, rep·s, s) -> (b, heads, s, s)
-        let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, nh, s, s))?;
-        let scores = scores
-            .to_dtype(softmax_dtype(self.dtype))?
-            .broadcast_add(&aux.mask)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(self.dtype)?; // (b, heads, s, s)
-                                                                      // (b, kv_heads, rep·s, s) x (b, kv_heads, s, hd) -> (b, heads, s, hd)
-        let ctx_v = probs
-            .reshape((b, nkv, rep * s, s))?
-            .matmul(&v)?
-            .reshape((b, nh, s, hd))?;
-        let ctx_v = ctx_v.transpose(1, 2)?.reshape((b, s, nh * hd))?; // (b, s, heads·hd)
+        let eager = self.attention == Attention::Eager;
+        let ctx_v = ops::attention(&q, &k, &v, &aux.mask, scale, eager)?; // (b, s, heads·hd)
         let x = (x + l.o_proj.forward(&ctx_v, ctx, salt(Target::OProj))?)?;
 
         // --- SwiGLU MLP block ---
-        let xn = rms_norm(&x, l.post_attention_layernorm.tensor(), eps)?;
-        let gate = l
-            .gate_proj
-            .forward(&xn, ctx, salt(Target::GateProj))?
-            .silu()?; // (b, s, intermediate)
+        let xn = ops::rms_norm(&x, l.post_attention_layernorm.tensor(), eps)?;
+        let gate = l.gate_proj.forward(&xn, ctx, salt(Target::GateProj))?; // (b, s, intermediate)
         let up = l.up_proj.forward(&xn, ctx, salt(Target::UpProj))?; // (b, s, intermediate)
         let y = l
             .down_proj
-            .forward(&(gate * up)?, ctx, salt(Target::DownProj))?; // (b, s, hidden)
+            .forward(&ops::swiglu(&gate, &up)?, ctx, salt(Target::DownProj))?; // (b, s, hidden)
         Ok((x + y)?)
     }
 }
@@ -786,27 +829,6 @@ fn softmax_dtype(dtype: DType) -> DType {
         DType::F64 => DType::F64,
         _ => DType::F32,
     }
-}
-
-/// RMSNorm (Zhang & Sennrich 2019; transformers' `LlamaRMSNorm`): statistics in f32,
-/// `w · x / sqrt(mean(x²) + eps)`. `x` `(…, hidden)`, `w` `(hidden,)`.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let dt = x.dtype();
-    let xf = x.to_dtype(softmax_dtype(dt))?;
-    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-        .sqrt()?
-        .recip()?; // (…, 1)
-    let y = xf.broadcast_mul(&inv)?.to_dtype(dt)?;
-    Ok(y.broadcast_mul(w)?)
-}
-
-/// Softmax over the last axis, composed of differentiable ops. The row maximum is detached
-/// (subtracting a constant does not change the result or its gradient).
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&sum)?)
 }
 
 /// Additive attention mask `(1, 1, seq, seq)`: 0 where query `i` may see key `j` (`j ≤ i`
@@ -855,15 +877,6 @@ impl Rope {
             cos: mk(cos)?,
             sin: mk(sin)?,
         })
-    }
-
-    /// `x` `(b, heads, s, hd)` → `x·cos + rotate_half(x)·sin`.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let hd = x.dim(D::Minus1)?;
-        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-        let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&self.cos)? + rot.broadcast_mul(&self.sin)?)?)
     }
 }
 

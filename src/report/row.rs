@@ -60,6 +60,8 @@ pub struct Row {
     pub lora_targets: String,
     pub quant: String,
     pub checkpointing: String,
+    #[serde(default)]
+    pub attention: String,
     pub batch: usize,
     pub seq: usize,
     pub micro_batch: usize,
@@ -150,6 +152,7 @@ impl Row {
             lora_targets: lora.map(|l| l.targets_label()).unwrap_or_default(),
             quant: spec.adaptation.quant.label().into(),
             checkpointing: spec.checkpointing.label(),
+            attention: spec.attention.label().to_string(),
             batch: spec.batch * spec.accumulate,
             seq: spec.seq,
             micro_batch: spec.batch,

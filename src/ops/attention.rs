@@ -1,0 +1,104 @@
+//! Fused scaled-dot-product attention with grouped-query heads (Vaswani et al. 2017; GQA:
+//! Ainslie et al. 2023), keeping for backward what PyTorch's SDPA / FlashAttention keep
+//! (Dao et al. 2022, Algorithm 2): `q`, `k`, `v` and the output; the probabilities are
+//! recomputed in backward instead of saved.
+
+use candle_core::{Tensor, D};
+
+use super::{attach, compute_dtype};
+use crate::error::Result;
+
+/// `softmax(q·kᵀ·scale + mask)·v` for `q` `(b, heads, s, hd)`, `k` and `v`
+/// `(b, kv_heads, s, hd)` (any strides), `mask` `(1, 1, s, s)` additive in the compute dtype
+/// → `(b, s, heads·hd)` in the model dtype, ready for `o_proj`. The `heads / kv_heads` query
+/// heads sharing a K/V head are stacked along the row axis, so K and V are never repeated.
+/// Scores are formed in the model dtype and the softmax taken in f32 (f64 for f64), as
+/// transformers' eager attention does.
+///
+/// With `keep_probs` (`--attention eager`, as transformers' eager attention) the probabilities
+/// are kept for backward in the model dtype, `(b, heads, s, s)` per layer, instead of being
+/// recomputed.
+///
+/// Backward (with `P` recomputed or kept, `dO` the output gradient, `O` the output):
+/// `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = dS·K·scale`,
+/// `dK = dSᵀ·Q·scale`, in the compute dtype.
+///
+/// # Errors
+/// [`crate::Error::Candle`] on shape mismatch.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    keep_probs: bool,
+) -> Result<Tensor> {
+    let (b, nh, s, hd) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let dt = q.dtype();
+    let p = probs(&q.detach(), &k.detach(), mask, scale)?.to_dtype(dt)?;
+    let out = p
+        .matmul(&v.detach().contiguous()?)? // (b, kv_heads, rep·s, hd)
+        .reshape((b, nh, s, hd))?
+        .transpose(1, 2)?
+        .reshape((b, s, nh * hd))?;
+    let kept = if keep_probs && (q.track_op() || k.track_op() || v.track_op()) {
+        Some(p)
+    } else {
+        drop(p);
+        None
+    };
+    let mask = mask.clone();
+    Ok(attach(
+        "vramcal-attention",
+        &[q, k, v],
+        out,
+        Box::new(move |inp, res, g| {
+            let f = compute_dtype(dt);
+            let (q, k, v) = (inp[0].detach(), inp[1].detach(), inp[2].detach());
+            let rep = nh / nkv;
+            let grouped = |t: &Tensor| -> candle_core::Result<Tensor> {
+                // (b, s, heads·hd) -> (b, kv_heads, rep·s, hd) in f
+                t.detach()
+                    .reshape((b, s, nh, hd))?
+                    .transpose(1, 2)?
+                    .to_dtype(f)?
+                    .contiguous()?
+                    .reshape((b, nkv, rep * s, hd))
+            };
+            let p = match &kept {
+                Some(p) => p.to_dtype(f)?,
+                None => probs(&q, &k, &mask, scale)?, // (b, kv_heads, rep·s, s)
+            };
+            let d_o = grouped(g)?;
+            let d_v = p.t()?.matmul(&d_o)?; // (b, kv_heads, s, hd)
+            let d_p = d_o.matmul(&v.to_dtype(f)?.contiguous()?.t()?)?;
+            let row = (&d_o * grouped(res)?)?.sum_keepdim(D::Minus1)?; // (b, kv_heads, rep·s, 1)
+            drop(d_o);
+            let d_s = (p * d_p.broadcast_sub(&row)?)?;
+            drop(d_p);
+            let qg = q
+                .to_dtype(f)?
+                .contiguous()?
+                .reshape((b, nkv, rep * s, hd))?;
+            let d_q = (d_s.matmul(&k.to_dtype(f)?.contiguous()?)? * scale)?
+                .reshape((b, nh, s, hd))?
+                .to_dtype(dt)?;
+            let d_k = (d_s.t()?.matmul(&qg)? * scale)?.to_dtype(dt)?;
+            Ok(vec![Some(d_q), Some(d_k), Some(d_v.to_dtype(dt)?)])
+        }),
+    )?)
+}
+
+/// Attention probabilities `(b, kv_heads, rep·s, s)` in the compute dtype.
+fn probs(q: &Tensor, k: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let (b, nh, s, hd) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let rep = nh / nkv;
+    let qg = q.contiguous()?.reshape((b, nkv, rep * s, hd))?;
+    let scores = (qg.matmul(&k.contiguous()?.t()?)? * scale)?
+        .reshape((b, nh, s, s))?
+        .to_dtype(compute_dtype(q.dtype()))?
+        .broadcast_add(mask)?;
+    candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, rep * s, s))
+}
