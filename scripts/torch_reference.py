@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 import transformers
@@ -144,9 +145,12 @@ def measure(args, cfg, method, ckpt, batch, seq):
                     if child in targets and isinstance(sub, torch.nn.Linear):
                         setattr(mod, child, LoraLinear(sub, args.lora_r, args.lora_alpha))
         if ckpt:
-            # transformers 5 renamed it; both take the same arguments.
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # Deprecated in transformers 5 (activation_checkpointing_enable takes other
+            # arguments there) but present in 4 and 5 alike.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
             if method == "lora":
                 model.enable_input_require_grads()
