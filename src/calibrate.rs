@@ -44,6 +44,16 @@ pub fn spec_from_row(r: &Row) -> Result<(ModelConfig, TrainSpec)> {
     spec.accumulate = r.accumulate.max(1);
     spec.allow_longer = true;
     spec.checkpointing = Checkpointing::parse(&r.checkpointing)?;
+    if r.attention.is_empty() {
+        return Err(Error::invalid(
+            "attention",
+            "",
+            format!(
+                "row of {} written before vramcal recorded the attention mode, by a model that kept every intermediate (tool {}): re-measure it",
+                r.model, r.tool_version
+            ),
+        ));
+    }
     spec.attention = crate::model::Attention::parse(&r.attention)?;
     let quant = match r.quant.as_str() {
         "nf4" => Quant::Nf4 { double: false },

@@ -168,9 +168,11 @@ impl TrainSpec {
         Ok(())
     }
 
-    /// A lower bound of the peak (bytes) that no implementation can go below: the base
-    /// weights (NF4 linear weights at half a byte), gradients and AdamW states of the trainable
-    /// parameters, plus f32 logits `(micro-batch, seq, vocab)`. `None` on overflow.
+    /// A lower bound of vramcal's peak (bytes): the base weights (NF4 linear weights at half a
+    /// byte), gradients and AdamW states of the trainable parameters, one f32 chunk of the LM
+    /// head's logits `(min(tokens, 256), vocab)`, one `(tokens, hidden)` tensor per layer (per
+    /// checkpointed segment), and with `--attention eager` the kept `(micro-batch, heads, seq,
+    /// seq)` probabilities. `None` on overflow.
     pub fn min_bytes(&self, cfg: &ModelConfig) -> Option<u64> {
         let n = cfg.checked_param_count()?;
         let w = self.dtype.size_in_bytes() as u64;
@@ -184,12 +186,40 @@ impl TrainSpec {
             None => n,
         };
         let per_trainable = w.checked_add(s.checked_mul(2)?)?;
-        let logits = (self.batch as u64)
-            .checked_mul(self.seq as u64)?
+        // The fused LM head forms its logits one chunk of tokens at a time.
+        let tokens = (self.batch as u64).checked_mul(self.seq as u64)?;
+        let logits = tokens
+            .min(crate::ops::CE_CHUNK_TOKENS as u64)
             .checked_mul(cfg.vocab_size as u64)?
             .checked_mul(4)?;
+        // `--attention eager` keeps (batch, heads, seq, seq) probabilities per kept layer.
+        let probs = if self.attention == Attention::Eager {
+            let layers = match self.checkpointing {
+                Checkpointing::None => cfg.num_hidden_layers,
+                Checkpointing::Every(k) => k.min(cfg.num_hidden_layers),
+            } as u64;
+            (self.batch as u64)
+                .checked_mul(cfg.num_attention_heads as u64)?
+                .checked_mul((self.seq as u64).checked_mul(self.seq as u64)?)?
+                .checked_mul(w)?
+                .checked_mul(layers)?
+        } else {
+            0
+        };
+        // At least one (tokens, hidden) tensor per layer stays alive for backward (its residual
+        // output), or per checkpointed segment input.
+        let kept_hidden = match self.checkpointing {
+            Checkpointing::None => cfg.num_hidden_layers + 1,
+            Checkpointing::Every(k) => cfg.num_hidden_layers.div_ceil(k.max(1)) + 1,
+        } as u64;
+        let hidden = tokens
+            .checked_mul(cfg.hidden_size as u64)?
+            .checked_mul(w)?
+            .checked_mul(kept_hidden)?;
         base.checked_add(t.checked_mul(per_trainable)?)?
-            .checked_add(logits)
+            .checked_add(logits)?
+            .checked_add(probs)?
+            .checked_add(hidden)
     }
 }
 

@@ -927,3 +927,50 @@ fn a_measurement_respects_a_sweeps_lock() {
         None,
     );
 }
+
+/// Findings of the third new-user trial (the lean model's options, old result rows).
+#[test]
+fn third_trial_findings_stay_fixed() {
+    let m = |extra: &[&str]| -> Vec<String> {
+        ["measure", "--model", "tiny", "--batch", "1", "--seq", "4"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    // An empty or unknown --attention is an error, not sdpa.
+    fails_with(&m(&["--attention", ""]), "expected sdpa or eager", None);
+    fails_with(
+        &m(&["--attention", "flash"]),
+        "expected sdpa or eager",
+        None,
+    );
+    // One spelling per GPU index.
+    for d in ["cuda:00", "cuda:+1", "cuda:99999"] {
+        fails_with(&m(&["--device", d]), "expected `cpu`", None);
+    }
+    // Rows written before the attention column existed (another model) are not used silently.
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.csv");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/cpu/smollm2-135m.csv");
+    let mut r = csv::Reader::from_path(src).unwrap();
+    let header = r.headers().unwrap().clone();
+    let a = header.iter().position(|c| c == "attention").unwrap();
+    let mut w = csv::Writer::from_path(&old).unwrap();
+    w.write_record(&header).unwrap();
+    for rec in r.records() {
+        let rec = rec.unwrap();
+        let f: Vec<&str> = rec
+            .iter()
+            .enumerate()
+            .map(|(i, v)| if i == a { "" } else { v })
+            .collect();
+        w.write_record(&f).unwrap();
+    }
+    drop(w);
+    fails_with(
+        &["check", "--measured", old.to_str().unwrap()],
+        "written before vramcal recorded the attention mode",
+        Some(&old),
+    );
+}

@@ -373,3 +373,34 @@ fn a_results_file_of_an_earlier_version_takes_new_rows() {
     );
     assert!(!dir.path().join("old.csv.upgrade").exists());
 }
+
+#[test]
+fn a_row_cut_short_is_dropped_before_appending() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cut.csv");
+    let measure = |out: &Path| {
+        bin()
+            .args([
+                "measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--quiet", "--out",
+            ])
+            .arg(out)
+            .status()
+            .unwrap()
+    };
+    assert!(measure(&out).success());
+    assert!(measure(&out).success());
+    // Cut the second row in the middle, as a crash during the write would.
+    let text = std::fs::read_to_string(&out).unwrap();
+    let cut = text.trim_end().rfind('\n').unwrap() + 40;
+    std::fs::write(&out, &text[..cut]).unwrap();
+    // Appending without --resume drops the cut row, keeps the complete one, adds the new one.
+    assert!(measure(&out).success());
+    let after = rows(&out);
+    assert_eq!(after.len(), 2);
+    assert!(after.iter().all(|r| r["status"] == "ok"));
+    // A complete last row without its newline (a hand edit) is kept.
+    let text = std::fs::read_to_string(&out).unwrap();
+    std::fs::write(&out, text.trim_end()).unwrap();
+    assert!(measure(&out).success());
+    assert_eq!(rows(&out).len(), 3);
+}

@@ -149,10 +149,12 @@ pub fn run(a: &CheckArgs) -> anyhow::Result<ExitCode> {
         if is_public(f)? {
             let mut r =
                 csv::Reader::from_path(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+            let mut skipped = 0;
             for p in r.deserialize::<Public>() {
                 let p = p.map_err(|e| anyhow::anyhow!("{}: malformed row: {e}", f.display()))?;
                 let ok = matches!(p.status.as_deref(), None | Some("") | Some("ok"));
-                let Some(peak) = p.peak_bytes.filter(|_| ok) else {
+                let Some(peak) = p.peak_bytes.filter(|&b| ok && b > 0) else {
+                    skipped += 1;
                     continue;
                 };
                 let cfg = resolve_model(&p.model)?.config;
@@ -170,6 +172,12 @@ pub fn run(a: &CheckArgs) -> anyhow::Result<ExitCode> {
                     relative_error: (e.peak_bytes as f64 - peak as f64) / peak as f64,
                 });
             }
+            if skipped > 0 {
+                eprintln!(
+                    "note: {}: skipped {skipped} row(s) without a successful peak (status not ok, or peak_bytes empty or 0)",
+                    f.display()
+                );
+            }
         } else {
             for (i, r) in read_rows(f)?.iter().enumerate() {
                 if r.status != Some(crate::report::Status::Ok) {
@@ -181,8 +189,14 @@ pub fn run(a: &CheckArgs) -> anyhow::Result<ExitCode> {
                 out.push(Compared {
                     id: format!("{}:{}", f.display(), i + 2),
                     config: format!(
-                        "{} {} ckpt {} b{} s{} {}",
-                        r.model, r.method, r.checkpointing, r.micro_batch, r.seq, r.dtype
+                        "{} {} ckpt {} attn {} b{} s{} {}",
+                        r.model,
+                        r.method,
+                        r.checkpointing,
+                        r.attention,
+                        r.micro_batch,
+                        r.seq,
+                        r.dtype
                     ),
                     counter: "allocated".into(),
                     measured_bytes: m,

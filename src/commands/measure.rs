@@ -122,7 +122,12 @@ pub fn parse_device(s: &str) -> Result<DeviceChoice, Error> {
         Some("") => 0,
         Some(rest) => rest
             .strip_prefix(':')
-            .filter(|n| !n.is_empty() && n.len() <= 4 && n.bytes().all(|c| c.is_ascii_digit()))
+            .filter(|n| {
+                !n.is_empty()
+                    && n.len() <= 4
+                    && n.bytes().all(|c| c.is_ascii_digit())
+                    && (n.len() == 1 || !n.starts_with('0'))
+            })
             .and_then(|n| n.parse::<usize>().ok())
             .ok_or_else(|| Error::Device {
                 device: s.into(),
@@ -570,7 +575,7 @@ pub fn check_fits(
         if let (Some(need), Some(have)) = (spec.min_bytes(&model.config), host_memory_bytes()) {
             if need > have {
                 anyhow::bail!(
-                    "micro-batch {} × seq {} of {} needs at least {} GiB (weights, gradients, AdamW states and logits), more than this machine's {} GiB",
+                    "micro-batch {} × seq {} of {} needs at least {} GiB (weights, gradients, AdamW states, a logits chunk, one hidden state per layer), more than this machine's {} GiB",
                     spec.batch, spec.seq, model.name, gib(need), gib(have)
                 );
             }

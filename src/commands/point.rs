@@ -128,6 +128,9 @@ pub fn run_point(
                     human(b)
                 )
             }
+            _ if reason.is_empty() && signal == "SIGKILL" => format!(
+                "out of memory{during}: killed by SIGKILL, the kernel's OOM killer (the machine ran out of memory)"
+            ),
             _ => format!("out of memory{during}: {reason}"),
         }
     } else {

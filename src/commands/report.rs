@@ -31,13 +31,15 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<ExitCode> {
         rows.extend(r);
     }
     std::fs::create_dir_all(&a.out).map_err(|e| crate::Error::io(&a.out, e))?;
-    let mut groups: BTreeMap<(String, String, String, String), Vec<&Row>> = BTreeMap::new();
+    type Key = (String, String, String, String, String);
+    let mut groups: BTreeMap<Key, Vec<&Row>> = BTreeMap::new();
     for r in &rows {
         groups
             .entry((
                 r.model.clone(),
                 r.method.clone(),
                 r.checkpointing.clone(),
+                r.attention.clone(),
                 r.dtype.clone(),
             ))
             .or_default()
@@ -52,7 +54,7 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<ExitCode> {
         c.source
     );
     let mut errors = Vec::new();
-    for ((model, method, ckpt, dtype), g) in &groups {
+    for ((model, method, ckpt, attention, dtype), g) in &groups {
         let mut by_batch: BTreeMap<usize, Vec<&Row>> = BTreeMap::new();
         for r in g {
             by_batch.entry(r.micro_batch).or_default().push(r);
@@ -84,15 +86,16 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<ExitCode> {
                 colour: i,
             });
         }
-        let stem = format!("peak-{model}-{method}-ckpt-{ckpt}-{dtype}").replace([':', '/'], "_");
+        let stem = format!("peak-{model}-{method}-ckpt-{ckpt}-attn-{attention}-{dtype}")
+            .replace([':', '/'], "_");
         line_chart(
             &a.out.join(format!("{stem}.svg")),
-            &format!("{model}, {method}, checkpointing {ckpt}, {dtype}"),
+            &format!("{model}, {method}, checkpointing {ckpt}, attention {attention}, {dtype}"),
             "sequence length (tokens)",
             &series,
         )?;
         index += &format!(
-            "## {model}, {method}, checkpointing {ckpt}, {dtype}\n\nMeasured (crosses) and estimated (lines) peak against sequence length.\n\n![{stem}]({stem}.svg) ([PNG]({stem}.png))\n\n"
+            "## {model}, {method}, checkpointing {ckpt}, attention {attention}, {dtype}\n\nMeasured (crosses) and estimated (lines) peak against sequence length.\n\n![{stem}]({stem}.svg) ([PNG]({stem}.png))\n\n"
         );
         // The components of the largest point of the group.
         let big = g

@@ -371,8 +371,8 @@ pub fn config_key(r: &Row) -> String {
         r.lora_targets.clone(),
         r.quant.clone(),
         r.checkpointing.clone(),
-        crate::model::Attention::parse(&r.attention)
-            .map_or_else(|_| r.attention.clone(), |a| a.label().to_string()),
+        // Empty in rows written before the column existed, by another model: never a match.
+        r.attention.clone(),
         r.batch.to_string(),
         r.seq.to_string(),
         r.micro_batch.to_string(),

@@ -75,14 +75,13 @@ impl Attention {
         }
     }
 
-    /// Parses `sdpa` or `eager`; an empty string (rows written before the column existed) is
-    /// `sdpa`.
+    /// Parses `sdpa` or `eager`.
     ///
     /// # Errors
-    /// [`Error::InvalidValue`] for anything else.
+    /// [`Error::InvalidValue`] for anything else, the empty string included.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
-            "sdpa" | "" => Ok(Attention::Sdpa),
+            "sdpa" => Ok(Attention::Sdpa),
             "eager" => Ok(Attention::Eager),
             _ => Err(Error::invalid("--attention", s, "expected sdpa or eager")),
         }

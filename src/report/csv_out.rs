@@ -67,6 +67,7 @@ pub fn check_writable(path: &Path) -> Result<()> {
 /// today's header (columns added since then are empty in its rows), through a temporary file
 /// renamed over it, so rows can be appended. Its rows keep every value they had.
 fn upgrade(path: &Path) -> Result<()> {
+    repair_last_line(path)?;
     let rows = read_rows(path)?;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".upgrade");
@@ -91,17 +92,14 @@ fn upgrade(path: &Path) -> Result<()> {
 /// As [`check_writable`]; [`Error::Io`] if the write fails (the file keeps its earlier rows).
 pub fn append_row(path: &Path, row: &Row) -> Result<()> {
     check_writable(path)?;
+    repair_last_line(path)?;
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let new = meta.len() == 0;
     let mut w = csv::WriterBuilder::new()
         .has_headers(new)
         .from_writer(vec![]);
     w.serialize(row).map_err(|e| csv_err(path, e.to_string()))?;
-    let mut bytes = w.into_inner().map_err(|e| csv_err(path, e.to_string()))?;
-    if meta.is_file() && !new && !ends_with_newline(path)? {
-        // A hand-edited file may lack the final newline: do not glue our row onto its last.
-        bytes.insert(0, b'\n');
-    }
+    let bytes = w.into_inner().map_err(|e| csv_err(path, e.to_string()))?;
     let mut f = OpenOptions::new()
         .append(true)
         .open(path)
@@ -149,16 +147,51 @@ pub fn read_rows_for_resume(path: &Path) -> Result<Vec<Row>> {
     if meta.len() == 0 || !meta.is_file() {
         return Ok(vec![]);
     }
-    if !ends_with_newline(path)? {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
-        f.set_len(keep as u64).map_err(|e| Error::io(path, e))?;
-    }
+    repair_last_line(path)?;
     read_rows(path)
+}
+
+/// A last line without its newline is a write cut short (vramcal writes whole rows ending in a
+/// newline) or a hand edit: with fewer fields than the header it is removed (the point is
+/// measured again on `--resume`), with as many it is kept and given its newline. Nothing
+/// complete is lost.
+///
+/// # Errors
+/// [`Error::Io`].
+pub fn repair_last_line(path: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    if meta.len() == 0 || !meta.is_file() || ends_with_newline(path)? {
+        return Ok(());
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let start = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let fields = |line: &[u8]| -> usize {
+        csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_reader(line)
+            .records()
+            .next()
+            .and_then(|r| r.ok())
+            .map_or(0, |r| r.len())
+    };
+    let header_end = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(bytes.len());
+    let complete = start > 0 && fields(&bytes[start..]) == fields(&bytes[..header_end]);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .append(complete)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    if complete {
+        f.write_all(b"\n").map_err(|e| Error::io(path, e))?;
+    } else {
+        f.set_len(start as u64).map_err(|e| Error::io(path, e))?;
+    }
+    f.sync_data().map_err(|e| Error::io(path, e))
 }
 
 /// Takes the advisory lock `<out>.lock` (for a whole sweep, or a measurement until its row is
