@@ -79,7 +79,14 @@ impl Attached {
     #[cfg(feature = "cuda")]
     fn cuda(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let out = self.take()?;
+        let mut out = self.take()?;
+        {
+            let (_, l) = out.storage_and_layout();
+            if !l.is_contiguous() || l.start_offset() != 0 {
+                // try_clone copies the whole buffer: give it one that is exactly the output.
+                out = out.copy()?;
+            }
+        }
         let (st, l) = out.storage_and_layout();
         match &*st {
             candle_core::Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
