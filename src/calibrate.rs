@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{resolve_model, ModelConfig};
 use crate::error::{Error, Result};
-use crate::estimate::{predicted_backward_peak, terms, Coefficients, Profile, TERMS};
+use crate::estimate::{
+    predicted_backward_peak, terms, Coefficients, Moment, Profile, MOMENTS, TERMS,
+};
 use crate::model::lora::LoraConfig;
 use crate::model::{Adaptation, Checkpointing, Quant};
 use crate::report::Row;
@@ -175,11 +177,11 @@ pub fn points(rows: &[Row], profile: Profile) -> Result<Vec<Point>> {
 }
 
 /// Fits the coefficients of `profile` to `pts` (relative least squares, non-negative). A
-/// point's peak is in one of two moments of backward (see [`TERMS`]); the fit alternates
+/// point's peak is in one of three moments of backward (see [`TERMS`]); the fit alternates
 /// between assigning each point to the moment its current coefficients put the peak in and
 /// solving the non-negative least squares for that assignment, until the assignment is stable.
 /// The alternation can settle in a local optimum, so it starts from several assignments (the
-/// uncalibrated coefficients', all early, all late) and keeps the coefficients whose predicted
+/// uncalibrated coefficients', then every point at each moment) and keeps the coefficients whose predicted
 /// peaks (the larger moment, as `estimate` computes them) have the least squared relative
 /// error.
 ///
@@ -202,11 +204,9 @@ pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficient
         })
         .collect();
     let start = Coefficients::uncalibrated(profile).values;
-    let starts: [Vec<bool>; 3] = [
-        pts.iter().map(|p| p.terms.head_branch(&start)).collect(),
-        vec![true; pts.len()],
-        vec![false; pts.len()],
-    ];
+    let mut starts: Vec<Vec<Moment>> =
+        vec![pts.iter().map(|p| p.terms.peak_moment(&start)).collect()];
+    starts.extend(MOMENTS.iter().map(|&m| vec![m; pts.len()]));
     let mut best: Option<(f64, [f64; 8])> = None;
     for branches in starts {
         let c = alternate(pts, &y, branches, &fixed_coefficients(profile));
@@ -220,7 +220,7 @@ pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficient
             best = Some((sse, c));
         }
     }
-    let (_, c) = best.expect("three starts");
+    let (_, c) = best.expect("four starts");
     Ok(Coefficients {
         profile,
         values: c,
@@ -247,7 +247,7 @@ pub fn fixed_coefficients(profile: Profile) -> Vec<(usize, f64)> {
 fn alternate(
     pts: &[&Point],
     y: &[f64],
-    mut branches: Vec<bool>,
+    mut branches: Vec<Moment>,
     fixed: &[(usize, f64)],
 ) -> [f64; 8] {
     let is_fixed = |i: usize| fixed.iter().find(|(j, _)| *j == i).map(|(_, v)| *v);
@@ -280,7 +280,7 @@ fn alternate(
                 j += 1;
             }
         }
-        let next: Vec<bool> = pts.iter().map(|p| p.terms.head_branch(&c)).collect();
+        let next: Vec<Moment> = pts.iter().map(|p| p.terms.peak_moment(&c)).collect();
         if next == branches {
             break;
         }

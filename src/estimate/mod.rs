@@ -75,14 +75,15 @@ impl Profile {
 ///   attention's scores and probabilities, formed one layer at a time);
 /// * `constant`: fixed overhead.
 ///
-/// The peak of backward is the larger of two moments: early, the head's backward (its logits
-/// chunk or logits, and the LM head's gradient), and late, when the gradients have built up
-/// (with the attention transient of a layer's backward, and a tied embedding's two gradient
-/// contributions being summed at the very end). `checkpoint_inputs`, `largest_trainable` and
-/// `constant` count at both. The activations are alive at both moments without checkpointing
-/// (candle keeps the whole graph until backward ends), and only late with it (the head's graph
-/// is freed before the layers are recomputed; one segment's graph is alive then). The torch
-/// profiles without checkpointing sum every term instead (their uncalibrated model).
+/// The peak of backward is the largest of three [`Moment`]s: the head's backward (its logits
+/// chunk or logits, the LM head's gradient), a layer's backward once the gradients have built
+/// up (with its attention transient), and the very end (all gradients, a tied embedding's two
+/// gradient contributions being summed). `checkpoint_inputs` and `constant` count at all three.
+/// The activations are alive at all three without checkpointing (candle keeps the whole graph
+/// until backward ends), and only in a layer's backward with it (the head's graph is freed
+/// before the layers are recomputed; one segment's graph is alive then, and freed before the
+/// end). The torch profiles without checkpointing sum every term instead (their uncalibrated
+/// model).
 pub const TERMS: [&str; 8] = [
     "activations",
     "attention_scores",
@@ -94,15 +95,33 @@ pub const TERMS: [&str; 8] = [
     "constant",
 ];
 
-/// Which terms count at the early (`true`) or late (`false`) moment of backward; `two_moments`
-/// is false where every term counts at once (see [`TERMS`]).
-pub fn in_branch(term: usize, early: bool, checkpointed: bool, two_moments: bool) -> bool {
-    match (checkpointed || two_moments, term) {
-        (false, _) => true,
-        (true, 0 | 1) => !checkpointed || !early,
-        (true, 2 | 5 | 7) => true,
-        (true, 3) => early,
-        (true, _) => !early,
+/// A moment of backward that may hold the peak (see [`TERMS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moment {
+    /// The head's backward.
+    Head,
+    /// A layer's (or recomputed segment's) backward, the gradients built up.
+    Layer,
+    /// The end of backward.
+    End,
+}
+
+/// The three moments, in order.
+pub const MOMENTS: [Moment; 3] = [Moment::Head, Moment::Layer, Moment::End];
+
+/// Whether `term` counts at moment `m`; `moments` is false where every term counts at once
+/// (see [`TERMS`]).
+pub fn in_moment(term: usize, m: Moment, checkpointed: bool, moments: bool) -> bool {
+    if !(checkpointed || moments) {
+        return true;
+    }
+    match term {
+        0 | 1 => !checkpointed || m == Moment::Layer,
+        2 | 7 => true,
+        3 => m == Moment::Head,
+        4 => m != Moment::Head,
+        5 => m != Moment::Layer,
+        _ => m == Moment::Layer,
     }
 }
 
@@ -174,22 +193,28 @@ pub struct Terms {
 }
 
 impl Terms {
-    /// The design row of this point at the early (`true`) or late moment of backward: the
-    /// terms alive then, zeros elsewhere.
-    pub fn design(&self, early: bool) -> [f64; 8] {
+    /// The design row of this point at moment `m`: the terms alive then, zeros elsewhere.
+    pub fn design(&self, m: Moment) -> [f64; 8] {
         let mut row = self.terms;
         for (i, v) in row.iter_mut().enumerate() {
-            if !in_branch(i, early, self.checkpointed, self.two_moments) {
+            if !in_moment(i, m, self.checkpointed, self.two_moments) {
                 *v = 0.0;
             }
         }
         row
     }
 
-    /// Whether the early moment holds the peak under coefficients `c`.
-    pub fn head_branch(&self, c: &[f64; 8]) -> bool {
+    /// The moment that holds the peak under coefficients `c` (the first of equal ones).
+    pub fn peak_moment(&self, c: &[f64; 8]) -> Moment {
         let dot = |r: [f64; 8]| r.iter().zip(c).map(|(x, k)| x * k).sum::<f64>();
-        dot(self.design(true)) > dot(self.design(false))
+        let mut best = (Moment::Head, f64::NEG_INFINITY);
+        for m in MOMENTS {
+            let v = dot(self.design(m));
+            if v > best.1 {
+                best = (m, v);
+            }
+        }
+        best.0
     }
 }
 
@@ -265,7 +290,14 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec) -> Terms {
             // With gradient accumulation the sum of earlier micro-batches' gradients is alive
             // while the next micro-batch builds its own.
             (t * d * if spec.accumulate > 1 { 2 } else { 1 }) as f64,
-            largest_trainable(cfg, spec) as f64,
+            // Under checkpointing `Decoder::backward` sums the embedding's gradient from its own
+            // pass into the head's: two extra copies at the end instead of one.
+            (largest_trainable(cfg, spec)
+                * if ckpt > 0 && spec.adaptation.lora.is_none() {
+                    2
+                } else {
+                    1
+                }) as f64,
             table::attention_scores(cfg, spec) as f64,
             1.0,
         ],
@@ -308,7 +340,7 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile: Profile) -> Terms {
 
 /// Predicted peak of step 2's backward with coefficients `c` (see [`TERMS`]).
 pub fn predicted_backward_peak(t: &Terms, c: &Coefficients) -> f64 {
-    let row = t.design(t.head_branch(&c.values));
+    let row = t.design(t.peak_moment(&c.values));
     (t.weights + t.optimizer_states) as f64
         + row.iter().zip(c.values).map(|(x, k)| x * k).sum::<f64>()
 }
@@ -415,7 +447,7 @@ pub fn estimate_sharded(
         },
     ];
     let mut items = held.clone();
-    let row = t.design(t.head_branch(&c.values));
+    let row = t.design(t.peak_moment(&c.values));
     for (i, (name, f)) in names.iter().enumerate() {
         let b = row[i] * c.values[i];
         if b > 0.0 {
