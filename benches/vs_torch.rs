@@ -81,6 +81,7 @@ fn torch(python: &str, batch: usize, seq: usize) -> Option<Torch> {
 
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument is not supported here.
+    vramcal::measure::alloc::tune_host_allocator(); // as the vramcal binary does
     let python = std::env::var("VRAMCAL_TORCH_PYTHON").ok();
     let probe = HostProbe::new().expect("the counting allocator is installed");
     println!(

@@ -8,6 +8,7 @@ use clap::Parser;
 static ALLOC: vramcal::measure::CountingAlloc = vramcal::measure::CountingAlloc;
 
 fn main() -> ExitCode {
+    vramcal::measure::alloc::tune_host_allocator();
     let cli = vramcal::cli::Cli::parse();
     match vramcal::commands::run(cli) {
         Ok(code) => code,

@@ -128,3 +128,20 @@ pub fn is_installed() -> bool {
     drop(probe);
     PEAK.load(Ordering::SeqCst) > 0
 }
+
+/// Makes glibc's `malloc` keep freed memory for reuse instead of returning it to the kernel
+/// after every large free: an mmap threshold of 32 MiB (glibc's maximum; blocks below it come
+/// from the heap) and a trim threshold of 2 GiB (free heap kept before trimming). Without it a
+/// training step spends about a sixth of its time in page faults, zeroing pages that were just
+/// returned (measured: 2 × 512 step 8.8 s → 7.2 s). What the counting allocator reports
+/// (allocated bytes) is unchanged; what the process holds from the kernel is then more like
+/// PyTorch's caching allocator's reserved memory. Call once at start; a no-op elsewhere than
+/// glibc.
+pub fn tune_host_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before threads allocate much.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
