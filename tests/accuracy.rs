@@ -296,3 +296,62 @@ fn reference_rows_that_failed_are_skipped() {
     );
     assert!(text.contains(": 1 rows;"), "{text}");
 }
+
+/// Published-measurement rows that vramcal cannot model are refused by name; `report` refuses
+/// such files and an output path that is a file; `calibrate` says which terms no row exercises.
+#[test]
+fn unmodelled_inputs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("ia3.csv");
+    std::fs::write(
+        &f,
+        "id,source,model,method,lora_r,lora_alpha,lora_targets,quant,precision,optimizer,batch,seq,seq_kind,checkpointing,attention,gpu,counter,peak_bytes,notes\n\
+         x,t,smollm2-135m,ia3,,,,none,bf16 weights,AdamW,1,512,random,off,sdpa,g,allocated,2000000000,\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args([
+            "check",
+            "--measured",
+            f.to_str().unwrap(),
+            "--profile",
+            "torch-sdpa",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("method \"ia3\""));
+    let out = bin()
+        .args(["report", "--measured", f.to_str().unwrap(), "--out"])
+        .arg(dir.path().join("r"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use it with `vramcal check`"));
+    let file = dir.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let out = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["report", "--measured", MEASURED[0], "--out"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a folder"));
+    let out = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "calibrate",
+            "--measured",
+            MEASURED[0],
+            "--holdout",
+            "none",
+            "--out",
+        ])
+        .arg(dir.path().join("c.csv"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("no fitted row exercises the term checkpoint_inputs"));
+}

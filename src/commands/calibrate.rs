@@ -69,7 +69,33 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
             profile.name()
         ))
     });
-    let c = fit(&train, profile, &out.display().to_string())?;
+    if profile != Profile::Candle {
+        eprintln!(
+            "note: fitting the {} profile to vramcal's own measurements, which measure the candle model",
+            profile.name()
+        );
+    }
+    let c = fit(&train, profile, &out.display().to_string()).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} ({} of {} rows fitted; --holdout {} keeps the others out)",
+            train.len(),
+            pts.len(),
+            a.holdout
+        )
+    })?;
+    // Terms that no fitted row exercises get 0: say so rather than let the table look complete.
+    let fixed = crate::calibrate::fixed_coefficients(profile);
+    for (i, name) in crate::estimate::TERMS.iter().enumerate() {
+        let counted = fixed.iter().any(|(j, _)| *j == i);
+        let used = train.iter().any(|p| {
+            crate::estimate::MOMENTS
+                .iter()
+                .any(|&m| p.terms.design(m)[i] != 0.0)
+        });
+        if !used && !counted && *name != "constant" {
+            eprintln!("note: no fitted row exercises the term {name}: its coefficient is 0, and estimates that need it will be low");
+        }
+    }
     let fit_err = errors(&train, &c);
     let held_err = errors(&held, &c);
     // Leave-one-out over the fitted rows.

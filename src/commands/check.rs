@@ -60,11 +60,18 @@ fn public_spec(p: &Public) -> anyhow::Result<TrainSpec> {
     // PyTorch's AdamW keeps its states in the parameters' dtype unless fp32 is stated.
     s.state_dtype = s.dtype;
     s.allow_longer = true;
-    s.checkpointing = if p.checkpointing == "on" {
-        Checkpointing::Every(1)
-    } else {
-        Checkpointing::None
+    s.checkpointing = match p.checkpointing.as_str() {
+        "on" => Checkpointing::Every(1),
+        "off" | "" => Checkpointing::None,
+        other => anyhow::bail!("row {}: checkpointing {other:?}: expected on or off", p.id),
     };
+    if !matches!(p.method.as_str(), "full" | "lora" | "qlora") {
+        anyhow::bail!(
+            "row {}: method {:?}: expected full, lora or qlora",
+            p.id,
+            p.method
+        );
+    }
     let lora = match p.method.as_str() {
         "lora" | "qlora" => Some(LoraConfig::parse(&format!(
             "r={},alpha={},targets={}",

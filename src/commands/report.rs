@@ -21,6 +21,12 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<ExitCode> {
     let c = super::estimate::coefficients(a.calibration.as_deref(), profile)?;
     let mut rows: Vec<Row> = Vec::new();
     for f in &a.measured {
+        if super::check::is_public(f)? {
+            anyhow::bail!(
+                "{}: a published-measurements file: report plots vramcal's own measurements; use it with `vramcal check`",
+                f.display()
+            );
+        }
         let r: Vec<Row> = read_rows(f)?
             .into_iter()
             .filter(|r| r.status == Some(Status::Ok))
@@ -29,6 +35,14 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<ExitCode> {
             anyhow::bail!("{}: no successful measured rows", f.display());
         }
         rows.extend(r);
+    }
+    if a.out.exists() && !a.out.is_dir() {
+        return Err(crate::Error::invalid(
+            "--out",
+            a.out.display(),
+            "exists and is not a folder (report writes a folder of plots and index.md)",
+        )
+        .into());
     }
     std::fs::create_dir_all(&a.out).map_err(|e| crate::Error::io(&a.out, e))?;
     type Key = (String, String, String, String, String);
