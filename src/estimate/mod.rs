@@ -137,12 +137,20 @@ pub struct Coefficients {
 }
 
 impl Coefficients {
-    /// First-principles coefficients: every kept tensor counted once, gradients alive at the
-    /// end of backward, no transient, no fixed overhead.
+    /// First-principles coefficients, counted rather than fitted: every kept tensor once and
+    /// the gradients at the end of backward; for `candle` also its transients as its ops make
+    /// them: three chunk-sized buffers in the fused LM head's backward (logits, softmax,
+    /// gradient), one copy of the largest trainable tensor being summed, four
+    /// `(batch, heads, seq, seq)` buffers in the fused attention's backward. The torch profiles
+    /// count no transient and no fixed overhead.
     pub fn uncalibrated(profile: Profile) -> Self {
+        let values = match profile {
+            Profile::Candle => [1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 4.0, 0.0],
+            _ => [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+        };
         Coefficients {
             profile,
-            values: [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+            values,
             source: "uncalibrated".into(),
         }
     }
