@@ -9,8 +9,6 @@
 //! Symbols: `N = batch·seq` tokens, `h` hidden, `q = heads·head_dim`, `kv = kv_heads·head_dim`,
 //! `i` intermediate, `V` vocabulary, `S2 = batch·heads·seq²` attention scores, `r` LoRA rank.
 
-use candle_core::DType;
-
 use crate::config::ModelConfig;
 use crate::model::lora::Target;
 use crate::model::Attention;
@@ -172,7 +170,7 @@ pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
 /// Bytes of one chunk of the fused LM head's logits, `(min(N, CE_CHUNK_TOKENS), V)` in the
 /// compute dtype: the head's transient in forward and backward.
 pub fn logits_chunk(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
-    let f = if spec.dtype == DType::F64 { 8 } else { 4 };
+    let f = crate::ops::compute_dtype(spec.dtype).size_in_bytes() as u64;
     let rows = (spec.batch * spec.seq).min(crate::ops::CE_CHUNK_TOKENS) as u64;
     rows * cfg.vocab_size as u64 * f
 }
@@ -180,6 +178,6 @@ pub fn logits_chunk(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 /// Bytes of one `(batch, heads, seq, seq)` tensor in the compute dtype: the fused attention
 /// forms its scores and probabilities one layer at a time (forward, and again in backward).
 pub fn attention_scores(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
-    let f = if spec.dtype == DType::F64 { 8 } else { 4 };
+    let f = crate::ops::compute_dtype(spec.dtype).size_in_bytes() as u64;
     (spec.batch * cfg.num_attention_heads * spec.seq * spec.seq) as u64 * f
 }

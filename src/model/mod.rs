@@ -726,7 +726,7 @@ impl Decoder {
         Ok(Aux {
             rope: Rope::new(&self.cfg, s, self.dtype, &self.device)?,
             mask: causal_mask(s, self.cfg.sliding_window, &self.device)?
-                .to_dtype(softmax_dtype(self.dtype))?,
+                .to_dtype(ops::compute_dtype(self.dtype))?,
         })
     }
 
@@ -821,15 +821,6 @@ struct Aux {
     mask: Tensor,
 }
 
-/// Dtype used for softmax, RMSNorm statistics and the loss: f32 for half types (as
-/// transformers upcasts), the model dtype otherwise.
-fn softmax_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F64 => DType::F64,
-        _ => DType::F32,
-    }
-}
-
 /// Additive attention mask `(1, 1, seq, seq)`: 0 where query `i` may see key `j` (`j ≤ i`
 /// and, with a sliding window `w`, `i − j < w`, as transformers' Mistral mask), −∞ elsewhere.
 fn causal_mask(s: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
@@ -888,7 +879,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (b, s, v) = logits.dims3()?;
     let logits = logits
         .reshape((b * s, v))?
-        .to_dtype(softmax_dtype(logits.dtype()))?;
+        .to_dtype(ops::compute_dtype(logits.dtype()))?;
     let max = logits.max_keepdim(1)?.detach();
     let shifted = logits.broadcast_sub(&max)?; // (b·s, vocab)
     let lse = shifted.exp()?.sum_keepdim(1)?.log()?; // (b·s, 1)

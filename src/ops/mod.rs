@@ -57,23 +57,17 @@ impl Attached {
 
     fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = self.take()?;
-        let (st, l) = out.storage_and_layout();
-        match &*st {
-            candle_core::Storage::Cpu(c) if l.is_contiguous() && l.start_offset() == 0 => {
-                let c = if c_len(c) == l.shape().elem_count() {
-                    c.clone()
-                } else {
-                    drop(st);
-                    return cpu_copy(&out.copy()?);
-                };
-                Ok((c, l.shape().clone()))
+        let exact = {
+            let (st, l) = out.storage_and_layout();
+            match &*st {
+                candle_core::Storage::Cpu(c) => {
+                    l.is_contiguous() && l.start_offset() == 0 && c_len(c) == l.shape().elem_count()
+                }
+                _ => candle_core::bail!("fused op {}: output is not on the CPU", self.name),
             }
-            candle_core::Storage::Cpu(_) => {
-                drop(st);
-                cpu_copy(&out.copy()?)
-            }
-            _ => candle_core::bail!("fused op {}: output is not on the CPU", self.name),
-        }
+        };
+        // The storage is cloned whole: give it one that is exactly the output.
+        cpu_copy(&if exact { out } else { out.copy()? })
     }
 
     #[cfg(feature = "cuda")]
