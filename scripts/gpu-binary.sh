@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the `--features cuda` binary on a machine without a GPU (CUDA 13.0 toolkit from PyPI
 # wheels, stub libraries to link against) and puts a stripped copy at target/gpu/vramcal, the
-# binary scripts/gpu-check.sh runs on a GPU machine: carry target/gpu/vramcal.gz there with the
+# binary scripts/gpu-check.sh runs on a GPU machine, and the tests/cuda.rs test binary at
+# target/gpu/cuda-tests: carry target/gpu/vramcal.gz and target/gpu/cuda-tests.gz there with the
 # repository.
 # Cold: about 15 minutes on 2 cores. The build folder is $CARGO_TARGET_DIR when set (README's
 # "Building with CUDA" sets it), else <cache>/target-cuda, the one .ci/run uses.
@@ -17,6 +18,16 @@ mkdir -p target/gpu
 strip -o target/gpu/vramcal "$CARGO_TARGET_DIR/release/vramcal"
 # About 60 MB stripped (PTX for every candle kernel), 15 MB gzipped: carry the .gz.
 gzip -9 -c target/gpu/vramcal >target/gpu/vramcal.gz
+# The test binary of tests/cuda.rs, for its kernels-vs-CPU test (gpu-check.sh runs it first).
+tests="$(cargo test --release --features cuda --test cuda --no-run --message-format json 2>/dev/null |
+  python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
+        print(m["executable"])')"
+[ -n "$tests" ] || { echo "error: the tests/cuda.rs binary was not built" >&2; exit 1; }
+strip -o target/gpu/cuda-tests "$tests"
+gzip -9 -c target/gpu/cuda-tests >target/gpu/cuda-tests.gz
 # It starts here against the stubs; a GPU machine loads its real libraries instead.
 LD_LIBRARY_PATH="$VRAMCAL_CUDA_STUBS" target/gpu/vramcal --version >&2
 ls -l target/gpu/

@@ -12,7 +12,8 @@
 # gpu-check.log. Grid stages run in priority order under one deadline (about 7.5 minutes by
 # default, VRAMCAL_GPU_CHECK_SECONDS); a stage cut short keeps the rows it finished and says so.
 #
-#   VRAMCAL_BIN   the binary (default target/gpu/vramcal, or its .gz)
+#   VRAMCAL_BIN        the binary (default target/gpu/vramcal, or its .gz)
+#   VRAMCAL_TESTS_BIN  the tests/cuda.rs test binary (default target/gpu/cuda-tests, or its .gz)
 set -uo pipefail
 out="${1:-${OUT:-gpu-check-out}}"
 mkdir -p "$out" && out="$(cd "$out" && pwd)" # relative to where it was called from
@@ -66,6 +67,22 @@ echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 if ! timeout 300 "$bin" measure --model tiny --batch 1 --seq 8 --device cuda:0 --quiet; then
   echo "error: vramcal cannot measure on cuda:0 here (the line above says why)"
   exit 1
+fi
+# The kernels of kernels/fused.cu against the CPU (tests/cuda.rs), when their test binary came.
+tests="${VRAMCAL_TESTS_BIN:-target/gpu/cuda-tests}"
+if [ ! -x "$tests" ] && [ -f "$tests.gz" ]; then
+  tmp_t="$(mktemp -d)"
+  gunzip -c "$tests.gz" >"$tmp_t/cuda-tests" && chmod +x "$tmp_t/cuda-tests" && tests="$tmp_t/cuda-tests"
+fi
+if [ -x "$tests" ]; then
+  echo "== kernels vs CPU (tests/cuda.rs kernels_match_the_cpu)"
+  if timeout 120 "$tests" kernels_match_the_cpu --exact --nocapture --test-threads 1; then
+    echo "kernels: match the CPU"
+  else
+    echo "kernels: MISMATCH or failure (above); the measurements below use them all the same"
+  fi
+else
+  echo "== kernels vs CPU: skipped (no test binary at $tests; scripts/gpu-binary.sh makes it)"
 fi
 
 lora="r=16,alpha=32,targets=q_proj,k_proj,v_proj,o_proj"

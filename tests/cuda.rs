@@ -208,3 +208,163 @@ impl WeightSource for HostDrawn {
             .to_device(device)?)
     }
 }
+
+/// Deterministic values in [-1, 1) (the tests must not depend on an RNG's device).
+fn values(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// A fused op under test: inputs (moved to the device and dtype, tracking gradients) → output.
+type Op = Box<dyn Fn(&[Tensor], &Device, DType) -> Tensor>;
+
+/// Output and the gradients of `sum(op(inputs) · r)` to every input, as f32 on the CPU.
+fn run(op: &Op, inputs: &[Tensor], dev: &Device, dt: DType) -> (Tensor, Vec<Tensor>) {
+    use candle_core::Var;
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(dt).unwrap().to_device(dev).unwrap()).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = op(&ts, dev, dt);
+    let r = values(out.dims(), 99).to_device(dev).unwrap();
+    let loss = (out.to_dtype(DType::F32).unwrap() * r)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let store = loss.backward().unwrap();
+    let host = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    let grads = vars
+        .iter()
+        .map(|v| host(store.get(v).expect("a gradient for every input")))
+        .collect();
+    (host(&out), grads)
+}
+
+/// max |a − b| / max |b|.
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let m = |t: Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let num = m((a - b).unwrap()).to_scalar::<f32>().unwrap();
+    let den = m(b.clone()).to_scalar::<f32>().unwrap().max(1e-30);
+    num / den
+}
+
+/// The kernels of `kernels/fused.cu` (which the fused ops use on a CUDA device in f32 and bf16)
+/// against the CPU's candle operations: outputs and every input gradient, in both dtypes.
+#[test]
+fn kernels_match_the_cpu() {
+    if skip("kernels_match_the_cpu") {
+        return;
+    }
+    use vramcal::ops;
+    let gpu = Device::new_cuda(0).unwrap();
+    let (b, nh, nkv, s, hd) = (2, 4, 2, 9, 16);
+    // Rotation tables (1, 1, s, hd) in the op's dtype, rotate_half layout.
+    let tables = move |dev: &Device, dt: DType| {
+        let ang: Vec<f32> = (0..s)
+            .flat_map(|p| (0..hd).map(move |i| p as f32 * 0.3f32.powi((i % (hd / 2)) as i32)))
+            .collect();
+        let a = Tensor::from_vec(ang, (1, 1, s, hd), dev).unwrap();
+        (
+            a.cos().unwrap().to_dtype(dt).unwrap(),
+            a.sin().unwrap().to_dtype(dt).unwrap(),
+        )
+    };
+    let causal = move |dev: &Device| {
+        let m: Vec<f32> = (0..s * s)
+            .map(|i| {
+                if i % s > i / s {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Tensor::from_vec(m, (1, 1, s, s), dev).unwrap()
+    };
+    let targets: Vec<u32> = (0..300u32).map(|i| (i * 17 + 3) % 50).collect();
+    let cases: Vec<(&str, Vec<Tensor>, Op)> = vec![
+        (
+            "rms_norm",
+            vec![values(&[3, 5, 64], 1), values(&[64], 2)],
+            Box::new(|t, _, _| ops::rms_norm(&t[0], &t[1], 1e-5).unwrap()),
+        ),
+        (
+            "swiglu",
+            vec![values(&[4, 33], 3), values(&[4, 33], 4)],
+            Box::new(|t, _, _| ops::swiglu(&t[0], &t[1]).unwrap()),
+        ),
+        (
+            "rope (strided input)",
+            vec![values(&[b, s, nh, hd], 5)],
+            Box::new(move |t, dev, dt| {
+                let (c, si) = tables(dev, dt);
+                ops::rope(&t[0].transpose(1, 2).unwrap(), &c, &si).unwrap()
+            }),
+        ),
+        (
+            "attention",
+            vec![
+                values(&[b, nh, s, hd], 6),
+                values(&[b, nkv, s, hd], 7),
+                values(&[b, nkv, s, hd], 8),
+            ],
+            Box::new(move |t, dev, _| {
+                ops::attention(&t[0], &t[1], &t[2], &causal(dev), 0.25, false).unwrap()
+            }),
+        ),
+        (
+            "attention, probabilities kept",
+            vec![
+                values(&[b, nh, s, hd], 9),
+                values(&[b, nkv, s, hd], 10),
+                values(&[b, nkv, s, hd], 11),
+            ],
+            Box::new(move |t, dev, _| {
+                ops::attention(&t[0], &t[1], &t[2], &causal(dev), 0.25, true).unwrap()
+            }),
+        ),
+        (
+            "lm head + cross-entropy (300 tokens: two chunks)",
+            vec![values(&[300, 32], 12), values(&[50, 32], 13)],
+            Box::new(move |t, dev, _| {
+                let tg = Tensor::new(targets.as_slice(), dev).unwrap();
+                ops::lm_head_cross_entropy(&t[0], &t[1], &tg).unwrap()
+            }),
+        ),
+    ];
+    for dt in [DType::F32, DType::BF16] {
+        // bf16: the same rounding points, but reductions in another order can move a value by
+        // one bf16 step (2^-8 relative); gradients pass through matmuls in bf16.
+        let tol = if dt == DType::F32 { 1e-4 } else { 3e-2 };
+        for (name, inputs, op) in &cases {
+            let (out_c, grads_c) = run(op, inputs, &Device::Cpu, dt);
+            let (out_g, grads_g) = run(op, inputs, &gpu, dt);
+            let d = rel_diff(&out_g, &out_c);
+            eprintln!("{name} {dt:?}: output {d:.2e}");
+            assert!(
+                d <= tol,
+                "{name} {dt:?}: output differs by {d:e} (max |cpu|)"
+            );
+            for (i, (gg, gc)) in grads_g.iter().zip(&grads_c).enumerate() {
+                let d = rel_diff(gg, gc);
+                eprintln!("{name} {dt:?}: gradient {i} {d:.2e}");
+                assert!(d <= tol, "{name} {dt:?}: gradient {i} differs by {d:e}");
+            }
+        }
+    }
+}

@@ -188,25 +188,39 @@ fn lora_and_qlora_memory() {
         WeightsSpec::Random { seed: 0 },
         smollm2_spec("qlora", 1, 16),
     );
-    let lora = run_spec(
-        "smollm2-135m",
-        WeightsSpec::Random { seed: 0 },
-        smollm2_spec("lora", 1, 16),
-    );
-    let qlora = run_spec(
-        "smollm2-135m",
-        WeightsSpec::Random { seed: 0 },
-        smollm2_spec("qlora", 1, 16),
-    );
-    let t = lora.trainable_params;
-    assert_eq!(t, 30 * 8 * ((576 + 576) + (576 + 192)));
-    assert_eq!(lora.grad_bytes, 4 * t);
-    assert_eq!(lora.optimizer_state_bytes, 8 * t);
     let linear: u64 = 30 * (576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536);
     let load = |m: &Measurement| m.phase("load").unwrap().end_allocated_bytes as f64;
-    // The load-end difference is the linear weights: 4 bytes (f32) vs NF4's 0.5 + 4/64.
-    let per_param = (load(&lora) - load(&qlora)) / linear as f64;
-    assert!((per_param - (4.0 - 0.5625)).abs() < 0.01, "{per_param}");
+    // Another test thread of this process ending between the two loads frees its thread-local
+    // matmul buffers (MiBs) inside the window: the pair is measured again, at most three times,
+    // until one window is undisturbed.
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let lora = run_spec(
+            "smollm2-135m",
+            WeightsSpec::Random { seed: 0 },
+            smollm2_spec("lora", 1, 16),
+        );
+        let qlora = run_spec(
+            "smollm2-135m",
+            WeightsSpec::Random { seed: 0 },
+            smollm2_spec("qlora", 1, 16),
+        );
+        let t = lora.trainable_params;
+        assert_eq!(t, 30 * 8 * ((576 + 576) + (576 + 192)));
+        assert_eq!(lora.grad_bytes, 4 * t);
+        assert_eq!(lora.optimizer_state_bytes, 8 * t);
+        // The load-end difference is the linear weights: 4 bytes (f32) vs NF4's 0.5 + 4/64.
+        let per_param = (load(&lora) - load(&qlora)) / linear as f64;
+        seen.push(per_param);
+        if (per_param - (4.0 - 0.5625)).abs() < 0.01 {
+            break;
+        }
+    }
+    let last = *seen.last().unwrap();
+    assert!(
+        (last - (4.0 - 0.5625)).abs() < 0.01,
+        "bytes per parameter: {seen:?}"
+    );
     let _ = cfg;
 }
 

@@ -5,7 +5,7 @@
 
 use candle_core::{Tensor, D};
 
-use super::{attach, compute_dtype};
+use super::{attach, compute_dtype, kernels};
 use crate::error::Result;
 
 /// `softmax(q·kᵀ·scale + mask)·v` for `q` `(b, heads, s, hd)`, `k` and `v`
@@ -96,8 +96,11 @@ fn probs(q: &Tensor, k: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Resu
     let nkv = k.dim(1)?;
     let rep = nh / nkv;
     let qg = q.contiguous()?.reshape((b, nkv, rep * s, hd))?;
-    let scores = (qg.matmul(&k.contiguous()?.t()?)? * scale)?
-        .reshape((b, nh, s, s))?
+    let scores = qg.matmul(&k.contiguous()?.t()?)?.reshape((b, nh, s, s))?;
+    if let Some(p) = kernels::attention_probs(&scores, mask, scale)? {
+        return p.reshape((b, nkv, rep * s, s));
+    }
+    let scores = (scores * scale)?
         .to_dtype(compute_dtype(q.dtype()))?
         .broadcast_add(mask)?;
     candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, rep * s, s))

@@ -5,7 +5,7 @@
 
 use candle_core::{Tensor, D};
 
-use super::{attach, compute_dtype};
+use super::{attach, compute_dtype, kernels};
 use crate::error::Result;
 
 /// Tokens per chunk: each chunk's logits are `(CE_CHUNK_TOKENS, vocab)` in f32.
@@ -41,6 +41,10 @@ pub fn lm_head_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result
     let mut total = Tensor::zeros((), f, x.device())?;
     for (r, len) in chunks(n) {
         let logits = chunk_logits(&xd, &wd, r, len)?;
+        if let Some(rows) = kernels::ce_loss(&logits, &targets.narrow(0, r, len)?)? {
+            total = (total + rows.sum_all()?)?;
+            continue;
+        }
         let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
         drop(logits);
         let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -60,12 +64,19 @@ pub fn lm_head_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result
             let mut dx = Vec::new();
             let mut dw: Option<Tensor> = None;
             for (r, len) in chunks(n) {
-                let p = candle_nn::ops::softmax_last_dim(&chunk_logits(&x, &w, r, len)?)?;
-                let minus_one = Tensor::ones((len, 1), f, x.device())?.neg()?;
-                let gch = p
-                    .scatter_add(&targets.narrow(0, r, len)?, &minus_one, D::Minus1)?
-                    .broadcast_mul(&scale)?
-                    .to_dtype(dt)?; // (len, vocab)
+                let logits = chunk_logits(&x, &w, r, len)?;
+                let tch = targets.narrow(0, r, len)?;
+                let gch = match kernels::ce_grad(&logits, &tch, &scale, dt)? {
+                    Some(gch) => gch,
+                    None => {
+                        let p = candle_nn::ops::softmax_last_dim(&logits)?;
+                        drop(logits);
+                        let minus_one = Tensor::ones((len, 1), f, x.device())?.neg()?;
+                        p.scatter_add(&tch, &minus_one, D::Minus1)?
+                            .broadcast_mul(&scale)?
+                            .to_dtype(dt)?
+                    }
+                }; // (len, vocab)
                 dx.push(gch.matmul(&w)?);
                 if want_w {
                     let part = gch.t()?.matmul(&x.narrow(0, r, len)?)?.to_dtype(f)?;

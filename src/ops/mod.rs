@@ -4,8 +4,9 @@
 //! Each op computes its output with ordinary candle operations on detached inputs (no graph),
 //! then joins the graph as one node whose inputs are the op's inputs: the node keeps those
 //! inputs (which the graph holds anyway) and nothing else, and its backward recomputes what it
-//! needs. This works on every device candle supports, so the CUDA path needs no separate
-//! kernels for correctness; `kernels/` is where faster ones go.
+//! needs. This works on every device candle supports. On a CUDA device, in f32 or bf16, the
+//! ops run the kernels of `kernels/fused.cu` ([`kernels`]) instead of several candle
+//! operations: the same values in one pass, without the intermediate tensors.
 //!
 //! | op | keeps for backward | recomputes |
 //! |---|---|---|
@@ -18,6 +19,7 @@
 //! When no input tracks gradients (inference, frozen paths) the output is returned as is.
 
 mod attention;
+mod kernels;
 mod loss;
 mod norm;
 mod rope;

@@ -2,7 +2,7 @@
 
 use candle_core::{Tensor, D};
 
-use super::{attach, compute_dtype};
+use super::{attach, compute_dtype, kernels};
 use crate::error::Result;
 
 /// `w · x / sqrt(mean(x²) + eps)` over the last axis, statistics in f32 (f64 for f64), the
@@ -16,14 +16,27 @@ use crate::error::Result;
 /// [`crate::Error::Candle`] on shape mismatch.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let (xd, wd) = (x.detach(), w.detach());
-    let (n, _) = normed(&xd, eps)?;
-    let out = n.to_dtype(x.dtype())?.broadcast_mul(&wd)?;
+    let out = match kernels::rms_norm(&xd, &wd, eps)? {
+        Some(out) => out,
+        None => normed(&xd, eps)?
+            .0
+            .to_dtype(x.dtype())?
+            .broadcast_mul(&wd)?,
+    };
     Ok(attach(
         "vramcal-rms-norm",
         &[x, w],
         out,
         Box::new(move |inp, _res, g| {
             let (x, w) = (inp[0].detach(), inp[1].detach());
+            if let Some((dx, dw)) =
+                kernels::rms_norm_bwd(&x, &w, &g.detach(), eps, inp[1].track_op())?
+            {
+                return Ok(vec![
+                    Some(dx),
+                    dw.map(|t| t.to_dtype(w.dtype())).transpose()?,
+                ]);
+            }
             let f = compute_dtype(x.dtype());
             let (n, inv) = normed(&x, eps)?;
             let gf = g.detach().to_dtype(f)?;

@@ -3,7 +3,7 @@
 
 use candle_core::{Tensor, D};
 
-use super::attach;
+use super::{attach, kernels};
 use crate::error::Result;
 
 /// `x·cos + rotate_half(x)·sin` for `x` `(b, heads, s, head_dim)` (any strides) and tables
@@ -15,7 +15,11 @@ use crate::error::Result;
 /// # Errors
 /// [`crate::Error::Candle`] on shape mismatch.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let out = apply(&x.detach(), cos, sin)?;
+    let xd = x.detach();
+    let out = match kernels::rope(&xd, cos, sin, false)? {
+        Some(out) => out,
+        None => apply(&xd, cos, sin)?,
+    };
     let (c, s) = (cos.clone(), sin.clone());
     Ok(attach(
         "vramcal-rope",
@@ -23,6 +27,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         out,
         Box::new(move |_inp, _res, g| {
             let g = g.detach();
+            if let Some(dx) = kernels::rope(&g, &c, &s, true)? {
+                return Ok(vec![Some(dx)]);
+            }
             let hd = g.dim(D::Minus1)?;
             let gs = g.broadcast_mul(&s)?;
             let a = gs.narrow(D::Minus1, 0, hd / 2)?;

@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::{attach, compute_dtype};
+use super::{attach, compute_dtype, kernels};
 use crate::error::Result;
 
 /// `silu(gate) · up`, elementwise; both `(…, intermediate)` → `(…, intermediate)`.
@@ -14,13 +14,23 @@ use crate::error::Result;
 /// # Errors
 /// [`crate::Error::Candle`] on shape mismatch.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let out = (gate.detach().silu()? * up.detach())?;
+    let (gd, ud) = (gate.detach(), up.detach());
+    let out = match kernels::swiglu(&gd, &ud)? {
+        Some(out) => out,
+        None => (gd.silu()? * ud)?,
+    };
     Ok(attach(
         "vramcal-swiglu",
         &[gate, up],
         out,
         Box::new(|inp, _res, g| {
             let dt = inp[0].dtype();
+            let (gd, ud) = (inp[0].detach(), inp[1].detach());
+            if let Some((d_gate, d_up)) =
+                kernels::swiglu_bwd(&gd, &ud, &g.detach(), inp[1].track_op())?
+            {
+                return Ok(vec![Some(d_gate), d_up]);
+            }
             let f = compute_dtype(dt);
             let gate = inp[0].detach().to_dtype(f)?;
             let up = inp[1].detach().to_dtype(f)?;
