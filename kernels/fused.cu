@@ -73,7 +73,7 @@ template <typename T> __device__ float inv_rms(const T* xr, int h, float eps) {
     const float v = to_f(xr[j]);
     ss += v * v;
   }
-  return 1.f / sqrtf(block_sum(ss) / (float)h + eps);
+  return 1.f / sqrtf(block_sum(ss) * (1.f / (float)h) + eps);
 }
 
 // RMSNorm forward. x (rows, h), w (h,) -> out (rows, h): round(round(x·inv)·w).
@@ -100,7 +100,7 @@ __device__ void rms_norm_bwd_x(const T* x, const T* w, const T* g, T* dx, int ro
     float dot = 0.f;
     for (int j = threadIdx.x; j < h; j += blockDim.x)
       dot += to_f(gr[j]) * to_f(w[j]) * (to_f(xr[j]) * inv);
-    const float proj = block_sum(dot) / (float)h;
+    const float proj = block_sum(dot) * (1.f / (float)h);
     for (int j = threadIdx.x; j < h; j += blockDim.x) {
       const float n = to_f(xr[j]) * inv;
       dx[(size_t)row * h + j] = from_f<T>((to_f(gr[j]) * to_f(w[j]) - n * proj) * inv);
@@ -126,12 +126,14 @@ __device__ void rms_norm_bwd_w(const T* x, const T* g, float* dw, int rows, int 
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
-// SwiGLU forward. gate, up (n,) -> out (n,): round(round(silu(gate))·up).
+// SwiGLU forward. gate, up (n,) -> out (n,): round(silu(gate)·up), silu computed as candle's
+// CPU does in T's arithmetic, gate / (1 + exp(−gate)), rounding after each operation.
 template <typename T> __device__ void swiglu_fwd(const T* gate, const T* up, T* out, size_t n) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
        i += (size_t)gridDim.x * blockDim.x) {
     const float a = to_f(gate[i]);
-    out[i] = from_f<T>(round_to<T>(a * sigmoid(a)) * to_f(up[i]));
+    const float den = round_to<T>(1.f + round_to<T>(expf(-a)));
+    out[i] = from_f<T>(round_to<T>(a / den) * to_f(up[i]));
   }
 }
 
@@ -181,12 +183,12 @@ __device__ void rope(const T* x, const T* cos, const T* sin, T* out, int b, int 
 }
 
 // Attention probabilities. scores (rows, s) in T (q·kᵀ, rows = b·heads·s, query position
-// row mod s), mask (s, s) f32 additive -> probs (rows, s) f32:
-// softmax_j(round(scores·round(scale)) + mask[row mod s, j]).
+// row mod s), mask (s, s) f32 additive, scale already representable in T -> probs (rows, s)
+// f32: softmax_j(round(scores·scale) + mask[row mod s, j]).
 template <typename T>
 __device__ void attention_softmax(const T* scores, const float* mask, float* probs, int rows,
                                   int s, float scale) {
-  const float sc = round_to<T>(scale);
+  const float sc = scale;
   for (int row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* r = scores + (size_t)row * s;
     const float* m = mask + (size_t)(row % s) * s;
@@ -207,7 +209,8 @@ __device__ void attention_softmax(const T* scores, const float* mask, float* pro
 }
 
 // Cross-entropy per row. logits (rows, vocab) f32, targets (rows,) u32 -> loss (rows,) f32:
-// log Σ exp(l − max) − (l_target − max). A target outside the vocabulary gives NaN.
+// log Σ exp(l − max) − (l_target − max). A target outside the vocabulary gives NaN (the model's
+// targets are its input tokens, which the embedding lookup has already bounded).
 __device__ void ce_loss(const float* logits, const uint32_t* targets, float* loss, int rows,
                         int vocab) {
   for (int row = blockIdx.x; row < rows; row += gridDim.x) {

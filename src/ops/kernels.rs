@@ -10,7 +10,18 @@
 //!
 //! `tests/cuda.rs` checks each against the CPU on a GPU; without one it is compiled only.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use candle_core::{DType, Tensor};
+
+/// Kernel launches made by this process (see [`launches`]).
+static LAUNCHES: AtomicUsize = AtomicUsize::new(0);
+
+/// How many of vramcal's CUDA kernels this process has launched: lets a test tell a fused op
+/// that ran its kernels from one that fell back to candle operations.
+pub fn launches() -> usize {
+    LAUNCHES.load(Ordering::Relaxed)
+}
 
 /// The largest hidden size whose per-column RMSNorm weight-gradient accumulators (f32) fit in a
 /// block's default 48 KiB of shared memory, beside the 1 KiB the block reductions may use.
@@ -21,9 +32,15 @@ fn eligible(ts: &[&Tensor]) -> bool {
     cfg!(feature = "cuda")
         && ts.iter().all(|t| {
             t.device().is_cuda()
+                && t.device().same_device(ts[0].device())
                 && t.dtype() == ts[0].dtype()
                 && matches!(t.dtype(), DType::F32 | DType::BF16)
         })
+}
+
+/// Whether `targets` are u32 on `logits`' CUDA device.
+fn targets_ok(logits: &Tensor, targets: &Tensor) -> bool {
+    targets.dtype() == DType::U32 && targets.device().same_device(logits.device())
 }
 
 /// A kernel launch with its scalar arguments; the tensors are the custom op's operands.
@@ -71,7 +88,7 @@ impl Kernel {
 /// # Errors
 /// Kernel load or launch failures, as [`candle_core::Error`].
 pub(super) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Option<Tensor>> {
-    if !eligible(&[x, w]) {
+    if !eligible(&[x, w]) || w.dims() != [x.dim(candle_core::D::Minus1)?] {
         return Ok(None);
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
@@ -92,7 +109,8 @@ pub(super) fn rms_norm_bwd(
     want_w: bool,
 ) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
     let h = x.dim(candle_core::D::Minus1)?;
-    if !eligible(&[x, w, g]) || h > RMS_NORM_MAX_HIDDEN {
+    if !eligible(&[x, w, g]) || h > RMS_NORM_MAX_HIDDEN || w.dims() != [h] || g.shape() != x.shape()
+    {
         return Ok(None);
     }
     let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.contiguous()?);
@@ -113,7 +131,7 @@ pub(super) fn rms_norm_bwd(
 /// # Errors
 /// Kernel load or launch failures, as [`candle_core::Error`].
 pub(super) fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    if !eligible(&[gate, up]) {
+    if !eligible(&[gate, up]) || gate.shape() != up.shape() {
         return Ok(None);
     }
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);
@@ -130,7 +148,7 @@ pub(super) fn swiglu_bwd(
     g: &Tensor,
     want_up: bool,
 ) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
-    if !eligible(&[gate, up, g]) {
+    if !eligible(&[gate, up, g]) || gate.shape() != up.shape() || gate.shape() != g.shape() {
         return Ok(None);
     }
     let (gate, up, g) = (gate.contiguous()?, up.contiguous()?, g.contiguous()?);
@@ -184,9 +202,12 @@ pub(super) fn attention_probs(
     }
     let scores = scores.contiguous()?.reshape((b * nh * s, s))?;
     let mask = mask.contiguous()?.reshape((s, s))?;
-    let kernel = Kernel::AttentionSoftmax {
-        scale: scale as f32,
+    // The scale as the CPU's `scores * scale` applies it: converted to the scores' dtype.
+    let scale = match scores.dtype() {
+        DType::BF16 => half::bf16::from_f64(scale).to_f32(),
+        _ => scale as f32,
     };
+    let kernel = Kernel::AttentionSoftmax { scale };
     scores
         .apply_op2_no_bwd(&mask, &kernel)?
         .reshape((b, nh, s, s))
@@ -199,7 +220,11 @@ pub(super) fn attention_probs(
 /// # Errors
 /// Kernel load or launch failures, as [`candle_core::Error`].
 pub(super) fn ce_loss(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    if !cfg!(feature = "cuda") || !logits.device().is_cuda() || logits.dtype() != DType::F32 {
+    if !cfg!(feature = "cuda")
+        || !logits.device().is_cuda()
+        || logits.dtype() != DType::F32
+        || !targets_ok(logits, targets)
+    {
         return Ok(None);
     }
     let targets = targets.flatten_all()?.contiguous()?;
@@ -222,6 +247,8 @@ pub(super) fn ce_grad(
         || !logits.device().is_cuda()
         || logits.dtype() != DType::F32
         || scale.dtype() != DType::F32
+        || !scale.device().same_device(logits.device())
+        || !targets_ok(logits, targets)
         || !matches!(dtype, DType::F32 | DType::BF16)
     {
         return Ok(None);
@@ -346,6 +373,8 @@ mod imp {
     const ELEM_THREADS: u32 = 256;
     /// Blocks at most (the kernels stride over the rest).
     const MAX_BLOCKS: usize = 65_535;
+    /// Blocks of the RMSNorm weight-gradient kernel at most (a few per SM of a large GPU).
+    const DW_BLOCKS: u32 = 512;
 
     fn rows_cfg(rows: usize, shared_mem_bytes: u32) -> LaunchConfig {
         LaunchConfig {
@@ -394,6 +423,7 @@ mod imp {
         k: &Kernel,
         inputs: &[(&CudaStorage, &Layout)],
     ) -> Result<(CudaStorage, Shape)> {
+        super::LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dt = inputs[0].0.dtype();
         match (k, dt) {
             (Kernel::CeLoss, _) => ce_loss(inputs),
@@ -411,6 +441,7 @@ mod imp {
         out: (&mut CudaStorage, &Layout),
         inputs: &[(&CudaStorage, &Layout)],
     ) -> Result<()> {
+        super::LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match inputs[0].0.dtype() {
             DType::F32 => rms_norm_dw::<f32>(k, out, inputs),
             DType::BF16 => rms_norm_dw::<bf16>(k, out, inputs),
@@ -452,8 +483,11 @@ mod imp {
         b.arg(&rows);
         b.arg(&hh);
         b.arg(&eps);
+        // Fewer blocks than rows: each block adds once per column, so fewer atomics.
+        let mut cfg = rows_cfg(n / h, (h * 4) as u32);
+        cfg.grid_dim.0 = cfg.grid_dim.0.min(DW_BLOCKS);
         // SAFETY: arguments match the kernel's signature in kernels/fused.cu.
-        unsafe { b.launch(rows_cfg(n / h, (h * 4) as u32)) }.w()?;
+        unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }
 

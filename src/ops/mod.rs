@@ -26,6 +26,7 @@ mod rope;
 mod swiglu;
 
 pub use attention::attention;
+pub use kernels::launches as kernel_launches;
 pub use loss::{lm_head_cross_entropy, CE_CHUNK_TOKENS};
 pub use norm::rms_norm;
 pub use rope::rope;
