@@ -8,7 +8,7 @@
 // dtype's rounding (tests/cuda.rs checks this when a GPU is present).
 //
 // Compiled into PTX by build.rs (cudaforge, the builder candle-kernels uses) when the `cuda`
-// feature is on; loaded by src/ops/cuda.rs through candle's custom-op CUDA path. Shapes are
+// feature is on; loaded by src/ops/kernels.rs through candle's custom-op CUDA path. Shapes are
 // given per kernel; every tensor is contiguous unless strides are passed.
 
 #include <cuda_bf16.h>
@@ -208,6 +208,17 @@ __device__ void attention_softmax(const T* scores, const float* mask, float* pro
   }
 }
 
+// The maximum of a row of `vocab` f32 logits and Σ exp(l − max), block-wide.
+__device__ void row_max_sum(const float* l, int vocab, float* mx_out, float* sum_out) {
+  float mx = -INFINITY;
+  for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, l[j]);
+  mx = block_max(mx);
+  float sum = 0.f;
+  for (int j = threadIdx.x; j < vocab; j += blockDim.x) sum += expf(l[j] - mx);
+  *mx_out = mx;
+  *sum_out = block_sum(sum);
+}
+
 // Cross-entropy per row. logits (rows, vocab) f32, targets (rows,) u32 -> loss (rows,) f32:
 // log Σ exp(l − max) − (l_target − max). A target outside the vocabulary gives NaN (the model's
 // targets are its input tokens, which the embedding lookup has already bounded).
@@ -215,12 +226,8 @@ __device__ void ce_loss(const float* logits, const uint32_t* targets, float* los
                         int vocab) {
   for (int row = blockIdx.x; row < rows; row += gridDim.x) {
     const float* l = logits + (size_t)row * vocab;
-    float mx = -INFINITY;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, l[j]);
-    mx = block_max(mx);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) sum += expf(l[j] - mx);
-    sum = block_sum(sum);
+    float mx, sum;
+    row_max_sum(l, vocab, &mx, &sum);
     if (threadIdx.x == 0) {
       const uint32_t t = targets[row];
       loss[row] = t < (uint32_t)vocab ? logf(sum) - (l[t] - mx) : NAN;
@@ -237,12 +244,8 @@ __device__ void ce_grad(const float* logits, const uint32_t* targets, const floa
   const float g = *scale;
   for (int row = blockIdx.x; row < rows; row += gridDim.x) {
     const float* l = logits + (size_t)row * vocab;
-    float mx = -INFINITY;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, l[j]);
-    mx = block_max(mx);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) sum += expf(l[j] - mx);
-    sum = block_sum(sum);
+    float mx, sum;
+    row_max_sum(l, vocab, &mx, &sum);
     const uint32_t t = targets[row];
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
       const float p = expf(l[j] - mx) / sum - ((uint32_t)j == t ? 1.f : 0.f);

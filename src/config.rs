@@ -71,6 +71,11 @@ impl ParamShape {
     }
 }
 
+/// The most decoder layers a config may have. The largest public decoders have about 130
+/// (Llama 3.1 405B: 126); the per-tensor parameter list ([`ModelConfig::param_shapes`]) is
+/// built for every layer, so a config with millions would exhaust memory before any size check.
+pub const MAX_LAYERS: usize = 4096;
+
 impl ModelConfig {
     /// Key/value heads, resolving the default.
     pub fn kv_heads(&self) -> usize {
@@ -83,8 +88,8 @@ impl ModelConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
-    /// Checks sizes: all positive, heads divisible by key/value heads, even head width (RoPE),
-    /// and a parameter count that fits in `u64`.
+    /// Checks sizes: all positive, at most [`MAX_LAYERS`] layers, heads divisible by key/value
+    /// heads, even head width (RoPE), and a parameter count that fits in `u64`.
     ///
     /// # Errors
     /// [`Error::Config`] naming `path` and the offending field.
@@ -105,6 +110,13 @@ impl ModelConfig {
             if v == 0 {
                 return Err(bad(format!("{name} must be positive, got 0")));
             }
+        }
+        if self.num_hidden_layers > MAX_LAYERS {
+            return Err(bad(format!(
+                "num_hidden_layers = {} is beyond what vramcal models (at most {MAX_LAYERS}; the \
+                 largest public decoders have about 130)",
+                self.num_hidden_layers
+            )));
         }
         if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(bad(format!(

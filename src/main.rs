@@ -9,7 +9,26 @@ static ALLOC: vramcal::measure::CountingAlloc = vramcal::measure::CountingAlloc;
 
 fn main() -> ExitCode {
     vramcal::measure::alloc::tune_host_allocator();
-    let cli = vramcal::cli::Cli::parse();
+    let cli = match vramcal::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version and a bare `vramcal`: clap prints them whole.
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            // One line, as every other error: clap's first (its tips and usage follow it).
+            let text = e.render().to_string();
+            let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            match line.strip_prefix("error: ") {
+                Some(rest) => eprintln!("error: {rest}"),
+                None => eprintln!("error: {line}"),
+            }
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
     match vramcal::commands::run(cli) {
         Ok(code) => code,
         Err(e) => {

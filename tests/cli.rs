@@ -974,3 +974,72 @@ fn third_trial_findings_stay_fixed() {
         Some(&old),
     );
 }
+
+#[test]
+fn fourth_trial_findings_stay_fixed() {
+    // Values the argument parser refuses: one line on stderr (no blank line, usage or tip), as
+    // every other error, and a non-zero exit.
+    for bad in [
+        &["--batch", "-1"][..],
+        &["--batch", "1.5"],
+        &["--batch", "1,2"],
+        &["--nosuch"],
+    ] {
+        let out = vramcal()
+            .args(["measure", "--model", "tiny", "--seq", "4"])
+            .args(bad)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad:?} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<_> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{bad:?}: {stderr}");
+        assert!(lines[0].starts_with("error: "), "{bad:?}: {stderr}");
+    }
+    // --help still prints whole, on stdout.
+    vramcal()
+        .args(["measure", "--help"])
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("--batch"));
+    // A LoRA rank too large for the machine is named as the cause.
+    fails_with(
+        &[
+            "measure",
+            "--model",
+            "tiny",
+            "--batch",
+            "1",
+            "--seq",
+            "4",
+            "--lora",
+            "r=99999999999",
+        ],
+        "LoRA r=99999999999",
+        None,
+    );
+    // A config with a hundred million layers is refused at once, not built until memory runs
+    // out.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    let tiny = vramcal::config::preset("tiny").unwrap().config;
+    let mut json = serde_json::to_value(&tiny).unwrap();
+    json["num_hidden_layers"] = serde_json::json!(100_000_000u64);
+    json["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    std::fs::write(&cfg, json.to_string()).unwrap();
+    for verb in ["measure", "estimate"] {
+        fails_with(
+            &[
+                verb,
+                "--model",
+                cfg.to_str().unwrap(),
+                "--batch",
+                "1",
+                "--seq",
+                "4",
+            ],
+            "num_hidden_layers = 100000000",
+            None,
+        );
+    }
+}

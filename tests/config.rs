@@ -98,6 +98,14 @@ fn rejects_bad_configs_with_the_file_named() {
         "{e}"
     );
 
+    // A hundred million layers: refused at once, before the per-layer tensor list is built
+    // (which would fill the machine's memory).
+    let e = parse_err(&SMOLLM2_JSON.replace(
+        "\"num_hidden_layers\": 30",
+        "\"num_hidden_layers\": 100000000",
+    ));
+    assert!(e.to_string().contains("at most 4096"), "{e}");
+
     let e = parse_err(
         &SMOLLM2_JSON.replace("\"num_key_value_heads\": 3", "\"num_key_value_heads\": 4"),
     );

@@ -299,6 +299,14 @@ fn kernels_match_the_cpu() {
     };
     let vocab = 1003u32;
     let targets: Vec<u32> = (0..300u32).map(|i| (i * 617 + 3) % vocab).collect();
+    // q (b, heads, s, hd), k and v (b, kv_heads, s, hd), from three seeds.
+    let qkv = |seed: u64| {
+        vec![
+            values(&[b, nh, s, hd], seed),
+            values(&[b, nkv, s, hd], seed + 1),
+            values(&[b, nkv, s, hd], seed + 2),
+        ]
+    };
     let cases: Vec<(&str, Vec<Tensor>, Op)> = vec![
         (
             "rms_norm",
@@ -325,22 +333,14 @@ fn kernels_match_the_cpu() {
         ),
         (
             "attention",
-            vec![
-                values(&[b, nh, s, hd], 6),
-                values(&[b, nkv, s, hd], 7),
-                values(&[b, nkv, s, hd], 8),
-            ],
+            qkv(6),
             Box::new(move |t, dev, _| {
                 ops::attention(&t[0], &t[1], &t[2], &causal(dev), 0.3, false).unwrap()
             }),
         ),
         (
             "attention, probabilities kept",
-            vec![
-                values(&[b, nh, s, hd], 9),
-                values(&[b, nkv, s, hd], 10),
-                values(&[b, nkv, s, hd], 11),
-            ],
+            qkv(9),
             Box::new(move |t, dev, _| {
                 ops::attention(&t[0], &t[1], &t[2], &causal(dev), 0.3, true).unwrap()
             }),

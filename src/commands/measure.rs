@@ -574,8 +574,13 @@ pub fn check_fits(
     if device.is_cpu() {
         if let (Some(need), Some(have)) = (spec.min_bytes(&model.config), host_memory_bytes()) {
             if need > have {
+                // Name the adapters too: a huge rank can be what does not fit.
+                let lora = match &spec.adaptation.lora {
+                    Some(l) => format!("LoRA {l} with "),
+                    None => String::new(),
+                };
                 anyhow::bail!(
-                    "micro-batch {} × seq {} of {} needs at least {} GiB (weights, gradients, AdamW states, a logits chunk, one hidden state per layer), more than this machine's {} GiB",
+                    "{lora}micro-batch {} × seq {} of {} needs at least {} GiB (weights, gradients, AdamW states, a logits chunk, one hidden state per layer), more than this machine's {} GiB",
                     spec.batch, spec.seq, model.name, gib(need), gib(have)
                 );
             }

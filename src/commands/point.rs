@@ -105,10 +105,18 @@ pub fn run_point(
             measurement: last,
         });
     }
+    // Rust's allocation-failure line when there is one (what follows it, such as a note that
+    // the backtrace was skipped, says nothing about the point); else the last line.
     let reason = stderr
         .lines()
         .rev()
-        .find(|l| !l.trim().is_empty() && !l.starts_with("note:"))
+        .find(|l| l.contains("memory allocation of"))
+        .or_else(|| {
+            stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty() && !l.starts_with("note:"))
+        })
         .unwrap_or("")
         .trim()
         .to_string();
