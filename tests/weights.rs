@@ -133,6 +133,26 @@ fn wrong_shape_and_missing_tensor_are_reported() {
 }
 
 #[test]
+fn integer_weights_are_refused_before_loading() {
+    let (_, mut map) = tiny_tensors();
+    let dir = tempfile::tempdir().unwrap();
+    map.insert(
+        "model.norm.weight".into(),
+        Tensor::zeros(32, DType::U32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&map, dir.path().join("model.safetensors")).unwrap();
+    let e = load(&WeightsSpec::Safetensors(dir.path().to_path_buf()))
+        .err()
+        .unwrap();
+    assert!(matches!(e, Error::Weights { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("model.norm.weight: stored as U32, not a floating-point type"),
+        "{e}"
+    );
+}
+
+#[test]
 fn gguf_qk_unpermute_inverts_llama_cpp_permutation() {
     // llama.cpp: w.reshape(n_head, 2, hd/2, in).swapaxes(1, 2).reshape(w.shape)
     let (heads, hd, cols) = (3, 8, 5);

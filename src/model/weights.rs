@@ -357,6 +357,14 @@ impl WeightSource for SafetensorsWeights {
             path: file.clone(),
             reason: format!("{name}: {}", candle_msg(&e)),
         })?;
+        // Weights are floating point; an integer tensor would load, convert and train to NaN.
+        let stored = format!("{:?}", view.dtype());
+        if !matches!(stored.as_str(), "F16" | "BF16" | "F32" | "F64") {
+            return Err(Error::Weights {
+                path: file.clone(),
+                reason: format!("{name}: stored as {stored}, not a floating-point type"),
+            });
+        }
         check_shape(file, name, shape, view.shape())
     }
 
