@@ -65,7 +65,8 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     };
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from(format!(
-            "results/calibration/{device}-{}.csv",
+            "results/calibration/{}-{}.csv",
+            device_slug(&device),
             profile.name()
         ))
     });
@@ -175,4 +176,40 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     t += &format!("wrote {}\n", out.display());
     super::emit(&t)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A file-name form of a row's device: the GPU's name when the row records one
+/// (`cuda:0 (NVIDIA H200)` → `h200`), else the device (`cpu`); lowercase letters, digits and
+/// dashes only.
+pub fn device_slug(device: &str) -> String {
+    let name = match (device.find('('), device.rfind(')')) {
+        (Some(a), Some(b)) if b > a + 1 => &device[a + 1..b],
+        _ => device,
+    };
+    let mut slug = String::new();
+    for c in name.chars().flat_map(char::to_lowercase) {
+        if c.is_ascii_alphanumeric() {
+            slug.push(c);
+        } else if !slug.is_empty() && !slug.ends_with('-') {
+            slug.push('-');
+        }
+    }
+    let slug = slug.trim_end_matches('-');
+    slug.strip_prefix("nvidia-").unwrap_or(slug).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device_slug;
+
+    #[test]
+    fn device_slugs_are_file_names() {
+        assert_eq!(device_slug("cpu"), "cpu");
+        assert_eq!(device_slug("cuda:0 (NVIDIA H200)"), "h200");
+        assert_eq!(
+            device_slug("cuda:1 (NVIDIA A100-SXM4-80GB)"),
+            "a100-sxm4-80gb"
+        );
+        assert_eq!(device_slug("cuda:0"), "cuda-0");
+    }
 }
