@@ -57,20 +57,20 @@ fn candle_estimates_stay_accurate_on_committed_measurements() {
 /// The committed table is reproduced by `vramcal calibrate` on the committed measurements.
 #[test]
 fn committed_calibration_is_what_calibrate_makes() {
+    calibrate_makes(&MEASURED, CALIBRATION);
+    calibrate_makes(&H200_MEASURED, H200_CALIBRATION);
+}
+
+/// `vramcal calibrate --measured <measured>` makes the coefficients of `committed`.
+fn calibrate_makes(measured: &[&str], committed: &str) {
     let dir = tempfile::tempdir().unwrap();
     let fresh = dir.path().join("cal.csv");
     let st = bin()
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "calibrate",
-            "--measured",
-            MEASURED[0],
-            MEASURED[1],
-            MEASURED[2],
-            MEASURED[3],
-            "--out",
-            fresh.to_str().unwrap(),
-        ])
+        .arg("calibrate")
+        .arg("--measured")
+        .args(measured)
+        .args(["--out", fresh.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(
@@ -90,7 +90,7 @@ fn committed_calibration_is_what_calibrate_makes() {
             .map(|x| (x[t].to_string(), x[c].parse().unwrap()))
             .collect()
     };
-    let committed = coef(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(CALIBRATION));
+    let committed = coef(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(committed));
     let made = coef(&fresh);
     assert_eq!(committed.len(), made.len());
     for ((t1, c1), (t2, c2)) in committed.iter().zip(&made) {
@@ -100,6 +100,38 @@ fn committed_calibration_is_what_calibrate_makes() {
             "{t1}: committed {c1}, calibrate makes {c2}"
         );
     }
+}
+
+const H200_MEASURED: [&str; 2] = [
+    "results/h200/vramcal-smollm2-135m.csv",
+    "results/h200/vramcal-mistral-7b-v0.1.csv",
+];
+const H200_CALIBRATION: &str = "results/calibration/h200-candle.csv";
+
+/// On the H200 measurements (bf16, smollm2-135m and Mistral-7B) with the H200 calibration:
+/// median |error| ≤ 1 %, max ≤ 6 %, and no under-estimate with a 6 % margin.
+#[test]
+fn candle_estimates_stay_accurate_on_the_h200_measurements() {
+    let out = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("check")
+        .arg("--measured")
+        .args(H200_MEASURED)
+        .args(["--calibration", H200_CALIBRATION])
+        .args(["--max-median-error", "0.01", "--max-error", "0.06"])
+        .args(["--margin", "0.06"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("under-estimates 0 of 67 with a 6.0 % margin"),
+        "{text}"
+    );
 }
 
 #[test]
