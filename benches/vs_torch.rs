@@ -8,6 +8,10 @@
 //! `scripts/torch_reference.py` on the same points and print the ratios (about 10 more
 //! minutes). Run it on an otherwise idle machine: both sides use every core.
 //!
+//! With `VRAMCAL_VS_TORCH_OUT=<file.csv>` the figures are also appended to that CSV, one row per
+//! side and point, with the time, host, version and command (`results/bench/vs-torch-cpu.csv` holds
+//! the runs the README quotes).
+//!
 //! vramcal's forward activations are the allocated bytes that step 2's forward adds (end of
 //! forward minus end of step 1); PyTorch's are the bytes of the tensors autograd saves for
 //! backward, parameters left out (`saved_tensors_hooks`). Step time is the median of step 2
@@ -30,11 +34,52 @@ const POINTS: [(usize, usize); 2] = [(1, 256), (2, 512)];
 const TIMED_STEPS: usize = 3;
 
 /// PyTorch's figures for one point: step seconds (median), forward, backward and optimizer
-/// seconds of step 2, saved activation bytes.
+/// seconds of step 2, saved activation bytes, and the reference's `source` (script and torch
+/// version).
 struct Torch {
     step: f64,
     phases: [f64; 3],
     saved_bytes: f64,
+    source: String,
+}
+
+/// One row of the optional CSV (`VRAMCAL_VS_TORCH_OUT`).
+#[derive(serde::Serialize)]
+struct OutRow<'a> {
+    utc_time: &'a str,
+    host: &'a str,
+    tool_version: &'a str,
+    command: &'a str,
+    device: &'a str,
+    model: &'a str,
+    dtype: &'a str,
+    batch: usize,
+    seq: usize,
+    side: &'a str,
+    source: String,
+    step_seconds_median: f64,
+    step2_forward_seconds: f64,
+    step2_backward_seconds: f64,
+    step2_optimizer_step_seconds: f64,
+    forward_activation_bytes: u64,
+    peak_bytes: Option<u64>,
+}
+
+/// Appends `rows` to `path` (header first when the file is new or empty).
+fn append(path: &str, rows: &[OutRow]) {
+    let fresh = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("VRAMCAL_VS_TORCH_OUT={path}: {e}"));
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(fresh)
+        .from_writer(file);
+    for r in rows {
+        w.serialize(r).expect("CSV row");
+    }
+    w.flush().expect("CSV flush");
 }
 
 fn torch(python: &str, batch: usize, seq: usize) -> Option<Torch> {
@@ -68,6 +113,12 @@ fn torch(python: &str, batch: usize, seq: usize) -> Option<Torch> {
         let i = h.iter().position(|c| c == k)?;
         rec.get(i)?.parse().ok()
     };
+    let source = h
+        .iter()
+        .position(|c| c == "source")
+        .and_then(|i| rec.get(i))
+        .unwrap_or("scripts/torch_reference.py")
+        .to_string();
     Some(Torch {
         step: get("step_seconds_median")?,
         phases: [
@@ -76,6 +127,7 @@ fn torch(python: &str, batch: usize, seq: usize) -> Option<Torch> {
             get("optimizer_seconds")?,
         ],
         saved_bytes: get("saved_activation_bytes")?,
+        source,
     })
 }
 
@@ -84,6 +136,37 @@ fn main() {
     vramcal::measure::alloc::tune_host_allocator(); // as the vramcal binary does
     let python = std::env::var("VRAMCAL_TORCH_PYTHON").ok();
     let probe = HostProbe::new().expect("the counting allocator is installed");
+    let out = std::env::var("VRAMCAL_VS_TORCH_OUT").ok();
+    let time = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let command = format!(
+        "{}VRAMCAL_VS_TORCH_OUT={} cargo bench --bench vs_torch",
+        if python.is_some() {
+            "VRAMCAL_TORCH_PYTHON=<python> "
+        } else {
+            ""
+        },
+        out.as_deref().unwrap_or("")
+    );
+    let row = |batch, seq, side, source: &str, t: [f64; 4], act: f64, peak| OutRow {
+        utc_time: &time,
+        host: &host,
+        tool_version: env!("CARGO_PKG_VERSION"),
+        command: &command,
+        device: "cpu",
+        model: "smollm2-135m",
+        dtype: "f32",
+        batch,
+        seq,
+        side,
+        source: source.to_string(),
+        step_seconds_median: t[0],
+        step2_forward_seconds: t[1],
+        step2_backward_seconds: t[2],
+        step2_optimizer_step_seconds: t[3],
+        forward_activation_bytes: act as u64,
+        peak_bytes: peak,
+    };
     println!(
         "| batch × seq | side | step s (median) | forward s | backward s | optimizer s | forward activations bytes | peak bytes |"
     );
@@ -120,7 +203,32 @@ fn main() {
             "| {batch} × {seq} | vramcal (candle) | {step:.3} | {:.3} | {:.3} | {:.3} | {act:.0} | {peak} |",
             secs[0], secs[1], secs[2]
         );
-        if let Some(t) = python.as_deref().and_then(|p| torch(p, batch, seq)) {
+        let mine = row(
+            batch,
+            seq,
+            "vramcal",
+            "benches/vs_torch.rs",
+            [step, secs[0], secs[1], secs[2]],
+            act,
+            Some(peak),
+        );
+        let t = python.as_deref().and_then(|p| torch(p, batch, seq));
+        if let Some(path) = &out {
+            let mut rows = vec![mine];
+            if let Some(t) = &t {
+                rows.push(row(
+                    batch,
+                    seq,
+                    "pytorch-sdpa",
+                    &t.source,
+                    [t.step, t.phases[0], t.phases[1], t.phases[2]],
+                    t.saved_bytes,
+                    None,
+                ));
+            }
+            append(path, &rows);
+        }
+        if let Some(t) = t {
             println!(
                 "| {batch} × {seq} | PyTorch SDPA | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | |",
                 t.step, t.phases[0], t.phases[1], t.phases[2], t.saved_bytes
