@@ -20,26 +20,25 @@ const CALIBRATION: &str = "results/calibration/cpu-candle.csv";
 /// max ≤ 3 %, and no under-estimate once a 3 % safety margin is added.
 #[test]
 fn candle_estimates_stay_accurate_on_committed_measurements() {
+    accuracy_gate(
+        &MEASURED,
+        CALIBRATION,
+        "0.03",
+        "under-estimates 0 of 52 with a 3.0 % margin",
+    );
+}
+
+/// `vramcal check` of `measured` with `calibration` passes median |error| ≤ 1 %, max ≤
+/// `max_and_margin`, the same safety margin, and prints `expect`.
+fn accuracy_gate(measured: &[&str], calibration: &str, max_and_margin: &str, expect: &str) {
     let out = bin()
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "check",
-            "--measured",
-            MEASURED[0],
-            MEASURED[1],
-            MEASURED[2],
-            MEASURED[3],
-            "--calibration",
-            CALIBRATION,
-        ])
-        .args([
-            "--max-median-error",
-            "0.01",
-            "--max-error",
-            "0.03",
-            "--margin",
-            "0.03",
-        ])
+        .arg("check")
+        .arg("--measured")
+        .args(measured)
+        .args(["--calibration", calibration])
+        .args(["--max-median-error", "0.01", "--max-error", max_and_margin])
+        .args(["--margin", max_and_margin])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -48,10 +47,7 @@ fn candle_estimates_stay_accurate_on_committed_measurements() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        text.contains("under-estimates 0 of 52 with a 3.0 % margin"),
-        "{text}"
-    );
+    assert!(text.contains(expect), "{text}");
 }
 
 /// The committed table is reproduced by `vramcal calibrate` on the committed measurements.
@@ -112,25 +108,11 @@ const H200_CALIBRATION: &str = "results/calibration/h200-candle.csv";
 /// median |error| ≤ 1 %, max ≤ 6 %, and no under-estimate with a 6 % margin.
 #[test]
 fn candle_estimates_stay_accurate_on_the_h200_measurements() {
-    let out = bin()
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .arg("check")
-        .arg("--measured")
-        .args(H200_MEASURED)
-        .args(["--calibration", H200_CALIBRATION])
-        .args(["--max-median-error", "0.01", "--max-error", "0.06"])
-        .args(["--margin", "0.06"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("under-estimates 0 of 67 with a 6.0 % margin"),
-        "{text}"
+    accuracy_gate(
+        &H200_MEASURED,
+        H200_CALIBRATION,
+        "0.06",
+        "under-estimates 0 of 67 with a 6.0 % margin",
     );
 }
 
