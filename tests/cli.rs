@@ -991,10 +991,8 @@ fn fourth_trial_findings_stay_fixed() {
             .output()
             .unwrap();
         assert!(!out.status.success(), "{bad:?} succeeded");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<_> = stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "{bad:?}: {stderr}");
-        assert!(lines[0].starts_with("error: "), "{bad:?}: {stderr}");
+        let line = common::stderr_line(&out);
+        assert!(line.starts_with("error: "), "{bad:?}: {line}");
     }
     // --help still prints whole, on stdout.
     vramcal()

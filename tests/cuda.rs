@@ -3,12 +3,16 @@
 //! libraries of `scripts/cuda-stubs.py`).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use assert_cmd::Command;
 use candle_core::{DType, Device, Tensor};
 use vramcal::config::preset;
 use vramcal::model::weights::{RandomWeights, WeightSource};
 use vramcal::model::Decoder;
 use vramcal::report::Row;
+
+use common::stderr_line;
 
 fn gpus() -> usize {
     vramcal::measure::cuda::device_count().unwrap_or(0)
@@ -25,12 +29,6 @@ fn skip(test: &str) -> bool {
 
 fn vramcal() -> Command {
     Command::cargo_bin("vramcal").unwrap()
-}
-
-fn stderr_line(out: &std::process::Output) -> String {
-    let e = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(e.lines().count(), 1, "one error line, got: {e}");
-    e
 }
 
 #[test]

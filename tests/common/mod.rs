@@ -32,3 +32,10 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     );
     None
 }
+
+/// The one line a failed command printed on stderr (asserts there is exactly one).
+pub fn stderr_line(out: &std::process::Output) -> String {
+    let e = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(e.lines().count(), 1, "one error line, got: {e}");
+    e
+}
