@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{resolve_model, ModelConfig};
 use crate::error::{Error, Result};
 use crate::estimate::{
-    predicted_backward_peak, terms, Coefficients, Moment, Profile, MOMENTS, TERMS,
+    predicted_backward_peak, terms, Coefficients, Moment, Profile, MOMENTS, N_TERMS, TERMS,
 };
 use crate::model::lora::LoraConfig;
 use crate::model::{Adaptation, Checkpointing, Quant};
@@ -32,6 +32,22 @@ pub fn training_peak(r: &Row) -> Option<u64> {
     .into_iter()
     .flatten()
     .max()
+    .map(|p| p.saturating_sub(baseline_included(r)))
+}
+
+/// Bytes of the process's own baseline that a row's peaks include: its `baseline_bytes` for a
+/// CPU row made before peaks were taken above the baseline (`memory_counter`
+/// `host-counting-allocator`, or empty in still older files), else 0. Subtracting it puts rows
+/// of every vramcal version on one footing.
+pub fn baseline_included(r: &Row) -> u64 {
+    let absolute = r.device == "cpu"
+        && (r.memory_counter.is_empty()
+            || r.memory_counter == crate::measure::probe::HOST_COUNTER_ABSOLUTE);
+    if absolute {
+        r.baseline_bytes.unwrap_or(0)
+    } else {
+        0
+    }
 }
 
 /// Rebuilds the model config and training spec a row was measured with.
@@ -188,8 +204,17 @@ pub fn points(rows: &[Row], profile: Profile) -> Result<Vec<Point>> {
 /// # Errors
 /// [`Error::InvalidValue`] with fewer points than terms.
 pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficients> {
-    let k = TERMS.len();
-    if pts.len() < k {
+    // Terms no row exercises cannot be fitted: they keep their counted coefficient (a fitted 0
+    // would make every estimate that needs them low), as the counted ones do.
+    let start = Coefficients::uncalibrated(profile).values;
+    let mut fixed = fixed_coefficients(profile);
+    for i in unexercised(pts) {
+        if !fixed.iter().any(|(j, _)| *j == i) {
+            fixed.push((i, start[i]));
+        }
+    }
+    let k = TERMS.len() - fixed.len();
+    if pts.len() < k.max(1) {
         return Err(Error::invalid(
             "measured rows",
             pts.len(),
@@ -203,13 +228,12 @@ pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficient
                 / p.measured as f64
         })
         .collect();
-    let start = Coefficients::uncalibrated(profile).values;
     let mut starts: Vec<Vec<Moment>> =
         vec![pts.iter().map(|p| p.terms.peak_moment(&start)).collect()];
     starts.extend(MOMENTS.iter().map(|&m| vec![m; pts.len()]));
-    let mut best: Option<(f64, [f64; 8])> = None;
+    let mut best: Option<(f64, [f64; N_TERMS])> = None;
     for branches in starts {
-        let c = alternate(pts, &y, branches, &fixed_coefficients(profile));
+        let c = alternate(pts, &y, branches, &fixed);
         let cand = Coefficients {
             profile,
             values: c,
@@ -226,6 +250,16 @@ pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficient
         values: c,
         source: source.into(),
     })
+}
+
+/// The terms (indices into [`TERMS`]) that are zero in every point at every moment.
+pub fn unexercised(pts: &[&Point]) -> Vec<usize> {
+    (0..N_TERMS)
+        .filter(|&i| {
+            !pts.iter()
+                .any(|p| MOMENTS.iter().any(|&m| p.terms.design(m)[i] != 0.0))
+        })
+        .collect()
 }
 
 /// Coefficients that are counted, not fitted:
@@ -249,9 +283,9 @@ fn alternate(
     y: &[f64],
     mut branches: Vec<Moment>,
     fixed: &[(usize, f64)],
-) -> [f64; 8] {
+) -> [f64; N_TERMS] {
     let is_fixed = |i: usize| fixed.iter().find(|(j, _)| *j == i).map(|(_, v)| *v);
-    let mut c = [0.0; 8];
+    let mut c = [0.0; N_TERMS];
     for _ in 0..20 {
         let mut yk = Vec::with_capacity(pts.len());
         let a: Vec<Vec<f64>> = pts
@@ -351,22 +385,31 @@ pub fn write_table(path: &Path, rows: &[CalibrationRow]) -> Result<()> {
     w.flush().map_err(|e| Error::io(path, e))
 }
 
+/// Largest coefficient a calibration table may give a term counted in bytes per byte (a
+/// transient a few tensors wide is 3–4; the fit never needs more than a few).
+pub const MAX_MULTIPLIER: f64 = 100.0;
+
+/// Largest `constant` term a calibration table may give (bytes): 1 TiB.
+pub const MAX_CONSTANT_BYTES: f64 = (1u64 << 40) as f64;
+
 /// Reads a calibration table for `profile`.
 ///
 /// # Errors
-/// [`Error::Csv`] if malformed, for another profile, made by another vramcal version, or
-/// lacking a term.
+/// [`Error::Csv`] if unreadable or longer than [`crate::input::MAX_INPUT_BYTES`], malformed,
+/// for another profile, made by another vramcal version, lacking a term or naming one twice, or
+/// with a coefficient that is negative, not finite, or above [`MAX_MULTIPLIER`]
+/// ([`MAX_CONSTANT_BYTES`] for `constant`).
 pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
     let bad = |reason: String| Error::Csv {
         path: PathBuf::from(path),
         reason,
     };
-    let mut r = csv::Reader::from_path(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let mut r = crate::input::csv_reader(path)?;
     let rows: Vec<CalibrationRow> = r
         .deserialize()
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| bad(format!("not a vramcal calibration table: {e}")))?;
-    let mut values = [f64::NAN; 8];
+    let mut values = [f64::NAN; N_TERMS];
     for row in &rows {
         if row.profile != profile.name() {
             return Err(bad(format!(
@@ -386,7 +429,22 @@ pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
             .iter()
             .position(|t| *t == row.term)
             .ok_or_else(|| bad(format!("unknown term {}", row.term)))?;
-        values[i] = row.coefficient;
+        let (max, unit) = if row.term == "constant" {
+            (MAX_CONSTANT_BYTES, "bytes")
+        } else {
+            (MAX_MULTIPLIER, "bytes per byte of the term")
+        };
+        let c = row.coefficient;
+        if !c.is_finite() || c < 0.0 || c > max {
+            return Err(bad(format!(
+                "coefficient {c} for term {} is not a finite number in 0..={max:e} ({unit}): the table is damaged or not made by `vramcal calibrate`",
+                row.term
+            )));
+        }
+        if !values[i].is_nan() {
+            return Err(bad(format!("has two coefficients for term {}", row.term)));
+        }
+        values[i] = c;
     }
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(bad(format!("has no coefficient for term {}", TERMS[i])));

@@ -32,6 +32,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the GPUs `--gpu` accepts: memory (bytes) and dense 16-bit peak FLOP/s from their
+    /// datasheets, with the aliases each answers to.
+    #[command(after_help = "Examples:\n  vramcal gpus\n  vramcal gpus --json")]
+    Gpus {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure one training configuration: two real steps, peak memory per phase.
     #[command(
         allow_negative_numbers = true,
@@ -60,7 +68,17 @@ pub enum Command {
     /// fits-on verdict.
     #[command(
         allow_negative_numbers = true,
-        after_help = "Examples:\n  vramcal estimate --model mistral-7b-v0.1 --batch 1 --seq 1024 --dtype bf16 --gpu a100-80gb\n  vramcal estimate --model llama-3-8b --method qlora --lora r=16,targets=all-linear --checkpointing layers --batch 2 --seq 2048 --dtype bf16 --profile torch-sdpa --budget 24GiB\n  vramcal estimate --model smollm2-135m --batch 2 --seq 512 --calibration results/calibration/cpu-candle.csv --json"
+        after_help = "Examples:\n  vramcal estimate --model mistral-7b-v0.1 --batch 1 --seq 1024 --dtype bf16 --gpu a100-80gb\n  vramcal estimate --model llama-3-8b --method qlora --lora r=16,targets=all-linear --checkpointing layers --batch 2 --seq 2048 --dtype bf16 --budget 24GiB\n  vramcal estimate --model smollm2-135m --batch 2 --seq 512 --profile candle --calibration results/calibration/cpu-candle.csv --json",
+        mut_arg("weights", |a| a.hide(true)),
+        mut_arg("lr", |a| a.hide(true)),
+        mut_arg("weight_decay", |a| a.hide(true)),
+        mut_arg("device", |a| a.hide(true)),
+        mut_arg("seed", |a| a.hide(true)),
+        mut_arg("data_seed", |a| a.hide(true)),
+        mut_arg("save", |a| a.hide(true)),
+        mut_arg("merge_save", |a| a.hide(true)),
+        mut_arg("save_dir", |a| a.hide(true)),
+        mut_arg("timed_steps", |a| a.hide(true))
     )]
     Estimate(EstimateArgs),
     /// Fit the estimator's coefficients to measured CSVs and write a calibration table.
@@ -113,13 +131,15 @@ pub struct EstimateArgs {
     /// Fine-tuning method and checkpointing.
     #[command(flatten)]
     pub how: MethodArgs,
-    /// Implementation profile: candle (vramcal's model), torch-sdpa or torch-eager.
-    #[arg(long, default_value = "candle")]
+    /// Which training stack to predict: torch-sdpa (PyTorch + transformers with SDPA
+    /// attention, what most fine-tunes run), torch-eager (eager attention) or candle
+    /// (vramcal's own step, as `vramcal measure` runs it).
+    #[arg(long, default_value = "torch-sdpa")]
     pub profile: String,
     /// Calibration table from `vramcal calibrate` (default: uncalibrated coefficients).
     #[arg(long)]
     pub calibration: Option<PathBuf>,
-    /// Verdict against this GPU's memory (see the list in the error for an unknown name).
+    /// Verdict against this GPU's memory (`vramcal gpus` lists the names).
     #[arg(long)]
     pub gpu: Option<String>,
     /// Per-GPU memory under data-parallel sharding: zero1, zero2, zero3 or fsdp.
@@ -152,7 +172,7 @@ pub struct CalibrateArgs {
     /// Rows to hold out of the fit and report separately: `largest-seq` or `none`.
     #[arg(long, default_value = "largest-seq")]
     pub holdout: String,
-    /// Output table (default `results/calibration/<device>-<profile>.csv`).
+    /// Output table (default `<device>-<profile>-calibration.csv` in the current folder).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -237,12 +257,17 @@ pub struct PlanArgs {
     /// Epochs.
     #[arg(long, default_value_t = 1)]
     pub epochs: u64,
-    /// Peak FLOP/s of the device for the MFU, in TFLOP/s (overrides --gpu).
+    /// Peak FLOP/s of the measuring device, in TFLOP/s, for the measurement's MFU.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
-    /// Take the peak FLOP/s for the MFU from this GPU (dense bf16 datasheet figure).
+    /// A GPU from `vramcal gpus`. Measuring on that GPU: the MFU against its datasheet peak.
+    /// Measuring elsewhere (the CPU): the fine-tune's time on it, from model FLOPs at --mfu.
     #[arg(long)]
     pub gpu: Option<String>,
+    /// Model FLOPs utilization to project --gpu's time with when measuring on another device
+    /// (fraction; default 0.30).
+    #[arg(long)]
+    pub mfu: Option<f64>,
     /// Print the plan as JSON.
     #[arg(long)]
     pub json: bool,
@@ -395,7 +420,7 @@ pub struct SweepArgs {
     /// Sequence lengths, comma-separated, e.g. `64,128,256`.
     #[arg(long, value_delimiter = ',', required = true)]
     pub seq: Vec<String>,
-    /// Output CSV (default `results/<device>/<model>.csv`); rows are appended.
+    /// Output CSV (default `<model>-<device>.csv` in the current folder); rows are appended.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Skip points already in the output CSV (same configuration columns, any status), e.g.

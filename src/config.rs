@@ -233,7 +233,7 @@ impl ModelConfig {
     /// [`Error::Io`] if unreadable, [`Error::Config`] if it is not JSON or lacks a field or has
     /// a bad size, [`Error::UnknownArchitecture`] if `architectures` names no supported class.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::input::read_text_capped(path)?;
         Self::from_json_str(&text, path)
     }
 

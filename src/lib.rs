@@ -10,6 +10,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod estimate;
+pub mod input;
 pub mod measure;
 pub mod model;
 pub mod ops;

@@ -5,94 +5,408 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::spec::{lora_param_count, TrainSpec};
 
-/// A GPU vramcal knows: memory and dense bf16 tensor throughput from the vendor's datasheet.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// A GPU vramcal knows: memory and dense 16-bit tensor throughput from the vendor's datasheet.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Gpu {
-    /// Short name used on the command line, e.g. `a100-80gb`.
+    /// Name used on the command line and in output, e.g. `a100-80gb`.
     pub name: &'static str,
-    /// Memory on the card (bytes; what `nvidia-smi` reports as total).
+    /// Other spellings accepted for it (exact matches, case-insensitive; never prefixes).
+    pub aliases: &'static [&'static str],
+    /// `nvidia` or `amd`.
+    pub vendor: &'static str,
+    /// Market segment: `data-centre`, `workstation` or `consumer`.
+    pub segment: &'static str,
+    /// Memory on the card (bytes): the datasheet's capacity, in binary units where the memory
+    /// is built of power-of-two chips (a "24 GB" card holds 24 GiB), or what `nvidia-smi`
+    /// reports where vramcal has read it.
     pub memory_bytes: u64,
-    /// Peak dense bf16 tensor-core throughput (FLOP/s), without sparsity.
+    /// Peak dense (no sparsity) 16-bit tensor throughput (FLOP/s): bf16 where the card has it,
+    /// fp16 otherwise (`bf16: false`), with fp32 accumulation (GeForce cards run fp16
+    /// accumulation at twice this rate; training accumulates in fp32).
     pub peak_bf16_flops: f64,
+    /// Whether the card computes bf16 (V100 and T4 have fp16 tensor cores only).
+    pub bf16: bool,
     /// Where the figures come from.
     pub source: &'static str,
 }
 
 const GIB: u64 = 1 << 30;
 
-/// Common cards (datasheet figures, dense bf16, no sparsity).
-pub const GPUS: [Gpu; 8] = [
+/// Common cards, consumer to data centre (datasheet figures, dense 16-bit tensor FLOP/s, no
+/// sparsity: half of the "with sparsity" figure datasheets lead with).
+pub const GPUS: &[Gpu] = &[
+    // NVIDIA data centre.
     Gpu {
-        name: "a100-40gb",
-        memory_bytes: 40 * GIB,
-        peak_bf16_flops: 312e12,
-        source: "NVIDIA A100 datasheet (2021)",
+        name: "v100-16gb",
+        aliases: &["v100-16g"],
+        vendor: "nvidia",
+        segment: "data-centre",
+        memory_bytes: 16 * GIB,
+        peak_bf16_flops: 125.0e12,
+        bf16: false,
+        source: "NVIDIA V100 Tensor Core GPU datasheet (2020): deep learning 125 TFLOPS (fp16 tensor, SXM2)",
     },
     Gpu {
-        name: "a100-80gb",
-        memory_bytes: 80 * GIB,
-        peak_bf16_flops: 312e12,
-        source: "NVIDIA A100 datasheet (2021)",
+        name: "v100-32gb",
+        aliases: &["v100-32g"],
+        vendor: "nvidia",
+        segment: "data-centre",
+        memory_bytes: 32 * GIB,
+        peak_bf16_flops: 125.0e12,
+        bf16: false,
+        source: "NVIDIA V100 Tensor Core GPU datasheet (2020): deep learning 125 TFLOPS (fp16 tensor, SXM2)",
     },
     Gpu {
-        name: "h100-80gb",
-        memory_bytes: 80 * GIB,
-        peak_bf16_flops: 989e12,
-        source: "NVIDIA H100 SXM datasheet (2023)",
+        name: "t4-16gb",
+        aliases: &["t4", "tesla-t4"],
+        vendor: "nvidia",
+        segment: "data-centre",
+        memory_bytes: 16 * GIB,
+        peak_bf16_flops: 65.0e12,
+        bf16: false,
+        source: "NVIDIA T4 datasheet (2019): mixed precision (fp16/fp32) 65 TFLOPS",
     },
     Gpu {
-        name: "h200-141gb",
-        memory_bytes: 141 * 1_000_000_000,
-        peak_bf16_flops: 989e12,
-        source: "NVIDIA H200 SXM datasheet (2024)",
-    },
-    Gpu {
-        name: "l4-24gb",
+        name: "a10-24gb",
+        aliases: &["a10"],
+        vendor: "nvidia",
+        segment: "data-centre",
         memory_bytes: 24 * GIB,
-        peak_bf16_flops: 121e12,
-        source: "NVIDIA L4 datasheet (2023)",
+        peak_bf16_flops: 125.0e12,
+        bf16: true,
+        source: "NVIDIA A10 datasheet (2021): BF16 tensor core 125 TF (250 TF with sparsity)",
     },
     Gpu {
         name: "a10g-24gb",
+        aliases: &["a10g"],
+        vendor: "nvidia",
+        segment: "data-centre",
         memory_bytes: 24 * GIB,
-        peak_bf16_flops: 70e12,
-        source: "NVIDIA A10 datasheet (2021)",
+        peak_bf16_flops: 70.0e12,
+        bf16: true,
+        source: "AWS EC2 G5 (A10G, a cloud variant of the A10 at lower tensor clocks): 70 TFLOPS bf16 as quoted by AWS; not an NVIDIA datasheet figure",
+    },
+    Gpu {
+        name: "l4-24gb",
+        aliases: &["l4"],
+        vendor: "nvidia",
+        segment: "data-centre",
+        memory_bytes: 24 * GIB,
+        peak_bf16_flops: 121.0e12,
+        bf16: true,
+        source: "NVIDIA L4 datasheet (2023): BF16 tensor core 242 TFLOPS with sparsity",
+    },
+    Gpu {
+        name: "l40-48gb",
+        aliases: &["l40"],
+        vendor: "nvidia",
+        segment: "data-centre",
+        memory_bytes: 48 * GIB,
+        peak_bf16_flops: 181.05e12,
+        bf16: true,
+        source: "NVIDIA L40 datasheet (2022): BF16 tensor core 362.1 TFLOPS with sparsity",
+    },
+    Gpu {
+        name: "l40s-48gb",
+        aliases: &["l40s"],
+        vendor: "nvidia",
+        segment: "data-centre",
+        memory_bytes: 48 * GIB,
+        peak_bf16_flops: 366.0e12,
+        bf16: true,
+        source: "NVIDIA L40S datasheet (2023): BF16 tensor core 733 TFLOPS with sparsity",
+    },
+    Gpu {
+        name: "a100-40gb",
+        aliases: &["a100-40g", "a100-sxm4-40gb"],
+        vendor: "nvidia",
+        segment: "data-centre",
+        memory_bytes: 40 * GIB,
+        peak_bf16_flops: 312.0e12,
+        bf16: true,
+        source: "NVIDIA A100 datasheet (2021): BF16 tensor core 312 TFLOPS (624 with sparsity)",
+    },
+    Gpu {
+        name: "a100-80gb",
+        aliases: &["a100-80g", "a100-sxm4-80gb"],
+        vendor: "nvidia",
+        segment: "data-centre",
+        memory_bytes: 80 * GIB,
+        peak_bf16_flops: 312.0e12,
+        bf16: true,
+        source: "NVIDIA A100 datasheet (2021): BF16 tensor core 312 TFLOPS (624 with sparsity)",
+    },
+    Gpu {
+        name: "h100-pcie-80gb",
+        aliases: &["h100-pcie"],
+        vendor: "nvidia",
+        segment: "data-centre",
+        memory_bytes: 80 * GIB,
+        peak_bf16_flops: 756.0e12,
+        bf16: true,
+        source: "NVIDIA H100 datasheet (2023), PCIe: BF16 tensor core 1,513 TFLOPS with sparsity",
+    },
+    Gpu {
+        name: "h100-80gb",
+        aliases: &["h100", "h100-sxm", "h100-sxm-80gb"],
+        vendor: "nvidia",
+        segment: "data-centre",
+        memory_bytes: 80 * GIB,
+        peak_bf16_flops: 989.0e12,
+        bf16: true,
+        source: "NVIDIA H100 datasheet (2023), SXM: BF16 tensor core 1,979 TFLOPS with sparsity",
+    },
+    Gpu {
+        name: "h100-nvl-94gb",
+        aliases: &["h100-nvl"],
+        vendor: "nvidia",
+        segment: "data-centre",
+        memory_bytes: 94 * 1_000_000_000,
+        peak_bf16_flops: 835.0e12,
+        bf16: true,
+        source: "NVIDIA H100 datasheet (2023), NVL: BF16 tensor core 1,671 TFLOPS with sparsity, 94 GB",
+    },
+    Gpu {
+        name: "h200-141gb",
+        aliases: &["h200", "h200-sxm"],
+        vendor: "nvidia",
+        segment: "data-centre",
+        memory_bytes: 143_771 << 20,
+        peak_bf16_flops: 989.0e12,
+        bf16: true,
+        source: "NVIDIA H200 datasheet (2024), SXM: BF16 tensor core 1,979 TFLOPS with sparsity; memory as nvidia-smi reported it on a lent H200 (143,771 MiB, results/h200/gpu-check.log)",
+    },
+    Gpu {
+        name: "b200-180gb",
+        aliases: &["b200"],
+        vendor: "nvidia",
+        segment: "data-centre",
+        memory_bytes: 180 * 1_000_000_000,
+        peak_bf16_flops: 2250.0e12,
+        bf16: true,
+        source: "NVIDIA DGX B200 datasheet (2024): 8 GPUs, 1,440 GB; HGX B200 FP16/BF16 tensor 36 PFLOPS with sparsity for 8",
+    },
+    // NVIDIA workstation.
+    Gpu {
+        name: "rtx-a6000-48gb",
+        aliases: &["a6000", "rtx-a6000"],
+        vendor: "nvidia",
+        segment: "workstation",
+        memory_bytes: 48 * GIB,
+        peak_bf16_flops: 154.8e12,
+        bf16: true,
+        source: "NVIDIA RTX A6000 datasheet (2021): tensor performance 309.7 TFLOPS with sparsity",
+    },
+    Gpu {
+        name: "rtx-6000-ada-48gb",
+        aliases: &["rtx-6000-ada", "6000-ada"],
+        vendor: "nvidia",
+        segment: "workstation",
+        memory_bytes: 48 * GIB,
+        peak_bf16_flops: 364.2e12,
+        bf16: true,
+        source: "NVIDIA RTX 6000 Ada Generation datasheet (2023): 1,457 TFLOPS FP8 with sparsity, i.e. 364.2 dense bf16",
+    },
+    // NVIDIA consumer (fp32 accumulate).
+    Gpu {
+        name: "rtx3090-24gb",
+        aliases: &["3090", "rtx-3090", "rtx3090"],
+        vendor: "nvidia",
+        segment: "consumer",
+        memory_bytes: 24 * GIB,
+        peak_bf16_flops: 71.0e12,
+        bf16: true,
+        source: "NVIDIA Ampere GA102 whitepaper (2020), RTX 3090: peak FP16/BF16 tensor with FP32 accumulate 71 TFLOPS",
+    },
+    Gpu {
+        name: "rtx4080-16gb",
+        aliases: &["4080", "rtx-4080", "rtx4080"],
+        vendor: "nvidia",
+        segment: "consumer",
+        memory_bytes: 16 * GIB,
+        peak_bf16_flops: 97.5e12,
+        bf16: true,
+        source: "NVIDIA Ada Lovelace architecture whitepaper (2022), RTX 4080 16GB: peak FP16/BF16 tensor with FP32 accumulate 97.5 TFLOPS",
     },
     Gpu {
         name: "rtx4090-24gb",
+        aliases: &["4090", "rtx-4090", "rtx4090"],
+        vendor: "nvidia",
+        segment: "consumer",
         memory_bytes: 24 * GIB,
-        peak_bf16_flops: 165e12,
-        source: "NVIDIA Ada GPU architecture whitepaper (RTX 4090, FP32 accumulate: 165 TFLOPS)",
+        peak_bf16_flops: 165.2e12,
+        bf16: true,
+        source: "NVIDIA Ada Lovelace architecture whitepaper (2022), RTX 4090: peak FP16/BF16 tensor with FP32 accumulate 165.2 TFLOPS",
     },
     Gpu {
-        name: "rtx3090-24gb",
+        name: "rtx5090-32gb",
+        aliases: &["5090", "rtx-5090", "rtx5090"],
+        vendor: "nvidia",
+        segment: "consumer",
+        memory_bytes: 32 * GIB,
+        peak_bf16_flops: 209.5e12,
+        bf16: true,
+        source: "NVIDIA RTX Blackwell GPU architecture whitepaper (2025), RTX 5090: peak FP16/BF16 tensor with FP32 accumulate 209.5 TFLOPS",
+    },
+    // AMD.
+    Gpu {
+        name: "mi210-64gb",
+        aliases: &["mi210"],
+        vendor: "amd",
+        segment: "data-centre",
+        memory_bytes: 64 * GIB,
+        peak_bf16_flops: 181.0e12,
+        bf16: true,
+        source: "AMD Instinct MI210 datasheet (2022): peak BF16 181 TFLOPs",
+    },
+    Gpu {
+        name: "mi250x-128gb",
+        aliases: &["mi250x"],
+        vendor: "amd",
+        segment: "data-centre",
+        memory_bytes: 128 * GIB,
+        peak_bf16_flops: 383.0e12,
+        bf16: true,
+        source: "AMD Instinct MI250X datasheet (2021): peak BF16 383 TFLOPs",
+    },
+    Gpu {
+        name: "mi300x-192gb",
+        aliases: &["mi300x"],
+        vendor: "amd",
+        segment: "data-centre",
+        memory_bytes: 192 * GIB,
+        peak_bf16_flops: 1307.4e12,
+        bf16: true,
+        source: "AMD Instinct MI300X datasheet (2023): peak BF16 1,307.4 TFLOPs dense",
+    },
+    Gpu {
+        name: "mi325x-256gb",
+        aliases: &["mi325x"],
+        vendor: "amd",
+        segment: "data-centre",
+        memory_bytes: 256 * GIB,
+        peak_bf16_flops: 1307.4e12,
+        bf16: true,
+        source: "AMD Instinct MI325X datasheet (2024): peak BF16 1,307.4 TFLOPs dense",
+    },
+    Gpu {
+        name: "w7900-48gb",
+        aliases: &["w7900", "radeon-pro-w7900"],
+        vendor: "amd",
+        segment: "workstation",
+        memory_bytes: 48 * GIB,
+        peak_bf16_flops: 122.6e12,
+        bf16: true,
+        source: "AMD Radeon PRO W7900 specifications (2023): peak half precision 122.6 TFLOPs",
+    },
+    Gpu {
+        name: "rx7900xtx-24gb",
+        aliases: &["7900xtx", "rx-7900-xtx", "rx7900xtx"],
+        vendor: "amd",
+        segment: "consumer",
         memory_bytes: 24 * GIB,
-        peak_bf16_flops: 71e12,
-        source: "NVIDIA Ampere GA102 whitepaper (RTX 3090)",
+        peak_bf16_flops: 122.8e12,
+        bf16: true,
+        source: "AMD Radeon RX 7900 XTX specifications (2022): peak half precision 122.8 TFLOPs",
     },
 ];
 
-/// Looks up a GPU by name (`a100-80gb`, `h100`, …: a unique prefix is enough).
+/// Names that stand for several cards: the user must say which.
+const AMBIGUOUS: &[(&str, &[&str])] = &[
+    ("a100", &["a100-40gb", "a100-80gb"]),
+    ("v100", &["v100-16gb", "v100-32gb"]),
+    ("rtx-6000", &["rtx-a6000-48gb", "rtx-6000-ada-48gb"]),
+];
+
+/// Looks up a GPU by its name or one of its aliases (case-insensitive, `_` and spaces read as
+/// `-`, an optional `nvidia-`/`amd-`/`geforce-` prefix ignored). A name that stands for several
+/// cards (`a100`) is answered with the choices; nothing is matched by prefix or substring.
 ///
 /// # Errors
-/// [`Error::InvalidValue`] listing the known names.
+/// [`Error::InvalidValue`] for an ambiguous or unknown name (pointing at `vramcal gpus`).
 pub fn gpu(name: &str) -> Result<Gpu> {
-    let n = name.to_ascii_lowercase();
-    let hits: Vec<&Gpu> = GPUS
+    let mut n = name.trim().to_ascii_lowercase().replace(['_', ' '], "-");
+    for prefix in ["nvidia-", "amd-", "geforce-"] {
+        if let Some(rest) = n.strip_prefix(prefix) {
+            n = rest.to_string();
+        }
+    }
+    if let Some(g) = GPUS
         .iter()
-        .filter(|g| g.name == n || g.name.starts_with(&n))
-        .collect();
-    match hits.as_slice() {
-        [g] => Ok(**g),
-        _ => Err(Error::invalid(
+        .find(|g| g.name == n || g.aliases.contains(&n.as_str()))
+    {
+        return Ok(*g);
+    }
+    if let Some((_, which)) = AMBIGUOUS.iter().find(|(a, _)| *a == n) {
+        return Err(Error::invalid(
             "--gpu",
             name,
             format!(
-                "unknown or ambiguous GPU (known: {})",
-                GPUS.iter().map(|g| g.name).collect::<Vec<_>>().join(", ")
+                "several cards go by that name: say which ({})",
+                which.join(" or ")
             ),
-        )),
+        ));
     }
+    Err(Error::invalid(
+        "--gpu",
+        name,
+        "unknown GPU: `vramcal gpus` lists the known ones; give --budget (e.g. 24GiB) and --peak-tflops for another",
+    ))
+}
+
+/// The GPU kind a measuring device is, if vramcal knows it: `cuda:0 (NVIDIA H200)` → `h200`
+/// (the driver's name between the parentheses, looked up as [`gpu`] does); `None` for the CPU
+/// or an unknown card.
+pub fn gpu_of_device(device: &str) -> Option<Gpu> {
+    let inner = device.split_once('(')?.1.strip_suffix(')')?;
+    gpu(inner).ok()
+}
+
+/// Model FLOPs utilization assumed when projecting a fine-tune onto a GPU vramcal has not
+/// measured it on (`plan --gpu X` from another device): 0.30, within the 25–45 % that
+/// transformers' Trainer fine-tunes of 1–8B models commonly report on A100/H100 (PyTorch,
+/// bf16, SDPA). `--mfu` replaces it with the user's own figure.
+pub const DEFAULT_MFU: f64 = 0.30;
+
+/// A fine-tune's time projected onto a GPU from model FLOPs: `tokens · flops_per_token /
+/// (mfu · peak)`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct GpuProjection {
+    /// The GPU projected onto.
+    pub gpu: &'static str,
+    /// Its dense 16-bit peak (FLOP/s).
+    pub peak_flops: f64,
+    /// The MFU assumed (fraction of the peak).
+    pub mfu: f64,
+    /// Where the MFU comes from (`--mfu` or the default).
+    pub mfu_source: String,
+    /// Projected wall time on one such GPU (seconds).
+    pub seconds: f64,
+    /// Projected GPU-hours.
+    pub device_hours: f64,
+}
+
+/// Projects `plan`'s tokens onto `g` at `mfu`.
+///
+/// # Errors
+/// [`Error::InvalidValue`] for an MFU outside (0, 1].
+pub fn project_on_gpu(p: &Plan, g: &Gpu, mfu: f64, mfu_source: &str) -> Result<GpuProjection> {
+    if !(mfu.is_finite() && mfu > 0.0 && mfu <= 1.0) {
+        return Err(Error::invalid(
+            "--mfu",
+            mfu,
+            "must be a fraction of the peak in (0, 1], e.g. 0.35",
+        ));
+    }
+    let seconds = p.tokens as f64 * p.model_flops_per_token / (mfu * g.peak_bf16_flops);
+    Ok(GpuProjection {
+        gpu: g.name,
+        peak_flops: g.peak_bf16_flops,
+        mfu,
+        mfu_source: mfu_source.to_string(),
+        seconds,
+        device_hours: seconds / 3600.0,
+    })
 }
 
 /// Parameters that take part in matmuls: every linear weight of the layers plus the LM head
@@ -151,6 +465,8 @@ pub struct Plan {
     pub mfu: Option<f64>,
     /// Peak FLOP/s used for the MFU.
     pub peak_flops: Option<f64>,
+    /// The same tokens projected onto another GPU than the measuring device (`plan --gpu`).
+    pub on_gpu: Option<GpuProjection>,
 }
 
 /// Projects `examples × epochs` sequences of `spec.seq` tokens at `tokens_per_second`.
@@ -210,5 +526,6 @@ pub fn plan(
         achieved_flops: achieved,
         mfu: peak_flops.map(|p| achieved / p),
         peak_flops,
+        on_gpu: None,
     })
 }

@@ -175,7 +175,8 @@ fn estimator_bad_input() {
     let run = |v: Vec<String>, needle: &str| {
         fails(&v.iter().map(String::as_str).collect::<Vec<_>>(), needle)
     };
-    run(with(&["--gpu", "tpu-v9"]), "known: a100-40gb");
+    run(with(&["--gpu", "tpu-v9"]), "`vramcal gpus` lists");
+    run(with(&["--gpu", "a100"]), "a100-40gb or a100-80gb");
     run(with(&["--budget", "80"]), "missing its unit");
     run(
         with(&["--profile", "jax"]),
@@ -195,8 +196,54 @@ fn estimator_bad_input() {
     )
     .unwrap();
     run(
-        with(&["--calibration", old.to_str().unwrap()]),
+        with(&[
+            "--calibration",
+            old.to_str().unwrap(),
+            "--profile",
+            "candle",
+        ]),
         "was made by vramcal 0.0.1",
+    );
+    // Damaged coefficients are refused, naming the term, not used (a peak of 2^64 - 1 bytes).
+    for (term, bad) in [
+        ("activations", "-1.0"),
+        ("activations", "1e308"),
+        ("constant", "1e308"),
+        ("attention_scores", "NaN"),
+        ("logits_and_loss", "inf"),
+    ] {
+        let damaged = dir.path().join("damaged.csv");
+        let mut lines: Vec<String> = text.lines().map(String::from).collect();
+        for l in lines.iter_mut() {
+            let mut f: Vec<String> = l.split(',').map(String::from).collect();
+            if f.len() > 3 && f[2] == term {
+                f[3] = bad.to_string();
+                *l = f.join(",");
+            }
+        }
+        std::fs::write(&damaged, lines.join("\n") + "\n").unwrap();
+        run(
+            with(&[
+                "--calibration",
+                damaged.to_str().unwrap(),
+                "--profile",
+                "candle",
+            ]),
+            &format!(
+                "coefficient {} for term {term}",
+                bad.parse::<f64>().unwrap()
+            ),
+        );
+    }
+    // An endless device file is refused after a bounded read, with one error line.
+    run(
+        with(&["--calibration", "/dev/zero", "--profile", "candle"]),
+        "longer than 64 MiB",
+    );
+    fails(&["check", "--measured", "/dev/zero"], "longer than 64 MiB");
+    fails(
+        &["calibrate", "--measured", "/dev/zero"],
+        "longer than 64 MiB",
     );
     let empty = dir.path().join("empty.csv");
     std::fs::write(&empty, "").unwrap();

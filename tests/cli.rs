@@ -873,7 +873,9 @@ fn second_trial_findings_stay_fixed() {
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["estimate"]["profile"], "candle");
+    // The default answers for PyTorch + transformers (SDPA), and says so.
+    assert_eq!(v["estimate"]["profile"], "torch-sdpa");
+    assert_eq!(v["profile"], "torch-sdpa");
     assert_eq!(v["seq"], 8);
     let items: u64 = v["estimate"]["items"]
         .as_array()
@@ -883,11 +885,14 @@ fn second_trial_findings_stay_fixed() {
         .sum();
     let peak = v["estimate"]["peak_bytes"].as_u64().unwrap();
     assert!(items.abs_diff(peak) <= 8, "items {items} vs peak {peak}");
-    // Accumulation keeps the summed gradients alive: the estimate grows with it.
+    // Accumulation keeps the summed gradients alive in vramcal's step: its estimate grows
+    // with it.
     let est = |acc: &str| -> u64 {
         let o = vramcal()
             .args([
                 "estimate",
+                "--profile",
+                "candle",
                 "--model",
                 "smollm2-135m",
                 "--seq",

@@ -369,7 +369,7 @@ fn a_results_file_of_an_earlier_version_takes_new_rows() {
     }
     assert_eq!(
         after.last().unwrap()["memory_counter"],
-        "host-counting-allocator"
+        "host-counting-allocator-above-baseline"
     );
     assert!(!dir.path().join("old.csv.upgrade").exists());
 }

@@ -65,7 +65,7 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     };
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from(format!(
-            "results/calibration/{}-{}.csv",
+            "{}-{}-calibration.csv",
             device_slug(&device),
             profile.name()
         ))
@@ -84,17 +84,15 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
             a.holdout
         )
     })?;
-    // Terms that no fitted row exercises get 0: say so rather than let the table look complete.
+    // Terms that no fitted row exercises keep their counted coefficient: say so.
     let fixed = crate::calibrate::fixed_coefficients(profile);
-    for (i, name) in crate::estimate::TERMS.iter().enumerate() {
-        let counted = fixed.iter().any(|(j, _)| *j == i);
-        let used = train.iter().any(|p| {
-            crate::estimate::MOMENTS
-                .iter()
-                .any(|&m| p.terms.design(m)[i] != 0.0)
-        });
-        if !used && !counted && *name != "constant" {
-            eprintln!("note: no fitted row exercises the term {name}: its coefficient is 0, and estimates that need it will be low");
+    for i in crate::calibrate::unexercised(&train) {
+        let name = crate::estimate::TERMS[i];
+        if !fixed.iter().any(|(j, _)| *j == i) && name != "constant" {
+            eprintln!(
+                "note: no fitted row exercises the term {name}: it keeps its counted coefficient {} (not fitted)",
+                c.values[i]
+            );
         }
     }
     let fit_err = errors(&train, &c);

@@ -99,8 +99,7 @@ fn public_spec(p: &Public) -> anyhow::Result<TrainSpec> {
 /// # Errors
 /// An unreadable file.
 pub fn is_public(path: &Path) -> anyhow::Result<bool> {
-    let mut r = csv::Reader::from_path(path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    let mut r = crate::input::csv_reader(path)?;
     let h = r
         .headers()
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -154,8 +153,7 @@ pub fn run(a: &CheckArgs) -> anyhow::Result<ExitCode> {
     for f in &a.measured {
         let before = out.len();
         if is_public(f)? {
-            let mut r =
-                csv::Reader::from_path(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+            let mut r = crate::input::csv_reader(f)?;
             let mut skipped = 0;
             for p in r.deserialize::<Public>() {
                 let p = p.map_err(|e| anyhow::anyhow!("{}: malformed row: {e}", f.display()))?;
@@ -251,6 +249,25 @@ pub fn run(a: &CheckArgs) -> anyhow::Result<ExitCode> {
         under,
         out.len(),
         100.0 * a.margin
+    );
+    let gates: Vec<String> = [
+        a.max_error
+            .map(|t| format!("max |error| <= {:.2} %", 100.0 * t)),
+        a.max_median_error
+            .map(|t| format!("median |error| <= {:.2} %", 100.0 * t)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let summary = format!(
+        "{}; {}\n",
+        summary.trim_end(),
+        if gates.is_empty() {
+            "no thresholds given (--max-error, --max-median-error): exit 0 whatever the errors"
+                .to_string()
+        } else {
+            format!("thresholds: {}", gates.join(", "))
+        }
     );
     if let Some(p) = &a.out_csv {
         let mut w =

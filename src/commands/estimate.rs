@@ -90,7 +90,37 @@ fn alternatives(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(String, TrainSpec)>
         })
         .collect();
     v.extend(with_ckpt);
+    if spec.adaptation.lora.is_none() && spec.state_dtype == candle_core::DType::F32 {
+        let mut s = spec.clone();
+        s.state_dtype = candle_core::DType::BF16;
+        v.push((
+            "16-bit AdamW states (--optimizer-state-dtype bf16)".to_string(),
+            s,
+        ));
+    }
     v.retain(|(_, s)| s.validate(cfg).is_ok());
+    v
+}
+
+/// Data-parallel sharding that would make a full fine-tune fit: ZeRO-2 and ZeRO-3 over 2, 4 and
+/// 8 GPUs (labels name the options that give them).
+fn sharded_alternatives(spec: &TrainSpec) -> Vec<(String, multi::Shard, usize)> {
+    if spec.adaptation.lora.is_some() {
+        return vec![];
+    }
+    let mut v = Vec::new();
+    for (name, shard) in [
+        ("zero2", multi::Shard::Zero2),
+        ("zero3", multi::Shard::Zero3),
+    ] {
+        for gpus in [2, 4, 8] {
+            v.push((
+                format!("{name} over {gpus} GPUs, per GPU (--shard {name} --gpus {gpus})"),
+                shard,
+                gpus,
+            ));
+        }
+    }
     v
 }
 
@@ -124,6 +154,28 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
             "estimate reads no weights: give --model",
         )
         .into());
+    }
+    // Options of a measurement (hidden from `estimate --help`) are refused, not ignored.
+    let m = &a.model;
+    for (flag, given) in [
+        ("--lr", m.lr != 5e-5),
+        ("--weight-decay", m.weight_decay != 0.0),
+        ("--device", m.device != "cpu"),
+        ("--seed", m.seed != 0),
+        ("--data-seed", m.data_seed != 0),
+        ("--save", m.save != "none"),
+        ("--merge-save", m.merge_save),
+        ("--save-dir", m.save_dir.is_some()),
+        ("--timed-steps", m.timed_steps != 0),
+    ] {
+        if given {
+            return Err(crate::Error::invalid(
+                flag,
+                "",
+                "is an option of a measurement (measure, sweep, max, plan); estimate does not use it",
+            )
+            .into());
+        }
     }
     let budget = match (&a.gpu, super::measure::budget(&a.model)?) {
         (Some(_), Some(_)) => {
@@ -174,18 +226,38 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
         references::korthikanti(cfg, &spec),
     ];
     let alts: Vec<(String, Estimate)> = match &budget {
-        Some((_, b)) if e.peak_bytes > *b => alternatives(cfg, &spec)
-            .into_iter()
-            .filter_map(|(n, s)| {
-                estimate_sharded(cfg, &s, profile, &c, sharding)
-                    .ok()
-                    .map(|x| (n, x))
-            })
-            .collect(),
+        Some((_, b)) if e.peak_bytes > *b => {
+            let mut alts: Vec<(String, Estimate)> = alternatives(cfg, &spec)
+                .into_iter()
+                .filter_map(|(n, s)| {
+                    estimate_sharded(cfg, &s, profile, &c, sharding)
+                        .ok()
+                        .map(|x| (n, x))
+                })
+                .collect();
+            if sharding.is_none() {
+                // The smallest number of GPUs that fits, per stage.
+                let mut fitted: Vec<multi::Shard> = Vec::new();
+                for (n, shard, gpus) in sharded_alternatives(&spec) {
+                    if fitted.contains(&shard) {
+                        continue;
+                    }
+                    if let Ok(x) = estimate_sharded(cfg, &spec, profile, &c, Some((shard, gpus))) {
+                        if x.peak_bytes <= *b {
+                            fitted.push(shard);
+                        }
+                        alts.push((n, x));
+                    }
+                }
+            }
+            alts
+        }
         _ => vec![],
     };
     if a.json {
         let v = serde_json::json!({
+            "profile": profile.name(),
+            "stack": profile.stack(),
             "model": model.name,
             "method": spec.adaptation.method(),
             "checkpointing": spec.checkpointing.label(),
@@ -210,7 +282,17 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
         .map(|l| format!(" ({l})"))
         .unwrap_or_default();
     let mut t = format!(
-        "vramcal estimate | {} | {}{lora} | quant {} | checkpointing {} | dtype {} | AdamW states {} | micro-batch {} x accumulate {} x seq {} | profile {} ({})\n",
+        "vramcal estimate for {} (--profile {}; {})\n",
+        profile.stack(),
+        profile.name(),
+        if profile == Profile::Candle {
+            "the default, torch-sdpa, predicts a PyTorch + transformers run"
+        } else {
+            "--profile candle predicts vramcal's own step"
+        }
+    );
+    t += &format!(
+        "{} | {}{lora} | quant {} | checkpointing {} | dtype {} | AdamW states {} | micro-batch {} x accumulate {} x seq {} | coefficients {}\n",
         model.name,
         spec.adaptation.method(),
         spec.adaptation.quant.label(),
@@ -220,7 +302,6 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
         spec.batch,
         spec.accumulate,
         spec.seq,
-        profile.name(),
         c.source
     );
     t += &format!("{:<32} {:>16} {:>9}  formula\n", "item", "bytes", "GiB");
@@ -300,7 +381,7 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
                 alts.iter().filter(|(_, x)| x.peak_bytes <= *b).collect();
             fit.sort_by_key(|(_, x)| std::cmp::Reverse(x.peak_bytes));
             if fit.is_empty() {
-                t += "  none of checkpointing, a smaller micro-batch, LoRA or QLoRA makes it fit\n";
+                t += "  none of checkpointing, a smaller micro-batch, 16-bit AdamW states, LoRA, QLoRA or ZeRO-2/3 over up to 8 GPUs makes it fit\n";
             } else {
                 t += "  changes that make it fit (least memory saved first):\n";
                 for (n, x) in fit {

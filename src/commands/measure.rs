@@ -196,21 +196,29 @@ pub fn open_device(d: DeviceChoice) -> Result<Device, Error> {
 }
 
 /// The memory probe for an opened `device`; `blocker_bytes` (the `--budget` blocker on a GPU)
-/// are left out of the device counter.
+/// are left out of the device counter; on the CPU, `budget` caps the bytes allocated above the
+/// baseline (the probe applies it when the measurement begins).
 ///
 /// # Errors
 /// [`Error::Probe`] when the counting allocator is not installed or the CUDA driver refuses a
 /// query.
-pub fn probe_for(device: &Device, blocker_bytes: u64) -> Result<Box<dyn MemoryProbe>, Error> {
+pub fn probe_for(
+    device: &Device,
+    blocker_bytes: u64,
+    budget: Option<u64>,
+) -> Result<Box<dyn MemoryProbe>, Error> {
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => Ok(Box::new(crate::measure::cuda::CudaProbe::new(
-            d,
-            blocker_bytes,
-        )?)),
+        Device::Cuda(d) => {
+            let _ = budget;
+            Ok(Box::new(crate::measure::cuda::CudaProbe::new(
+                d,
+                blocker_bytes,
+            )?))
+        }
         _ => {
             let _ = blocker_bytes;
-            Ok(Box::new(HostProbe::new()?))
+            Ok(Box::new(HostProbe::with_budget(budget)?))
         }
     }
 }
@@ -368,9 +376,9 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
             _ => None,
         };
         #[cfg(feature = "cuda")]
-        let probe = probe_for(&device, blocker.as_ref().map_or(0, |b| b.bytes))?;
+        let probe = probe_for(&device, blocker.as_ref().map_or(0, |b| b.bytes), budget)?;
         #[cfg(not(feature = "cuda"))]
-        let probe = probe_for(&device, 0)?;
+        let probe = probe_for(&device, 0, budget)?;
         return run_child(
             a,
             &ctx,
@@ -381,7 +389,6 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
                 device,
             },
             probe.as_ref(),
-            budget,
         );
     }
     check_save_dir(&a.model)?;
@@ -457,14 +464,13 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The measuring child: runs the protocol in this process under the budget, streaming its
+/// The measuring child: runs the protocol in this process under the probe's budget, streaming its
 /// progress and then the row as JSON lines on stdout.
 fn run_child(
     a: &MeasureArgs,
     ctx: &RowContext,
     setup: Setup,
     probe: &dyn MemoryProbe,
-    budget: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     die_with_parent();
     let mut m = Measurement::default();
@@ -475,9 +481,6 @@ fn run_child(
         };
         let _ = send(&line);
     };
-    if setup.device.is_cpu() {
-        crate::measure::alloc::set_limit(budget);
-    }
     let opts = Options {
         save_dir: a.model.save_dir.as_deref(),
         timed_steps: a.model.timed_steps,

@@ -4,6 +4,7 @@
 pub mod calibrate;
 pub mod check;
 pub mod estimate;
+pub mod gpus;
 pub mod max;
 pub mod measure;
 pub mod models;
@@ -23,6 +24,7 @@ use crate::cli::{Cli, Command};
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Models { json } => models::run(json),
+        Command::Gpus { json } => gpus::run(json),
         Command::Measure(a) => measure::run(&a),
         Command::Sweep(a) => sweep::run(&a),
         Command::Max(a) => max::run(&a),

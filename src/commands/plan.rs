@@ -9,7 +9,9 @@ use anyhow::Context;
 use super::point::run_point;
 use crate::cli::PlanArgs;
 use crate::report::{RowContext, Status};
-use crate::throughput::{gpu, model_flops_per_token, plan};
+use crate::throughput::{
+    gpu, gpu_of_device, model_flops_per_token, plan, project_on_gpu, DEFAULT_MFU,
+};
 
 /// Runs `vramcal plan`.
 ///
@@ -25,18 +27,27 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
         &a.how.checkpointing,
     )?;
     spec.validate(&model.config)?;
-    let peak = match (a.peak_tflops, &a.gpu) {
-        (Some(t), _) if t.is_finite() && t > 0.0 => Some(t * 1e12),
-        (Some(t), _) => {
-            return Err(crate::Error::invalid("--peak-tflops", t, "must be positive").into())
-        }
-        (None, Some(g)) => Some(gpu(g)?.peak_bf16_flops),
-        (None, None) => None,
-    };
+    let target = a.gpu.as_deref().map(gpu).transpose()?;
+    if let Some(t) = a.peak_tflops.filter(|t| !(t.is_finite() && *t > 0.0)) {
+        return Err(crate::Error::invalid("--peak-tflops", t, "must be positive").into());
+    }
+    if a.mfu.is_some() && target.is_none() {
+        return Err(crate::Error::invalid(
+            "--mfu",
+            a.mfu.unwrap_or_default(),
+            "goes with --gpu (the GPU to project the fine-tune onto)",
+        )
+        .into());
+    }
+    let mfu = a.mfu.unwrap_or(DEFAULT_MFU);
+    if let Some(g) = &target {
+        // Validated before measuring.
+        project_on_gpu(&plan(&model.config, &spec, 1, 1, 1.0, None)?, g, mfu, "")?;
+    }
     let device = super::measure::parse_device(&a.model.device)?;
     super::measure::check_fits(&spec, &model, device)?;
     // Validate the projection's inputs before measuring.
-    plan(&model.config, &spec, a.examples, a.epochs, 1.0, peak)?;
+    plan(&model.config, &spec, a.examples, a.epochs, 1.0, None)?;
     let command = super::command_line();
     let ctx = RowContext {
         command: command.clone(),
@@ -57,6 +68,7 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
         "--epochs",
         "--peak-tflops",
         "--gpu",
+        "--mfu",
         "--timed-steps",
         "--batch",
         "--micro-batch",
@@ -100,7 +112,23 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("the measurement did not succeed: {}", row.message);
     }
     let tps = row.tokens_per_second.unwrap_or(0.0);
-    let p = plan(&model.config, &spec, a.examples, a.epochs, tps, peak)?;
+    // The measuring device's own kind, if it is a GPU vramcal knows.
+    let here = gpu_of_device(&row.device);
+    let on_target = matches!((&target, &here), (Some(t), Some(h)) if t.name == h.name);
+    let peak = match (a.peak_tflops, &here, on_target) {
+        (Some(t), _, _) => Some(t * 1e12),
+        (None, Some(h), _) => Some(h.peak_bf16_flops),
+        (None, None, _) => None,
+    };
+    let mut p = plan(&model.config, &spec, a.examples, a.epochs, tps, peak)?;
+    if let (Some(g), false) = (&target, on_target) {
+        let source = if a.mfu.is_some() {
+            "--mfu".to_string()
+        } else {
+            format!("default {DEFAULT_MFU}: vramcal has no measurement on this GPU kind; set --mfu")
+        };
+        p.on_gpu = Some(project_on_gpu(&p, g, mfu, &source)?);
+    }
     if a.json {
         super::emit(&format!("{}\n", serde_json::to_string_pretty(&p)?))?;
         return Ok(ExitCode::SUCCESS);
@@ -132,10 +160,22 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
         p.examples, p.epochs, p.seq, p.tokens, p.steps
     );
     t += &format!(
-        "projected wall time: {} ({:.2} device-hours on this device)\n",
+        "projected wall time on this device ({}): {} ({:.2} device-hours)\n",
+        row.device,
         hms(p.seconds),
         p.device_hours
     );
+    if let Some(g) = &p.on_gpu {
+        t += &format!(
+            "projected on one {}: {} ({:.2} GPU-hours) at MFU {:.2} of its {:.1} TFLOP/s dense bf16 peak (MFU: {}; from model FLOPs, not measured there)\n",
+            g.gpu,
+            hms(g.seconds),
+            g.device_hours,
+            g.mfu,
+            g.peak_flops / 1e12,
+            g.mfu_source
+        );
+    }
     t += &format!(
         "model FLOPs: {:.3e} per token (6N + 12·L·H·Q·T, PaLM App. B; LoRA skips frozen weight gradients), achieved {:.3} TFLOP/s\n",
         p.model_flops_per_token,
@@ -150,7 +190,7 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
             )
         }
         None => {
-            t += "MFU: give --peak-tflops (or --gpu for a GPU's datasheet peak) to compute it\n"
+            t += "MFU of the measurement: give --peak-tflops (the measuring device's peak) to compute it\n"
         }
     }
     super::emit(&t)?;

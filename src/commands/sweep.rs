@@ -141,11 +141,11 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         )
         .into());
     }
-    let dev_dir = a.model.device.replace(':', "");
+    let dev = a.model.device.replace(':', "");
     let out = a
         .out
         .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("results/{dev_dir}/{}.csv", model.name)));
+        .unwrap_or_else(|| PathBuf::from(format!("{}-{dev}.csv", model.name)));
     crate::report::csv_out::check_writable(&out)?;
     let _lock = crate::report::csv_out::lock(&out)?;
     let total = grid.len();

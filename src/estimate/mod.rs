@@ -50,6 +50,16 @@ impl Profile {
         }
     }
 
+    /// The training stack whose peak this profile predicts, in words (first line of
+    /// `vramcal estimate`).
+    pub fn stack(self) -> &'static str {
+        match self {
+            Profile::Candle => "vramcal's own candle training step (what `vramcal measure` runs)",
+            Profile::TorchSdpa => "PyTorch + transformers, attn_implementation=\"sdpa\"",
+            Profile::TorchEager => "PyTorch + transformers, attn_implementation=\"eager\"",
+        }
+    }
+
     /// Name as on the command line.
     pub fn name(self) -> &'static str {
         match self {
@@ -73,7 +83,13 @@ impl Profile {
 ///   transients such as a tied embedding's two gradient contributions);
 /// * `attention_transient`: one layer's attention scores in the compute dtype (the fused
 ///   attention's scores and probabilities, formed one layer at a time);
-/// * `constant`: fixed overhead.
+/// * `constant`: fixed overhead;
+/// * `cpu_bf16_matmul_widening`: `candle` in bf16 on the CPU only: candle 0.11's CPU matmul has
+///   no bf16 kernel and widens both operands' whole storages and its output to f32 for each
+///   product (`candle-core` 0.11.1 `src/cpu_backend/mod.rs`, `CpuStorage::matmul`); the largest
+///   such transient is the LM head's (see [`bf16_matmul_widening`]), counted beyond the three
+///   logits chunks of `logits_and_loss`, which are not alive during it. Zero in f32 and for the
+///   torch profiles; a CUDA calibration fits it to about zero (cuBLAS has bf16 kernels).
 ///
 /// The peak of backward is the largest of three [`Moment`]s: the head's backward (its logits
 /// chunk or logits, the LM head's gradient), a layer's backward once the gradients have built
@@ -84,7 +100,7 @@ impl Profile {
 /// before the layers are recomputed; one segment's graph is alive then, and freed before the
 /// end). The torch profiles without checkpointing sum every term instead (their uncalibrated
 /// model).
-pub const TERMS: [&str; 8] = [
+pub const TERMS: [&str; N_TERMS] = [
     "activations",
     "attention_scores",
     "checkpoint_inputs",
@@ -93,7 +109,11 @@ pub const TERMS: [&str; 8] = [
     "largest_trainable",
     "attention_transient",
     "constant",
+    "cpu_bf16_matmul_widening",
 ];
+
+/// How many terms [`TERMS`] has.
+pub const N_TERMS: usize = 9;
 
 /// A moment of backward that may hold the peak (see [`TERMS`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +137,7 @@ pub fn in_moment(term: usize, m: Moment, checkpointed: bool, moments: bool) -> b
     }
     match term {
         0 | 1 => !checkpointed || m == Moment::Layer,
-        2 | 7 => true,
+        2 | 7 | 8 => true,
         3 => m == Moment::Head,
         4 => m != Moment::Head,
         5 => m != Moment::Layer,
@@ -131,7 +151,7 @@ pub struct Coefficients {
     /// Profile they belong to.
     pub profile: Profile,
     /// One per term, in [`TERMS`] order.
-    pub values: [f64; 8],
+    pub values: [f64; N_TERMS],
     /// Where they come from (`uncalibrated` or the calibration file).
     pub source: String,
 }
@@ -145,8 +165,8 @@ impl Coefficients {
     /// count no transient and no fixed overhead.
     pub fn uncalibrated(profile: Profile) -> Self {
         let values = match profile {
-            Profile::Candle => [1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 4.0, 0.0],
-            _ => [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+            Profile::Candle => [1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 4.0, 0.0, 1.0],
+            _ => [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0],
         };
         Coefficients {
             profile,
@@ -192,7 +212,7 @@ pub struct Terms {
     /// AdamW state bytes.
     pub optimizer_states: u64,
     /// The calibrated terms, in [`TERMS`] order (bytes; `constant` is 1).
-    pub terms: [f64; 8],
+    pub terms: [f64; N_TERMS],
     /// Whether checkpointing is on (it changes which terms are alive when; see [`TERMS`]).
     pub checkpointed: bool,
     /// Whether the head and the gradients peak at separate moments without checkpointing too
@@ -202,7 +222,7 @@ pub struct Terms {
 
 impl Terms {
     /// The design row of this point at moment `m`: the terms alive then, zeros elsewhere.
-    pub fn design(&self, m: Moment) -> [f64; 8] {
+    pub fn design(&self, m: Moment) -> [f64; N_TERMS] {
         let mut row = self.terms;
         for (i, v) in row.iter_mut().enumerate() {
             if !in_moment(i, m, self.checkpointed, self.two_moments) {
@@ -213,8 +233,8 @@ impl Terms {
     }
 
     /// The moment that holds the peak under coefficients `c` (the first of equal ones).
-    pub fn peak_moment(&self, c: &[f64; 8]) -> Moment {
-        let dot = |r: [f64; 8]| r.iter().zip(c).map(|(x, k)| x * k).sum::<f64>();
+    pub fn peak_moment(&self, c: &[f64; N_TERMS]) -> Moment {
+        let dot = |r: [f64; N_TERMS]| r.iter().zip(c).map(|(x, k)| x * k).sum::<f64>();
         let mut best = (Moment::Head, f64::NEG_INFINITY);
         for m in MOMENTS {
             let v = dot(self.design(m));
@@ -308,10 +328,37 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec) -> Terms {
                 }) as f64,
             table::attention_scores(cfg, spec) as f64,
             1.0,
+            // The head's other chunk buffers are not alive during its widened products:
+            // the term is what the widening adds beyond the three logits chunks.
+            bf16_matmul_widening(cfg, spec).saturating_sub(3 * head) as f64,
         ],
         checkpointed: ckpt > 0,
         two_moments: true,
     }
+}
+
+/// The f32 copies candle 0.11's CPU matmul makes of a bf16 product (bytes): both operands'
+/// whole storages and the output widened to f32, and the output narrowed back to bf16
+/// (`candle-core` 0.11.1 `src/cpu_backend/mod.rs`, `CpuStorage::matmul`). The largest product
+/// of a step is the fused LM head's (`src/ops/loss.rs`): a chunk of `c = min(N, 256)` rows of
+/// the `(N, h)` hidden states (a view: all `N·h` widened) times the `(V, h)` head weight:
+/// `4·(N·h + V·h + c·V) + 2·c·V`; when the head is trained, its weight gradient `Gᵀ·x` adds an
+/// f32 `(V, h)` output, its bf16 copy and the f32 sum of the chunks: `+ (4 + 2 + 4)·V·h`.
+/// Zero for other dtypes.
+pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    if spec.dtype != candle_core::DType::BF16 {
+        return 0;
+    }
+    let (h, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
+    let n = (spec.batch * spec.seq) as u64;
+    let c = n.min(crate::ops::CE_CHUNK_TOKENS as u64);
+    let head = 4 * (n * h + v * h + c * v) + 2 * c * v;
+    let head_grad = if spec.adaptation.lora.is_none() {
+        10 * v * h
+    } else {
+        0
+    };
+    head + head_grad
 }
 
 /// Bytes of the largest trainable tensor (model dtype).
@@ -440,6 +487,10 @@ pub fn estimate_sharded(
             "one layer's (b, heads, s, s) in the compute dtype",
         ),
         ("fixed overhead (workspace)", "constant"),
+        (
+            "bf16 matmul f32 copies (CPU)",
+            "LM head's bf16 product widened to f32, 4·(N·h + V·h + c·V) + 2·c·V (+10·V·h trained), beyond 3 logits chunks",
+        ),
     ];
     // Held at every moment of the step.
     let held = vec![

@@ -145,3 +145,27 @@ pub fn tune_host_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+
+/// Allocates, before anything is measured, the per-thread buffers that CPU matrix
+/// multiplications otherwise allocate lazily on whichever thread first runs one, so that a
+/// measured peak does not depend on thread scheduling.
+///
+/// gemm (the crate behind candle's CPU matmuls) packs the left operand into a thread-local
+/// buffer of the CPU's L2 size (`gemm_common::gemm::L2_SLAB`, gemm-common 0.19
+/// `src/gemm.rs`), created the first time that thread packs. Which rayon worker first gets a
+/// packing job is a matter of work stealing: on a 2-core AMD EPYC with 512 KiB of L2 the peaks
+/// of identical runs differed by exactly ±524,288 B. Touching the buffer on every worker of
+/// rayon's global pool (which starts the pool, whose own per-thread allocations then happen here
+/// too) and on the calling thread makes them part of the baseline: `(threads + 1) × L2` bytes,
+/// counted in every phase, the same in every run on one machine.
+///
+/// Idempotent and cheap after the first call.
+pub fn warm_cpu_threads() {
+    fn touch() {
+        gemm_common::gemm::L2_SLAB.with(|slab| {
+            std::hint::black_box(&*slab.borrow());
+        });
+    }
+    rayon::broadcast(|_| touch());
+    touch();
+}

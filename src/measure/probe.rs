@@ -49,11 +49,32 @@ pub trait MemoryProbe {
     /// # Errors
     /// Device errors.
     fn read(&self) -> Result<MemoryReading>;
+    /// Starts a measurement and returns the allocated bytes it starts from (the process's
+    /// baseline). The CPU probe counts from there: its later readings are bytes above this
+    /// baseline, and its budget applies above it. Device probes count from zero and only report
+    /// it (their pool holds nothing of the process but what the measurement allocates).
+    ///
+    /// # Errors
+    /// Device errors.
+    fn begin(&self) -> Result<u64> {
+        Ok(self.read()?.allocated_bytes)
+    }
 }
 
-/// The CPU probe: reads [`alloc::CountingAlloc`]'s exact byte counts.
+/// The CPU probe: reads [`alloc::CountingAlloc`]'s exact byte counts, above the baseline taken
+/// by [`MemoryProbe::begin`].
+///
+/// Why above a baseline: what the process holds before the measurement (the parsed command
+/// line and recorded command, the thread pool, gemm's per-thread packing buffers of the CPU's
+/// L2 size, see [`alloc::warm_cpu_threads`]) depends on the arguments' lengths and on the
+/// machine, not on the training setup; counted in, `--out a.csv` and `--out b/a.csv` or an
+/// added `--budget` gave different peaks for the same point. PyTorch's
+/// `torch.cuda.max_memory_allocated` likewise counts only the caching allocator's blocks.
 #[derive(Debug)]
-pub struct HostProbe(());
+pub struct HostProbe {
+    origin: std::sync::atomic::AtomicU64,
+    budget: Option<u64>,
+}
 
 impl HostProbe {
     /// Creates the probe.
@@ -62,13 +83,29 @@ impl HostProbe {
     /// [`Error::Probe`] when the counting allocator is not the global allocator of this
     /// process (every reading would be zero).
     pub fn new() -> Result<Self> {
+        Self::with_budget(None)
+    }
+
+    /// A probe that, from [`MemoryProbe::begin`] on, caps the allocated bytes above the
+    /// baseline at `budget` (bytes): an allocation past it fails, as on a device that full.
+    ///
+    /// # Errors
+    /// As [`HostProbe::new`].
+    pub fn with_budget(budget: Option<u64>) -> Result<Self> {
         if !alloc::is_installed() {
             return Err(Error::Probe {
                 reason: "vramcal::measure::CountingAlloc is not this program's #[global_allocator]"
                     .into(),
             });
         }
-        Ok(HostProbe(()))
+        Ok(HostProbe {
+            origin: std::sync::atomic::AtomicU64::new(0),
+            budget,
+        })
+    }
+
+    fn origin(&self) -> u64 {
+        self.origin.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -78,7 +115,7 @@ impl MemoryProbe for HostProbe {
     }
 
     fn counter(&self) -> &'static str {
-        "host-counting-allocator"
+        HOST_COUNTER
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -91,15 +128,33 @@ impl MemoryProbe for HostProbe {
     }
 
     fn read(&self) -> Result<MemoryReading> {
+        let o = self.origin();
         Ok(MemoryReading {
-            allocated_bytes: alloc::current_bytes(),
-            peak_allocated_bytes: alloc::peak_bytes(),
+            allocated_bytes: alloc::current_bytes().saturating_sub(o),
+            peak_allocated_bytes: alloc::peak_bytes().saturating_sub(o),
             reserved_bytes: None,
             peak_reserved_bytes: None,
             device_used_bytes: None,
         })
     }
+
+    fn begin(&self) -> Result<u64> {
+        let base = alloc::current_bytes();
+        self.origin.store(base, std::sync::atomic::Ordering::SeqCst);
+        if let Some(b) = self.budget {
+            alloc::set_limit(Some(base.saturating_add(b)));
+        }
+        Ok(base)
+    }
 }
+
+/// The CPU probe's `memory_counter`: live bytes of the counting allocator above the process's
+/// baseline at the start of the measurement.
+pub const HOST_COUNTER: &str = "host-counting-allocator-above-baseline";
+
+/// The CPU counter of rows made before peaks were taken above the baseline: their
+/// `*_peak_bytes`/`*_end_bytes` include `baseline_bytes`.
+pub const HOST_COUNTER_ABSOLUTE: &str = "host-counting-allocator";
 
 /// Whether a failure message reports that the device ran out of memory (CUDA driver, cuBLAS
 /// or cuRAND allocation failures), so the point is recorded as `status=oom`.

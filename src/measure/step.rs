@@ -303,8 +303,11 @@ pub fn measure_with(
         } else {
             0
         };
+    if setup.device.is_cpu() {
+        crate::measure::alloc::warm_cpu_threads();
+    }
     probe.synchronize()?;
-    out.baseline_bytes = probe.read()?.allocated_bytes;
+    out.baseline_bytes = probe.begin()?;
 
     let mut model = phase(probe, out, &mut ev, "load", || {
         let mut src = open_source(&setup.weights)?;

@@ -200,7 +200,7 @@ impl Decoder {
     /// [`Error::WeightShape`] for missing or mis-shaped tensors; [`Error::Io`].
     pub fn load_adapter(&self, dir: &Path) -> Result<AdapterConfig> {
         let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let text = crate::input::read_text_capped(&cfg_path)?;
         let cfg: AdapterConfig = serde_json::from_str(&text).map_err(|e| st_err(&cfg_path, e))?;
         let Some(l) = &self.adaptation().lora else {
             return Err(st_err(

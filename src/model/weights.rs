@@ -282,7 +282,7 @@ impl SafetensorsWeights {
             vec![path.to_path_buf()]
         } else if path.join("model.safetensors.index.json").is_file() {
             let idx = path.join("model.safetensors.index.json");
-            let text = std::fs::read_to_string(&idx).map_err(|e| Error::io(&idx, e))?;
+            let text = crate::input::read_text_capped(&idx)?;
             let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Weights {
                 path: idx.clone(),
                 reason: format!("malformed index: {e}"),

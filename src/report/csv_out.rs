@@ -31,10 +31,10 @@ pub fn check_writable(path: &Path) -> Result<()> {
             .map(|m| m.len() > 0)
             .unwrap_or(false)
     {
+        let bytes = crate::input::read_capped(path)?;
         let mut rdr = csv::ReaderBuilder::new()
             .has_headers(false)
-            .from_path(path)
-            .map_err(|e| csv_err(path, format!("cannot read: {e}")))?;
+            .from_reader(bytes.as_slice());
         let first = rdr
             .records()
             .next()
@@ -53,6 +53,8 @@ pub fn check_writable(path: &Path) -> Result<()> {
                 ));
             }
             upgrade(path)?;
+        } else {
+            check_rows(path, &bytes)?;
         }
     }
     OpenOptions::new()
@@ -113,6 +115,29 @@ pub fn append_row(path: &Path, row: &Row) -> Result<()> {
     Ok(())
 }
 
+/// Every complete row of a results file (all lines but a last one without its newline, which
+/// [`repair_last_line`] deals with) must parse: a row damaged earlier (cut inside a quoted field,
+/// say) would swallow the rows after it, so nothing is appended to such a file.
+fn check_rows(path: &Path, bytes: &[u8]) -> Result<()> {
+    let complete = match bytes.iter().rposition(|&b| b == b'\n') {
+        Some(i) => &bytes[..=i],
+        None => return Ok(()),
+    };
+    let mut rdr = csv::Reader::from_reader(complete);
+    for (i, r) in rdr.deserialize::<Row>().enumerate() {
+        if let Err(e) = r {
+            return Err(csv_err(
+                path,
+                format!(
+                    "row {} does not parse ({e}): the file is damaged before its last line; nothing was appended. Repair or move it, or choose another --out",
+                    i + 2
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn ends_with_newline(path: &Path) -> Result<bool> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -127,8 +152,7 @@ fn ends_with_newline(path: &Path) -> Result<bool> {
 /// # Errors
 /// [`Error::Csv`] if the file is unreadable or a row does not parse.
 pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
-    let mut rdr =
-        csv::Reader::from_path(path).map_err(|e| csv_err(path, format!("cannot read: {e}")))?;
+    let mut rdr = crate::input::csv_reader(path)?;
     rdr.deserialize()
         .map(|r| r.map_err(|e| csv_err(path, format!("bad row: {e}"))))
         .collect()
@@ -165,7 +189,7 @@ pub fn repair_last_line(path: &Path) -> Result<()> {
     if meta.len() == 0 || !meta.is_file() || ends_with_newline(path)? {
         return Ok(());
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::input::read_capped(path)?;
     let start = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let fields = |line: &[u8]| -> usize {
         csv::ReaderBuilder::new()

@@ -1,0 +1,295 @@
+//! What a new user tripped over (issue "Exact and fast on every machine"): damaged results files
+//! are refused before anything is appended, endless inputs are read with a size limit, the
+//! estimate says which stack it answers for, the GPU table, `plan --gpu` from the CPU, default
+//! outputs in the current folder, fixes that include 16-bit states and sharding, and `check`'s
+//! summary saying whether it gated anything.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::stderr_line;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vramcal"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A failed command: non-zero exit and its one `error:` line.
+fn refused(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let line = stderr_line(&out);
+    assert!(line.starts_with("error: "), "{line}");
+    line
+}
+
+/// Two real rows of `tiny`, then the first cut inside its quoted `command` field and followed by
+/// the second: a file damaged before its last line.
+fn damaged_file(dir: &Path) -> std::path::PathBuf {
+    let good = dir.join("good.csv");
+    for seq in ["8", "12"] {
+        ok(&[
+            "measure",
+            "--model",
+            "tiny",
+            "--batch",
+            "1",
+            "--seq",
+            seq,
+            // A comma in the command makes the CSV quote it.
+            "--lora",
+            "r=4,targets=q_proj,v_proj",
+            "--quiet",
+            "--out",
+            good.to_str().unwrap(),
+        ]);
+    }
+    let text = std::fs::read_to_string(&good).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let cut = lines[1].find("\"vramcal measure").unwrap() + 20;
+    let bad = dir.join("bad.csv");
+    std::fs::write(
+        &bad,
+        format!("{}\n{}\n{}\n", lines[0], &lines[1][..cut], lines[2]),
+    )
+    .unwrap();
+    bad
+}
+
+#[test]
+fn a_file_damaged_before_its_last_line_takes_no_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = damaged_file(dir.path());
+    let before = std::fs::read(&bad).unwrap();
+    let b = bad.to_str().unwrap();
+    let tiny = ["--model", "tiny", "--batch", "1", "--seq", "8"];
+    let line = refused(&[&["measure"][..], &tiny, &["--quiet", "--out", b]].concat());
+    assert!(line.contains("damaged before its last line"), "{line}");
+    let line = refused(&[&["sweep"][..], &tiny, &["--out", b]].concat());
+    assert!(line.contains("damaged before its last line"), "{line}");
+    for verb in ["check", "calibrate"] {
+        refused(&[verb, "--measured", b]);
+    }
+    assert_eq!(std::fs::read(&bad).unwrap(), before, "the file was changed");
+}
+
+#[test]
+fn endless_inputs_are_read_with_a_limit() {
+    for args in [
+        &["check", "--measured", "/dev/zero"][..],
+        &["calibrate", "--measured", "/dev/zero"],
+        &["report", "--measured", "/dev/zero"],
+        &["estimate", "--model", "/dev/zero", "--seq", "8"],
+    ] {
+        let line = refused(args);
+        assert!(line.contains("longer than 64 MiB"), "{args:?}: {line}");
+    }
+}
+
+#[test]
+fn estimate_says_which_stack_it_answers_for() {
+    let torch = ok(&["estimate", "--model", "mistral-7b-v0.1", "--seq", "1024"]);
+    let first = torch.lines().next().unwrap();
+    assert!(
+        first.contains("PyTorch + transformers") && first.contains("--profile torch-sdpa"),
+        "{first}"
+    );
+    let candle = ok(&[
+        "estimate",
+        "--model",
+        "mistral-7b-v0.1",
+        "--seq",
+        "1024",
+        "--profile",
+        "candle",
+    ]);
+    assert!(
+        candle
+            .lines()
+            .next()
+            .unwrap()
+            .contains("vramcal's own candle"),
+        "{candle}"
+    );
+    // Options of a measurement are refused by estimate, not ignored; and hidden from its help.
+    let line = refused(&["estimate", "--model", "tiny", "--seq", "8", "--lr", "0.1"]);
+    assert!(line.contains("--lr"), "{line}");
+    let help = ok(&["estimate", "--help"]);
+    for measure_only in ["--weights", "--timed-steps", "--save-dir", "--data-seed"] {
+        assert!(!help.contains(measure_only), "{measure_only} in:\n{help}");
+    }
+}
+
+#[test]
+fn the_fixes_for_a_full_fine_tune_include_16_bit_states_and_sharding() {
+    let out = ok(&[
+        "estimate",
+        "--model",
+        "mistral-7b-v0.1",
+        "--seq",
+        "1024",
+        "--dtype",
+        "bf16",
+        "--gpu",
+        "a100-80gb",
+    ]);
+    assert!(out.contains("does NOT fit"), "{out}");
+    assert!(out.contains("--optimizer-state-dtype bf16"), "{out}");
+    assert!(out.contains("--shard zero3 --gpus"), "{out}");
+}
+
+#[test]
+fn the_gpu_table_and_its_names() {
+    let v: serde_json::Value = serde_json::from_str(&ok(&["gpus", "--json"])).unwrap();
+    let gpus = v.as_array().unwrap();
+    assert!(gpus.len() >= 20, "{} GPUs", gpus.len());
+    for vendor in ["nvidia", "amd"] {
+        assert!(gpus.iter().any(|g| g["vendor"] == vendor), "{vendor}");
+    }
+    for segment in ["consumer", "workstation", "data-centre"] {
+        assert!(gpus.iter().any(|g| g["segment"] == segment), "{segment}");
+    }
+    for g in gpus {
+        assert!(g["memory_bytes"].as_u64().unwrap() >= 8 << 30, "{g}");
+        let flops = g["peak_bf16_flops"].as_f64().unwrap();
+        assert!((1e13..1e16).contains(&flops), "{g}");
+        assert!(!g["source"].as_str().unwrap().is_empty(), "{g}");
+    }
+    let verdict = |gpu: &str| {
+        ok(&[
+            "estimate",
+            "--model",
+            "smollm2-135m",
+            "--seq",
+            "128",
+            "--gpu",
+            gpu,
+        ])
+        .lines()
+        .find(|l| l.starts_with("verdict"))
+        .unwrap()
+        .to_string()
+    };
+    let a = verdict("rtx4090-24gb");
+    for alias in ["4090", "rtx-4090", "RTX_4090", "nvidia-geforce-rtx-4090"] {
+        assert_eq!(verdict(alias), a, "{alias}");
+    }
+    assert!(verdict("l40s").contains("l40s-48gb"));
+    assert!(verdict("t4").contains("t4-16gb"));
+    let line = refused(&["estimate", "--model", "tiny", "--seq", "8", "--gpu", "a100"]);
+    assert!(line.contains("a100-40gb or a100-80gb"), "{line}");
+    // No prefix guessing: `h1` is not `h100`.
+    let line = refused(&["estimate", "--model", "tiny", "--seq", "8", "--gpu", "h1"]);
+    assert!(line.contains("vramcal gpus"), "{line}");
+}
+
+#[test]
+fn plan_for_a_gpu_from_the_cpu_projects_its_time_from_flops() {
+    let args = [
+        "plan",
+        "--model",
+        "tiny",
+        "--seq",
+        "16",
+        "--examples",
+        "1000",
+        "--gpu",
+        "a100-80gb",
+    ];
+    let text = ok(&args);
+    assert!(text.contains("on this device (cpu)"), "{text}");
+    assert!(
+        text.contains("projected on one a100-80gb") && text.contains("MFU 0.30"),
+        "{text}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&[&args[..], &["--json", "--mfu", "0.5"]].concat())).unwrap();
+    let g = &v["on_gpu"];
+    assert_eq!(g["gpu"], "a100-80gb");
+    assert_eq!(g["mfu"], 0.5);
+    let expect = v["tokens"].as_f64().unwrap() * v["model_flops_per_token"].as_f64().unwrap()
+        / (0.5 * 312e12);
+    assert!((g["seconds"].as_f64().unwrap() - expect).abs() < 1e-9 * expect.max(1.0));
+    // The CPU's measured MFU is not computed against the A100's peak.
+    assert!(v["mfu"].is_null(), "{v}");
+    let line = refused(&[&args[..], &["--mfu", "1.5"]].concat());
+    assert!(line.contains("--mfu"), "{line}");
+    let line = refused(&[
+        "plan",
+        "--model",
+        "tiny",
+        "--seq",
+        "16",
+        "--examples",
+        "10",
+        "--mfu",
+        "0.3",
+    ]);
+    assert!(line.contains("goes with --gpu"), "{line}");
+}
+
+#[test]
+fn default_outputs_go_to_the_current_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = bin()
+        .current_dir(dir.path())
+        .args(["sweep", "--model", "tiny", "--batch", "1", "--seq", "8"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let rows = dir.path().join("tiny-cpu.csv");
+    assert!(rows.is_file());
+    assert!(!dir.path().join("results").exists());
+    let st = bin()
+        .current_dir(dir.path())
+        .args([
+            "calibrate",
+            "--measured",
+            "tiny-cpu.csv",
+            "--holdout",
+            "none",
+        ])
+        .output()
+        .unwrap();
+    // One row cannot fit every term; whatever calibrate says, it writes nowhere but here.
+    let _ = st;
+    assert!(!dir.path().join("results").exists());
+}
+
+#[test]
+fn check_says_when_it_gates_nothing() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let measured = format!("{root}/results/cpu/smollm2-135m.csv");
+    let out = ok(&["check", "--measured", &measured, "--profile", "candle"]);
+    assert!(out.contains("no thresholds given"), "{out}");
+    let out = ok(&[
+        "check",
+        "--measured",
+        &measured,
+        "--profile",
+        "candle",
+        "--max-error",
+        "0.5",
+    ]);
+    assert!(out.contains("thresholds: max |error| <= 50.00 %"), "{out}");
+}
