@@ -364,11 +364,27 @@ pub struct CalibrationRow {
     pub command: String,
 }
 
-/// Writes a calibration table (one row per term).
+/// Writes a calibration table (one row per term), after checking every coefficient is one
+/// [`read_table`] accepts.
 ///
 /// # Errors
+/// [`Error::InvalidValue`] for a coefficient outside those bounds (nothing is written);
 /// [`Error::Io`]/[`Error::Csv`].
 pub fn write_table(path: &Path, rows: &[CalibrationRow]) -> Result<()> {
+    for r in rows {
+        let max = if r.term == "constant" {
+            MAX_CONSTANT_BYTES
+        } else {
+            MAX_MULTIPLIER
+        };
+        if !(r.coefficient.is_finite() && (0.0..=max).contains(&r.coefficient)) {
+            return Err(Error::invalid(
+                format!("fitted coefficient of {}", r.term),
+                r.coefficient,
+                format!("outside 0..={max:e}: the measured rows do not pin this term down; add rows that exercise it"),
+            ));
+        }
+    }
     if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     }
@@ -413,9 +429,10 @@ pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
     for row in &rows {
         if row.profile != profile.name() {
             return Err(bad(format!(
-                "is a calibration for profile {}, not {}",
+                "is a calibration for profile {}, not {} (give --profile {} to use it)",
                 row.profile,
-                profile.name()
+                profile.name(),
+                row.profile
             )));
         }
         if row.tool_version != env!("CARGO_PKG_VERSION") {
@@ -447,7 +464,10 @@ pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
         values[i] = c;
     }
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(bad(format!("has no coefficient for term {}", TERMS[i])));
+        return Err(bad(format!(
+            "has no coefficient for term {} (a table made before vramcal had that term, or cut short): recalibrate with `vramcal calibrate`",
+            TERMS[i]
+        )));
     }
     Ok(Coefficients {
         profile,

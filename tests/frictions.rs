@@ -228,6 +228,31 @@ fn plan_for_a_gpu_from_the_cpu_projects_its_time_from_flops() {
     assert!((g["seconds"].as_f64().unwrap() - expect).abs() < 1e-9 * expect.max(1.0));
     // The CPU's measured MFU is not computed against the A100's peak.
     assert!(v["mfu"].is_null(), "{v}");
+    // On a GPU kind vramcal measured PyTorch on (the H200), that MFU is used and named.
+    let v: serde_json::Value = serde_json::from_str(&ok(&[
+        "plan",
+        "--model",
+        "tiny",
+        "--seq",
+        "16",
+        "--examples",
+        "1000",
+        "--gpu",
+        "h200",
+        "--json",
+    ]))
+    .unwrap();
+    let g = &v["on_gpu"];
+    assert_eq!(g["gpu"], "h200-141gb");
+    let mfu = g["mfu"].as_f64().unwrap();
+    assert!(mfu > 0.05 && mfu < 0.9, "{mfu}");
+    assert!(
+        g["mfu_source"]
+            .as_str()
+            .unwrap()
+            .contains("PyTorch full fine-tuning runs"),
+        "{g}"
+    );
     let line = refused(&[&args[..], &["--mfu", "1.5"]].concat());
     assert!(line.contains("--mfu"), "{line}");
     let line = refused(&[
@@ -292,4 +317,32 @@ fn check_says_when_it_gates_nothing() {
         "0.5",
     ]);
     assert!(out.contains("thresholds: max |error| <= 50.00 %"), "{out}");
+}
+
+/// The driver's names of common cards (as `nvidia-smi` and `torch.cuda.get_device_name` print
+/// them) resolve to the table's entries, so `plan` on a GPU knows its peak.
+#[test]
+fn driver_names_resolve() {
+    use vramcal::throughput::gpu_of_device;
+    for (device, name) in [
+        ("cuda:0 (NVIDIA H200)", "h200-141gb"),
+        ("cuda:0 (NVIDIA H100 80GB HBM3)", "h100-80gb"),
+        ("cuda:1 (NVIDIA A100-SXM4-80GB)", "a100-80gb"),
+        ("cuda:0 (NVIDIA A100-PCIE-40GB)", "a100-40gb"),
+        ("cuda:0 (Tesla T4)", "t4-16gb"),
+        ("cuda:0 (NVIDIA GeForce RTX 4090)", "rtx4090-24gb"),
+        ("cuda:0 (NVIDIA L40S)", "l40s-48gb"),
+        (
+            "cuda:0 (NVIDIA RTX 6000 Ada Generation)",
+            "rtx-6000-ada-48gb",
+        ),
+    ] {
+        assert_eq!(
+            gpu_of_device(device).map(|g| g.name),
+            Some(name),
+            "{device}"
+        );
+    }
+    assert!(gpu_of_device("cpu").is_none());
+    assert!(gpu_of_device("cuda:0 (NVIDIA Some Future GPU)").is_none());
 }

@@ -30,30 +30,38 @@ pub struct Compared {
     pub relative_error: f64,
 }
 
-/// A published measurement (`../shared/cases/public-measurements.csv`).
+/// A published measurement (`../shared/cases/public-measurements.csv`) or a reference row of
+/// `scripts/torch_reference.py`.
 #[derive(Debug, serde::Deserialize)]
-struct Public {
-    id: String,
-    model: String,
-    method: String,
+pub(crate) struct Public {
+    pub(crate) id: String,
+    pub(crate) model: String,
+    pub(crate) method: String,
     lora_r: Option<usize>,
     lora_alpha: Option<f64>,
     lora_targets: String,
     quant: String,
     precision: String,
-    batch: usize,
-    seq: usize,
+    pub(crate) batch: usize,
+    pub(crate) seq: usize,
     checkpointing: String,
     counter: String,
+    /// Median step time (seconds) where the file records one (scripts/torch_reference.py).
+    #[serde(default)]
+    pub(crate) step_seconds_median: Option<f64>,
     /// Empty in rows that ran out of memory or failed (scripts/torch_reference.py writes them).
     peak_bytes: Option<u64>,
     /// `ok`, `oom` or `error` where the file says (scripts/torch_reference.py); only `ok` rows
     /// (or rows without the column) are checked.
     #[serde(default)]
-    status: Option<String>,
+    pub(crate) status: Option<String>,
 }
 
-fn public_spec(p: &Public) -> anyhow::Result<TrainSpec> {
+/// The training setup a published or reference row describes.
+///
+/// # Errors
+/// A checkpointing or method value outside the format's vocabulary; a malformed LoRA setting.
+pub(crate) fn public_spec(p: &Public) -> anyhow::Result<TrainSpec> {
     let mut s = TrainSpec::new(p.batch, p.seq);
     let prec = p.precision.to_ascii_lowercase();
     s.dtype = parse_dtype(if prec.contains("fp16") { "f16" } else { "bf16" })?;

@@ -157,21 +157,34 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
     }
     // Options of a measurement (hidden from `estimate --help`) are refused, not ignored.
     let m = &a.model;
-    for (flag, given) in [
-        ("--lr", m.lr != 5e-5),
-        ("--weight-decay", m.weight_decay != 0.0),
-        ("--device", m.device != "cpu"),
-        ("--seed", m.seed != 0),
-        ("--data-seed", m.data_seed != 0),
-        ("--save", m.save != "none"),
-        ("--merge-save", m.merge_save),
-        ("--save-dir", m.save_dir.is_some()),
-        ("--timed-steps", m.timed_steps != 0),
+    let save_dir = m
+        .save_dir
+        .as_ref()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    for (flag, given, value) in [
+        ("--lr", m.lr != 5e-5, m.lr.to_string()),
+        (
+            "--weight-decay",
+            m.weight_decay != 0.0,
+            m.weight_decay.to_string(),
+        ),
+        ("--device", m.device != "cpu", m.device.clone()),
+        ("--seed", m.seed != 0, m.seed.to_string()),
+        ("--data-seed", m.data_seed != 0, m.data_seed.to_string()),
+        ("--save", m.save != "none", m.save.clone()),
+        ("--merge-save", m.merge_save, "true".into()),
+        ("--save-dir", m.save_dir.is_some(), save_dir),
+        (
+            "--timed-steps",
+            m.timed_steps != 0,
+            m.timed_steps.to_string(),
+        ),
     ] {
         if given {
             return Err(crate::Error::invalid(
                 flag,
-                "",
+                value,
                 "is an option of a measurement (measure, sweep, max, plan); estimate does not use it",
             )
             .into());

@@ -13,6 +13,75 @@ use crate::throughput::{
     gpu, gpu_of_device, model_flops_per_token, plan, project_on_gpu, DEFAULT_MFU,
 };
 
+/// PyTorch runs vramcal measured on a GPU kind (`scripts/torch_reference.py` under
+/// `scripts/gpu-check.sh`: PyTorch + transformers, SDPA, bf16, `torch.optim.AdamW`), built in so
+/// that an installed binary has them: (GPU, file, contents).
+const TORCH_RUNS: [(&str, &str, &str); 2] = [
+    (
+        "h200-141gb",
+        "results/h200/torch-mistral-7b-v0.1.csv",
+        include_str!("../../results/h200/torch-mistral-7b-v0.1.csv"),
+    ),
+    (
+        "h200-141gb",
+        "results/h200/torch-smollm2-135m.csv",
+        include_str!("../../results/h200/torch-smollm2-135m.csv"),
+    ),
+];
+
+/// The MFU PyTorch reached on `g` in vramcal's reference runs of the largest model measured
+/// there, for full fine-tuning or for LoRA/QLoRA as `spec` is: the median over those runs of
+/// model FLOPs per token × tokens/s ÷ the datasheet peak, and a sentence saying so. `None` where
+/// vramcal has no such run.
+fn measured_mfu(
+    g: &crate::throughput::Gpu,
+    spec: &crate::spec::TrainSpec,
+) -> Option<(f64, String)> {
+    let lora = spec.adaptation.lora.is_some();
+    let mut best: Option<(u64, String, &str, Vec<f64>)> = None;
+    for (gpu, file, text) in TORCH_RUNS {
+        if gpu != g.name {
+            continue;
+        }
+        let mut rdr = csv::Reader::from_reader(text.as_bytes());
+        for p in rdr.deserialize::<super::check::Public>().flatten() {
+            let ok = p.status.as_deref() == Some("ok");
+            let Some(step) = p.step_seconds_median.filter(|&t| ok && t > 0.0) else {
+                continue;
+            };
+            if (p.method != "full") != lora {
+                continue;
+            }
+            let (Ok(m), Ok(s)) = (
+                crate::config::resolve_model(&p.model),
+                super::check::public_spec(&p),
+            ) else {
+                continue;
+            };
+            let params = m.config.param_count();
+            let mfu = model_flops_per_token(&m.config, &s) * (p.batch * p.seq) as f64
+                / step
+                / g.peak_bf16_flops;
+            match &mut best {
+                Some((n, name, _, v)) if *n == params && *name == p.model => v.push(mfu),
+                Some((n, _, _, _)) if *n >= params => {}
+                _ => best = Some((params, p.model.clone(), file, vec![mfu])),
+            }
+        }
+    }
+    let (_, model, file, mut v) = best?;
+    v.sort_by(f64::total_cmp);
+    let median = v[v.len() / 2];
+    Some((
+        median,
+        format!(
+            "median of {} PyTorch {} runs of {model} that vramcal measured on this GPU kind ({file})",
+            v.len(),
+            if lora { "LoRA" } else { "full fine-tuning" }
+        ),
+    ))
+}
+
 /// Runs `vramcal plan`.
 ///
 /// # Errors
@@ -122,12 +191,19 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
     };
     let mut p = plan(&model.config, &spec, a.examples, a.epochs, tps, peak)?;
     if let (Some(g), false) = (&target, on_target) {
-        let source = if a.mfu.is_some() {
-            "--mfu".to_string()
-        } else {
-            format!("default {DEFAULT_MFU}: vramcal has no measurement on this GPU kind; set --mfu")
+        let (mfu, source) = match (a.mfu, measured_mfu(g, &spec)) {
+            (Some(m), _) => (m, "--mfu".to_string()),
+            (None, Some((m, what))) => (m, what),
+            (None, None) => (
+                DEFAULT_MFU,
+                format!(
+                    "default {DEFAULT_MFU}: vramcal has no measurement on this GPU kind; set --mfu"
+                ),
+            ),
         };
         p.on_gpu = Some(project_on_gpu(&p, g, mfu, &source)?);
+    } else if on_target && a.mfu.is_some() {
+        eprintln!("note: --mfu is not used: the step was measured on this GPU, so its own MFU is reported");
     }
     if a.json {
         super::emit(&format!("{}\n", serde_json::to_string_pretty(&p)?))?;
@@ -167,7 +243,7 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
     );
     if let Some(g) = &p.on_gpu {
         t += &format!(
-            "projected on one {}: {} ({:.2} GPU-hours) at MFU {:.2} of its {:.1} TFLOP/s dense bf16 peak (MFU: {}; from model FLOPs, not measured there)\n",
+            "projected on one {}: {} ({:.2} GPU-hours) at MFU {:.2} of its {:.1} TFLOP/s dense bf16 peak (MFU: {}; the time comes from model FLOPs, not from a step measured there)\n",
             g.gpu,
             hms(g.seconds),
             g.device_hours,

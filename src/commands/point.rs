@@ -70,6 +70,9 @@ pub fn run_point(
         .args(args)
         .arg("--child")
         .env("RUST_BACKTRACE", "0")
+        // Fixed hash-table keys in the child, so its allocations repeat exactly (see
+        // `getrandom` in src/main.rs).
+        .env("VRAMCAL_FIXED_HASH_KEYS", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

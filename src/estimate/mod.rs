@@ -88,7 +88,8 @@ impl Profile {
 ///   no bf16 kernel and widens both operands' whole storages and its output to f32 for each
 ///   product (`candle-core` 0.11.1 `src/cpu_backend/mod.rs`, `CpuStorage::matmul`); the largest
 ///   such transient is the LM head's (see [`bf16_matmul_widening`]), counted beyond the three
-///   logits chunks of `logits_and_loss`, which are not alive during it. Zero in f32 and for the
+///   logits chunks of `logits_and_loss`, which are not alive during it, at the head's moment
+///   only. Zero in f32 and for the
 ///   torch profiles; a CUDA calibration fits it to about zero (cuBLAS has bf16 kernels).
 ///
 /// The peak of backward is the largest of three [`Moment`]s: the head's backward (its logits
@@ -137,7 +138,8 @@ pub fn in_moment(term: usize, m: Moment, checkpointed: bool, moments: bool) -> b
     }
     match term {
         0 | 1 => !checkpointed || m == Moment::Layer,
-        2 | 7 | 8 => true,
+        2 | 7 => true,
+        8 => m == Moment::Head,
         3 => m == Moment::Head,
         4 => m != Moment::Head,
         5 => m != Moment::Layer,
@@ -342,8 +344,8 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec) -> Terms {
 /// (`candle-core` 0.11.1 `src/cpu_backend/mod.rs`, `CpuStorage::matmul`). The largest product
 /// of a step is the fused LM head's (`src/ops/loss.rs`): a chunk of `c = min(N, 256)` rows of
 /// the `(N, h)` hidden states (a view: all `N·h` widened) times the `(V, h)` head weight:
-/// `4·(N·h + V·h + c·V) + 2·c·V`; when the head is trained, its weight gradient `Gᵀ·x` adds an
-/// f32 `(V, h)` output, its bf16 copy and the f32 sum of the chunks: `+ (4 + 2 + 4)·V·h`.
+/// `4·(N·h + V·h + c·V) + 2·c·V`; when the head is trained, its weight gradient `Gᵀ·x` makes an
+/// f32 and a bf16 `(V, h)` output where the forward widened the weight: `+ 2·V·h`.
 /// Zero for other dtypes.
 pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     if spec.dtype != candle_core::DType::BF16 {
@@ -352,13 +354,16 @@ pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     let (h, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
     let n = (spec.batch * spec.seq) as u64;
     let c = n.min(crate::ops::CE_CHUNK_TOKENS as u64);
+    // `x·wᵀ` for a chunk (forward and backward) and `G·w` (backward): the f32 copies of both
+    // operands and of the output, and the bf16 output.
     let head = 4 * (n * h + v * h + c * v) + 2 * c * v;
-    let head_grad = if spec.adaptation.lora.is_none() {
-        10 * v * h
+    // `Gᵀ·x` when the head is trained: the `(V, h)` output in f32 and in bf16 instead of the
+    // widened weight: `2·V·h` more.
+    if spec.adaptation.lora.is_none() {
+        head + 2 * v * h
     } else {
-        0
-    };
-    head + head_grad
+        head
+    }
 }
 
 /// Bytes of the largest trainable tensor (model dtype).
@@ -489,7 +494,7 @@ pub fn estimate_sharded(
         ("fixed overhead (workspace)", "constant"),
         (
             "bf16 matmul f32 copies (CPU)",
-            "LM head's bf16 product widened to f32, 4·(N·h + V·h + c·V) + 2·c·V (+10·V·h trained), beyond 3 logits chunks",
+            "LM head's bf16 product widened to f32, 4·(N·h + V·h + c·V) + 2·c·V (+2·V·h trained), beyond 3 logits chunks",
         ),
     ];
     // Held at every moment of the step.
