@@ -167,6 +167,8 @@ pub struct Point {
     pub measured: u64,
     /// Its terms.
     pub terms: crate::estimate::Terms,
+    /// The optimizer step's transient (bytes), as `estimate` counts it.
+    pub optimizer_transient: u64,
 }
 
 /// Turns successful rows into points for `profile`.
@@ -183,10 +185,17 @@ pub fn points(rows: &[Row], profile: Profile) -> Result<Vec<Point>> {
             continue;
         };
         let (cfg, spec) = spec_from_row(r)?;
+        let t = terms(&cfg, &spec, profile);
         out.push(Point {
             row: r.clone(),
             measured,
-            terms: terms(&cfg, &spec, profile),
+            optimizer_transient: crate::estimate::optimizer_transient(
+                &cfg,
+                &spec,
+                profile,
+                t.gradients,
+            ),
+            terms: t,
         });
     }
     Ok(out)
@@ -333,8 +342,9 @@ pub fn errors(pts: &[&Point], c: &Coefficients) -> Vec<f64> {
         .collect()
 }
 
+/// The optimizer step's predicted peak, as `estimate` computes it.
 fn optimizer_peak(p: &Point) -> f64 {
-    (p.terms.weights + p.terms.gradients + p.terms.optimizer_states + (10u64 << 20)) as f64
+    (p.terms.weights + p.terms.gradients + p.terms.optimizer_states + p.optimizer_transient) as f64
 }
 
 /// One row of a calibration table.
@@ -405,8 +415,9 @@ pub fn write_table(path: &Path, rows: &[CalibrationRow]) -> Result<()> {
 /// transient a few tensors wide is 3–4; the fit never needs more than a few).
 pub const MAX_MULTIPLIER: f64 = 100.0;
 
-/// Largest `constant` term a calibration table may give (bytes): 1 TiB.
-pub const MAX_CONSTANT_BYTES: f64 = (1u64 << 40) as f64;
+/// Largest `constant` term a calibration table may give (bytes): 16 GiB, far above any fixed
+/// overhead seen (0 on the CPU and on the H200).
+pub const MAX_CONSTANT_BYTES: f64 = (16u64 << 30) as f64;
 
 /// Reads a calibration table for `profile`.
 ///
@@ -453,13 +464,29 @@ pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
         };
         let c = row.coefficient;
         if !c.is_finite() || c < 0.0 || c > max {
+            let shown = if c.is_finite() && c.abs() >= 1e6 {
+                format!("{c:e}")
+            } else {
+                c.to_string()
+            };
             return Err(bad(format!(
-                "coefficient {c} for term {} is not a finite number in 0..={max:e} ({unit}): the table is damaged or not made by `vramcal calibrate`",
+                "coefficient {shown} for term {} is not a finite number in 0..={max:e} ({unit}): the table is damaged or not made by `vramcal calibrate`",
                 row.term
             )));
         }
         if !values[i].is_nan() {
             return Err(bad(format!("has two coefficients for term {}", row.term)));
+        }
+        if let Some((_, counted)) = fixed_coefficients(profile)
+            .into_iter()
+            .find(|(j, _)| *j == i)
+        {
+            if c != counted {
+                return Err(bad(format!(
+                    "gives term {} the coefficient {c}, but it is counted, not fitted ({counted}): the table was edited",
+                    row.term
+                )));
+            }
         }
         values[i] = c;
     }

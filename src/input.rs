@@ -11,12 +11,13 @@ use crate::error::{Error, Result};
 /// results files are under 1 MiB; a `config.json` is a few KB.
 pub const MAX_INPUT_BYTES: u64 = 64 << 20;
 
-/// Reads `path` whole, refusing folders and anything longer than [`MAX_INPUT_BYTES`] (read up
-/// to one byte past the limit, so a device or pipe that never ends costs at most that much).
+/// Reads `path` whole, refusing folders, devices, FIFOs and sockets, and anything longer than
+/// [`MAX_INPUT_BYTES`] (read up to one byte past the limit, so a file that grows while read
+/// costs at most that much).
 ///
 /// # Errors
-/// [`Error::Io`] if it cannot be opened or read; [`Error::Csv`] (naming the file) if it is a
-/// folder or too long.
+/// [`Error::Io`] if it cannot be opened or read; [`Error::Csv`] (naming the file) if it is not
+/// a regular file or too long.
 pub fn read_capped(path: &Path) -> Result<Vec<u8>> {
     let too = |reason: String| Error::Csv {
         path: path.to_path_buf(),
@@ -25,6 +26,12 @@ pub fn read_capped(path: &Path) -> Result<Vec<u8>> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         return Err(too("is a folder, not a file".into()));
+    }
+    if !meta.is_file() {
+        // A FIFO would block until a writer comes, a device never ends.
+        return Err(too(
+            "is not a regular file (a device, FIFO or socket): give a file".into(),
+        ));
     }
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut buf = Vec::new();
@@ -59,4 +66,51 @@ pub fn csv_reader(path: &Path) -> Result<csv::Reader<std::io::Cursor<Vec<u8>>>> 
     Ok(csv::Reader::from_reader(std::io::Cursor::new(read_capped(
         path,
     )?)))
+}
+
+/// Refuses `out` as the output of a table (`calibrate --out`, `check --out-csv`/`--out-md`)
+/// when writing it would destroy measurements: it is one of the `inputs`, or it already holds a
+/// vramcal results file or reference rows (recognised by their header). Anything else
+/// (absent, empty, a previous table) may be replaced.
+///
+/// # Errors
+/// [`Error::InvalidValue`] naming `flag` and the file.
+pub fn refuse_overwriting_measurements(
+    flag: &str,
+    out: &Path,
+    inputs: &[std::path::PathBuf],
+) -> Result<()> {
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    };
+    if inputs.iter().any(|i| same(i, out)) {
+        return Err(Error::invalid(
+            flag,
+            out.display(),
+            "is one of the measured files read: choose another output",
+        ));
+    }
+    let Ok(meta) = std::fs::metadata(out) else {
+        return Ok(());
+    };
+    if !meta.is_file() {
+        return Err(Error::invalid(flag, out.display(), "is not a regular file"));
+    }
+    let mut head = String::new();
+    if let Ok(f) = std::fs::File::open(out) {
+        let _ =
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(f.take(1 << 16)), &mut head);
+    }
+    let cols: Vec<&str> = head.trim_end().split(',').collect();
+    let results = cols.contains(&"tool_version") && cols.contains(&"peak_bytes");
+    let reference = cols.contains(&"counter") && cols.contains(&"source");
+    if results || reference {
+        return Err(Error::invalid(
+            flag,
+            out.display(),
+            "holds measurements (a results file or reference rows): choose another output",
+        ));
+    }
+    Ok(())
 }

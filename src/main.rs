@@ -21,7 +21,18 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line, as every other error: clap's first (its tips and usage follow it).
             let text = e.render().to_string();
-            let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            let mut lines = text.lines().skip_while(|l| l.trim().is_empty());
+            let mut line = lines.next().unwrap_or("").to_string();
+            // "the following required arguments were not provided:" lists them on the
+            // indented lines after it: keep them on the one line.
+            if line.ends_with(':') {
+                let more: Vec<&str> = lines
+                    .take_while(|l| l.starts_with(' '))
+                    .map(str::trim)
+                    .collect();
+                line = format!("{line} {}", more.join(", "));
+            }
+            let line = line.as_str();
             match line.strip_prefix("error: ") {
                 Some(rest) => eprintln!("error: {rest}"),
                 None => eprintln!("error: {line}"),

@@ -355,7 +355,7 @@ pub fn gpu(name: &str) -> Result<Gpu> {
     Err(Error::invalid(
         "--gpu",
         name,
-        "unknown GPU: `vramcal gpus` lists the known ones; give --budget (e.g. 24GiB) and --peak-tflops for another",
+        "unknown GPU: `vramcal gpus` lists the known ones; for another card give its memory as --budget (e.g. 24GiB) to estimate, and its peak as --peak-tflops to plan",
     ))
 }
 
@@ -396,11 +396,11 @@ pub struct GpuProjection {
 /// # Errors
 /// [`Error::InvalidValue`] for an MFU outside (0, 1].
 pub fn project_on_gpu(p: &Plan, g: &Gpu, mfu: f64, mfu_source: &str) -> Result<GpuProjection> {
-    if !(mfu.is_finite() && mfu > 0.0 && mfu <= 1.0) {
+    if !(mfu.is_finite() && (0.001..=1.0).contains(&mfu)) {
         return Err(Error::invalid(
             "--mfu",
             mfu,
-            "must be a fraction of the peak in (0, 1], e.g. 0.35",
+            "must be a fraction of the peak between 0.001 and 1, e.g. 0.35",
         ));
     }
     let seconds = p.tokens as f64 * p.model_flops_per_token / (mfu * g.peak_bf16_flops);

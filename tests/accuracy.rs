@@ -8,11 +8,17 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vramcal"))
 }
 
-const MEASURED: [&str; 4] = [
+/// The CPU calibration set (results/cpu/README.md): f32 and bf16; full, LoRA (q,v and all
+/// linear layers) and QLoRA; checkpointing none, layers, every:3 and every:10; attention sdpa
+/// and eager; smollm2-135m and tinyllama-1.1b.
+const MEASURED: [&str; 7] = [
     "results/cpu/smollm2-135m.csv",
     "results/cpu/smollm2-135m-peft.csv",
     "results/cpu/smollm2-135m-ckpt.csv",
     "results/cpu/smollm2-135m-eager.csv",
+    "results/cpu/smollm2-135m-all-linear.csv",
+    "results/cpu/smollm2-135m-bf16.csv",
+    "results/cpu/tinyllama-1.1b.csv",
 ];
 const CALIBRATION: &str = "results/calibration/cpu-candle.csv";
 
@@ -24,7 +30,7 @@ fn candle_estimates_stay_accurate_on_committed_measurements() {
         &MEASURED,
         CALIBRATION,
         "0.03",
-        "under-estimates 0 of 52 with a 3.0 % margin",
+        "under-estimates 0 of 93 with a 3.0 % margin",
     );
 }
 
@@ -53,12 +59,58 @@ fn accuracy_gate(measured: &[&str], calibration: &str, max_and_margin: &str, exp
 /// The committed table is reproduced by `vramcal calibrate` on the committed measurements.
 #[test]
 fn committed_calibration_is_what_calibrate_makes() {
-    calibrate_makes(&MEASURED, CALIBRATION);
+    let cpu = calibrate_makes(&MEASURED, CALIBRATION);
+    // The held-out rows (the longest sequence) meet the targets: median ≤ 1 %, max ≤ 3 %.
+    let held = cpu
+        .lines()
+        .find(|l| l.starts_with("held-out rows"))
+        .unwrap_or_else(|| panic!("{cpu}"));
+    let pct = |key: &str| -> f64 {
+        held.split(key)
+            .nth(1)
+            .unwrap()
+            .trim_start()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(pct("median |error|") <= 1.0, "{held}");
+    assert!(pct("max") <= 3.0, "{held}");
     calibrate_makes(&H200_MEASURED, H200_CALIBRATION);
 }
 
-/// `vramcal calibrate --measured <measured>` makes the coefficients of `committed`.
-fn calibrate_makes(measured: &[&str], committed: &str) {
+/// Outside the calibration set: bf16 QLoRA of Mistral-7B at 1 × 128 on the CPU (where the
+/// estimate was 8.6 % low before the bf16 matmul term) is estimated within 3 %.
+#[test]
+fn mistral_qlora_bf16_on_the_cpu_is_estimated_within_3_percent() {
+    let out = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "check",
+            "--profile",
+            "candle",
+            "--measured",
+            "results/cpu/mistral-7b-v0.1-qlora-bf16.csv",
+            "--calibration",
+            CALIBRATION,
+            "--max-error",
+            "0.03",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `vramcal calibrate --measured <measured>` makes the coefficients of `committed`; returns
+/// what calibrate printed.
+fn calibrate_makes(measured: &[&str], committed: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let fresh = dir.path().join("cal.csv");
     let st = bin()
@@ -96,6 +148,11 @@ fn calibrate_makes(measured: &[&str], committed: &str) {
             "{t1}: committed {c1}, calibrate makes {c2}"
         );
     }
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&st.stdout),
+        String::from_utf8_lossy(&st.stderr)
+    )
 }
 
 const H200_MEASURED: [&str; 2] = [
@@ -205,12 +262,27 @@ fn estimator_bad_input() {
         "was made by vramcal 0.0.1",
     );
     // Damaged coefficients are refused, naming the term, not used (a peak of 2^64 - 1 bytes).
-    for (term, bad) in [
-        ("activations", "-1.0"),
-        ("activations", "1e308"),
-        ("constant", "1e308"),
-        ("attention_scores", "NaN"),
-        ("logits_and_loss", "inf"),
+    for (term, bad, says) in [
+        ("activations", "-1.0", "coefficient -1 for term activations"),
+        (
+            "activations",
+            "1e308",
+            "coefficient 1e308 for term activations",
+        ),
+        ("constant", "1e308", "coefficient 1e308 for term constant"),
+        ("constant", "1e12", "coefficient 1e12 for term constant"),
+        (
+            "attention_scores",
+            "NaN",
+            "coefficient NaN for term attention_scores",
+        ),
+        (
+            "logits_and_loss",
+            "inf",
+            "coefficient inf for term logits_and_loss",
+        ),
+        ("gradients_live", "2", "counted, not fitted"),
+        ("attention_transient", "0", "counted, not fitted"),
     ] {
         let damaged = dir.path().join("damaged.csv");
         let mut lines: Vec<String> = text.lines().map(String::from).collect();
@@ -229,21 +301,18 @@ fn estimator_bad_input() {
                 "--profile",
                 "candle",
             ]),
-            &format!(
-                "coefficient {} for term {term}",
-                bad.parse::<f64>().unwrap()
-            ),
+            says,
         );
     }
-    // An endless device file is refused after a bounded read, with one error line.
+    // An endless device file is refused, with one error line.
     run(
         with(&["--calibration", "/dev/zero", "--profile", "candle"]),
-        "longer than 64 MiB",
+        "not a regular file",
     );
-    fails(&["check", "--measured", "/dev/zero"], "longer than 64 MiB");
+    fails(&["check", "--measured", "/dev/zero"], "not a regular file");
     fails(
         &["calibrate", "--measured", "/dev/zero"],
-        "longer than 64 MiB",
+        "not a regular file",
     );
     let empty = dir.path().join("empty.csv");
     std::fs::write(&empty, "").unwrap();

@@ -832,7 +832,7 @@ fn second_trial_findings_stay_fixed() {
             "results/cpu/smollm2-135m.csv",
             "--max-error=nan",
         ],
-        "finite fraction",
+        "must be a fraction between 0 and 1",
         None,
     );
     fails_with(

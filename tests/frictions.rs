@@ -38,27 +38,22 @@ fn refused(args: &[&str]) -> String {
     line
 }
 
+/// Measures `tiny` at 1 × 8 and 1 × 12 with `extra` options into `out`: two real rows.
+fn two_rows(out: &Path, extra: &[&str]) {
+    for seq in ["8", "12"] {
+        let base = [
+            "measure", "--model", "tiny", "--batch", "1", "--seq", seq, "--quiet",
+        ];
+        ok(&[&base[..], extra, &["--out", out.to_str().unwrap()]].concat());
+    }
+}
+
 /// Two real rows of `tiny`, then the first cut inside its quoted `command` field and followed by
 /// the second: a file damaged before its last line.
 fn damaged_file(dir: &Path) -> std::path::PathBuf {
     let good = dir.join("good.csv");
-    for seq in ["8", "12"] {
-        ok(&[
-            "measure",
-            "--model",
-            "tiny",
-            "--batch",
-            "1",
-            "--seq",
-            seq,
-            // A comma in the command makes the CSV quote it.
-            "--lora",
-            "r=4,targets=q_proj,v_proj",
-            "--quiet",
-            "--out",
-            good.to_str().unwrap(),
-        ]);
-    }
+    // A comma in the command makes the CSV quote it.
+    two_rows(&good, &["--lora", "r=4,targets=q_proj,v_proj"]);
     let text = std::fs::read_to_string(&good).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
@@ -89,8 +84,35 @@ fn a_file_damaged_before_its_last_line_takes_no_row() {
     assert_eq!(std::fs::read(&bad).unwrap(), before, "the file was changed");
 }
 
+/// A last row cut inside a multi-line quoted field (a write cut short while recording an
+/// error's message) is removed whole, so its open quote cannot swallow the next row.
 #[test]
-fn endless_inputs_are_read_with_a_limit() {
+fn a_last_row_cut_inside_a_multi_line_field_is_removed_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.csv");
+    let g = good.to_str().unwrap();
+    let tiny = ["--model", "tiny", "--batch", "1", "--seq", "8", "--quiet"];
+    ok(&[&["measure"][..], &tiny, &["--out", g]].concat());
+    let text = std::fs::read_to_string(&good).unwrap();
+    let row = text.lines().nth(1).unwrap();
+    // The same row with a two-line message, cut inside it.
+    assert!(row.ends_with(",ok,"), "{row}");
+    let cut = format!("{row}\"first line\nsecond li");
+    let path = dir.path().join("cut.csv");
+    std::fs::write(&path, format!("{text}{cut}")).unwrap();
+    let p = path.to_str().unwrap();
+    ok(&[&["measure"][..], &tiny, &["--out", p]].concat());
+    let rows: Vec<csv::StringRecord> = csv::Reader::from_path(&path)
+        .unwrap()
+        .records()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{}", std::fs::read_to_string(&path).unwrap());
+    assert!(rows.iter().all(|r| r.get(r.len() - 1) == Some("")));
+}
+
+#[test]
+fn endless_inputs_are_refused_and_files_read_with_a_limit() {
     for args in [
         &["check", "--measured", "/dev/zero"][..],
         &["calibrate", "--measured", "/dev/zero"],
@@ -98,8 +120,87 @@ fn endless_inputs_are_read_with_a_limit() {
         &["estimate", "--model", "/dev/zero", "--seq", "8"],
     ] {
         let line = refused(args);
-        assert!(line.contains("longer than 64 MiB"), "{args:?}: {line}");
+        assert!(line.contains("not a regular file"), "{args:?}: {line}");
     }
+    let dir = tempfile::tempdir().unwrap();
+    // A FIFO nobody writes to would block a reader forever, and a writer too.
+    let fifo = dir.path().join("fifo.csv");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let f = fifo.to_str().unwrap();
+    let line = refused(&["check", "--measured", f]);
+    assert!(line.contains("not a regular file"), "{line}");
+    let line = refused(&[
+        "measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--out", f,
+    ]);
+    assert!(line.contains("FIFO"), "{line}");
+    // A regular file past 64 MiB (sparse: no disk used).
+    let big = dir.path().join("big.csv");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(65 << 20)
+        .unwrap();
+    let line = refused(&["check", "--measured", big.to_str().unwrap()]);
+    assert!(line.contains("longer than 64 MiB"), "{line}");
+}
+
+/// Tables are never written over measurements: not over an input, not over a results file.
+#[test]
+fn outputs_never_replace_measurements() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = dir.path().join("rows.csv");
+    two_rows(&rows, &[]);
+    let before = std::fs::read(&rows).unwrap();
+    let r = rows.to_str().unwrap();
+    for args in [
+        &[
+            "check",
+            "--measured",
+            r,
+            "--profile",
+            "candle",
+            "--out-csv",
+            r,
+        ][..],
+        &[
+            "check",
+            "--measured",
+            r,
+            "--profile",
+            "candle",
+            "--out-md",
+            r,
+        ],
+        &[
+            "calibrate",
+            "--measured",
+            r,
+            "--holdout",
+            "none",
+            "--out",
+            r,
+        ],
+    ] {
+        let line = refused(args);
+        assert!(line.contains("choose another output"), "{args:?}: {line}");
+    }
+    let other = dir.path().join("other.csv");
+    std::fs::copy(&rows, &other).unwrap();
+    let line = refused(&[
+        "calibrate",
+        "--measured",
+        r,
+        "--holdout",
+        "none",
+        "--out",
+        other.to_str().unwrap(),
+    ]);
+    assert!(line.contains("holds measurements"), "{line}");
+    assert_eq!(std::fs::read(&rows).unwrap(), before);
+    assert_eq!(std::fs::read(&other).unwrap(), before);
 }
 
 #[test]
@@ -129,7 +230,34 @@ fn estimate_says_which_stack_it_answers_for() {
     );
     // Options of a measurement are refused by estimate, not ignored; and hidden from its help.
     let line = refused(&["estimate", "--model", "tiny", "--seq", "8", "--lr", "0.1"]);
-    assert!(line.contains("--lr"), "{line}");
+    assert!(line.contains("--lr = 0.1"), "{line}");
+    // A setting the profile contradicts is refused, not ignored; `torch` is not a profile.
+    let line = refused(&[
+        "estimate",
+        "--model",
+        "tiny",
+        "--seq",
+        "8",
+        "--attention",
+        "eager",
+    ]);
+    assert!(line.contains("--profile torch-eager"), "{line}");
+    let line = refused(&[
+        "estimate",
+        "--model",
+        "tiny",
+        "--seq",
+        "8",
+        "--profile",
+        "torch",
+    ]);
+    assert!(
+        line.contains("expected candle, torch-sdpa or torch-eager"),
+        "{line}"
+    );
+    // A missing required argument is named on the one error line.
+    let line = refused(&["estimate", "--model", "tiny"]);
+    assert!(line.contains("--seq"), "{line}");
     let help = ok(&["estimate", "--help"]);
     for measure_only in ["--weights", "--timed-steps", "--save-dir", "--data-seed"] {
         assert!(!help.contains(measure_only), "{measure_only} in:\n{help}");

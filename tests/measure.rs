@@ -13,24 +13,54 @@ use vramcal::spec::TrainSpec;
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
 
-// Tests in this binary share one allocator: run the measuring ones one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Runs `f` on this binary's one measuring thread, one call at a time. Tests share one
+/// allocator, so measurements must not overlap; and they run on one long-lived thread because
+/// a measurement allocates gemm's packing buffer on its calling thread
+/// (`alloc::warm_cpu_threads`), which a test thread frees when it ends, possibly in the middle
+/// of the next test's measurement.
+fn on_measuring_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::sync::{mpsc, Mutex, OnceLock};
+    type Job = Box<dyn FnOnce() + Send>;
+    static JOBS: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    let jobs = JOBS.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::spawn(move || {
+            for job in rx {
+                job();
+            }
+        });
+        Mutex::new(tx)
+    });
+    let (tx, rx) = mpsc::channel();
+    jobs.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(Box::new(move || {
+            let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+        }))
+        .unwrap();
+    match rx.recv().unwrap() {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
 
 fn run(model: &str, weights: WeightsSpec, batch: usize, seq: usize) -> Measurement {
     run_spec(model, weights, TrainSpec::new(batch, seq))
 }
 
 fn run_spec(model: &str, weights: WeightsSpec, spec: TrainSpec) -> Measurement {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let setup = Setup {
-        model: resolve_model(model).unwrap(),
-        weights,
-        spec,
-        device: Device::Cpu,
-    };
-    let mut m = Measurement::default();
-    measure(&setup, &HostProbe::new().unwrap(), &mut m).unwrap();
-    m
+    let model = model.to_string();
+    on_measuring_thread(move || {
+        let setup = Setup {
+            model: resolve_model(&model).unwrap(),
+            weights,
+            spec,
+            device: Device::Cpu,
+        };
+        let mut m = Measurement::default();
+        measure(&setup, &HostProbe::new().unwrap(), &mut m).unwrap();
+        m
+    })
 }
 
 /// A 10,000,000-byte vector moves the live count by exactly that much. Other threads of the
@@ -38,23 +68,24 @@ fn run_spec(model: &str, weights: WeightsSpec, spec: TrainSpec) -> Measurement {
 /// thread-local matmul buffers), so the window is retried until one is undisturbed.
 #[test]
 fn counting_allocator_is_exact() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut deltas = Vec::new();
-    for _ in 0..20 {
-        alloc::reset_peak();
-        let before = alloc::current_bytes();
-        let v = std::hint::black_box(vec![0u8; 10_000_000]);
-        let during = alloc::current_bytes();
-        let peak = alloc::peak_bytes();
-        drop(v);
-        let after = alloc::current_bytes();
-        assert!(peak >= during);
-        deltas.push((during as i64 - before as i64, during as i64 - after as i64));
-        if deltas.last() == Some(&(10_000_000, 10_000_000)) {
-            return;
+    on_measuring_thread(|| {
+        let mut deltas = Vec::new();
+        for _ in 0..20 {
+            alloc::reset_peak();
+            let before = alloc::current_bytes();
+            let v = std::hint::black_box(vec![0u8; 10_000_000]);
+            let during = alloc::current_bytes();
+            let peak = alloc::peak_bytes();
+            drop(v);
+            let after = alloc::current_bytes();
+            assert!(peak >= during);
+            deltas.push((during as i64 - before as i64, during as i64 - after as i64));
+            if deltas.last() == Some(&(10_000_000, 10_000_000)) {
+                return;
+            }
         }
-    }
-    panic!("no undisturbed window: {deltas:?}");
+        panic!("no undisturbed window: {deltas:?}");
+    })
 }
 
 /// Peak ≥ weights + gradients + AdamW states, each computed in bytes from the config, and the

@@ -70,6 +70,7 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
             profile.name()
         ))
     });
+    crate::input::refuse_overwriting_measurements("--out", &out, &a.measured)?;
     if profile != Profile::Candle {
         eprintln!(
             "note: fitting the {} profile to vramcal's own measurements, which measure the candle model",

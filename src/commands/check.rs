@@ -146,11 +146,11 @@ pub fn run(a: &CheckArgs) -> anyhow::Result<ExitCode> {
         ("--margin", Some(a.margin)),
     ] {
         if let Some(v) = v {
-            if !(v.is_finite() && v >= 0.0) {
+            if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
                 return Err(crate::Error::invalid(
                     name,
                     v,
-                    "must be a finite fraction ≥ 0, e.g. 0.03",
+                    "must be a fraction between 0 and 1, e.g. 0.03 for 3 %",
                 )
                 .into());
             }
@@ -277,6 +277,11 @@ pub fn run(a: &CheckArgs) -> anyhow::Result<ExitCode> {
             format!("thresholds: {}", gates.join(", "))
         }
     );
+    for (flag, p) in [("--out-csv", &a.out_csv), ("--out-md", &a.out_md)] {
+        if let Some(p) = p {
+            crate::input::refuse_overwriting_measurements(flag, p, &a.measured)?;
+        }
+    }
     if let Some(p) = &a.out_csv {
         let mut w =
             csv::Writer::from_path(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;

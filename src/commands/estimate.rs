@@ -146,6 +146,16 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
     spec.allow_longer = a.model.allow_longer;
     spec.validate(cfg)?;
     let profile = Profile::parse(&a.profile)?;
+    // What attention keeps is the profile's for the torch stacks: a contradicting --attention is
+    // refused rather than ignored.
+    if profile == Profile::TorchSdpa && spec.attention == crate::model::Attention::Eager {
+        return Err(crate::Error::invalid(
+            "--attention",
+            "eager",
+            "the torch-sdpa profile predicts SDPA attention: give --profile torch-eager for transformers' eager attention",
+        )
+        .into());
+    }
     let c = coefficients(a.calibration.as_deref(), profile)?;
     if a.model.weights != "random" {
         return Err(crate::Error::invalid(

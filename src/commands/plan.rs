@@ -97,8 +97,16 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
     )?;
     spec.validate(&model.config)?;
     let target = a.gpu.as_deref().map(gpu).transpose()?;
-    if let Some(t) = a.peak_tflops.filter(|t| !(t.is_finite() && *t > 0.0)) {
-        return Err(crate::Error::invalid("--peak-tflops", t, "must be positive").into());
+    if let Some(t) = a
+        .peak_tflops
+        .filter(|t| !(t.is_finite() && (1e-3..=1e6).contains(t)))
+    {
+        return Err(crate::Error::invalid(
+            "--peak-tflops",
+            t,
+            "must be between 0.001 and 1,000,000 TFLOP/s",
+        )
+        .into());
     }
     if a.mfu.is_some() && target.is_none() {
         return Err(crate::Error::invalid(

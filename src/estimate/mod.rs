@@ -40,7 +40,7 @@ impl Profile {
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "candle" => Ok(Profile::Candle),
-            "torch-sdpa" | "torch" => Ok(Profile::TorchSdpa),
+            "torch-sdpa" => Ok(Profile::TorchSdpa),
             "torch-eager" => Ok(Profile::TorchEager),
             _ => Err(Error::invalid(
                 "--profile",
@@ -366,6 +366,23 @@ pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     }
 }
 
+/// The optimizer step's transient beyond weights, gradients and states (bytes): vramcal's
+/// chunked AdamW (`src/optim.rs`) about ten f32 buffers of one chunk (at most 2^18 elements);
+/// PyTorch's foreach AdamW about one parameter-sized buffer (`gradients` bytes).
+pub fn optimizer_transient(
+    cfg: &ModelConfig,
+    spec: &TrainSpec,
+    profile: Profile,
+    gradients: u64,
+) -> u64 {
+    match profile {
+        Profile::Candle => {
+            10 * 4 * (largest_trainable(cfg, spec) / spec.dtype.size_in_bytes() as u64).min(1 << 18)
+        }
+        _ => gradients,
+    }
+}
+
 /// Bytes of the largest trainable tensor (model dtype).
 pub fn largest_trainable(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     let d = spec.dtype.size_in_bytes() as u64;
@@ -460,16 +477,7 @@ pub fn estimate_sharded(
         t.gradients = m.gradients;
     }
     let bwd = predicted_backward_peak(&t, c);
-    // The optimizer step holds weights, gradients and states, plus its transient: vramcal's
-    // chunked AdamW ~10 MiB; PyTorch's foreach AdamW about one parameter-sized buffer.
-    let opt_transient = match profile {
-        // Chunked AdamW: about ten f32 buffers of one chunk (at most 2^18 elements).
-        Profile::Candle => {
-            10 * 4 * (largest_trainable(cfg, spec) / spec.dtype.size_in_bytes() as u64).min(1 << 18)
-        }
-        // foreach AdamW: about one parameter-sized buffer in the parameters' dtype.
-        _ => t.gradients,
-    };
+    let opt_transient = optimizer_transient(cfg, spec, profile, t.gradients);
     let opt = (t.weights + t.gradients + t.optimizer_states + opt_transient) as f64;
     let names = [
         (

@@ -23,6 +23,16 @@ fn csv_err(path: &Path, reason: impl Into<String>) -> Error {
 /// [`Error::Csv`] for another header or an unreadable file, [`Error::Io`] if the folder
 /// cannot be created or the file cannot be opened for appending.
 pub fn check_writable(path: &Path) -> Result<()> {
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() || t.is_socket() || t.is_dir() {
+            return Err(csv_err(
+                path,
+                "is a folder, FIFO or socket, not a results file: choose another --out",
+            ));
+        }
+    }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
@@ -115,13 +125,21 @@ pub fn append_row(path: &Path, row: &Row) -> Result<()> {
     Ok(())
 }
 
-/// Every complete row of a results file (all lines but a last one without its newline, which
+/// Every complete row of a results file (all records but a last one cut short, which
 /// [`repair_last_line`] deals with) must parse: a row damaged earlier (cut inside a quoted field,
 /// say) would swallow the rows after it, so nothing is appended to such a file.
 fn check_rows(path: &Path, bytes: &[u8]) -> Result<()> {
-    let complete = match bytes.iter().rposition(|&b| b == b'\n') {
-        Some(i) => &bytes[..=i],
-        None => return Ok(()),
+    let (last_start, last_complete) = last_record(bytes);
+    if !last_complete && hides_rows(bytes, last_start) {
+        return Err(csv_err(
+            path,
+            "a row is cut inside a quoted field and rows follow it: the file is damaged before its last line; nothing was appended. Repair or move it, or choose another --out",
+        ));
+    }
+    let complete = if last_complete {
+        bytes
+    } else {
+        &bytes[..last_start]
     };
     let mut rdr = csv::Reader::from_reader(complete);
     for (i, r) in rdr.deserialize::<Row>().enumerate() {
@@ -136,15 +154,6 @@ fn check_rows(path: &Path, bytes: &[u8]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn ends_with_newline(path: &Path) -> Result<bool> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    f.seek(SeekFrom::End(-1)).map_err(|e| Error::io(path, e))?;
-    let mut last = [0u8; 1];
-    f.read_exact(&mut last).map_err(|e| Error::io(path, e))?;
-    Ok(last[0] == b'\n')
 }
 
 /// Reads every row of a results CSV.
@@ -175,36 +184,33 @@ pub fn read_rows_for_resume(path: &Path) -> Result<Vec<Row>> {
     read_rows(path)
 }
 
-/// A last line without its newline is a write cut short (vramcal writes whole rows ending in a
-/// newline) or a hand edit: with fewer fields than the header it is removed (the point is
-/// measured again on `--resume`), with as many it is kept and given its newline. Nothing
-/// complete is lost.
+/// A last row cut short is a write that a crash or kill interrupted (vramcal writes whole rows
+/// ending in a newline) or a hand edit. The last CSV record (which may span lines inside a
+/// quoted field) is complete when it has the header's number of fields and closes every quote:
+/// then it is kept and given its newline if it lacks one; otherwise it is removed from its first
+/// byte on (the point is measured again on `--resume`), so a quote it left open cannot swallow
+/// the rows appended next. Nothing complete is lost.
 ///
 /// # Errors
-/// [`Error::Io`].
+/// [`Error::Io`]; [`Error::Csv`] if the file cannot be read (see [`crate::input::read_capped`]).
 pub fn repair_last_line(path: &Path) -> Result<()> {
     let Ok(meta) = std::fs::metadata(path) else {
         return Ok(());
     };
-    if meta.len() == 0 || !meta.is_file() || ends_with_newline(path)? {
+    if meta.len() == 0 || !meta.is_file() {
         return Ok(());
     }
     let bytes = crate::input::read_capped(path)?;
-    let start = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let fields = |line: &[u8]| -> usize {
-        csv::ReaderBuilder::new()
-            .has_headers(false)
-            .from_reader(line)
-            .records()
-            .next()
-            .and_then(|r| r.ok())
-            .map_or(0, |r| r.len())
-    };
-    let header_end = bytes
-        .iter()
-        .position(|&b| b == b'\n')
-        .unwrap_or(bytes.len());
-    let complete = start > 0 && fields(&bytes[start..]) == fields(&bytes[..header_end]);
+    let (last_start, complete) = last_record(&bytes);
+    if complete && bytes.ends_with(b"\n") {
+        return Ok(());
+    }
+    if !complete && hides_rows(&bytes, last_start) {
+        return Err(csv_err(
+            path,
+            "a row is cut inside a quoted field and rows follow it: the file is damaged before its last line; nothing was changed. Repair or move it",
+        ));
+    }
     let mut f = OpenOptions::new()
         .write(true)
         .append(complete)
@@ -213,9 +219,64 @@ pub fn repair_last_line(path: &Path) -> Result<()> {
     if complete {
         f.write_all(b"\n").map_err(|e| Error::io(path, e))?;
     } else {
-        f.set_len(start as u64).map_err(|e| Error::io(path, e))?;
+        f.set_len(last_start as u64)
+            .map_err(|e| Error::io(path, e))?;
     }
     f.sync_data().map_err(|e| Error::io(path, e))
+}
+
+/// Where the last CSV record of `bytes` starts (a record may span lines inside a quoted field)
+/// and whether it is complete: the first record's (the header's) number of fields and every
+/// quote closed (quotes inside fields are doubled, so an open one leaves an odd count).
+fn last_record(bytes: &[u8]) -> (usize, bool) {
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(bytes);
+    let mut rec = csv::ByteRecord::new();
+    let (mut width, mut last_start, mut last_fields) = (None, 0usize, 0usize);
+    loop {
+        let start = rdr.position().byte() as usize;
+        match rdr.read_byte_record(&mut rec) {
+            Ok(true) => {
+                width.get_or_insert(rec.len());
+                last_start = start;
+                last_fields = rec.len();
+            }
+            Ok(false) => break,
+            Err(_) => {
+                last_start = start;
+                last_fields = 0;
+                break;
+            }
+        }
+    }
+    let quotes_closed = bytes[last_start..].iter().filter(|&&b| b == b'"').count() % 2 == 0;
+    (last_start, Some(last_fields) == width && quotes_closed)
+}
+
+/// Whether an incomplete last record hides whole rows: read from its second line on, the text
+/// holds a record of the header's width. A write cut short is a prefix of one row (whose later
+/// lines, inside a quoted field, are fragments of a message); a row cut inside a quoted field
+/// *followed by rows* opens a quote that swallows them, and removing the record would lose them.
+fn hides_rows(bytes: &[u8], last_start: usize) -> bool {
+    let tail = &bytes[last_start..];
+    let Some(nl) = tail.iter().position(|&b| b == b'\n') else {
+        return false;
+    };
+    let width = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(bytes)
+        .byte_records()
+        .next()
+        .and_then(|r| r.ok())
+        .map_or(0, |r| r.len());
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(&tail[nl + 1..])
+        .byte_records()
+        .any(|r| r.is_ok_and(|r| r.len() == width))
 }
 
 /// Takes the advisory lock `<out>.lock` (for a whole sweep, or a measurement until its row is
