@@ -382,11 +382,7 @@ pub struct CalibrationRow {
 /// [`Error::Io`]/[`Error::Csv`].
 pub fn write_table(path: &Path, rows: &[CalibrationRow]) -> Result<()> {
     for r in rows {
-        let max = if r.term == "constant" {
-            MAX_CONSTANT_BYTES
-        } else {
-            MAX_MULTIPLIER
-        };
+        let (max, _) = coefficient_bound(&r.term);
         if !(r.coefficient.is_finite() && (0.0..=max).contains(&r.coefficient)) {
             return Err(Error::invalid(
                 format!("fitted coefficient of {}", r.term),
@@ -418,6 +414,16 @@ pub const MAX_MULTIPLIER: f64 = 100.0;
 /// Largest `constant` term a calibration table may give (bytes): 16 GiB, far above any fixed
 /// overhead seen (0 on the CPU and on the H200).
 pub const MAX_CONSTANT_BYTES: f64 = (16u64 << 30) as f64;
+
+/// The largest coefficient a table may give `term`, and its unit: [`MAX_CONSTANT_BYTES`] bytes
+/// for `constant`, [`MAX_MULTIPLIER`] bytes per byte of the term for the others.
+fn coefficient_bound(term: &str) -> (f64, &'static str) {
+    if term == "constant" {
+        (MAX_CONSTANT_BYTES, "bytes")
+    } else {
+        (MAX_MULTIPLIER, "bytes per byte of the term")
+    }
+}
 
 /// Reads a calibration table for `profile`.
 ///
@@ -457,11 +463,7 @@ pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
             .iter()
             .position(|t| *t == row.term)
             .ok_or_else(|| bad(format!("unknown term {}", row.term)))?;
-        let (max, unit) = if row.term == "constant" {
-            (MAX_CONSTANT_BYTES, "bytes")
-        } else {
-            (MAX_MULTIPLIER, "bytes per byte of the term")
-        };
+        let (max, unit) = coefficient_bound(&row.term);
         let c = row.coefficient;
         if !c.is_finite() || c < 0.0 || c > max {
             let shown = if c.is_finite() && c.abs() >= 1e6 {

@@ -229,28 +229,15 @@ fn estimate_says_which_stack_it_answers_for() {
         "{candle}"
     );
     // Options of a measurement are refused by estimate, not ignored; and hidden from its help.
-    let line = refused(&["estimate", "--model", "tiny", "--seq", "8", "--lr", "0.1"]);
+    let tiny = |extra: &[&str]| {
+        refused(&[&["estimate", "--model", "tiny", "--seq", "8"][..], extra].concat())
+    };
+    let line = tiny(&["--lr", "0.1"]);
     assert!(line.contains("--lr = 0.1"), "{line}");
     // A setting the profile contradicts is refused, not ignored; `torch` is not a profile.
-    let line = refused(&[
-        "estimate",
-        "--model",
-        "tiny",
-        "--seq",
-        "8",
-        "--attention",
-        "eager",
-    ]);
+    let line = tiny(&["--attention", "eager"]);
     assert!(line.contains("--profile torch-eager"), "{line}");
-    let line = refused(&[
-        "estimate",
-        "--model",
-        "tiny",
-        "--seq",
-        "8",
-        "--profile",
-        "torch",
-    ]);
+    let line = tiny(&["--profile", "torch"]);
     assert!(
         line.contains("expected candle, torch-sdpa or torch-eager"),
         "{line}"

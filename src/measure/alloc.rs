@@ -156,8 +156,8 @@ pub fn tune_host_allocator() {
 /// packing job is a matter of work stealing: on a 2-core AMD EPYC with 512 KiB of L2 the peaks
 /// of identical runs differed by exactly ±524,288 B. Touching the buffer on every worker of
 /// rayon's global pool (which starts the pool, whose own per-thread allocations then happen here
-/// too) and on the calling thread makes them part of the baseline: `(threads + 1) × L2` bytes,
-/// counted in every phase, the same in every run on one machine.
+/// too) and on the calling thread makes them part of the process's baseline (`(threads + 1) ×
+/// L2` bytes), which the CPU probe leaves out of every reading (`HostProbe::begin`).
 ///
 /// Idempotent and cheap after the first call.
 pub fn warm_cpu_threads() {
