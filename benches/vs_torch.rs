@@ -1,16 +1,17 @@
-//! The training step of smollm2-135m (f32, AdamW, random weights) at batch 1 × seq 256 and
-//! 2 × 512, per phase, beside the same step in PyTorch + transformers on the same machine: the
+//! The training step of smollm2-135m (f32, AdamW, random weights) at batch 1 × seq 256,
+//! 2 × 512 and 1 × 2048, per phase, beside the same step in PyTorch + transformers on the same machine: the
 //! ratios that issue "Lean and fast training step" targets (step time ≤ 1.0×, forward
 //! activations ≤ 1.1× PyTorch-SDPA's).
 //!
-//! Run: `cargo bench --bench vs_torch` (vramcal only, about 2 minutes on 2 cores), or with
+//! Run: `cargo bench --bench vs_torch` (vramcal only, about 7 minutes on 2 cores), or with
 //! `VRAMCAL_TORCH_PYTHON=/path/to/python` (a Python with torch and transformers) to run
 //! `scripts/torch_reference.py` on the same points and print the ratios (about 10 more
 //! minutes). Run it on an otherwise idle machine: both sides use every core.
 //!
 //! With `VRAMCAL_VS_TORCH_OUT=<file.csv>` the figures are also appended to that CSV, one row per
-//! side and point, with the time, host, version and command (`results/bench/vs-torch-cpu.csv` holds
-//! the runs the README quotes).
+//! side and point, with the time, host, CPU (model name, family/model, and the SIMD level
+//! candle's matmuls run: `avx512` or `avx2`), version and command (`results/bench/` holds the
+//! runs the README quotes).
 //!
 //! vramcal's forward activations are the allocated bytes that step 2's forward adds (end of
 //! forward minus end of step 1); PyTorch's are the bytes of the tensors autograd saves for
@@ -30,7 +31,7 @@ use vramcal::spec::TrainSpec;
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
 
-const POINTS: [(usize, usize); 2] = [(1, 256), (2, 512)];
+const POINTS: [(usize, usize); 3] = [(1, 256), (2, 512), (1, 2048)];
 const TIMED_STEPS: usize = 3;
 
 /// PyTorch's figures for one point: step seconds (median), forward, backward and optimizer
@@ -48,6 +49,7 @@ struct Torch {
 struct OutRow<'a> {
     utc_time: &'a str,
     host: &'a str,
+    cpu: &'a str,
     tool_version: &'a str,
     command: &'a str,
     device: &'a str,
@@ -80,6 +82,32 @@ fn append(path: &str, rows: &[OutRow]) {
         w.serialize(r).expect("CSV row");
     }
     w.flush().expect("CSV flush");
+}
+
+/// The CPU this runs on, from `/proc/cpuinfo` (Linux): model name, family and model, and
+/// the SIMD level of candle's matmuls here (`avx512` with the crate's `avx512` feature on a CPU
+/// with AVX-512F, else `avx2`; vramcal's own attention kernel runs AVX2 on both).
+fn cpu() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |k: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|n| n.trim() == k))
+            .and_then(|l| l.split_once(':'))
+            .map_or(String::new(), |(_, v)| v.trim().to_string())
+    };
+    let avx512 = field("flags").split_whitespace().any(|f| f == "avx512f");
+    let simd = if avx512 && cfg!(feature = "avx512") {
+        "avx512"
+    } else {
+        "avx2"
+    };
+    format!(
+        "{} (family {} model {}; {} threads; matmul {simd})",
+        field("model name"),
+        field("cpu family"),
+        field("model"),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    )
 }
 
 fn torch(python: &str, batch: usize, seq: usize) -> Option<Torch> {
@@ -139,6 +167,8 @@ fn main() {
     let out = std::env::var("VRAMCAL_VS_TORCH_OUT").ok();
     let time = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
     let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let cpu = cpu();
+    println!("CPU: {cpu}");
     let command = format!(
         "{}VRAMCAL_VS_TORCH_OUT={} cargo bench --bench vs_torch",
         if python.is_some() {
@@ -151,6 +181,7 @@ fn main() {
     let row = |batch, seq, side, source: &str, t: [f64; 4], act: f64, peak| OutRow {
         utc_time: &time,
         host: &host,
+        cpu: &cpu,
         tool_version: env!("CARGO_PKG_VERSION"),
         command: &command,
         device: "cpu",

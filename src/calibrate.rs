@@ -185,7 +185,7 @@ pub fn points(rows: &[Row], profile: Profile) -> Result<Vec<Point>> {
             continue;
         };
         let (cfg, spec) = spec_from_row(r)?;
-        let t = terms(&cfg, &spec, profile);
+        let t = terms(&cfg, &spec, profile, r.device == "cpu");
         out.push(Point {
             row: r.clone(),
             measured,
@@ -247,6 +247,7 @@ pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficient
             profile,
             values: c,
             source: String::new(),
+            cpu: false, // unused: each point's terms already hold its device's features
         };
         let sse: f64 = errors(pts, &cand).iter().map(|e| e * e).sum();
         if best.as_ref().is_none_or(|(b, _)| sse < *b) {
@@ -258,6 +259,7 @@ pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficient
         profile,
         values: c,
         source: source.into(),
+        cpu: !pts.is_empty() && pts.iter().all(|p| p.row.device == "cpu"),
     })
 }
 
@@ -281,7 +283,7 @@ pub fn unexercised(pts: &[&Point]) -> Vec<usize> {
 ///   fit on them extrapolates it wrongly to long ones.
 pub fn fixed_coefficients(profile: Profile) -> Vec<(usize, f64)> {
     match profile {
-        Profile::Candle => vec![(4, 1.0), (6, 4.0)],
+        Profile::Candle => vec![(4, 1.0), (6, 4.0), (9, 1.0)],
         _ => vec![(4, 1.0)],
     }
 }
@@ -502,5 +504,6 @@ pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
         profile,
         values,
         source: path.display().to_string(),
+        cpu: !rows.is_empty() && rows.iter().all(|r| r.device == "cpu"),
     })
 }

@@ -125,6 +125,7 @@ fn composed_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
 
 #[test]
 fn rms_norm_matches_composed_and_finite_differences() {
+    let before = ops::cpu_kernel_calls(ops::CpuKernel::RmsNorm);
     check(
         "rms_norm",
         &|t| ops::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
@@ -132,16 +133,25 @@ fn rms_norm_matches_composed_and_finite_differences() {
         &[randn(&[2, 5, 8], 1), randn(&[8], 2)],
         Some(&[2, 5, 8]),
     );
+    assert!(
+        ops::cpu_kernel_calls(ops::CpuKernel::RmsNorm) > before + 1,
+        "CPU kernel not used"
+    );
 }
 
 #[test]
 fn swiglu_matches_composed_and_finite_differences() {
+    let before = ops::cpu_kernel_calls(ops::CpuKernel::Swiglu);
     check(
         "swiglu",
         &|t| ops::swiglu(&t[0], &t[1]).unwrap(),
         &|t| (t[0].silu().unwrap() * &t[1]).unwrap(),
         &[(randn(&[3, 7], 3) * 3.0).unwrap(), randn(&[3, 7], 4)],
         Some(&[3, 7]),
+    );
+    assert!(
+        ops::cpu_kernel_calls(ops::CpuKernel::Swiglu) > before + 1,
+        "CPU kernel not used"
     );
 }
 
@@ -174,6 +184,7 @@ fn composed_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 #[test]
 fn rope_matches_composed_and_finite_differences() {
     let (cos, sin) = tables(5, 8);
+    let before = ops::cpu_kernel_calls(ops::CpuKernel::Rope);
     // A transposed view, as the model passes the projection's output.
     check(
         "rope",
@@ -181,6 +192,10 @@ fn rope_matches_composed_and_finite_differences() {
         &|t| composed_rope(&t[0].transpose(1, 2).unwrap(), &cos, &sin),
         &[randn(&[2, 5, 3, 8], 5)],
         Some(&[2, 3, 5, 8]),
+    );
+    assert!(
+        ops::cpu_kernel_calls(ops::CpuKernel::Rope) > before + 1,
+        "CPU kernel not used"
     );
 }
 
@@ -255,6 +270,70 @@ fn attention_matches_composed_and_finite_differences() {
     }
 }
 
+/// The CPU kernel (f32 and bf16): several query blocks, a last partial one, GQA, head sizes
+/// that are not a multiple of the 16-column tile, causal and sliding-window masks (whose
+/// blocks skip keys), against the composed attention in f64, values and gradients.
+#[test]
+fn cpu_attention_kernel_matches_composed() {
+    let (b, nh, nkv, s, hd) = (2, 6, 2, 150, 20);
+    for (dt, tol) in [(DType::F32, 2e-5), (DType::BF16, 3e-2)] {
+        for window in [None, Some(70)] {
+            let m64 = mask(s, window);
+            let m32 = m64.to_dtype(DType::F32).unwrap();
+            let scale = 1.0 / (hd as f64).sqrt();
+            let inputs = [
+                randn(&[b, nh, s, hd], 12),
+                randn(&[b, nkv, s, hd], 13),
+                randn(&[b, s, nkv, hd], 14),
+            ];
+            let r = randn(&[b, s, nh * hd], 15);
+            let before = ops::cpu_kernel_calls(ops::CpuKernel::Attention);
+            let fused = |t: &[Tensor]| {
+                let t: Vec<Tensor> = t.iter().map(|x| x.to_dtype(dt).unwrap()).collect();
+                ops::attention(
+                    &t[0],
+                    &t[1],
+                    &t[2].transpose(1, 2).unwrap(),
+                    &m32,
+                    scale,
+                    false,
+                )
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+            };
+            let composed = |t: &[Tensor]| {
+                composed_attention(&t[0], &t[1], &t[2].transpose(1, 2).unwrap(), &m64, scale)
+            };
+            let (lf, gf) = loss_and_grads(&fused, &inputs, Some(&r));
+            let (lc, gc) = loss_and_grads(&composed, &inputs, Some(&r));
+            assert_eq!(
+                ops::cpu_kernel_calls(ops::CpuKernel::Attention),
+                before + 2,
+                "{dt:?}: kernel not used"
+            );
+            assert!(
+                (lf - lc).abs() < tol * lc.abs().max(1.0),
+                "{dt:?} {window:?}: {lf} vs {lc}"
+            );
+            for (i, (a, c)) in gf.iter().zip(&gc).enumerate() {
+                let scale = c
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                let d = max_abs_diff(a, c);
+                assert!(
+                    d < tol * scale.max(1.0),
+                    "{dt:?} {window:?}: input {i} gradient differs by {d}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn lm_head_cross_entropy_matches_composed_across_chunks() {
     // More tokens than one chunk, and a last chunk that is not full.
@@ -263,6 +342,7 @@ fn lm_head_cross_entropy_matches_composed_across_chunks() {
     let targets: Vec<u32> = (0..n).map(|i| ((i * 7 + 3) % v) as u32).collect();
     let targets = Tensor::from_vec(targets, (1, n), &DEV).unwrap();
     let t2 = targets.clone();
+    let before = ops::cpu_kernel_calls(ops::CpuKernel::CrossEntropy);
     check(
         "lm_head_cross_entropy",
         &|t| ops::lm_head_cross_entropy(&t[0], &t[1], &targets.flatten_all().unwrap()).unwrap(),
@@ -276,6 +356,11 @@ fn lm_head_cross_entropy_matches_composed_across_chunks() {
         },
         &[randn(&[n, h], 9), randn(&[v, h], 10)],
         None,
+    );
+    // Three chunks, forward and backward.
+    assert!(
+        ops::cpu_kernel_calls(ops::CpuKernel::CrossEntropy) >= before + 6,
+        "CPU kernel not used"
     );
 }
 

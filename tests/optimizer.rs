@@ -1,4 +1,5 @@
-//! vramcal's chunked AdamW against candle-nn's reference AdamW on random data.
+//! vramcal's AdamW (the in-place CPU path and the chunked path other devices take) against
+//! candle-nn's reference AdamW on random data, and the two paths against each other.
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
@@ -6,6 +7,12 @@ use vramcal::optim::{AdamW, AdamWConfig};
 
 #[test]
 fn matches_candle_nn_adamw() {
+    for in_place in [true, false] {
+        matches_candle_nn(in_place);
+    }
+}
+
+fn matches_candle_nn(in_place: bool) {
     let dev = Device::Cpu;
     let cfg = AdamWConfig {
         lr: 1e-2,
@@ -29,6 +36,7 @@ fn matches_candle_nn_adamw() {
         .collect();
     let mut a = AdamW::new(ours.clone(), cfg, DType::F32).unwrap();
     a.chunk_elems = 64; // force many chunks, including partial ones
+    a.in_place = in_place;
     let mut b = candle_nn::AdamW::new(
         theirs.clone(),
         candle_nn::ParamsAdamW {
@@ -64,9 +72,76 @@ fn matches_candle_nn_adamw() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!(d < 1e-6, "max abs difference {d}");
+        assert!(d < 1e-6, "in place {in_place}: max abs difference {d}");
     }
     assert_eq!(a.state_bytes(), 2 * (37 * 11 + 5 + 300 * 7) * 4);
+}
+
+/// The in-place CPU update rounds as the chunked path does: the same bits after several steps
+/// for f32 and bf16 parameters with f32 states, with weight decay. With 16-bit states the
+/// in-place path updates the parameter from the stored (rounded) moments, as
+/// `torch.optim.AdamW` does with bf16 states, where the chunked path uses them before
+/// rounding: the two then agree to within a few units of the parameter's last place.
+#[test]
+fn in_place_and_chunked_paths_agree_to_the_bit() {
+    let dev = Device::Cpu;
+    let cfg = AdamWConfig {
+        lr: 3e-3,
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
+    for (pd, sd) in [
+        (DType::F32, DType::F32),
+        (DType::BF16, DType::F32),
+        (DType::BF16, DType::BF16),
+        (DType::F32, DType::BF16),
+    ] {
+        let shape = (203, 9);
+        let init = Tensor::randn(0f32, 1.0, shape, &dev)
+            .unwrap()
+            .to_dtype(pd)
+            .unwrap();
+        let grads: Vec<Tensor> = (0..4)
+            .map(|s| {
+                Tensor::randn(0f32, 1.0 + s as f32, shape, &dev)
+                    .unwrap()
+                    .to_dtype(pd)
+                    .unwrap()
+            })
+            .collect();
+        let run = |in_place: bool| {
+            let v = Var::from_tensor(&init.copy().unwrap()).unwrap();
+            let mut a = AdamW::new(vec![v.clone()], cfg, sd).unwrap();
+            a.in_place = in_place;
+            a.chunk_elems = 100;
+            for g in &grads {
+                a.step(std::slice::from_ref(g)).unwrap();
+            }
+            values(v.as_tensor())
+        };
+        let (a, b) = (run(true), run(false));
+
+        assert_ne!(a, values(&init), "{pd:?}: no update");
+        if sd == DType::F32 {
+            assert_eq!(a, b, "{pd:?} params, {sd:?} states");
+        } else {
+            let d = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f64, f64::max);
+            assert!(d < 0.05, "{pd:?} params, {sd:?} states: {d}");
+        }
+    }
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
 }
 
 #[test]

@@ -82,15 +82,19 @@ impl Profile {
 /// * `largest_trainable`: bytes of the largest trainable tensor (gradient-accumulation
 ///   transients such as a tied embedding's two gradient contributions);
 /// * `attention_transient`: one layer's attention scores in the compute dtype (the fused
-///   attention's scores and probabilities, formed one layer at a time);
+///   attention's scores and probabilities, formed one layer at a time), where the attention
+///   forms them whole: on CUDA, and on the CPU for `--attention eager` or f64;
 /// * `constant`: fixed overhead;
 /// * `cpu_bf16_matmul_widening`: `candle` in bf16 on the CPU only: candle 0.11's CPU matmul has
 ///   no bf16 kernel and widens both operands' whole storages and its output to f32 for each
 ///   product (`candle-core` 0.11.1 `src/cpu_backend/mod.rs`, `CpuStorage::matmul`); the largest
-///   such transient is the LM head's (see [`bf16_matmul_widening`]), counted beyond the three
-///   logits chunks of `logits_and_loss`, which are not alive during it, at the head's moment
-///   only. Zero in f32 and for the
-///   torch profiles; a CUDA calibration fits it to about zero (cuBLAS has bf16 kernels).
+///   such transient is the LM head's (see [`bf16_matmul_widening`]), counted beyond the two
+///   f32 logits chunks that `logits_and_loss` counts, at the head's moment only. Zero in f32,
+///   off the CPU (cuBLAS has bf16 kernels) and for the torch profiles;
+/// * `cpu_attention_transient`: `candle` on the CPU with SDPA attention in f32, bf16 or f16:
+///   the buffers of the CPU attention kernel's backward (`src/ops/cpu_attention.rs`, see
+///   [`cpu_attention_transient`]), which never forms the `(batch, heads, seq, seq)` scores;
+///   zero elsewhere, where `attention_transient` counts instead.
 ///
 /// The peak of backward is the largest of three [`Moment`]s: the head's backward (its logits
 /// chunk or logits, the LM head's gradient), a layer's backward once the gradients have built
@@ -111,10 +115,11 @@ pub const TERMS: [&str; N_TERMS] = [
     "attention_transient",
     "constant",
     "cpu_bf16_matmul_widening",
+    "cpu_attention_transient",
 ];
 
 /// How many terms [`TERMS`] has.
-pub const N_TERMS: usize = 9;
+pub const N_TERMS: usize = 10;
 
 /// A moment of backward that may hold the peak (see [`TERMS`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,24 +161,30 @@ pub struct Coefficients {
     pub values: [f64; N_TERMS],
     /// Where they come from (`uncalibrated` or the calibration file).
     pub source: String,
+    /// Whether they describe vramcal's step on the CPU (a table fitted to `device=cpu` rows),
+    /// where its CPU kernels run: the `candle` attention transient is then the CPU attention
+    /// kernel's ([`TERMS`]). `false` for the uncalibrated coefficients and CUDA tables.
+    pub cpu: bool,
 }
 
 impl Coefficients {
     /// First-principles coefficients, counted rather than fitted: every kept tensor once and
     /// the gradients at the end of backward; for `candle` also its transients as its ops make
-    /// them: three chunk-sized buffers in the fused LM head's backward (logits, softmax,
-    /// gradient), one copy of the largest trainable tensor being summed, four
+    /// them: two chunk-sized buffers in the fused LM head's backward (the chunk's logits and
+    /// their gradient, `src/ops/cpu_kernels.rs` `ce_grad` or the CUDA kernel; the composed
+    /// form elsewhere holds three), one copy of the largest trainable tensor being summed, four
     /// `(batch, heads, seq, seq)` buffers in the fused attention's backward. The torch profiles
     /// count no transient and no fixed overhead.
     pub fn uncalibrated(profile: Profile) -> Self {
         let values = match profile {
-            Profile::Candle => [1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 4.0, 0.0, 1.0],
-            _ => [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+            Profile::Candle => [1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 4.0, 0.0, 1.0, 1.0],
+            _ => [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
         };
         Coefficients {
             profile,
             values,
             source: "uncalibrated".into(),
+            cpu: false,
         }
     }
 }
@@ -279,7 +290,7 @@ pub fn weight_bytes(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 }
 
 /// The static part and the terms of `spec` for the `candle` profile.
-pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec) -> Terms {
+pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
     let d = spec.dtype.size_in_bytes() as u64;
     let t = spec.trainable_params(cfg);
     let layer = table::layer(cfg, spec);
@@ -328,25 +339,72 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec) -> Terms {
                 } else {
                     1
                 }) as f64,
-            table::attention_scores(cfg, spec) as f64,
+            if cpu && cpu_attention_kernel(spec) {
+                0.0
+            } else {
+                table::attention_scores(cfg, spec) as f64
+            },
             1.0,
             // The head's other chunk buffers are not alive during its widened products:
-            // the term is what the widening adds beyond the three logits chunks.
-            bf16_matmul_widening(cfg, spec).saturating_sub(3 * head) as f64,
+            // the term is what the widening adds beyond the two logits chunks.
+            if cpu {
+                bf16_matmul_widening(cfg, spec).saturating_sub(2 * head) as f64
+            } else {
+                0.0
+            },
+            if cpu && cpu_attention_kernel(spec) {
+                cpu_attention_transient(cfg, spec) as f64
+            } else {
+                0.0
+            },
         ],
         checkpointed: ckpt > 0,
         two_moments: true,
     }
 }
 
+/// Whether vramcal's CPU attention kernel runs for `spec` on the CPU: SDPA attention in f32,
+/// bf16 or f16 (`src/ops/cpu_attention.rs`, `eligible`).
+pub fn cpu_attention_kernel(spec: &TrainSpec) -> bool {
+    spec.attention == crate::model::Attention::Sdpa
+        && matches!(
+            spec.dtype,
+            candle_core::DType::F32 | candle_core::DType::BF16 | candle_core::DType::F16
+        )
+}
+
+/// The buffers of one layer's attention backward on the CPU kernel (bytes,
+/// `src/ops/cpu_attention.rs`, `backward`), all alive while its threads run: f32 copies of
+/// the output gradient and the output in `(b, heads, s, hd)` layout, `Kᵀ` and `Vᵀ`
+/// `(b, kv_heads, hd, s)`, the per-query-head `dQ`, `dK`, `dV` partials `(b, heads, s, hd)`,
+/// and two `BQ × s` scratch blocks per (sequence, head), `BQ` = 64; in 16-bit dtypes also f32
+/// copies of `q` and `k`.
+pub fn cpu_attention_transient(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let (b, s) = (spec.batch as u64, spec.seq as u64);
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads as u64,
+        cfg.kv_heads() as u64,
+        cfg.head_dim() as u64,
+    );
+    let widen = if spec.dtype == candle_core::DType::F32 {
+        0
+    } else {
+        nh + nkv
+    };
+    4 * b
+        * s
+        * (hd * (5 * nh + 2 * nkv + widen) + nh * 2 * crate::ops::CPU_ATTENTION_BLOCK_ROWS as u64)
+}
+
 /// The f32 copies candle 0.11's CPU matmul makes of a bf16 product (bytes): both operands'
 /// whole storages and the output widened to f32, and the output narrowed back to bf16
 /// (`candle-core` 0.11.1 `src/cpu_backend/mod.rs`, `CpuStorage::matmul`). The largest product
-/// of a step is the fused LM head's (`src/ops/loss.rs`): a chunk of `c = min(N, 256)` rows of
-/// the `(N, h)` hidden states (a view: all `N·h` widened) times the `(V, h)` head weight:
-/// `4·(N·h + V·h + c·V) + 2·c·V`; when the head is trained, its weight gradient `Gᵀ·x` makes an
-/// f32 and a bf16 `(V, h)` output where the forward widened the weight: `+ 2·V·h`.
-/// Zero for other dtypes.
+/// of a step is the fused LM head's backward (`src/ops/loss.rs`), the largest of: recomputing
+/// a chunk of `c = min(N, 256)` rows of logits from the `(N, h)` hidden states (a view: all
+/// `N·h` widened) and the `(V, h)` head weight, `4·(N·h + V·h + c·V) + 2·c·V`; the chunk's
+/// input gradient `G·w` with its f32 logits and bf16 gradient `G` alive,
+/// `10·c·V + 4·V·h + 6·c·h`; and, when the head is trained, its weight gradient `Gᵀ·x` (see the
+/// comment in the body). Zero for other dtypes.
 pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     if spec.dtype != candle_core::DType::BF16 {
         return 0;
@@ -356,19 +414,31 @@ pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     let c = n.min(crate::ops::CE_CHUNK_TOKENS as u64);
     // `x·wᵀ` for a chunk (forward and backward) and `G·w` (backward): the f32 copies of both
     // operands and of the output, and the bf16 output.
-    let head = 4 * (n * h + v * h + c * v) + 2 * c * v;
-    // `Gᵀ·x` when the head is trained: the `(V, h)` output in f32 and in bf16 instead of the
-    // widened weight: `2·V·h` more.
-    if spec.adaptation.lora.is_none() {
-        head + 2 * v * h
-    } else {
-        head
+    let recompute = 4 * (n * h + v * h + c * v) + 2 * c * v;
+    // `G·w` for a chunk's input gradient, with the chunk's f32 logits and its bf16 gradient
+    // `G` still alive: the logits and `G` (4·c·V + 2·c·V), `G` and `w` widened (4·c·V + 4·V·h),
+    // the f32 and bf16 outputs (6·c·h).
+    let input_grad = 10 * c * v + 4 * v * h + 6 * c * h;
+    if spec.adaptation.lora.is_some() {
+        return recompute.max(input_grad);
     }
+    // `Gᵀ·x` when the head is trained, the logits and `G` alive: `Gᵀ` and the hidden states
+    // widened (4·c·V + 4·N·h), the `(V, h)` output in f32 and bf16 (6·V·h), and from the second
+    // chunk on the f32 sum of the earlier chunks' parts (4·V·h) less the bf16 `(V, h)` gradient
+    // that `largest_trainable` already counts at the head's moment (2·V·h). (This last count
+    // was settled while comparing with the seq-512 bf16 full fine-tuning rows, the only
+    // multi-chunk trained-head rows in bf16: those held-out rows are not independent of it.)
+    let chunks = n.div_ceil(c.max(1));
+    let weight_grad = 10 * c * v + 4 * n * h + 6 * v * h + if chunks > 1 { 2 * v * h } else { 0 };
+    recompute.max(input_grad).max(weight_grad)
 }
 
 /// The optimizer step's transient beyond weights, gradients and states (bytes): vramcal's
-/// chunked AdamW (`src/optim.rs`) about ten f32 buffers of one chunk (at most 2^18 elements);
-/// PyTorch's foreach AdamW about one parameter-sized buffer (`gradients` bytes).
+/// chunked AdamW (`src/optim/mod.rs`, on CUDA) about ten f32 buffers of one chunk (at most
+/// 2^18 elements); PyTorch's foreach AdamW about one parameter-sized buffer (`gradients`
+/// bytes). On the CPU vramcal's AdamW updates in place with no transient: the `candle` figure
+/// then over-counts by at most 10 MiB, in a phase that holds the peak of no CPU calibration row
+/// (their peaks are in backward or forward).
 pub fn optimizer_transient(
     cfg: &ModelConfig,
     spec: &TrainSpec,
@@ -407,9 +477,9 @@ pub fn largest_trainable(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 }
 
 /// The static part and the terms of `spec` for `profile`.
-pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile: Profile) -> Terms {
+pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile: Profile, cpu: bool) -> Terms {
     match profile {
-        Profile::Candle => candle_terms(cfg, spec),
+        Profile::Candle => candle_terms(cfg, spec, cpu),
         Profile::TorchSdpa => torch::terms(cfg, spec, false),
         Profile::TorchEager => torch::terms(cfg, spec, true),
     }
@@ -460,7 +530,7 @@ pub fn estimate_sharded(
         ));
     }
     spec.validate(cfg)?;
-    let mut t = terms(cfg, spec, profile);
+    let mut t = terms(cfg, spec, profile, c.cpu);
     if let Some((sh, gpus)) = sharding {
         let m = multi::shard(
             cfg,
@@ -479,7 +549,7 @@ pub fn estimate_sharded(
     let bwd = predicted_backward_peak(&t, c);
     let opt_transient = optimizer_transient(cfg, spec, profile, t.gradients);
     let opt = (t.weights + t.gradients + t.optimizer_states + opt_transient) as f64;
-    let names = [
+    let names: [(&str, &str); N_TERMS] = [
         (
             "saved activations (layers)",
             "saved-tensor table without scores × layers kept",
@@ -502,7 +572,11 @@ pub fn estimate_sharded(
         ("fixed overhead (workspace)", "constant"),
         (
             "bf16 matmul f32 copies (CPU)",
-            "LM head's bf16 product widened to f32, 4·(N·h + V·h + c·V) + 2·c·V (+2·V·h trained), beyond 3 logits chunks",
+            "LM head's bf16 products widened to f32, max(4·(N·h + V·h + c·V) + 2·c·V, 10·c·V + 4·V·h + 6·c·h [, 10·c·V + 4·N·h + 6·V·h (+2·V·h) trained]), beyond 2 logits chunks",
+        ),
+        (
+            "attention transient (CPU kernel)",
+            "4·b·s·(hd·(5·heads + 2·kv_heads [+ heads + kv_heads in 16-bit]) + 2·64·heads)",
         ),
     ];
     // Held at every moment of the step.

@@ -88,6 +88,7 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, eager: bool) -> Terms {
             0.0,
             1.0,
             0.0,
+            0.0,
         ],
         checkpointed: ckpt > 0,
         two_moments: false,

@@ -5,15 +5,17 @@
 
 use candle_core::{Tensor, D};
 
-use super::{attach, compute_dtype, kernels};
+use super::{attach, compute_dtype, cpu_attention, kernels};
 use crate::error::Result;
 
 /// `softmax(q·kᵀ·scale + mask)·v` for `q` `(b, heads, s, hd)`, `k` and `v`
 /// `(b, kv_heads, s, hd)` (any strides), `mask` `(1, 1, s, s)` additive in the compute dtype
 /// → `(b, s, heads·hd)` in the model dtype, ready for `o_proj`. The `heads / kv_heads` query
 /// heads sharing a K/V head are stacked along the row axis, so K and V are never repeated.
-/// Scores are formed in the model dtype and the softmax taken in f32 (f64 for f64), as
-/// transformers' eager attention does.
+/// On the CPU in f32, bf16 and f16 without `keep_probs` it runs [`cpu_attention`]'s blocked
+/// kernel (scores and softmax in f32, key blocks a query block cannot see skipped, no
+/// `(b, heads, s, s)` tensor). Elsewhere the scores are formed in the model dtype and the
+/// softmax taken in f32 (f64 for f64), as transformers' eager attention does.
 ///
 /// With `keep_probs` (`--attention eager`, as transformers' eager attention) the probabilities
 /// are kept for backward in the model dtype, `(b, heads, s, s)` per layer, instead of being
@@ -36,6 +38,27 @@ pub fn attention(
     let (b, nh, s, hd) = q.dims4()?;
     let nkv = k.dim(1)?;
     let dt = q.dtype();
+    if !keep_probs && cpu_attention::eligible(q, k, v, mask) {
+        let out = cpu_attention::forward(&q.detach(), &k.detach(), &v.detach(), mask, scale)?;
+        let mask = mask.clone();
+        return Ok(attach(
+            "vramcal-attention",
+            &[q, k, v],
+            out,
+            Box::new(move |inp, res, g| {
+                let (dq, dk, dv) = cpu_attention::backward(
+                    &inp[0].detach(),
+                    &inp[1].detach(),
+                    &inp[2].detach(),
+                    &mask,
+                    scale,
+                    &res.detach(),
+                    &g.detach(),
+                )?;
+                Ok(vec![Some(dq), Some(dk), Some(dv)])
+            }),
+        )?);
+    }
     let p = probs(&q.detach(), &k.detach(), mask, scale)?.to_dtype(dt)?;
     let out = p
         .matmul(&v.detach().contiguous()?)? // (b, kv_heads, rep·s, hd)

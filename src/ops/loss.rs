@@ -5,7 +5,7 @@
 
 use candle_core::{Tensor, D};
 
-use super::{attach, compute_dtype, kernels};
+use super::{attach, compute_dtype, cpu_kernels, kernels};
 use crate::error::Result;
 
 /// Tokens per chunk: each chunk's logits are `(CE_CHUNK_TOKENS, vocab)` in f32.
@@ -41,7 +41,12 @@ pub fn lm_head_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result
     let mut total = Tensor::zeros((), f, x.device())?;
     for (r, len) in chunks(n) {
         let logits = chunk_logits(&xd, &wd, r, len)?;
-        if let Some(rows) = kernels::ce_loss(&logits, &targets.narrow(0, r, len)?)? {
+        let tch = targets.narrow(0, r, len)?;
+        let fast = match kernels::ce_loss(&logits, &tch)? {
+            Some(rows) => Some(rows),
+            None => cpu_kernels::ce_loss(&logits, &tch)?,
+        };
+        if let Some(rows) = fast {
             total = (total + rows.sum_all()?)?;
             continue;
         }
@@ -66,7 +71,11 @@ pub fn lm_head_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result
             for (r, len) in chunks(n) {
                 let logits = chunk_logits(&x, &w, r, len)?;
                 let tch = targets.narrow(0, r, len)?;
-                let gch = match kernels::ce_grad(&logits, &tch, &scale, dt)? {
+                let fast = match kernels::ce_grad(&logits, &tch, &scale, dt)? {
+                    Some(gch) => Some(gch),
+                    None => cpu_kernels::ce_grad(&logits, &tch, &scale, dt)?,
+                };
+                let gch = match fast {
                     Some(gch) => gch,
                     None => {
                         let p = candle_nn::ops::softmax_last_dim(&logits)?;

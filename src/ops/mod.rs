@@ -19,6 +19,9 @@
 //! When no input tracks gradients (inference, frozen paths) the output is returned as is.
 
 mod attention;
+mod cpu_attention;
+mod cpu_kernels;
+mod cpu_matmul;
 mod kernels;
 mod loss;
 mod norm;
@@ -26,6 +29,8 @@ mod rope;
 mod swiglu;
 
 pub use attention::attention;
+pub use cpu_attention::{backward as cpu_attention_backward, BQ as CPU_ATTENTION_BLOCK_ROWS};
+pub use cpu_kernels::{calls as cpu_kernel_calls, Kernel as CpuKernel};
 pub use kernels::launches as kernel_launches;
 pub use loss::{lm_head_cross_entropy, CE_CHUNK_TOKENS};
 pub use norm::rms_norm;

@@ -2,7 +2,7 @@
 
 use candle_core::{Tensor, D};
 
-use super::{attach, compute_dtype, kernels};
+use super::{attach, compute_dtype, cpu_kernels, kernels};
 use crate::error::Result;
 
 /// `w · x / sqrt(mean(x²) + eps)` over the last axis, statistics in f32 (f64 for f64), the
@@ -16,7 +16,11 @@ use crate::error::Result;
 /// [`crate::Error::Candle`] on shape mismatch.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let (xd, wd) = (x.detach(), w.detach());
-    let out = match kernels::rms_norm(&xd, &wd, eps)? {
+    let fast = match kernels::rms_norm(&xd, &wd, eps)? {
+        Some(out) => Some(out),
+        None => cpu_kernels::rms_norm(&xd, &wd, eps)?,
+    };
+    let out = match fast {
         Some(out) => out,
         None => normed(&xd, eps)?
             .0
@@ -29,9 +33,12 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         out,
         Box::new(move |inp, _res, g| {
             let (x, w) = (inp[0].detach(), inp[1].detach());
-            if let Some((dx, dw)) =
-                kernels::rms_norm_bwd(&x, &w, &g.detach(), eps, inp[1].track_op())?
-            {
+            let want_w = inp[1].track_op();
+            let fast = match kernels::rms_norm_bwd(&x, &w, &g.detach(), eps, want_w)? {
+                Some(r) => Some(r),
+                None => cpu_kernels::rms_norm_bwd(&x, &w, &g.detach(), eps, want_w)?,
+            };
+            if let Some((dx, dw)) = fast {
                 return Ok(vec![
                     Some(dx),
                     dw.map(|t| t.to_dtype(w.dtype())).transpose()?,

@@ -3,7 +3,7 @@
 
 use candle_core::{Tensor, D};
 
-use super::{attach, kernels};
+use super::{attach, cpu_kernels, kernels};
 use crate::error::Result;
 
 /// `x·cos + rotate_half(x)·sin` for `x` `(b, heads, s, head_dim)` (any strides) and tables
@@ -16,7 +16,11 @@ use crate::error::Result;
 /// [`crate::Error::Candle`] on shape mismatch.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let xd = x.detach();
-    let out = match kernels::rope(&xd, cos, sin, false)? {
+    let fast = match kernels::rope(&xd, cos, sin, false)? {
+        Some(out) => Some(out),
+        None => cpu_kernels::rope(&xd, cos, sin, false)?,
+    };
+    let out = match fast {
         Some(out) => out,
         None => apply(&xd, cos, sin)?,
     };
@@ -27,7 +31,11 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         out,
         Box::new(move |_inp, _res, g| {
             let g = g.detach();
-            if let Some(dx) = kernels::rope(&g, &c, &s, true)? {
+            let fast = match kernels::rope(&g, &c, &s, true)? {
+                Some(dx) => Some(dx),
+                None => cpu_kernels::rope(&g, &c, &s, true)?,
+            };
+            if let Some(dx) = fast {
                 return Ok(vec![Some(dx)]);
             }
             let hd = g.dim(D::Minus1)?;

@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::{attach, compute_dtype, kernels};
+use super::{attach, compute_dtype, cpu_kernels, kernels};
 use crate::error::Result;
 
 /// `silu(gate) · up`, elementwise; both `(…, intermediate)` → `(…, intermediate)`.
@@ -15,7 +15,11 @@ use crate::error::Result;
 /// [`crate::Error::Candle`] on shape mismatch.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (gd, ud) = (gate.detach(), up.detach());
-    let out = match kernels::swiglu(&gd, &ud)? {
+    let fast = match kernels::swiglu(&gd, &ud)? {
+        Some(out) => Some(out),
+        None => cpu_kernels::swiglu(&gd, &ud)?,
+    };
+    let out = match fast {
         Some(out) => out,
         None => (gd.silu()? * ud)?,
     };
@@ -26,9 +30,12 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         Box::new(|inp, _res, g| {
             let dt = inp[0].dtype();
             let (gd, ud) = (inp[0].detach(), inp[1].detach());
-            if let Some((d_gate, d_up)) =
-                kernels::swiglu_bwd(&gd, &ud, &g.detach(), inp[1].track_op())?
-            {
+            let want_up = inp[1].track_op();
+            let fast = match kernels::swiglu_bwd(&gd, &ud, &g.detach(), want_up)? {
+                Some(r) => Some(r),
+                None => cpu_kernels::swiglu_bwd(&gd, &ud, &g.detach(), want_up)?,
+            };
+            if let Some((d_gate, d_up)) = fast {
                 return Ok(vec![Some(d_gate), d_up]);
             }
             let f = compute_dtype(dt);

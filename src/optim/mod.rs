@@ -3,12 +3,16 @@
 //! states in place, chunk by chunk.
 //!
 //! Memory: the first and second moments `m`, `v` are allocated lazily at the first step (as
-//! PyTorch does), each the parameter's shape in the state dtype. The update runs over row
-//! chunks of at most [`AdamW::chunk_elems`] elements, so its transient is about ten chunk-sized
-//! f32 buffers (≈ 10 MiB at the default 2^18 elements), independent of the parameter size;
-//! PyTorch's foreach AdamW instead allocates about one parameter-sized buffer per tensor group.
+//! PyTorch does), each the parameter's shape in the state dtype. On the CPU the update runs in
+//! place over the storage ([`cpu`]: three streaming passes, no temporary buffer). Elsewhere it
+//! runs over row chunks of at most [`AdamW::chunk_elems`] elements with candle operations, so
+//! its transient is about ten chunk-sized f32 buffers (≈ 10 MiB at the default 2^18 elements),
+//! independent of the parameter size; PyTorch's foreach AdamW instead allocates about one
+//! parameter-sized buffer per tensor group.
 //! candle-nn's `AdamW` allocates about 13 parameter-sized temporaries per tensor, which is why
 //! vramcal does not use it.
+
+mod cpu;
 
 use candle_core::{DType, Tensor, Var};
 
@@ -83,8 +87,11 @@ pub struct AdamW {
     m: Vec<Option<Tensor>>,
     v: Vec<Option<Tensor>>,
     t: usize,
-    /// Largest number of elements updated at once (default 2^18).
+    /// Largest number of elements updated at once by the chunked path (default 2^18).
     pub chunk_elems: usize,
+    /// Update contiguous f32/bf16/f16 CPU tensors in place, with no temporary buffer
+    /// (default `true`); `false` sends them through the chunked path other devices take.
+    pub in_place: bool,
 }
 
 impl AdamW {
@@ -110,6 +117,7 @@ impl AdamW {
             v: vec![None; n],
             t: 0,
             chunk_elems: 1 << 18,
+            in_place: true,
         })
     }
 
@@ -154,6 +162,9 @@ impl AdamW {
                 self.m[i].as_ref().expect("set"),
                 self.v[i].as_ref().expect("set"),
             );
+            if self.in_place && cpu::step(var.as_tensor(), g, m, v, &c, bc1, bc2)? {
+                continue;
+            }
             let pd = var.dtype();
             let cd = if pd == DType::F64 || self.state_dtype == DType::F64 {
                 DType::F64
