@@ -23,10 +23,12 @@ pub const BQ: usize = 64;
 /// Whether the kernel takes these inputs: CPU tensors in f32, bf16 or f16 with an f32 additive
 /// mask `(1, 1, s, s)` and a whole number of query heads per K/V head.
 pub(super) fn eligible(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> bool {
-    let (Ok((_, nh, s, _)), Ok((_, nkv, _, _))) = (q.dims4(), k.dims4()) else {
+    let (Ok((b, nh, s, hd)), Ok((kb, nkv, ks, khd))) = (q.dims4(), k.dims4()) else {
         return false;
     };
-    q.device().is_cpu()
+    (kb, ks, khd) == (b, s, hd)
+        && v.dims() == [b, nkv, s, hd]
+        && q.device().is_cpu()
         && matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype()

@@ -1,7 +1,10 @@
-//! CPU kernels of the fused RMSNorm, SwiGLU and RoPE ops and of the LM head's cross-entropy: each computes what the op's composed
-//! candle operations compute (rounding to the tensor dtype at the same points; sums may add in
-//! another order), in one pass over rows split across candle's thread pool, without the
-//! composed form's intermediate tensors or candle 0.11's single-threaded unary operations.
+//! CPU kernels of the fused RMSNorm, SwiGLU and RoPE ops and of the LM head's cross-entropy:
+//! each computes what the op's composed candle operations compute, rounding to the tensor dtype
+//! where they round (sums may add in another order and means divide where candle multiplies by
+//! `1/h`, so the last bit may differ; SwiGLU's `silu` is computed in f32 and rounded once, where
+//! candle's bf16/f16 `silu` rounds after each of its operations), in one pass over rows split
+//! across candle's thread pool, without the composed form's intermediate tensors or candle
+//! 0.11's single-threaded unary operations.
 //! The CPU counterpart of [`super::kernels`] (CUDA).
 //!
 //! Each function returns `Ok(None)` when its inputs cannot go to a kernel (another device,
@@ -514,16 +517,18 @@ fn max_sum<C: Real>(l: &[C]) -> (C, C) {
 
 /// Targets `(rows,)` or `(rows, 1)` as a u32 vector, when they fit the logits.
 fn targets_of(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Option<Vec<u32>>> {
-    let rows = logits.dim(0)?;
+    let (rows, vocab) = logits.dims2()?;
     if targets.dtype() != DType::U32 || targets.elem_count() != rows {
         return Ok(None);
     }
-    Ok(Some(targets.flatten_all()?.to_vec1::<u32>()?))
+    let t = targets.flatten_all()?.to_vec1::<u32>()?;
+    // A target outside the vocabulary goes to the composed form, whose gather refuses it.
+    Ok(t.iter().all(|&t| (t as usize) < vocab).then_some(t))
 }
 
 /// Cross-entropy per row of logits `(rows, vocab)` (f32, or f64) against u32 targets
 /// `(rows,)` or `(rows, 1)` → `(rows,)` nats: `ln Σ e^{l − max} − (l_t − max)` (as the CUDA
-/// kernel `ce_loss`; NaN for a target outside the vocabulary).
+/// kernel `ce_loss`). `Ok(None)` when a target is outside the vocabulary.
 ///
 /// # Errors
 /// [`candle_core::Error`] from candle.

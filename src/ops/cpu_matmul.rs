@@ -32,18 +32,36 @@ pub(super) fn matmul(
     ldc: usize,
     accumulate: bool,
 ) {
-    debug_assert_eq!(b.cs, 1);
+    assert_eq!(b.cs, 1, "matmul: B must have unit column stride");
     if m == 0 || n == 0 {
         return;
     }
-    assert!(c.len() >= (m - 1) * ldc + n, "matmul: C too short");
-    if k > 0 {
-        assert!(
-            a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs,
-            "matmul: A too short"
-        );
-        assert!(b.data.len() >= (k - 1) * b.rs + n, "matmul: B too short");
+    // The last element each operand is read or written at, without overflow.
+    let end = |rows: usize, rs: usize, cols: usize, cs: usize| -> Option<usize> {
+        (rows - 1)
+            .checked_mul(rs)?
+            .checked_add((cols - 1).checked_mul(cs)?)
+    };
+    assert!(
+        end(m, ldc, n, 1).is_some_and(|e| e < c.len()),
+        "matmul: C too short"
+    );
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
     }
+    assert!(
+        end(m, a.rs, k, a.cs).is_some_and(|e| e < a.data.len()),
+        "matmul: A too short"
+    );
+    assert!(
+        end(k, b.rs, n, 1).is_some_and(|e| e < b.data.len()),
+        "matmul: B too short"
+    );
     #[cfg(target_arch = "x86_64")]
     if avx2() {
         // SAFETY: the CPU has AVX2 and FMA; the bounds were checked above.

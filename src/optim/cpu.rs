@@ -13,8 +13,8 @@
 //! moments, as `torch.optim.AdamW` does with bf16 states; the chunked path uses them unrounded.
 //!
 //! Parameters, gradients and states may each be f32, bf16 or f16 (rounded on store); other
-//! dtypes, strided or offset storage and other devices are left to the chunked path
-//! (`Ok(false)` from [`step`]).
+//! dtypes, strided storage and other devices are left to the chunked path (`Ok(false)` from
+//! [`step`]).
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 use half::{bf16, f16};
