@@ -112,6 +112,19 @@ impl Dims {
         })
     }
 
+    /// The query blocks that see at least one key: `(first row, rows, first key, keys)`.
+    /// Rows of the other blocks see no key; their outputs and gradients stay zero.
+    fn visible_blocks(&self) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+        self.blocks
+            .iter()
+            .enumerate()
+            .map(|(blk, &(klo, khi))| {
+                let r0 = blk * BQ;
+                (r0, BQ.min(self.s - r0), klo, khi - klo)
+            })
+            .filter(|&(_, _, _, nk)| nk > 0)
+    }
+
     /// Offset of head `h`'s `(s, hd)` rows for sequence `bi` in a `(b, heads, s, hd)` buffer.
     fn at(&self, bi: usize, h: usize, heads: usize) -> usize {
         (bi * heads + h) * self.s * self.hd
@@ -213,13 +226,7 @@ pub(super) fn forward(
             let qh = &qs[d.at(bi, h, d.nh)..];
             let kt = &kts[d.at(bi, g, d.nkv)..];
             let vh = &vs[d.at(bi, g, d.nkv)..];
-            for (blk, &(klo, khi)) in d.blocks.iter().enumerate() {
-                let r0 = blk * BQ;
-                let rows = BQ.min(s - r0);
-                let nk = khi - klo;
-                if nk == 0 {
-                    continue; // rows that see no key stay zero
-                }
+            for (r0, rows, klo, nk) in d.visible_blocks() {
                 block_probs(&d, qh, kt, m, r0, rows, (klo, nk), p);
                 matmul(
                     rows,
@@ -302,13 +309,7 @@ pub fn backward(
             let (qh, doh, oh) = (&qs[at..], &dos[at..], &os[at..]);
             let kv = d.at(bi, gkv, d.nkv);
             let (kh, kt, vt) = (&ks[kv..], &kts[kv..], &vts[kv..]);
-            for (blk, &(klo, khi)) in d.blocks.iter().enumerate() {
-                let r0 = blk * BQ;
-                let rows = BQ.min(s - r0);
-                let nk = khi - klo;
-                if nk == 0 {
-                    continue;
-                }
+            for (r0, rows, klo, nk) in d.visible_blocks() {
                 block_probs(&d, qh, kt, m, r0, rows, (klo, nk), p);
                 let do_blk = View {
                     data: &doh[r0 * hd..],
