@@ -9,10 +9,10 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use vramcal::config::preset;
 use vramcal::measure::step::{param_grads, random_batch};
 use vramcal::measure::{alloc, CountingAlloc};
-use vramcal::model::weights::RandomWeights;
 use vramcal::model::Decoder;
 use vramcal::optim::AdamW;
 use vramcal::spec::TrainSpec;
+use vramcal::weights::RandomWeights;
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;

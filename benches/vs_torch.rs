@@ -25,8 +25,8 @@ use candle_core::Device;
 use vramcal::config::resolve_model;
 use vramcal::measure::{measure_with, HostProbe, Measurement, Options, Setup};
 use vramcal::measure::{step::median_step_seconds, CountingAlloc};
-use vramcal::model::weights::WeightsSpec;
 use vramcal::spec::TrainSpec;
+use vramcal::spec::WeightsSpec;
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;

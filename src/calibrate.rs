@@ -11,12 +11,11 @@ use serde::{Deserialize, Serialize};
 use crate::config::{resolve_model, ModelConfig};
 use crate::error::{Error, Result};
 use crate::estimate::{
-    predicted_backward_peak, terms, Coefficients, Moment, Profile, MOMENTS, N_TERMS, TERMS,
+    predicted_backward_peak, terms, Coefficients, Moment, Term, MOMENTS, N_TERMS,
 };
-use crate::model::lora::LoraConfig;
-use crate::model::{Adaptation, Checkpointing, Quant};
 use crate::report::Row;
 use crate::spec::{parse_dtype, TrainSpec};
+use crate::spec::{Adaptation, LoraConfig, Method, Profile, Quant};
 
 /// The training peak of a measured row: the highest peak of the step phases (load and save
 /// excluded), bytes.
@@ -61,7 +60,7 @@ pub fn spec_from_row(r: &Row) -> Result<(ModelConfig, TrainSpec)> {
     spec.state_dtype = parse_dtype(&r.optimizer_state_dtype)?;
     spec.accumulate = r.accumulate.max(1);
     spec.allow_longer = true;
-    spec.checkpointing = Checkpointing::parse(&r.checkpointing)?;
+    spec.checkpointing = r.checkpointing.parse()?;
     if r.attention.is_empty() {
         return Err(Error::invalid(
             "attention",
@@ -72,21 +71,20 @@ pub fn spec_from_row(r: &Row) -> Result<(ModelConfig, TrainSpec)> {
             ),
         ));
     }
-    spec.attention = crate::model::Attention::parse(&r.attention)?;
-    let quant = match r.quant.as_str() {
-        "nf4" => Quant::Nf4 { double: false },
-        "nf4-dq" => Quant::Nf4 { double: true },
-        _ => Quant::None,
-    };
-    let lora = match r.method.as_str() {
-        "lora" | "qlora" => Some(LoraConfig::parse(&format!(
-            "r={},alpha={},dropout={},targets={}",
-            r.lora_r.unwrap_or(8),
-            r.lora_alpha.unwrap_or(8.0),
-            r.lora_dropout.unwrap_or(0.0),
-            r.lora_targets.replace(';', ",")
-        ))?),
-        _ => None,
+    spec.attention = r.attention.parse()?;
+    let quant: Quant = r.quant.parse()?;
+    let lora = match r.method.parse::<Method>()? {
+        Method::Lora | Method::Qlora => Some(
+            format!(
+                "r={},alpha={},dropout={},targets={}",
+                r.lora_r.unwrap_or(8),
+                r.lora_alpha.unwrap_or(8.0),
+                r.lora_dropout.unwrap_or(0.0),
+                r.lora_targets.replace(';', ",")
+            )
+            .parse::<LoraConfig>()?,
+        ),
+        Method::Full => None,
     };
     spec.adaptation = Adaptation {
         lora,
@@ -202,7 +200,7 @@ pub fn points(rows: &[Row], profile: Profile) -> Result<Vec<Point>> {
 }
 
 /// Fits the coefficients of `profile` to `pts` (relative least squares, non-negative). A
-/// point's peak is in one of three moments of backward (see [`TERMS`]); the fit alternates
+/// point's peak is in one of three moments of backward (see [`Term`]); the fit alternates
 /// between assigning each point to the moment its current coefficients put the peak in and
 /// solving the non-negative least squares for that assignment, until the assignment is stable.
 /// The alternation can settle in a local optimum, so it starts from several assignments (the
@@ -222,7 +220,7 @@ pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficient
             fixed.push((i, start[i]));
         }
     }
-    let k = TERMS.len() - fixed.len();
+    let k = N_TERMS - fixed.len();
     if pts.len() < k.max(1) {
         return Err(Error::invalid(
             "measured rows",
@@ -263,7 +261,7 @@ pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficient
     })
 }
 
-/// The terms (indices into [`TERMS`]) that are zero in every point at every moment.
+/// The terms (indices into [`Term`]) that are zero in every point at every moment.
 pub fn unexercised(pts: &[&Point]) -> Vec<usize> {
     (0..N_TERMS)
         .filter(|&i| {
@@ -282,10 +280,10 @@ pub fn unexercised(pts: &[&Point]) -> Vec<usize> {
 ///   `dP`, `dP − rowsum`, `dS`). Short sequences, where it is small, cannot pin it down, and a
 ///   fit on them extrapolates it wrongly to long ones.
 pub fn fixed_coefficients(profile: Profile) -> Vec<(usize, f64)> {
-    match profile {
-        Profile::Candle => vec![(4, 1.0), (6, 4.0), (9, 1.0)],
-        _ => vec![(4, 1.0)],
-    }
+    Term::ALL
+        .iter()
+        .filter_map(|t| t.counted(profile).map(|v| (t.index(), v)))
+        .collect()
 }
 
 /// The alternation of [`fit`] from one branch assignment, with `fixed` coefficients held.
@@ -356,7 +354,7 @@ pub struct CalibrationRow {
     pub profile: String,
     /// Device the measurements were made on.
     pub device: String,
-    /// Term name (see [`TERMS`]).
+    /// Term name (see [`Term`]).
     pub term: String,
     /// Fitted coefficient.
     pub coefficient: f64,
@@ -384,7 +382,10 @@ pub struct CalibrationRow {
 /// [`Error::Io`]/[`Error::Csv`].
 pub fn write_table(path: &Path, rows: &[CalibrationRow]) -> Result<()> {
     for r in rows {
-        let (max, _) = coefficient_bound(&r.term);
+        let term = Term::from_name(&r.term).ok_or_else(|| {
+            Error::invalid("calibration term", &r.term, "is not a term of the estimator")
+        })?;
+        let (max, _) = coefficient_bound(term);
         if !(r.coefficient.is_finite() && (0.0..=max).contains(&r.coefficient)) {
             return Err(Error::invalid(
                 format!("fitted coefficient of {}", r.term),
@@ -419,12 +420,12 @@ pub const MAX_CONSTANT_BYTES: f64 = (16u64 << 30) as f64;
 
 /// The largest coefficient a table may give `term`, and its unit: [`MAX_CONSTANT_BYTES`] bytes
 /// for `constant`, [`MAX_MULTIPLIER`] bytes per byte of the term for the others.
-fn coefficient_bound(term: &str) -> (f64, &'static str) {
-    if term == "constant" {
-        (MAX_CONSTANT_BYTES, "bytes")
-    } else {
-        (MAX_MULTIPLIER, "bytes per byte of the term")
-    }
+fn coefficient_bound(term: Term) -> (f64, &'static str) {
+    let max = match term {
+        Term::Constant => MAX_CONSTANT_BYTES,
+        _ => MAX_MULTIPLIER,
+    };
+    (max, term.coefficient_unit())
 }
 
 /// Reads a calibration table for `profile`.
@@ -461,11 +462,10 @@ pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
                 env!("CARGO_PKG_VERSION")
             )));
         }
-        let i = TERMS
-            .iter()
-            .position(|t| *t == row.term)
-            .ok_or_else(|| bad(format!("unknown term {}", row.term)))?;
-        let (max, unit) = coefficient_bound(&row.term);
+        let term =
+            Term::from_name(&row.term).ok_or_else(|| bad(format!("unknown term {}", row.term)))?;
+        let i = term.index();
+        let (max, unit) = coefficient_bound(term);
         let c = row.coefficient;
         if !c.is_finite() || c < 0.0 || c > max {
             let shown = if c.is_finite() && c.abs() >= 1e6 {
@@ -497,7 +497,7 @@ pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(bad(format!(
             "has no coefficient for term {} (a table made before vramcal had that term, or cut short): recalibrate with `vramcal calibrate`",
-            TERMS[i]
+            Term::ALL[i].name()
         )));
     }
     Ok(Coefficients {

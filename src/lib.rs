@@ -1,8 +1,11 @@
 //! vramcal: measure, estimate and calibrate the peak memory of LLM fine-tuning steps.
 //!
-//! Pipeline: [`config`] (model sizes) → [`spec`] (training setup) → [`model`] (a trainable
-//! decoder) → [`measure`] (real steps, peak allocator memory per phase) → [`report`] (CSV rows
-//! and tables).
+//! Two pipelines share one vocabulary:
+//! * measuring: [`config`] (model sizes) → [`spec`] (training setup) → [`model`] (a trainable
+//!   decoder, loading [`weights`]) → [`measure`] (real steps, peak allocator memory per phase)
+//!   → [`report`] (CSV rows and tables);
+//! * estimating: [`spec`] → [`estimate`] (itemized peak) → [`calibrate`] (coefficients fitted
+//!   to measured rows) → `vramcal check` (estimates against measurements).
 
 pub mod calibrate;
 pub mod cli;
@@ -19,6 +22,6 @@ pub mod report;
 pub mod size;
 pub mod spec;
 pub mod throughput;
-pub mod tokenizer;
+pub mod weights;
 
 pub use error::{Error, Result};

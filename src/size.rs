@@ -1,5 +1,5 @@
-//! One parser for memory sizes on the command line: `24GiB`, `512MiB`, `80GB`, `1.5GiB`,
-//! `4096B`, or plain bytes.
+//! Memory sizes: one parser for the command line (`24GiB`, `512MiB`, `80GB`, `1.5GiB`,
+//! `4096B`, or plain bytes) and the formatting of bytes for display (GiB = 2^30).
 
 use crate::error::{Error, Result};
 
@@ -56,6 +56,20 @@ pub fn parse_size(what: &str, s: &str) -> Result<u64> {
         ));
     }
     Ok(bytes.round() as u64)
+}
+
+/// Formats bytes for reading: MiB (2^20) below 1 GiB, else GiB (2^30), with the unit.
+pub fn human(bytes: u64) -> String {
+    if bytes < 1 << 30 {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    }
+}
+
+/// Formats bytes as GiB (2^30 bytes) with two decimals, for display only.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.2}", bytes as f64 / (1u64 << 30) as f64)
 }
 
 #[cfg(test)]

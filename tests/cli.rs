@@ -435,7 +435,11 @@ fn peft_bad_input_gets_one_clear_line() {
         "expected full, lora or qlora",
         None,
     );
-    fails_with(&with(&["--quant", "int3"]), "expected none or nf4", None);
+    fails_with(
+        &with(&["--quant", "int3"]),
+        "expected none, nf4 or nf4-dq",
+        None,
+    );
     fails_with(&with(&["--checkpointing", "every:0"]), "at least 1", None);
     fails_with(
         &with(&["--checkpointing", "every:3"]),
@@ -646,7 +650,7 @@ fn new_user_findings_stay_fixed() {
     let cfg = vramcal::config::preset("tiny").unwrap().config;
     let m = vramcal::model::Decoder::new(
         &cfg,
-        &mut vramcal::model::weights::RandomWeights::new(0),
+        &mut vramcal::weights::RandomWeights::new(0),
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
     )

@@ -8,9 +8,9 @@ mod common;
 use assert_cmd::Command;
 use candle_core::{DType, Device, Tensor};
 use vramcal::config::preset;
-use vramcal::model::weights::{RandomWeights, WeightSource};
 use vramcal::model::Decoder;
 use vramcal::report::Row;
+use vramcal::weights::{RandomWeights, WeightSource};
 
 use common::stderr_line;
 

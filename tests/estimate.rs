@@ -3,13 +3,15 @@
 
 use candle_core::{DType, Device};
 use vramcal::config::{preset, ModelConfig};
-use vramcal::estimate::{estimate, table, weight_bytes, Coefficients, Profile};
+use vramcal::estimate::{estimate, table, weight_bytes, Coefficients};
 use vramcal::measure::step::random_batch;
 use vramcal::measure::{alloc, CountingAlloc};
-use vramcal::model::lora::LoraConfig;
-use vramcal::model::weights::RandomWeights;
-use vramcal::model::{Adaptation, Attention, Checkpointing, Decoder, ForwardCtx, Quant};
+use vramcal::model::{Decoder, ForwardCtx};
+use vramcal::spec::LoraConfig;
+use vramcal::spec::Profile;
 use vramcal::spec::TrainSpec;
+use vramcal::spec::{Adaptation, Attention, Checkpointing, Quant};
+use vramcal::weights::RandomWeights;
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
@@ -78,7 +80,11 @@ fn saved_tensor_table_matches_a_measured_layer() {
     // instead of whenever another rayon thread first picks up a large matmul.
     std::env::set_var("RAYON_NUM_THREADS", "1");
     let lora = || Adaptation {
-        lora: Some(LoraConfig::parse("r=8,alpha=16,dropout=0.1,targets=all-linear").unwrap()),
+        lora: Some(
+            "r=8,alpha=16,dropout=0.1,targets=all-linear"
+                .parse::<LoraConfig>()
+                .unwrap(),
+        ),
         quant: Quant::None,
         seed: 0,
     };
@@ -117,7 +123,7 @@ fn parameter_bytes_are_exact() {
         (
             DType::F32,
             Adaptation {
-                lora: Some(LoraConfig::parse("r=4,targets=attn").unwrap()),
+                lora: Some("r=4,targets=attn".parse::<LoraConfig>().unwrap()),
                 quant: Quant::None,
                 seed: 0,
             },
@@ -219,7 +225,8 @@ fn estimates_move_the_right_way() {
 
 #[test]
 fn sharding_divides_what_it_should() {
-    use vramcal::estimate::multi::{device_map, parse_max_memory, shard, Shard};
+    use vramcal::estimate::multi::{device_map, parse_max_memory, shard};
+    use vramcal::spec::Shard;
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = preset("llama-3-8b").unwrap().config;
     let mut s = TrainSpec::new(1, 1024);

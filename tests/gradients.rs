@@ -5,9 +5,9 @@
 use candle_core::{DType, Device, Tensor, Var};
 use vramcal::config::preset;
 use vramcal::measure::step::random_batch;
-use vramcal::model::weights::RandomWeights;
 use vramcal::model::Decoder;
 use vramcal::spec::TrainSpec;
+use vramcal::weights::RandomWeights;
 
 fn tiny_model(dtype: DType) -> Decoder {
     let cfg = preset("tiny").unwrap().config;

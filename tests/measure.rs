@@ -5,10 +5,10 @@ mod common;
 use candle_core::Device;
 use vramcal::config::{preset, resolve_model};
 use vramcal::measure::{alloc, measure, CountingAlloc, HostProbe, Measurement, Setup};
-use vramcal::model::lora::LoraConfig;
-use vramcal::model::weights::WeightsSpec;
-use vramcal::model::{Adaptation, Checkpointing, Quant};
+use vramcal::spec::LoraConfig;
 use vramcal::spec::TrainSpec;
+use vramcal::spec::WeightsSpec;
+use vramcal::spec::{Adaptation, Checkpointing, Quant};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;

@@ -3,7 +3,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
-use vramcal::optim::{AdamW, AdamWConfig};
+use vramcal::optim::AdamW;
+use vramcal::spec::AdamWConfig;
 
 #[test]
 fn matches_candle_nn_adamw() {

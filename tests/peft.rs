@@ -3,11 +3,12 @@
 use candle_core::{DType, Device, Tensor, Var};
 use vramcal::config::preset;
 use vramcal::measure::step::random_batch;
-use vramcal::model::lora::LoraConfig;
 use vramcal::model::nf4::Nf4Tensor;
-use vramcal::model::weights::{MapWeights, RandomWeights};
-use vramcal::model::{Adaptation, Checkpointing, Decoder, ForwardCtx, Quant};
+use vramcal::model::{Decoder, ForwardCtx};
+use vramcal::spec::LoraConfig;
 use vramcal::spec::TrainSpec;
+use vramcal::spec::{Adaptation, Checkpointing, Quant};
+use vramcal::weights::{MapWeights, RandomWeights};
 
 fn cfg() -> vramcal::config::ModelConfig {
     preset("tiny").unwrap().config
@@ -15,7 +16,7 @@ fn cfg() -> vramcal::config::ModelConfig {
 
 fn lora(spec: &str) -> Adaptation {
     Adaptation {
-        lora: Some(LoraConfig::parse(spec).unwrap()),
+        lora: Some(spec.parse::<LoraConfig>().unwrap()),
         quant: Quant::None,
         seed: 5,
     }
@@ -23,7 +24,7 @@ fn lora(spec: &str) -> Adaptation {
 
 fn qlora(spec: &str) -> Adaptation {
     Adaptation {
-        lora: Some(LoraConfig::parse(spec).unwrap()),
+        lora: Some(spec.parse::<LoraConfig>().unwrap()),
         quant: Quant::Nf4 { double: false },
         seed: 5,
     }
@@ -326,7 +327,7 @@ fn qlora_forward_matches_dequantized_weights() {
             format!("{p}.post_attention_layernorm.weight"),
             layer.post_attention_layernorm.tensor().clone(),
         );
-        for t in vramcal::model::lora::Target::ALL {
+        for t in vramcal::spec::Target::ALL {
             tensors.insert(
                 format!("{p}.{}.weight", t.path()),
                 layer.linear(t).dense_weight(&Device::Cpu).unwrap(),
@@ -424,10 +425,9 @@ fn merged_save_equals_base_plus_adapters() {
         let before = m.forward(&x).unwrap();
         let dir = tempfile::tempdir().unwrap();
         m.merge_and_save(dir.path()).unwrap();
-        let mut src = vramcal::model::weights::SafetensorsWeights::open(
-            &dir.path().join("model.safetensors"),
-        )
-        .unwrap();
+        let mut src =
+            vramcal::weights::SafetensorsWeights::open(&dir.path().join("model.safetensors"))
+                .unwrap();
         let merged = Decoder::new(&cfg(), &mut src, DType::F32, &Device::Cpu).unwrap();
         let diff = max_abs_diff(&before, &merged.forward(&x).unwrap());
         assert!(diff < 1e-5, "{diff}");
@@ -449,14 +449,16 @@ fn bad_peft_settings_are_rejected() {
         ("rank=abc", "positive integer"),
         ("beta=3", "unknown key"),
     ] {
-        let e = LoraConfig::parse(spec).unwrap_err().to_string();
+        let e = spec.parse::<LoraConfig>().unwrap_err().to_string();
         assert!(e.contains(needle), "{spec}: {e}");
     }
-    assert!(Checkpointing::parse("every:0")
+    assert!("every:0"
+        .parse::<Checkpointing>()
         .unwrap_err()
         .to_string()
         .contains("at least 1"));
-    assert!(Checkpointing::parse("every:3")
+    assert!("every:3"
+        .parse::<Checkpointing>()
         .unwrap()
         .validate(2)
         .unwrap_err()

@@ -6,9 +6,9 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use vramcal::model::gguf::{read_content, GgufWeights};
 use vramcal::model::Decoder;
-use vramcal::tokenizer::{encode, tokenizer_from_gguf};
+use vramcal::weights::gguf::{read_content, GgufWeights};
+use vramcal::weights::tokenizer::{encode, tokenizer_from_gguf};
 
 const TEXT: &str = "The capital of France is Paris. It is famous for the Eiffel Tower, \
 the Louvre museum and its cafes. Every year, millions of tourists visit the city.";

@@ -6,8 +6,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use vramcal::config::preset;
-use vramcal::model::weights::{open_source, RandomWeights, WeightsSpec};
 use vramcal::model::Decoder;
+use vramcal::spec::WeightsSpec;
+use vramcal::weights::{open_source, RandomWeights};
 use vramcal::Error;
 
 fn tiny_tensors() -> (Decoder, HashMap<String, Tensor>) {
@@ -169,7 +170,7 @@ fn gguf_qk_unpermute_inverts_llama_cpp_permutation() {
         .unwrap()
         .reshape((heads * hd, cols))
         .unwrap();
-    let back = vramcal::model::gguf::unpermute_qk(&gguf, heads).unwrap();
+    let back = vramcal::weights::gguf::unpermute_qk(&gguf, heads).unwrap();
     let d: Vec<f32> = (back - &hf)
         .unwrap()
         .abs()
@@ -232,8 +233,8 @@ fn hf_cache_model_is_found_offline() {
     assert_eq!(row["weights"], "hf:acme/tiny-test");
     assert_eq!(row["params"], 21664);
     // And the same weights load back through the library path.
-    let dir = vramcal::model::weights::hf_cache_dir_in(&home.path().join("hub"), "acme/tiny-test")
-        .unwrap();
+    let dir =
+        vramcal::weights::hf_cache_dir_in(&home.path().join("hub"), "acme/tiny-test").unwrap();
     let got = load(&WeightsSpec::Safetensors(dir)).unwrap();
     assert_eq!(logits(&got), logits(&m));
     // An id that is not cached says so.

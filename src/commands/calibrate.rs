@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use crate::calibrate::{errors, fit, points, write_table, CalibrationRow, Point};
 use crate::cli::CalibrateArgs;
-use crate::estimate::{Profile, TERMS};
+use crate::estimate::{Term, N_TERMS};
 use crate::report::csv_out::read_rows;
+use crate::spec::Profile;
 
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
@@ -31,7 +32,7 @@ fn abs_max(v: &[f64]) -> f64 {
 /// # Errors
 /// Unreadable or empty measurements, too few successful rows, an unknown hold-out rule.
 pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
-    let profile = Profile::parse(&a.profile)?;
+    let profile = a.profile.parse::<Profile>()?;
     let mut rows = Vec::new();
     for f in &a.measured {
         if super::check::is_public(f)? {
@@ -88,8 +89,9 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     // Terms that no fitted row exercises keep their counted coefficient: say so.
     let fixed = crate::calibrate::fixed_coefficients(profile);
     for i in crate::calibrate::unexercised(&train) {
-        let name = crate::estimate::TERMS[i];
-        if !fixed.iter().any(|(j, _)| *j == i) && name != "constant" {
+        let term = Term::ALL[i];
+        let name = term.name();
+        if !fixed.iter().any(|(j, _)| *j == i) && term != Term::Constant {
             eprintln!(
                 "note: no fitted row exercises the term {name}: it keeps its counted coefficient {} (not fitted)",
                 c.values[i]
@@ -117,19 +119,15 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(";");
-    let table: Vec<CalibrationRow> = TERMS
+    let table: Vec<CalibrationRow> = Term::ALL
         .iter()
         .zip(c.values)
         .map(|(term, v)| CalibrationRow {
             profile: profile.name().into(),
             device: device.clone(),
-            term: (*term).into(),
+            term: term.name().into(),
             coefficient: v,
-            unit: if *term == "constant" {
-                "bytes".into()
-            } else {
-                "bytes per byte of the term".into()
-            },
+            unit: term.coefficient_unit().into(),
             points_used: train.len(),
             fit_median_abs_error: median(fit_err.iter().map(|e| e.abs()).collect()),
             heldout_max_abs_error: (!held_err.is_empty()).then(|| abs_max(&held_err)),
@@ -145,8 +143,8 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         train.len(),
         held.len()
     );
-    for (term, v) in TERMS.iter().zip(c.values) {
-        t += &format!("  {term:<20} {v:.6}\n");
+    for (term, v) in Term::ALL.iter().zip(c.values) {
+        t += &format!("  {:<20} {v:.6}\n", term.name());
     }
     let pct = |x: f64| format!("{:.2} %", 100.0 * x);
     t += &format!(
@@ -155,7 +153,7 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         pct(abs_max(&fit_err))
     );
     if loo.is_empty() {
-        t += &format!("leave-one-out: n/a (each fit needs {} rows)\n", TERMS.len());
+        t += &format!("leave-one-out: n/a (each fit needs {} rows)\n", N_TERMS);
     } else {
         t += &format!(
             "leave-one-out: median |error| {}, max {}\n",

@@ -7,11 +7,12 @@ use std::process::ExitCode;
 use crate::calibrate::{spec_from_row, training_peak};
 use crate::cli::CheckArgs;
 use crate::config::resolve_model;
-use crate::estimate::{estimate, Profile};
-use crate::model::lora::LoraConfig;
-use crate::model::{Adaptation, Checkpointing, Quant};
+use crate::estimate::estimate;
 use crate::report::csv_out::read_rows;
+use crate::spec::LoraConfig;
+use crate::spec::Profile;
 use crate::spec::{parse_dtype, TrainSpec};
+use crate::spec::{Adaptation, Checkpointing, Quant};
 
 /// One compared row.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -81,12 +82,15 @@ pub(crate) fn public_spec(p: &Public) -> anyhow::Result<TrainSpec> {
         );
     }
     let lora = match p.method.as_str() {
-        "lora" | "qlora" => Some(LoraConfig::parse(&format!(
-            "r={},alpha={},targets={}",
-            p.lora_r.unwrap_or(8),
-            p.lora_alpha.unwrap_or(8.0),
-            p.lora_targets.replace(';', ",")
-        ))?),
+        "lora" | "qlora" => Some(
+            format!(
+                "r={},alpha={},targets={}",
+                p.lora_r.unwrap_or(8),
+                p.lora_alpha.unwrap_or(8.0),
+                p.lora_targets.replace(';', ",")
+            )
+            .parse::<LoraConfig>()?,
+        ),
         _ => None,
     };
     let quant = if p.quant.starts_with("nf4") {
@@ -139,7 +143,7 @@ fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
 /// # Errors
 /// Unreadable, empty or malformed measured files; a bad calibration; thresholds exceeded.
 pub fn run(a: &CheckArgs) -> anyhow::Result<ExitCode> {
-    let profile = Profile::parse(&a.profile)?;
+    let profile = a.profile.parse::<Profile>()?;
     for (name, v) in [
         ("--max-error", a.max_error),
         ("--max-median-error", a.max_median_error),

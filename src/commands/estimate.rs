@@ -5,10 +5,12 @@ use std::process::ExitCode;
 
 use crate::cli::EstimateArgs;
 use crate::config::{resolve_model, ModelConfig};
-use crate::estimate::{estimate_sharded, multi, references, Coefficients, Estimate, Profile};
-use crate::model::lora::LoraConfig;
-use crate::model::{Adaptation, Checkpointing, Quant};
-use crate::spec::{gib, TrainSpec};
+use crate::estimate::{estimate_sharded, multi, references, Coefficients, Estimate};
+use crate::size::gib;
+use crate::spec::LoraConfig;
+use crate::spec::TrainSpec;
+use crate::spec::{Adaptation, Checkpointing, Quant};
+use crate::spec::{Profile, Shard};
 use crate::throughput::gpu;
 
 /// Loads the coefficients for `profile` (a calibration table or the uncalibrated ones).
@@ -50,7 +52,9 @@ fn alternatives(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(String, TrainSpec)>
         ));
     }
     if spec.adaptation.lora.is_none() {
-        let lora = LoraConfig::parse("r=16,alpha=32,targets=all-linear").expect("valid");
+        let lora = "r=16,alpha=32,targets=all-linear"
+            .parse::<LoraConfig>()
+            .expect("valid");
         let mut s = spec.clone();
         s.adaptation = Adaptation {
             lora: Some(lora.clone()),
@@ -104,15 +108,12 @@ fn alternatives(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(String, TrainSpec)>
 
 /// Data-parallel sharding that would make a full fine-tune fit: ZeRO-2 and ZeRO-3 over 2, 4 and
 /// 8 GPUs (labels name the options that give them).
-fn sharded_alternatives(spec: &TrainSpec) -> Vec<(String, multi::Shard, usize)> {
+fn sharded_alternatives(spec: &TrainSpec) -> Vec<(String, Shard, usize)> {
     if spec.adaptation.lora.is_some() {
         return vec![];
     }
     let mut v = Vec::new();
-    for (name, shard) in [
-        ("zero2", multi::Shard::Zero2),
-        ("zero3", multi::Shard::Zero3),
-    ] {
+    for (name, shard) in [("zero2", Shard::Zero2), ("zero3", Shard::Zero3)] {
         for gpus in [2, 4, 8] {
             v.push((
                 format!("{name} over {gpus} GPUs, per GPU (--shard {name} --gpus {gpus})"),
@@ -136,7 +137,7 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
         })?;
     let model = resolve_model(&name)?;
     let cfg = &model.config;
-    let mut spec = super::measure::train_spec(
+    let mut spec = super::setup::train_spec(
         &a.model,
         a.batch,
         a.seq,
@@ -145,10 +146,10 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
     )?;
     spec.allow_longer = a.model.allow_longer;
     spec.validate(cfg)?;
-    let profile = Profile::parse(&a.profile)?;
+    let profile = a.profile.parse::<Profile>()?;
     // What attention keeps is the profile's for the torch stacks: a contradicting --attention is
     // refused rather than ignored.
-    if profile == Profile::TorchSdpa && spec.attention == crate::model::Attention::Eager {
+    if profile == Profile::TorchSdpa && spec.attention == crate::spec::Attention::Eager {
         return Err(crate::Error::invalid(
             "--attention",
             "eager",
@@ -200,7 +201,7 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
             .into());
         }
     }
-    let budget = match (&a.gpu, super::measure::budget(&a.model)?) {
+    let budget = match (&a.gpu, super::setup::budget(&a.model)?) {
         (Some(_), Some(_)) => {
             return Err(crate::Error::invalid(
                 "--budget",
@@ -217,7 +218,7 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
         (None, None) => None,
     };
     let sharding = match &a.shard {
-        Some(sh) => Some((multi::Shard::parse(sh)?, a.gpus)),
+        Some(sh) => Some((sh.parse::<Shard>()?, a.gpus)),
         None if a.gpus != 1 => {
             return Err(crate::Error::invalid(
                 "--gpus",
@@ -260,7 +261,7 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
                 .collect();
             if sharding.is_none() {
                 // The smallest number of GPUs that fits, per stage.
-                let mut fitted: Vec<multi::Shard> = Vec::new();
+                let mut fitted: Vec<Shard> = Vec::new();
                 for (n, shard, gpus) in sharded_alternatives(&spec) {
                     if fitted.contains(&shard) {
                         continue;

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use crate::spec::gib;
+use crate::size::gib;
 use crate::throughput::GPUS;
 
 /// Prints the GPU table (name, vendor, segment, memory, peak TFLOP/s, aliases, source).

@@ -10,7 +10,7 @@ use super::point::run_point;
 use crate::cli::MaxArgs;
 use crate::error::Error;
 use crate::report::{append_row, Row, RowContext, Status};
-use crate::spec::human;
+use crate::size::human;
 use crate::throughput::model_flops_per_token;
 
 /// Runs `vramcal max`.
@@ -19,15 +19,15 @@ use crate::throughput::model_flops_per_token;
 /// Bad input (before any probe), a probe that fails for another reason than memory, or an
 /// unwritable `--out`.
 pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
-    let (model, weights) = super::measure::resolve(&a.model)?;
-    let budget = super::measure::budget(&a.model)?.ok_or_else(|| {
+    let (model, weights) = super::setup::resolve(&a.model)?;
+    let budget = super::setup::budget(&a.model)?.ok_or_else(|| {
         Error::invalid(
             "--budget",
             "",
             "vramcal max needs a --budget, e.g. --budget 80GiB",
         )
     })?;
-    super::measure::parse_device(&a.model.device)?;
+    crate::measure::device::check_device(&a.model.device)?;
     let by_seq = match a.axis.as_str() {
         "batch" => false,
         "seq" => true,
@@ -61,7 +61,7 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
     // Validate the extremes before any probe.
     for x in [1, limit] {
         let (b, s) = point(x);
-        super::measure::train_spec(
+        super::setup::train_spec(
             &a.model,
             b,
             s,
@@ -77,7 +77,7 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
     let command = super::command_line();
     let probe = |x: usize| -> anyhow::Result<Row> {
         let (b, s) = point(x);
-        let spec = super::measure::train_spec(
+        let spec = super::setup::train_spec(
             &a.model,
             b,
             s,
@@ -181,10 +181,10 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
     // The estimator's answer for the same search (candle profile; calibrated when
     // --calibration is given).
     let coeffs =
-        super::estimate::coefficients(a.calibration.as_deref(), crate::estimate::Profile::Candle)?;
+        super::estimate::coefficients(a.calibration.as_deref(), crate::spec::Profile::Candle)?;
     let fits_est = |x: usize| -> bool {
         let (b, s) = point(x);
-        super::measure::train_spec(
+        super::setup::train_spec(
             &a.model,
             b,
             s,
@@ -193,13 +193,8 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
         )
         .ok()
         .and_then(|spec| {
-            crate::estimate::estimate(
-                &model.config,
-                &spec,
-                crate::estimate::Profile::Candle,
-                &coeffs,
-            )
-            .ok()
+            crate::estimate::estimate(&model.config, &spec, crate::spec::Profile::Candle, &coeffs)
+                .ok()
         })
         .is_some_and(|e| e.peak_bytes <= budget)
     };

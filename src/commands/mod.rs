@@ -11,6 +11,7 @@ pub mod models;
 pub mod plan;
 pub mod point;
 pub mod report;
+pub mod setup;
 pub mod sweep;
 
 use std::process::ExitCode;

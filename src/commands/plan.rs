@@ -87,8 +87,8 @@ fn measured_mfu(
 /// # Errors
 /// Bad input, or a measurement that did not succeed.
 pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
-    let (model, weights) = super::measure::resolve(&a.model)?;
-    let spec = super::measure::train_spec(
+    let (model, weights) = super::setup::resolve(&a.model)?;
+    let spec = super::setup::train_spec(
         &a.model,
         a.batch,
         a.seq,
@@ -121,8 +121,8 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
         // Validated before measuring.
         project_on_gpu(&plan(&model.config, &spec, 1, 1, 1.0, None)?, g, mfu, "")?;
     }
-    let device = super::measure::parse_device(&a.model.device)?;
-    super::measure::check_fits(&spec, &model, device)?;
+    let device = crate::measure::device::check_device(&a.model.device)?;
+    super::setup::check_fits(&spec, &model, device)?;
     // Validate the projection's inputs before measuring.
     plan(&model.config, &spec, a.examples, a.epochs, 1.0, None)?;
     let command = super::command_line();
@@ -131,7 +131,7 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
         model: model.name.clone(),
         weights: weights.describe(),
         device: a.model.device.clone(),
-        budget_bytes: super::measure::budget(&a.model)?,
+        budget_bytes: super::setup::budget(&a.model)?,
         model_flops_per_token: Some(model_flops_per_token(&model.config, &spec)),
     };
     let timed = if a.model.timed_steps == 0 {

@@ -1,7 +1,7 @@
-//! Running one measured point in a child process of this binary (a fresh allocator per point;
-//! an abort, a crash or an out-of-memory kill ends only the child). The child streams its
-//! progress as JSON lines, so a child that dies still yields a row with every phase it
-//! finished.
+//! Both ends of the child protocol: running one measured point in a child process of this
+//! binary (a fresh allocator per point; an abort, a crash or an out-of-memory kill ends only the
+//! child), and the child's body. The child streams its progress as JSON lines ([`ChildLine`]),
+//! so a child that dies still yields a row with every phase it finished.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
@@ -11,9 +11,17 @@ use std::process::{Command, Stdio};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::measure::Measurement;
+use std::process::ExitCode;
+
+use crate::cli::MeasureArgs;
+use crate::measure::device::{open_device, probe_for};
+use crate::measure::{
+    failure_hint, is_device_oom, measure_with, Event, Measurement, MemoryProbe, Options, Setup,
+};
 use crate::report::{Row, RowContext, Status};
-use crate::spec::{human, TrainSpec};
+use crate::size::human;
+use crate::spec::DeviceChoice;
+use crate::spec::TrainSpec;
 
 /// One line a child writes on stdout.
 #[derive(Debug, Serialize, Deserialize)]
@@ -165,5 +173,102 @@ fn signal_name(status: &std::process::ExitStatus) -> String {
         Some(11) => "SIGSEGV".into(),
         Some(n) => format!("signal {n}"),
         None => "no signal".into(),
+    }
+}
+
+/// The measuring child's side of the protocol (`vramcal measure --child`): opens the checked
+/// `device` (only the child holds a CUDA context), applies `budget` (the counting allocator's
+/// cap on the CPU; on a GPU a blocker allocation leaves only the budget free, held until the
+/// child exits), runs the step and streams [`ChildLine`]s. `setup.device` is replaced by the
+/// opened device.
+///
+/// # Errors
+/// The device cannot be opened or probed; a failed step is reported in the row instead.
+pub fn child(
+    a: &MeasureArgs,
+    ctx: &RowContext,
+    mut setup: Setup,
+    device: DeviceChoice,
+    budget: Option<u64>,
+) -> anyhow::Result<ExitCode> {
+    let device = open_device(device)?;
+    #[cfg(feature = "cuda")]
+    let blocker = match (&device, budget) {
+        (candle_core::Device::Cuda(d), Some(b)) => {
+            Some(crate::measure::cuda::Blocker::leave_free(d, b)?)
+        }
+        _ => None,
+    };
+    #[cfg(feature = "cuda")]
+    let probe = probe_for(&device, blocker.as_ref().map_or(0, |b| b.bytes), budget)?;
+    #[cfg(not(feature = "cuda"))]
+    let probe = probe_for(&device, 0, budget)?;
+    setup.device = device;
+    run_child(a, ctx, setup, probe.as_ref())
+}
+
+/// The measuring child: runs the protocol in this process under the probe's budget, streaming its
+/// progress and then the row as JSON lines on stdout.
+fn run_child(
+    a: &MeasureArgs,
+    ctx: &RowContext,
+    setup: Setup,
+    probe: &dyn MemoryProbe,
+) -> anyhow::Result<ExitCode> {
+    die_with_parent();
+    let mut m = Measurement::default();
+    let mut on_event = |e: Event<'_>| {
+        let line = match e {
+            Event::Started(p) => ChildLine::Started(p.to_string()),
+            Event::Finished(m) => ChildLine::Progress(Box::new(m.clone())),
+        };
+        let _ = send(&line);
+    };
+    let opts = Options {
+        save_dir: a.model.save_dir.as_deref(),
+        timed_steps: a.model.timed_steps,
+        on_event: Some(&mut on_event),
+    };
+    let result = measure_with(&setup, probe, &mut m, opts);
+    crate::measure::alloc::set_limit(None);
+    let (status, message) = match &result {
+        Ok(()) => (Status::Ok, String::new()),
+        Err(e) => {
+            let msg = e.to_string();
+            let status = if is_device_oom(&msg) {
+                Status::Oom
+            } else {
+                Status::Error
+            };
+            match failure_hint(&msg) {
+                Some(h) => (status, format!("{msg} ({h})")),
+                None => (status, msg),
+            }
+        }
+    };
+    let row = Row::new(ctx, &setup.spec, &m, status, &message);
+    // The complete measurement (step times and losses come after the last phase event).
+    send(&ChildLine::Progress(Box::new(m)))?;
+    send(&ChildLine::Row(Box::new(row)))?;
+    Ok(if result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Makes the kernel kill this measuring child when its parent dies (`kill -9` of a sweep),
+/// so it never keeps a large point running beside a resumed sweep (Linux `PR_SET_PDEATHSIG`).
+fn die_with_parent() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: prctl with PR_SET_PDEATHSIG only sets a signal number for this process.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        }
+        // The parent may already be gone (re-parented to init or a subreaper).
+        if std::os::unix::process::parent_id() == 1 {
+            std::process::exit(3);
+        }
     }
 }

@@ -7,17 +7,18 @@ use std::process::ExitCode;
 
 use crate::calibrate::{spec_from_row, training_peak};
 use crate::cli::ReportArgs;
-use crate::estimate::{estimate, Profile};
+use crate::estimate::estimate;
 use crate::report::csv_out::read_rows;
 use crate::report::plots::{line_chart, stacked_bar, Series};
 use crate::report::{Row, Status};
+use crate::spec::Profile;
 
 /// Runs `vramcal report`.
 ///
 /// # Errors
 /// Unreadable or empty measurements, a bad calibration, an unwritable output folder.
 pub fn run(a: &ReportArgs) -> anyhow::Result<ExitCode> {
-    let profile = Profile::parse(&a.profile)?;
+    let profile = a.profile.parse::<Profile>()?;
     let c = super::estimate::coefficients(a.calibration.as_deref(), profile)?;
     let mut rows: Vec<Row> = Vec::new();
     for f in &a.measured {

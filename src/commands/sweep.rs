@@ -93,9 +93,9 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             .collect()
     };
     let ckpts = parse_names("--checkpointing", &a.checkpointing)?;
-    let (model, weights) = super::measure::resolve(&a.model)?;
-    let device = super::measure::parse_device(&a.model.device)?;
-    let budget = super::measure::budget(&a.model)?;
+    let (model, weights) = super::setup::resolve(&a.model)?;
+    let device = crate::measure::device::check_device(&a.model.device)?;
+    let budget = super::setup::budget(&a.model)?;
     let command = super::command_line();
     // Validate every point before running any.
     let mut grid = Vec::new();
@@ -104,9 +104,9 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             for &b in &batches {
                 for &s in &seqs {
                     let args = point_args(&a.model, m.as_deref());
-                    let spec = super::measure::train_spec(&args, b, s, m.as_deref(), c)?;
+                    let spec = super::setup::train_spec(&args, b, s, m.as_deref(), c)?;
                     spec.validate(&model.config)?;
-                    super::measure::check_fits(&spec, &model, device)?;
+                    super::setup::check_fits(&spec, &model, device)?;
                     let ctx = RowContext {
                         command: command.clone(),
                         model: model.name.clone(),
@@ -128,7 +128,7 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    super::measure::check_save_dir(&a.model)?;
+    super::setup::check_save_dir(&a.model)?;
     if a.model.lora.is_some()
         && !methods
             .iter()
@@ -197,7 +197,7 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         append_row(&out, &row)?;
         let peak = row
             .peak_bytes
-            .map(crate::spec::gib)
+            .map(crate::size::gib)
             .unwrap_or_else(|| "-".into());
         let secs = row
             .step_seconds_median

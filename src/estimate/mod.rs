@@ -17,58 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::{Checkpointing, Quant};
 use crate::spec::TrainSpec;
-
-/// Which implementation's memory to predict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Profile {
-    /// vramcal's candle model.
-    Candle,
-    /// PyTorch + transformers with SDPA/flash attention.
-    TorchSdpa,
-    /// PyTorch + transformers with eager attention.
-    TorchEager,
-}
-
-impl Profile {
-    /// Parses `candle`, `torch-sdpa` or `torch-eager`.
-    ///
-    /// # Errors
-    /// [`Error::InvalidValue`].
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "candle" => Ok(Profile::Candle),
-            "torch-sdpa" => Ok(Profile::TorchSdpa),
-            "torch-eager" => Ok(Profile::TorchEager),
-            _ => Err(Error::invalid(
-                "--profile",
-                s,
-                "expected candle, torch-sdpa or torch-eager",
-            )),
-        }
-    }
-
-    /// The training stack whose peak this profile predicts, in words (first line of
-    /// `vramcal estimate`).
-    pub fn stack(self) -> &'static str {
-        match self {
-            Profile::Candle => "vramcal's own candle training step (what `vramcal measure` runs)",
-            Profile::TorchSdpa => "PyTorch + transformers, attn_implementation=\"sdpa\"",
-            Profile::TorchEager => "PyTorch + transformers, attn_implementation=\"eager\"",
-        }
-    }
-
-    /// Name as on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Profile::Candle => "candle",
-            Profile::TorchSdpa => "torch-sdpa",
-            Profile::TorchEager => "torch-eager",
-        }
-    }
-}
+use crate::spec::{Checkpointing, Profile, Quant, Shard};
 
 /// The terms whose coefficients calibration fits (bytes; `constant` is 1):
 /// * `activations`: saved tensors of the kept layers other than attention scores;
@@ -105,23 +55,156 @@ impl Profile {
 /// before the layers are recomputed; one segment's graph is alive then, and freed before the
 /// end). The torch profiles without checkpointing sum every term instead (their uncalibrated
 /// model).
-pub const TERMS: [&str; N_TERMS] = [
-    "activations",
-    "attention_scores",
-    "checkpoint_inputs",
-    "logits_and_loss",
-    "gradients_live",
-    "largest_trainable",
-    "attention_transient",
-    "constant",
-    "cpu_bf16_matmul_widening",
-    "cpu_attention_transient",
-];
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Term {
+    /// `activations` (bytes).
+    Activations,
+    /// `attention_scores` (bytes).
+    AttentionScores,
+    /// `checkpoint_inputs` (bytes).
+    CheckpointInputs,
+    /// `logits_and_loss` (bytes).
+    LogitsAndLoss,
+    /// `gradients_live` (bytes; counted, coefficient 1).
+    GradientsLive,
+    /// `largest_trainable` (bytes).
+    LargestTrainable,
+    /// `attention_transient` (bytes; counted for `candle`, coefficient 4).
+    AttentionTransient,
+    /// `constant` (the value is 1; its coefficient is bytes).
+    Constant,
+    /// `cpu_bf16_matmul_widening` (bytes).
+    CpuBf16MatmulWidening,
+    /// `cpu_attention_transient` (bytes; counted for `candle`, coefficient 1).
+    CpuAttentionTransient,
+}
 
-/// How many terms [`TERMS`] has.
+impl Term {
+    /// Every term, in the order of calibration tables and of the `[f64; N_TERMS]` arrays
+    /// ([`Term::index`]).
+    pub const ALL: [Term; N_TERMS] = [
+        Term::Activations,
+        Term::AttentionScores,
+        Term::CheckpointInputs,
+        Term::LogitsAndLoss,
+        Term::GradientsLive,
+        Term::LargestTrainable,
+        Term::AttentionTransient,
+        Term::Constant,
+        Term::CpuBf16MatmulWidening,
+        Term::CpuAttentionTransient,
+    ];
+
+    /// Position in [`Term::ALL`] and in every `[f64; N_TERMS]` of this module.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Name in calibration tables, e.g. `gradients_live`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Term::Activations => "activations",
+            Term::AttentionScores => "attention_scores",
+            Term::CheckpointInputs => "checkpoint_inputs",
+            Term::LogitsAndLoss => "logits_and_loss",
+            Term::GradientsLive => "gradients_live",
+            Term::LargestTrainable => "largest_trainable",
+            Term::AttentionTransient => "attention_transient",
+            Term::Constant => "constant",
+            Term::CpuBf16MatmulWidening => "cpu_bf16_matmul_widening",
+            Term::CpuAttentionTransient => "cpu_attention_transient",
+        }
+    }
+
+    /// The term named `name` in a calibration table, if any.
+    pub fn from_name(name: &str) -> Option<Term> {
+        Term::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// The unit of the term's value: `bytes`, or `1` for [`Term::Constant`].
+    pub fn unit(self) -> &'static str {
+        match self {
+            Term::Constant => "1",
+            _ => "bytes",
+        }
+    }
+
+    /// The unit of the term's coefficient, as calibration tables write it: `bytes` for
+    /// [`Term::Constant`], else `bytes per byte of the term`.
+    pub fn coefficient_unit(self) -> &'static str {
+        match self {
+            Term::Constant => "bytes",
+            _ => "bytes per byte of the term",
+        }
+    }
+
+    /// The line of an itemized estimate: what it is, and the formula its value comes from.
+    pub fn item(self) -> (&'static str, &'static str) {
+        match self {
+            Term::Activations => (
+                "saved activations (layers)",
+                "saved-tensor table without scores × layers kept",
+            ),
+            Term::AttentionScores => (
+                "saved attention scores",
+                "(S2) entries of the table × layers kept",
+            ),
+            Term::CheckpointInputs => ("checkpointed layer inputs", "(⌈L/K⌉ + 1) · N · h · dtype"),
+            Term::LogitsAndLoss => (
+                "logits and loss",
+                "candle: one (min(N, 256), V) logits chunk; torch: (N, V) logits, loss intermediates",
+            ),
+            Term::GradientsLive => ("gradients (alive in backward)", "trainable params × dtype"),
+            Term::LargestTrainable => ("gradient transient", "largest trainable tensor × dtype"),
+            Term::AttentionTransient => (
+                "attention transient",
+                "one layer's (b, heads, s, s) in the compute dtype",
+            ),
+            Term::Constant => ("fixed overhead (workspace)", "constant"),
+            Term::CpuBf16MatmulWidening => (
+                "bf16 matmul f32 copies (CPU)",
+                "LM head's bf16 products widened to f32, max(4·(N·h + V·h + c·V) + 2·c·V, 10·c·V + 4·V·h + 6·c·h [, 10·c·V + 4·N·h + 6·V·h (+2·V·h) trained]), beyond 2 logits chunks",
+            ),
+            Term::CpuAttentionTransient => (
+                "attention transient (CPU kernel)",
+                "4·b·s·(hd·(5·heads + 2·kv_heads [+ heads + kv_heads in 16-bit]) + 2·64·heads)",
+            ),
+        }
+    }
+
+    /// The coefficient that is counted, not fitted, for `profile` (see
+    /// [`crate::calibrate::fixed_coefficients`] for why), or `None` where calibration fits it.
+    pub fn counted(self, profile: Profile) -> Option<f64> {
+        match (self, profile) {
+            (Term::GradientsLive, _) => Some(1.0),
+            (Term::AttentionTransient, Profile::Candle) => Some(4.0),
+            (Term::CpuAttentionTransient, Profile::Candle) => Some(1.0),
+            _ => None,
+        }
+    }
+
+    /// Whether this term is alive at moment `m`; `moments` is false where every term counts
+    /// at once (see [`Term`]).
+    pub fn alive_at(self, m: Moment, checkpointed: bool, moments: bool) -> bool {
+        if !(checkpointed || moments) {
+            return true;
+        }
+        match self {
+            Term::Activations | Term::AttentionScores => !checkpointed || m == Moment::Layer,
+            Term::CheckpointInputs | Term::Constant => true,
+            Term::CpuBf16MatmulWidening | Term::LogitsAndLoss => m == Moment::Head,
+            Term::GradientsLive => m != Moment::Head,
+            Term::LargestTrainable => m != Moment::Layer,
+            Term::AttentionTransient | Term::CpuAttentionTransient => m == Moment::Layer,
+        }
+    }
+}
+
+/// How many terms there are.
 pub const N_TERMS: usize = 10;
 
-/// A moment of backward that may hold the peak (see [`TERMS`]).
+/// A moment of backward that may hold the peak (see [`Term`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Moment {
     /// The head's backward.
@@ -135,35 +218,18 @@ pub enum Moment {
 /// The three moments, in order.
 pub const MOMENTS: [Moment; 3] = [Moment::Head, Moment::Layer, Moment::End];
 
-/// Whether `term` counts at moment `m`; `moments` is false where every term counts at once
-/// (see [`TERMS`]).
-pub fn in_moment(term: usize, m: Moment, checkpointed: bool, moments: bool) -> bool {
-    if !(checkpointed || moments) {
-        return true;
-    }
-    match term {
-        0 | 1 => !checkpointed || m == Moment::Layer,
-        2 | 7 => true,
-        8 => m == Moment::Head,
-        3 => m == Moment::Head,
-        4 => m != Moment::Head,
-        5 => m != Moment::Layer,
-        _ => m == Moment::Layer,
-    }
-}
-
-/// Coefficients of [`TERMS`] for one profile.
+/// Coefficients of [`Term`] for one profile.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Coefficients {
     /// Profile they belong to.
     pub profile: Profile,
-    /// One per term, in [`TERMS`] order.
+    /// One per term, in [`Term`] order.
     pub values: [f64; N_TERMS],
     /// Where they come from (`uncalibrated` or the calibration file).
     pub source: String,
     /// Whether they describe vramcal's step on the CPU (a table fitted to `device=cpu` rows),
     /// where its CPU kernels run: the `candle` attention transient is then the CPU attention
-    /// kernel's ([`TERMS`]). `false` for the uncalibrated coefficients and CUDA tables.
+    /// kernel's ([`Term`]). `false` for the uncalibrated coefficients and CUDA tables.
     pub cpu: bool,
 }
 
@@ -224,12 +290,12 @@ pub struct Terms {
     pub gradients: u64,
     /// AdamW state bytes.
     pub optimizer_states: u64,
-    /// The calibrated terms, in [`TERMS`] order (bytes; `constant` is 1).
+    /// The calibrated terms, in [`Term`] order (bytes; `constant` is 1).
     pub terms: [f64; N_TERMS],
-    /// Whether checkpointing is on (it changes which terms are alive when; see [`TERMS`]).
+    /// Whether checkpointing is on (it changes which terms are alive when; see [`Term`]).
     pub checkpointed: bool,
     /// Whether the head and the gradients peak at separate moments without checkpointing too
-    /// (`candle`); see [`TERMS`].
+    /// (`candle`); see [`Term`].
     pub two_moments: bool,
 }
 
@@ -238,7 +304,7 @@ impl Terms {
     pub fn design(&self, m: Moment) -> [f64; N_TERMS] {
         let mut row = self.terms;
         for (i, v) in row.iter_mut().enumerate() {
-            if !in_moment(i, m, self.checkpointed, self.two_moments) {
+            if !Term::ALL[i].alive_at(m, self.checkpointed, self.two_moments) {
                 *v = 0.0;
             }
         }
@@ -296,12 +362,12 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
     let layer = table::layer(cfg, spec);
     let scores: u64 = layer
         .iter()
-        .filter(|x| x.shape == "(S2)")
+        .filter(|x| x.kind == table::Kind::AttentionScores)
         .map(|x| x.bytes())
         .sum();
     let other: u64 = layer
         .iter()
-        .filter(|x| x.shape != "(S2)")
+        .filter(|x| x.kind == table::Kind::Activation)
         .map(|x| x.bytes())
         .sum();
     // The head's kept (N, h) tensors count with the activations; the logits exist only one
@@ -323,41 +389,38 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
         weights: weight_bytes(cfg, spec),
         gradients: t * d,
         optimizer_states: 2 * t * spec.state_dtype.size_in_bytes() as u64,
-        terms: [
-            (kept * other + if ckpt > 0 { 0 } else { head_kept }) as f64,
-            (kept * scores) as f64,
-            ckpt as f64,
-            head as f64,
+        terms: Term::ALL.map(|term| match term {
+            Term::Activations => (kept * other + if ckpt > 0 { 0 } else { head_kept }) as f64,
+            Term::AttentionScores => (kept * scores) as f64,
+            Term::CheckpointInputs => ckpt as f64,
+            Term::LogitsAndLoss => head as f64,
             // With gradient accumulation the sum of earlier micro-batches' gradients is alive
             // while the next micro-batch builds its own.
-            (t * d * if spec.accumulate > 1 { 2 } else { 1 }) as f64,
+            Term::GradientsLive => (t * d * if spec.accumulate > 1 { 2 } else { 1 }) as f64,
             // Under checkpointing `Decoder::backward` sums the embedding's gradient from its own
             // pass into the head's: two extra copies at the end instead of one.
-            (largest_trainable(cfg, spec)
-                * if ckpt > 0 && spec.adaptation.lora.is_none() {
-                    2
-                } else {
-                    1
-                }) as f64,
-            if cpu && cpu_attention_kernel(spec) {
-                0.0
-            } else {
-                table::attention_scores(cfg, spec) as f64
-            },
-            1.0,
+            Term::LargestTrainable => {
+                (largest_trainable(cfg, spec)
+                    * if ckpt > 0 && spec.adaptation.lora.is_none() {
+                        2
+                    } else {
+                        1
+                    }) as f64
+            }
+            Term::AttentionTransient if cpu && cpu_attention_kernel(spec) => 0.0,
+            Term::AttentionTransient => table::attention_scores(cfg, spec) as f64,
+            Term::Constant => 1.0,
             // The head's other chunk buffers are not alive during its widened products:
             // the term is what the widening adds beyond the two logits chunks.
-            if cpu {
+            Term::CpuBf16MatmulWidening if cpu => {
                 bf16_matmul_widening(cfg, spec).saturating_sub(2 * head) as f64
-            } else {
-                0.0
-            },
-            if cpu && cpu_attention_kernel(spec) {
+            }
+            Term::CpuBf16MatmulWidening => 0.0,
+            Term::CpuAttentionTransient if cpu && cpu_attention_kernel(spec) => {
                 cpu_attention_transient(cfg, spec) as f64
-            } else {
-                0.0
-            },
-        ],
+            }
+            Term::CpuAttentionTransient => 0.0,
+        }),
         checkpointed: ckpt > 0,
         two_moments: true,
     }
@@ -366,7 +429,7 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
 /// Whether vramcal's CPU attention kernel runs for `spec` on the CPU: SDPA attention in f32,
 /// bf16 or f16 (`src/ops/cpu_attention.rs`, `eligible`).
 pub fn cpu_attention_kernel(spec: &TrainSpec) -> bool {
-    spec.attention == crate::model::Attention::Sdpa
+    spec.attention == crate::spec::Attention::Sdpa
         && matches!(
             spec.dtype,
             candle_core::DType::F32 | candle_core::DType::BF16 | candle_core::DType::F16
@@ -485,7 +548,7 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile: Profile, cpu: bool) -
     }
 }
 
-/// Predicted peak of step 2's backward with coefficients `c` (see [`TERMS`]).
+/// Predicted peak of step 2's backward with coefficients `c` (see [`Term`]).
 pub fn predicted_backward_peak(t: &Terms, c: &Coefficients) -> f64 {
     let row = t.design(t.peak_moment(&c.values));
     (t.weights + t.optimizer_states) as f64
@@ -516,7 +579,7 @@ pub fn estimate_sharded(
     spec: &TrainSpec,
     profile: Profile,
     c: &Coefficients,
-    sharding: Option<(multi::Shard, usize)>,
+    sharding: Option<(Shard, usize)>,
 ) -> Result<Estimate> {
     if c.profile != profile {
         return Err(Error::invalid(
@@ -543,42 +606,12 @@ pub fn estimate_sharded(
         )?;
         t.weights = m.weights;
         t.optimizer_states = m.optimizer_states;
-        t.terms[4] *= m.gradients as f64 / t.gradients.max(1) as f64;
+        t.terms[Term::GradientsLive.index()] *= m.gradients as f64 / t.gradients.max(1) as f64;
         t.gradients = m.gradients;
     }
     let bwd = predicted_backward_peak(&t, c);
     let opt_transient = optimizer_transient(cfg, spec, profile, t.gradients);
     let opt = (t.weights + t.gradients + t.optimizer_states + opt_transient) as f64;
-    let names: [(&str, &str); N_TERMS] = [
-        (
-            "saved activations (layers)",
-            "saved-tensor table without scores × layers kept",
-        ),
-        (
-            "saved attention scores",
-            "(S2) entries of the table × layers kept",
-        ),
-        ("checkpointed layer inputs", "(⌈L/K⌉ + 1) · N · h · dtype"),
-        (
-            "logits and loss",
-            "candle: one (min(N, 256), V) logits chunk; torch: (N, V) logits, loss intermediates",
-        ),
-        ("gradients (alive in backward)", "trainable params × dtype"),
-        ("gradient transient", "largest trainable tensor × dtype"),
-        (
-            "attention transient",
-            "one layer's (b, heads, s, s) in the compute dtype",
-        ),
-        ("fixed overhead (workspace)", "constant"),
-        (
-            "bf16 matmul f32 copies (CPU)",
-            "LM head's bf16 products widened to f32, max(4·(N·h + V·h + c·V) + 2·c·V, 10·c·V + 4·V·h + 6·c·h [, 10·c·V + 4·N·h + 6·V·h (+2·V·h) trained]), beyond 2 logits chunks",
-        ),
-        (
-            "attention transient (CPU kernel)",
-            "4·b·s·(hd·(5·heads + 2·kv_heads [+ heads + kv_heads in 16-bit]) + 2·64·heads)",
-        ),
-    ];
     // Held at every moment of the step.
     let held = vec![
         Item {
@@ -594,11 +627,13 @@ pub fn estimate_sharded(
     ];
     let mut items = held.clone();
     let row = t.design(t.peak_moment(&c.values));
-    for (i, (name, f)) in names.iter().enumerate() {
+    for term in Term::ALL {
+        let i = term.index();
+        let (name, f) = term.item();
         let b = row[i] * c.values[i];
         if b > 0.0 {
             items.push(Item {
-                name: (*name).into(),
+                name: name.into(),
                 bytes: b.round() as u64,
                 formula: format!("{:.3} × {f}", c.values[i]),
             });

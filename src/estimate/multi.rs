@@ -5,39 +5,7 @@ use serde::Serialize;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::spec::TrainSpec;
-
-/// How training state is sharded across data-parallel GPUs (Rajbhandari et al. 2020, "ZeRO:
-/// Memory Optimizations Toward Training Trillion Parameter Models", §5; PyTorch FSDP's
-/// FULL_SHARD is ZeRO-3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Shard {
-    /// Optimizer states sharded.
-    Zero1,
-    /// Optimizer states and gradients sharded.
-    Zero2,
-    /// Optimizer states, gradients and parameters sharded.
-    Zero3,
-}
-
-impl Shard {
-    /// Parses `zero1`, `zero2`, `zero3` or `fsdp` (= `zero3`).
-    ///
-    /// # Errors
-    /// [`Error::InvalidValue`].
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "zero1" => Ok(Shard::Zero1),
-            "zero2" => Ok(Shard::Zero2),
-            "zero3" | "fsdp" => Ok(Shard::Zero3),
-            _ => Err(Error::invalid(
-                "--shard",
-                s,
-                "expected zero1, zero2, zero3 or fsdp",
-            )),
-        }
-    }
-}
+use crate::spec::{Shard, TrainSpec};
 
 /// Per-GPU bytes of the sharded parts. Only trainable parameters have gradients and optimizer
 /// states, so only they are counted there (DeepSpeed's own estimators also count frozen
@@ -150,7 +118,7 @@ pub fn device_map(cfg: &ModelConfig, spec: &TrainSpec, budgets: &[u64]) -> Resul
             .map(|p| {
                 let n = p.numel() as u64;
                 match spec.adaptation.quant {
-                    crate::model::Quant::Nf4 { .. } if p.name.contains("_proj.") => {
+                    crate::spec::Quant::Nf4 { .. } if p.name.contains("_proj.") => {
                         n.div_ceil(2) + n.div_ceil(64) * 4
                     }
                     _ => n * d,
@@ -184,8 +152,8 @@ pub fn device_map(cfg: &ModelConfig, spec: &TrainSpec, budgets: &[u64]) -> Resul
             let total: u64 = budgets.iter().sum();
             return Err(Error::invalid(
                 "--max-memory",
-                format!("{} GiB in all", crate::spec::gib(total)),
-                format!("{name} ({b} bytes) does not fit on any remaining device; the weights need {} GiB", crate::spec::gib(crate::estimate::weight_bytes(cfg, spec))),
+                format!("{} GiB in all", crate::size::gib(total)),
+                format!("{name} ({b} bytes) does not fit on any remaining device; the weights need {} GiB", crate::size::gib(crate::estimate::weight_bytes(cfg, spec))),
             ));
         }
         used += b;

@@ -47,8 +47,8 @@ pub fn korthikanti(cfg: &ModelConfig, spec: &TrainSpec) -> Reference {
         cfg.num_attention_heads as f64,
     );
     let act = match spec.checkpointing {
-        crate::model::Checkpointing::None => s * b * h * l * (34.0 + 5.0 * a * s / h),
-        crate::model::Checkpointing::Every(_) => 2.0 * s * b * h * l,
+        crate::spec::Checkpointing::None => s * b * h * l * (34.0 + 5.0 * a * s / h),
+        crate::spec::Checkpointing::Every(_) => 2.0 * s * b * h * l,
     };
     let p = cfg.param_count() as f64;
     let t = spec.trainable_params(cfg) as f64;

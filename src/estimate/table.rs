@@ -10,9 +10,19 @@
 //! `i` intermediate, `V` vocabulary, `S2 = batch·heads·seq²` attention scores, `r` LoRA rank.
 
 use crate::config::ModelConfig;
-use crate::model::lora::Target;
-use crate::model::Attention;
+use crate::spec::Attention;
+use crate::spec::Target;
 use crate::spec::{target_shape, TrainSpec};
+
+/// Which estimator term a kept tensor counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An activation ([`crate::estimate::Term::Activations`]).
+    Activation,
+    /// `(batch, heads, seq, seq)` attention probabilities
+    /// ([`crate::estimate::Term::AttentionScores`]).
+    AttentionScores,
+}
 
 /// One kept tensor of the forward graph.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +31,8 @@ pub struct SavedTensor {
     pub name: String,
     /// Shape in symbols, e.g. `(N, h)`.
     pub shape: &'static str,
+    /// The term it counts in.
+    pub kind: Kind,
     /// Elements.
     pub elems: u64,
     /// Bytes per element.
@@ -38,6 +50,7 @@ fn t(name: impl Into<String>, shape: &'static str, elems: u64, elem_bytes: u64) 
     SavedTensor {
         name: name.into(),
         shape,
+        kind: Kind::Activation,
         elems,
         elem_bytes,
     }
@@ -111,7 +124,11 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     v.push(t("rope_k", "(N, kv)", n * kv, d));
     if spec.attention == Attention::Eager {
         let s2 = (spec.batch * cfg.num_attention_heads * spec.seq * spec.seq) as u64;
-        v.push(t("attention.probs", "(S2)", s2, d)); // --attention eager keeps them
+        // --attention eager keeps them
+        v.push(SavedTensor {
+            kind: Kind::AttentionScores,
+            ..t("attention.probs", "(S2)", s2, d)
+        });
     }
     v.push(t("attention.out", "(N, q)", n * q, d)); // fused, (b, s, heads·hd)
     linear(&mut v, "o_proj", "(N, h)", n, h, q, d, spec, Target::OProj);

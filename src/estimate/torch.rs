@@ -21,9 +21,9 @@
 
 use candle_core::DType;
 
-use super::{weight_bytes, Terms};
+use super::{weight_bytes, Term, Terms};
 use crate::config::ModelConfig;
-use crate::model::Checkpointing;
+use crate::spec::Checkpointing;
 use crate::spec::{target_shape, TrainSpec};
 
 /// Saved bytes of one layer for `spec` (all tokens of the micro-batch).
@@ -31,8 +31,8 @@ pub fn layer_bytes(cfg: &ModelConfig, spec: &TrainSpec, eager: bool) -> u64 {
     let d = spec.dtype.size_in_bytes() as u64;
     let n = (spec.batch * spec.seq) as u64;
     let h = cfg.hidden_size as u64;
-    let q = target_shape(cfg, crate::model::lora::Target::QProj).0 as u64;
-    let kv = target_shape(cfg, crate::model::lora::Target::KProj).0 as u64;
+    let q = target_shape(cfg, crate::spec::Target::QProj).0 as u64;
+    let kv = target_shape(cfg, crate::spec::Target::KProj).0 as u64;
     let i = cfg.intermediate_size as u64;
     let heads = cfg.num_attention_heads as u64;
     let norm = if spec.dtype == DType::F32 {
@@ -78,18 +78,18 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, eager: bool) -> Terms {
         weights: weight_bytes(cfg, spec),
         gradients: t * d,
         optimizer_states: 2 * t * spec.state_dtype.size_in_bytes() as u64,
-        terms: [
-            act as f64,
-            0.0,
-            ckpt as f64,
-            head as f64,
-            (t * d) as f64,
-            0.0,
-            0.0,
-            1.0,
-            0.0,
-            0.0,
-        ],
+        terms: Term::ALL.map(|term| match term {
+            Term::Activations => act as f64,
+            Term::CheckpointInputs => ckpt as f64,
+            Term::LogitsAndLoss => head as f64,
+            Term::GradientsLive => (t * d) as f64,
+            Term::Constant => 1.0,
+            Term::AttentionScores
+            | Term::LargestTrainable
+            | Term::AttentionTransient
+            | Term::CpuBf16MatmulWidening
+            | Term::CpuAttentionTransient => 0.0,
+        }),
         checkpointed: ckpt > 0,
         two_moments: false,
     }

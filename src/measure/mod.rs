@@ -4,6 +4,7 @@
 pub mod alloc;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod probe;
 pub mod step;
 

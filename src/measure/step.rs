@@ -22,11 +22,12 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use crate::config::ResolvedModel;
 use crate::error::{Error, Result};
 use crate::measure::probe::MemoryProbe;
-use crate::model::save::SaveMode;
-use crate::model::weights::{open_source, WeightsSpec};
 use crate::model::{Decoder, ForwardCtx};
 use crate::optim::AdamW;
+use crate::spec::SaveMode;
 use crate::spec::TrainSpec;
+use crate::spec::WeightsSpec;
+use crate::weights::open_source;
 
 /// Everything needed to measure one point.
 #[derive(Debug, Clone)]

@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::nf4::Nf4Tensor;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// A frozen weight as the op sees it.
 #[derive(Debug, Clone)]
@@ -99,7 +99,7 @@ impl CustomOp1 for FrozenMatmul {
 /// `x·Wᵀ` for `x` `(…, in)` and a trainable `W` `(out, in)` → `(…, out)`.
 ///
 /// # Errors
-/// [`Error::Candle`] on shape mismatch.
+/// [`crate::error::Error::Candle`] on shape mismatch.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (out, inp) = w.dims2()?;
@@ -113,7 +113,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// `x·Wᵀ` through [`FrozenMatmul`]: `x` `(…, in)` → `(…, out)`, no gradient for `W`.
 ///
 /// # Errors
-/// [`Error::Candle`] on shape mismatch.
+/// [`crate::error::Error::Candle`] on shape mismatch.
 pub fn frozen_linear(x: &Tensor, w: &FrozenRef, out: usize) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let inp = dims[dims.len() - 1];
@@ -189,11 +189,11 @@ impl LoraAdapter {
     /// initializes it), `B = 0`.
     ///
     /// # Errors
-    /// [`Error::Candle`].
+    /// [`crate::error::Error::Candle`].
     pub fn new(
         out: usize,
         inp: usize,
-        cfg: &crate::model::lora::LoraConfig,
+        cfg: &crate::spec::LoraConfig,
         dtype: DType,
         device: &Device,
         seed: u64,
@@ -228,7 +228,7 @@ pub struct ForwardCtx {
 /// (as PyTorch keeps its mask).
 ///
 /// # Errors
-/// [`Error::Candle`].
+/// [`crate::error::Error::Candle`].
 pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);
     let keep = 1.0 / (1.0 - p);
@@ -264,7 +264,7 @@ impl Linear {
     /// `x` `(…, in)` → `(…, out)`; `salt` distinguishes this module's dropout mask.
     ///
     /// # Errors
-    /// [`Error::Candle`].
+    /// [`crate::error::Error::Candle`].
     pub fn forward(&self, x: &Tensor, ctx: ForwardCtx, salt: u64) -> Result<Tensor> {
         let base = match &self.weight {
             Weight::Trainable(w) => linear(x, w)?,
@@ -291,7 +291,7 @@ impl Linear {
     /// The base weight as a dense tensor in `dtype` (dequantized for NF4).
     ///
     /// # Errors
-    /// [`Error::Candle`].
+    /// [`crate::error::Error::Candle`].
     pub fn dense_weight(&self, device: &Device) -> Result<Tensor> {
         Ok(match &self.weight {
             Weight::Trainable(v) => v.as_tensor().clone(),
@@ -307,17 +307,5 @@ impl Linear {
             Weight::Frozen(t) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
             Weight::Nf4(q) => q.bytes(),
         }
-    }
-}
-
-/// Error for a quantized base with a dtype NF4 cannot dequantize into.
-pub fn check_quant_dtype(dtype: DType) -> Result<()> {
-    match dtype {
-        DType::F32 | DType::BF16 | DType::F16 => Ok(()),
-        d => Err(Error::invalid(
-            "--dtype",
-            d.as_str(),
-            "NF4 dequantizes into a 16- or 32-bit float compute dtype (f32, bf16, f16)",
-        )),
     }
 }

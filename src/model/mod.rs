@@ -10,193 +10,22 @@
 //! not used for anything that needs a gradient). `tests/gradients.rs` checks every trainable
 //! tensor against finite differences; `tests/ops.rs` each op against its composed form.
 
-pub mod gguf;
 pub mod linear;
-pub mod lora;
 pub mod nf4;
 pub mod save;
-pub mod weights;
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::ops;
+use crate::spec::{Adaptation, Attention, Checkpointing, Quant, Target};
+use crate::weights::WeightSource;
 use linear::{frozen_linear, linear, FrozenRef, LoraAdapter, Param, Weight};
 pub use linear::{ForwardCtx, Linear};
-use lora::{LoraConfig, Target};
 use nf4::Nf4Tensor;
-pub use weights::{WeightSource, WeightsSpec};
-
-/// Quantization of the frozen base's linear weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum Quant {
-    /// None: base weights in the compute dtype.
-    #[default]
-    None,
-    /// NF4 with one f32 absmax per 64 values; `double` quantizes the absmax values too.
-    Nf4 {
-        /// Double quantization of the absmax values.
-        double: bool,
-    },
-}
-
-impl Quant {
-    /// CSV label: `none`, `nf4` or `nf4-dq`.
-    pub fn label(self) -> &'static str {
-        match self {
-            Quant::None => "none",
-            Quant::Nf4 { double: false } => "nf4",
-            Quant::Nf4 { double: true } => "nf4-dq",
-        }
-    }
-}
-
-/// What attention keeps for backward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum Attention {
-    /// `q`, `k`, `v` and the output; probabilities recomputed in backward (PyTorch's SDPA /
-    /// FlashAttention).
-    #[default]
-    Sdpa,
-    /// Also the `(batch, heads, seq, seq)` probabilities (transformers' eager attention).
-    Eager,
-}
-
-impl Attention {
-    /// CSV and CLI label: `sdpa` or `eager`.
-    pub fn label(self) -> &'static str {
-        match self {
-            Attention::Sdpa => "sdpa",
-            Attention::Eager => "eager",
-        }
-    }
-
-    /// Parses `sdpa` or `eager`.
-    ///
-    /// # Errors
-    /// [`Error::InvalidValue`] for anything else, the empty string included.
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "sdpa" => Ok(Attention::Sdpa),
-            "eager" => Ok(Attention::Eager),
-            _ => Err(Error::invalid("--attention", s, "expected sdpa or eager")),
-        }
-    }
-}
-
-/// Activation checkpointing (recompute).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum Checkpointing {
-    /// Keep every activation for backward.
-    #[default]
-    None,
-    /// Keep only the input of every `K`-th decoder layer; backward recomputes segments of `K`
-    /// layers from them (`Every(1)` = every layer, transformers' `gradient_checkpointing`).
-    Every(usize),
-}
-
-impl Checkpointing {
-    /// Parses `none`, `layers` or `every:K`.
-    ///
-    /// # Errors
-    /// [`Error::InvalidValue`] for anything else or `K = 0`.
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "none" | "off" => Ok(Checkpointing::None),
-            "layers" | "on" => Ok(Checkpointing::Every(1)),
-            _ => {
-                let k = s
-                    .strip_prefix("every:")
-                    .and_then(|k| k.parse::<usize>().ok())
-                    .ok_or_else(|| {
-                        Error::invalid("--checkpointing", s, "expected none, layers or every:K")
-                    })?;
-                if k == 0 {
-                    return Err(Error::invalid(
-                        "--checkpointing",
-                        s,
-                        "the interval K must be at least 1",
-                    ));
-                }
-                Ok(Checkpointing::Every(k))
-            }
-        }
-    }
-
-    /// Checks `K` against the number of layers.
-    ///
-    /// # Errors
-    /// [`Error::InvalidValue`] if `K` exceeds the layer count.
-    pub fn validate(self, layers: usize) -> Result<()> {
-        if let Checkpointing::Every(k) = self {
-            if k == 0 || k > layers {
-                return Err(Error::invalid(
-                    "--checkpointing",
-                    format!("every:{k}"),
-                    format!("the interval must be between 1 and the layer count ({layers})"),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// CSV label: `none`, `layers` or `every:K`.
-    pub fn label(self) -> String {
-        match self {
-            Checkpointing::None => "none".into(),
-            Checkpointing::Every(1) => "layers".into(),
-            Checkpointing::Every(k) => format!("every:{k}"),
-        }
-    }
-}
-
-/// How the base model is adapted: full fine-tuning (no LoRA), LoRA, or QLoRA (LoRA + NF4).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Adaptation {
-    /// LoRA settings; `None` for full fine-tuning.
-    pub lora: Option<LoraConfig>,
-    /// Quantization of the frozen base (only with LoRA).
-    pub quant: Quant,
-    /// Seed of the adapters' initialization.
-    pub seed: u64,
-}
-
-impl Adaptation {
-    /// CSV label of the method: `full`, `lora` or `qlora`.
-    pub fn method(&self) -> &'static str {
-        match (&self.lora, self.quant) {
-            (None, _) => "full",
-            (Some(_), Quant::None) => "lora",
-            (Some(_), Quant::Nf4 { .. }) => "qlora",
-        }
-    }
-
-    /// Checks the combination.
-    ///
-    /// # Errors
-    /// [`Error::InvalidValue`] for a quantized base without LoRA (a 4-bit base cannot be
-    /// trained) or NF4 with a compute dtype it cannot dequantize into.
-    pub fn validate(&self, dtype: DType) -> Result<()> {
-        if let Some(l) = &self.lora {
-            l.validate()?;
-        }
-        if let Quant::Nf4 { .. } = self.quant {
-            if self.lora.is_none() {
-                return Err(Error::invalid(
-                    "--quant",
-                    "nf4",
-                    "a quantized base is frozen: use it with LoRA (--method qlora)",
-                ));
-            }
-            linear::check_quant_dtype(dtype)?;
-        }
-        Ok(())
-    }
-}
 
 /// One decoder layer (HF names).
 #[derive(Debug)]

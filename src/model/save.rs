@@ -10,49 +10,9 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::linear::{Param, Weight};
-use super::lora::Target;
 use super::Decoder;
 use crate::error::{Error, Result};
-
-/// What the `save` phase writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum SaveMode {
-    /// Nothing (no `save` phase).
-    #[default]
-    None,
-    /// The trained tensors: PEFT adapter files for LoRA, `model.safetensors` for full.
-    Adapter,
-    /// Adapters merged into the base, saved as `model.safetensors`.
-    Merged,
-}
-
-impl SaveMode {
-    /// Parses `none`, `adapter` or `merged`.
-    ///
-    /// # Errors
-    /// [`Error::InvalidValue`].
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "none" => Ok(SaveMode::None),
-            "adapter" | "trained" => Ok(SaveMode::Adapter),
-            "merged" | "merge" => Ok(SaveMode::Merged),
-            _ => Err(Error::invalid(
-                "--save",
-                s,
-                "expected none, adapter or merged",
-            )),
-        }
-    }
-
-    /// CSV label.
-    pub fn label(self) -> &'static str {
-        match self {
-            SaveMode::None => "none",
-            SaveMode::Adapter => "adapter",
-            SaveMode::Merged => "merged",
-        }
-    }
-}
+use crate::spec::Target;
 
 /// PEFT's `adapter_config.json` (the keys PEFT writes for a LoRA adapter).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -230,7 +190,7 @@ impl Decoder {
                 path: file.clone(),
                 name: name.clone(),
             })?;
-            super::weights::check_shape(&file, &name, var.dims(), t.dims())?;
+            crate::weights::check_shape(&file, &name, var.dims(), t.dims())?;
             var.set(&t.to_dtype(var.dtype())?)?;
         }
         Ok(cfg)

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use crate::measure::Measurement;
-use crate::spec::gib;
+use crate::size::gib;
 
 /// Renders the phases of `m` as a text table: peak and end allocated bytes (with GiB, 2^30
 /// bytes, for reading), seconds; then the totals.

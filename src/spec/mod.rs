@@ -1,13 +1,40 @@
-//! The training setup to measure (`TrainSpec`) and the one place that rejects bad sizes.
+//! The training-setup vocabulary, in one place: every option a user names (method, LoRA,
+//! quantization, dtypes, optimizer, checkpointing, attention, save, device, weights, estimate
+//! profile, sharding) is a type here with one `FromStr`/`Display` pair, and [`TrainSpec`] is
+//! one configuration to measure or estimate, with the one place that rejects bad sizes.
+//!
+//! `model/`, `measure/`, `estimate/` and the commands import their vocabulary from here; this
+//! module imports only [`crate::config`] (model sizes), [`crate::error`] and the LM head's chunk
+//! size ([`crate::ops::CE_CHUNK_TOKENS`], for [`TrainSpec::min_bytes`]).
+
+pub mod attention;
+pub mod checkpointing;
+pub mod device;
+pub mod lora;
+pub mod method;
+pub mod optimizer;
+pub mod precision;
+pub mod profile;
+pub mod save;
+pub mod shard;
+pub mod weights;
 
 use candle_core::DType;
 
+pub use attention::Attention;
+pub use checkpointing::Checkpointing;
+pub use device::DeviceChoice;
+pub use lora::{LoraConfig, Target};
+pub use method::{check_quant_dtype, Adaptation, Method, Quant};
+pub use optimizer::AdamWConfig;
+pub use precision::{dtype_name, parse_dtype};
+pub use profile::Profile;
+pub use save::SaveMode;
+pub use shard::Shard;
+pub use weights::WeightsSpec;
+
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::lora::{LoraConfig, Target};
-use crate::model::save::SaveMode;
-use crate::model::{Adaptation, Attention, Checkpointing, Quant};
-use crate::optim::AdamWConfig;
 
 /// `(out, in)` of LoRA target `t` in a layer of `cfg`.
 pub fn target_shape(cfg: &ModelConfig, t: Target) -> (usize, usize) {
@@ -35,25 +62,6 @@ pub fn lora_param_count(cfg: &ModelConfig, lora: &LoraConfig) -> u64 {
         })
         .sum();
     per_layer * cfg.num_hidden_layers as u64
-}
-
-/// Parses a dtype name: `f32`, `bf16`, `f16` or `f64`.
-///
-/// # Errors
-/// [`Error::InvalidValue`] for anything else.
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    match s.to_ascii_lowercase().as_str() {
-        "f32" | "fp32" | "float32" => Ok(DType::F32),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        "f16" | "fp16" | "float16" => Ok(DType::F16),
-        "f64" | "float64" => Ok(DType::F64),
-        _ => Err(Error::invalid("dtype", s, "expected f32, bf16, f16 or f64")),
-    }
-}
-
-/// Short name of a dtype as used in CSV rows (`f32`, `bf16`, …).
-pub fn dtype_name(d: DType) -> &'static str {
-    d.as_str()
 }
 
 /// One training configuration to measure.
@@ -221,26 +229,4 @@ impl TrainSpec {
             .checked_add(probs)?
             .checked_add(hidden)
     }
-}
-
-/// Physical memory of this machine in bytes (`MemTotal` of `/proc/meminfo`), if known.
-pub fn host_memory_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// Formats bytes for reading: MiB (2^20) below 1 GiB, else GiB (2^30), with the unit.
-pub fn human(bytes: u64) -> String {
-    if bytes < 1 << 30 {
-        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-    } else {
-        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
-    }
-}
-
-/// Formats bytes as GiB (2^30 bytes) with two decimals, for display only.
-pub fn gib(bytes: u64) -> String {
-    format!("{:.2}", bytes as f64 / (1u64 << 30) as f64)
 }

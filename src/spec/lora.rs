@@ -3,6 +3,7 @@
 //! the base `W0` frozen. Names and defaults follow PEFT's `LoraConfig`.
 
 use std::fmt;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -110,6 +111,74 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
+    /// Checks the ranges.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`].
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::invalid("--lora r", 0, "rank must be at least 1"));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(Error::invalid(
+                "--lora alpha",
+                self.alpha,
+                "must be positive",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::invalid(
+                "--lora dropout",
+                self.dropout,
+                "must be in [0, 1)",
+            ));
+        }
+        if self.targets.is_empty() {
+            return Err(Error::invalid(
+                "--lora targets",
+                "",
+                "at least one target module is needed",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `alpha / r`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    /// Targets as `q_proj;v_proj` (the CSV's `lora_targets`).
+    pub fn targets_label(&self) -> String {
+        self.targets
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+}
+
+impl fmt::Display for LoraConfig {
+    /// `r=…,alpha=…,dropout=…,targets=…`, which [`FromStr`] reads back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "r={},alpha={},dropout={},targets={}",
+            self.r,
+            self.alpha,
+            self.dropout,
+            self.targets
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    }
+}
+
+impl FromStr for LoraConfig {
+    type Err = Error;
+
     /// Parses `r=16,alpha=32,dropout=0.0,targets=q_proj,k_proj,v_proj,o_proj`. Items without
     /// `=` continue the previous key's list (so `targets=q_proj,v_proj` works unquoted).
     /// Targets are `q,k,v,o,gate,up,down` (with or without `_proj`), `attn`, `mlp` or
@@ -118,7 +187,7 @@ impl LoraConfig {
     /// # Errors
     /// [`Error::InvalidValue`] for unknown keys or targets, rank 0, alpha ≤ 0, dropout outside
     /// [0, 1), or no targets.
-    pub fn parse(spec: &str) -> Result<Self> {
+    fn from_str(spec: &str) -> Result<Self> {
         let mut c = LoraConfig::default();
         let mut targets: Option<Vec<Target>> = None;
         let mut last_key = String::new();
@@ -197,68 +266,5 @@ impl LoraConfig {
         }
         c.validate()?;
         Ok(c)
-    }
-
-    /// Checks the ranges.
-    ///
-    /// # Errors
-    /// [`Error::InvalidValue`].
-    pub fn validate(&self) -> Result<()> {
-        if self.r == 0 {
-            return Err(Error::invalid("--lora r", 0, "rank must be at least 1"));
-        }
-        if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(Error::invalid(
-                "--lora alpha",
-                self.alpha,
-                "must be positive",
-            ));
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::invalid(
-                "--lora dropout",
-                self.dropout,
-                "must be in [0, 1)",
-            ));
-        }
-        if self.targets.is_empty() {
-            return Err(Error::invalid(
-                "--lora targets",
-                "",
-                "at least one target module is needed",
-            ));
-        }
-        Ok(())
-    }
-
-    /// `alpha / r`.
-    pub fn scale(&self) -> f64 {
-        self.alpha / self.r as f64
-    }
-
-    /// Targets as `q_proj;v_proj` (the CSV's `lora_targets`).
-    pub fn targets_label(&self) -> String {
-        self.targets
-            .iter()
-            .map(|t| t.name())
-            .collect::<Vec<_>>()
-            .join(";")
-    }
-}
-
-impl fmt::Display for LoraConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "r={},alpha={},dropout={},targets={}",
-            self.r,
-            self.alpha,
-            self.dropout,
-            self.targets
-                .iter()
-                .map(|t| t.name())
-                .collect::<Vec<_>>()
-                .join(",")
-        )
     }
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 
-use super::weights::{check_shape, WeightSource};
+use super::source::{check_shape, WeightSource};
 use crate::config::ModelConfig;
 use crate::error::{candle_msg, Error, Result};
 

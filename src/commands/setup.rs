@@ -1,0 +1,256 @@
+//! What every verb that names a training setup shares: `--model`/`--weights` resolved into a
+//! model config and a weights source, the CLI strings turned into a [`TrainSpec`] (through the
+//! `FromStr` of each [`crate::spec`] type: errors come from there), and the checks made before
+//! anything runs (`--budget`, `--save-dir`, host memory).
+
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::cli::ModelArgs;
+use crate::config::{resolve_model, ConfigSource, ResolvedModel};
+use crate::error::Error;
+use crate::measure::device::host_memory_bytes;
+use crate::size::gib;
+use crate::spec::{
+    parse_dtype, Adaptation, Checkpointing, DeviceChoice, LoraConfig, Method, Quant, SaveMode,
+    TrainSpec, WeightsSpec,
+};
+use crate::weights::gguf::{config_from_gguf, read_content};
+
+/// Resolves `--model` and `--weights` into a model configuration and a weights source.
+///
+/// # Errors
+/// Unknown or malformed model, missing weights, a GGUF whose tensors do not fit the model.
+pub fn resolve(args: &ModelArgs) -> anyhow::Result<(ResolvedModel, WeightsSpec)> {
+    let weights = WeightsSpec::parse(&args.weights, args.seed)?;
+    let from_weights = match &weights {
+        WeightsSpec::Gguf(p) => {
+            let (content, _) = read_content(p)?;
+            let config = config_from_gguf(&content, p)?;
+            let name = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Some(ResolvedModel {
+                name,
+                config,
+                source: ConfigSource::File(p.clone()),
+            })
+        }
+        WeightsSpec::Safetensors(dir) if dir.join("config.json").is_file() => {
+            Some(resolve_model(&dir.display().to_string())?)
+        }
+        WeightsSpec::HfCache(id) => {
+            crate::weights::hf_cache_dir(id)?;
+            Some(resolve_model(id)?)
+        }
+        _ => None,
+    };
+    let model = match (&args.model, from_weights) {
+        (Some(name), Some(w)) => {
+            let m = resolve_model(name)?;
+            if m.config.param_shapes() != w.config.param_shapes() {
+                let diff = m
+                    .config
+                    .param_shapes()
+                    .into_iter()
+                    .zip(w.config.param_shapes())
+                    .find(|(a, b)| a != b)
+                    .map(|(a, b)| {
+                        format!(
+                            "{} is {:?} in the model, {:?} in the weights",
+                            a.name, a.shape, b.shape
+                        )
+                    })
+                    .unwrap_or_else(|| "they have different numbers of tensors".into());
+                anyhow::bail!(
+                    "--weights {} do not match --model {name}: {diff}",
+                    args.weights
+                );
+            }
+            m
+        }
+        (Some(name), None) => resolve_model(name)?,
+        (None, Some(w)) => w,
+        (None, None) => anyhow::bail!("--model is required with --weights {}", args.weights),
+    };
+    // Bad weights are bad input: find them before anything is measured or written.
+    let mut src = crate::weights::open_source(&weights)?;
+    crate::weights::check_all(src.as_mut(), &model.config, Path::new(&args.weights))?;
+    Ok((model, weights))
+}
+
+/// Builds the adaptation (full, LoRA, QLoRA) from `--method`, `--lora`, `--quant`,
+/// `--double-quant`.
+///
+/// # Errors
+/// Unknown method or quantization, malformed `--lora`, `--lora` with `--method full`.
+pub fn adaptation(args: &ModelArgs, method: Option<&str>) -> anyhow::Result<Adaptation> {
+    let quant = match args.quant.as_deref() {
+        None => Quant::None,
+        Some(q) => match q.parse::<Quant>()? {
+            Quant::Nf4 { double } => Quant::Nf4 {
+                double: double || args.double_quant,
+            },
+            Quant::None => Quant::None,
+        },
+    };
+    let method = match method {
+        Some(m) => m.parse::<Method>()?,
+        None if args.lora.is_some() => Method::Lora,
+        None => Method::Full,
+    };
+    let lora = || -> anyhow::Result<LoraConfig> {
+        Ok(match &args.lora {
+            Some(s) => s.parse::<LoraConfig>()?,
+            None => LoraConfig::default(),
+        })
+    };
+    let ad = match method {
+        Method::Full => {
+            if args.lora.is_some() {
+                return Err(Error::invalid(
+                    "--lora",
+                    args.lora.clone().unwrap_or_default(),
+                    "needs --method lora or qlora",
+                )
+                .into());
+            }
+            Adaptation {
+                lora: None,
+                quant,
+                seed: args.seed,
+            }
+        }
+        Method::Lora => Adaptation {
+            lora: Some(lora()?),
+            quant,
+            seed: args.seed,
+        },
+        Method::Qlora => {
+            if quant == Quant::None && args.quant.is_some() {
+                return Err(Error::invalid(
+                    "--quant",
+                    "none",
+                    "conflicts with --method qlora (a 4-bit base)",
+                )
+                .into());
+            }
+            Adaptation {
+                lora: Some(lora()?),
+                quant: match quant {
+                    Quant::None => Quant::Nf4 {
+                        double: args.double_quant,
+                    },
+                    q => q,
+                },
+                seed: args.seed,
+            }
+        }
+    };
+    if args.double_quant && !matches!(ad.quant, Quant::Nf4 { .. }) {
+        return Err(Error::invalid(
+            "--double-quant",
+            "",
+            "goes with a 4-bit base (--method qlora or --quant nf4)",
+        )
+        .into());
+    }
+    Ok(ad)
+}
+
+/// Builds the training spec from the CLI arguments.
+///
+/// # Errors
+/// Bad dtype names, method, LoRA, checkpointing or save settings.
+pub fn train_spec(
+    args: &ModelArgs,
+    batch: usize,
+    seq: usize,
+    method: Option<&str>,
+    checkpointing: &str,
+) -> anyhow::Result<TrainSpec> {
+    let mut spec = TrainSpec::new(batch, seq);
+    spec.adaptation = adaptation(args, method)?;
+    spec.checkpointing = checkpointing.parse::<Checkpointing>()?;
+    spec.accumulate = args.accumulate;
+    spec.save = args.save.parse::<SaveMode>()?;
+    if args.merge_save {
+        if spec.save == SaveMode::Adapter {
+            return Err(Error::invalid("--merge-save", "", "conflicts with --save adapter").into());
+        }
+        spec.save = SaveMode::Merged;
+    }
+    spec.dtype = parse_dtype(&args.dtype).context("--dtype")?;
+    spec.state_dtype =
+        parse_dtype(&args.optimizer_state_dtype).context("--optimizer-state-dtype")?;
+    spec.adamw.lr = args.lr;
+    spec.adamw.weight_decay = args.weight_decay;
+    spec.allow_longer = args.allow_longer;
+    spec.attention = args.attention.parse()?;
+    spec.data_seed = args.data_seed;
+    Ok(spec)
+}
+
+/// Checks `--save-dir` before anything runs: it needs a save, and must be (or become) a folder.
+///
+/// # Errors
+/// `--save-dir` without `--save`, a path that is a file, or a folder that cannot be created.
+pub fn check_save_dir(args: &ModelArgs) -> anyhow::Result<()> {
+    let Some(d) = &args.save_dir else {
+        return Ok(());
+    };
+    if args.save == "none" && !args.merge_save {
+        return Err(Error::invalid(
+            "--save-dir",
+            d.display(),
+            "needs --save adapter|merged (or --merge-save)",
+        )
+        .into());
+    }
+    if d.exists() && !d.is_dir() {
+        return Err(Error::invalid("--save-dir", d.display(), "exists and is not a folder").into());
+    }
+    std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    Ok(())
+}
+
+/// Parses `--budget`.
+///
+/// # Errors
+/// A malformed size.
+pub fn budget(args: &ModelArgs) -> anyhow::Result<Option<u64>> {
+    Ok(match &args.budget {
+        Some(b) => Some(crate::size::parse_size("--budget", b)?),
+        None => None,
+    })
+}
+
+/// Rejects a point that cannot fit in this machine's memory (CPU): weights, gradients, AdamW
+/// states and logits alone exceed it. Activations come on top, so passing is no promise.
+///
+/// # Errors
+/// When the lower bound exceeds the host memory.
+pub fn check_fits(
+    spec: &TrainSpec,
+    model: &ResolvedModel,
+    device: DeviceChoice,
+) -> anyhow::Result<()> {
+    if device.is_cpu() {
+        if let (Some(need), Some(have)) = (spec.min_bytes(&model.config), host_memory_bytes()) {
+            if need > have {
+                // Name the adapters too: a huge rank can be what does not fit.
+                let lora = match &spec.adaptation.lora {
+                    Some(l) => format!("LoRA {l} with "),
+                    None => String::new(),
+                };
+                anyhow::bail!(
+                    "{lora}micro-batch {} × seq {} of {} needs at least {} GiB (weights, gradients, AdamW states, a logits chunk, one hidden state per layer), more than this machine's {} GiB",
+                    spec.batch, spec.seq, model.name, gib(need), gib(have)
+                );
+            }
+        }
+    }
+    Ok(())
+}

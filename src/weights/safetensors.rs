@@ -1,0 +1,168 @@
+//! Hugging Face safetensors (a single file, or a folder with `model.safetensors` or a sharded
+//! `model.safetensors.index.json`), memory-mapped, and models in the local Hugging Face cache
+//! (hf-hub's cache layout; vramcal does not download).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use super::source::{check_shape, WeightSource};
+use crate::error::{candle_msg, Error, Result};
+
+/// Safetensors in Hugging Face layout, memory-mapped.
+pub struct SafetensorsWeights {
+    st: MmapedSafetensors,
+    path: PathBuf,
+    /// Tensor name → file, for error messages.
+    files: HashMap<String, PathBuf>,
+}
+
+impl SafetensorsWeights {
+    /// Opens a single `.safetensors` file, or a folder with `model.safetensors` or
+    /// `model.safetensors.index.json` (sharded).
+    ///
+    /// # Errors
+    /// [`Error::Weights`] when files are missing, the index is malformed, or a file's header
+    /// is truncated or invalid.
+    pub fn open(path: &Path) -> Result<Self> {
+        let files: Vec<PathBuf> = if path.is_file() {
+            vec![path.to_path_buf()]
+        } else if path.join("model.safetensors.index.json").is_file() {
+            let idx = path.join("model.safetensors.index.json");
+            let text = crate::input::read_text_capped(&idx)?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Weights {
+                path: idx.clone(),
+                reason: format!("malformed index: {e}"),
+            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Weights {
+                    path: idx.clone(),
+                    reason: "index has no `weight_map` object".into(),
+                })?;
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect();
+            shards.sort();
+            shards.dedup();
+            shards.into_iter().map(|f| path.join(f)).collect()
+        } else if path.join("model.safetensors").is_file() {
+            vec![path.join("model.safetensors")]
+        } else {
+            return Err(Error::Weights {
+                path: path.to_path_buf(),
+                reason: "folder has neither model.safetensors nor model.safetensors.index.json"
+                    .into(),
+            });
+        };
+        let mut by_name = HashMap::new();
+        for f in &files {
+            if !f.is_file() {
+                return Err(Error::Weights {
+                    path: f.clone(),
+                    reason: "shard listed in the index is missing".into(),
+                });
+            }
+            // Validate each file's header and data length up front, so a truncated file is
+            // reported with its name before any tensor is built.
+            // SAFETY: the file is only read; vramcal does not modify it while mapped.
+            let one = unsafe { MmapedSafetensors::new(f) }.map_err(|e| Error::Weights {
+                path: f.clone(),
+                reason: format!("not a valid safetensors file: {}", candle_msg(&e)),
+            })?;
+            for (name, _) in one.tensors() {
+                by_name.insert(name, f.clone());
+            }
+        }
+        // SAFETY: as above.
+        let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::Weights {
+            path: path.to_path_buf(),
+            reason: format!("not a valid safetensors file: {}", candle_msg(&e)),
+        })?;
+        Ok(SafetensorsWeights {
+            st,
+            path: path.to_path_buf(),
+            files: by_name,
+        })
+    }
+}
+
+impl WeightSource for SafetensorsWeights {
+    fn names(&self) -> Vec<String> {
+        self.files.keys().cloned().collect()
+    }
+
+    fn check(&mut self, name: &str, shape: &[usize]) -> Result<()> {
+        let file = self.files.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.into(),
+        })?;
+        // Headers and data extents were validated when the files were opened.
+        let view = self.st.get(name).map_err(|e| Error::Weights {
+            path: file.clone(),
+            reason: format!("{name}: {}", candle_msg(&e)),
+        })?;
+        // Weights are floating point; an integer tensor would load, convert and train to NaN.
+        let stored = format!("{:?}", view.dtype());
+        if !matches!(stored.as_str(), "F16" | "BF16" | "F32" | "F64") {
+            return Err(Error::Weights {
+                path: file.clone(),
+                reason: format!("{name}: stored as {stored}, not a floating-point type"),
+            });
+        }
+        check_shape(file, name, shape, view.shape())
+    }
+
+    fn tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        self.check(name, shape)?;
+        let t = self.st.load(name, device).map_err(|e| Error::Weights {
+            path: self.files.get(name).cloned().unwrap_or_default(),
+            reason: format!("{name}: {}", candle_msg(&e)),
+        })?;
+        Ok(t.to_dtype(dtype)?)
+    }
+}
+
+/// The snapshot folder of model `id` in the Hugging Face cache rooted at `hub` (the folder
+/// holding `models--org--name`).
+///
+/// # Errors
+/// [`Error::Weights`] when the model has no cached `config.json` and safetensors.
+pub fn hf_cache_dir_in(hub: &Path, id: &str) -> Result<PathBuf> {
+    let cache = hf_hub::Cache::new(hub.to_path_buf());
+    let repo = cache.model(id.to_string());
+    let cfg = repo.get("config.json");
+    let st = repo
+        .get("model.safetensors.index.json")
+        .or_else(|| repo.get("model.safetensors"));
+    let path = hub.join(format!("models--{}", id.replace('/', "--")));
+    match (cfg, st) {
+        (Some(c), Some(_)) => Ok(c.parent().map(Path::to_path_buf).unwrap_or_default()),
+        (Some(_), None) => Err(Error::Weights {
+            path,
+            reason: format!("model {id} is in the local Hugging Face cache without model.safetensors or model.safetensors.index.json (vramcal does not download)"),
+        }),
+        _ => Err(Error::Weights {
+            path,
+            reason: format!("model {id} is not in the local Hugging Face cache (config.json and safetensors needed; vramcal does not download)"),
+        }),
+    }
+}
+
+/// The snapshot folder of model `id` in the local Hugging Face cache.
+///
+/// # Errors
+/// [`Error::Weights`] when the model has no cached `config.json` and safetensors.
+pub fn hf_cache_dir(id: &str) -> Result<PathBuf> {
+    hf_cache_dir_in(hf_hub::Cache::from_env().path(), id)
+}
