@@ -275,108 +275,166 @@ pub struct Preset {
     pub config: ModelConfig,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn cfg(
-    arch: &str,
-    hidden: usize,
-    inter: usize,
-    layers: usize,
-    heads: usize,
-    kv: usize,
-    vocab: usize,
-    eps: f64,
-    theta: f64,
-    max_pos: usize,
-    window: Option<usize>,
-    tie: bool,
-) -> ModelConfig {
-    ModelConfig {
-        architectures: vec![arch.to_string()],
-        hidden_size: hidden,
-        intermediate_size: inter,
-        num_hidden_layers: layers,
-        num_attention_heads: heads,
-        num_key_value_heads: Some(kv),
-        head_dim: None,
-        vocab_size: vocab,
-        rms_norm_eps: eps,
-        rope_theta: theta,
-        max_position_embeddings: max_pos,
-        sliding_window: window,
-        tie_word_embeddings: tie,
-        rope_scaling: None,
-    }
-}
-
 /// All built-in presets, smallest test config last.
+///
+/// Each configuration is a struct literal with the field names of Hugging Face `config.json`,
+/// so that it reads line by line against the file named in the comment above it (and in
+/// `source`). `head_dim: None` means `hidden_size / num_attention_heads`.
 pub fn presets() -> Vec<Preset> {
-    const M: &str = "MistralForCausalLM";
-    const L: &str = "LlamaForCausalLM";
     vec![
         Preset {
             name: "mistral-7b-v0.1",
             hf_id: "mistralai/Mistral-7B-v0.1",
             source: "huggingface.co/mistralai/Mistral-7B-v0.1/blob/main/config.json",
-            config: cfg(
-                M,
-                4096,
-                14336,
-                32,
-                32,
-                8,
-                32000,
-                1e-5,
-                10_000.0,
-                32768,
-                Some(4096),
-                false,
-            ),
+            // mistralai/Mistral-7B-v0.1 config.json
+            config: ModelConfig {
+                architectures: vec!["MistralForCausalLM".into()],
+                hidden_size: 4096,
+                intermediate_size: 14336,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                num_key_value_heads: Some(8),
+                head_dim: None,
+                vocab_size: 32000,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10000.0,
+                max_position_embeddings: 32768,
+                sliding_window: Some(4096),
+                tie_word_embeddings: false,
+                rope_scaling: None,
+            },
         },
         Preset {
             name: "llama-2-7b",
             hf_id: "meta-llama/Llama-2-7b-hf",
             source: "huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json",
-            config: cfg(
-                L, 4096, 11008, 32, 32, 32, 32000, 1e-5, 10_000.0, 4096, None, false,
-            ),
+            // meta-llama/Llama-2-7b-hf config.json
+            config: ModelConfig {
+                architectures: vec!["LlamaForCausalLM".into()],
+                hidden_size: 4096,
+                intermediate_size: 11008,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                num_key_value_heads: Some(32),
+                head_dim: None,
+                vocab_size: 32000,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10000.0,
+                max_position_embeddings: 4096,
+                sliding_window: None,
+                tie_word_embeddings: false,
+                rope_scaling: None,
+            },
         },
         Preset {
             name: "llama-3-8b",
             hf_id: "meta-llama/Meta-Llama-3-8B",
             source: "huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json",
-            config: cfg(
-                L, 4096, 14336, 32, 32, 8, 128256, 1e-5, 500_000.0, 8192, None, false,
-            ),
+            // meta-llama/Meta-Llama-3-8B config.json
+            config: ModelConfig {
+                architectures: vec!["LlamaForCausalLM".into()],
+                hidden_size: 4096,
+                intermediate_size: 14336,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                num_key_value_heads: Some(8),
+                head_dim: None,
+                vocab_size: 128256,
+                rms_norm_eps: 1e-5,
+                rope_theta: 500000.0,
+                max_position_embeddings: 8192,
+                sliding_window: None,
+                tie_word_embeddings: false,
+                rope_scaling: None,
+            },
         },
         Preset {
             name: "tinyllama-1.1b",
             hf_id: "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
             source: "huggingface.co/TinyLlama/TinyLlama-1.1B-Chat-v1.0/blob/main/config.json",
-            config: cfg(
-                L, 2048, 5632, 22, 32, 4, 32000, 1e-5, 10_000.0, 2048, None, false,
-            ),
+            // TinyLlama/TinyLlama-1.1B-Chat-v1.0 config.json
+            config: ModelConfig {
+                architectures: vec!["LlamaForCausalLM".into()],
+                hidden_size: 2048,
+                intermediate_size: 5632,
+                num_hidden_layers: 22,
+                num_attention_heads: 32,
+                num_key_value_heads: Some(4),
+                head_dim: None,
+                vocab_size: 32000,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10000.0,
+                max_position_embeddings: 2048,
+                sliding_window: None,
+                tie_word_embeddings: false,
+                rope_scaling: None,
+            },
         },
         Preset {
             name: "smollm2-135m",
             hf_id: "HuggingFaceTB/SmolLM2-135M",
             source: "huggingface.co/HuggingFaceTB/SmolLM2-135M/blob/main/config.json",
-            config: cfg(
-                L, 576, 1536, 30, 9, 3, 49152, 1e-5, 100_000.0, 8192, None, true,
-            ),
+            // HuggingFaceTB/SmolLM2-135M config.json
+            config: ModelConfig {
+                architectures: vec!["LlamaForCausalLM".into()],
+                hidden_size: 576,
+                intermediate_size: 1536,
+                num_hidden_layers: 30,
+                num_attention_heads: 9,
+                num_key_value_heads: Some(3),
+                head_dim: None,
+                vocab_size: 49152,
+                rms_norm_eps: 1e-5,
+                rope_theta: 100000.0,
+                max_position_embeddings: 8192,
+                sliding_window: None,
+                tie_word_embeddings: true,
+                rope_scaling: None,
+            },
         },
         Preset {
             name: "smollm2-360m",
             hf_id: "HuggingFaceTB/SmolLM2-360M",
             source: "huggingface.co/HuggingFaceTB/SmolLM2-360M/blob/main/config.json",
-            config: cfg(
-                L, 960, 2560, 32, 15, 5, 49152, 1e-5, 100_000.0, 8192, None, true,
-            ),
+            // HuggingFaceTB/SmolLM2-360M config.json
+            config: ModelConfig {
+                architectures: vec!["LlamaForCausalLM".into()],
+                hidden_size: 960,
+                intermediate_size: 2560,
+                num_hidden_layers: 32,
+                num_attention_heads: 15,
+                num_key_value_heads: Some(5),
+                head_dim: None,
+                vocab_size: 49152,
+                rms_norm_eps: 1e-5,
+                rope_theta: 100000.0,
+                max_position_embeddings: 8192,
+                sliding_window: None,
+                tie_word_embeddings: true,
+                rope_scaling: None,
+            },
         },
         Preset {
             name: "tiny",
             hf_id: "",
             source: "vramcal's own test config (2 layers, GQA 4:2, sliding window 6, untied)",
-            config: cfg(M, 32, 48, 2, 4, 2, 96, 1e-5, 10_000.0, 64, Some(6), false),
+            // No config.json: vramcal's own test config, small enough for every test to run.
+            config: ModelConfig {
+                architectures: vec!["MistralForCausalLM".into()],
+                hidden_size: 32,
+                intermediate_size: 48,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                num_key_value_heads: Some(2),
+                head_dim: None,
+                vocab_size: 96,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10000.0,
+                max_position_embeddings: 64,
+                sliding_window: Some(6),
+                tie_word_embeddings: false,
+                rope_scaling: None,
+            },
         },
     ]
 }

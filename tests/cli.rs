@@ -1,9 +1,12 @@
-//! The `vramcal` binary: success paths and one clear error line (non-zero exit, CSV
-//! unchanged) for each class of bad input.
+//! The `vramcal` binary: success paths, then one clear error line (non-zero exit, CSV
+//! unchanged) for each bad input, as tables with one row per input, grouped by class: model
+//! configs, numbers out of range, words outside an option's vocabulary, devices, options that
+//! contradict each other, files, sweep grids. Many rows are findings of new-user trials: each
+//! must stay fixed.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
 use predicates::prelude::*;
@@ -104,222 +107,6 @@ fn measure_appends_rows_and_prints_json() {
 }
 
 #[test]
-fn bad_input_gets_one_clear_line_and_keeps_the_csv() {
-    let dir = tempfile::tempdir().unwrap();
-    let csv = dir.path().join("keep.csv");
-    let c = csv.to_str().unwrap();
-    vramcal()
-        .args([
-            "measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--out", c,
-        ])
-        .assert()
-        .success();
-    let keep = Some(csv.as_path());
-    let m = |extra: &[&str]| -> Vec<String> {
-        ["measure", "--out", c]
-            .iter()
-            .chain(extra)
-            .map(|s| s.to_string())
-            .collect()
-    };
-
-    // Config files.
-    let bad = dir.path().join("bad");
-    std::fs::create_dir(&bad).unwrap();
-    let cfg = bad.join("config.json");
-    let cfg_s = cfg.to_str().unwrap();
-    std::fs::write(&cfg, "{ \"hidden_size\": ").unwrap();
-    fails_with(
-        &m(&["--model", cfg_s, "--batch", "1", "--seq", "4"]),
-        "malformed model config",
-        keep,
-    );
-    let tiny = serde_json::to_value(vramcal::config::preset("tiny").unwrap().config).unwrap();
-    let mut missing = tiny.clone();
-    missing.as_object_mut().unwrap().remove("vocab_size");
-    std::fs::write(&cfg, missing.to_string()).unwrap();
-    fails_with(
-        &m(&["--model", cfg_s, "--batch", "1", "--seq", "4"]),
-        "vocab_size",
-        keep,
-    );
-    let mut arch = tiny.clone();
-    arch["architectures"] = serde_json::json!(["BertModel"]);
-    std::fs::write(&cfg, arch.to_string()).unwrap();
-    fails_with(
-        &m(&["--model", cfg_s, "--batch", "1", "--seq", "4"]),
-        "unsupported architecture",
-        keep,
-    );
-    let mut zero = tiny.clone();
-    zero["num_attention_heads"] = serde_json::json!(0);
-    std::fs::write(&cfg, zero.to_string()).unwrap();
-    fails_with(
-        &m(&["--model", cfg_s, "--batch", "1", "--seq", "4"]),
-        "num_attention_heads must be positive",
-        keep,
-    );
-    fails_with(
-        &m(&["--model", "nonexistent-model", "--batch", "1", "--seq", "4"]),
-        "unknown model",
-        keep,
-    );
-
-    // Sizes.
-    fails_with(
-        &m(&["--model", "tiny", "--batch", "0", "--seq", "4"]),
-        "--batch",
-        keep,
-    );
-    fails_with(
-        &m(&["--model", "tiny", "--batch", "1", "--seq", "65"]),
-        "max_position_embeddings",
-        keep,
-    );
-    fails_with(
-        &m(&[
-            "--model",
-            "tiny",
-            "--batch",
-            "4611686018427387904",
-            "--seq",
-            "64",
-        ]),
-        "overflows",
-        keep,
-    );
-    fails_with(
-        &m(&["--model", "tiny", "--batch", "1000000000", "--seq", "64"]),
-        "more than this machine",
-        keep,
-    );
-    fails_with(
-        &m(&[
-            "--model", "tiny", "--batch", "1", "--seq", "4", "--dtype", "int8",
-        ]),
-        "dtype",
-        keep,
-    );
-
-    // Weights.
-    fails_with(
-        &m(&[
-            "--model",
-            "tiny",
-            "--batch",
-            "1",
-            "--seq",
-            "4",
-            "--weights",
-            "/no/such.gguf",
-        ]),
-        "no such file",
-        keep,
-    );
-    let st = dir.path().join("w.safetensors");
-    std::fs::write(&st, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
-    fails_with(
-        &m(&[
-            "--model",
-            "tiny",
-            "--batch",
-            "1",
-            "--seq",
-            "4",
-            "--weights",
-            st.to_str().unwrap(),
-        ]),
-        "w.safetensors",
-        keep,
-    );
-    if let Some(g) = common::smollm2_gguf() {
-        let cut = dir.path().join("cut.gguf");
-        let bytes = std::fs::read(&g).unwrap();
-        std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
-        fails_with(
-            &m(&[
-                "--model",
-                "smollm2-135m",
-                "--batch",
-                "1",
-                "--seq",
-                "4",
-                "--weights",
-                cut.to_str().unwrap(),
-            ]),
-            "cut.gguf",
-            keep,
-        );
-        fails_with(
-            &m(&[
-                "--model",
-                "tiny",
-                "--batch",
-                "1",
-                "--seq",
-                "4",
-                "--weights",
-                g.to_str().unwrap(),
-            ]),
-            "do not match",
-            keep,
-        );
-    }
-
-    // Devices and outputs.
-    if !cfg!(feature = "cuda") {
-        fails_with(
-            &m(&[
-                "--model", "tiny", "--batch", "1", "--seq", "4", "--device", "cuda:0",
-            ]),
-            "without the `cuda` feature",
-            keep,
-        );
-    }
-    fails_with(
-        &m(&[
-            "--model", "tiny", "--batch", "1", "--seq", "4", "--device", "tpu",
-        ]),
-        "expected `cpu`",
-        keep,
-    );
-    let other = dir.path().join("other.csv");
-    std::fs::write(&other, "a,b\n1,2\n").unwrap();
-    fails_with(
-        &[
-            "measure",
-            "--model",
-            "tiny",
-            "--batch",
-            "1",
-            "--seq",
-            "4",
-            "--out",
-            other.to_str().unwrap(),
-        ],
-        "another header",
-        Some(other.as_path()),
-    );
-    fails_with(
-        &[
-            "measure",
-            "--model",
-            "tiny",
-            "--batch",
-            "1",
-            "--seq",
-            "4",
-            "--out",
-            "/proc/vramcal/x.csv",
-        ],
-        "/proc/vramcal",
-        None,
-    );
-
-    assert_eq!(rows(&csv).len(), 1);
-}
-
-#[test]
 fn allow_longer_lifts_the_context_limit() {
     vramcal()
         .args([
@@ -376,87 +163,6 @@ fn sweep_writes_one_row_per_point() {
     assert!(r
         .iter()
         .all(|x| x[col("command")].contains("sweep --model tiny")));
-}
-
-#[test]
-fn sweep_rejects_malformed_grids_before_running() {
-    let dir = tempfile::tempdir().unwrap();
-    let csv = dir.path().join("never.csv");
-    let c = csv.to_str().unwrap();
-    for (b, s, needle) in [
-        ("1,0", "8", "at least 1"),
-        ("1,x", "8", "positive integer"),
-        ("1,1", "8", "listed twice"),
-        ("1", "", "empty"),
-        ("1", "8,65", "max_position_embeddings"),
-    ] {
-        fails_with(
-            &[
-                "sweep", "--model", "tiny", "--batch", b, "--seq", s, "--out", c,
-            ],
-            needle,
-            None,
-        );
-        assert!(!csv.exists() || std::fs::read_to_string(&csv).unwrap().is_empty());
-    }
-}
-
-#[test]
-fn peft_bad_input_gets_one_clear_line() {
-    let base = ["measure", "--model", "tiny", "--batch", "1", "--seq", "8"];
-    let with = |extra: &[&str]| -> Vec<String> {
-        base.iter().chain(extra).map(|s| s.to_string()).collect()
-    };
-    fails_with(&with(&["--lora", "r=0"]), "rank must be at least 1", None);
-    fails_with(&with(&["--lora", "r=4,alpha=0"]), "alpha", None);
-    fails_with(
-        &with(&["--lora", "targets=q_proj,embed"]),
-        "unknown target",
-        None,
-    );
-    fails_with(&with(&["--lora", "dropout=1.5"]), "dropout", None);
-    fails_with(
-        &with(&["--method", "qlora", "--dtype", "f64"]),
-        "f32, bf16, f16",
-        None,
-    );
-    fails_with(
-        &with(&["--method", "full", "--quant", "nf4"]),
-        "qlora",
-        None,
-    );
-    fails_with(
-        &with(&["--method", "full", "--lora", "r=4"]),
-        "needs --method lora",
-        None,
-    );
-    fails_with(
-        &with(&["--method", "dora"]),
-        "expected full, lora or qlora",
-        None,
-    );
-    fails_with(
-        &with(&["--quant", "int3"]),
-        "expected none, nf4 or nf4-dq",
-        None,
-    );
-    fails_with(&with(&["--checkpointing", "every:0"]), "at least 1", None);
-    fails_with(
-        &with(&["--checkpointing", "every:3"]),
-        "between 1 and the layer count (2)",
-        None,
-    );
-    fails_with(
-        &with(&["--checkpointing", "sometimes"]),
-        "expected none, layers or every:K",
-        None,
-    );
-    fails_with(&with(&["--accumulate", "0"]), "--accumulate", None);
-    fails_with(
-        &with(&["--save", "everything"]),
-        "expected none, adapter or merged",
-        None,
-    );
 }
 
 #[test]
@@ -539,169 +245,6 @@ fn sweep_over_methods_and_checkpointing_records_every_column() {
     );
 }
 
-/// Findings of a new-user trial: each must stay fixed.
-#[test]
-fn new_user_findings_stay_fixed() {
-    let dir = tempfile::tempdir().unwrap();
-    let csv = dir.path().join("keep.csv");
-    let c = csv.to_str().unwrap();
-    vramcal()
-        .args([
-            "measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--out", c, "--quiet",
-        ])
-        .assert()
-        .success();
-    let keep = Some(csv.as_path());
-
-    // Optimizer settings are rejected before anything runs; negative numbers are values.
-    for (opt, v, needle) in [
-        ("--lr", "-1", "--lr"),
-        ("--lr", "NaN", "--lr"),
-        ("--weight-decay", "-5", "--weight-decay"),
-    ] {
-        fails_with(
-            &[
-                "measure", "--model", "tiny", "--batch", "1", "--seq", "4", opt, v, "--out", c,
-            ],
-            needle,
-            keep,
-        );
-    }
-    let out = vramcal()
-        .args(["measure", "--model", "tiny", "--batch", "-1", "--seq", "4"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value '-1'"));
-
-    // A rejected device creates no output folder.
-    let deep = dir.path().join("new/sub/x.csv");
-    fails_with(
-        &[
-            "measure",
-            "--model",
-            "tiny",
-            "--batch",
-            "1",
-            "--seq",
-            "4",
-            "--device",
-            "gpu",
-            "--out",
-            deep.to_str().unwrap(),
-        ],
-        "expected `cpu`",
-        None,
-    );
-    assert!(!dir.path().join("new").exists());
-
-    // A missing config path is reported as a missing file, once.
-    let out = vramcal()
-        .args([
-            "measure",
-            "--model",
-            "./nope/config.json",
-            "--batch",
-            "1",
-            "--seq",
-            "4",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        err.contains("./nope/config.json") && err.contains("not found"),
-        "{err}"
-    );
-    assert_eq!(err.matches("not found").count(), 1, "{err}");
-
-    // Rows are never glued onto a last line without a newline.
-    let mut bytes = std::fs::read(&csv).unwrap();
-    bytes.pop();
-    std::fs::write(&csv, &bytes).unwrap();
-    vramcal()
-        .args([
-            "measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--out", c, "--quiet",
-        ])
-        .assert()
-        .success();
-    let r = rows(&csv);
-    assert_eq!(r.len(), 2);
-    assert!(r.iter().all(|x| x.len() == r[0].len()));
-
-    // Devices can be outputs.
-    vramcal()
-        .args([
-            "measure",
-            "--model",
-            "tiny",
-            "--batch",
-            "1",
-            "--seq",
-            "4",
-            "--out",
-            "/dev/null",
-            "--quiet",
-        ])
-        .assert()
-        .success();
-
-    // Weights with tensors the config does not describe are refused.
-    let cfg = vramcal::config::preset("tiny").unwrap().config;
-    let m = vramcal::model::Decoder::new(
-        &cfg,
-        &mut vramcal::weights::RandomWeights::new(0),
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let mut map: std::collections::HashMap<String, candle_core::Tensor> = m
-        .trainable_vars()
-        .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().clone()))
-        .collect();
-    map.insert(
-        "model.layers.2.input_layernorm.weight".into(),
-        candle_core::Tensor::ones(32, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
-    );
-    let st = dir.path().join("extra.safetensors");
-    candle_core::safetensors::save(&map, &st).unwrap();
-    fails_with(
-        &[
-            "measure",
-            "--model",
-            "tiny",
-            "--batch",
-            "1",
-            "--seq",
-            "4",
-            "--weights",
-            st.to_str().unwrap(),
-            "--out",
-            c,
-        ],
-        "model.layers.2.input_layernorm.weight",
-        keep,
-    );
-
-    // A sweep point that cannot fit is rejected before any point runs.
-    fails_with(
-        &[
-            "sweep",
-            "--model",
-            "tiny",
-            "--batch",
-            "1,1000000000",
-            "--seq",
-            "64",
-            "--out",
-            c,
-        ],
-        "more than this machine",
-        keep,
-    );
-}
-
 #[test]
 fn closed_stdout_is_not_a_panic() {
     use std::process::{Command as Std, Stdio};
@@ -760,118 +303,46 @@ fn timed_steps_are_counted_after_step_two() {
     assert!((tps - 8.0 / median).abs() < 1e-9 * tps);
 }
 
-/// Findings of a second new-user trial: each must stay fixed.
 #[test]
-fn second_trial_findings_stay_fixed() {
-    let m = |extra: &[&str]| -> Vec<String> {
-        ["measure", "--model", "tiny", "--batch", "1", "--seq", "8"]
-            .iter()
-            .chain(extra)
-            .map(|s| s.to_string())
-            .collect()
-    };
-    fails_with(&m(&["--lora", "r=8,r=4"]), "r is given twice", None);
-    fails_with(&m(&["--lora", ",,,"]), "is empty", None);
-    fails_with(
-        &m(&["--method", "qlora", "--quant", "none"]),
-        "conflicts with --method qlora",
-        None,
-    );
-    fails_with(&m(&["--double-quant"]), "goes with a 4-bit base", None);
-    fails_with(
-        &m(&["--save-dir", "/tmp/vramcal-never"]),
-        "needs --save",
-        None,
-    );
-    let f = tempfile::NamedTempFile::new().unwrap();
-    fails_with(
-        &m(&[
-            "--save",
-            "adapter",
-            "--save-dir",
-            f.path().to_str().unwrap(),
-        ]),
-        "is not a folder",
-        None,
-    );
-    fails_with(
-        &[
-            "max", "--model", "tiny", "--axis", "seq", "--seq", "8", "--budget", "4MiB",
-        ],
-        "is what --axis seq searches",
-        None,
-    );
-    fails_with(
-        &[
-            "estimate",
+fn rows_are_never_glued_onto_a_last_line_without_a_newline() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("keep.csv");
+    let c = csv.to_str().unwrap();
+    let measure = [
+        "measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--out", c, "--quiet",
+    ];
+    vramcal().args(measure).assert().success();
+    let mut bytes = std::fs::read(&csv).unwrap();
+    bytes.pop();
+    std::fs::write(&csv, &bytes).unwrap();
+    vramcal().args(measure).assert().success();
+    let r = rows(&csv);
+    assert_eq!(r.len(), 2);
+    assert!(r.iter().all(|x| x.len() == r[0].len()));
+}
+
+#[test]
+fn a_device_can_be_the_output() {
+    vramcal()
+        .args([
+            "measure",
             "--model",
             "tiny",
-            "--seq",
-            "8",
-            "--budget",
-            "1GiB",
-            "--gpu",
-            "a100-80gb",
-        ],
-        "either --gpu or --budget",
-        None,
-    );
-    fails_with(
-        &[
-            "estimate",
-            "--model",
-            "tiny",
-            "--seq",
-            "8",
-            "--weights",
-            "README.md",
-        ],
-        "reads no weights",
-        None,
-    );
-    fails_with(
-        &[
-            "check",
-            "--measured",
-            "results/cpu/smollm2-135m.csv",
-            "--max-error=nan",
-        ],
-        "must be a fraction between 0 and 1",
-        None,
-    );
-    fails_with(
-        &[
-            "plan",
-            "--model",
-            "tiny",
-            "--seq",
-            "8",
-            "--examples",
-            "2305843009213693952",
-        ],
-        "overflows",
-        None,
-    );
-    fails_with(
-        &[
-            "sweep",
-            "--model",
-            "tiny",
-            "--method",
-            "full",
-            "--lora",
-            "r=4",
             "--batch",
             "1",
             "--seq",
-            "8",
+            "4",
             "--out",
-            "/tmp/vramcal-never.csv",
-        ],
-        "needs a lora or qlora method",
-        None,
-    );
-    // The estimate reports the optimizer step's items when the peak is there, and they add up.
+            "/dev/null",
+            "--quiet",
+        ])
+        .assert()
+        .success();
+}
+
+/// The estimate reports the optimizer step's items when the peak is there, and they add up.
+#[test]
+fn estimate_json_names_its_profile_and_its_items_add_up_to_the_peak() {
     let out = vramcal()
         .args(["estimate", "--model", "tiny", "--seq", "8", "--json"])
         .output()
@@ -889,8 +360,11 @@ fn second_trial_findings_stay_fixed() {
         .sum();
     let peak = v["estimate"]["peak_bytes"].as_u64().unwrap();
     assert!(items.abs_diff(peak) <= 8, "items {items} vs peak {peak}");
-    // Accumulation keeps the summed gradients alive in vramcal's step: its estimate grows
-    // with it.
+}
+
+/// Accumulation keeps the summed gradients alive in vramcal's step: its estimate grows with it.
+#[test]
+fn accumulation_grows_the_candle_estimate() {
     let est = |acc: &str| -> u64 {
         let o = vramcal()
             .args([
@@ -915,6 +389,682 @@ fn second_trial_findings_stay_fixed() {
 }
 
 #[test]
+fn help_prints_whole_on_stdout() {
+    vramcal()
+        .args(["measure", "--help"])
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("--batch"));
+}
+
+// Refusals. Each row is one bad command line: the fragment its one `error:` line must contain,
+// and the file (in the fixture's folder) that must stay byte-identical, if any.
+
+/// One refused command line.
+struct Case {
+    /// Arguments after `vramcal`; `{dir}` stands for the [`Fixture`]'s folder and `{gguf}` for
+    /// the real SmolLM2 GGUF.
+    args: &'static [&'static str],
+    /// What the one `error:` line must contain.
+    error: &'static str,
+    /// A file in the fixture's folder that must not change.
+    untouched: Option<&'static str>,
+}
+
+/// A folder with what the tables point at: `keep.csv` holding one measured row of `tiny`, bad
+/// model configs, bad weights, results files vramcal must not append to, and a file where a
+/// folder is expected.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fixture { dir };
+        let keep = fx.path("keep.csv");
+        vramcal()
+            .args([
+                "measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--out",
+            ])
+            .arg(&keep)
+            .arg("--quiet")
+            .assert()
+            .success();
+
+        // Model configs, each `<name>/config.json`.
+        let tiny = vramcal::config::preset("tiny").unwrap().config;
+        let tiny_json = serde_json::to_value(&tiny).unwrap();
+        let config = |name: &str, text: String| {
+            std::fs::create_dir(fx.path(name)).unwrap();
+            std::fs::write(fx.path(name).join("config.json"), text).unwrap();
+        };
+        config("malformed", "{ \"hidden_size\": ".into());
+        let mut missing = tiny_json.clone();
+        missing.as_object_mut().unwrap().remove("vocab_size");
+        config("no-vocab", missing.to_string());
+        let mut arch = tiny_json.clone();
+        arch["architectures"] = serde_json::json!(["BertModel"]);
+        config("bert", arch.to_string());
+        let mut zero = tiny_json.clone();
+        zero["num_attention_heads"] = serde_json::json!(0);
+        config("no-heads", zero.to_string());
+        let mut layers = tiny_json.clone();
+        layers["num_hidden_layers"] = serde_json::json!(100_000_000u64);
+        layers["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+        config("many-layers", layers.to_string());
+
+        // Weights: a safetensors header cut short, and `tiny`'s tensors plus one it lacks.
+        std::fs::write(
+            fx.path("w.safetensors"),
+            b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":",
+        )
+        .unwrap();
+        let m = vramcal::model::Decoder::new(
+            &tiny,
+            &mut vramcal::weights::RandomWeights::new(0),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let mut map: std::collections::HashMap<String, candle_core::Tensor> = m
+            .trainable_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        map.insert(
+            "model.layers.2.input_layernorm.weight".into(),
+            candle_core::Tensor::ones(32, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap(),
+        );
+        candle_core::safetensors::save(&map, fx.path("extra.safetensors")).unwrap();
+
+        // Results files: another header, and rows written before the attention column existed.
+        std::fs::write(fx.path("other.csv"), "a,b\n1,2\n").unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/cpu/smollm2-135m.csv");
+        let mut r = csv::Reader::from_path(src).unwrap();
+        let header = r.headers().unwrap().clone();
+        let a = header.iter().position(|c| c == "attention").unwrap();
+        let mut w = csv::Writer::from_path(fx.path("old.csv")).unwrap();
+        w.write_record(&header).unwrap();
+        for rec in r.records() {
+            let rec = rec.unwrap();
+            let f: Vec<&str> = rec
+                .iter()
+                .enumerate()
+                .map(|(i, v)| if i == a { "" } else { v })
+                .collect();
+            w.write_record(&f).unwrap();
+        }
+        drop(w);
+
+        // A file where --save-dir expects a folder.
+        std::fs::write(fx.path("a-file"), "").unwrap();
+        fx
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs every case of `cases` through [`fails_with`], then checks that `keep.csv` still
+    /// holds its one row.
+    fn refuses(&self, cases: &[Case]) {
+        let dir = self.dir.path().to_str().unwrap();
+        for case in cases {
+            let args: Vec<String> = case
+                .args
+                .iter()
+                .map(|a| {
+                    let a = a.replace("{dir}", dir);
+                    if a.contains("{gguf}") {
+                        let g = common::smollm2_gguf().expect("the SmolLM2 GGUF");
+                        a.replace("{gguf}", g.to_str().unwrap())
+                    } else {
+                        a
+                    }
+                })
+                .collect();
+            let untouched = case.untouched.map(|f| self.path(f));
+            fails_with(&args, case.error, untouched.as_deref());
+        }
+        assert_eq!(rows(&self.path("keep.csv")).len(), 1);
+    }
+}
+
+/// Model configs vramcal cannot build.
+#[rustfmt::skip]
+const BAD_MODELS: &[Case] = &[
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "{dir}/malformed/config.json",
+            "--batch", "1", "--seq", "4"],
+        error: "malformed model config",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "{dir}/no-vocab/config.json",
+            "--batch", "1", "--seq", "4"],
+        error: "vocab_size",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "{dir}/bert/config.json",
+            "--batch", "1", "--seq", "4"],
+        error: "unsupported architecture",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "{dir}/no-heads/config.json",
+            "--batch", "1", "--seq", "4"],
+        error: "num_attention_heads must be positive",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "nonexistent-model", "--batch",
+            "1", "--seq", "4"],
+        error: "unknown model",
+        untouched: Some("keep.csv"),
+    },
+    // A config with a hundred million layers is refused at once, not built until memory runs
+    // out.
+    Case {
+        args: &["measure", "--model", "{dir}/many-layers/config.json", "--batch", "1", "--seq",
+            "4"],
+        error: "num_hidden_layers = 100000000",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "{dir}/many-layers/config.json", "--batch", "1", "--seq",
+            "4"],
+        error: "num_hidden_layers = 100000000",
+        untouched: None,
+    },
+];
+
+#[test]
+fn bad_model_configs_are_refused_with_one_line_and_keep_the_csv() {
+    Fixture::new().refuses(BAD_MODELS);
+}
+
+/// Sizes and settings out of range: zero, past the context, overflowing, more than the machine
+/// has, negative or NaN.
+#[rustfmt::skip]
+const BAD_NUMBERS: &[Case] = &[
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "tiny", "--batch", "0", "--seq",
+            "4"],
+        error: "--batch",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "tiny", "--batch", "1", "--seq",
+            "65"],
+        error: "max_position_embeddings",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "tiny", "--batch",
+            "4611686018427387904", "--seq", "64"],
+        error: "overflows",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "tiny", "--batch", "1000000000",
+            "--seq", "64"],
+        error: "more than this machine",
+        untouched: Some("keep.csv"),
+    },
+    // Optimizer settings are rejected before anything runs; negative numbers are values.
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--lr", "-1", "--out",
+            "{dir}/keep.csv"],
+        error: "--lr",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--lr", "NaN", "--out",
+            "{dir}/keep.csv"],
+        error: "--lr",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--weight-decay", "-5",
+            "--out", "{dir}/keep.csv"],
+        error: "--weight-decay",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--accumulate", "0"],
+        error: "--accumulate",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--checkpointing",
+            "every:0"],
+        error: "at least 1",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--checkpointing",
+            "every:3"],
+        error: "between 1 and the layer count (2)",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--lora", "r=0"],
+        error: "rank must be at least 1",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--lora",
+            "r=4,alpha=0"],
+        error: "alpha",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--lora",
+            "dropout=1.5"],
+        error: "dropout",
+        untouched: None,
+    },
+    // A LoRA rank too large for the machine is named as the cause.
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--lora",
+            "r=99999999999"],
+        error: "LoRA r=99999999999",
+        untouched: None,
+    },
+    Case {
+        args: &["plan", "--model", "tiny", "--seq", "8", "--examples", "2305843009213693952"],
+        error: "overflows",
+        untouched: None,
+    },
+    Case {
+        args: &["check", "--measured", "results/cpu/smollm2-135m.csv", "--max-error=nan"],
+        error: "must be a fraction between 0 and 1",
+        untouched: None,
+    },
+];
+
+#[test]
+fn numbers_out_of_range_are_refused_with_one_line_and_keep_the_csv() {
+    Fixture::new().refuses(BAD_NUMBERS);
+}
+
+/// Words outside an option's vocabulary, and malformed option lists.
+#[rustfmt::skip]
+const BAD_WORDS: &[Case] = &[
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "tiny", "--batch", "1", "--seq",
+            "4", "--dtype", "int8"],
+        error: "dtype",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--method", "dora"],
+        error: "expected full, lora or qlora",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--quant", "int3"],
+        error: "expected none, nf4 or nf4-dq",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--checkpointing",
+            "sometimes"],
+        error: "expected none, layers or every:K",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--save", "everything"],
+        error: "expected none, adapter or merged",
+        untouched: None,
+    },
+    // An empty or unknown --attention is an error, not sdpa.
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--attention", ""],
+        error: "expected sdpa or eager",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--attention", "flash"],
+        error: "expected sdpa or eager",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--lora",
+            "targets=q_proj,embed"],
+        error: "unknown target",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--lora", "r=8,r=4"],
+        error: "r is given twice",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--lora", ",,,"],
+        error: "is empty",
+        untouched: None,
+    },
+];
+
+#[test]
+fn words_outside_an_options_vocabulary_are_refused_with_one_line() {
+    Fixture::new().refuses(BAD_WORDS);
+}
+
+/// Devices vramcal does not know, or spells another way.
+#[rustfmt::skip]
+const BAD_DEVICES: &[Case] = &[
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "tiny", "--batch", "1", "--seq",
+            "4", "--device", "tpu"],
+        error: "expected `cpu`",
+        untouched: Some("keep.csv"),
+    },
+    // A rejected device creates no output folder (checked after the table).
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--device", "gpu",
+            "--out", "{dir}/new/sub/x.csv"],
+        error: "expected `cpu`",
+        untouched: None,
+    },
+    // One spelling per GPU index.
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--device", "cuda:00"],
+        error: "expected `cpu`",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--device", "cuda:+1"],
+        error: "expected `cpu`",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--device",
+            "cuda:99999"],
+        error: "expected `cpu`",
+        untouched: None,
+    },
+];
+
+/// A CUDA device asked of a build without the `cuda` feature.
+#[rustfmt::skip]
+const CUDA_WITHOUT_THE_FEATURE: &[Case] = &[
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "tiny", "--batch", "1", "--seq",
+            "4", "--device", "cuda:0"],
+        error: "without the `cuda` feature",
+        untouched: Some("keep.csv"),
+    },
+];
+
+#[test]
+fn unknown_devices_are_refused_with_one_line_and_create_no_output_folder() {
+    let fx = Fixture::new();
+    fx.refuses(BAD_DEVICES);
+    assert!(!fx.path("new").exists());
+    if !cfg!(feature = "cuda") {
+        fx.refuses(CUDA_WITHOUT_THE_FEATURE);
+    }
+}
+
+/// Options that contradict each other, or need one that is not given.
+#[rustfmt::skip]
+const CONTRADICTIONS: &[Case] = &[
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--method", "qlora",
+            "--dtype", "f64"],
+        error: "f32, bf16, f16",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--method", "full",
+            "--quant", "nf4"],
+        error: "qlora",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--method", "full",
+            "--lora", "r=4"],
+        error: "needs --method lora",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--method", "qlora",
+            "--quant", "none"],
+        error: "conflicts with --method qlora",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--double-quant"],
+        error: "goes with a 4-bit base",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--save-dir",
+            "/tmp/vramcal-never"],
+        error: "needs --save",
+        untouched: None,
+    },
+    Case {
+        args: &["sweep", "--model", "tiny", "--method", "full", "--lora", "r=4", "--batch", "1",
+            "--seq", "8", "--out", "/tmp/vramcal-never.csv"],
+        error: "needs a lora or qlora method",
+        untouched: None,
+    },
+    Case {
+        args: &["max", "--model", "tiny", "--axis", "seq", "--seq", "8", "--budget", "4MiB"],
+        error: "is what --axis seq searches",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--budget", "1GiB", "--gpu",
+            "a100-80gb"],
+        error: "either --gpu or --budget",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--weights", "README.md"],
+        error: "reads no weights",
+        untouched: None,
+    },
+];
+
+#[test]
+fn contradicting_options_are_refused_with_one_line() {
+    Fixture::new().refuses(CONTRADICTIONS);
+}
+
+/// Files vramcal cannot use: weights missing, cut short or holding a tensor the config does not
+/// describe; a results file with another header, under `/proc` or written before the attention
+/// column existed (its rows are not used silently); a file where a folder is expected.
+#[rustfmt::skip]
+const BAD_FILES: &[Case] = &[
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "tiny", "--batch", "1", "--seq",
+            "4", "--weights", "/no/such.gguf"],
+        error: "no such file",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "tiny", "--batch", "1", "--seq",
+            "4", "--weights", "{dir}/w.safetensors"],
+        error: "w.safetensors",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--weights",
+            "{dir}/extra.safetensors", "--out", "{dir}/keep.csv"],
+        error: "model.layers.2.input_layernorm.weight",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--out",
+            "{dir}/other.csv"],
+        error: "another header",
+        untouched: Some("other.csv"),
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--out",
+            "/proc/vramcal/x.csv"],
+        error: "/proc/vramcal",
+        untouched: None,
+    },
+    Case {
+        args: &["check", "--measured", "{dir}/old.csv"],
+        error: "written before vramcal recorded the attention mode",
+        untouched: Some("old.csv"),
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--save", "adapter",
+            "--save-dir", "{dir}/a-file"],
+        error: "is not a folder",
+        untouched: None,
+    },
+];
+
+#[test]
+fn unusable_files_are_refused_with_one_line_and_left_untouched() {
+    Fixture::new().refuses(BAD_FILES);
+}
+
+/// A GGUF cut to a third of its length, and a whole one for another model.
+#[rustfmt::skip]
+const BAD_GGUF: &[Case] = &[
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "smollm2-135m", "--batch", "1",
+            "--seq", "4", "--weights", "{dir}/cut.gguf"],
+        error: "cut.gguf",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "tiny", "--batch", "1", "--seq",
+            "4", "--weights", "{gguf}"],
+        error: "do not match",
+        untouched: Some("keep.csv"),
+    },
+];
+
+#[test]
+fn damaged_or_mismatched_gguf_is_refused_with_one_line_and_keeps_the_csv() {
+    let Some(g) = common::smollm2_gguf() else {
+        return;
+    };
+    let fx = Fixture::new();
+    let bytes = std::fs::read(&g).unwrap();
+    std::fs::write(fx.path("cut.gguf"), &bytes[..bytes.len() / 3]).unwrap();
+    fx.refuses(BAD_GGUF);
+}
+
+/// Sweep grids with a bad value, a repeated one, an empty list, a point past the context or a
+/// point that cannot fit.
+#[rustfmt::skip]
+const BAD_SWEEP_GRIDS: &[Case] = &[
+    Case {
+        args: &["sweep", "--model", "tiny", "--batch", "1,0", "--seq", "8", "--out",
+            "{dir}/never.csv"],
+        error: "at least 1",
+        untouched: None,
+    },
+    Case {
+        args: &["sweep", "--model", "tiny", "--batch", "1,x", "--seq", "8", "--out",
+            "{dir}/never.csv"],
+        error: "positive integer",
+        untouched: None,
+    },
+    Case {
+        args: &["sweep", "--model", "tiny", "--batch", "1,1", "--seq", "8", "--out",
+            "{dir}/never.csv"],
+        error: "listed twice",
+        untouched: None,
+    },
+    Case {
+        args: &["sweep", "--model", "tiny", "--batch", "1", "--seq", "", "--out",
+            "{dir}/never.csv"],
+        error: "empty",
+        untouched: None,
+    },
+    Case {
+        args: &["sweep", "--model", "tiny", "--batch", "1", "--seq", "8,65", "--out",
+            "{dir}/never.csv"],
+        error: "max_position_embeddings",
+        untouched: None,
+    },
+    // A sweep point that cannot fit is rejected before any point runs.
+    Case {
+        args: &["sweep", "--model", "tiny", "--batch", "1,1000000000", "--seq", "64", "--out",
+            "{dir}/keep.csv"],
+        error: "more than this machine",
+        untouched: Some("keep.csv"),
+    },
+];
+
+#[test]
+fn sweep_rejects_malformed_grids_before_running() {
+    let fx = Fixture::new();
+    let csv = fx.path("never.csv");
+    for case in BAD_SWEEP_GRIDS {
+        fx.refuses(std::slice::from_ref(case));
+        assert!(!csv.exists() || std::fs::read_to_string(&csv).unwrap().is_empty());
+    }
+}
+
+/// Values the argument parser refuses: one line on stderr (no blank line, usage or tip), as
+/// every other error, and a non-zero exit.
+const PARSER_REFUSALS: &[&[&str]] = &[
+    &["--batch", "-1"],
+    &["--batch", "1.5"],
+    &["--batch", "1,2"],
+    &["--nosuch"],
+];
+
+#[test]
+fn parser_refusals_are_one_error_line() {
+    for bad in PARSER_REFUSALS {
+        let out = vramcal()
+            .args(["measure", "--model", "tiny", "--seq", "4"])
+            .args(*bad)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad:?} succeeded");
+        let line = common::stderr_line(&out);
+        assert!(line.starts_with("error: "), "{bad:?}: {line}");
+    }
+    // A negative number is read as a value and refused as one, not taken for an option.
+    let out = vramcal()
+        .args(["measure", "--model", "tiny", "--batch", "-1", "--seq", "4"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value '-1'"));
+}
+
+#[test]
+fn a_missing_config_path_is_reported_once_as_a_missing_file() {
+    let out = vramcal()
+        .args([
+            "measure",
+            "--model",
+            "./nope/config.json",
+            "--batch",
+            "1",
+            "--seq",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("./nope/config.json") && err.contains("not found"),
+        "{err}"
+    );
+    assert_eq!(err.matches("not found").count(), 1, "{err}");
+}
+
+#[test]
 fn a_measurement_respects_a_sweeps_lock() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("locked.csv");
@@ -935,118 +1085,4 @@ fn a_measurement_respects_a_sweeps_lock() {
         "another vramcal sweep",
         None,
     );
-}
-
-/// Findings of the third new-user trial (the lean model's options, old result rows).
-#[test]
-fn third_trial_findings_stay_fixed() {
-    let m = |extra: &[&str]| -> Vec<String> {
-        ["measure", "--model", "tiny", "--batch", "1", "--seq", "4"]
-            .iter()
-            .chain(extra)
-            .map(|s| s.to_string())
-            .collect()
-    };
-    // An empty or unknown --attention is an error, not sdpa.
-    fails_with(&m(&["--attention", ""]), "expected sdpa or eager", None);
-    fails_with(
-        &m(&["--attention", "flash"]),
-        "expected sdpa or eager",
-        None,
-    );
-    // One spelling per GPU index.
-    for d in ["cuda:00", "cuda:+1", "cuda:99999"] {
-        fails_with(&m(&["--device", d]), "expected `cpu`", None);
-    }
-    // Rows written before the attention column existed (another model) are not used silently.
-    let dir = tempfile::tempdir().unwrap();
-    let old = dir.path().join("old.csv");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/cpu/smollm2-135m.csv");
-    let mut r = csv::Reader::from_path(src).unwrap();
-    let header = r.headers().unwrap().clone();
-    let a = header.iter().position(|c| c == "attention").unwrap();
-    let mut w = csv::Writer::from_path(&old).unwrap();
-    w.write_record(&header).unwrap();
-    for rec in r.records() {
-        let rec = rec.unwrap();
-        let f: Vec<&str> = rec
-            .iter()
-            .enumerate()
-            .map(|(i, v)| if i == a { "" } else { v })
-            .collect();
-        w.write_record(&f).unwrap();
-    }
-    drop(w);
-    fails_with(
-        &["check", "--measured", old.to_str().unwrap()],
-        "written before vramcal recorded the attention mode",
-        Some(&old),
-    );
-}
-
-#[test]
-fn fourth_trial_findings_stay_fixed() {
-    // Values the argument parser refuses: one line on stderr (no blank line, usage or tip), as
-    // every other error, and a non-zero exit.
-    for bad in [
-        &["--batch", "-1"][..],
-        &["--batch", "1.5"],
-        &["--batch", "1,2"],
-        &["--nosuch"],
-    ] {
-        let out = vramcal()
-            .args(["measure", "--model", "tiny", "--seq", "4"])
-            .args(bad)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{bad:?} succeeded");
-        let line = common::stderr_line(&out);
-        assert!(line.starts_with("error: "), "{bad:?}: {line}");
-    }
-    // --help still prints whole, on stdout.
-    vramcal()
-        .args(["measure", "--help"])
-        .assert()
-        .success()
-        .stdout(predicates::str::contains("--batch"));
-    // A LoRA rank too large for the machine is named as the cause.
-    fails_with(
-        &[
-            "measure",
-            "--model",
-            "tiny",
-            "--batch",
-            "1",
-            "--seq",
-            "4",
-            "--lora",
-            "r=99999999999",
-        ],
-        "LoRA r=99999999999",
-        None,
-    );
-    // A config with a hundred million layers is refused at once, not built until memory runs
-    // out.
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("config.json");
-    let tiny = vramcal::config::preset("tiny").unwrap().config;
-    let mut json = serde_json::to_value(&tiny).unwrap();
-    json["num_hidden_layers"] = serde_json::json!(100_000_000u64);
-    json["architectures"] = serde_json::json!(["MistralForCausalLM"]);
-    std::fs::write(&cfg, json.to_string()).unwrap();
-    for verb in ["measure", "estimate"] {
-        fails_with(
-            &[
-                verb,
-                "--model",
-                cfg.to_str().unwrap(),
-                "--batch",
-                "1",
-                "--seq",
-                "4",
-            ],
-            "num_hidden_layers = 100000000",
-            None,
-        );
-    }
 }
