@@ -383,7 +383,11 @@ pub struct CalibrationRow {
 pub fn write_table(path: &Path, rows: &[CalibrationRow]) -> Result<()> {
     for r in rows {
         let term = Term::from_name(&r.term).ok_or_else(|| {
-            Error::invalid("calibration term", &r.term, "is not a term of the estimator")
+            Error::invalid(
+                "calibration term",
+                &r.term,
+                "is not a term of the estimator",
+            )
         })?;
         let (max, _) = coefficient_bound(term);
         if !(r.coefficient.is_finite() && (0.0..=max).contains(&r.coefficient)) {
