@@ -21,7 +21,7 @@ fn cuda_kernels() {
         .unwrap_or_else(|e| {
             panic!(
                 "compiling kernels/*.cu to PTX failed: {e}\n(the cuda feature needs nvcc on PATH \
-                 and CUDA_COMPUTE_CAP or a GPU: see README, Building with CUDA)"
+                 and CUDA_COMPUTE_CAP or a GPU: see docs/cuda.md, Building)"
             )
         });
     ptx.write(out.join("ptx.rs"))

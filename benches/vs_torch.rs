@@ -11,7 +11,7 @@
 //! With `VRAMCAL_VS_TORCH_OUT=<file.csv>` the figures are also appended to that CSV, one row per
 //! side and point, with the time, host, CPU (model name, family/model, and the SIMD level
 //! candle's matmuls run: `avx512` or `avx2`), version and command (`results/bench/` holds the
-//! runs the README quotes).
+//! runs docs/results.md quotes).
 //!
 //! vramcal's forward activations are the allocated bytes that step 2's forward adds (end of
 //! forward minus end of step 1); PyTorch's are the bytes of the tensors autograd saves for

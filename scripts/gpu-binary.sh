@@ -4,8 +4,8 @@
 # binary scripts/gpu-check.sh runs on a GPU machine, and the tests/cuda.rs test binary at
 # target/gpu/cuda-tests: carry target/gpu/vramcal.gz and target/gpu/cuda-tests.gz there with the
 # repository.
-# Cold: about 15 minutes on 2 cores. The build folder is $CARGO_TARGET_DIR when set (README's
-# "Building with CUDA" sets it), else <cache>/target-cuda, the one .ci/run uses.
+# Cold: about 15 minutes on 2 cores. The build folder is $CARGO_TARGET_DIR when set (docs/cuda.md's
+# "Building" sets it), else <cache>/target-cuda, the one .ci/run uses.
 #   VRAMCAL_CACHE      cache root (default ~/.cache/vramcal)
 #   CUDA_COMPUTE_CAP   80 (default: PTX for A100 and newer, JIT-compiled once per machine) or 90
 #                      (sm_90a, H100/H200 only, no JIT)

@@ -58,7 +58,7 @@ fn check_cuda(s: &str, ordinal: usize) -> Result<(), Error> {
 fn check_cuda(s: &str, _ordinal: usize) -> Result<(), Error> {
     Err(Error::Device {
         device: s.into(),
-        reason: "this vramcal was built without the `cuda` feature: rebuild with `cargo build --release --features cuda` (README, \"Building with CUDA\"), or use --device cpu".into(),
+        reason: "this vramcal was built without the `cuda` feature: rebuild with `cargo build --release --features cuda` (docs/cuda.md, \"Building\"), or use --device cpu".into(),
     })
 }
 

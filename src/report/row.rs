@@ -1,5 +1,5 @@
 //! One measured point as one CSV row. Column names come from the field names; sizes end in
-//! `_bytes`, times in `_seconds`. Documented in README ("CSV schema").
+//! `_bytes`, times in `_seconds`. Documented in docs/csv-schema.md.
 
 use serde::{Deserialize, Serialize};
 
