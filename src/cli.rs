@@ -1,9 +1,38 @@
 //! Command-line definitions (clap). One subcommand per verb; the work is in
-//! [`crate::commands`].
+//! [`crate::commands`]. Options that name the training setup are typed here: clap parses them
+//! through the `FromStr` of their [`crate::spec`] type (the one parser per type), and `main`
+//! prints that parser's error as the one `error:` line.
 
 use std::path::PathBuf;
 
+use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
+
+use crate::error::{Error, Result};
+use crate::spec::{
+    parse_dtype, Attention, Checkpointing, LoraConfig, Method, Profile, Quant, SaveMode, Shard,
+};
+
+/// `--dtype`: a dtype name ([`parse_dtype`]).
+fn dtype_arg(s: &str) -> Result<DType> {
+    parse_dtype(s).map_err(|_| Error::invalid("--dtype", s, "expected f32, bf16, f16 or f64"))
+}
+
+/// `--optimizer-state-dtype`: a dtype name ([`parse_dtype`]).
+fn state_dtype_arg(s: &str) -> Result<DType> {
+    parse_dtype(s).map_err(|_| {
+        Error::invalid(
+            "--optimizer-state-dtype",
+            s,
+            "expected f32, bf16, f16 or f64",
+        )
+    })
+}
+
+/// `--budget`: a size ([`crate::size::parse_size`]), bytes.
+fn budget_arg(s: &str) -> Result<u64> {
+    crate::size::parse_size("--budget", s)
+}
 
 /// vramcal: will this fine-tuning configuration fit, and how long will a step take?
 /// Measures real training steps (forward, loss, backward, AdamW) and records the peak
@@ -107,7 +136,7 @@ pub struct ReportArgs {
     pub measured: Vec<PathBuf>,
     /// Profile of the estimates.
     #[arg(long, default_value = "candle")]
-    pub profile: String,
+    pub profile: Profile,
     /// Calibration table (default: uncalibrated coefficients).
     #[arg(long)]
     pub calibration: Option<PathBuf>,
@@ -135,7 +164,7 @@ pub struct EstimateArgs {
     /// attention, what most fine-tunes run), torch-eager (eager attention) or candle
     /// (vramcal's own step, as `vramcal measure` runs it).
     #[arg(long, default_value = "torch-sdpa")]
-    pub profile: String,
+    pub profile: Profile,
     /// Calibration table from `vramcal calibrate` (default: uncalibrated coefficients).
     #[arg(long)]
     pub calibration: Option<PathBuf>,
@@ -144,7 +173,7 @@ pub struct EstimateArgs {
     pub gpu: Option<String>,
     /// Per-GPU memory under data-parallel sharding: zero1, zero2, zero3 or fsdp.
     #[arg(long)]
-    pub shard: Option<String>,
+    pub shard: Option<Shard>,
     /// Data-parallel GPUs for --shard.
     #[arg(long, default_value_t = 1)]
     pub gpus: usize,
@@ -168,7 +197,7 @@ pub struct CalibrateArgs {
     pub measured: Vec<PathBuf>,
     /// Profile to fit.
     #[arg(long, default_value = "candle")]
-    pub profile: String,
+    pub profile: Profile,
     /// Rows to hold out of the fit and report separately: `largest-seq` or `none`.
     #[arg(long, default_value = "largest-seq")]
     pub holdout: String,
@@ -186,7 +215,7 @@ pub struct CheckArgs {
     pub measured: Vec<PathBuf>,
     /// Profile to check.
     #[arg(long, default_value = "candle")]
-    pub profile: String,
+    pub profile: Profile,
     /// Calibration table (default: uncalibrated coefficients).
     #[arg(long)]
     pub calibration: Option<PathBuf>,
@@ -285,11 +314,11 @@ pub struct ModelArgs {
     #[arg(long, default_value = "random")]
     pub weights: String,
     /// Weight and compute dtype: f32 or bf16 (f16, f64 also accepted).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    #[arg(long, default_value = "f32", value_parser = dtype_arg)]
+    pub dtype: DType,
     /// AdamW moment (state) dtype.
-    #[arg(long, default_value = "f32")]
-    pub optimizer_state_dtype: String,
+    #[arg(long, default_value = "f32", value_parser = state_dtype_arg)]
+    pub optimizer_state_dtype: DType,
     /// AdamW learning rate.
     #[arg(long, default_value_t = 5e-5)]
     pub lr: f64,
@@ -313,11 +342,11 @@ pub struct ModelArgs {
     /// gate,up,down (with or without `_proj`), `attn`, `mlp`, `all-linear`. Defaults are PEFT's:
     /// r=8, alpha=8, dropout=0, targets=q_proj,v_proj.
     #[arg(long)]
-    pub lora: Option<String>,
-    /// Quantization of the frozen base: `none` or `nf4` (with LoRA: QLoRA; `--method qlora`
-    /// implies it).
+    pub lora: Option<LoraConfig>,
+    /// Quantization of the frozen base: `none`, `nf4` or `nf4-dq` (= `nf4 --double-quant`);
+    /// with LoRA: QLoRA (`--method qlora` implies nf4).
     #[arg(long)]
-    pub quant: Option<String>,
+    pub quant: Option<Quant>,
     /// With NF4: quantize the per-block absmax values too (QLoRA's double quantization).
     #[arg(long)]
     pub double_quant: bool,
@@ -328,7 +357,7 @@ pub struct ModelArgs {
     /// tensors: PEFT files for LoRA, model.safetensors for full) or `merged` (adapters merged
     /// into the base, whole model saved).
     #[arg(long, default_value = "none")]
-    pub save: String,
+    pub save: SaveMode,
     /// Same as `--save merged`: merge the adapters into the base and save the whole model.
     #[arg(long)]
     pub merge_save: bool,
@@ -338,8 +367,8 @@ pub struct ModelArgs {
     /// Cap on allocated memory, e.g. `4GiB` (units B, KiB, MiB, GiB, TiB, KB, MB, GB, TB): a point that
     /// needs more ends as `status=oom` with the phases measured before. Makes "does it fit in
     /// 80 GiB" testable on a smaller machine.
-    #[arg(long)]
-    pub budget: Option<String>,
+    #[arg(long, value_parser = budget_arg)]
+    pub budget: Option<u64>,
     /// Extra training steps after step 2, timed only, for the median step time and tokens/s.
     #[arg(long, default_value_t = 0)]
     pub timed_steps: usize,
@@ -347,7 +376,7 @@ pub struct ModelArgs {
     /// recomputed, as PyTorch's SDPA/FlashAttention) or `eager` (also the (batch, heads, seq,
     /// seq) probabilities, as transformers' eager attention).
     #[arg(long, default_value = "sdpa")]
-    pub attention: String,
+    pub attention: Attention,
 }
 
 /// Fine-tuning method and activation checkpointing of one point.
@@ -356,11 +385,11 @@ pub struct MethodArgs {
     /// Fine-tuning method: `full`, `lora` or `qlora` (LoRA on an NF4 base). Default: `lora`
     /// when --lora is given, else `full`.
     #[arg(long)]
-    pub method: Option<String>,
+    pub method: Option<Method>,
     /// Activation checkpointing: `none`, `layers` (every decoder layer) or `every:K`
     /// (segments of K layers).
     #[arg(long, default_value = "none")]
-    pub checkpointing: String,
+    pub checkpointing: Checkpointing,
 }
 
 /// `vramcal measure`.

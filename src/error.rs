@@ -97,6 +97,14 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A reference row (a measured PyTorch run) names a value outside the format's vocabulary.
+    #[error("row {id}: {reason}")]
+    ReferenceRow {
+        /// The row's `id`.
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The memory probe is not usable (e.g. the counting allocator is not installed).
     #[error("memory probe unavailable: {reason}")]
     Probe {

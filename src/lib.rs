@@ -13,6 +13,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod estimate;
+pub mod export;
 pub mod input;
 pub mod measure;
 pub mod model;

@@ -18,6 +18,12 @@ fn main() -> ExitCode {
         {
             e.exit()
         }
+        // A setup option clap parsed through its `FromStr`: that parser's message, as when
+        // the commands parse a value themselves.
+        Err(e) if setup_error(&e).is_some() => {
+            eprintln!("error: {}", setup_error(&e).expect("checked"));
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
             // One line, as every other error: clap's first (its tips and usage follow it).
             let text = e.render().to_string();
@@ -47,6 +53,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error of a [`vramcal::spec`] parser behind a clap value error, if that is what `e` is.
+fn setup_error(e: &clap::Error) -> Option<&vramcal::Error> {
+    use std::error::Error as _;
+    if e.kind() != clap::error::ErrorKind::ValueValidation {
+        return None;
+    }
+    e.source()?.downcast_ref::<vramcal::Error>()
 }
 
 /// `hypotf` for this binary, so that it does not import glibc 2.35's `hypotf@GLIBC_2.35` (the

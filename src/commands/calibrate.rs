@@ -32,10 +32,10 @@ fn abs_max(v: &[f64]) -> f64 {
 /// # Errors
 /// Unreadable or empty measurements, too few successful rows, an unknown hold-out rule.
 pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
-    let profile = a.profile.parse::<Profile>()?;
+    let profile = a.profile;
     let mut rows = Vec::new();
     for f in &a.measured {
-        if super::check::is_public(f)? {
+        if crate::calibrate::reference::is_reference_file(f)? {
             anyhow::bail!(
                 "{}: a published-measurements file: use it with `vramcal check`, never to fit",
                 f.display()
@@ -171,7 +171,7 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         );
     }
     t += &format!("wrote {}\n", out.display());
-    super::emit(&t)?;
+    crate::export::emit(&t)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -12,7 +12,7 @@ use crate::throughput::GPUS;
 /// JSON serialization errors only.
 pub fn run(json: bool) -> anyhow::Result<ExitCode> {
     if json {
-        super::emit(&format!("{}\n", serde_json::to_string_pretty(GPUS)?))?;
+        crate::export::emit(&format!("{}\n", serde_json::to_string_pretty(GPUS)?))?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut t = format!(
@@ -37,6 +37,6 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         );
     }
     t += "dense_TFLOPs: peak 16-bit tensor FLOP/s without sparsity, bf16 (fp16 where marked), fp32 accumulate; GiB = 2^30 bytes\n";
-    super::emit(&t)?;
+    crate::export::emit(&t)?;
     Ok(ExitCode::SUCCESS)
 }

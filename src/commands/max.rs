@@ -20,7 +20,7 @@ use crate::throughput::model_flops_per_token;
 /// unwritable `--out`.
 pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
     let (model, weights) = super::setup::resolve(&a.model)?;
-    let budget = super::setup::budget(&a.model)?.ok_or_else(|| {
+    let budget = a.model.budget.ok_or_else(|| {
         Error::invalid(
             "--budget",
             "",
@@ -61,14 +61,8 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
     // Validate the extremes before any probe.
     for x in [1, limit] {
         let (b, s) = point(x);
-        super::setup::train_spec(
-            &a.model,
-            b,
-            s,
-            a.how.method.as_deref(),
-            &a.how.checkpointing,
-        )?
-        .validate(&model.config)?;
+        super::setup::train_spec(&a.model, b, s, a.how.method, a.how.checkpointing)?
+            .validate(&model.config)?;
     }
     if let Some(out) = &a.out {
         crate::report::csv_out::check_writable(out)?;
@@ -77,13 +71,7 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
     let command = super::command_line();
     let probe = |x: usize| -> anyhow::Result<Row> {
         let (b, s) = point(x);
-        let spec = super::setup::train_spec(
-            &a.model,
-            b,
-            s,
-            a.how.method.as_deref(),
-            &a.how.checkpointing,
-        )?;
+        let spec = super::setup::train_spec(&a.model, b, s, a.how.method, a.how.checkpointing)?;
         let ctx = RowContext {
             command: command.clone(),
             model: model.name.clone(),
@@ -181,22 +169,21 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
     // The estimator's answer for the same search (candle profile; calibrated when
     // --calibration is given).
     let coeffs =
-        super::estimate::coefficients(a.calibration.as_deref(), crate::spec::Profile::Candle)?;
+        crate::calibrate::coefficients(a.calibration.as_deref(), crate::spec::Profile::Candle)?;
     let fits_est = |x: usize| -> bool {
         let (b, s) = point(x);
-        super::setup::train_spec(
-            &a.model,
-            b,
-            s,
-            a.how.method.as_deref(),
-            &a.how.checkpointing,
-        )
-        .ok()
-        .and_then(|spec| {
-            crate::estimate::estimate(&model.config, &spec, crate::spec::Profile::Candle, &coeffs)
+        super::setup::train_spec(&a.model, b, s, a.how.method, a.how.checkpointing)
+            .ok()
+            .and_then(|spec| {
+                crate::estimate::estimate(
+                    &model.config,
+                    &spec,
+                    crate::spec::Profile::Candle,
+                    &coeffs,
+                )
                 .ok()
-        })
-        .is_some_and(|e| e.peak_bytes <= budget)
+            })
+            .is_some_and(|e| e.peak_bytes <= budget)
     };
     let est = if !fits_est(1) {
         "estimate: even 1 does not fit".to_string()
@@ -212,7 +199,7 @@ pub fn run(a: &MaxArgs) -> anyhow::Result<ExitCode> {
         }
         format!("estimate ({}): {axis_name} {lo}", coeffs.source)
     };
-    super::emit(&(text + &est + "\n"))?;
+    crate::export::emit(&(text + &est + "\n"))?;
     Ok(ExitCode::SUCCESS)
 }
 

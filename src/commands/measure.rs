@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::point::{run_point, PointResult};
-use super::setup::{budget, check_fits, check_save_dir, resolve, train_spec};
+use super::setup::{check_fits, check_save_dir, resolve, train_spec};
 use crate::cli::MeasureArgs;
 use crate::measure::device::check_device;
 use crate::measure::{Measurement, Setup};
@@ -32,16 +32,10 @@ fn trainable_line(m: &Measurement) -> String {
 /// phases measured so far is still written to `--out` (status `error`).
 pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
     let (model, weights) = resolve(&a.model)?;
-    let spec = train_spec(
-        &a.model,
-        a.batch,
-        a.seq,
-        a.how.method.as_deref(),
-        &a.how.checkpointing,
-    )?;
+    let spec = train_spec(&a.model, a.batch, a.seq, a.how.method, a.how.checkpointing)?;
     spec.validate(&model.config)?;
     let device = check_device(&a.model.device)?;
-    let budget = budget(&a.model)?;
+    let budget = a.model.budget;
     check_fits(&spec, &model, device)?;
     let ctx = RowContext {
         command: a.record_command.clone().unwrap_or_else(super::command_line),
@@ -116,15 +110,15 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
         if a.json {
             eprintln!("{head}");
         } else {
-            super::emit(&head)?;
+            crate::export::emit(&head)?;
         }
     }
     if a.json {
-        super::emit(&format!("{}\n", serde_json::to_string(&row)?))?;
+        crate::export::emit(&format!("{}\n", serde_json::to_string(&row)?))?;
     } else if !a.quiet {
         let mut w = csv::Writer::from_writer(vec![]);
         w.serialize(&row)?;
-        super::emit(&String::from_utf8(w.into_inner()?)?)?;
+        crate::export::emit(&String::from_utf8(w.into_inner()?)?)?;
     }
     if row.status != Some(Status::Ok) {
         anyhow::bail!(

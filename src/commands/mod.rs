@@ -1,5 +1,9 @@
-//! The commands behind the CLI verbs. They return `anyhow` errors with context; `main` prints
-//! one line and exits non-zero.
+//! The commands behind the CLI verbs, each parse → compute → render: the arguments are checked
+//! and turned into typed values ([`setup`] for what every verb that names a training setup
+//! shares), the work is done by the library ([`crate::estimate`], [`crate::measure`],
+//! [`crate::calibrate`]), and the result is rendered by [`crate::export`]. No command imports
+//! another except [`setup`] and [`point`] (the child protocol). They return `anyhow` errors with
+//! context; `main` prints one line and exits non-zero.
 
 pub mod calibrate;
 pub mod check;
@@ -34,20 +38,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Calibrate(a) => calibrate::run(&a),
         Command::Check(a) => check::run(&a),
         Command::Report(a) => report::run(&a),
-    }
-}
-
-/// Writes `text` to stdout. A closed pipe (`vramcal models | head`) ends the output quietly
-/// instead of panicking as `print!` does.
-///
-/// # Errors
-/// Other write errors.
-pub fn emit(text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => Ok(r?),
     }
 }
 

@@ -32,7 +32,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
                 })
             })
             .collect();
-        super::emit(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
+        crate::export::emit(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut text = format!(
@@ -52,6 +52,6 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
             p.source
         );
     }
-    super::emit(&text)?;
+    crate::export::emit(&text)?;
     Ok(ExitCode::SUCCESS)
 }

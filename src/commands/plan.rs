@@ -44,7 +44,10 @@ fn measured_mfu(
             continue;
         }
         let mut rdr = csv::Reader::from_reader(text.as_bytes());
-        for p in rdr.deserialize::<super::check::Public>().flatten() {
+        for p in rdr
+            .deserialize::<crate::calibrate::reference::ReferenceRow>()
+            .flatten()
+        {
             let ok = p.status.as_deref() == Some("ok");
             let Some(step) = p.step_seconds_median.filter(|&t| ok && t > 0.0) else {
                 continue;
@@ -54,7 +57,7 @@ fn measured_mfu(
             }
             let (Ok(m), Ok(s)) = (
                 crate::config::resolve_model(&p.model),
-                super::check::public_spec(&p),
+                crate::calibrate::reference::reference_spec(&p),
             ) else {
                 continue;
             };
@@ -88,13 +91,8 @@ fn measured_mfu(
 /// Bad input, or a measurement that did not succeed.
 pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
     let (model, weights) = super::setup::resolve(&a.model)?;
-    let spec = super::setup::train_spec(
-        &a.model,
-        a.batch,
-        a.seq,
-        a.how.method.as_deref(),
-        &a.how.checkpointing,
-    )?;
+    let spec =
+        super::setup::train_spec(&a.model, a.batch, a.seq, a.how.method, a.how.checkpointing)?;
     spec.validate(&model.config)?;
     let target = a.gpu.as_deref().map(gpu).transpose()?;
     if let Some(t) = a
@@ -131,7 +129,7 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
         model: model.name.clone(),
         weights: weights.describe(),
         device: a.model.device.clone(),
-        budget_bytes: super::setup::budget(&a.model)?,
+        budget_bytes: a.model.budget,
         model_flops_per_token: Some(model_flops_per_token(&model.config, &spec)),
     };
     let timed = if a.model.timed_steps == 0 {
@@ -214,7 +212,7 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
         eprintln!("note: --mfu is not used: the step was measured on this GPU, so its own MFU is reported");
     }
     if a.json {
-        super::emit(&format!("{}\n", serde_json::to_string_pretty(&p)?))?;
+        crate::export::emit(&format!("{}\n", serde_json::to_string_pretty(&p)?))?;
         return Ok(ExitCode::SUCCESS);
     }
     let hms = |s: f64| {
@@ -277,6 +275,6 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
             t += "MFU of the measurement: give --peak-tflops (the measuring device's peak) to compute it\n"
         }
     }
-    super::emit(&t)?;
+    crate::export::emit(&t)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -11,18 +11,17 @@ use crate::estimate::estimate;
 use crate::report::csv_out::read_rows;
 use crate::report::plots::{line_chart, stacked_bar, Series};
 use crate::report::{Row, Status};
-use crate::spec::Profile;
 
 /// Runs `vramcal report`.
 ///
 /// # Errors
 /// Unreadable or empty measurements, a bad calibration, an unwritable output folder.
 pub fn run(a: &ReportArgs) -> anyhow::Result<ExitCode> {
-    let profile = a.profile.parse::<Profile>()?;
-    let c = super::estimate::coefficients(a.calibration.as_deref(), profile)?;
+    let profile = a.profile;
+    let c = crate::calibrate::coefficients(a.calibration.as_deref(), profile)?;
     let mut rows: Vec<Row> = Vec::new();
     for f in &a.measured {
-        if super::check::is_public(f)? {
+        if crate::calibrate::reference::is_reference_file(f)? {
             anyhow::bail!(
                 "{}: a published-measurements file: report plots vramcal's own measurements; use it with `vramcal check`",
                 f.display()
@@ -155,7 +154,7 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<ExitCode> {
     );
     let idx = a.out.join("index.md");
     std::fs::write(&idx, index).map_err(|e| crate::Error::io(&idx, e))?;
-    super::emit(&format!(
+    crate::export::emit(&format!(
         "wrote {} charts and {}\n",
         2 * groups.len(),
         idx.display()

@@ -5,16 +5,13 @@
 
 use std::path::Path;
 
-use anyhow::Context;
-
 use crate::cli::ModelArgs;
 use crate::config::{resolve_model, ConfigSource, ResolvedModel};
 use crate::error::Error;
 use crate::measure::device::host_memory_bytes;
 use crate::size::gib;
 use crate::spec::{
-    parse_dtype, Adaptation, Checkpointing, DeviceChoice, LoraConfig, Method, Quant, SaveMode,
-    TrainSpec, WeightsSpec,
+    Adaptation, Checkpointing, DeviceChoice, Method, Quant, SaveMode, TrainSpec, WeightsSpec,
 };
 use crate::weights::gguf::{config_from_gguf, read_content};
 
@@ -82,40 +79,28 @@ pub fn resolve(args: &ModelArgs) -> anyhow::Result<(ResolvedModel, WeightsSpec)>
 }
 
 /// Builds the adaptation (full, LoRA, QLoRA) from `--method`, `--lora`, `--quant`,
-/// `--double-quant`.
+/// `--double-quant`; without `--method`, `lora` when `--lora` is given, else `full`.
 ///
 /// # Errors
-/// Unknown method or quantization, malformed `--lora`, `--lora` with `--method full`.
-pub fn adaptation(args: &ModelArgs, method: Option<&str>) -> anyhow::Result<Adaptation> {
-    let quant = match args.quant.as_deref() {
-        None => Quant::None,
-        Some(q) => match q.parse::<Quant>()? {
-            Quant::Nf4 { double } => Quant::Nf4 {
-                double: double || args.double_quant,
-            },
-            Quant::None => Quant::None,
+/// `--lora` with `--method full`, `--quant none` with `--method qlora`, `--double-quant`
+/// without a 4-bit base.
+pub fn adaptation(args: &ModelArgs, method: Option<Method>) -> anyhow::Result<Adaptation> {
+    let quant = match args.quant {
+        Some(Quant::Nf4 { double }) => Quant::Nf4 {
+            double: double || args.double_quant,
         },
+        _ => Quant::None,
     };
-    let method = match method {
-        Some(m) => m.parse::<Method>()?,
-        None if args.lora.is_some() => Method::Lora,
-        None => Method::Full,
-    };
-    let lora = || -> anyhow::Result<LoraConfig> {
-        Ok(match &args.lora {
-            Some(s) => s.parse::<LoraConfig>()?,
-            None => LoraConfig::default(),
-        })
-    };
+    let method = method.unwrap_or(if args.lora.is_some() {
+        Method::Lora
+    } else {
+        Method::Full
+    });
+    let lora = args.lora.clone().unwrap_or_default();
     let ad = match method {
         Method::Full => {
-            if args.lora.is_some() {
-                return Err(Error::invalid(
-                    "--lora",
-                    args.lora.clone().unwrap_or_default(),
-                    "needs --method lora or qlora",
-                )
-                .into());
+            if let Some(l) = &args.lora {
+                return Err(Error::invalid("--lora", l, "needs --method lora or qlora").into());
             }
             Adaptation {
                 lora: None,
@@ -124,12 +109,12 @@ pub fn adaptation(args: &ModelArgs, method: Option<&str>) -> anyhow::Result<Adap
             }
         }
         Method::Lora => Adaptation {
-            lora: Some(lora()?),
+            lora: Some(lora),
             quant,
             seed: args.seed,
         },
         Method::Qlora => {
-            if quant == Quant::None && args.quant.is_some() {
+            if args.quant == Some(Quant::None) {
                 return Err(Error::invalid(
                     "--quant",
                     "none",
@@ -138,12 +123,9 @@ pub fn adaptation(args: &ModelArgs, method: Option<&str>) -> anyhow::Result<Adap
                 .into());
             }
             Adaptation {
-                lora: Some(lora()?),
-                quant: match quant {
-                    Quant::None => Quant::Nf4 {
-                        double: args.double_quant,
-                    },
-                    q => q,
+                lora: Some(lora),
+                quant: Quant::Nf4 {
+                    double: matches!(quant, Quant::Nf4 { double: true }) || args.double_quant,
                 },
                 seed: args.seed,
             }
@@ -160,35 +142,35 @@ pub fn adaptation(args: &ModelArgs, method: Option<&str>) -> anyhow::Result<Adap
     Ok(ad)
 }
 
-/// Builds the training spec from the CLI arguments.
+/// Builds the training spec of one point from the CLI arguments, with `method` and
+/// `checkpointing` (which a sweep varies).
 ///
 /// # Errors
-/// Bad dtype names, method, LoRA, checkpointing or save settings.
+/// As [`adaptation`]; `--merge-save` with `--save adapter`.
 pub fn train_spec(
     args: &ModelArgs,
     batch: usize,
     seq: usize,
-    method: Option<&str>,
-    checkpointing: &str,
+    method: Option<Method>,
+    checkpointing: Checkpointing,
 ) -> anyhow::Result<TrainSpec> {
     let mut spec = TrainSpec::new(batch, seq);
     spec.adaptation = adaptation(args, method)?;
-    spec.checkpointing = checkpointing.parse::<Checkpointing>()?;
+    spec.checkpointing = checkpointing;
     spec.accumulate = args.accumulate;
-    spec.save = args.save.parse::<SaveMode>()?;
+    spec.save = args.save;
     if args.merge_save {
         if spec.save == SaveMode::Adapter {
             return Err(Error::invalid("--merge-save", "", "conflicts with --save adapter").into());
         }
         spec.save = SaveMode::Merged;
     }
-    spec.dtype = parse_dtype(&args.dtype).context("--dtype")?;
-    spec.state_dtype =
-        parse_dtype(&args.optimizer_state_dtype).context("--optimizer-state-dtype")?;
+    spec.dtype = args.dtype;
+    spec.state_dtype = args.optimizer_state_dtype;
     spec.adamw.lr = args.lr;
     spec.adamw.weight_decay = args.weight_decay;
     spec.allow_longer = args.allow_longer;
-    spec.attention = args.attention.parse()?;
+    spec.attention = args.attention;
     spec.data_seed = args.data_seed;
     Ok(spec)
 }
@@ -201,7 +183,7 @@ pub fn check_save_dir(args: &ModelArgs) -> anyhow::Result<()> {
     let Some(d) = &args.save_dir else {
         return Ok(());
     };
-    if args.save == "none" && !args.merge_save {
+    if args.save == SaveMode::None && !args.merge_save {
         return Err(Error::invalid(
             "--save-dir",
             d.display(),
@@ -214,17 +196,6 @@ pub fn check_save_dir(args: &ModelArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     Ok(())
-}
-
-/// Parses `--budget`.
-///
-/// # Errors
-/// A malformed size.
-pub fn budget(args: &ModelArgs) -> anyhow::Result<Option<u64>> {
-    Ok(match &args.budget {
-        Some(b) => Some(crate::size::parse_size("--budget", b)?),
-        None => None,
-    })
 }
 
 /// Rejects a point that cannot fit in this machine's memory (CPU): weights, gradients, AdamW

@@ -17,7 +17,7 @@ use crate::commands::point::run_point;
 use crate::error::Error;
 use crate::measure::Measurement;
 use crate::report::{append_row, Row, RowContext, Status};
-use crate::spec::TrainSpec;
+use crate::spec::{Checkpointing, Method, TrainSpec};
 use crate::throughput::model_flops_per_token;
 
 /// Parses a comma-separated grid axis: positive integers, no duplicates, not empty.
@@ -68,9 +68,9 @@ pub fn parse_names(name: &str, items: &[String]) -> Result<Vec<String>, Error> {
 }
 
 /// The arguments of one point: LoRA settings apply to the LoRA methods only.
-fn point_args(args: &ModelArgs, method: Option<&str>) -> ModelArgs {
+fn point_args(args: &ModelArgs, method: Option<Method>) -> ModelArgs {
     let mut a = args.clone();
-    if method == Some("full") {
+    if method == Some(Method::Full) {
         a.lora = None;
     }
     a
@@ -84,18 +84,21 @@ fn point_args(args: &ModelArgs, method: Option<&str>) -> ModelArgs {
 pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     let batches = parse_axis("--batch", &a.batch)?;
     let seqs = parse_axis("--seq", &a.seq)?;
-    let methods: Vec<Option<String>> = if a.method.is_empty() {
+    let methods: Vec<Option<Method>> = if a.method.is_empty() {
         vec![None]
     } else {
         parse_names("--method", &a.method)?
-            .into_iter()
-            .map(Some)
-            .collect()
+            .iter()
+            .map(|m| m.parse().map(Some))
+            .collect::<Result<_, _>>()?
     };
-    let ckpts = parse_names("--checkpointing", &a.checkpointing)?;
+    let ckpts: Vec<Checkpointing> = parse_names("--checkpointing", &a.checkpointing)?
+        .iter()
+        .map(|c| c.parse())
+        .collect::<Result<_, _>>()?;
     let (model, weights) = super::setup::resolve(&a.model)?;
     let device = crate::measure::device::check_device(&a.model.device)?;
-    let budget = super::setup::budget(&a.model)?;
+    let budget = a.model.budget;
     let command = super::command_line();
     // Validate every point before running any.
     let mut grid = Vec::new();
@@ -103,8 +106,8 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         for c in &ckpts {
             for &b in &batches {
                 for &s in &seqs {
-                    let args = point_args(&a.model, m.as_deref());
-                    let spec = super::setup::train_spec(&args, b, s, m.as_deref(), c)?;
+                    let args = point_args(&a.model, *m);
+                    let spec = super::setup::train_spec(&args, b, s, *m, *c)?;
                     spec.validate(&model.config)?;
                     super::setup::check_fits(&spec, &model, device)?;
                     let ctx = RowContext {
@@ -116,8 +119,8 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
                         model_flops_per_token: Some(model_flops_per_token(&model.config, &spec)),
                     };
                     grid.push(Point {
-                        method: m.clone(),
-                        ckpt: c.clone(),
+                        method: *m,
+                        ckpt: *c,
                         batch: b,
                         seq: s,
                         args,
@@ -132,7 +135,7 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     if a.model.lora.is_some()
         && !methods
             .iter()
-            .any(|m| matches!(m.as_deref(), Some("lora" | "qlora") | None))
+            .any(|m| matches!(m, Some(Method::Lora | Method::Qlora) | None))
     {
         return Err(crate::Error::invalid(
             "--lora",
@@ -181,7 +184,7 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     for (i, p) in grid.iter().enumerate() {
         let label = format!(
             "{} ckpt {} batch {} seq {}",
-            p.method.as_deref().unwrap_or("full"),
+            p.method.unwrap_or(Method::Full),
             p.ckpt,
             p.batch,
             p.seq
@@ -269,8 +272,8 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
 
 /// One planned point.
 struct Point {
-    method: Option<String>,
-    ckpt: String,
+    method: Option<Method>,
+    ckpt: Checkpointing,
     batch: usize,
     seq: usize,
     args: ModelArgs,
@@ -291,8 +294,14 @@ fn child_args(p: &Point, i: usize, command: &str) -> Vec<OsString> {
     let m = &p.args;
     let mut v: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| v.extend(items.iter().map(OsString::from));
-    push(&["measure", "--weights", &m.weights, "--dtype", &m.dtype]);
-    push(&["--optimizer-state-dtype", &m.optimizer_state_dtype]);
+    push(&[
+        "measure",
+        "--weights",
+        &m.weights,
+        "--dtype",
+        m.dtype.as_str(),
+    ]);
+    push(&["--optimizer-state-dtype", m.optimizer_state_dtype.as_str()]);
     push(&[
         "--lr",
         &m.lr.to_string(),
@@ -307,16 +316,16 @@ fn child_args(p: &Point, i: usize, command: &str) -> Vec<OsString> {
         "--data-seed",
         &m.data_seed.to_string(),
     ]);
-    push(&["--accumulate", &m.accumulate.to_string(), "--save", &m.save]);
-    push(&["--attention", &m.attention]);
-    if let Some(q) = &m.quant {
-        push(&["--quant", q]);
+    push(&["--accumulate", &m.accumulate.to_string()]);
+    push(&["--save", m.save.label(), "--attention", m.attention.label()]);
+    if let Some(q) = m.quant {
+        push(&["--quant", q.label()]);
     }
     push(&[
         "--timed-steps",
         &m.timed_steps.to_string(),
         "--checkpointing",
-        &p.ckpt,
+        &p.ckpt.label(),
     ]);
     push(&[
         "--batch",
@@ -329,14 +338,15 @@ fn child_args(p: &Point, i: usize, command: &str) -> Vec<OsString> {
     if let Some(name) = &m.model {
         push(&["--model", name]);
     }
-    if let Some(method) = &p.method {
-        push(&["--method", method]);
+    if let Some(method) = p.method {
+        push(&["--method", method.label()]);
     }
     if let Some(l) = &m.lora {
-        push(&["--lora", l]);
+        push(&["--lora", &l.to_string()]);
     }
-    if let Some(b) = &m.budget {
-        push(&["--budget", b]);
+    if let Some(b) = m.budget {
+        // With its unit: a plain number below 1 MiB is refused as a likely missing unit.
+        push(&["--budget", &format!("{b}B")]);
     }
     if m.double_quant {
         push(&["--double-quant"]);

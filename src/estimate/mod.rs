@@ -8,6 +8,7 @@
 //! * `torch-sdpa`, `torch-eager`: what PyTorch + transformers keep for the same decoder (see
 //!   [`torch`]); eager attention also keeps the `(batch, heads, seq, seq)` probabilities.
 
+pub mod advice;
 pub mod multi;
 pub mod references;
 pub mod table;

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 /// Memory Optimizations Toward Training Trillion Parameter Models", §5; PyTorch FSDP's
 /// FULL_SHARD is ZeRO-3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Shard {
     /// Optimizer states sharded.
     Zero1,

@@ -4,6 +4,9 @@
 //! measured rows, with every coefficient ≥ 0 (non-negative least squares, solved exactly by
 //! trying every set of active terms: there are five).
 
+pub mod compare;
+pub mod reference;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -430,6 +433,18 @@ fn coefficient_bound(term: Term) -> (f64, &'static str) {
         _ => MAX_MULTIPLIER,
     };
     (max, term.coefficient_unit())
+}
+
+/// Loads the coefficients for `profile`: a calibration table ([`read_table`]) or, without
+/// one, the uncalibrated ones.
+///
+/// # Errors
+/// As [`read_table`].
+pub fn coefficients(path: Option<&Path>, profile: Profile) -> Result<Coefficients> {
+    Ok(match path {
+        Some(p) => read_table(p, profile)?,
+        None => Coefficients::uncalibrated(profile),
+    })
 }
 
 /// Reads a calibration table for `profile`.

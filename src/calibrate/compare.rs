@@ -1,0 +1,126 @@
+//! Estimates held against measurements, row by row: vramcal's own CSVs (the training peak of
+//! each successful row) and reference rows ([`super::reference`]); and the statistics `check`
+//! and `calibrate` summarize errors with.
+
+use std::path::Path;
+
+use super::reference::{is_reference_file, reference_spec, ReferenceRow};
+use super::{spec_from_row, training_peak};
+use crate::config::resolve_model;
+use crate::error::{Error, Result};
+use crate::estimate::{estimate, Coefficients};
+use crate::report::csv_out::read_rows;
+use crate::spec::Profile;
+
+/// One compared row.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Compared {
+    /// Row label (file:line or the published id).
+    pub id: String,
+    /// Configuration summary.
+    pub config: String,
+    /// Which counter the measurement read.
+    pub counter: String,
+    /// Measured peak (bytes).
+    pub measured_bytes: u64,
+    /// Predicted peak (bytes).
+    pub predicted_bytes: u64,
+    /// `(predicted − measured) / measured`.
+    pub relative_error: f64,
+}
+
+/// Every successful row of measured file `f` beside its estimate under `profile` and `c`, and
+/// how many reference rows were skipped (no successful peak).
+///
+/// # Errors
+/// An unreadable or malformed file, a file without successful rows, a row outside the
+/// vocabulary, estimator errors.
+pub fn compare_file(
+    f: &Path,
+    profile: Profile,
+    c: &Coefficients,
+) -> Result<(Vec<Compared>, usize)> {
+    let mut out = Vec::new();
+    let mut skipped = 0;
+    if is_reference_file(f)? {
+        let mut r = crate::input::csv_reader(f)?;
+        for p in r.deserialize::<ReferenceRow>() {
+            let p = p.map_err(|e| Error::Csv {
+                path: f.to_path_buf(),
+                reason: format!("malformed row: {e}"),
+            })?;
+            let ok = matches!(p.status.as_deref(), None | Some("") | Some("ok"));
+            let Some(peak) = p.peak_bytes.filter(|&b| ok && b > 0) else {
+                skipped += 1;
+                continue;
+            };
+            let cfg = resolve_model(&p.model)?.config;
+            let e = estimate(&cfg, &reference_spec(&p)?, profile, c)?;
+            out.push(Compared {
+                id: p.id.clone(),
+                config: format!(
+                    "{} {} b{} s{} ckpt {} {}",
+                    p.model, p.method, p.batch, p.seq, p.checkpointing, p.precision
+                ),
+                counter: p.counter.clone(),
+                measured_bytes: peak,
+                predicted_bytes: e.peak_bytes,
+                relative_error: (e.peak_bytes as f64 - peak as f64) / peak as f64,
+            });
+        }
+    } else {
+        for (i, r) in read_rows(f)?.iter().enumerate() {
+            if r.status != Some(crate::report::Status::Ok) {
+                continue;
+            }
+            let Some(m) = training_peak(r) else { continue };
+            let (cfg, spec) = spec_from_row(r)?;
+            let e = estimate(&cfg, &spec, profile, c)?;
+            out.push(Compared {
+                id: format!("{}:{}", f.display(), i + 2),
+                config: format!(
+                    "{} {} ckpt {} attn {} b{} s{} {}",
+                    r.model, r.method, r.checkpointing, r.attention, r.micro_batch, r.seq, r.dtype
+                ),
+                counter: "allocated".into(),
+                measured_bytes: m,
+                predicted_bytes: e.peak_bytes,
+                relative_error: (e.peak_bytes as f64 - m as f64) / m as f64,
+            });
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Csv {
+            path: f.to_path_buf(),
+            reason: "no successful measured rows to check".into(),
+        });
+    }
+    Ok((out, skipped))
+}
+
+/// The median of `v` (the mean of the two middle values for an even count); NaN when empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The `q`-quantile of `v` (nearest rank, `q` in [0, 1]); NaN when empty.
+pub fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * q).round() as usize]
+}
+
+/// The largest absolute value of `v` (0 when empty).
+pub fn abs_max(v: &[f64]) -> f64 {
+    v.iter().fold(0.0, |a, x| a.max(x.abs()))
+}

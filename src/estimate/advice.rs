@@ -1,0 +1,146 @@
+//! What would make a configuration fit: the cheapest changes a user can make (activation
+//! checkpointing, a smaller micro-batch with gradient accumulation, LoRA, QLoRA, 16-bit AdamW
+//! states, ZeRO-2/3 sharding), each estimated with the same profile and coefficients.
+
+use candle_core::DType;
+
+use super::{estimate_sharded, Coefficients, Estimate};
+use crate::config::ModelConfig;
+use crate::spec::{Adaptation, Checkpointing, LoraConfig, Profile, Quant, Shard, TrainSpec};
+
+/// The changes to try for `spec`, labelled with the options that give them; only changes that
+/// validate against `cfg`.
+pub fn alternatives(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(String, TrainSpec)> {
+    let mut v = Vec::new();
+    if spec.checkpointing == Checkpointing::None {
+        let mut s = spec.clone();
+        s.checkpointing = Checkpointing::Every(1);
+        v.push((
+            "activation checkpointing (--checkpointing layers)".to_string(),
+            s,
+        ));
+    }
+    let mut mb = spec.batch;
+    while mb > 1 {
+        mb /= 2;
+        let mut s = spec.clone();
+        s.accumulate = spec.accumulate * spec.batch / mb;
+        s.batch = mb;
+        v.push((
+            format!(
+                "micro-batch {mb} × accumulate {} (same tokens per step)",
+                s.accumulate
+            ),
+            s,
+        ));
+    }
+    if spec.adaptation.lora.is_none() {
+        let lora = "r=16,alpha=32,targets=all-linear"
+            .parse::<LoraConfig>()
+            .expect("valid");
+        let mut s = spec.clone();
+        s.adaptation = Adaptation {
+            lora: Some(lora.clone()),
+            quant: Quant::None,
+            seed: 0,
+        };
+        v.push((
+            "LoRA r=16 on all linear layers (--method lora)".to_string(),
+            s,
+        ));
+        let mut s = spec.clone();
+        s.adaptation = Adaptation {
+            lora: Some(lora),
+            quant: Quant::Nf4 { double: true },
+            seed: 0,
+        };
+        v.push((
+            "QLoRA r=16 on all linear layers (--method qlora --double-quant)".to_string(),
+            s,
+        ));
+    } else if spec.adaptation.quant == Quant::None {
+        let mut s = spec.clone();
+        s.adaptation.quant = Quant::Nf4 { double: true };
+        v.push((
+            "4-bit NF4 base (--method qlora --double-quant)".to_string(),
+            s,
+        ));
+    }
+    // Combined with checkpointing.
+    let with_ckpt: Vec<(String, TrainSpec)> = v
+        .iter()
+        .filter(|(_, s)| s.checkpointing == Checkpointing::None && s.adaptation != spec.adaptation)
+        .map(|(n, s)| {
+            let mut s = s.clone();
+            s.checkpointing = Checkpointing::Every(1);
+            (format!("{n} + checkpointing"), s)
+        })
+        .collect();
+    v.extend(with_ckpt);
+    if spec.adaptation.lora.is_none() && spec.state_dtype == DType::F32 {
+        let mut s = spec.clone();
+        s.state_dtype = DType::BF16;
+        v.push((
+            "16-bit AdamW states (--optimizer-state-dtype bf16)".to_string(),
+            s,
+        ));
+    }
+    v.retain(|(_, s)| s.validate(cfg).is_ok());
+    v
+}
+
+/// Data-parallel sharding that would make a full fine-tune fit: ZeRO-2 and ZeRO-3 over 2, 4 and
+/// 8 GPUs (labels name the options that give them).
+pub fn sharded_alternatives(spec: &TrainSpec) -> Vec<(String, Shard, usize)> {
+    if spec.adaptation.lora.is_some() {
+        return vec![];
+    }
+    let mut v = Vec::new();
+    for (name, shard) in [("zero2", Shard::Zero2), ("zero3", Shard::Zero3)] {
+        for gpus in [2, 4, 8] {
+            v.push((
+                format!("{name} over {gpus} GPUs, per GPU (--shard {name} --gpus {gpus})"),
+                shard,
+                gpus,
+            ));
+        }
+    }
+    v
+}
+
+/// The changes of [`alternatives`] (and, without `sharding`, the fewest GPUs of ZeRO-2 and
+/// ZeRO-3 that fit `budget` bytes, [`sharded_alternatives`]), each with its estimate under the
+/// same `profile`, coefficients `c` and `sharding`, for a `spec` that does not fit.
+pub fn fixes(
+    cfg: &ModelConfig,
+    spec: &TrainSpec,
+    profile: Profile,
+    c: &Coefficients,
+    sharding: Option<(Shard, usize)>,
+    budget: u64,
+) -> Vec<(String, Estimate)> {
+    let mut alts: Vec<(String, Estimate)> = alternatives(cfg, spec)
+        .into_iter()
+        .filter_map(|(n, s)| {
+            estimate_sharded(cfg, &s, profile, c, sharding)
+                .ok()
+                .map(|x| (n, x))
+        })
+        .collect();
+    if sharding.is_none() {
+        // The smallest number of GPUs that fits, per stage.
+        let mut fitted: Vec<Shard> = Vec::new();
+        for (n, shard, gpus) in sharded_alternatives(spec) {
+            if fitted.contains(&shard) {
+                continue;
+            }
+            if let Ok(x) = estimate_sharded(cfg, spec, profile, c, Some((shard, gpus))) {
+                if x.peak_bytes <= budget {
+                    fitted.push(shard);
+                }
+                alts.push((n, x));
+            }
+        }
+    }
+    alts
+}

@@ -1,0 +1,215 @@
+//! `vramcal estimate`'s answer as text (the itemized table, reference formulas, the verdict
+//! and the changes that make it fit) and as JSON.
+
+use crate::estimate::multi::Placement;
+use crate::estimate::references::Reference;
+use crate::estimate::Estimate;
+use crate::size::gib;
+use crate::spec::{Profile, Shard, TrainSpec};
+
+/// What `vramcal estimate` answers for one configuration.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The model's name (preset, config path or Hub id).
+    pub model: String,
+    /// The configuration estimated.
+    pub spec: TrainSpec,
+    /// The stack it is estimated for.
+    pub profile: Profile,
+    /// Where the coefficients come from (`uncalibrated` or the table's path).
+    pub coefficients: String,
+    /// The itemized estimate (per GPU under `sharding`).
+    pub estimate: Estimate,
+    /// Published rules of thumb for the same configuration.
+    pub references: Vec<Reference>,
+    /// The memory to fit in: its name (a GPU or `--budget`) and bytes.
+    pub budget: Option<(String, u64)>,
+    /// Changes that would make it fit, with their estimates (empty when it fits).
+    pub fixes: Vec<(String, Estimate)>,
+    /// Data-parallel sharding and GPUs (`--shard`, `--gpus`).
+    pub sharding: Option<(Shard, usize)>,
+    /// Layers placed on devices (`--device-map`).
+    pub device_map: Option<Vec<Placement>>,
+}
+
+/// The answer as pretty-printed JSON (one object, trailing newline).
+///
+/// # Errors
+/// JSON serialization errors.
+pub fn json(x: &Answer) -> anyhow::Result<String> {
+    let e = &x.estimate;
+    let v = serde_json::json!({
+        "profile": x.profile.name(),
+        "stack": x.profile.stack(),
+        "model": x.model,
+        "method": x.spec.adaptation.method(),
+        "checkpointing": x.spec.checkpointing.label(),
+        "dtype": x.spec.dtype.as_str(),
+        "micro_batch": x.spec.batch,
+        "accumulate": x.spec.accumulate,
+        "seq": x.spec.seq,
+        "estimate": e,
+        "references": x.references,
+        "budget": x.budget.as_ref().map(|(n, b)| serde_json::json!({"name": n, "bytes": b, "fits": e.peak_bytes <= *b})),
+        "alternatives": x.fixes.iter().map(|(n, f)| serde_json::json!({"change": n, "peak_bytes": f.peak_bytes})).collect::<Vec<_>>(),
+        "sharding": x.sharding.map(|(s, gpus)| serde_json::json!({"shard": s, "gpus": gpus})),
+        "device_map": x.device_map,
+    });
+    Ok(format!("{}\n", serde_json::to_string_pretty(&v)?))
+}
+
+/// The answer as the text `vramcal estimate` prints: the stack, the configuration, the items
+/// (bytes and GiB = 2^30 bytes), reference formulas, the verdict and the fixes.
+pub fn text(x: &Answer) -> String {
+    let mut t = header(x);
+    t += &items(&x.estimate);
+    if let Some((sh, gpus)) = &x.sharding {
+        t += &format!(
+            "(per GPU: {sh} over {} data-parallel GPUs; activations per GPU)\n",
+            gpus
+        );
+    }
+    if let Some(map) = &x.device_map {
+        t += &device_map(map);
+    }
+    t += &references(x);
+    if let Some((name, b)) = &x.budget {
+        t += &verdict(x, name, *b);
+    }
+    t
+}
+
+/// The first two lines: the stack the number is for, and the configuration.
+fn header(x: &Answer) -> String {
+    let spec = &x.spec;
+    let lora = spec
+        .adaptation
+        .lora
+        .as_ref()
+        .map(|l| format!(" ({l})"))
+        .unwrap_or_default();
+    let mut t = format!(
+        "vramcal estimate for {} (--profile {}; {})\n",
+        x.profile.stack(),
+        x.profile.name(),
+        if x.profile == Profile::Candle {
+            "the default, torch-sdpa, predicts a PyTorch + transformers run"
+        } else {
+            "--profile candle predicts vramcal's own step"
+        }
+    );
+    t += &format!(
+        "{} | {}{lora} | quant {} | checkpointing {} | dtype {} | AdamW states {} | micro-batch {} x accumulate {} x seq {} | coefficients {}\n",
+        x.model,
+        spec.adaptation.method(),
+        spec.adaptation.quant.label(),
+        spec.checkpointing.label(),
+        spec.dtype.as_str(),
+        spec.state_dtype.as_str(),
+        spec.batch,
+        spec.accumulate,
+        spec.seq,
+        x.coefficients
+    );
+    t
+}
+
+/// The items and the predicted peak, one per line.
+fn items(e: &Estimate) -> String {
+    let mut t = String::new();
+    t += &format!("{:<32} {:>16} {:>9}  formula\n", "item", "bytes", "GiB");
+    for i in &e.items {
+        t += &format!(
+            "{:<32} {:>16} {:>9}  {}\n",
+            i.name,
+            i.bytes,
+            gib(i.bytes),
+            i.formula
+        );
+    }
+    t += &format!(
+        "{:<32} {:>16} {:>9}  in {}\n",
+        "peak (predicted)",
+        e.peak_bytes,
+        gib(e.peak_bytes),
+        e.peak_phase
+    );
+    t
+}
+
+/// Which layers go on which device, one line per device.
+fn device_map(map: &[Placement]) -> String {
+    let mut t = String::from("device map (weights only, layers in order):\n");
+    let mut dev = usize::MAX;
+    for p in map {
+        if p.device != dev {
+            dev = p.device;
+            let on: Vec<&str> = map
+                .iter()
+                .filter(|q| q.device == dev)
+                .map(|q| q.module.as_str())
+                .collect();
+            let bytes: u64 = map
+                .iter()
+                .filter(|q| q.device == dev)
+                .map(|q| q.bytes)
+                .sum();
+            t += &format!(
+                "  device {dev}: {} .. {} ({} modules, {} GiB)\n",
+                on[0],
+                on[on.len() - 1],
+                on.len(),
+                gib(bytes)
+            );
+        }
+    }
+    t
+}
+
+/// The reference formulas beside vramcal's estimate.
+fn references(x: &Answer) -> String {
+    let mut t = String::new();
+    t += "reference formulas (GiB = 2^30 bytes):\n";
+    for r in &x.references {
+        t += &format!(
+            "  {:<26} {:>16} {:>9}  {:+.1} % vs vramcal  [{}]\n",
+            r.name,
+            r.bytes,
+            gib(r.bytes),
+            100.0 * (r.bytes as f64 - x.estimate.peak_bytes as f64) / x.estimate.peak_bytes as f64,
+            r.source
+        );
+    }
+    t
+}
+
+/// Whether it fits `b` bytes of `name`, and if not, the fixes that fit (least memory saved
+/// first).
+fn verdict(x: &Answer, name: &str, b: u64) -> String {
+    let mut t = String::new();
+    if x.estimate.peak_bytes <= b {
+        t += &format!(
+            "verdict: fits in {name} ({} GiB): headroom {} GiB\n",
+            gib(b),
+            gib(b - x.estimate.peak_bytes)
+        );
+    } else {
+        t += &format!(
+            "verdict: does NOT fit in {name} ({} GiB): {} GiB over\n",
+            gib(b),
+            gib(x.estimate.peak_bytes - b)
+        );
+        let mut fit: Vec<&(String, Estimate)> =
+            x.fixes.iter().filter(|(_, x)| x.peak_bytes <= b).collect();
+        fit.sort_by_key(|(_, x)| std::cmp::Reverse(x.peak_bytes));
+        if fit.is_empty() {
+            t += "  none of checkpointing, a smaller micro-batch, 16-bit AdamW states, LoRA, QLoRA or ZeRO-2/3 over up to 8 GPUs makes it fit\n";
+        } else {
+            t += "  changes that make it fit (least memory saved first):\n";
+            for (n, x) in fit {
+                t += &format!("    {n}: {} GiB\n", gib(x.peak_bytes));
+            }
+        }
+    }
+    t
+}
