@@ -10,7 +10,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
 use crate::spec::{
-    parse_dtype, Attention, Checkpointing, LoraConfig, Method, Profile, Quant, SaveMode, Shard,
+    parse_dtype, Attention, Axis, Checkpointing, LoraConfig, Method, Profile, Quant, SaveMode,
+    Shard,
 };
 
 /// `--dtype`: a dtype name ([`parse_dtype`]).
@@ -200,7 +201,7 @@ pub struct CalibrateArgs {
     pub profile: Profile,
     /// Rows to hold out of the fit and report separately: `largest-seq` or `none`.
     #[arg(long, default_value = "largest-seq")]
-    pub holdout: String,
+    pub holdout: crate::calibrate::Holdout,
     /// Output table (default `<device>-<profile>-calibration.csv` in the current folder).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -244,7 +245,7 @@ pub struct MaxArgs {
     pub model: ModelArgs,
     /// The size to search: `batch` (micro-batch at fixed --seq) or `seq` (at fixed --batch).
     #[arg(long, default_value = "batch")]
-    pub axis: String,
+    pub axis: Axis,
     /// Micro-batch (fixed when searching seq).
     #[arg(long, visible_alias = "micro-batch", default_value_t = 1)]
     pub batch: usize,

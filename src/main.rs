@@ -79,7 +79,7 @@ pub extern "C" fn hypotf(x: f32, y: f32) -> f32 {
     (x * x + y * y).sqrt() as f32
 }
 
-/// Set by the parent for a measuring child (`commands::point::run_point`): [`getrandom`] then
+/// Set by the parent for a measuring child (`commands::setup::child::run_point`): [`getrandom`] then
 /// fills with fixed bytes.
 const FIXED_KEYS_ENV: &str = "VRAMCAL_FIXED_HASH_KEYS";
 

@@ -534,3 +534,72 @@ pub fn plan(
         on_gpu: None,
     })
 }
+
+/// PyTorch runs vramcal measured on a GPU kind (`scripts/torch_reference.py` under
+/// `scripts/gpu-check.sh`: PyTorch + transformers, SDPA, bf16, `torch.optim.AdamW`), built in so
+/// that an installed binary has them: (GPU, file, contents).
+const TORCH_RUNS: [(&str, &str, &str); 2] = [
+    (
+        "h200-141gb",
+        "results/h200/torch-mistral-7b-v0.1.csv",
+        include_str!("../results/h200/torch-mistral-7b-v0.1.csv"),
+    ),
+    (
+        "h200-141gb",
+        "results/h200/torch-smollm2-135m.csv",
+        include_str!("../results/h200/torch-smollm2-135m.csv"),
+    ),
+];
+
+/// The MFU PyTorch reached on `g` in vramcal's reference runs of the largest model measured
+/// there, for full fine-tuning or for LoRA/QLoRA as `spec` is: the median over those runs of
+/// model FLOPs per token × tokens/s ÷ the datasheet peak, and a sentence saying so. `None` where
+/// vramcal has no such run.
+pub fn measured_mfu(g: &Gpu, spec: &crate::spec::TrainSpec) -> Option<(f64, String)> {
+    let lora = spec.adaptation.lora.is_some();
+    let mut best: Option<(u64, String, &str, Vec<f64>)> = None;
+    for (gpu, file, text) in TORCH_RUNS {
+        if gpu != g.name {
+            continue;
+        }
+        let mut rdr = csv::Reader::from_reader(text.as_bytes());
+        for p in rdr
+            .deserialize::<crate::calibrate::reference::ReferenceRow>()
+            .flatten()
+        {
+            let ok = p.status.as_deref() == Some("ok");
+            let Some(step) = p.step_seconds_median.filter(|&t| ok && t > 0.0) else {
+                continue;
+            };
+            if (p.method != "full") != lora {
+                continue;
+            }
+            let (Ok(m), Ok(s)) = (
+                crate::config::resolve_model(&p.model),
+                crate::calibrate::reference::reference_spec(&p),
+            ) else {
+                continue;
+            };
+            let params = m.config.param_count();
+            let mfu = model_flops_per_token(&m.config, &s) * (p.batch * p.seq) as f64
+                / step
+                / g.peak_bf16_flops;
+            match &mut best {
+                Some((n, name, _, v)) if *n == params && *name == p.model => v.push(mfu),
+                Some((n, _, _, _)) if *n >= params => {}
+                _ => best = Some((params, p.model.clone(), file, vec![mfu])),
+            }
+        }
+    }
+    let (_, model, file, mut v) = best?;
+    v.sort_by(f64::total_cmp);
+    let median = v[v.len() / 2];
+    Some((
+        median,
+        format!(
+            "median of {} PyTorch {} runs of {model} that vramcal measured on this GPU kind ({file})",
+            v.len(),
+            if lora { "LoRA" } else { "full fine-tuning" }
+        ),
+    ))
+}

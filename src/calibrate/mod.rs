@@ -526,3 +526,107 @@ pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
         cpu: !rows.is_empty() && rows.iter().all(|r| r.device == "cpu"),
     })
 }
+
+/// Which measured rows `vramcal calibrate` holds out of the fit and reports separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holdout {
+    /// The rows at the largest sequence length (the fit must extrapolate to them).
+    LargestSeq,
+    /// None: every row is fitted.
+    None,
+}
+
+impl std::str::FromStr for Holdout {
+    type Err = Error;
+
+    /// Parses `largest-seq` or `none`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for anything else.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "largest-seq" => Ok(Holdout::LargestSeq),
+            "none" => Ok(Holdout::None),
+            _ => Err(Error::invalid(
+                "--holdout",
+                s,
+                "expected largest-seq or none",
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Holdout {
+    /// The name [`std::str::FromStr`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Holdout::LargestSeq => "largest-seq",
+            Holdout::None => "none",
+        })
+    }
+}
+
+/// Splits `pts` into the rows to fit and the rows held out by `holdout`.
+pub fn split(pts: &[Point], holdout: Holdout) -> (Vec<&Point>, Vec<&Point>) {
+    match holdout {
+        Holdout::None => (pts.iter().collect(), vec![]),
+        Holdout::LargestSeq => {
+            let max_seq = pts.iter().map(|p| p.row.seq).max().unwrap_or(0);
+            pts.iter().partition(|p| p.row.seq < max_seq)
+        }
+    }
+}
+
+/// Leave-one-out errors over `train`: each row predicted by a fit to the others (rows whose
+/// fit fails are left out).
+pub fn leave_one_out(train: &[&Point], profile: Profile) -> Vec<f64> {
+    let mut loo = Vec::new();
+    for i in 0..train.len() {
+        let rest: Vec<&Point> = train
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, p)| *p)
+            .collect();
+        if let Ok(ci) = fit(&rest, profile, "loo") {
+            loo.extend(errors(&[train[i]], &ci));
+        }
+    }
+    loo
+}
+
+/// A file-name form of a row's device: the GPU's name when the row records one
+/// (`cuda:0 (NVIDIA H200)` → `h200`), else the device (`cpu`); lowercase letters, digits and
+/// dashes only.
+pub fn device_slug(device: &str) -> String {
+    let name = match (device.find('('), device.rfind(')')) {
+        (Some(a), Some(b)) if b > a + 1 => &device[a + 1..b],
+        _ => device,
+    };
+    let mut slug = String::new();
+    for c in name.chars().flat_map(char::to_lowercase) {
+        if c.is_ascii_alphanumeric() {
+            slug.push(c);
+        } else if !slug.is_empty() && !slug.ends_with('-') {
+            slug.push('-');
+        }
+    }
+    let slug = slug.trim_end_matches('-');
+    slug.strip_prefix("nvidia-").unwrap_or(slug).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device_slug;
+
+    #[test]
+    fn device_slugs_are_file_names() {
+        assert_eq!(device_slug("cpu"), "cpu");
+        assert_eq!(device_slug("cuda:0 (NVIDIA H200)"), "h200");
+        assert_eq!(
+            device_slug("cuda:1 (NVIDIA A100-SXM4-80GB)"),
+            "a100-sxm4-80gb"
+        );
+        assert_eq!(device_slug("cuda:0"), "cuda-0");
+    }
+}

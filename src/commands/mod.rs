@@ -2,7 +2,8 @@
 //! and turned into typed values ([`setup`] for what every verb that names a training setup
 //! shares), the work is done by the library ([`crate::estimate`], [`crate::measure`],
 //! [`crate::calibrate`]), and the result is rendered by [`crate::export`]. No command imports
-//! another except [`setup`] and [`point`] (the child protocol). They return `anyhow` errors with
+//! another: what they share is in [`setup`] (with both ends of the child protocol,
+//! [`setup::child`]). They return `anyhow` errors with
 //! context; `main` prints one line and exits non-zero.
 
 pub mod calibrate;
@@ -13,7 +14,6 @@ pub mod max;
 pub mod measure;
 pub mod models;
 pub mod plan;
-pub mod point;
 pub mod report;
 pub mod setup;
 pub mod sweep;

@@ -1,24 +1,75 @@
 //! `vramcal report`: plots of measured vs estimated peaks against sequence length (one chart
 //! per model, method and checkpointing, one series per micro-batch) and a stacked bar of the
-//! estimate's components for each chart's largest point, with an index.md.
+//! estimate's components for each chart's largest point, with an index.md. Parse (the measured
+//! rows, the output folder) → compute and render, chart by chart ([`crate::report::plots`]).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::ExitCode;
 
 use crate::calibrate::{spec_from_row, training_peak};
 use crate::cli::ReportArgs;
-use crate::estimate::estimate;
+use crate::estimate::{estimate, Coefficients};
 use crate::report::csv_out::read_rows;
 use crate::report::plots::{line_chart, stacked_bar, Series};
 use crate::report::{Row, Status};
+
+/// Rows grouped by model, method, checkpointing, attention and dtype (one chart each).
+type Groups<'a> = BTreeMap<(String, String, String, String, String), Vec<&'a Row>>;
 
 /// Runs `vramcal report`.
 ///
 /// # Errors
 /// Unreadable or empty measurements, a bad calibration, an unwritable output folder.
 pub fn run(a: &ReportArgs) -> anyhow::Result<ExitCode> {
-    let profile = a.profile;
-    let c = crate::calibrate::coefficients(a.calibration.as_deref(), profile)?;
+    let c = crate::calibrate::coefficients(a.calibration.as_deref(), a.profile)?;
+    let rows = successful_rows(a)?;
+    if a.out.exists() && !a.out.is_dir() {
+        return Err(crate::Error::invalid(
+            "--out",
+            a.out.display(),
+            "exists and is not a folder (report writes a folder of plots and index.md)",
+        )
+        .into());
+    }
+    std::fs::create_dir_all(&a.out).map_err(|e| crate::Error::io(&a.out, e))?;
+    let mut groups: Groups = BTreeMap::new();
+    for r in &rows {
+        let key = (
+            r.model.clone(),
+            r.method.clone(),
+            r.checkpointing.clone(),
+            r.attention.clone(),
+            r.dtype.clone(),
+        );
+        groups.entry(key).or_default().push(r);
+    }
+    let mut index = format!(
+        "# vramcal report\n\nMade by `{}` (vramcal {}, {}), profile {} with coefficients from {}.\n\n",
+        super::command_line(),
+        env!("CARGO_PKG_VERSION"),
+        chrono::Utc::now().format("%Y-%m-%d"),
+        a.profile.name(),
+        c.source
+    );
+    let mut errors = Vec::new();
+    for (key, g) in &groups {
+        index += &peak_chart(&a.out, key, g, &c, &mut errors)?;
+        index += &components_chart(&a.out, key, g, &c)?;
+    }
+    index += &error_line(&errors);
+    let idx = a.out.join("index.md");
+    std::fs::write(&idx, index).map_err(|e| crate::Error::io(&idx, e))?;
+    crate::export::emit(&format!(
+        "wrote {} charts and {}\n",
+        2 * groups.len(),
+        idx.display()
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The successful rows of the measured files (vramcal's own; reference rows are refused).
+fn successful_rows(a: &ReportArgs) -> anyhow::Result<Vec<Row>> {
     let mut rows: Vec<Row> = Vec::new();
     for f in &a.measured {
         if crate::calibrate::reference::is_reference_file(f)? {
@@ -36,109 +87,99 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<ExitCode> {
         }
         rows.extend(r);
     }
-    if a.out.exists() && !a.out.is_dir() {
-        return Err(crate::Error::invalid(
-            "--out",
-            a.out.display(),
-            "exists and is not a folder (report writes a folder of plots and index.md)",
-        )
-        .into());
+    Ok(rows)
+}
+
+/// Draws one group's measured and estimated peaks against sequence length (one series pair per
+/// micro-batch), pushes each point's relative error to `errors`, and returns its index.md part.
+fn peak_chart(
+    out: &Path,
+    (model, method, ckpt, attention, dtype): &(String, String, String, String, String),
+    g: &[&Row],
+    c: &Coefficients,
+    errors: &mut Vec<f64>,
+) -> anyhow::Result<String> {
+    let mut by_batch: BTreeMap<usize, Vec<&Row>> = BTreeMap::new();
+    for r in g {
+        by_batch.entry(r.micro_batch).or_default().push(r);
     }
-    std::fs::create_dir_all(&a.out).map_err(|e| crate::Error::io(&a.out, e))?;
-    type Key = (String, String, String, String, String);
-    let mut groups: BTreeMap<Key, Vec<&Row>> = BTreeMap::new();
-    for r in &rows {
-        groups
-            .entry((
-                r.model.clone(),
-                r.method.clone(),
-                r.checkpointing.clone(),
-                r.attention.clone(),
-                r.dtype.clone(),
-            ))
-            .or_default()
-            .push(r);
+    let mut series = Vec::new();
+    for (i, (b, rs)) in by_batch.iter_mut().enumerate() {
+        rs.sort_by_key(|r| r.seq);
+        rs.dedup_by_key(|r| r.seq);
+        let mut measured = Vec::new();
+        let mut est = Vec::new();
+        for r in rs.iter() {
+            let (cfg, spec) = spec_from_row(r)?;
+            let e = estimate(&cfg, &spec, c.profile, c)?;
+            let m = training_peak(r).unwrap_or(0);
+            measured.push((r.seq as f64, m as f64));
+            est.push((r.seq as f64, e.peak_bytes as f64));
+            errors.push((e.peak_bytes as f64 - m as f64) / m as f64);
+        }
+        series.push(Series {
+            label: format!("measured, micro-batch {b}"),
+            points: measured,
+            line: false,
+            colour: i,
+        });
+        series.push(Series {
+            label: format!("estimated, micro-batch {b}"),
+            points: est,
+            line: true,
+            colour: i,
+        });
     }
-    let mut index = format!(
-        "# vramcal report\n\nMade by `{}` (vramcal {}, {}), profile {} with coefficients from {}.\n\n",
-        super::command_line(),
-        env!("CARGO_PKG_VERSION"),
-        chrono::Utc::now().format("%Y-%m-%d"),
-        profile.name(),
-        c.source
-    );
-    let mut errors = Vec::new();
-    for ((model, method, ckpt, attention, dtype), g) in &groups {
-        let mut by_batch: BTreeMap<usize, Vec<&Row>> = BTreeMap::new();
-        for r in g {
-            by_batch.entry(r.micro_batch).or_default().push(r);
-        }
-        let mut series = Vec::new();
-        for (i, (b, rs)) in by_batch.iter_mut().enumerate() {
-            rs.sort_by_key(|r| r.seq);
-            rs.dedup_by_key(|r| r.seq);
-            let mut measured = Vec::new();
-            let mut est = Vec::new();
-            for r in rs.iter() {
-                let (cfg, spec) = spec_from_row(r)?;
-                let e = estimate(&cfg, &spec, profile, &c)?;
-                let m = training_peak(r).unwrap_or(0);
-                measured.push((r.seq as f64, m as f64));
-                est.push((r.seq as f64, e.peak_bytes as f64));
-                errors.push((e.peak_bytes as f64 - m as f64) / m as f64);
-            }
-            series.push(Series {
-                label: format!("measured, micro-batch {b}"),
-                points: measured,
-                line: false,
-                colour: i,
-            });
-            series.push(Series {
-                label: format!("estimated, micro-batch {b}"),
-                points: est,
-                line: true,
-                colour: i,
-            });
-        }
-        let stem = format!("peak-{model}-{method}-ckpt-{ckpt}-attn-{attention}-{dtype}")
-            .replace([':', '/'], "_");
-        line_chart(
-            &a.out.join(format!("{stem}.svg")),
-            &format!("{model}, {method}, checkpointing {ckpt}, attention {attention}, {dtype}"),
-            "sequence length (tokens)",
-            &series,
-        )?;
-        index += &format!(
-            "## {model}, {method}, checkpointing {ckpt}, attention {attention}, {dtype}\n\nMeasured (crosses) and estimated (lines) peak against sequence length.\n\n![{stem}]({stem}.svg) ([PNG]({stem}.png))\n\n"
-        );
-        // The components of the largest point of the group.
-        let big = g
-            .iter()
-            .max_by_key(|r| (r.seq, r.micro_batch))
-            .expect("non-empty group");
-        let (cfg, spec) = spec_from_row(big)?;
-        let e = estimate(&cfg, &spec, profile, &c)?;
-        let parts: Vec<(String, u64)> = e.items.iter().map(|i| (i.name.clone(), i.bytes)).collect();
-        let cstem = format!(
-            "components-{model}-{method}-ckpt-{ckpt}-{dtype}-b{}-s{}",
-            big.micro_batch, big.seq
-        )
+    let stem = format!("peak-{model}-{method}-ckpt-{ckpt}-attn-{attention}-{dtype}")
         .replace([':', '/'], "_");
-        stacked_bar(
-            &a.out.join(format!("{cstem}.svg")),
-            &format!(
-                "estimate for micro-batch {} x seq {} (measured {:.2} GiB)",
-                big.micro_batch,
-                big.seq,
-                training_peak(big).unwrap_or(0) as f64 / (1u64 << 30) as f64
-            ),
-            &parts,
-        )?;
-        index += &format!(
-            "Components of the estimate at micro-batch {} × seq {}:\n\n![{cstem}]({cstem}.svg) ([PNG]({cstem}.png))\n\n",
-            big.micro_batch, big.seq
-        );
-    }
+    line_chart(
+        &out.join(format!("{stem}.svg")),
+        &format!("{model}, {method}, checkpointing {ckpt}, attention {attention}, {dtype}"),
+        "sequence length (tokens)",
+        &series,
+    )?;
+    Ok(format!(
+        "## {model}, {method}, checkpointing {ckpt}, attention {attention}, {dtype}\n\nMeasured (crosses) and estimated (lines) peak against sequence length.\n\n![{stem}]({stem}.svg) ([PNG]({stem}.png))\n\n"
+    ))
+}
+
+/// Draws the components of the estimate at the group's largest point; returns its index.md
+/// part.
+fn components_chart(
+    out: &Path,
+    (model, method, ckpt, _, dtype): &(String, String, String, String, String),
+    g: &[&Row],
+    c: &Coefficients,
+) -> anyhow::Result<String> {
+    let Some(big) = g.iter().max_by_key(|r| (r.seq, r.micro_batch)) else {
+        return Ok(String::new());
+    };
+    let (cfg, spec) = spec_from_row(big)?;
+    let e = estimate(&cfg, &spec, c.profile, c)?;
+    let parts: Vec<(String, u64)> = e.items.iter().map(|i| (i.name.clone(), i.bytes)).collect();
+    let cstem = format!(
+        "components-{model}-{method}-ckpt-{ckpt}-{dtype}-b{}-s{}",
+        big.micro_batch, big.seq
+    )
+    .replace([':', '/'], "_");
+    stacked_bar(
+        &out.join(format!("{cstem}.svg")),
+        &format!(
+            "estimate for micro-batch {} x seq {} (measured {:.2} GiB)",
+            big.micro_batch,
+            big.seq,
+            training_peak(big).unwrap_or(0) as f64 / (1u64 << 30) as f64
+        ),
+        &parts,
+    )?;
+    Ok(format!(
+        "Components of the estimate at micro-batch {} × seq {}:\n\n![{cstem}]({cstem}.svg) ([PNG]({cstem}.png))\n\n",
+        big.micro_batch, big.seq
+    ))
+}
+
+/// The closing line of index.md: the median and largest |relative error| over the points.
+fn error_line(errors: &[f64]) -> String {
     let mut abs: Vec<f64> = errors.iter().map(|e| e.abs()).collect();
     abs.sort_by(f64::total_cmp);
     let med = if abs.is_empty() {
@@ -146,18 +187,10 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<ExitCode> {
     } else {
         abs[abs.len() / 2]
     };
-    index += &format!(
+    format!(
         "Over {} measured points: median |error| {:.2} %, max {:.2} %.\n",
         abs.len(),
         100.0 * med,
         100.0 * abs.last().copied().unwrap_or(f64::NAN)
-    );
-    let idx = a.out.join("index.md");
-    std::fs::write(&idx, index).map_err(|e| crate::Error::io(&idx, e))?;
-    crate::export::emit(&format!(
-        "wrote {} charts and {}\n",
-        2 * groups.len(),
-        idx.display()
-    ))?;
-    Ok(ExitCode::SUCCESS)
+    )
 }

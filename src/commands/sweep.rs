@@ -1,24 +1,23 @@
 //! `vramcal sweep`: a batch × seq grid, each point measured by a child process of this binary
-//! (a fresh allocator per point; a crash kills only that point), one CSV row per point.
+//! (a fresh allocator per point; a crash kills only that point), one CSV row per point. Parse
+//! (the grid, every point checked before any runs) → compute (the points, one child each, rows
+//! appended as they finish) → render ([`crate::export::sweep`]).
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-
-use std::collections::HashSet;
-use std::ffi::OsString;
-
-use comfy_table::Table;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::{ModelArgs, SweepArgs};
-use crate::commands::point::run_point;
+use crate::commands::setup::child::run_point;
 use crate::error::Error;
+use crate::export::sweep::{Line, Outcome};
 use crate::measure::Measurement;
 use crate::report::{append_row, Row, RowContext, Status};
 use crate::spec::{Checkpointing, Method, TrainSpec};
-use crate::throughput::model_flops_per_token;
 
 /// Parses a comma-separated grid axis: positive integers, no duplicates, not empty.
 ///
@@ -82,6 +81,33 @@ fn point_args(args: &ModelArgs, method: Option<Method>) -> ModelArgs {
 /// # Errors
 /// Bad grid or model arguments (before anything runs), or an unwritable output file.
 pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
+    let (mut grid, model_name) = plan(a)?;
+    super::setup::check_save_dir(&a.model)?;
+    let dev = a.model.device.replace(':', "");
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{model_name}-{dev}.csv")));
+    crate::report::csv_out::check_writable(&out)?;
+    let _lock = crate::report::csv_out::lock(&out)?;
+    if a.resume {
+        skip_done(&mut grid, &out)?;
+    }
+    let outcome = measure_all(&grid, &out)?;
+    eprint!("{}", crate::export::sweep::summary(&outcome, &out));
+    Ok(if outcome.failed > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The grid's points, every one checked (spec, sizes, host memory) before any runs, and the
+/// model's name.
+///
+/// # Errors
+/// A malformed axis or list, bad model arguments, a point that cannot be valid.
+fn plan(a: &SweepArgs) -> anyhow::Result<(Vec<Point>, String)> {
     let batches = parse_axis("--batch", &a.batch)?;
     let seqs = parse_axis("--seq", &a.seq)?;
     let methods: Vec<Option<Method>> = if a.method.is_empty() {
@@ -98,88 +124,81 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         .collect::<Result<_, _>>()?;
     let (model, weights) = super::setup::resolve(&a.model)?;
     let device = crate::measure::device::check_device(&a.model.device)?;
-    let budget = a.model.budget;
     let command = super::command_line();
-    // Validate every point before running any.
     let mut grid = Vec::new();
-    for m in &methods {
-        for c in &ckpts {
-            for &b in &batches {
-                for &s in &seqs {
-                    let args = point_args(&a.model, *m);
-                    let spec = super::setup::train_spec(&args, b, s, *m, *c)?;
-                    spec.validate(&model.config)?;
-                    super::setup::check_fits(&spec, &model, device)?;
-                    let ctx = RowContext {
-                        command: command.clone(),
-                        model: model.name.clone(),
-                        weights: weights.describe(),
-                        device: a.model.device.clone(),
-                        budget_bytes: budget,
-                        model_flops_per_token: Some(model_flops_per_token(&model.config, &spec)),
-                    };
-                    grid.push(Point {
-                        method: *m,
-                        ckpt: *c,
-                        batch: b,
-                        seq: s,
-                        args,
-                        spec,
-                        ctx,
-                    });
-                }
-            }
+    for (m, c) in methods
+        .iter()
+        .flat_map(|m| ckpts.iter().map(move |c| (*m, *c)))
+    {
+        for (b, s) in batches
+            .iter()
+            .flat_map(|b| seqs.iter().map(move |s| (*b, *s)))
+        {
+            let args = point_args(&a.model, m);
+            let spec = super::setup::train_spec(&args, b, s, m, c)?;
+            spec.validate(&model.config)?;
+            super::setup::check_fits(&spec, &model, device)?;
+            let ctx = super::setup::row_context(&args, &model, &weights, &spec, command.clone());
+            grid.push(Point {
+                method: m,
+                ckpt: c,
+                batch: b,
+                seq: s,
+                args,
+                spec,
+                ctx,
+            });
         }
     }
-    super::setup::check_save_dir(&a.model)?;
     if a.model.lora.is_some()
         && !methods
             .iter()
             .any(|m| matches!(m, Some(Method::Lora | Method::Qlora) | None))
     {
-        return Err(crate::Error::invalid(
+        return Err(Error::invalid(
             "--lora",
             a.model.lora.clone().unwrap_or_default(),
             "needs a lora or qlora method in --method",
         )
         .into());
     }
-    let dev = a.model.device.replace(':', "");
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{}-{dev}.csv", model.name)));
-    crate::report::csv_out::check_writable(&out)?;
-    let _lock = crate::report::csv_out::lock(&out)?;
+    Ok((grid, model.name))
+}
+
+/// Drops the points whose configuration `out` already has a row for (`--resume`).
+fn skip_done(grid: &mut Vec<Point>, out: &std::path::Path) -> anyhow::Result<()> {
     let total = grid.len();
-    if a.resume {
-        let done: HashSet<String> = crate::report::csv_out::read_rows_for_resume(&out)?
-            .iter()
-            .map(config_key)
-            .collect();
-        grid.retain(|p| {
-            !done.contains(&config_key(&Row::new(
-                &p.ctx,
-                &p.spec,
-                &Measurement::default(),
-                Status::Ok,
-                "",
-            )))
-        });
-        eprintln!(
-            "resuming: {} of {total} point(s) already in {}",
-            total - grid.len(),
-            out.display()
-        );
-    }
+    let done: HashSet<String> = crate::report::csv_out::read_rows_for_resume(out)?
+        .iter()
+        .map(config_key)
+        .collect();
+    grid.retain(|p| {
+        !done.contains(&config_key(&Row::new(
+            &p.ctx,
+            &p.spec,
+            &Measurement::default(),
+            Status::Ok,
+            "",
+        )))
+    });
+    eprintln!(
+        "resuming: {} of {total} point(s) already in {}",
+        total - grid.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// Measures the points in order, each in a child, appending each row to `out` as it finishes
+/// and printing one line per point.
+fn measure_all(grid: &[Point], out: &std::path::Path) -> anyhow::Result<Outcome> {
     let exe = std::env::current_exe().context("locating the vramcal binary")?;
     let bar = ProgressBar::new(grid.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} eta {eta} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut failed = 0;
-    let mut summary = Vec::new();
+    let mut outcome = Outcome::default();
     let mut last_peak = String::from("-");
     for (i, p) in grid.iter().enumerate() {
         let label = format!(
@@ -189,85 +208,26 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             p.batch,
             p.seq
         );
-        let args = child_args(p, i, &command);
-        let res = run_point(&exe, &args, &p.ctx, &p.spec, |phase| {
+        let args = child_args(p, i, &p.ctx.command);
+        let row = run_point(&exe, &args, &p.ctx, &p.spec, |phase| {
             bar.set_message(format!("{label}: {phase} (last peak {last_peak} GiB)"));
-        })?;
-        let row = res.row;
-        if row.status != Some(Status::Ok) {
-            failed += 1;
-        }
-        append_row(&out, &row)?;
-        let peak = row
-            .peak_bytes
-            .map(crate::size::gib)
-            .unwrap_or_else(|| "-".into());
-        let secs = row
-            .step_seconds_median
-            .map(|t| format!("{t:.2}"))
-            .unwrap_or_else(|| "-".into());
-        let status = status_label(row.status);
-        let line = format!(
-            "[{}/{}] {label}: {status} peak {peak} GiB, step {secs} s{}",
-            i + 1,
-            grid.len(),
-            if row.message.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", row.message)
-            }
-        );
+        })?
+        .row;
+        append_row(out, &row)?;
+        let line = Line::new(&row, p.batch, p.seq);
+        let text = line.progress(i + 1, grid.len(), &label);
         // (A hidden bar, when stderr is not a terminal, would swallow println.)
         if bar.is_hidden() {
-            eprintln!("{line}");
+            eprintln!("{text}");
         } else {
-            bar.println(line);
+            bar.println(text);
         }
         bar.inc(1);
-        last_peak = peak.clone();
-        summary.push([
-            row.method.clone(),
-            row.checkpointing.clone(),
-            p.batch.to_string(),
-            p.seq.to_string(),
-            status.to_string(),
-            row.peak_bytes.map(|b| b.to_string()).unwrap_or_default(),
-            peak,
-            secs,
-            row.tokens_per_second
-                .map(|t| format!("{t:.1}"))
-                .unwrap_or_default(),
-        ]);
+        last_peak = line.peak_gib.clone();
+        outcome.push(line);
     }
     bar.finish_and_clear();
-    if !summary.is_empty() {
-        let mut t = Table::new();
-        t.load_style(comfy_table::presets::ASCII_MARKDOWN)
-            .set_header([
-                "method",
-                "ckpt",
-                "batch",
-                "seq",
-                "status",
-                "peak_bytes",
-                "peak GiB",
-                "step s",
-                "tokens/s",
-            ]);
-        for r in summary {
-            t.add_row(r);
-        }
-        eprintln!("{t}");
-    }
-    eprintln!("wrote {} row(s) to {}", grid.len(), out.display());
-    if failed > 0 {
-        eprintln!(
-            "{failed} of {} points failed (see status/message in the CSV)",
-            grid.len()
-        );
-        return Ok(ExitCode::from(2));
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(outcome)
 }
 
 /// One planned point.
@@ -281,17 +241,25 @@ struct Point {
     ctx: RowContext,
 }
 
-fn status_label(s: Option<Status>) -> &'static str {
-    match s {
-        Some(Status::Ok) => "ok",
-        Some(Status::Oom) => "oom",
-        _ => "error",
-    }
-}
-
 /// The `measure` arguments of one point.
 fn child_args(p: &Point, i: usize, command: &str) -> Vec<OsString> {
-    let m = &p.args;
+    let mut v = setup_args(&p.args);
+    let mut push = |items: &[&str]| v.extend(items.iter().map(OsString::from));
+    push(&["--checkpointing", &p.ckpt.label()]);
+    push(&["--batch", &p.batch.to_string(), "--seq", &p.seq.to_string()]);
+    push(&["--record-command", command]);
+    if let Some(method) = p.method {
+        push(&["--method", method.label()]);
+    }
+    if let Some(d) = &p.args.save_dir {
+        v.push("--save-dir".into());
+        v.push(d.join(format!("point-{}", i + 1)).into_os_string());
+    }
+    v
+}
+
+/// `measure` and the options of `m` every point shares.
+fn setup_args(m: &ModelArgs) -> Vec<OsString> {
     let mut v: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| v.extend(items.iter().map(OsString::from));
     push(&[
@@ -302,44 +270,18 @@ fn child_args(p: &Point, i: usize, command: &str) -> Vec<OsString> {
         m.dtype.as_str(),
     ]);
     push(&["--optimizer-state-dtype", m.optimizer_state_dtype.as_str()]);
-    push(&[
-        "--lr",
-        &m.lr.to_string(),
-        "--weight-decay",
-        &m.weight_decay.to_string(),
-    ]);
-    push(&[
-        "--device",
-        &m.device,
-        "--seed",
-        &m.seed.to_string(),
-        "--data-seed",
-        &m.data_seed.to_string(),
-    ]);
+    push(&["--lr", &m.lr.to_string()]);
+    push(&["--weight-decay", &m.weight_decay.to_string()]);
+    push(&["--device", &m.device, "--seed", &m.seed.to_string()]);
+    push(&["--data-seed", &m.data_seed.to_string()]);
     push(&["--accumulate", &m.accumulate.to_string()]);
     push(&["--save", m.save.label(), "--attention", m.attention.label()]);
+    push(&["--timed-steps", &m.timed_steps.to_string()]);
     if let Some(q) = m.quant {
         push(&["--quant", q.label()]);
     }
-    push(&[
-        "--timed-steps",
-        &m.timed_steps.to_string(),
-        "--checkpointing",
-        &p.ckpt.label(),
-    ]);
-    push(&[
-        "--batch",
-        &p.batch.to_string(),
-        "--seq",
-        &p.seq.to_string(),
-        "--record-command",
-        command,
-    ]);
     if let Some(name) = &m.model {
         push(&["--model", name]);
-    }
-    if let Some(method) = p.method {
-        push(&["--method", method.label()]);
     }
     if let Some(l) = &m.lora {
         push(&["--lora", &l.to_string()]);
@@ -348,18 +290,14 @@ fn child_args(p: &Point, i: usize, command: &str) -> Vec<OsString> {
         // With its unit: a plain number below 1 MiB is refused as a likely missing unit.
         push(&["--budget", &format!("{b}B")]);
     }
-    if m.double_quant {
-        push(&["--double-quant"]);
-    }
-    if m.merge_save {
-        push(&["--merge-save"]);
-    }
-    if m.allow_longer {
-        push(&["--allow-longer"]);
-    }
-    if let Some(d) = &m.save_dir {
-        v.push("--save-dir".into());
-        v.push(d.join(format!("point-{}", i + 1)).into_os_string());
+    for (on, flag) in [
+        (m.double_quant, "--double-quant"),
+        (m.merge_save, "--merge-save"),
+        (m.allow_longer, "--allow-longer"),
+    ] {
+        if on {
+            push(&[flag]);
+        }
     }
     v
 }

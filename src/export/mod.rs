@@ -3,8 +3,13 @@
 //! result struct, and hands it to one of these renderers; nothing here computes an estimate or
 //! measures.
 
+pub mod calibrate;
 pub mod check;
 pub mod estimate;
+pub mod max;
+pub mod measure;
+pub mod plan;
+pub mod sweep;
 
 /// Writes `text` to stdout. A closed pipe (`vramcal models | head`) ends the output quietly
 /// instead of panicking as `print!` does.

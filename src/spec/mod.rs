@@ -8,6 +8,7 @@
 //! size ([`crate::ops::CE_CHUNK_TOKENS`], for [`TrainSpec::min_bytes`]).
 
 pub mod attention;
+pub mod axis;
 pub mod checkpointing;
 pub mod device;
 pub mod lora;
@@ -22,6 +23,7 @@ pub mod weights;
 use candle_core::DType;
 
 pub use attention::Attention;
+pub use axis::Axis;
 pub use checkpointing::Checkpointing;
 pub use device::DeviceChoice;
 pub use lora::{LoraConfig, Target};

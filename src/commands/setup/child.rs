@@ -116,6 +116,22 @@ pub fn run_point(
             measurement: last,
         });
     }
+    let (st, message) = failure(&status, &stderr, &started, ctx.budget_bytes);
+    Ok(PointResult {
+        row: Row::new(ctx, spec, &last, st, &message),
+        measurement: last,
+    })
+}
+
+/// Why a child that wrote no row failed: `oom` (Rust's allocation-failure report, or SIGKILL,
+/// the kernel's OOM killer) or `error`, and a message naming the phase `started` and the
+/// reason from its `stderr`.
+fn failure(
+    status: &std::process::ExitStatus,
+    stderr: &str,
+    started: &str,
+    budget: Option<u64>,
+) -> (Status, String) {
     // Rust's allocation-failure line when there is one (what follows it, such as a note that
     // the backtrace was skipped, says nothing about the point); else the last line.
     let reason = stderr
@@ -131,8 +147,7 @@ pub fn run_point(
         .unwrap_or("")
         .trim()
         .to_string();
-    let signal = signal_name(&status);
-    // Rust's allocation-failure report, or SIGKILL (the kernel's OOM killer).
+    let signal = signal_name(status);
     let oom = stderr.contains("memory allocation of") || signal == "SIGKILL";
     let during = if started.is_empty() {
         String::new()
@@ -140,7 +155,7 @@ pub fn run_point(
         format!(" during {started}")
     };
     let message = if oom {
-        match ctx.budget_bytes {
+        match budget {
             Some(b) if stderr.contains("memory allocation of") => {
                 format!(
                     "out of memory{during}: needed more than --budget {b} bytes ({}) ({reason})",
@@ -158,11 +173,7 @@ pub fn run_point(
             None => format!("measuring process killed by {signal}{during}: {reason}"),
         }
     };
-    let st = if oom { Status::Oom } else { Status::Error };
-    Ok(PointResult {
-        row: Row::new(ctx, spec, &last, st, &message),
-        measurement: last,
-    })
+    (if oom { Status::Oom } else { Status::Error }, message)
 }
 
 fn signal_name(status: &std::process::ExitStatus) -> String {

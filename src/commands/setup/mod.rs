@@ -1,7 +1,10 @@
 //! What every verb that names a training setup shares: `--model`/`--weights` resolved into a
 //! model config and a weights source, the CLI strings turned into a [`TrainSpec`] (through the
 //! `FromStr` of each [`crate::spec`] type: errors come from there), and the checks made before
-//! anything runs (`--budget`, `--save-dir`, host memory).
+//! anything runs (`--save-dir`, host memory); and, in [`child`], both ends of the protocol by which
+//! a measuring child process reports a point.
+
+pub mod child;
 
 use std::path::Path;
 
@@ -9,10 +12,13 @@ use crate::cli::ModelArgs;
 use crate::config::{resolve_model, ConfigSource, ResolvedModel};
 use crate::error::Error;
 use crate::measure::device::host_memory_bytes;
+use crate::measure::Setup;
+use crate::report::RowContext;
 use crate::size::gib;
 use crate::spec::{
     Adaptation, Checkpointing, DeviceChoice, Method, Quant, SaveMode, TrainSpec, WeightsSpec,
 };
+use crate::throughput::model_flops_per_token;
 use crate::weights::gguf::{config_from_gguf, read_content};
 
 /// Resolves `--model` and `--weights` into a model configuration and a weights source.
@@ -224,4 +230,67 @@ pub fn check_fits(
         }
     }
     Ok(())
+}
+
+/// One point to measure, checked: everything a verb that measures needs before it starts a
+/// child.
+pub struct Prepared {
+    /// The model, weights, spec (the device is the CPU until the child opens the real one).
+    pub setup: Setup,
+    /// The checked `--device`.
+    pub device: DeviceChoice,
+    /// What the point's row records besides the measurement.
+    pub ctx: RowContext,
+}
+
+/// Resolves the model and weights, builds and validates the spec, checks the device and that
+/// the point can fit in this machine, and builds the row context (`command`: the command line
+/// to record, default this process's).
+///
+/// # Errors
+/// As [`resolve`], [`train_spec`], [`TrainSpec::validate`],
+/// [`crate::measure::device::check_device`] and [`check_fits`].
+pub fn prepare(
+    args: &ModelArgs,
+    (batch, seq): (usize, usize),
+    method: Option<Method>,
+    checkpointing: Checkpointing,
+    command: Option<String>,
+) -> anyhow::Result<Prepared> {
+    let (model, weights) = resolve(args)?;
+    let spec = train_spec(args, batch, seq, method, checkpointing)?;
+    spec.validate(&model.config)?;
+    let device = crate::measure::device::check_device(&args.device)?;
+    check_fits(&spec, &model, device)?;
+    let command = command.unwrap_or_else(super::command_line);
+    let ctx = row_context(args, &model, &weights, &spec, command);
+    Ok(Prepared {
+        setup: Setup {
+            model,
+            weights,
+            spec,
+            device: candle_core::Device::Cpu,
+        },
+        device,
+        ctx,
+    })
+}
+
+/// What a point's row records besides the measurement: `command`, the model, weights, device,
+/// budget and the model FLOPs per token of `spec`.
+pub fn row_context(
+    args: &ModelArgs,
+    model: &ResolvedModel,
+    weights: &WeightsSpec,
+    spec: &TrainSpec,
+    command: String,
+) -> RowContext {
+    RowContext {
+        command,
+        model: model.name.clone(),
+        weights: weights.describe(),
+        device: args.device.clone(),
+        budget_bytes: args.budget,
+        model_flops_per_token: Some(model_flops_per_token(&model.config, spec)),
+    }
 }
