@@ -7,6 +7,8 @@
 //! * estimating: [`spec`] → [`estimate`] (itemized peak) → [`calibrate`] (coefficients fitted
 //!   to measured rows) → `vramcal check` (estimates against measurements).
 
+#![warn(missing_docs)]
+
 pub mod calibrate;
 pub mod cli;
 pub mod commands;

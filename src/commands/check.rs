@@ -99,20 +99,14 @@ fn write_outputs(a: &CheckArgs, rows: &[Compared], text: &str) -> anyhow::Result
 
 /// Fails when a threshold is exceeded.
 fn gate(a: &CheckArgs, s: &Summary) -> anyhow::Result<()> {
-    if let Some(t) = a.max_error {
-        if s.max > t {
+    for (what, value, flag, threshold) in [
+        ("max", s.max, "--max-error", a.max_error),
+        ("median", s.median, "--max-median-error", a.max_median_error),
+    ] {
+        if let Some(t) = threshold.filter(|t| value > *t) {
             anyhow::bail!(
-                "accuracy check failed: max |error| {:.2} % exceeds --max-error {:.2} %",
-                100.0 * s.max,
-                100.0 * t
-            );
-        }
-    }
-    if let Some(t) = a.max_median_error {
-        if s.median > t {
-            anyhow::bail!(
-                "accuracy check failed: median |error| {:.2} % exceeds --max-median-error {:.2} %",
-                100.0 * s.median,
+                "accuracy check failed: {what} |error| {:.2} % exceeds {flag} {:.2} %",
+                100.0 * value,
                 100.0 * t
             );
         }

@@ -1,6 +1,6 @@
 //! `vramcal max`: the largest micro-batch (or sequence) that fits in `--budget`, found by
 //! measurement: doubling from 1 until a probe runs out of memory, then bisection. Every probe
-//! runs in its own child process under the budget. Parse ([`search`]) → compute (the probes,
+//! runs in its own child process under the budget. Parse (`search`) → compute (the probes,
 //! and the estimator's answer for the same search) → render ([`crate::export::max`]).
 
 use std::process::ExitCode;

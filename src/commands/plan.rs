@@ -1,6 +1,6 @@
 //! `vramcal plan`: measure a step (in a child process, with extra timed steps), then project
 //! the whole fine-tune: tokens, optimizer steps, wall time, device-hours, and the MFU when the
-//! device's peak FLOP/s is known. Parse ([`check`]) → compute ([`measure_step`], [`project`])
+//! device's peak FLOP/s is known. Parse (`check`) → compute (`measure_step`, `project`)
 //! → render ([`crate::export::plan`]).
 
 use std::process::ExitCode;

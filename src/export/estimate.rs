@@ -82,12 +82,7 @@ pub fn text(x: &Answer) -> String {
 /// The first two lines: the stack the number is for, and the configuration.
 fn header(x: &Answer) -> String {
     let spec = &x.spec;
-    let lora = spec
-        .adaptation
-        .lora
-        .as_ref()
-        .map(|l| format!(" ({l})"))
-        .unwrap_or_default();
+    let lora = super::lora_suffix(spec);
     let mut t = format!(
         "vramcal estimate for {} (--profile {}; {})\n",
         x.profile.stack(),

@@ -76,12 +76,7 @@ pub fn emit_result(
     v: Verbosity,
 ) -> anyhow::Result<()> {
     if !v.quiet {
-        let lora = spec
-            .adaptation
-            .lora
-            .as_ref()
-            .map(|l| format!(" ({l})"))
-            .unwrap_or_default();
+        let lora = super::lora_suffix(spec);
         let head = format!(
             "vramcal {} | {} | {} | weights {} | {}{lora} | quant {} | checkpointing {} | attention {} | dtype {} | AdamW states {} | micro-batch {} x accumulate {} x seq {}\n{}\n{}",
             env!("CARGO_PKG_VERSION"),

@@ -24,3 +24,12 @@ pub fn emit(text: &str) -> anyhow::Result<()> {
         r => Ok(r?),
     }
 }
+
+/// ` (r=…,alpha=…,dropout=…,targets=…)` after the method in run headers, empty without LoRA.
+pub fn lora_suffix(spec: &crate::spec::TrainSpec) -> String {
+    spec.adaptation
+        .lora
+        .as_ref()
+        .map(|l| format!(" ({l})"))
+        .unwrap_or_default()
+}

@@ -12,7 +12,7 @@ use crate::error::Result;
 /// `(b, kv_heads, s, hd)` (any strides), `mask` `(1, 1, s, s)` additive in the compute dtype
 /// → `(b, s, heads·hd)` in the model dtype, ready for `o_proj`. The `heads / kv_heads` query
 /// heads sharing a K/V head are stacked along the row axis, so K and V are never repeated.
-/// On the CPU in f32, bf16 and f16 without `keep_probs` it runs [`cpu_attention`]'s blocked
+/// On the CPU in f32, bf16 and f16 without `keep_probs` it runs `src/ops/cpu_attention.rs`'s blocked
 /// kernel (scores and softmax in f32, key blocks a query block cannot see skipped, no
 /// `(b, heads, s, s)` tensor). Elsewhere the scores are formed in the model dtype and the
 /// softmax taken in f32 (f64 for f64), as transformers' eager attention does.

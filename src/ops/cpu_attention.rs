@@ -255,13 +255,13 @@ pub(super) fn forward(
         .reshape((d.b, s, d.nh * hd))
 }
 
-/// Gradients `(dq, dk, dv)` of [`forward`] given its output `out` and the output gradient `g`
+/// Gradients `(dq, dk, dv)` of the blocked forward (`forward` in this file) given its output `out` and the output gradient `g`
 /// (both `(b, s, heads·hd)`), in the inputs' dtype and shapes: with `P` recomputed,
 /// `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O))·scale`, `dQ = dS·K`,
 /// `dK = dSᵀ·Q` (FlashAttention-2, Algorithm 2).
 ///
 /// # Errors
-/// As [`forward`].
+/// As the forward.
 #[allow(clippy::type_complexity)]
 pub fn backward(
     q: &Tensor,

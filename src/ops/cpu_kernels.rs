@@ -28,7 +28,7 @@ pub enum Kernel {
     Swiglu,
     /// RoPE, forward or backward.
     Rope,
-    /// Attention ([`super::cpu_attention`]), forward or backward.
+    /// Attention (`src/ops/cpu_attention.rs`), forward or backward.
     Attention,
     /// The LM head's cross-entropy, loss or gradient.
     CrossEntropy,

@@ -5,7 +5,7 @@
 //! then joins the graph as one node whose inputs are the op's inputs: the node keeps those
 //! inputs (which the graph holds anyway) and nothing else, and its backward recomputes what it
 //! needs. This works on every device candle supports. On a CUDA device, in f32 or bf16, the
-//! ops run the kernels of `kernels/fused.cu` ([`kernels`]) instead of several candle
+//! ops run the kernels of `kernels/fused.cu` (`src/ops/kernels.rs`) instead of several candle
 //! operations: the same values in one pass, without the intermediate tensors.
 //!
 //! | op | keeps for backward | recomputes |

@@ -4,7 +4,7 @@
 //!
 //! Memory: the first and second moments `m`, `v` are allocated lazily at the first step (as
 //! PyTorch does), each the parameter's shape in the state dtype. On the CPU the update runs in
-//! place over the storage ([`cpu`]: three streaming passes, no temporary buffer). Elsewhere it
+//! place over the storage (`src/optim/cpu.rs`: three streaming passes, no temporary buffer). Elsewhere it
 //! runs over row chunks of at most [`AdamW::chunk_elems`] elements with candle operations, so
 //! its transient is about ten chunk-sized f32 buffers (≈ 10 MiB at the default 2^18 elements),
 //! independent of the parameter size; PyTorch's foreach AdamW instead allocates about one
