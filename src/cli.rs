@@ -376,8 +376,9 @@ pub struct ModelArgs {
     /// What attention keeps for backward: `sdpa` (q, k, v and the output; probabilities
     /// recomputed, as PyTorch's SDPA/FlashAttention) or `eager` (also the (batch, heads, seq,
     /// seq) probabilities, as transformers' eager attention).
-    #[arg(long, default_value = "sdpa")]
-    pub attention: Attention,
+    /// Default: `sdpa`.
+    #[arg(long)]
+    pub attention: Option<Attention>,
 }
 
 /// Fine-tuning method and activation checkpointing of one point.

@@ -114,3 +114,26 @@ pub fn refuse_overwriting_measurements(
     }
     Ok(())
 }
+
+/// Refuses `out` as the output of `check` (`--out-csv`, `--out-md`) when it is a calibration
+/// table (recognised by its header), which `check` would destroy; `calibrate --out` may
+/// replace one.
+///
+/// # Errors
+/// [`Error::InvalidValue`] naming `flag` and the file.
+pub fn refuse_overwriting_calibration(flag: &str, out: &Path) -> Result<()> {
+    let mut head = String::new();
+    if let Ok(f) = std::fs::File::open(out) {
+        let _ =
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(f.take(1 << 16)), &mut head);
+    }
+    let cols: Vec<&str> = head.trim_end().split(',').collect();
+    if cols.contains(&"term") && cols.contains(&"coefficient") {
+        return Err(Error::invalid(
+            flag,
+            out.display(),
+            "is a calibration table: choose another output",
+        ));
+    }
+    Ok(())
+}

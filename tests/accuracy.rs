@@ -376,8 +376,9 @@ fn report_writes_the_plots_and_an_index() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "svg"))
         .collect();
-    // Six (method, checkpointing) groups: a peak chart and a components chart each.
-    assert_eq!(svgs.len(), 12);
+    // Seven configurations (full fine-tuning without a save; full, LoRA and QLoRA with an
+    // adapter save, each with and without checkpointing): a peak and a components chart each.
+    assert_eq!(svgs.len(), 14);
     for svg in &svgs {
         let text = std::fs::read_to_string(svg).unwrap();
         assert!(
@@ -392,6 +393,60 @@ fn report_writes_the_plots_and_an_index() {
         assert!(index.contains(&name), "index.md does not show {name}");
     }
     assert!(index.contains("median |error|"));
+}
+
+/// Rows that differ only in their LoRA settings, quantization or attention get charts of their
+/// own: every successful row is a plotted point, and no chart's file overwrites another's.
+#[test]
+fn report_keeps_every_configuration_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let files = [
+        "results/cpu/smollm2-135m-peft.csv",
+        "results/cpu/smollm2-135m-all-linear.csv",
+        "results/cpu/smollm2-135m-eager.csv",
+    ];
+    let st = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("report")
+        .arg("--measured")
+        .args(files)
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let ok_rows: usize = files
+        .iter()
+        .map(|f| {
+            let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            csv::Reader::from_path(p)
+                .unwrap()
+                .deserialize::<std::collections::HashMap<String, String>>()
+                .filter(|r| r.as_ref().unwrap()["status"] == "ok")
+                .count()
+        })
+        .sum();
+    let index = std::fs::read_to_string(out.join("index.md")).unwrap();
+    assert!(
+        index.contains(&format!("Over {ok_rows} measured points")),
+        "{index}"
+    );
+    let charts = index.lines().filter(|l| l.starts_with("## ")).count();
+    let svgs = std::fs::read_dir(&out)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "svg")
+        })
+        .count();
+    assert_eq!(svgs, 2 * charts, "{index}");
 }
 
 /// Rows of a PyTorch-reference file (scripts/torch_reference.py) that ran out of memory carry

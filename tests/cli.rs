@@ -482,7 +482,7 @@ impl Fixture {
         // Results files: another header, and rows written before the attention column existed.
         std::fs::write(fx.path("other.csv"), "a,b\n1,2\n").unwrap();
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/cpu/smollm2-135m.csv");
-        let mut r = csv::Reader::from_path(src).unwrap();
+        let mut r = csv::Reader::from_path(&src).unwrap();
         let header = r.headers().unwrap().clone();
         let a = header.iter().position(|c| c == "attention").unwrap();
         let mut w = csv::Writer::from_path(fx.path("old.csv")).unwrap();
@@ -497,6 +497,26 @@ impl Fixture {
             w.write_record(&f).unwrap();
         }
         drop(w);
+        // The same rows, the first with an attention mode outside the vocabulary.
+        let mut r = csv::Reader::from_path(&src).unwrap();
+        let mut w = csv::Writer::from_path(fx.path("flash.csv")).unwrap();
+        w.write_record(&header).unwrap();
+        for (n, rec) in r.records().enumerate() {
+            let rec = rec.unwrap();
+            let f: Vec<&str> = rec
+                .iter()
+                .enumerate()
+                .map(|(i, v)| if i == a && n == 0 { "flash" } else { v })
+                .collect();
+            w.write_record(&f).unwrap();
+        }
+        drop(w);
+
+        // Calibration tables: a copy of the CPU one, and one whose device is not a device.
+        let cal = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/calibration/cpu-candle.csv");
+        let text = std::fs::read_to_string(cal).unwrap();
+        std::fs::write(fx.path("cal.csv"), &text).unwrap();
+        std::fs::write(fx.path("tpu-cal.csv"), text.replace(",cpu,", ",tpu,")).unwrap();
 
         // A file where --save-dir expects a folder.
         std::fs::write(fx.path("a-file"), "").unwrap();
@@ -871,6 +891,29 @@ const CONTRADICTIONS: &[Case] = &[
         error: "reads no weights",
         untouched: None,
     },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--profile", "torch-eager",
+            "--attention", "sdpa"],
+        error: "the torch-eager profile predicts eager attention",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero3"],
+        error: "give --gpus 2 or more",
+        untouched: None,
+    },
+    Case {
+        args: &["max", "--model", "tiny", "--axis", "batch", "--batch", "4", "--seq", "8",
+            "--budget", "4MiB"],
+        error: "is what --axis batch searches",
+        untouched: None,
+    },
+    Case {
+        args: &["check", "--measured", "results/cpu/smollm2-135m.csv", "--out-csv",
+            "{dir}/same.txt", "--out-md", "{dir}/same.txt"],
+        error: "is also --out-csv",
+        untouched: None,
+    },
 ];
 
 #[test]
@@ -922,6 +965,36 @@ const BAD_FILES: &[Case] = &[
         args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--save", "adapter",
             "--save-dir", "{dir}/a-file"],
         error: "is not a folder",
+        untouched: None,
+    },
+    // A row outside the vocabulary is named by file and row.
+    Case {
+        args: &["check", "--measured", "{dir}/flash.csv"],
+        error: "flash.csv: row 2: invalid --attention = flash",
+        untouched: Some("flash.csv"),
+    },
+    Case {
+        args: &["calibrate", "--measured", "{dir}/flash.csv", "--out", "{dir}/fit.csv"],
+        error: "flash.csv: row 2:",
+        untouched: Some("flash.csv"),
+    },
+    // check writes its tables, never over a calibration table.
+    Case {
+        args: &["check", "--measured", "results/cpu/smollm2-135m.csv", "--out-csv",
+            "{dir}/cal.csv"],
+        error: "is a calibration table",
+        untouched: Some("cal.csv"),
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--profile", "candle",
+            "--calibration", "{dir}/tpu-cal.csv"],
+        error: "device \"tpu\"",
+        untouched: Some("tpu-cal.csv"),
+    },
+    Case {
+        args: &["calibrate", "--measured", "results/cpu/smollm2-135m.csv",
+            "results/h200/vramcal-smollm2-135m.csv", "--out", "{dir}/mixed.csv"],
+        error: "more than one device kind",
         untouched: None,
     },
 ];
@@ -991,6 +1064,19 @@ const BAD_SWEEP_GRIDS: &[Case] = &[
         args: &["sweep", "--model", "tiny", "--batch", "1", "--seq", "8,65", "--out",
             "{dir}/never.csv"],
         error: "max_position_embeddings",
+        untouched: None,
+    },
+    // Two points that are one configuration.
+    Case {
+        args: &["sweep", "--model", "tiny", "--batch", "1", "--seq", "8", "--checkpointing",
+            "layers,every:1", "--out", "{dir}/never.csv"],
+        error: "are the same configuration",
+        untouched: None,
+    },
+    Case {
+        args: &["sweep", "--model", "tiny", "--batch", "1", "--seq", "8", "--method",
+            "lora,qlora", "--quant", "nf4", "--out", "{dir}/never.csv"],
+        error: "are the same configuration",
         untouched: None,
     },
     // A sweep point that cannot fit is rejected before any point runs.

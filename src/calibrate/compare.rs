@@ -29,12 +29,12 @@ pub struct Compared {
     pub relative_error: f64,
 }
 
-/// Every successful row of measured file `f` beside its estimate under `profile` and `c`, and
-/// how many reference rows were skipped (no successful peak).
+/// Every successful row of measured file `f` beside its estimate under `profile` and `c` (none
+/// when the file has no successful row), and how many reference rows were skipped (no
+/// successful peak).
 ///
 /// # Errors
-/// An unreadable or malformed file, a file without successful rows, a row outside the
-/// vocabulary, estimator errors.
+/// An unreadable or malformed file, a row outside the vocabulary, estimator errors.
 pub fn compare_file(
     f: &Path,
     profile: Profile,
@@ -74,7 +74,10 @@ pub fn compare_file(
                 continue;
             }
             let Some(m) = training_peak(r) else { continue };
-            let (cfg, spec) = spec_from_row(r)?;
+            let (cfg, spec) = spec_from_row(r).map_err(|e| Error::Csv {
+                path: f.to_path_buf(),
+                reason: format!("row {}: {e}", i + 2),
+            })?;
             let e = estimate(&cfg, &spec, profile, c)?;
             out.push(Compared {
                 id: format!("{}:{}", f.display(), i + 2),
@@ -88,12 +91,6 @@ pub fn compare_file(
                 relative_error: (e.peak_bytes as f64 - m as f64) / m as f64,
             });
         }
-    }
-    if out.is_empty() {
-        return Err(Error::Csv {
-            path: f.to_path_buf(),
-            reason: "no successful measured rows to check".into(),
-        });
     }
     Ok((out, skipped))
 }

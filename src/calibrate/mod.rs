@@ -474,6 +474,18 @@ pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
                 row.profile
             )));
         }
+        if !(row.device == "cpu" || row.device.starts_with("cuda:")) {
+            return Err(bad(format!(
+                "device {:?}: expected cpu or a CUDA device (cuda:N …), as `vramcal calibrate` writes",
+                row.device
+            )));
+        }
+        if row.device != rows[0].device {
+            return Err(bad(format!(
+                "rows for two devices ({} and {}): a table describes one",
+                rows[0].device, row.device
+            )));
+        }
         if row.tool_version != env!("CARGO_PKG_VERSION") {
             return Err(bad(format!(
                 "was made by vramcal {}, this is {}: recalibrate with `vramcal calibrate`",

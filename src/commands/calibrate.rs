@@ -27,6 +27,16 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     devices.sort();
     devices.dedup();
     let device = devices.join("+");
+    let mut kinds: Vec<String> = devices.iter().map(|d| device_slug(d)).collect();
+    kinds.dedup();
+    if kinds.len() > 1 {
+        return Err(crate::Error::invalid(
+            "--measured",
+            &device,
+            "rows from more than one device kind: a calibration table describes one (fit each kind on its own rows)",
+        )
+        .into());
+    }
     let (train, held) = split(&pts, a.holdout);
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from(format!(
@@ -81,6 +91,12 @@ fn measured_rows(a: &CalibrateArgs) -> anyhow::Result<Vec<Row>> {
         let r = read_rows(f)?;
         if r.is_empty() {
             anyhow::bail!("{}: no measured rows", f.display());
+        }
+        for (i, row) in r.iter().enumerate() {
+            crate::calibrate::spec_from_row(row).map_err(|e| crate::Error::Csv {
+                path: f.clone(),
+                reason: format!("row {}: {e}", i + 2),
+            })?;
         }
         rows.extend(r);
     }

@@ -25,6 +25,13 @@ pub fn run(a: &CheckArgs) -> anyhow::Result<ExitCode> {
                 f.display()
             );
         }
+        if r.is_empty() {
+            return Err(Error::Csv {
+                path: f.to_path_buf(),
+                reason: "no successful measured rows to check".into(),
+            }
+            .into());
+        }
         rows.extend(r);
     }
     let summary = summarize(a, &rows, c.source);
@@ -81,6 +88,17 @@ fn write_outputs(a: &CheckArgs, rows: &[Compared], text: &str) -> anyhow::Result
     for (flag, p) in [("--out-csv", &a.out_csv), ("--out-md", &a.out_md)] {
         if let Some(p) = p {
             crate::input::refuse_overwriting_measurements(flag, p, &a.measured)?;
+            crate::input::refuse_overwriting_calibration(flag, p)?;
+        }
+    }
+    if let (Some(c), Some(m)) = (&a.out_csv, &a.out_md) {
+        if c == m {
+            return Err(Error::invalid(
+                "--out-md",
+                m.display(),
+                "is also --out-csv: give two files",
+            )
+            .into());
         }
     }
     if let Some(p) = &a.out_csv {

@@ -74,6 +74,14 @@ pub fn query(a: &EstimateArgs) -> anyhow::Result<Query> {
         )
         .into());
     }
+    if a.profile == Profile::TorchEager && a.model.attention == Some(Attention::Sdpa) {
+        return Err(Error::invalid(
+            "--attention",
+            "sdpa",
+            "the torch-eager profile predicts eager attention: give --profile torch-sdpa for SDPA",
+        )
+        .into());
+    }
     let coefficients = coefficients(a.calibration.as_deref(), a.profile)?;
     refuse_measurement_options(a)?;
     Ok(Query {
@@ -189,6 +197,16 @@ fn budget(a: &EstimateArgs) -> anyhow::Result<Option<(String, u64)>> {
 /// `--shard` over `--gpus` (which needs it).
 fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<(Shard, usize)>> {
     Ok(match &a.shard {
+        Some(sh) if a.gpus < 2 => {
+            return Err(Error::invalid(
+                "--gpus",
+                a.gpus,
+                format!(
+                    "--shard {sh} splits state across data-parallel GPUs: give --gpus 2 or more"
+                ),
+            )
+            .into())
+        }
         Some(sh) => Some((*sh, a.gpus)),
         None if a.gpus != 1 => {
             return Err(Error::invalid(

@@ -55,6 +55,14 @@ fn search(a: &MaxArgs, model: &ResolvedModel) -> anyhow::Result<Search> {
             .into())
         }
         (Axis::Seq, None) => a.batch,
+        (Axis::Batch, Some(_)) if a.batch != 1 => {
+            return Err(Error::invalid(
+                "--batch",
+                a.batch,
+                "is what --axis batch searches: give --seq and --budget",
+            )
+            .into())
+        }
         (Axis::Batch, Some(s)) => s,
         (Axis::Batch, None) => {
             return Err(Error::invalid("--seq", "", "searching batch needs a fixed --seq").into())

@@ -14,8 +14,64 @@ use crate::report::csv_out::read_rows;
 use crate::report::plots::{line_chart, stacked_bar, Series};
 use crate::report::{Row, Status};
 
-/// Rows grouped by model, method, checkpointing, attention and dtype (one chart each).
-type Groups<'a> = BTreeMap<(String, String, String, String, String), Vec<&'a Row>>;
+/// What one chart holds fixed: every configuration column but the micro-batch (one series each)
+/// and the sequence length (the x axis).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Chart {
+    model: String,
+    method: String,
+    ckpt: String,
+    attention: String,
+    dtype: String,
+    /// Everything else that sets the configuration apart (LoRA settings, quantization, state
+    /// dtype, accumulation, save, weights, device, budget), in file-name form; empty when it
+    /// is the plain case.
+    rest: String,
+}
+
+impl Chart {
+    /// The chart of row `r`.
+    fn of(r: &Row) -> Self {
+        let mut rest = Vec::new();
+        if let (Some(rank), Some(alpha)) = (r.lora_r, r.lora_alpha) {
+            rest.push(format!(
+                "r{rank}-a{alpha}-{}",
+                r.lora_targets.replace(';', "+")
+            ));
+            if let Some(d) = r.lora_dropout.filter(|d| *d > 0.0) {
+                rest.push(format!("dropout{d}"));
+            }
+        }
+        if r.quant != "none" {
+            rest.push(r.quant.clone());
+        }
+        if r.optimizer_state_dtype != r.dtype {
+            rest.push(format!("states-{}", r.optimizer_state_dtype));
+        }
+        if r.accumulate > 1 {
+            rest.push(format!("acc{}", r.accumulate));
+        }
+        if r.save != "none" {
+            rest.push(format!("save-{}", r.save));
+        }
+        rest.push(r.weights.clone());
+        rest.push(r.device.clone());
+        if let Some(b) = r.budget_bytes {
+            rest.push(format!("budget{b}"));
+        }
+        Chart {
+            model: r.model.clone(),
+            method: r.method.clone(),
+            ckpt: r.checkpointing.clone(),
+            attention: r.attention.clone(),
+            dtype: r.dtype.clone(),
+            rest: rest.join("-"),
+        }
+    }
+}
+
+/// Rows grouped by chart.
+type Groups<'a> = BTreeMap<Chart, Vec<&'a Row>>;
 
 /// Runs `vramcal report`.
 ///
@@ -35,14 +91,16 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&a.out).map_err(|e| crate::Error::io(&a.out, e))?;
     let mut groups: Groups = BTreeMap::new();
     for r in &rows {
-        let key = (
-            r.model.clone(),
-            r.method.clone(),
-            r.checkpointing.clone(),
-            r.attention.clone(),
-            r.dtype.clone(),
-        );
-        groups.entry(key).or_default().push(r);
+        groups.entry(Chart::of(r)).or_default().push(r);
+    }
+    // Charts whose readable names coincide get the file name of their full configuration.
+    let plain = |k: &Chart| Chart {
+        rest: String::new(),
+        ..k.clone()
+    };
+    let mut names: BTreeMap<Chart, usize> = BTreeMap::new();
+    for k in groups.keys() {
+        *names.entry(plain(k)).or_default() += 1;
     }
     let mut index = format!(
         "# vramcal report\n\nMade by `{}` (vramcal {}, {}), profile {} with coefficients from {}.\n\n",
@@ -54,8 +112,13 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<ExitCode> {
     );
     let mut errors = Vec::new();
     for (key, g) in &groups {
-        index += &peak_chart(&a.out, key, g, &c, &mut errors)?;
-        index += &components_chart(&a.out, key, g, &c)?;
+        let extra = if names[&plain(key)] > 1 {
+            format!(" ({})", key.rest)
+        } else {
+            String::new()
+        };
+        index += &peak_chart(&a.out, key, &extra, g, &c, &mut errors)?;
+        index += &components_chart(&a.out, key, &extra, g, &c)?;
     }
     index += &error_line(&errors);
     let idx = a.out.join("index.md");
@@ -94,11 +157,20 @@ fn successful_rows(a: &ReportArgs) -> anyhow::Result<Vec<Row>> {
 /// micro-batch), pushes each point's relative error to `errors`, and returns its index.md part.
 fn peak_chart(
     out: &Path,
-    (model, method, ckpt, attention, dtype): &(String, String, String, String, String),
+    key: &Chart,
+    extra: &str,
     g: &[&Row],
     c: &Coefficients,
     errors: &mut Vec<f64>,
 ) -> anyhow::Result<String> {
+    let Chart {
+        model,
+        method,
+        ckpt,
+        attention,
+        dtype,
+        ..
+    } = key;
     let mut by_batch: BTreeMap<usize, Vec<&Row>> = BTreeMap::new();
     for r in g {
         by_batch.entry(r.micro_batch).or_default().push(r);
@@ -130,16 +202,18 @@ fn peak_chart(
             colour: i,
         });
     }
-    let stem = format!("peak-{model}-{method}-ckpt-{ckpt}-attn-{attention}-{dtype}")
-        .replace([':', '/'], "_");
+    let stem = file_stem(&format!(
+        "peak-{model}-{method}-ckpt-{ckpt}-attn-{attention}-{dtype}{}",
+        suffix(extra)
+    ));
     line_chart(
         &out.join(format!("{stem}.svg")),
-        &format!("{model}, {method}, checkpointing {ckpt}, attention {attention}, {dtype}"),
+        &format!("{model}, {method}, checkpointing {ckpt}, attention {attention}, {dtype}{extra}"),
         "sequence length (tokens)",
         &series,
     )?;
     Ok(format!(
-        "## {model}, {method}, checkpointing {ckpt}, attention {attention}, {dtype}\n\nMeasured (crosses) and estimated (lines) peak against sequence length.\n\n![{stem}]({stem}.svg) ([PNG]({stem}.png))\n\n"
+        "## {model}, {method}, checkpointing {ckpt}, attention {attention}, {dtype}{extra}\n\nMeasured (crosses) and estimated (lines) peak against sequence length.\n\n![{stem}]({stem}.svg) ([PNG]({stem}.png))\n\n"
     ))
 }
 
@@ -147,21 +221,31 @@ fn peak_chart(
 /// part.
 fn components_chart(
     out: &Path,
-    (model, method, ckpt, _, dtype): &(String, String, String, String, String),
+    key: &Chart,
+    extra: &str,
     g: &[&Row],
     c: &Coefficients,
 ) -> anyhow::Result<String> {
     let Some(big) = g.iter().max_by_key(|r| (r.seq, r.micro_batch)) else {
         return Ok(String::new());
     };
+    let Chart {
+        model,
+        method,
+        ckpt,
+        attention,
+        dtype,
+        ..
+    } = key;
     let (cfg, spec) = spec_from_row(big)?;
     let e = estimate(&cfg, &spec, c.profile, c)?;
     let parts: Vec<(String, u64)> = e.items.iter().map(|i| (i.name.clone(), i.bytes)).collect();
-    let cstem = format!(
-        "components-{model}-{method}-ckpt-{ckpt}-{dtype}-b{}-s{}",
-        big.micro_batch, big.seq
-    )
-    .replace([':', '/'], "_");
+    let cstem = file_stem(&format!(
+        "components-{model}-{method}-ckpt-{ckpt}-attn-{attention}-{dtype}{}-b{}-s{}",
+        suffix(extra),
+        big.micro_batch,
+        big.seq
+    ));
     stacked_bar(
         &out.join(format!("{cstem}.svg")),
         &format!(
@@ -193,4 +277,27 @@ fn error_line(errors: &[f64]) -> String {
         100.0 * med,
         100.0 * abs.last().copied().unwrap_or(f64::NAN)
     )
+}
+
+/// ` (…)` of a chart's title as a file-name part: `-…`, or empty.
+fn suffix(extra: &str) -> String {
+    let t = extra.trim().trim_start_matches('(').trim_end_matches(')');
+    if t.is_empty() {
+        String::new()
+    } else {
+        format!("-{t}")
+    }
+}
+
+/// `s` with the characters that do not belong in a file name replaced by `_`.
+fn file_stem(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.+".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }

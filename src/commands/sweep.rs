@@ -150,6 +150,7 @@ fn plan(a: &SweepArgs) -> anyhow::Result<(Vec<Point>, String)> {
             });
         }
     }
+    refuse_repeats(&grid)?;
     if a.model.lora.is_some()
         && !methods
             .iter()
@@ -163,6 +164,38 @@ fn plan(a: &SweepArgs) -> anyhow::Result<(Vec<Point>, String)> {
         .into());
     }
     Ok((grid, model.name))
+}
+
+/// Refuses a grid in which two points are one configuration (`every:1` is `layers`; `lora`
+/// with `--quant nf4` is `qlora`): it would measure it twice.
+fn refuse_repeats(grid: &[Point]) -> anyhow::Result<()> {
+    let key = |p: &Point| {
+        config_key(&Row::new(
+            &p.ctx,
+            &p.spec,
+            &Measurement::default(),
+            Status::Ok,
+            "",
+        ))
+    };
+    let label = |p: &Point| {
+        format!(
+            "{} ckpt {}",
+            p.method.map_or("default method".into(), |m| m.to_string()),
+            p.ckpt
+        )
+    };
+    for (i, p) in grid.iter().enumerate() {
+        if let Some(q) = grid[..i].iter().find(|q| key(q) == key(p)) {
+            return Err(Error::invalid(
+                "sweep grid",
+                format!("{} and {}", label(q), label(p)),
+                "are the same configuration (every:1 is layers, on is layers, lora with --quant nf4 is qlora): list it once",
+            )
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Drops the points whose configuration `out` already has a row for (`--resume`).
@@ -275,7 +308,10 @@ fn setup_args(m: &ModelArgs) -> Vec<OsString> {
     push(&["--device", &m.device, "--seed", &m.seed.to_string()]);
     push(&["--data-seed", &m.data_seed.to_string()]);
     push(&["--accumulate", &m.accumulate.to_string()]);
-    push(&["--save", m.save.label(), "--attention", m.attention.label()]);
+    push(&["--save", m.save.label()]);
+    if let Some(at) = m.attention {
+        push(&["--attention", at.label()]);
+    }
     push(&["--timed-steps", &m.timed_steps.to_string()]);
     if let Some(q) = m.quant {
         push(&["--quant", q.label()]);

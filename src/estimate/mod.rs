@@ -9,6 +9,7 @@
 //!   [`torch`]); eager attention also keeps the `(batch, heads, seq, seq)` probabilities.
 
 pub mod advice;
+pub mod bounds;
 pub mod multi;
 pub mod references;
 pub mod table;

@@ -14,6 +14,7 @@
 
 use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
+use rayon::iter::Either;
 use rayon::prelude::*;
 
 /// Rows per parallel task.
@@ -360,18 +361,17 @@ fn rms_norm_bwd_impl<E: Elem>(
             }
         }
     };
-    if want_w {
-        dx.par_chunks_mut(TASK_ROWS * h)
-            .zip(xs.par_chunks(TASK_ROWS * h))
-            .zip(gs.par_chunks(TASK_ROWS * h))
-            .zip(partial.par_chunks_mut(h))
-            .for_each(|(((dx, x), g), p)| body(dx, x, g, Some(p)));
+    // One partial weight gradient per task, or none: the same task split either way.
+    let partials = if want_w {
+        Either::Left(partial.par_chunks_mut(h).map(Some))
     } else {
-        dx.par_chunks_mut(TASK_ROWS * h)
-            .zip(xs.par_chunks(TASK_ROWS * h))
-            .zip(gs.par_chunks(TASK_ROWS * h))
-            .for_each(|((dx, x), g)| body(dx, x, g, None));
-    }
+        Either::Right((0..tasks).into_par_iter().map(|_| None))
+    };
+    dx.par_chunks_mut(TASK_ROWS * h)
+        .zip(xs.par_chunks(TASK_ROWS * h))
+        .zip(gs.par_chunks(TASK_ROWS * h))
+        .zip(partials)
+        .for_each(|(((dx, x), g), p)| body(dx, x, g, p));
     let dw = if want_w {
         let mut dw = vec![zero; h];
         for p in partial.chunks_exact(h) {
@@ -424,34 +424,33 @@ fn swiglu_bwd_impl<E: Elem>(
         let dsilu = sig * (x * (one - sig) + one);
         (E::down(g * u * dsilu), E::down(g * (x * sig)))
     };
-    if want_up {
-        d_gate
-            .par_chunks_mut(chunk)
-            .zip(d_up.par_chunks_mut(chunk))
-            .zip(
-                xs.par_chunks(chunk)
-                    .zip(us.par_chunks(chunk))
-                    .zip(gs.par_chunks(chunk)),
-            )
-            .for_each(|((dg, du), ((x, u), g))| {
+    // The gradient to `up` per task, or none: the same task split either way.
+    let tasks = xs.len().div_ceil(chunk);
+    let d_ups = if want_up {
+        Either::Left(d_up.par_chunks_mut(chunk).map(Some))
+    } else {
+        Either::Right((0..tasks).into_par_iter().map(|_| None))
+    };
+    d_gate
+        .par_chunks_mut(chunk)
+        .zip(d_ups)
+        .zip(
+            xs.par_chunks(chunk)
+                .zip(us.par_chunks(chunk))
+                .zip(gs.par_chunks(chunk)),
+        )
+        .for_each(|((dg, du), ((x, u), g))| match du {
+            Some(du) => {
                 for ((((dg, du), x), u), g) in dg.iter_mut().zip(du).zip(x).zip(u).zip(g) {
                     (*dg, *du) = grad(*x, *u, *g);
                 }
-            });
-    } else {
-        d_gate
-            .par_chunks_mut(chunk)
-            .zip(
-                xs.par_chunks(chunk)
-                    .zip(us.par_chunks(chunk))
-                    .zip(gs.par_chunks(chunk)),
-            )
-            .for_each(|(dg, ((x, u), g))| {
+            }
+            None => {
                 for (((dg, x), u), g) in dg.iter_mut().zip(x).zip(u).zip(g) {
                     *dg = grad(*x, *u, *g).0;
                 }
-            });
-    }
+            }
+        });
     let d_up = if want_up {
         Some(tensor(d_up, gate)?)
     } else {

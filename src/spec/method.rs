@@ -124,7 +124,7 @@ impl Adaptation {
             if self.lora.is_none() {
                 return Err(Error::invalid(
                     "--quant",
-                    "nf4",
+                    self.quant.label(),
                     "a quantized base is frozen: use it with LoRA (--method qlora)",
                 ));
             }

@@ -4,8 +4,7 @@
 //! one configuration to measure or estimate, with the one place that rejects bad sizes.
 //!
 //! `model/`, `measure/`, `estimate/` and the commands import their vocabulary from here; this
-//! module imports only [`crate::config`] (model sizes), [`crate::error`] and the LM head's chunk
-//! size ([`crate::ops::CE_CHUNK_TOKENS`], for [`TrainSpec::min_bytes`]).
+//! module imports only [`crate::config`] (model sizes) and [`crate::error`].
 
 pub mod attention;
 pub mod axis;
@@ -168,7 +167,7 @@ impl TrainSpec {
                 "expected f32, bf16, f16 or f64",
             ));
         }
-        if self.min_bytes(cfg).is_none() {
+        if !self.byte_counts_fit(cfg) {
             return Err(Error::invalid(
                 "sizes",
                 format!("batch {} × seq {}", self.batch, self.seq),
@@ -178,57 +177,29 @@ impl TrainSpec {
         Ok(())
     }
 
-    /// A lower bound of vramcal's peak (bytes): the base weights (NF4 linear weights at half a
-    /// byte), gradients and AdamW states of the trainable parameters, one f32 chunk of the LM
-    /// head's logits `(min(tokens, 256), vocab)`, one `(tokens, hidden)` tensor per layer (per
-    /// checkpointed segment), and with `--attention eager` the kept `(micro-batch, heads, seq,
-    /// seq)` probabilities. `None` on overflow.
-    pub fn min_bytes(&self, cfg: &ModelConfig) -> Option<u64> {
-        let n = cfg.checked_param_count()?;
-        let w = self.dtype.size_in_bytes() as u64;
-        let s = self.state_dtype.size_in_bytes() as u64;
-        let base = match self.adaptation.quant {
-            Quant::None => n.checked_mul(w)?,
-            Quant::Nf4 { .. } => n.checked_mul(w)? / 4,
+    /// Whether the largest byte counts this spec can lead to fit in 64 bits, with every element
+    /// taken at 8 bytes: parameters with a gradient and two optimizer states, `(tokens, hidden)`
+    /// tensors for every layer, the logits, and with `--attention eager` the `(batch, heads,
+    /// seq, seq)` probabilities of every layer.
+    fn byte_counts_fit(&self, cfg: &ModelConfig) -> bool {
+        let (b, s, l) = (
+            self.batch as u64,
+            self.seq as u64,
+            cfg.num_hidden_layers as u64 + 2,
+        );
+        let fits = || -> Option<()> {
+            cfg.checked_param_count()?.checked_mul(32)?;
+            let tokens = b.checked_mul(s)?.checked_mul(8)?;
+            tokens.checked_mul(cfg.hidden_size as u64)?.checked_mul(l)?;
+            tokens.checked_mul(cfg.vocab_size as u64)?;
+            if self.attention == Attention::Eager {
+                b.checked_mul(cfg.num_attention_heads as u64)?
+                    .checked_mul(s.checked_mul(s)?)?
+                    .checked_mul(8)?
+                    .checked_mul(l)?;
+            }
+            Some(())
         };
-        let t = match &self.adaptation.lora {
-            Some(l) => lora_param_count(cfg, l),
-            None => n,
-        };
-        let per_trainable = w.checked_add(s.checked_mul(2)?)?;
-        // The fused LM head forms its logits one chunk of tokens at a time.
-        let tokens = (self.batch as u64).checked_mul(self.seq as u64)?;
-        let logits = tokens
-            .min(crate::ops::CE_CHUNK_TOKENS as u64)
-            .checked_mul(cfg.vocab_size as u64)?
-            .checked_mul(4)?;
-        // `--attention eager` keeps (batch, heads, seq, seq) probabilities per kept layer.
-        let probs = if self.attention == Attention::Eager {
-            let layers = match self.checkpointing {
-                Checkpointing::None => cfg.num_hidden_layers,
-                Checkpointing::Every(k) => k.min(cfg.num_hidden_layers),
-            } as u64;
-            (self.batch as u64)
-                .checked_mul(cfg.num_attention_heads as u64)?
-                .checked_mul((self.seq as u64).checked_mul(self.seq as u64)?)?
-                .checked_mul(w)?
-                .checked_mul(layers)?
-        } else {
-            0
-        };
-        // At least one (tokens, hidden) tensor per layer stays alive for backward (its residual
-        // output), or per checkpointed segment input.
-        let kept_hidden = match self.checkpointing {
-            Checkpointing::None => cfg.num_hidden_layers + 1,
-            Checkpointing::Every(k) => cfg.num_hidden_layers.div_ceil(k.max(1)) + 1,
-        } as u64;
-        let hidden = tokens
-            .checked_mul(cfg.hidden_size as u64)?
-            .checked_mul(w)?
-            .checked_mul(kept_hidden)?;
-        base.checked_add(t.checked_mul(per_trainable)?)?
-            .checked_add(logits)?
-            .checked_add(probs)?
-            .checked_add(hidden)
+        fits().is_some()
     }
 }

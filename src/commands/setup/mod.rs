@@ -176,7 +176,7 @@ pub fn train_spec(
     spec.adamw.lr = args.lr;
     spec.adamw.weight_decay = args.weight_decay;
     spec.allow_longer = args.allow_longer;
-    spec.attention = args.attention;
+    spec.attention = args.attention.unwrap_or_default();
     spec.data_seed = args.data_seed;
     Ok(spec)
 }
@@ -215,7 +215,9 @@ pub fn check_fits(
     device: DeviceChoice,
 ) -> anyhow::Result<()> {
     if device.is_cpu() {
-        if let (Some(need), Some(have)) = (spec.min_bytes(&model.config), host_memory_bytes()) {
+        // A bound past 64 bits cannot fit either.
+        let need = crate::estimate::bounds::min_bytes(&model.config, spec).unwrap_or(u64::MAX);
+        if let Some(have) = host_memory_bytes() {
             if need > have {
                 // Name the adapters too: a huge rank can be what does not fit.
                 let lora = match &spec.adaptation.lora {
