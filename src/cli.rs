@@ -108,7 +108,9 @@ pub enum Command {
         mut_arg("save", |a| a.hide(true)),
         mut_arg("merge_save", |a| a.hide(true)),
         mut_arg("save_dir", |a| a.hide(true)),
-        mut_arg("timed_steps", |a| a.hide(true))
+        mut_arg("timed_steps", |a| a.hide(true)),
+        mut_arg("budget", |a| a.help("Verdict against this memory instead of a GPU's, e.g. 24GiB (units B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+        mut_arg("model", |a| a.help("Model: a preset (see `vramcal models`), a config.json or a folder holding one, or a model id in the local Hugging Face cache"))
     )]
     Estimate(EstimateArgs),
     /// Fit the estimator's coefficients to measured CSVs and write a calibration table.

@@ -55,6 +55,10 @@ pub fn parse_size(what: &str, s: &str) -> Result<u64> {
             "a size this small is probably missing its unit (e.g. 80GiB)",
         ));
     }
+    if mult == 1.0 && value.fract() != 0.0 {
+        return Err(Error::invalid(what, s, "is not a whole number of bytes"));
+    }
+    // Larger units round to the nearest byte (1.1GiB is not a whole number of bytes either).
     Ok(bytes.round() as u64)
 }
 
@@ -82,6 +86,8 @@ mod tests {
         assert_eq!(parse_size("x", "512 MiB").unwrap(), 512 << 20);
         assert_eq!(parse_size("x", "80GB").unwrap(), 80_000_000_000);
         assert_eq!(parse_size("x", "1.5gib").unwrap(), 3 << 29);
+        assert!(parse_size("x", "1.5B").is_err());
+        assert_eq!(parse_size("x", "0.5KiB").unwrap(), 512);
         assert_eq!(parse_size("x", "2000000").unwrap(), 2_000_000);
         assert_eq!(parse_size("x", "4096B").unwrap(), 4096);
         for bad in [

@@ -547,6 +547,11 @@ impl Fixture {
                 .collect();
             let untouched = case.untouched.map(|f| self.path(f));
             fails_with(&args, case.error, untouched.as_deref());
+            // An output a refused command names `never-made` must not exist afterwards.
+            assert!(
+                !self.path("never-made").exists(),
+                "{args:?} made its output"
+            );
         }
         assert_eq!(rows(&self.path("keep.csv")).len(), 1);
     }
@@ -975,6 +980,11 @@ const BAD_FILES: &[Case] = &[
     },
     Case {
         args: &["calibrate", "--measured", "{dir}/flash.csv", "--out", "{dir}/fit.csv"],
+        error: "flash.csv: row 2:",
+        untouched: Some("flash.csv"),
+    },
+    Case {
+        args: &["report", "--measured", "{dir}/flash.csv", "--out", "{dir}/never-made"],
         error: "flash.csv: row 2:",
         untouched: Some("flash.csv"),
     },

@@ -141,10 +141,18 @@ fn successful_rows(a: &ReportArgs) -> anyhow::Result<Vec<Row>> {
                 f.display()
             );
         }
-        let r: Vec<Row> = read_rows(f)?
-            .into_iter()
-            .filter(|r| r.status == Some(Status::Ok))
-            .collect();
+        let mut r = Vec::new();
+        for (i, row) in read_rows(f)?.into_iter().enumerate() {
+            if row.status != Some(Status::Ok) {
+                continue;
+            }
+            // A row outside the vocabulary is refused here, before the output folder exists.
+            spec_from_row(&row).map_err(|e| crate::Error::Csv {
+                path: f.clone(),
+                reason: format!("row {}: {e}", i + 2),
+            })?;
+            r.push(row);
+        }
         if r.is_empty() {
             anyhow::bail!("{}: no successful measured rows", f.display());
         }

@@ -253,7 +253,7 @@ impl FromStr for LoraConfig {
                     return Err(Error::invalid(
                         "--lora",
                         key,
-                        "unknown key (expected r, alpha, dropout, targets)",
+                        "unknown key (expected r, alpha, dropout, targets, or PEFT's rank, lora_alpha, lora_dropout, target_modules)",
                     ))
                 }
             }
