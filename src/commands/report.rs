@@ -70,6 +70,29 @@ impl Chart {
     }
 }
 
+impl Chart {
+    /// The chart's title: model, method, checkpointing, attention, dtype, then `extra`.
+    fn title(&self, extra: &str) -> String {
+        format!(
+            "{}, {}, checkpointing {}, attention {}, {}{extra}",
+            self.model, self.method, self.ckpt, self.attention, self.dtype
+        )
+    }
+
+    /// The same as a file-name part.
+    fn slug(&self, extra: &str) -> String {
+        file_stem(&format!(
+            "{}-{}-ckpt-{}-attn-{}-{}{}",
+            self.model,
+            self.method,
+            self.ckpt,
+            self.attention,
+            self.dtype,
+            suffix(extra)
+        ))
+    }
+}
+
 /// Rows grouped by chart.
 type Groups<'a> = BTreeMap<Chart, Vec<&'a Row>>;
 
@@ -171,14 +194,6 @@ fn peak_chart(
     c: &Coefficients,
     errors: &mut Vec<f64>,
 ) -> anyhow::Result<String> {
-    let Chart {
-        model,
-        method,
-        ckpt,
-        attention,
-        dtype,
-        ..
-    } = key;
     let mut by_batch: BTreeMap<usize, Vec<&Row>> = BTreeMap::new();
     for r in g {
         by_batch.entry(r.micro_batch).or_default().push(r);
@@ -210,18 +225,16 @@ fn peak_chart(
             colour: i,
         });
     }
-    let stem = file_stem(&format!(
-        "peak-{model}-{method}-ckpt-{ckpt}-attn-{attention}-{dtype}{}",
-        suffix(extra)
-    ));
+    let stem = format!("peak-{}", key.slug(extra));
+    let title = key.title(extra);
     line_chart(
         &out.join(format!("{stem}.svg")),
-        &format!("{model}, {method}, checkpointing {ckpt}, attention {attention}, {dtype}{extra}"),
+        &title,
         "sequence length (tokens)",
         &series,
     )?;
     Ok(format!(
-        "## {model}, {method}, checkpointing {ckpt}, attention {attention}, {dtype}{extra}\n\nMeasured (crosses) and estimated (lines) peak against sequence length.\n\n![{stem}]({stem}.svg) ([PNG]({stem}.png))\n\n"
+        "## {title}\n\nMeasured (crosses) and estimated (lines) peak against sequence length.\n\n![{stem}]({stem}.svg) ([PNG]({stem}.png))\n\n"
     ))
 }
 
@@ -237,23 +250,15 @@ fn components_chart(
     let Some(big) = g.iter().max_by_key(|r| (r.seq, r.micro_batch)) else {
         return Ok(String::new());
     };
-    let Chart {
-        model,
-        method,
-        ckpt,
-        attention,
-        dtype,
-        ..
-    } = key;
     let (cfg, spec) = spec_from_row(big)?;
     let e = estimate(&cfg, &spec, c.profile, c)?;
     let parts: Vec<(String, u64)> = e.items.iter().map(|i| (i.name.clone(), i.bytes)).collect();
-    let cstem = file_stem(&format!(
-        "components-{model}-{method}-ckpt-{ckpt}-attn-{attention}-{dtype}{}-b{}-s{}",
-        suffix(extra),
+    let cstem = format!(
+        "components-{}-b{}-s{}",
+        key.slug(extra),
         big.micro_batch,
         big.seq
-    ));
+    );
     stacked_bar(
         &out.join(format!("{cstem}.svg")),
         &format!(
