@@ -30,6 +30,18 @@ fn state_dtype_arg(s: &str) -> Result<DType> {
     })
 }
 
+/// A fraction for `check`'s thresholds: `0.03`, or a percentage such as `3%` (= 0.03). The
+/// range is checked by `check`.
+fn fraction_arg(s: &str) -> std::result::Result<f64, String> {
+    let (num, scale) = match s.trim().strip_suffix('%') {
+        Some(p) => (p.trim(), 0.01),
+        None => (s.trim(), 1.0),
+    };
+    num.parse::<f64>()
+        .map(|v| v * scale)
+        .map_err(|_| "expected a fraction such as 0.03 or a percentage such as 3%".to_string())
+}
+
 /// `--budget`: a size ([`crate::size::parse_size`]), bytes.
 fn budget_arg(s: &str) -> Result<u64> {
     crate::size::parse_size("--budget", s)
@@ -120,6 +132,7 @@ pub enum Command {
     Calibrate(CalibrateArgs),
     /// Compare estimates with measurements; exit non-zero when accuracy thresholds are exceeded.
     #[command(
+        allow_negative_numbers = true,
         after_help = "Examples:\n  vramcal check --measured results/cpu/*.csv --calibration results/calibration/cpu-candle.csv --max-error 0.03 --max-median-error 0.01\n  vramcal check --measured ../shared/cases/public-measurements.csv --profile torch-sdpa"
     )]
     Check(CheckArgs),
@@ -222,14 +235,14 @@ pub struct CheckArgs {
     /// Calibration table (default: uncalibrated coefficients).
     #[arg(long)]
     pub calibration: Option<PathBuf>,
-    /// Fail when any row's absolute relative error exceeds this (e.g. 0.03).
-    #[arg(long)]
+    /// Fail when any row's absolute relative error exceeds this (e.g. 0.03 or 3%).
+    #[arg(long, value_parser = fraction_arg)]
     pub max_error: Option<f64>,
-    /// Fail when the median absolute relative error exceeds this (e.g. 0.01).
-    #[arg(long)]
+    /// Fail when the median absolute relative error exceeds this (e.g. 0.01 or 1%).
+    #[arg(long, value_parser = fraction_arg)]
     pub max_median_error: Option<f64>,
-    /// Safety margin added to estimates when counting under-estimates (e.g. 0.03).
-    #[arg(long, default_value_t = 0.0)]
+    /// Safety margin added to estimates when counting under-estimates (e.g. 0.03 or 3%).
+    #[arg(long, default_value = "0", value_parser = fraction_arg)]
     pub margin: f64,
     /// Write the per-row table as CSV here.
     #[arg(long)]

@@ -34,6 +34,17 @@ fn candle_estimates_stay_accurate_on_committed_measurements() {
     );
 }
 
+/// Thresholds may be written as percentages: `3%` is `0.03`.
+#[test]
+fn thresholds_read_as_percentages() {
+    accuracy_gate(
+        &MEASURED,
+        CALIBRATION,
+        "3%",
+        "under-estimates 0 of 93 with a 3.0 % margin; thresholds: max |error| <= 3.00 %",
+    );
+}
+
 /// `vramcal check` of `measured` with `calibration` passes median |error| ≤ 1 %, max ≤
 /// `max_and_margin`, the same safety margin, and prints `expect`.
 fn accuracy_gate(measured: &[&str], calibration: &str, max_and_margin: &str, expect: &str) {

@@ -512,6 +512,22 @@ impl Fixture {
         }
         drop(w);
 
+        // The same rows on a device vramcal does not write.
+        let d = header.iter().position(|c| c == "device").unwrap();
+        let mut r = csv::Reader::from_path(&src).unwrap();
+        let mut w = csv::Writer::from_path(fx.path("gpu-device.csv")).unwrap();
+        w.write_record(&header).unwrap();
+        for rec in r.records() {
+            let rec = rec.unwrap();
+            let f: Vec<&str> = rec
+                .iter()
+                .enumerate()
+                .map(|(i, v)| if i == d { "gpu" } else { v })
+                .collect();
+            w.write_record(&f).unwrap();
+        }
+        drop(w);
+
         // Calibration tables: a copy of the CPU one, and one whose device is not a device.
         let cal = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/calibration/cpu-candle.csv");
         let text = std::fs::read_to_string(cal).unwrap();
@@ -914,6 +930,21 @@ const CONTRADICTIONS: &[Case] = &[
         untouched: None,
     },
     Case {
+        args: &["check", "--measured", "results/cpu/smollm2-135m.csv", "--max-error", "150%"],
+        error: "must be a fraction between 0 and 1",
+        untouched: None,
+    },
+    Case {
+        args: &["check", "--measured", "results/cpu/smollm2-135m.csv", "--margin", "-1"],
+        error: "must be a fraction between 0 and 1",
+        untouched: None,
+    },
+    Case {
+        args: &["check", "--measured", "results/cpu/smollm2-135m.csv", "--max-error", "3 pct"],
+        error: "expected a fraction such as 0.03 or a percentage such as 3%",
+        untouched: None,
+    },
+    Case {
         args: &["check", "--measured", "results/cpu/smollm2-135m.csv", "--out-csv",
             "{dir}/same.txt", "--out-md", "{dir}/same.txt"],
         error: "is also --out-csv",
@@ -987,6 +1018,11 @@ const BAD_FILES: &[Case] = &[
         args: &["report", "--measured", "{dir}/flash.csv", "--out", "{dir}/never-made"],
         error: "flash.csv: row 2:",
         untouched: Some("flash.csv"),
+    },
+    Case {
+        args: &["check", "--measured", "{dir}/gpu-device.csv"],
+        error: "gpu-device.csv: row 2: device \"gpu\"",
+        untouched: Some("gpu-device.csv"),
     },
     // check writes its tables, never over a calibration table.
     Case {

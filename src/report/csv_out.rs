@@ -163,8 +163,52 @@ fn check_rows(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
     let mut rdr = crate::input::csv_reader(path)?;
     rdr.deserialize()
-        .map(|r| r.map_err(|e| csv_err(path, format!("bad row: {e}"))))
+        .enumerate()
+        .map(|(i, r)| {
+            let r: Row = r.map_err(|e| csv_err(path, format!("bad row: {e}")))?;
+            check_vocabulary(&r)
+                .map_err(|reason| csv_err(path, format!("row {}: {reason}", i + 2)))?;
+            Ok(r)
+        })
         .collect()
+}
+
+/// Refuses a row whose `device`, `memory_counter` or `peak_phase` is not one vramcal writes:
+/// `cpu` or `cuda:N …`; the probes' counters ([`crate::measure::probe::HOST_COUNTER`] and
+/// its absolute form, `cuda-mempool`, `cuda-device …`, or empty in rows older than the
+/// column); a phase of the step protocol
+/// (`load`, `optimizer_init`, `stepK_forward`, `stepK_backward`, `stepK_optimizer_step`,
+/// `save`) or empty when no phase finished.
+fn check_vocabulary(r: &Row) -> std::result::Result<(), String> {
+    use crate::measure::probe::{HOST_COUNTER, HOST_COUNTER_ABSOLUTE};
+    if !(r.device == "cpu" || r.device.starts_with("cuda:")) {
+        return Err(format!("device {:?}: expected cpu or cuda:N", r.device));
+    }
+    let counter = &r.memory_counter;
+    // Empty in rows written before the column existed.
+    if !(counter.is_empty()
+        || counter == HOST_COUNTER
+        || counter == HOST_COUNTER_ABSOLUTE
+        || counter == "cuda-mempool"
+        || counter.starts_with("cuda-device"))
+    {
+        return Err(format!(
+            "memory_counter {counter:?}: not a counter vramcal records"
+        ));
+    }
+    let phase = r.peak_phase.as_str();
+    let step_phase = phase
+        .strip_prefix("step")
+        .and_then(|rest| rest.split_once('_'))
+        .is_some_and(|(k, what)| {
+            !k.is_empty()
+                && k.bytes().all(|c| c.is_ascii_digit())
+                && matches!(what, "forward" | "backward" | "optimizer_step")
+        });
+    if !(phase.is_empty() || matches!(phase, "load" | "optimizer_init" | "save") || step_phase) {
+        return Err(format!("peak_phase {phase:?}: not a phase of the step"));
+    }
+    Ok(())
 }
 
 /// Reads the rows of a results CSV for `--resume`. A last line without its newline (a write cut
