@@ -11,7 +11,14 @@ On CUDA it records `torch.cuda.max_memory_allocated` (and `max_memory_reserved`)
 the counters vramcal's `allocated` and `reserved` correspond to. On the CPU, where PyTorch keeps
 no allocator statistics, it records the bytes of the tensors autograd saves for backward
 (`torch.autograd.graph.saved_tensors_hooks`, each storage counted once) and step times, for
-the activation and speed ratios of issue "Lean and fast training step".
+the activation and speed ratios of issue "Lean and fast training step"; with
+`--count-cpu-memory` it also records the exact peak of PyTorch's live tensor bytes per phase
+(`counter` = `allocated`): the profiler's memory events (`torch.profiler.profile(
+profile_memory=True)`: one event per allocation and free with the bytes requested from the CPU
+allocator), summed in time order from before the model is built, each phase a
+`record_function` range on the same clock (see `CpuMemory`; `--self-test` checks it on
+tensors whose bytes are known). The profiler slows the step, so those rows' times are not
+comparable (their `notes` say so).
 
 Rows are written in the schema of `../shared/cases/public-measurements.csv`, so
 `vramcal check --measured <file> --profile torch-sdpa` reads them; extra columns give the
@@ -23,6 +30,7 @@ Example:
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -93,6 +101,86 @@ def build(cfg: dict, dtype, device, attn: str):
     return model
 
 
+class CpuMemory:
+    """PyTorch's live CPU tensor bytes over a run, exact to the byte, from the profiler's memory
+    events (torch.profiler with profile_memory=True records every allocation (+bytes requested)
+    and free (-bytes) of the CPU allocator, from any thread). Start it before the first tensor
+    of the run exists: frees of older tensors would count negative. Phases are
+    `record_function("vramcal::<phase>")` ranges, timed on the profiler's own clock."""
+
+    PREFIX = "vramcal::"
+
+    def __init__(self):
+        self.prof = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+
+    def __enter__(self):
+        self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.prof.__exit__(*exc)
+
+    def phase(self, name):
+        return torch.profiler.record_function(self.PREFIX + name)
+
+    def peaks(self):
+        """(overall peak bytes, {phase: peak bytes while it ran}, bytes live at the end, lowest
+        running total). A phase's peak counts what was live when it began, as
+        torch.cuda.max_memory_allocated after reset_peak_memory_stats does."""
+        events = self.prof.profiler.kineto_results.events()
+        mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+        ranges = [(e.name()[len(self.PREFIX):], e.start_ns(), e.end_ns())
+                  for e in events if e.name().startswith(self.PREFIX)]
+        live, lowest, overall = 0, 0, 0
+        peak = {}
+        for name, a, b in ranges:
+            peak[name] = None
+        i = 0
+        # Walk the events once per phase (phases are few); live bytes at a phase's start are
+        # the running total of the events before it.
+        for name, a, b in sorted(ranges, key=lambda r: r[1]):
+            while i < len(mem) and mem[i][0] < a:
+                live += mem[i][1]
+                lowest = min(lowest, live)
+                overall = max(overall, live)
+                i += 1
+            best = live
+            while i < len(mem) and mem[i][0] <= b:
+                live += mem[i][1]
+                lowest = min(lowest, live)
+                best = max(best, live)
+                i += 1
+            overall = max(overall, best)
+            peak[name] = best
+        for _, n in mem[i:]:
+            live += n
+            lowest = min(lowest, live)
+            overall = max(overall, live)
+        return overall, peak, live, lowest
+
+
+def self_test():
+    """Checks CpuMemory on tensors whose bytes are known; exits non-zero if it is off."""
+    with CpuMemory() as m:
+        with m.phase("a"):
+            a = torch.empty(1000, dtype=torch.float32)   # 4000 B
+            b = torch.empty(250, dtype=torch.float64)    # 2000 B: 6000 B live
+            del a                                        # 2000 B
+        with m.phase("b"):
+            c = torch.empty(3, 5, dtype=torch.bfloat16)  # 30 B: 2030 B live
+            d = torch.ones(64, 64) @ torch.ones(64, 64)  # 3 x 16384 B live, then two freed
+            del b, c
+        del d
+    overall, peak, end, lowest = m.peaks()
+    got = (overall, peak, end, lowest)
+    # Phase b: 2000 (b) + 30 (c) + two 16384 B operands + the 16384 B product live at once.
+    want = (2030 + 3 * 16384, {"a": 6000, "b": 2030 + 3 * 16384}, 0, 0)
+    print(f"self-test: overall/phases/end/lowest {got}, expected {want}")
+    if got != want:
+        sys.exit("self-test failed: the profiler's memory events do not add up to the known bytes")
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -110,7 +198,7 @@ def measure(args, cfg, method, ckpt, batch, seq):
         "checkpointing": "on" if ckpt else "off",
         "attention": args.attn,
         "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "counter": "allocated" if cuda else "none (CPU: see saved_activation_bytes)",
+        "counter": "allocated" if cuda or args.count_cpu_memory else "none (CPU: see saved_activation_bytes)",
         "torch_version": torch.__version__, "transformers_version": transformers.__version__,
         "timed_steps": args.timed_steps,
     }
@@ -119,13 +207,17 @@ def measure(args, cfg, method, ckpt, batch, seq):
                    lora_targets=";".join(args.lora_targets.split(",")))
     row["id"] = f"torch-{args.model}-{method}-{'ckpt' if ckpt else 'nockpt'}-b{batch}-s{seq}"
     phases = {}
+    # PyTorch's live CPU tensor bytes over load and steps 1-2 (not the timed steps after them).
+    counting = contextlib.ExitStack()
+    mem = counting.enter_context(CpuMemory()) if args.count_cpu_memory and not cuda else None
 
     def phase(name, fn):
         sync(device)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        out = fn()
+        with mem.phase(name) if mem else contextlib.nullcontext():
+            out = fn()
         sync(device)
         phases[name] = {"seconds": time.perf_counter() - t0}
         if cuda:
@@ -176,6 +268,7 @@ def measure(args, cfg, method, ckpt, batch, seq):
         times = []
         for step in range(1, 3 + args.timed_steps):
             if step > 2:
+                counting.close()
                 # Extra steps: timed only, like vramcal's --timed-steps.
                 t0 = time.perf_counter()
                 model(input_ids=ids, labels=ids).loss.backward()
@@ -214,6 +307,7 @@ def measure(args, cfg, method, ckpt, batch, seq):
         row["status"] = "oom" if alloc else "error"
         row["notes"] = text.splitlines()[0][:200] if text else type(e).__name__
     finally:
+        counting.close()
         del model, opt
         if cuda:
             torch.cuda.empty_cache()
@@ -228,15 +322,32 @@ def measure(args, cfg, method, ckpt, batch, seq):
         for name in ("load", "step2_forward", "step2_backward", "step2_optimizer_step"):
             if name in phases:
                 row[f"{name}_peak_bytes"] = phases[name]["peak"]
-    # No allocator counter on the CPU: peak_bytes stays empty there (saved_activation_bytes is
-    # the comparable figure), so such a file is not mistaken for peaks by `vramcal check`.
+    if mem is not None and phases:
+        _, peak, _, lowest = mem.peaks()
+        row["peak_bytes"] = max(peak.values())
+        for name in ("load", "step2_forward", "step2_backward", "step2_optimizer_step"):
+            if name in peak:
+                row[f"{name}_peak_bytes"] = peak[name]
+        note = ("CPU: peaks are PyTorch's live tensor bytes from the profiler's memory events; "
+                "times ran under the profiler")
+        if lowest < 0:
+            note += f"; WARNING: frees of tensors older than the count ({-lowest} B)"
+        row["notes"] = "; ".join(x for x in (row.get("notes"), note) if x)
+    # Without --count-cpu-memory no allocator counter on the CPU: peak_bytes stays empty there
+    # (saved_activation_bytes is the comparable figure), so such a file is not mistaken for
+    # peaks by `vramcal check`.
     return row
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vramcal", default=os.environ.get("VRAMCAL_BIN", "vramcal"))
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--self-test", action="store_true",
+                    help="check the CPU memory count on tensors of known size, then exit")
+    ap.add_argument("--count-cpu-memory", action="store_true",
+                    help="on the CPU, record the exact peak of PyTorch's live tensor bytes per phase "
+                         "(profiler memory events; slows the step)")
+    ap.add_argument("--model")
     ap.add_argument("--method", default="full", help="comma-separated: full,lora")
     ap.add_argument("--checkpointing", default="none", help="comma-separated: none,layers")
     ap.add_argument("--batch", default="1")
@@ -250,8 +361,13 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--timed-steps", type=int, default=0,
                     help="extra steps after step 2, timed only; step_seconds_median covers step 2 and these")
-    ap.add_argument("--out", required=True, help="CSV to append to")
+    ap.add_argument("--out", help="CSV to append to")
     a = ap.parse_args()
+    if a.self_test:
+        self_test()
+        return
+    if not a.model or not a.out:
+        ap.error("--model and --out are required")
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = preset_config(a.vramcal, a.model)

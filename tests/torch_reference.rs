@@ -1,0 +1,92 @@
+//! `scripts/torch_reference.py`'s exact count of PyTorch's CPU tensor bytes
+//! (`--count-cpu-memory`): its self-test on tensors of known size, and a real step of `tiny`
+//! whose load and training peaks it must bound by the parameter bytes. Needs a Python with
+//! torch and transformers in `VRAMCAL_TORCH_PYTHON` (as `benches/vs_torch.rs` does); skipped
+//! without one.
+
+use std::path::Path;
+use std::process::Command;
+
+fn python() -> Option<String> {
+    let p = std::env::var("VRAMCAL_TORCH_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty());
+    if p.is_none() {
+        eprintln!("SKIPPED: set VRAMCAL_TORCH_PYTHON to a Python with torch and transformers");
+    }
+    p
+}
+
+fn script() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_reference.py")
+}
+
+/// The count adds up on tensors whose bytes are known (4000 B, 2000 B, 30 B and a 64 × 64
+/// product with its two operands), phase by phase.
+#[test]
+fn the_cpu_count_adds_up_on_known_tensors() {
+    let Some(py) = python() else { return };
+    let out = Command::new(py)
+        .arg(script())
+        .arg("--self-test")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("(51182, {'a': 6000, 'b': 51182}, 0, 0)"),
+        "{text}"
+    );
+}
+
+/// A full fine-tuning step of `tiny` in f32: the load phase holds the parameters (4 bytes each)
+/// and the rotary buffers, and the peak at least weights, gradients and two AdamW states.
+#[test]
+fn a_real_step_is_counted_from_its_parameters_up() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("torch.csv");
+    let st = Command::new(py)
+        .arg(script())
+        .args([
+            "--vramcal",
+            env!("CARGO_BIN_EXE_vramcal"),
+            "--model",
+            "tiny",
+        ])
+        .args([
+            "--batch", "1", "--seq", "16", "--dtype", "f32", "--device", "cpu",
+        ])
+        .args(["--count-cpu-memory", "--threads", "1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let mut r = csv::Reader::from_path(&out).unwrap();
+    let row: std::collections::HashMap<String, String> = r.deserialize().next().unwrap().unwrap();
+    assert_eq!(row["status"], "ok");
+    assert_eq!(row["counter"], "allocated");
+    let n = vramcal::config::preset("tiny")
+        .unwrap()
+        .config
+        .param_count();
+    let load: u64 = row["load_peak_bytes"].parse().unwrap();
+    let peak: u64 = row["peak_bytes"].parse().unwrap();
+    assert!(
+        (4 * n..4 * n + 1024).contains(&load),
+        "load {load} B for {n} f32 parameters"
+    );
+    assert!(
+        peak >= 16 * n,
+        "peak {peak} B below weights, gradients and states"
+    );
+    assert!(!row["notes"].contains("WARNING"), "{}", row["notes"]);
+}
