@@ -4,8 +4,8 @@
 Builds `MistralForCausalLM` / `LlamaForCausalLM` from a vramcal preset's config (read from
 `vramcal models --json`, so both tools train the same shapes) with random weights, and runs
 vramcal's protocol: load, then two steps of forward, loss, backward and AdamW step, for each
-batch x seq point. LoRA is a plain wrapper (rank r, alpha, frozen base, adapters on the target
-modules, as PEFT builds it), so PEFT need not be installed.
+batch x seq point. LoRA is PEFT's (`peft.LoraConfig` + `get_peft_model`, dropout 0, the target
+modules given), as users run it; without PEFT installed, LoRA rows are `error` rows saying so.
 
 On CUDA it records `torch.cuda.max_memory_allocated` (and `max_memory_reserved`) per phase,
 the counters vramcal's `allocated` and `reserved` correspond to. On the CPU, where PyTorch keeps
@@ -22,7 +22,7 @@ comparable (their `notes` say so).
 
 Rows are written in the schema of `../shared/cases/public-measurements.csv`, so
 `vramcal check --measured <file> --profile torch-sdpa` reads them; extra columns give the
-phases. Run by hand or by scripts/gpu-check.sh; needs torch and transformers, nothing else.
+phases. Run by hand or by scripts/gpu-check.sh; needs torch and transformers, and PEFT for LoRA.
 
 Example:
   python3 scripts/torch_reference.py --vramcal target/release/vramcal --model smollm2-135m \\
@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import csv
 import json
-import math
 import os
 import subprocess
 import sys
@@ -52,23 +51,12 @@ FIELDS = [
     "saved_activation_bytes", "step1_seconds", "step2_seconds", "step_seconds_median",
     "timed_steps", "forward_seconds",
     "backward_seconds", "optimizer_seconds", "torch_version", "transformers_version",
+    "peft_version",
 ]
 
 
-class LoraLinear(torch.nn.Module):
-    """`base(x) + (x A^T B^T) * alpha / r`, A ~ kaiming-uniform, B = 0 (PEFT's defaults)."""
-
-    def __init__(self, base: torch.nn.Linear, r: int, alpha: float):
-        super().__init__()
-        self.base = base
-        self.scale = alpha / r
-        dev, dt = base.weight.device, base.weight.dtype
-        self.lora_A = torch.nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=dt))
-        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dt))
-        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+class Unsupported(Exception):
+    """A configuration the installed libraries cannot run (the row says which library)."""
 
 
 def preset_config(vramcal: str, name: str) -> dict:
@@ -227,15 +215,15 @@ def measure(args, cfg, method, ckpt, batch, seq):
 
     model = opt = None
     try:
-        model = phase("load", lambda: build(cfg, dtype, device, args.attn))
         if method == "lora":
-            for p in model.parameters():
-                p.requires_grad_(False)
-            targets = set(args.lora_targets.split(","))
-            for name, mod in list(model.named_modules()):
-                for child, sub in list(mod.named_children()):
-                    if child in targets and isinstance(sub, torch.nn.Linear):
-                        setattr(mod, child, LoraLinear(sub, args.lora_r, args.lora_alpha))
+            try:
+                import peft
+            except ImportError:
+                raise Unsupported(
+                    f"LoRA rows need PEFT (pip install peft); this Python has torch "
+                    f"{torch.__version__} and transformers {transformers.__version__} without it")
+            row["peft_version"] = peft.__version__
+        model = phase("load", lambda: build(cfg, dtype, device, args.attn))
         if ckpt:
             # Deprecated in transformers 5 (activation_checkpointing_enable takes other
             # arguments there) but present in 4 and 5 alike.
@@ -246,6 +234,15 @@ def measure(args, cfg, method, ckpt, batch, seq):
             model.config.use_cache = False
             if method == "lora":
                 model.enable_input_require_grads()
+        if method == "lora":
+            # PEFT's LoRA as users run it: the base frozen, A kaiming-uniform, B zero.
+            with warnings.catch_warnings():
+                # transformers 5 deprecates an attribute PEFT reads under checkpointing.
+                warnings.simplefilter("ignore", FutureWarning)
+                model = peft.get_peft_model(model, peft.LoraConfig(
+                    r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                    target_modules=args.lora_targets.split(","), bias="none",
+                    task_type="CAUSAL_LM"))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
@@ -297,6 +294,10 @@ def measure(args, cfg, method, ckpt, batch, seq):
         n = len(times)
         row["step_seconds_median"] = times[n // 2] if n % 2 else (times[n // 2 - 1] + times[n // 2]) / 2
         row["status"] = "ok"
+    except Unsupported as e:
+        row["status"] = "error"
+        row["notes"] = str(e)
+        print(f"{row['id']}: {e}", file=sys.stderr)
     except torch.OutOfMemoryError as e:
         row["status"] = "oom"
         row["notes"] = str(e).splitlines()[0][:200]

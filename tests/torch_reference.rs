@@ -44,7 +44,8 @@ fn the_cpu_count_adds_up_on_known_tensors() {
 }
 
 /// A full fine-tuning step of `tiny` in f32: the load phase holds the parameters (4 bytes each)
-/// and the rotary buffers, and the peak at least weights, gradients and two AdamW states.
+/// and the rotary buffers, and the peak at least weights, gradients and two AdamW states. The
+/// same point with PEFT's LoRA (r 4 on q_proj, v_proj; when PEFT is installed) needs less.
 #[test]
 fn a_real_step_is_counted_from_its_parameters_up() {
     let Some(py) = python() else { return };
@@ -61,7 +62,22 @@ fn a_real_step_is_counted_from_its_parameters_up() {
         .args([
             "--batch", "1", "--seq", "16", "--dtype", "f32", "--device", "cpu",
         ])
-        .args(["--count-cpu-memory", "--threads", "1", "--out"])
+        .args([
+            "--count-cpu-memory",
+            "--threads",
+            "1",
+            "--method",
+            "full,lora",
+        ])
+        .args([
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--lora-targets",
+            "q_proj,v_proj",
+        ])
+        .arg("--out")
         .arg(&out)
         .output()
         .unwrap();
@@ -71,7 +87,9 @@ fn a_real_step_is_counted_from_its_parameters_up() {
         String::from_utf8_lossy(&st.stderr)
     );
     let mut r = csv::Reader::from_path(&out).unwrap();
-    let row: std::collections::HashMap<String, String> = r.deserialize().next().unwrap().unwrap();
+    let rows: Vec<std::collections::HashMap<String, String>> =
+        r.deserialize().map(Result::unwrap).collect();
+    let row = &rows[0];
     assert_eq!(row["status"], "ok");
     assert_eq!(row["counter"], "allocated");
     let n = vramcal::config::preset("tiny")
@@ -89,4 +107,13 @@ fn a_real_step_is_counted_from_its_parameters_up() {
         "peak {peak} B below weights, gradients and states"
     );
     assert!(!row["notes"].contains("WARNING"), "{}", row["notes"]);
+    let lora = &rows[1];
+    if lora["status"] == "error" && lora["notes"].contains("need PEFT") {
+        eprintln!("SKIPPED the LoRA row: {}", lora["notes"]);
+        return;
+    }
+    assert_eq!(lora["status"], "ok", "{}", lora["notes"]);
+    assert!(!lora["peft_version"].is_empty());
+    let lora_peak: u64 = lora["peak_bytes"].parse().unwrap();
+    assert!(lora_peak < peak, "LoRA {lora_peak} B, full {peak} B");
 }
