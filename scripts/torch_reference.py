@@ -51,8 +51,22 @@ FIELDS = [
     "saved_activation_bytes", "step1_seconds", "step2_seconds", "step_seconds_median",
     "timed_steps", "forward_seconds",
     "backward_seconds", "optimizer_seconds", "torch_version", "transformers_version",
-    "peft_version",
+    "peft_version", "utc_time", "host_cpu", "threads", "command",
 ]
+
+
+def host_cpu():
+    """The CPU's model name and the SIMD level PyTorch's kernels use on it."""
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 class Unsupported(Exception):
@@ -180,8 +194,8 @@ def measure(args, cfg, method, ckpt, batch, seq):
     row = {
         "source": f"scripts/torch_reference.py (torch {torch.__version__})",
         "model": args.model, "method": method, "quant": "none",
-        "precision": {"bf16": "bf16 weights", "f16": "fp16 weights", "f32": "fp32"}[args.dtype],
-        "optimizer": "torch.optim.AdamW (states in the parameters' dtype)",
+        "precision": {"bf16": "bf16", "f16": "fp16", "f32": "fp32"}[args.dtype],
+        "optimizer": "adamw_torch",
         "batch": batch, "seq": seq, "seq_kind": "random tokens",
         "checkpointing": "on" if ckpt else "off",
         "attention": args.attn,
@@ -189,6 +203,9 @@ def measure(args, cfg, method, ckpt, batch, seq):
         "counter": "allocated" if cuda or args.count_cpu_memory else "none (CPU: see saved_activation_bytes)",
         "torch_version": torch.__version__, "transformers_version": transformers.__version__,
         "timed_steps": args.timed_steps,
+        "utc_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host_cpu": host_cpu(), "threads": torch.get_num_threads(),
+        "command": " ".join(["python3", "scripts/torch_reference.py"] + sys.argv[1:]),
     }
     if method == "lora":
         row.update(lora_r=args.lora_r, lora_alpha=args.lora_alpha,

@@ -184,6 +184,47 @@ fn candle_estimates_stay_accurate_on_the_h200_measurements() {
     );
 }
 
+/// PyTorch's own CPU peaks (`results/torch-cpu/`, fp32) are checked as fp32: every row is read
+/// and the prediction is the fp32 one (an fp32 row was once read as bf16, halving it).
+#[test]
+fn torch_cpu_reference_rows_are_checked_in_their_precision() {
+    let out = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["check", "--measured", "results/torch-cpu/smollm2-135m.csv"])
+        .args(["--profile", "torch-sdpa"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("profile torch-sdpa (uncalibrated): 24 rows"),
+        "{text}"
+    );
+    let est = bin()
+        .args([
+            "estimate",
+            "--model",
+            "smollm2-135m",
+            "--batch",
+            "1",
+            "--seq",
+            "64",
+        ])
+        .args(["--dtype", "f32", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&est.stdout).unwrap();
+    let fp32 = v["estimate"]["peak_bytes"].as_u64().unwrap();
+    assert!(
+        text.contains(&format!("| torch-smollm2-135m-full-nockpt-b1-s64 | smollm2-135m full b1 s64 ckpt off fp32 | allocated | 2378734412 | {fp32} |")),
+        "{text}"
+    );
+}
+
 #[test]
 fn public_measurements_are_checked_with_the_torch_profiles() {
     let public = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

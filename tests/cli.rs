@@ -528,6 +528,12 @@ impl Fixture {
         }
         drop(w);
 
+        // Reference rows (PyTorch's) with a precision outside the format's vocabulary.
+        let torch_rows =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("results/torch-cpu/smollm2-135m.csv");
+        let text = std::fs::read_to_string(torch_rows).unwrap();
+        std::fs::write(fx.path("fp8.csv"), text.replace(",fp32,", ",fp8,")).unwrap();
+
         // Calibration tables: a copy of the CPU one, and one whose device is not a device.
         let cal = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/calibration/cpu-candle.csv");
         let text = std::fs::read_to_string(cal).unwrap();
@@ -1023,6 +1029,11 @@ const BAD_FILES: &[Case] = &[
         args: &["check", "--measured", "{dir}/gpu-device.csv"],
         error: "gpu-device.csv: row 2: device \"gpu\"",
         untouched: Some("gpu-device.csv"),
+    },
+    Case {
+        args: &["check", "--measured", "{dir}/fp8.csv", "--profile", "torch-sdpa"],
+        error: "precision \"fp8\": expected fp32, bf16, fp16",
+        untouched: Some("fp8.csv"),
     },
     // check writes its tables, never over a calibration table.
     Case {

@@ -52,8 +52,7 @@ pub struct ReferenceRow {
 /// A checkpointing or method value outside the format's vocabulary; a malformed LoRA setting.
 pub fn reference_spec(p: &ReferenceRow) -> Result<TrainSpec> {
     let mut s = TrainSpec::new(p.batch, p.seq);
-    let prec = p.precision.to_ascii_lowercase();
-    s.dtype = parse_dtype(if prec.contains("fp16") { "f16" } else { "bf16" })?;
+    s.dtype = precision_dtype(p)?;
     // PyTorch's AdamW keeps its states in the parameters' dtype unless fp32 is stated.
     s.state_dtype = s.dtype;
     s.allow_longer = true;
@@ -109,4 +108,30 @@ pub fn is_reference_file(path: &Path) -> Result<bool> {
         reason: e.to_string(),
     })?;
     Ok(h.iter().any(|c| c == "counter") && h.iter().any(|c| c == "source"))
+}
+
+/// The weight dtype a row's `precision` trains in (`../shared/cases/README.md`, "precision"),
+/// by exact value: `fp32`; `bf16`/`fp16` and the recipes that keep 16-bit weights (`bf16+amp`,
+/// `bf16-master` and their fp16 forms); `amp-bf16`/`amp-fp16`, autocast over fp32 weights, as
+/// fp32. Autocast's cast copies and the master copy are not modelled yet: those recipes are
+/// estimated by their weight dtype alone. `bf16 weights`/`fp16 weights` are what
+/// `scripts/torch_reference.py` wrote before it used the format's names.
+///
+/// # Errors
+/// [`Error::ReferenceRow`] for any other value.
+fn precision_dtype(p: &ReferenceRow) -> Result<candle_core::DType> {
+    let d = match p.precision.as_str() {
+        "fp32" | "amp-bf16" | "amp-fp16" => "f32",
+        "bf16" | "bf16+amp" | "bf16-master" | "bf16 weights" => "bf16",
+        "fp16" | "fp16+amp" | "fp16-master" | "fp16 weights" => "f16",
+        other => {
+            return Err(Error::ReferenceRow {
+                id: p.id.clone(),
+                reason: format!(
+                    "precision {other:?}: expected fp32, bf16, fp16, amp-bf16, amp-fp16, bf16+amp, fp16+amp, bf16-master or fp16-master"
+                ),
+            })
+        }
+    };
+    parse_dtype(d)
 }
