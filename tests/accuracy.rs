@@ -184,22 +184,32 @@ fn candle_estimates_stay_accurate_on_the_h200_measurements() {
     );
 }
 
+/// Runs vramcal with `args` in the repository root, expects success, returns its stdout.
+fn succeeds(args: &[&str]) -> String {
+    let out = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// PyTorch's own CPU peaks (`results/torch-cpu/`, fp32) are checked as fp32: every row is read
 /// and the prediction is the fp32 one (an fp32 row was once read as bf16, halving it).
 #[test]
 fn torch_cpu_reference_rows_are_checked_in_their_precision() {
-    let out = bin()
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["check", "--measured", "results/torch-cpu/smollm2-135m.csv"])
-        .args(["--profile", "torch-sdpa"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = succeeds(&[
+        "check",
+        "--measured",
+        "results/torch-cpu/smollm2-135m.csv",
+        "--profile",
+        "torch-sdpa",
+    ]);
     assert!(
         text.contains("profile torch-sdpa (uncalibrated): 24 rows"),
         "{text}"
@@ -237,22 +247,13 @@ fn public_measurements_are_checked_with_the_torch_profiles() {
         return;
     }
     for profile in ["torch-sdpa", "torch-eager"] {
-        let out = bin()
-            .args([
-                "check",
-                "--measured",
-                public.to_str().unwrap(),
-                "--profile",
-                profile,
-            ])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = succeeds(&[
+            "check",
+            "--measured",
+            public.to_str().unwrap(),
+            "--profile",
+            profile,
+        ]);
         assert!(
             text.contains("| pub-01 |") && text.contains("| pub-08 |"),
             "{text}"
