@@ -459,19 +459,10 @@ fn report_keeps_every_configuration_apart() {
         "results/cpu/smollm2-135m-all-linear.csv",
         "results/cpu/smollm2-135m-eager.csv",
     ];
-    let st = bin()
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .arg("report")
-        .arg("--measured")
-        .args(files)
-        .args(["--out", out.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    let mut args = vec!["report", "--measured"];
+    args.extend(files);
+    args.extend(["--out", out.to_str().unwrap()]);
+    succeeds(&args);
     let ok_rows: usize = files
         .iter()
         .map(|f| {
