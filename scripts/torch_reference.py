@@ -32,6 +32,7 @@ Example:
 import argparse
 import contextlib
 import csv
+import gc
 import json
 import os
 import subprocess
@@ -44,14 +45,14 @@ import transformers
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 FIELDS = [
-    "id", "source", "model", "method", "lora_r", "lora_alpha", "lora_targets", "quant",
+    "id", "source", "model", "method", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quant",
     "precision", "optimizer", "batch", "seq", "seq_kind", "checkpointing", "attention", "gpu",
     "counter", "peak_bytes", "notes", "status", "peak_reserved_bytes", "load_peak_bytes",
     "step2_forward_peak_bytes", "step2_backward_peak_bytes", "step2_optimizer_step_peak_bytes",
     "saved_activation_bytes", "step1_seconds", "step2_seconds", "step_seconds_median",
     "timed_steps", "forward_seconds",
     "backward_seconds", "optimizer_seconds", "torch_version", "transformers_version",
-    "peft_version", "utc_time", "host_cpu", "threads", "command",
+    "peft_version", "bitsandbytes_version", "utc_time", "host_cpu", "threads", "command",
 ]
 
 
@@ -188,17 +189,129 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(args, cfg, method, ckpt, batch, seq):
-    device, dtype = args.device, DTYPES[args.dtype]
+# The reference-row vocabulary of ../shared/cases/README.md this script can run.
+PRECISIONS = {
+    # value: (weights dtype, autocast dtype or None, LoRA adapters in fp32 (PEFT's
+    # autocast_adapter_dtype))
+    "fp32": (torch.float32, None, False),
+    "bf16": (torch.bfloat16, None, False),
+    "fp16": (torch.float16, None, False),
+    "amp-bf16": (torch.float32, torch.bfloat16, False),
+    "amp-fp16": (torch.float32, torch.float16, False),
+    "bf16+amp": (torch.bfloat16, torch.bfloat16, True),
+    "fp16+amp": (torch.float16, torch.float16, True),
+}
+OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "sgd", "adamw_bnb_8bit", "paged_adamw_8bit",
+              "paged_adamw_32bit"]
+METHODS = ["full", "lora", "qlora"]
+QUANTS = ["nf4", "nf4-dq"]
+CHECKPOINTING = {"off": None, "on": False, "reentrant": True}  # value: use_reentrant
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGET_NAMES = LINEAR  # lm_head / embed_tokens: in the format, not modelled by vramcal yet
+SHORT = {"q_proj,v_proj": "qv", "q_proj,k_proj,v_proj,o_proj": "qkvo", "all-linear": "all"}
+
+
+def optimizer(name, params):
+    """The optimizer HF's Trainer builds for `TrainingArguments.optim = name` (transformers
+    `trainer.py` `get_optimizer_cls_and_kwargs`): torch's AdamW (foreach where torch's default
+    picks it: CUDA tensors; fused for `adamw_torch_fused`), torch's SGD (momentum 0), and
+    bitsandbytes' 8-bit and paged optimizers."""
+    if name == "adamw_torch":
+        return torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
+    if name == "adamw_torch_fused":
+        return torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=5e-5)
+    bnb = import_bnb(name)
+    cls = {"adamw_bnb_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
+    return cls(params, lr=5e-5, weight_decay=0.0)
+
+
+def import_bnb(what):
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise Unsupported(f"{what} needs bitsandbytes (pip install bitsandbytes); this Python has "
+                          f"torch {torch.__version__} without it")
+    return bitsandbytes
+
+
+def import_peft(what):
+    try:
+        import peft
+    except ImportError:
+        raise Unsupported(f"{what} needs PEFT (pip install peft); this Python has torch "
+                          f"{torch.__version__} and transformers {transformers.__version__} "
+                          f"without it")
+    return peft
+
+
+def lora_targets(text):
+    """`q_proj,v_proj` or `all-linear` as PEFT's `target_modules`; names outside the reference
+    vocabulary are refused."""
+    if text == "all-linear":
+        return "all-linear"
+    names = text.split(",")
+    bad = [n for n in names if n not in TARGET_NAMES]
+    if bad or not names:
+        raise SystemExit(f"error: --lora-targets {text!r}: unknown module {bad}; expected "
+                         f"'all-linear' or ','-separated {', '.join(TARGET_NAMES)}")
+    return names
+
+
+def saved_checkpoint(cfg, dtype, attn):
+    """The random-weight model saved as a checkpoint (a temporary folder) for `quantized` to
+    load, made before the memory count starts: users load a checkpoint, they do not build one."""
+    import tempfile
+    d = tempfile.TemporaryDirectory()
+    model = build(cfg, dtype, "cpu", attn)
+    model.save_pretrained(d.name)
+    del model
+    gc.collect()
+    return d
+
+
+def quantized(folder, dtype, device, attn, quant, compute):
+    """A bitsandbytes 4-bit model as users load one: `from_pretrained` of the checkpoint in
+    `folder` with a `BitsAndBytesConfig` (NF4, double quantization for `nf4-dq`, compute in
+    `compute`)."""
+    bnb = import_bnb("QLoRA")
+    q = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=quant == "nf4-dq", bnb_4bit_compute_dtype=compute)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=q, dtype=dtype, device_map=device, attn_implementation=attn)
+    return model, bnb.__version__
+
+
+def point_id(model, p):
+    parts = ["torch", model, p["method"]]
+    if p["method"] != "full":
+        parts += [f"r{p['lora_r']}", SHORT.get(p["lora_targets"], p["lora_targets"].replace(",", "+")),
+                  f"d{p['lora_dropout']:g}"]
+    if p["method"] == "qlora":
+        parts.append(p["quant"])
+    parts += [p["precision"], p["optimizer"], p["attn"], f"ckpt-{p['checkpointing']}",
+              f"b{p['batch']}", f"s{p['seq']}"]
+    return "-".join(parts)
+
+
+def measure(args, cfg, p):
+    """One row: load, then two steps (forward + loss under the recipe's autocast, backward,
+    optimizer step, zero_grad(set_to_none)), each phase counted."""
+    device = args.device
     cuda = device.startswith("cuda")
+    dtype, autocast, fp32_adapters = PRECISIONS[p["precision"]]
+    method, ckpt = p["method"], CHECKPOINTING[p["checkpointing"]]
+    batch, seq = p["batch"], p["seq"]
     row = {
         "source": f"scripts/torch_reference.py (torch {torch.__version__})",
-        "model": args.model, "method": method, "quant": "none",
-        "precision": {"bf16": "bf16", "f16": "fp16", "f32": "fp32"}[args.dtype],
-        "optimizer": "adamw_torch",
-        "batch": batch, "seq": seq, "seq_kind": "random tokens",
-        "checkpointing": "on" if ckpt else "off",
-        "attention": args.attn,
+        "model": args.model, "method": method, "quant": p["quant"] if method == "qlora" else "none",
+        "precision": p["precision"], "optimizer": p["optimizer"],
+        "batch": batch, "seq": seq, "seq_kind": "fixed",
+        "checkpointing": "off" if ckpt is None else "on",
+        "attention": p["attn"],
         "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
         "counter": "allocated" if cuda or args.count_cpu_memory else "none (CPU: see saved_activation_bytes)",
         "torch_version": torch.__version__, "transformers_version": transformers.__version__,
@@ -207,12 +320,19 @@ def measure(args, cfg, method, ckpt, batch, seq):
         "host_cpu": host_cpu(), "threads": torch.get_num_threads(),
         "command": " ".join(["python3", "scripts/torch_reference.py"] + sys.argv[1:]),
     }
-    if method == "lora":
-        row.update(lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                   lora_targets=";".join(args.lora_targets.split(",")))
-    row["id"] = f"torch-{args.model}-{method}-{'ckpt' if ckpt else 'nockpt'}-b{batch}-s{seq}"
+    notes = []
+    if ckpt is not None:
+        notes.append(f"gradient_checkpointing_enable(use_reentrant={ckpt})")
+    if method != "full":
+        row.update(lora_r=p["lora_r"], lora_alpha=p["lora_alpha"], lora_dropout=p["lora_dropout"],
+                   lora_targets=p["lora_targets"].replace(",", ";"))
+    row["id"] = point_id(args.model, p)
     phases = {}
     # PyTorch's live CPU tensor bytes over load and steps 1-2 (not the timed steps after them).
+    # The previous row's tensors are collected first: a free of theirs inside the count would
+    # read as a negative allocation.
+    checkpoint = saved_checkpoint(cfg, dtype, p["attn"]) if method == "qlora" else None
+    gc.collect()
     counting = contextlib.ExitStack()
     mem = counting.enter_context(CpuMemory()) if args.count_cpu_memory and not cuda else None
 
@@ -232,37 +352,52 @@ def measure(args, cfg, method, ckpt, batch, seq):
 
     model = opt = None
     try:
-        if method == "lora":
-            try:
-                import peft
-            except ImportError:
-                raise Unsupported(
-                    f"LoRA rows need PEFT (pip install peft); this Python has torch "
-                    f"{torch.__version__} and transformers {transformers.__version__} without it")
+        peft = import_peft("LoRA") if method != "full" else None
+        if peft is not None:
             row["peft_version"] = peft.__version__
-        model = phase("load", lambda: build(cfg, dtype, device, args.attn))
-        if ckpt:
-            # Deprecated in transformers 5 (activation_checkpointing_enable takes other
-            # arguments there) but present in 4 and 5 alike.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method == "qlora" or p["optimizer"] not in ("adamw_torch", "adamw_torch_fused", "sgd"):
+            row["bitsandbytes_version"] = import_bnb(f"{method} with {p['optimizer']}").__version__
+        if p["optimizer"].startswith("paged_") and not cuda:
+            notes.append(f"bitsandbytes {row['bitsandbytes_version']} runs paged optimizers "
+                         f"non-paged on the CPU (its own warning)")
+        if method == "qlora":
+            model, _ = phase("load", lambda: quantized(
+                checkpoint.name, dtype, device, p["attn"], p["quant"], autocast or dtype))
+            # As QLoRA recipes do: norms, embeddings and head cast to fp32, input gradients on,
+            # and checkpointing enabled here when asked.
+            kw = {"use_reentrant": ckpt} if ckpt is not None else None
+            model = peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=ckpt is not None,
+                gradient_checkpointing_kwargs=kw)
+            notes.append("prepare_model_for_kbit_training")
+        else:
+            model = phase("load", lambda: build(cfg, dtype, device, p["attn"]))
+            if ckpt is not None:
+                # Deprecated in transformers 5 (activation_checkpointing_enable takes other
+                # arguments there) but present in 4 and 5 alike.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    model.gradient_checkpointing_enable(
+                        gradient_checkpointing_kwargs={"use_reentrant": ckpt})
+                if method == "lora":
+                    model.enable_input_require_grads()
+        if ckpt is not None:
             model.config.use_cache = False
-            if method == "lora":
-                model.enable_input_require_grads()
-        if method == "lora":
+        if peft is not None:
             # PEFT's LoRA as users run it: the base frozen, A kaiming-uniform, B zero.
             with warnings.catch_warnings():
                 # transformers 5 deprecates an attribute PEFT reads under checkpointing.
                 warnings.simplefilter("ignore", FutureWarning)
+                targets = lora_targets(p["lora_targets"])
                 model = peft.get_peft_model(model, peft.LoraConfig(
-                    r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                    target_modules=args.lora_targets.split(","), bias="none",
-                    task_type="CAUSAL_LM"))
+                    r=p["lora_r"], lora_alpha=p["lora_alpha"], lora_dropout=p["lora_dropout"],
+                    target_modules=targets, bias="none", task_type="CAUSAL_LM"),
+                    autocast_adapter_dtype=fp32_adapters or method == "qlora")
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
+        params = [q for q in model.parameters() if q.requires_grad]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # bitsandbytes' paged-on-CPU warning
+            opt = optimizer(p["optimizer"], params)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g).to(device)
         saved = {}
@@ -279,30 +414,34 @@ def measure(args, cfg, method, ckpt, batch, seq):
                 pass
             return t
 
+        def forward():
+            with torch.autocast(device.split(":")[0], dtype=autocast) if autocast else contextlib.nullcontext():
+                return model(input_ids=ids, labels=ids).loss
+
+        def opt_step():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+
         times = []
         for step in range(1, 3 + args.timed_steps):
             if step > 2:
                 counting.close()
                 # Extra steps: timed only, like vramcal's --timed-steps.
                 t0 = time.perf_counter()
-                model(input_ids=ids, labels=ids).loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                forward().backward()
+                opt_step()
                 sync(device)
                 times.append(time.perf_counter() - t0)
                 continue
             t0 = time.perf_counter()
             saved.clear()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = phase(f"step{step}_forward", lambda: model(input_ids=ids, labels=ids).loss)
+                loss = phase(f"step{step}_forward", forward)
             row["saved_activation_bytes"] = sum(saved.values())
             phase(f"step{step}_backward", lambda: loss.backward())
             del loss
-
-            def opt_step():
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
             phase(f"step{step}_optimizer_step", opt_step)
             row[f"step{step}_seconds"] = time.perf_counter() - t0
             if step == 2:
@@ -313,20 +452,24 @@ def measure(args, cfg, method, ckpt, batch, seq):
         row["status"] = "ok"
     except Unsupported as e:
         row["status"] = "error"
-        row["notes"] = str(e)
+        notes.append(str(e))
         print(f"{row['id']}: {e}", file=sys.stderr)
     except torch.OutOfMemoryError as e:
         row["status"] = "oom"
-        row["notes"] = str(e).splitlines()[0][:200]
+        notes.append(str(e).splitlines()[0][:200])
     except RuntimeError as e:
         # cuBLAS/cuDNN allocation failures arrive as RuntimeError; anything else is an error row.
         text = str(e)
         alloc = "ALLOC" in text or "out of memory" in text
         row["status"] = "oom" if alloc else "error"
-        row["notes"] = text.splitlines()[0][:200] if text else type(e).__name__
+        notes.append(text.splitlines()[0][:200] if text else type(e).__name__)
+        if not alloc:
+            print(f"{row['id']}: {notes[-1]}", file=sys.stderr)
     finally:
         counting.close()
         del model, opt
+        if checkpoint is not None:
+            checkpoint.cleanup()
         if cuda:
             torch.cuda.empty_cache()
     for k in ("forward", "backward", "optimizer"):
@@ -335,26 +478,82 @@ def measure(args, cfg, method, ckpt, batch, seq):
         if name in phases:
             row[f"{k}_seconds"] = phases[name]["seconds"]
     if cuda and phases:
-        row["peak_bytes"] = max(p["peak"] for p in phases.values())
-        row["peak_reserved_bytes"] = max(p["reserved"] for p in phases.values())
+        row["peak_bytes"] = max(q["peak"] for q in phases.values())
+        row["peak_reserved_bytes"] = max(q["reserved"] for q in phases.values())
         for name in ("load", "step2_forward", "step2_backward", "step2_optimizer_step"):
             if name in phases:
                 row[f"{name}_peak_bytes"] = phases[name]["peak"]
-    if mem is not None and phases:
+    if mem is not None and phases and row.get("status") == "ok":
         _, peak, _, lowest = mem.peaks()
         row["peak_bytes"] = max(peak.values())
         for name in ("load", "step2_forward", "step2_backward", "step2_optimizer_step"):
             if name in peak:
                 row[f"{name}_peak_bytes"] = peak[name]
-        note = ("CPU: peaks are PyTorch's live tensor bytes from the profiler's memory events; "
-                "times ran under the profiler")
+        notes.append("CPU: peaks are PyTorch's live tensor bytes from the profiler's memory "
+                     "events; times ran under the profiler")
         if lowest < 0:
-            note += f"; WARNING: frees of tensors older than the count ({-lowest} B)"
-        row["notes"] = "; ".join(x for x in (row.get("notes"), note) if x)
+            # Not an exact count: the row says so and is not used as a peak.
+            row["status"] = "error"
+            notes.append(f"WARNING: frees of tensors older than the count ({-lowest} B)")
+    row["notes"] = "; ".join(notes)
     # Without --count-cpu-memory no allocator counter on the CPU: peak_bytes stays empty there
     # (saved_activation_bytes is the comparable figure), so such a file is not mistaken for
     # peaks by `vramcal check`.
     return row
+
+
+def choices(text, allowed, option):
+    """A ','-separated list whose every value is in `allowed`; else one error line."""
+    vals = text.split(",")
+    bad = [v for v in vals if v not in allowed]
+    if bad:
+        raise SystemExit(f"error: {option} {text!r}: unknown {', '.join(bad)}; expected "
+                         f"','-separated values of {', '.join(allowed)}")
+    return vals
+
+
+def numbers(text, option, kind=int):
+    try:
+        vals = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: {option} {text!r}: expected ','-separated numbers")
+    return vals
+
+
+def grid(a):
+    """Every point of the options' product, as dicts of one configuration each."""
+    # Old spellings: --checkpointing none/layers and --dtype f32/bf16/f16.
+    ck = ",".join({"none": "off", "layers": "on"}.get(v, v) for v in a.checkpointing.split(","))
+    prec = a.precision or ",".join({"f32": "fp32", "f16": "fp16"}.get(v, v) for v in a.dtype.split(","))
+    methods = choices(a.method, METHODS, "--method")
+    precs = choices(prec, list(PRECISIONS), "--precision")
+    opts = choices(a.optimizer, OPTIMIZERS, "--optimizer")
+    cks = choices(ck, list(CHECKPOINTING), "--checkpointing")
+    attns = choices(a.attn, ["sdpa", "eager"], "--attn")
+    quants = choices(a.quant, QUANTS, "--quant")
+    targets = a.lora_targets or ["q_proj,k_proj,v_proj,o_proj"]
+    for t in targets:
+        lora_targets(t)
+    drops = numbers(a.lora_dropout, "--lora-dropout", float)
+    if any(not 0 <= d < 1 for d in drops):
+        raise SystemExit(f"error: --lora-dropout {a.lora_dropout!r}: each must be in [0, 1)")
+    batches, seqs = numbers(a.batch, "--batch"), numbers(a.seq, "--seq")
+    if any(v < 1 for v in batches + seqs):
+        raise SystemExit("error: --batch and --seq values must be positive")
+    for m in methods:
+        adapters = [(t, d) for t in targets for d in drops] if m != "full" else [("", 0.0)]
+        for q in (quants if m == "qlora" else ["none"]):
+            for t, d in adapters:
+                for pr in precs:
+                    for o in opts:
+                        for at in attns:
+                            for c in cks:
+                                for b in batches:
+                                    for s in seqs:
+                                        yield dict(method=m, quant=q, lora_targets=t, lora_dropout=d,
+                                                   lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+                                                   precision=pr, optimizer=o, attn=at,
+                                                   checkpointing=c, batch=b, seq=s)
 
 
 def main():
@@ -366,19 +565,30 @@ def main():
                     help="on the CPU, record the exact peak of PyTorch's live tensor bytes per phase "
                          "(profiler memory events; slows the step)")
     ap.add_argument("--model")
-    ap.add_argument("--method", default="full", help="comma-separated: full,lora")
-    ap.add_argument("--checkpointing", default="none", help="comma-separated: none,layers")
+    ap.add_argument("--method", default="full", help="','-separated: " + ",".join(METHODS))
+    ap.add_argument("--quant", default="nf4", help="QLoRA base: ','-separated nf4,nf4-dq")
+    ap.add_argument("--precision", help="','-separated recipes of ../shared/cases/README.md: "
+                    + ",".join(PRECISIONS))
+    ap.add_argument("--dtype", default="bf16", help="older spelling of --precision: f32,bf16,f16")
+    ap.add_argument("--optimizer", default="adamw_torch",
+                    help="','-separated HF TrainingArguments.optim names: " + ",".join(OPTIMIZERS))
+    ap.add_argument("--checkpointing", default="off",
+                    help="','-separated: off, on (non-reentrant), reentrant (none/layers: off/on)")
     ap.add_argument("--batch", default="1")
     ap.add_argument("--seq", default="512")
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument("--attn", default="sdpa", help="','-separated: sdpa,eager")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-alpha", type=float, default=32.0)
-    ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
+    ap.add_argument("--lora-dropout", default="0", help="','-separated dropout probabilities")
+    ap.add_argument("--lora-targets", action="append",
+                    help="PEFT target_modules, e.g. q_proj,v_proj or all-linear; repeat for more sets "
+                         "(default q_proj,k_proj,v_proj,o_proj)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--timed-steps", type=int, default=0,
                     help="extra steps after step 2, timed only; step_seconds_median covers step 2 and these")
+    ap.add_argument("--skip-existing", action="store_true",
+                    help="leave out points whose id is already in --out (resuming a grid)")
     ap.add_argument("--out", help="CSV to append to")
     a = ap.parse_args()
     if a.self_test:
@@ -386,23 +596,35 @@ def main():
         return
     if not a.model or not a.out:
         ap.error("--model and --out are required")
+    points = list(grid(a))
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = preset_config(a.vramcal, a.model)
     new = not os.path.exists(a.out) or os.path.getsize(a.out) == 0
+    done = set()
+    if not new:
+        with open(a.out, newline="") as f:
+            r = csv.DictReader(f)
+            if r.fieldnames != FIELDS:
+                sys.exit(f"error: {a.out} has other columns than this script writes; "
+                         f"use a new --out file")
+            done = {row["id"] for row in r}
     with open(a.out, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             w.writeheader()
-        for method in a.method.split(","):
-            for ck in a.checkpointing.split(","):
-                for b in map(int, a.batch.split(",")):
-                    for s in map(int, a.seq.split(",")):
-                        r = measure(a, cfg, method, ck != "none", b, s)
-                        w.writerow(r)
-                        f.flush()
-                        print(f"{r['id']}: {r['status']} peak {r.get('peak_bytes')} bytes, "
-                              f"step2 {r.get('step2_seconds')} s", flush=True)
+        for p in points:
+            pid = point_id(a.model, p)
+            if pid in done:
+                if a.skip_existing:
+                    continue
+                sys.exit(f"error: {pid} is already in {a.out} (--skip-existing resumes a grid)")
+            r = measure(a, cfg, p)
+            w.writerow(r)
+            f.flush()
+            done.add(pid)
+            print(f"{r['id']}: {r['status']} peak {r.get('peak_bytes')} bytes, "
+                  f"step2 {r.get('step2_seconds')} s", flush=True)
 
 
 if __name__ == "__main__":

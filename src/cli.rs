@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
 use crate::spec::{
-    parse_dtype, Attention, Axis, Checkpointing, LoraConfig, Method, Profile, Quant, SaveMode,
-    Shard,
+    parse_dtype, Attention, Axis, Checkpointing, LoraConfig, Method, Optimizer, Precision, Profile,
+    Quant, SaveMode, Shard,
 };
 
 /// `--dtype`: a dtype name ([`parse_dtype`]).
@@ -335,6 +335,17 @@ pub struct ModelArgs {
     /// AdamW moment (state) dtype.
     #[arg(long, default_value = "f32", value_parser = state_dtype_arg)]
     pub optimizer_state_dtype: DType,
+    /// Precision recipe of `../shared/cases/README.md`: fp32, bf16, fp16, amp-bf16, amp-fp16,
+    /// bf16+amp, fp16+amp, bf16-master or fp16-master. Sets the weights' dtype and PyTorch's
+    /// state dtype (so it excludes --dtype and --optimizer-state-dtype). The torch profiles
+    /// estimate every recipe; vramcal's own step runs fp32, bf16 and fp16.
+    #[arg(long, conflicts_with_all = ["dtype", "optimizer_state_dtype"])]
+    pub precision: Option<Precision>,
+    /// Optimizer, by Hugging Face `TrainingArguments.optim` name: adamw_torch, adamw_torch_fused,
+    /// adamw_bnb_8bit, paged_adamw_8bit, paged_adamw_32bit, adafactor or sgd. vramcal's own
+    /// step trains with adamw_torch; the torch profiles estimate them all.
+    #[arg(long, default_value = "adamw_torch")]
+    pub optimizer: Optimizer,
     /// AdamW learning rate.
     #[arg(long, default_value_t = 5e-5)]
     pub lr: f64,

@@ -415,6 +415,31 @@ pub fn presets() -> Vec<Preset> {
             },
         },
         Preset {
+            name: "mistral-mini",
+            hf_id: "",
+            source: "vramcal's reference config (Mistral-shaped, 6 layers, GQA 4:1, sliding window 128, untied)",
+            // No config.json: Mistral-7B-v0.1's layout scaled down (head_dim 64, intermediate
+            // 3.5 × hidden, its 32000-token vocabulary), the Mistral-shaped model of the PyTorch CPU reference grid
+            // (results/torch-cpu/), small enough to train on two CPU cores; its sliding window is
+            // shorter than the grid's longest sequences.
+            config: ModelConfig {
+                architectures: vec!["MistralForCausalLM".into()],
+                hidden_size: 512,
+                intermediate_size: 1792,
+                num_hidden_layers: 6,
+                num_attention_heads: 8,
+                num_key_value_heads: Some(2),
+                head_dim: None,
+                vocab_size: 32000,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10000.0,
+                max_position_embeddings: 32768,
+                sliding_window: Some(128),
+                tie_word_embeddings: false,
+                rope_scaling: None,
+            },
+        },
+        Preset {
             name: "tiny",
             hf_id: "",
             source: "vramcal's own test config (2 layers, GQA 4:2, sliding window 6, untied)",

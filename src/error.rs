@@ -105,6 +105,14 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A cell of a reference file (`../shared/cases/README.md`) outside its column's vocabulary.
+    #[error("{}:{} (row {:?}): column {} = {:?}: {}", .path.display(), .cell.line, .cell.id, .cell.column, .cell.value, .cell.reason)]
+    ReferenceCell {
+        /// The reference file.
+        path: PathBuf,
+        /// Where in it, and what is wrong.
+        cell: Box<Cell>,
+    },
     /// The memory probe is not usable (e.g. the counting allocator is not installed).
     #[error("memory probe unavailable: {reason}")]
     Probe {
@@ -164,4 +172,19 @@ impl Error {
             err,
         }
     }
+}
+
+/// A cell of a reference file: where it is and why it is refused ([`Error::ReferenceCell`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cell {
+    /// Line in the file (1 is the header).
+    pub line: usize,
+    /// The row's `id`.
+    pub id: String,
+    /// The column.
+    pub column: String,
+    /// The value found.
+    pub value: String,
+    /// What the column accepts, or why the value is refused.
+    pub reason: String,
 }

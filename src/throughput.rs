@@ -563,25 +563,29 @@ pub fn measured_mfu(g: &Gpu, spec: &crate::spec::TrainSpec) -> Option<(f64, Stri
             continue;
         }
         let mut rdr = csv::Reader::from_reader(text.as_bytes());
-        for p in rdr
+        for (i, raw) in rdr
             .deserialize::<crate::calibrate::reference::ReferenceRow>()
-            .flatten()
+            .enumerate()
         {
-            let ok = p.status.as_deref() == Some("ok");
-            let Some(step) = p.step_seconds_median.filter(|&t| ok && t > 0.0) else {
-                continue;
-            };
-            if (p.method != "full") != lora {
-                continue;
-            }
-            let (Ok(m), Ok(s)) = (
-                crate::config::resolve_model(&p.model),
-                crate::calibrate::reference::reference_spec(&p),
+            let Ok(raw) = raw else { continue };
+            let Ok(p) = crate::calibrate::reference::Reference::parse(
+                std::path::Path::new(file),
+                i + 2,
+                &raw,
             ) else {
                 continue;
             };
+            let Some(step) = p.step_seconds_median.filter(|&t| p.usable && t > 0.0) else {
+                continue;
+            };
+            if p.spec.adaptation.lora.is_some() != lora {
+                continue;
+            }
+            let (Ok(m), s) = (crate::config::resolve_model(&p.model), &p.spec) else {
+                continue;
+            };
             let params = m.config.param_count();
-            let mfu = model_flops_per_token(&m.config, &s) * (p.batch * p.seq) as f64
+            let mfu = model_flops_per_token(&m.config, s) * (s.batch * s.seq) as f64
                 / step
                 / g.peak_bf16_flops;
             match &mut best {

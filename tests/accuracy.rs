@@ -72,10 +72,17 @@ fn accuracy_gate(measured: &[&str], calibration: &str, max_and_margin: &str, exp
 fn committed_calibration_is_what_calibrate_makes() {
     let cpu = calibrate_makes(&MEASURED, CALIBRATION);
     // The held-out rows (the longest sequence) meet the targets: median ≤ 1 %, max ≤ 3 %.
-    let held = cpu
+    let (median, max) = held_out(&cpu);
+    assert!(median <= 1.0 && max <= 3.0, "{cpu}");
+    calibrate_makes(&H200_MEASURED, H200_CALIBRATION);
+}
+
+/// (median, max) |error| in % of the held-out rows that `calibrate` printed.
+fn held_out(text: &str) -> (f64, f64) {
+    let held = text
         .lines()
         .find(|l| l.starts_with("held-out rows"))
-        .unwrap_or_else(|| panic!("{cpu}"));
+        .unwrap_or_else(|| panic!("{text}"));
     let pct = |key: &str| -> f64 {
         held.split(key)
             .nth(1)
@@ -87,9 +94,27 @@ fn committed_calibration_is_what_calibrate_makes() {
             .parse()
             .unwrap()
     };
-    assert!(pct("median |error|") <= 1.0, "{held}");
-    assert!(pct("max") <= 3.0, "{held}");
-    calibrate_makes(&H200_MEASURED, H200_CALIBRATION);
+    (pct("median |error|"), pct("max"))
+}
+
+/// The torch profile's tables are what `calibrate` makes of PyTorch's rows, per device kind,
+/// and their held-out rows (the longest sequence, never fitted) meet the targets: median ≤ 1 %,
+/// max ≤ 3 %, on the CPU grid and on the H200 rows.
+#[test]
+fn committed_torch_tables_are_what_calibrate_makes() {
+    let files = torch_cpu_files();
+    let cpu: Vec<&str> = files.iter().map(String::as_str).collect();
+    let profile = ["--profile", "torch-sdpa"];
+    let text = calibrate_makes_with(&cpu, "results/calibration/cpu-torch-sdpa.csv", &profile);
+    let (median, max) = held_out(&text);
+    assert!(median <= 1.0 && max <= 3.0, "{text}");
+    let h200 = [
+        "results/h200/torch-mistral-7b-v0.1.csv",
+        "results/h200/torch-smollm2-135m.csv",
+    ];
+    let text = calibrate_makes_with(&h200, "results/calibration/h200-torch-sdpa.csv", &profile);
+    let (median, max) = held_out(&text);
+    assert!(median <= 1.0 && max <= 3.0, "{text}");
 }
 
 /// Outside the calibration set: bf16 QLoRA of Mistral-7B at 1 × 128 on the CPU (where the
@@ -122,11 +147,17 @@ fn mistral_qlora_bf16_on_the_cpu_is_estimated_within_3_percent() {
 /// `vramcal calibrate --measured <measured>` makes the coefficients of `committed`; returns
 /// what calibrate printed.
 fn calibrate_makes(measured: &[&str], committed: &str) -> String {
+    calibrate_makes_with(measured, committed, &[])
+}
+
+/// [`calibrate_makes`] with more arguments for `calibrate` (e.g. `--profile`).
+fn calibrate_makes_with(measured: &[&str], committed: &str, extra: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let fresh = dir.path().join("cal.csv");
     let st = bin()
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .arg("calibrate")
+        .args(extra)
         .arg("--measured")
         .args(measured)
         .args(["--out", fresh.to_str().unwrap()])
@@ -199,40 +230,45 @@ fn succeeds(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// PyTorch's own CPU peaks (`results/torch-cpu/`, fp32) are checked as fp32: every row is read
-/// and the prediction is the fp32 one (an fp32 row was once read as bf16, halving it).
+/// The committed PyTorch CPU reference files (`results/torch-cpu/*.csv`, made by
+/// `scripts/torch-cpu-grid.sh`), relative to the repository root.
+fn torch_cpu_files() -> Vec<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut v: Vec<String> = std::fs::read_dir(root.join("results/torch-cpu"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "csv"))
+        .map(|p| p.strip_prefix(root).unwrap().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The number of rows a `check` summary line reports.
+fn rows_checked(text: &str) -> usize {
+    let line = text.lines().find(|l| l.starts_with("profile ")).unwrap();
+    line.split("): ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// PyTorch's own CPU peaks (`results/torch-cpu/`, exact to the byte, two architectures, every
+/// recipe of the grid): the torch profiles' first-principles (uncalibrated) estimate is within
+/// 1 % median and 3 % max of every one of at least 200 rows, each read in its own precision,
+/// optimizer and attention.
 #[test]
-fn torch_cpu_reference_rows_are_checked_in_their_precision() {
-    let text = succeeds(&[
-        "check",
-        "--measured",
-        "results/torch-cpu/smollm2-135m.csv",
-        "--profile",
-        "torch-sdpa",
-    ]);
-    assert!(
-        text.contains("profile torch-sdpa (uncalibrated): 24 rows"),
-        "{text}"
-    );
-    let est = bin()
-        .args([
-            "estimate",
-            "--model",
-            "smollm2-135m",
-            "--batch",
-            "1",
-            "--seq",
-            "64",
-        ])
-        .args(["--dtype", "f32", "--json"])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&est.stdout).unwrap();
-    let fp32 = v["estimate"]["peak_bytes"].as_u64().unwrap();
-    assert!(
-        text.contains(&format!("| torch-smollm2-135m-full-nockpt-b1-s64 | smollm2-135m full b1 s64 ckpt off fp32 | allocated | 2378734412 | {fp32} |")),
-        "{text}"
-    );
+fn torch_profiles_hold_pytorchs_cpu_peaks() {
+    let files = torch_cpu_files();
+    let mut args = vec!["check", "--profile", "torch-sdpa", "--measured"];
+    args.extend(files.iter().map(String::as_str));
+    args.extend(["--max-median-error", "1%", "--max-error", "3%"]);
+    let text = succeeds(&args);
+    assert!(rows_checked(&text) >= 200, "{text}");
 }
 
 #[test]
@@ -260,6 +296,42 @@ fn public_measurements_are_checked_with_the_torch_profiles() {
         );
         assert!(text.contains(&format!("profile {profile}")), "{text}");
     }
+    // Never fitted to: the torch profile as it stands (uncalibrated) holds the measured rows to
+    // 6 % median and 11 % max and predicts the out-of-memory row above its card. (The issue's
+    // targets, 3 % and 6 %, are not met yet: the FlashAttention-2 and Llama-2 LoRA rows are
+    // under-estimated by 2–10 %.)
+    let text = succeeds(&[
+        "check",
+        "--measured",
+        public.to_str().unwrap(),
+        "--profile",
+        "torch-sdpa",
+        "--max-median-error",
+        "6%",
+        "--max-error",
+        "11%",
+    ]);
+    assert!(text.contains("1 of 1 predicted above their card"), "{text}");
+}
+
+/// PyTorch on the H200 (`results/h200/torch-*.csv`, 71 rows), uncalibrated: median ≤ 2 %, max
+/// ≤ 11 % (the issue's max target, 8 %, is not met: SDPA's backward with a sliding-window mask at
+/// 4096 tokens, and the CUDA libraries' 64 MiB of workspaces, are not counted first-principles;
+/// the H200 table fits the latter).
+#[test]
+fn torch_profile_holds_the_h200_rows_uncalibrated() {
+    succeeds(&[
+        "check",
+        "--measured",
+        "results/h200/torch-mistral-7b-v0.1.csv",
+        "results/h200/torch-smollm2-135m.csv",
+        "--profile",
+        "torch-sdpa",
+        "--max-median-error",
+        "2%",
+        "--max-error",
+        "11%",
+    ]);
 }
 
 fn fails(args: &[&str], needle: &str) {
@@ -502,9 +574,9 @@ fn reference_rows_that_failed_are_skipped() {
     std::fs::write(
         &f,
         "id,source,model,method,lora_r,lora_alpha,lora_targets,quant,precision,optimizer,batch,seq,seq_kind,checkpointing,attention,gpu,counter,peak_bytes,notes,status\n\
-         a,t,smollm2-135m,full,,,,none,bf16 weights,AdamW,1,512,random,off,sdpa,g,allocated,2000000000,,ok\n\
-         b,t,smollm2-135m,full,,,,none,bf16 weights,AdamW,64,4096,random,off,sdpa,g,allocated,,CUDA out of memory,oom\n\
-         c,t,smollm2-135m,full,,,,none,bf16 weights,AdamW,64,2048,random,off,sdpa,g,allocated,12345,partial,oom\n",
+         a,t,smollm2-135m,full,,,,none,bf16,adamw_torch,1,512,fixed,off,sdpa,g,allocated,2000000000,,ok\n\
+         b,t,smollm2-135m,full,,,,none,bf16,adamw_torch,64,4096,fixed,off,sdpa,g,allocated,,CUDA out of memory,oom\n\
+         c,t,smollm2-135m,full,,,,none,bf16,adamw_torch,64,2048,fixed,off,sdpa,g,allocated,12345,partial,oom\n",
     )
     .unwrap();
     let out = bin()
@@ -535,7 +607,7 @@ fn unmodelled_inputs_are_named() {
     std::fs::write(
         &f,
         "id,source,model,method,lora_r,lora_alpha,lora_targets,quant,precision,optimizer,batch,seq,seq_kind,checkpointing,attention,gpu,counter,peak_bytes,notes\n\
-         x,t,smollm2-135m,ia3,,,,none,bf16 weights,AdamW,1,512,random,off,sdpa,g,allocated,2000000000,\n",
+         x,t,smollm2-135m,ia3,,,,none,bf16,adamw_torch,1,512,fixed,off,sdpa,g,allocated,2000000000,\n",
     )
     .unwrap();
     let out = bin()
@@ -549,7 +621,7 @@ fn unmodelled_inputs_are_named() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("method \"ia3\""));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("column method = \"ia3\""));
     let out = bin()
         .args(["report", "--measured", f.to_str().unwrap(), "--out"])
         .arg(dir.path().join("r"))

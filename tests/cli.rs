@@ -771,12 +771,12 @@ const BAD_WORDS: &[Case] = &[
     // An empty or unknown --attention is an error, not sdpa.
     Case {
         args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--attention", ""],
-        error: "expected sdpa or eager",
+        error: "expected sdpa, eager or flash-attention-2",
         untouched: None,
     },
     Case {
         args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--attention", "flash"],
-        error: "expected sdpa or eager",
+        error: "expected sdpa, eager or flash-attention-2",
         untouched: None,
     },
     Case {
@@ -1032,7 +1032,7 @@ const BAD_FILES: &[Case] = &[
     },
     Case {
         args: &["check", "--measured", "{dir}/fp8.csv", "--profile", "torch-sdpa"],
-        error: "precision \"fp8\": expected fp32, bf16, fp16",
+        error: "column precision = \"fp8\": expected one of fp32, bf16, fp16",
         untouched: Some("fp8.csv"),
     },
     // check writes its tables, never over a calibration table.

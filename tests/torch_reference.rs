@@ -117,3 +117,38 @@ fn a_real_step_is_counted_from_its_parameters_up() {
     let lora_peak: u64 = lora["peak_bytes"].parse().unwrap();
     assert!(lora_peak < peak, "LoRA {lora_peak} B, full {peak} B");
 }
+
+/// A grid value outside the script's vocabulary (an optimizer, a precision recipe, a LoRA
+/// target) is refused with one line before anything runs, and no file is written.
+#[test]
+fn the_script_refuses_values_outside_its_vocabulary() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("never-made.csv");
+    for (flag, value) in [
+        ("--optimizer", "adamw"),
+        ("--precision", "mixed"),
+        ("--lora-targets", "q,v"),
+        ("--checkpointing", "sometimes"),
+    ] {
+        let st = Command::new(&py)
+            .arg(script())
+            .args([
+                "--vramcal",
+                env!("CARGO_BIN_EXE_vramcal"),
+                "--model",
+                "tiny",
+            ])
+            .args(["--device", "cpu", "--method", "lora", flag, value, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&st.stderr);
+        assert!(!st.status.success(), "{flag} {value} accepted");
+        assert!(
+            err.trim().lines().count() == 1 && err.starts_with("error: ") && err.contains(value),
+            "{flag} {value}: {err}"
+        );
+        assert!(!out.exists(), "{flag} {value} wrote {}", out.display());
+    }
+}

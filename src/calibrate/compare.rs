@@ -4,11 +4,11 @@
 
 use std::path::Path;
 
-use super::reference::{is_reference_file, reference_spec, ReferenceRow};
+use super::reference::{is_reference_file, read_references, Counter};
 use super::{spec_from_row, training_peak};
 use crate::config::resolve_model;
 use crate::error::{Error, Result};
-use crate::estimate::{estimate, Coefficients};
+use crate::estimate::{estimate, estimate_sharded, Coefficients};
 use crate::report::csv_out::read_rows;
 use crate::spec::Profile;
 
@@ -25,8 +25,11 @@ pub struct Compared {
     pub measured_bytes: u64,
     /// Predicted peak (bytes).
     pub predicted_bytes: u64,
-    /// `(predicted − measured) / measured`.
+    /// `(predicted − measured) / measured`; for an `oom` row `(predicted − card) / card`.
     pub relative_error: f64,
+    /// Whether the row ran out of memory: `measured_bytes` is then the card's memory, and the
+    /// prediction is right when above it.
+    pub oom: bool,
 }
 
 /// Every successful row of measured file `f` beside its estimate under `profile` and `c` (none
@@ -43,29 +46,32 @@ pub fn compare_file(
     let mut out = Vec::new();
     let mut skipped = 0;
     if is_reference_file(f)? {
-        let mut r = crate::input::csv_reader(f)?;
-        for p in r.deserialize::<ReferenceRow>() {
-            let p = p.map_err(|e| Error::Csv {
-                path: f.to_path_buf(),
-                reason: format!("malformed row: {e}"),
-            })?;
-            let ok = matches!(p.status.as_deref(), None | Some("") | Some("ok"));
-            let Some(peak) = p.peak_bytes.filter(|&b| ok && b > 0) else {
+        for p in read_references(f)? {
+            if !p.usable {
                 skipped += 1;
                 continue;
-            };
+            }
             let cfg = resolve_model(&p.model)?.config;
-            let e = estimate(&cfg, &reference_spec(&p)?, profile, c)?;
+            let e = estimate_sharded(&cfg, &p.spec, profile, c, p.sharding).map_err(|e| {
+                Error::Csv {
+                    path: f.to_path_buf(),
+                    reason: format!("row {:?}: {e}", p.id),
+                }
+            })?;
+            let oom = p.counter == Counter::Oom;
+            let m = if oom {
+                p.gpu_memory_bytes.unwrap_or(0)
+            } else {
+                p.peak_bytes.unwrap_or(0)
+            };
             out.push(Compared {
                 id: p.id.clone(),
-                config: format!(
-                    "{} {} b{} s{} ckpt {} {}",
-                    p.model, p.method, p.batch, p.seq, p.checkpointing, p.precision
-                ),
-                counter: p.counter.clone(),
-                measured_bytes: peak,
+                config: p.summary.clone(),
+                counter: p.counter.name().to_string(),
+                measured_bytes: m,
                 predicted_bytes: e.peak_bytes,
-                relative_error: (e.peak_bytes as f64 - peak as f64) / peak as f64,
+                relative_error: (e.peak_bytes as f64 - m as f64) / m.max(1) as f64,
+                oom,
             });
         }
     } else {
@@ -89,6 +95,7 @@ pub fn compare_file(
                 measured_bytes: m,
                 predicted_bytes: e.peak_bytes,
                 relative_error: (e.peak_bytes as f64 - m as f64) / m as f64,
+                oom: false,
             });
         }
     }

@@ -126,19 +126,27 @@ fn nnls(a: &[Vec<f64>], y: &[f64]) -> Vec<f64> {
 }
 
 /// Unconstrained least squares on the columns `cols` (normal equations, Gaussian elimination
-/// with partial pivoting); `None` if singular.
+/// with partial pivoting); `None` if singular. Each column is scaled to unit norm first, so a
+/// column of tiny values (the constant term over peaks of gigabytes) is not taken for zero.
 fn least_squares(a: &[Vec<f64>], y: &[f64], cols: &[usize]) -> Option<Vec<f64>> {
     let m = cols.len();
     if m == 0 {
         return Some(vec![]);
     }
+    let norms: Vec<f64> = cols
+        .iter()
+        .map(|&c| a.iter().map(|row| row[c] * row[c]).sum::<f64>().sqrt())
+        .collect();
+    if norms.contains(&0.0) {
+        return None;
+    }
     let mut g = vec![vec![0.0; m + 1]; m];
     for (row, yi) in a.iter().zip(y) {
         for (p, &cp) in cols.iter().enumerate() {
             for (q, &cq) in cols.iter().enumerate() {
-                g[p][q] += row[cp] * row[cq];
+                g[p][q] += row[cp] / norms[p] * row[cq] / norms[q];
             }
-            g[p][m] += row[cp] * yi;
+            g[p][m] += row[cp] / norms[p] * yi;
         }
     }
     for i in 0..m {
@@ -157,19 +165,23 @@ fn least_squares(a: &[Vec<f64>], y: &[f64], cols: &[usize]) -> Option<Vec<f64>> 
             }
         }
     }
-    Some((0..m).map(|i| g[i][m] / g[i][i]).collect())
+    Some((0..m).map(|i| g[i][m] / g[i][i] / norms[i]).collect())
 }
 
 /// A measured point ready for fitting.
 pub struct Point {
-    /// The row.
-    pub row: Row,
+    /// The device it was measured on (`cpu`, `cuda:0 (NVIDIA H200)`).
+    pub device: String,
+    /// Tokens per sequence (the hold-out splits on it).
+    pub seq: usize,
     /// Its training peak (bytes).
     pub measured: u64,
     /// Its terms.
     pub terms: crate::estimate::Terms,
     /// The optimizer step's transient (bytes), as `estimate` counts it.
     pub optimizer_transient: u64,
+    /// The load phase's peak (bytes) where the profile counts one (torch profiles), else 0.
+    pub load: u64,
 }
 
 /// Turns successful rows into points for `profile`.
@@ -188,7 +200,9 @@ pub fn points(rows: &[Row], profile: Profile) -> Result<Vec<Point>> {
         let (cfg, spec) = spec_from_row(r)?;
         let t = terms(&cfg, &spec, profile, r.device == "cpu");
         out.push(Point {
-            row: r.clone(),
+            device: r.device.clone(),
+            seq: r.seq,
+            load: 0,
             measured,
             optimizer_transient: crate::estimate::optimizer_transient(
                 &cfg,
@@ -202,7 +216,36 @@ pub fn points(rows: &[Row], profile: Profile) -> Result<Vec<Point>> {
     Ok(out)
 }
 
-/// Fits the coefficients of `profile` to `pts` (relative least squares, non-negative). A
+/// Turns PyTorch reference rows (`scripts/torch_reference.py`'s, counter `allocated`) into
+/// points for a torch profile: the row's own setup (its optimizer, precision and device).
+///
+/// # Errors
+/// A row whose model is not a preset; estimator errors.
+pub fn reference_points(refs: &[reference::Reference], profile: Profile) -> Result<Vec<Point>> {
+    let mut out = Vec::new();
+    for p in refs
+        .iter()
+        .filter(|p| p.usable && p.counter == reference::Counter::Allocated && p.sharding.is_none())
+    {
+        let Some(measured) = p.peak_bytes else {
+            continue;
+        };
+        let cfg = crate::config::resolve_model(&p.model)?.config;
+        let t = terms(&cfg, &p.spec, profile, p.spec.torch_cpu);
+        out.push(Point {
+            device: p.device.clone(),
+            seq: p.spec.seq,
+            measured,
+            optimizer_transient: crate::estimate::torch::optimizer(&cfg, &p.spec),
+            load: crate::estimate::torch::load_bytes(&cfg, &p.spec),
+            terms: t,
+        });
+    }
+    Ok(out)
+}
+
+/// Fits the coefficients of `profile` to `pts` (relative least squares, non-negative), leaving
+/// out points whose peak loading explains. A
 /// point's peak is in one of three moments of backward (see [`Term`]); the fit alternates
 /// between assigning each point to the moment its current coefficients put the peak in and
 /// solving the non-negative least squares for that assignment, until the assignment is stable.
@@ -214,6 +257,14 @@ pub fn points(rows: &[Row], profile: Profile) -> Result<Vec<Point>> {
 /// # Errors
 /// [`Error::InvalidValue`] with fewer points than terms.
 pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficients> {
+    // A point whose peak loading already explains (to 0.1 %) says nothing about the fitted
+    // terms: fitting them to it would pull them towards another phase.
+    let kept: Vec<&Point> = pts
+        .iter()
+        .copied()
+        .filter(|p| (p.load as f64) < 0.999 * p.measured as f64)
+        .collect();
+    let pts = &kept[..];
     // Terms no row exercises cannot be fitted: they keep their counted coefficient (a fitted 0
     // would make every estimate that needs them low), as the counted ones do.
     let start = Coefficients::uncalibrated(profile).values;
@@ -231,19 +282,11 @@ pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficient
             format!("at least {k} successful rows are needed to fit {k} terms"),
         ));
     }
-    let y: Vec<f64> = pts
-        .iter()
-        .map(|p| {
-            (p.measured as f64 - (p.terms.weights + p.terms.optimizer_states) as f64)
-                / p.measured as f64
-        })
-        .collect();
-    let mut starts: Vec<Vec<Moment>> =
-        vec![pts.iter().map(|p| p.terms.peak_moment(&start)).collect()];
+    let mut starts: Vec<Vec<Moment>> = vec![pts.iter().map(|p| best_moment(p, &start)).collect()];
     starts.extend(MOMENTS.iter().map(|&m| vec![m; pts.len()]));
     let mut best: Option<(f64, [f64; N_TERMS])> = None;
     for branches in starts {
-        let c = alternate(pts, &y, branches, &fixed);
+        let c = alternate(pts, branches, &fixed);
         let cand = Coefficients {
             profile,
             values: c,
@@ -260,7 +303,7 @@ pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficient
         profile,
         values: c,
         source: source.into(),
-        cpu: !pts.is_empty() && pts.iter().all(|p| p.row.device == "cpu"),
+        cpu: !pts.is_empty() && pts.iter().all(|p| p.device == "cpu"),
     })
 }
 
@@ -290,12 +333,7 @@ pub fn fixed_coefficients(profile: Profile) -> Vec<(usize, f64)> {
 }
 
 /// The alternation of [`fit`] from one branch assignment, with `fixed` coefficients held.
-fn alternate(
-    pts: &[&Point],
-    y: &[f64],
-    mut branches: Vec<Moment>,
-    fixed: &[(usize, f64)],
-) -> [f64; N_TERMS] {
+fn alternate(pts: &[&Point], mut branches: Vec<Moment>, fixed: &[(usize, f64)]) -> [f64; N_TERMS] {
     let is_fixed = |i: usize| fixed.iter().find(|(j, _)| *j == i).map(|(_, v)| *v);
     let mut c = [0.0; N_TERMS];
     for _ in 0..20 {
@@ -303,10 +341,10 @@ fn alternate(
         let a: Vec<Vec<f64>> = pts
             .iter()
             .zip(&branches)
-            .zip(y)
-            .map(|((p, &h), &yi)| {
+            .map(|(p, &h)| {
                 let d = p.terms.design(h);
                 let m = p.measured as f64;
+                let yi = (m - static_at(p, h)) / m;
                 let held: f64 = fixed.iter().map(|&(i, v)| v * d[i]).sum();
                 yk.push(yi - held / m);
                 d.iter()
@@ -326,7 +364,7 @@ fn alternate(
                 j += 1;
             }
         }
-        let next: Vec<Moment> = pts.iter().map(|p| p.terms.peak_moment(&c)).collect();
+        let next: Vec<Moment> = pts.iter().map(|p| best_moment(p, &c)).collect();
         if next == branches {
             break;
         }
@@ -335,11 +373,59 @@ fn alternate(
     c
 }
 
+/// The moments a point's peak may be at: backward's three, and for the torch profiles the
+/// optimizer step (see [`Moment::Step`]).
+fn moments_of(p: &Point) -> &'static [Moment] {
+    if p.terms.torch {
+        &[Moment::Head, Moment::Layer, Moment::End, Moment::Step]
+    } else {
+        &MOMENTS
+    }
+}
+
+/// The bytes counted, not fitted, at moment `m` of point `p`.
+fn static_at(p: &Point, m: Moment) -> f64 {
+    let step = if m == Moment::Step {
+        p.terms.step_static
+    } else {
+        0
+    };
+    (p.terms.weights + p.terms.optimizer_states + step) as f64
+}
+
+/// The predicted peak of `p` at moment `m` under coefficients `c`.
+fn predicted_at(p: &Point, m: Moment, c: &[f64; N_TERMS]) -> f64 {
+    static_at(p, m)
+        + p.terms
+            .design(m)
+            .iter()
+            .zip(c)
+            .map(|(x, k)| x * k)
+            .sum::<f64>()
+}
+
+/// The moment of `p` with the largest predicted peak under `c` (the first of equal ones).
+fn best_moment(p: &Point, c: &[f64; N_TERMS]) -> Moment {
+    let mut best = (Moment::Head, f64::NEG_INFINITY);
+    for &m in moments_of(p) {
+        let v = predicted_at(p, m, c);
+        if v > best.1 {
+            best = (m, v);
+        }
+    }
+    best.0
+}
+
 /// Relative error `(predicted − measured) / measured` of each point.
 pub fn errors(pts: &[&Point], c: &Coefficients) -> Vec<f64> {
     pts.iter()
         .map(|p| {
-            (predicted_backward_peak(&p.terms, c).max(optimizer_peak(p)) - p.measured as f64)
+            let step = predicted_at(p, best_moment(p, &c.values), &c.values);
+            (predicted_backward_peak(&p.terms, c)
+                .max(step)
+                .max(optimizer_peak(p))
+                .max(p.load as f64)
+                - p.measured as f64)
                 / p.measured as f64
         })
         .collect()
@@ -583,8 +669,8 @@ pub fn split(pts: &[Point], holdout: Holdout) -> (Vec<&Point>, Vec<&Point>) {
     match holdout {
         Holdout::None => (pts.iter().collect(), vec![]),
         Holdout::LargestSeq => {
-            let max_seq = pts.iter().map(|p| p.row.seq).max().unwrap_or(0);
-            pts.iter().partition(|p| p.row.seq < max_seq)
+            let max_seq = pts.iter().map(|p| p.seq).max().unwrap_or(0);
+            pts.iter().partition(|p| p.seq < max_seq)
         }
     }
 }

@@ -1,103 +1,587 @@
 //! Reference rows: measured PyTorch runs in the format of `../shared/cases/README.md`, published
 //! (`../shared/cases/public-measurements.csv`) or written by `scripts/torch_reference.py`, and
 //! the training setup each describes. `vramcal check`, `calibrate` and `report` read them here.
+//!
+//! One strict parser: every column of the format has a closed vocabulary, and a value outside
+//! it is refused with one line naming the file, the row (line and id), the column and the
+//! value. Nothing is guessed from a substring or read as a default. The only other spellings
+//! accepted are the exact values older versions of `scripts/torch_reference.py` wrote in the
+//! committed `results/h200/torch-*.csv` ([`LEGACY`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::spec::{parse_dtype, Adaptation, Checkpointing, LoraConfig, Quant, TrainSpec};
+use crate::spec::{
+    parse_dtype, Adaptation, Attention, Checkpointing, LoraConfig, Optimizer, Precision, Quant,
+    Shard, Target, TrainSpec,
+};
 
-/// A published measurement (`../shared/cases/public-measurements.csv`) or a reference row of
-/// `scripts/torch_reference.py`.
-#[derive(Debug, serde::Deserialize)]
+/// One row as read: every cell as text, parsed by [`Reference::parse`]. Optional columns may
+/// be absent from a file.
+#[derive(Debug, Clone, serde::Deserialize)]
 pub struct ReferenceRow {
-    /// Row identifier (e.g. `pub-01`).
+    /// Row identifier (e.g. `pub-01`), unique in its file.
     pub id: String,
-    /// Model: a preset, a config path or a Hub id.
+    /// Where the measurement comes from.
+    pub source: String,
+    /// Model: a vramcal preset.
     pub model: String,
     /// `full`, `lora` or `qlora`.
     pub method: String,
     /// LoRA rank.
-    pub lora_r: Option<usize>,
+    #[serde(default)]
+    pub lora_r: String,
     /// LoRA alpha.
-    pub lora_alpha: Option<f64>,
-    /// LoRA target modules, `;`-separated.
+    #[serde(default)]
+    pub lora_alpha: String,
+    /// LoRA dropout (empty: 0).
+    #[serde(default)]
+    pub lora_dropout: String,
+    /// LoRA target modules, `;`-separated, or `all-linear`.
+    #[serde(default)]
     pub lora_targets: String,
-    /// Quantization of the base.
+    /// Quantization of the base: `none`, `nf4`, `nf4-dq`.
     pub quant: String,
-    /// Precision recipe.
+    /// Precision recipe ([`Precision`]).
     pub precision: String,
-    /// Micro-batch.
-    pub batch: usize,
-    /// Tokens per sequence.
-    pub seq: usize,
-    /// Activation checkpointing: `on` or `off`.
+    /// HF `optim` name ([`Optimizer`]).
+    pub optimizer: String,
+    /// `fp32`, `bf16`, `fp16` or empty (the optimizer's default).
+    #[serde(default)]
+    pub optimizer_state_dtype: String,
+    /// Micro-batch per GPU.
+    pub batch: String,
+    /// Gradient-accumulation steps (empty: 1).
+    #[serde(default)]
+    pub accumulate: String,
+    /// Tokens per sequence (the longest for `max`/`padded`).
+    pub seq: String,
+    /// `packed`, `fixed`, `max` or `padded`.
+    pub seq_kind: String,
+    /// `off`, `on` or `every:K`.
     pub checkpointing: String,
-    /// Which memory counter `peak_bytes` is (e.g. `allocated`).
+    /// `eager`, `sdpa` or `flash-attention-2`.
+    pub attention: String,
+    /// Empty or `fused-linear-ce`.
+    #[serde(default)]
+    pub loss: String,
+    /// Data-parallel GPUs (empty: 1).
+    #[serde(default)]
+    pub gpus: String,
+    /// `none`/empty, `ddp`, `zero1`, `zero2`, `zero3`, `fsdp`.
+    #[serde(default)]
+    pub shard: String,
+    /// `none`/empty, `optimizer`, `optimizer+params`.
+    #[serde(default)]
+    pub offload: String,
+    /// The GPU (free text); `cpu` for PyTorch on the CPU.
+    pub gpu: String,
+    /// The card's memory (bytes); required for `oom` rows.
+    #[serde(default)]
+    pub gpu_memory_bytes: String,
+    /// `allocated`, `reserved`, `active`, `smi` or `oom`.
     pub counter: String,
-    /// Median step time (seconds) where the file records one (scripts/torch_reference.py).
+    /// Peak bytes (empty for `oom` rows and failed runs).
     #[serde(default)]
-    pub step_seconds_median: Option<f64>,
-    /// Empty in rows that ran out of memory or failed (scripts/torch_reference.py writes them).
-    pub peak_bytes: Option<u64>,
-    /// `ok`, `oom` or `error` where the file says (scripts/torch_reference.py); only `ok` rows
-    /// (or rows without the column) are checked.
+    pub peak_bytes: String,
+    /// `ok`, `oom` or `error` in files of `scripts/torch_reference.py`; absent in published ones.
     #[serde(default)]
-    pub status: Option<String>,
+    pub status: String,
+    /// Median step time (seconds) in files of `scripts/torch_reference.py`.
+    #[serde(default)]
+    pub step_seconds_median: String,
 }
 
-/// The training setup a published or reference row describes.
-///
-/// # Errors
-/// A checkpointing or method value outside the format's vocabulary; a malformed LoRA setting.
-pub fn reference_spec(p: &ReferenceRow) -> Result<TrainSpec> {
-    let mut s = TrainSpec::new(p.batch, p.seq);
-    s.dtype = precision_dtype(p)?;
-    // PyTorch's AdamW keeps its states in the parameters' dtype unless fp32 is stated.
-    s.state_dtype = s.dtype;
-    s.allow_longer = true;
-    s.checkpointing = match p.checkpointing.as_str() {
-        "on" => Checkpointing::Every(1),
-        "off" | "" => Checkpointing::None,
-        other => {
-            return Err(Error::ReferenceRow {
-                id: p.id.clone(),
-                reason: format!("checkpointing {other:?}: expected on or off"),
-            })
+/// Columns every reference file must have (`../shared/cases/README.md`).
+pub const REQUIRED: [&str; 16] = [
+    "id",
+    "source",
+    "model",
+    "method",
+    "quant",
+    "precision",
+    "optimizer",
+    "batch",
+    "seq",
+    "seq_kind",
+    "checkpointing",
+    "attention",
+    "gpu",
+    "counter",
+    "peak_bytes",
+    "lora_targets",
+];
+
+/// Exact spellings older versions of `scripts/torch_reference.py` wrote (column, old value,
+/// value of the format): the committed `results/h200/torch-*.csv` and
+/// `results/torch-cpu/` files before the script wrote the format's names.
+pub const LEGACY: [(&str, &str, &str); 5] = [
+    ("precision", "bf16 weights", "bf16"),
+    ("precision", "fp16 weights", "fp16"),
+    (
+        "optimizer",
+        "torch.optim.AdamW (states in the parameters' dtype)",
+        "adamw_torch",
+    ),
+    ("seq_kind", "random tokens", "fixed"),
+    ("counter", "none (CPU: see saved_activation_bytes)", "none"),
+];
+
+/// Which memory counter a row's `peak_bytes` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    /// `torch.cuda.max_memory_allocated` (or PyTorch's exact live CPU tensor bytes).
+    Allocated,
+    /// `torch.cuda.max_memory_reserved`.
+    Reserved,
+    /// Peak active bytes.
+    Active,
+    /// `nvidia-smi` used memory.
+    Smi,
+    /// The run ran out of memory: the prediction must exceed `gpu_memory_bytes`.
+    Oom,
+    /// No counter (legacy CPU rows of `scripts/torch_reference.py` without
+    /// `--count-cpu-memory`): nothing to compare.
+    None,
+}
+
+impl Counter {
+    /// The format's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::Allocated => "allocated",
+            Counter::Reserved => "reserved",
+            Counter::Active => "active",
+            Counter::Smi => "smi",
+            Counter::Oom => "oom",
+            Counter::None => "none",
+        }
+    }
+}
+
+/// A parsed reference row.
+#[derive(Debug, Clone)]
+pub struct Reference {
+    /// The row's `id`.
+    pub id: String,
+    /// The model preset.
+    pub model: String,
+    /// The training setup it describes (`torch_cpu` set for `gpu` = `cpu`).
+    pub spec: TrainSpec,
+    /// The device as vramcal's rows name it: `cpu`, or `cuda:0 (<gpu>)` (PyTorch's default device).
+    pub device: String,
+    /// Whether `scripts/torch_reference.py` wrote the row (its `source`): such rows may be
+    /// fitted; published ones only checked.
+    pub ours: bool,
+    /// Data-parallel sharding (scheme, GPUs) where the row names one.
+    pub sharding: Option<(Shard, usize)>,
+    /// Which counter `peak_bytes` is.
+    pub counter: Counter,
+    /// The measured peak (bytes); `None` for `oom` rows and failed runs.
+    pub peak_bytes: Option<u64>,
+    /// The card's memory (bytes), where given.
+    pub gpu_memory_bytes: Option<u64>,
+    /// Whether the run succeeded (`status` `ok` or absent, and a peak or an `oom` counter).
+    pub usable: bool,
+    /// Median step time (seconds), where recorded.
+    pub step_seconds_median: Option<f64>,
+    /// Short configuration summary for tables.
+    pub summary: String,
+}
+
+/// A cell outside its column's vocabulary.
+fn bad(path: &Path, line: usize, id: &str, column: &str, value: &str, expected: &str) -> Error {
+    Error::ReferenceCell {
+        path: path.to_path_buf(),
+        cell: Box::new(crate::error::Cell {
+            line,
+            id: id.to_string(),
+            column: column.to_string(),
+            value: value.to_string(),
+            reason: expected.to_string(),
+        }),
+    }
+}
+
+/// The value of the format for `value` in `column`: itself, or its [`LEGACY`] spelling's.
+fn modern<'a>(column: &str, value: &'a str) -> &'a str {
+    LEGACY
+        .iter()
+        .find(|(c, old, _)| *c == column && *old == value)
+        .map_or(value, |(_, _, new)| new)
+}
+
+struct Cells<'a> {
+    path: &'a Path,
+    line: usize,
+    id: &'a str,
+}
+
+impl Cells<'_> {
+    fn err(&self, column: &str, value: &str, expected: &str) -> Error {
+        bad(self.path, self.line, self.id, column, value, expected)
+    }
+
+    /// A positive integer, or `default` when empty and `default` is given.
+    fn count(&self, column: &str, v: &str, default: Option<usize>) -> Result<usize> {
+        match (v, default) {
+            ("", Some(d)) => Ok(d),
+            _ => v
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| self.err(column, v, "expected a positive integer")),
+        }
+    }
+
+    /// Integer bytes, or `None` when empty.
+    fn bytes(&self, column: &str, v: &str) -> Result<Option<u64>> {
+        if v.is_empty() {
+            return Ok(None);
+        }
+        v.parse::<u64>()
+            .map(Some)
+            .map_err(|_| self.err(column, v, "expected integer bytes"))
+    }
+
+    /// A value of a closed vocabulary through its `FromStr`, the parser's reason kept.
+    fn vocab<T: std::str::FromStr<Err = Error>>(&self, column: &str, v: &str) -> Result<T> {
+        v.parse::<T>().map_err(|e| {
+            let reason = match e {
+                Error::InvalidValue { reason, .. } => reason,
+                other => other.to_string(),
+            };
+            self.err(column, v, &reason)
+        })
+    }
+}
+
+impl Reference {
+    /// Parses row `raw` at `line` of `path` (line 1 is the header).
+    ///
+    /// # Errors
+    /// [`Error::ReferenceCell`] naming the file, line, id, column and value for any cell
+    /// outside its vocabulary, a LoRA row without rank, alpha or targets, an `oom` row without
+    /// `gpu_memory_bytes`, a successful non-`oom` row without an integer `peak_bytes`; and for
+    /// values of the format the estimator does not model yet (`loss` `fused-linear-ce`,
+    /// `offload`, LoRA on `lm_head`/`embed_tokens`), saying so.
+    pub fn parse(path: &Path, line: usize, raw: &ReferenceRow) -> Result<Reference> {
+        let c = Cells {
+            path,
+            line,
+            id: &raw.id,
+        };
+        if raw.id.is_empty() {
+            return Err(c.err("id", "", "every row needs an id"));
+        }
+        let preset = crate::config::preset(&raw.model).ok_or_else(|| {
+            c.err(
+                "model",
+                &raw.model,
+                "expected a vramcal preset (`vramcal models`)",
+            )
+        })?;
+        for (col, v) in [("source", &raw.source), ("gpu", &raw.gpu)] {
+            if v.trim().is_empty() {
+                return Err(c.err(col, v, "every row names it"));
+            }
+        }
+        let method = raw.method.as_str();
+        if !matches!(method, "full" | "lora" | "qlora") {
+            return Err(c.err("method", method, "expected full, lora or qlora"));
+        }
+        let quant: Quant = c.vocab("quant", &raw.quant)?;
+        if (method == "qlora") != (quant != Quant::None) {
+            return Err(c.err(
+                "quant",
+                &raw.quant,
+                "qlora rows have an nf4 or nf4-dq base, full and lora rows none",
+            ));
+        }
+        let precision: Precision = c.vocab("precision", modern("precision", &raw.precision))?;
+        let optimizer: Optimizer = c.vocab("optimizer", modern("optimizer", &raw.optimizer))?;
+        let mut spec = TrainSpec::new(
+            c.count("batch", &raw.batch, None)?,
+            c.count("seq", &raw.seq, None)?,
+        );
+        spec.accumulate = c.count("accumulate", &raw.accumulate, Some(1))?;
+        spec.dtype = precision.weights();
+        spec.precision = Some(precision);
+        spec.optimizer = optimizer;
+        spec.allow_longer = true;
+        spec.torch_cpu = raw.gpu == "cpu";
+        // torch's optimizers keep states in the parameters' dtype; fp32 adapters under +amp.
+        let torch_adamw = matches!(
+            optimizer,
+            Optimizer::AdamwTorch | Optimizer::AdamwTorchFused
+        );
+        spec.state_dtype = match raw.optimizer_state_dtype.as_str() {
+            "" if precision.master_weights() => candle_core::DType::F32,
+            "" if precision.fp32_adapters() && method != "full" => candle_core::DType::F32,
+            "" => spec.dtype,
+            v @ ("fp32" | "bf16" | "fp16") if torch_adamw => parse_dtype(v)?,
+            v @ ("fp32" | "bf16" | "fp16") => {
+                return Err(c.err(
+                    "optimizer_state_dtype",
+                    v,
+                    "only torch's AdamW (adamw_torch, adamw_torch_fused) takes a state dtype; the others keep their own",
+                ))
+            }
+            v => {
+                return Err(c.err(
+                    "optimizer_state_dtype",
+                    v,
+                    "expected fp32, bf16, fp16 or empty",
+                ))
+            }
+        };
+        let seq_kind = modern("seq_kind", &raw.seq_kind);
+        if !matches!(seq_kind, "packed" | "fixed" | "max" | "padded") {
+            return Err(c.err(
+                "seq_kind",
+                &raw.seq_kind,
+                "expected packed, fixed, max or padded",
+            ));
+        }
+        spec.checkpointing = match raw.checkpointing.as_str() {
+            "off" => Checkpointing::None,
+            "on" => Checkpointing::Every(1),
+            v if v.starts_with("every:") => c.vocab("checkpointing", v)?,
+            v => return Err(c.err("checkpointing", v, "expected off, on or every:K")),
+        };
+        spec.attention = c.vocab::<Attention>("attention", &raw.attention)?;
+        match raw.loss.as_str() {
+            "" => {}
+            "fused-linear-ce" => {
+                return Err(c.err(
+                    "loss",
+                    "fused-linear-ce",
+                    "a value of the format the torch profiles do not model yet (they count transformers' full logits)",
+                ))
+            }
+            v => return Err(c.err("loss", v, "expected empty or fused-linear-ce")),
+        }
+        match raw.offload.as_str() {
+            "" | "none" => {}
+            v @ ("optimizer" | "optimizer+params") => {
+                return Err(c.err(
+                    "offload",
+                    v,
+                    "a value of the format the estimator does not model yet (CPU offload)",
+                ))
+            }
+            v => return Err(c.err("offload", v, "expected none, optimizer or optimizer+params")),
+        }
+        let gpus = c.count("gpus", &raw.gpus, Some(1))?;
+        let sharding = match raw.shard.as_str() {
+            "" | "none" | "ddp" => None,
+            v => Some((c.vocab::<Shard>("shard", v)?, gpus)),
+        };
+        if sharding.is_some() && gpus < 2 {
+            return Err(c.err("gpus", &raw.gpus, "a sharded row needs gpus of 2 or more"));
+        }
+        spec.adaptation = Adaptation {
+            lora: if method == "full" {
+                None
+            } else {
+                Some(lora(&c, raw)?)
+            },
+            quant,
+            seed: 0,
+        };
+        // Sizes the estimator cannot count (bytes past 64 bits) are refused here, by row.
+        spec.validate(&preset.config)
+            .map_err(|e| c.err("batch", &raw.batch, &format!("with seq {}: {e}", raw.seq)))?;
+        // `none` only as the legacy spelling of a row without a counter.
+        let counter = match modern("counter", &raw.counter) {
+            "none" if raw.counter == "none" => {
+                return Err(c.err(
+                    "counter",
+                    "none",
+                    "expected allocated, reserved, active, smi or oom",
+                ))
+            }
+            "allocated" => Counter::Allocated,
+            "reserved" => Counter::Reserved,
+            "active" => Counter::Active,
+            "smi" => Counter::Smi,
+            "oom" => Counter::Oom,
+            "none" => Counter::None,
+            v => {
+                return Err(c.err(
+                    "counter",
+                    v,
+                    "expected allocated, reserved, active, smi or oom",
+                ))
+            }
+        };
+        let status = raw.status.as_str();
+        if !matches!(status, "" | "ok" | "oom" | "error") {
+            return Err(c.err("status", status, "expected ok, oom, error or empty"));
+        }
+        let peak_bytes = c.bytes("peak_bytes", &raw.peak_bytes)?;
+        let gpu_memory_bytes = c.bytes("gpu_memory_bytes", &raw.gpu_memory_bytes)?;
+        let ran = matches!(status, "" | "ok");
+        if counter == Counter::Oom {
+            if gpu_memory_bytes.is_none() {
+                return Err(c.err(
+                    "gpu_memory_bytes",
+                    "",
+                    "an oom row needs the card's memory in bytes",
+                ));
+            }
+            if peak_bytes.is_some() {
+                return Err(c.err(
+                    "peak_bytes",
+                    &raw.peak_bytes,
+                    "an oom row has no peak (empty)",
+                ));
+            }
+        } else if ran && counter != Counter::None && peak_bytes.is_none() {
+            return Err(c.err("peak_bytes", "", "a successful row needs integer bytes"));
+        }
+        let step_seconds_median = match raw.step_seconds_median.as_str() {
+            "" => None,
+            v => Some(
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|t| t.is_finite() && *t >= 0.0)
+                    .ok_or_else(|| c.err("step_seconds_median", v, "expected seconds"))?,
+            ),
+        };
+        let usable = ran
+            && match counter {
+                Counter::Oom => true,
+                Counter::None => false,
+                _ => peak_bytes.is_some_and(|b| b > 0),
+            };
+        Ok(Reference {
+            id: raw.id.clone(),
+            model: raw.model.clone(),
+            device: if raw.gpu == "cpu" {
+                "cpu".to_string()
+            } else {
+                format!("cuda:0 ({})", raw.gpu)
+            },
+            ours: raw.source.starts_with("scripts/torch_reference.py"),
+            summary: format!(
+                "{} {} b{} s{} ckpt {} {} {} {}",
+                raw.model,
+                method,
+                spec.batch,
+                spec.seq,
+                raw.checkpointing,
+                precision,
+                optimizer,
+                raw.attention
+            ),
+            spec,
+            sharding,
+            counter,
+            peak_bytes,
+            gpu_memory_bytes,
+            usable,
+            step_seconds_median,
+        })
+    }
+}
+
+/// The LoRA setting of a `lora`/`qlora` row: rank, alpha, dropout and targets, each required
+/// but dropout.
+fn lora(c: &Cells, raw: &ReferenceRow) -> Result<LoraConfig> {
+    let r = c.count("lora_r", &raw.lora_r, None)?;
+    let alpha = raw
+        .lora_alpha
+        .parse::<f64>()
+        .ok()
+        .filter(|a| a.is_finite() && *a > 0.0)
+        .ok_or_else(|| c.err("lora_alpha", &raw.lora_alpha, "expected a positive number"))?;
+    let dropout = match raw.lora_dropout.as_str() {
+        "" => 0.0,
+        v => v
+            .parse::<f64>()
+            .ok()
+            .filter(|d| (0.0..1.0).contains(d))
+            .ok_or_else(|| c.err("lora_dropout", v, "expected a number in [0, 1)"))?,
+    };
+    let mut targets = match raw.lora_targets.as_str() {
+        "all-linear" => Target::ALL.to_vec(),
+        "" => return Err(c.err("lora_targets", "", "a LoRA row needs its target modules")),
+        v => {
+            let mut names = Vec::new();
+            for t in v.split(';') {
+                match Target::ALL.into_iter().find(|x| x.name() == t) {
+                    Some(x) => names.push(x),
+                    None if matches!(t, "lm_head" | "embed_tokens") => {
+                        return Err(c.err(
+                            "lora_targets",
+                            v,
+                            "LoRA on lm_head/embed_tokens is in the format but not modelled yet",
+                        ))
+                    }
+                    None => {
+                        return Err(c.err(
+                            "lora_targets",
+                            v,
+                            "expected ';'-separated q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head, embed_tokens, or all-linear",
+                        ))
+                    }
+                }
+            }
+            names
         }
     };
-    if !matches!(p.method.as_str(), "full" | "lora" | "qlora") {
-        return Err(Error::ReferenceRow {
-            id: p.id.clone(),
-            reason: format!("method {:?}: expected full, lora or qlora", p.method),
-        });
-    }
-    let lora = match p.method.as_str() {
-        "lora" | "qlora" => Some(
-            format!(
-                "r={},alpha={},targets={}",
-                p.lora_r.unwrap_or(8),
-                p.lora_alpha.unwrap_or(8.0),
-                p.lora_targets.replace(';', ",")
-            )
-            .parse::<LoraConfig>()?,
-        ),
-        _ => None,
-    };
-    let quant = if p.quant.starts_with("nf4") {
-        Quant::Nf4 { double: false }
-    } else {
-        Quant::None
-    };
-    s.adaptation = Adaptation {
-        lora,
-        quant,
-        seed: 0,
-    };
-    Ok(s)
+    targets.sort();
+    targets.dedup();
+    Ok(LoraConfig {
+        r,
+        alpha,
+        dropout,
+        targets,
+    })
 }
 
-/// Whether `path` is a file of reference rows (columns `source` and `counter`), not vramcal's.
+/// Every row of reference file `path`, parsed, in file order.
+///
+/// # Errors
+/// An unreadable file, a missing required column (naming it), a malformed row, a duplicate
+/// id (naming both lines) and any cell [`Reference::parse`] refuses.
+pub fn read_references(path: &Path) -> Result<Vec<Reference>> {
+    let csv_err = |reason: String| Error::Csv {
+        path: PathBuf::from(path),
+        reason,
+    };
+    let mut r = crate::input::csv_reader(path)?;
+    let headers = r.headers().map_err(|e| csv_err(e.to_string()))?.clone();
+    for col in REQUIRED {
+        if !headers.iter().any(|h| h == col) {
+            return Err(csv_err(format!(
+                "missing required column {col:?} of the reference-row format"
+            )));
+        }
+    }
+    let mut seen = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for (i, raw) in r.deserialize::<ReferenceRow>().enumerate() {
+        let line = i + 2;
+        let raw = raw.map_err(|e| csv_err(format!("line {line}: malformed row: {e}")))?;
+        if let Some(first) = seen.insert(raw.id.clone(), line) {
+            return Err(bad(
+                path,
+                line,
+                &raw.id,
+                "id",
+                &raw.id,
+                &format!("duplicate id (first at line {first})"),
+            ));
+        }
+        out.push(Reference::parse(path, line, &raw)?);
+    }
+    Ok(out)
+}
+
+/// Whether `path` is a file of reference rows (a `source` or a `counter` column, which
+/// vramcal's own files never have), not vramcal's.
 ///
 /// # Errors
 /// An unreadable file.
@@ -107,31 +591,5 @@ pub fn is_reference_file(path: &Path) -> Result<bool> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    Ok(h.iter().any(|c| c == "counter") && h.iter().any(|c| c == "source"))
-}
-
-/// The weight dtype a row's `precision` trains in (`../shared/cases/README.md`, "precision"),
-/// by exact value: `fp32`; `bf16`/`fp16` and the recipes that keep 16-bit weights (`bf16+amp`,
-/// `bf16-master` and their fp16 forms); `amp-bf16`/`amp-fp16`, autocast over fp32 weights, as
-/// fp32. Autocast's cast copies and the master copy are not modelled yet: those recipes are
-/// estimated by their weight dtype alone. `bf16 weights`/`fp16 weights` are what
-/// `scripts/torch_reference.py` wrote before it used the format's names.
-///
-/// # Errors
-/// [`Error::ReferenceRow`] for any other value.
-fn precision_dtype(p: &ReferenceRow) -> Result<candle_core::DType> {
-    let d = match p.precision.as_str() {
-        "fp32" | "amp-bf16" | "amp-fp16" => "f32",
-        "bf16" | "bf16+amp" | "bf16-master" | "bf16 weights" => "bf16",
-        "fp16" | "fp16+amp" | "fp16-master" | "fp16 weights" => "f16",
-        other => {
-            return Err(Error::ReferenceRow {
-                id: p.id.clone(),
-                reason: format!(
-                    "precision {other:?}: expected fp32, bf16, fp16, amp-bf16, amp-fp16, bf16+amp, fp16+amp, bf16-master or fp16-master"
-                ),
-            })
-        }
-    };
-    parse_dtype(d)
+    Ok(h.iter().any(|c| c == "counter" || c == "source"))
 }

@@ -21,9 +21,8 @@ use crate::spec::Profile;
 /// # Errors
 /// Unreadable or empty measurements, a file of reference rows, too few successful rows.
 pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
-    let rows = measured_rows(a)?;
-    let pts = points(&rows, a.profile)?;
-    let mut devices: Vec<String> = pts.iter().map(|p| p.row.device.clone()).collect();
+    let pts = measured_points(a)?;
+    let mut devices: Vec<String> = pts.iter().map(|p| p.device.clone()).collect();
     devices.sort();
     devices.dedup();
     let device = devices.join("+");
@@ -46,12 +45,7 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         ))
     });
     crate::input::refuse_overwriting_measurements("--out", &out, &a.measured)?;
-    if a.profile != Profile::Candle {
-        eprintln!(
-            "note: fitting the {} profile to vramcal's own measurements, which measure the candle model",
-            a.profile.name()
-        );
-    }
+
     let c = fit(&train, a.profile, &out.display().to_string()).map_err(|e| {
         anyhow::anyhow!(
             "{e} ({} of {} rows fitted; --holdout {} keeps the others out)",
@@ -78,27 +72,60 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The rows of the measured files; reference rows (PyTorch's) are refused: they check, never fit.
-fn measured_rows(a: &CalibrateArgs) -> anyhow::Result<Vec<Row>> {
-    let mut rows = Vec::new();
+/// The points of the measured files: vramcal's own rows, or for a torch profile the rows of
+/// `scripts/torch_reference.py` (PyTorch measured by this project). Published reference rows
+/// are refused: they check, never fit. The two kinds are not mixed.
+fn measured_points(a: &CalibrateArgs) -> anyhow::Result<Vec<Point>> {
+    let (mut refs, mut rows) = (Vec::new(), Vec::new());
     for f in &a.measured {
         if crate::calibrate::reference::is_reference_file(f)? {
-            anyhow::bail!(
-                "{}: a published-measurements file: use it with `vramcal check`, never to fit",
-                f.display()
-            );
+            let r = crate::calibrate::reference::read_references(f)?;
+            if r.iter().any(|p| !p.ours) {
+                anyhow::bail!(
+                    "{}: a published-measurements file: use it with `vramcal check`, never to fit (only rows of scripts/torch_reference.py calibrate a torch profile)",
+                    f.display()
+                );
+            }
+            if a.profile == Profile::Candle {
+                anyhow::bail!(
+                    "{}: PyTorch's measurements calibrate a torch profile (--profile torch-sdpa or torch-eager), not candle",
+                    f.display()
+                );
+            }
+            refs.extend(r);
+        } else {
+            rows.extend(measured_rows(f)?);
         }
-        let r = read_rows(f)?;
-        if r.is_empty() {
-            anyhow::bail!("{}: no measured rows", f.display());
-        }
-        for (i, row) in r.iter().enumerate() {
-            crate::calibrate::spec_from_row(row).map_err(|e| crate::Error::Csv {
-                path: f.clone(),
-                reason: format!("row {}: {e}", i + 2),
-            })?;
-        }
-        rows.extend(r);
+    }
+    if !refs.is_empty() && !rows.is_empty() {
+        anyhow::bail!(
+            "--measured mixes vramcal's own rows with PyTorch's: a table describes one of them"
+        );
+    }
+    if !rows.is_empty() && a.profile != Profile::Candle {
+        eprintln!(
+            "note: fitting the {} profile to vramcal's own measurements, which measure the candle model",
+            a.profile.name()
+        );
+    }
+    if refs.is_empty() {
+        Ok(points(&rows, a.profile)?)
+    } else {
+        Ok(crate::calibrate::reference_points(&refs, a.profile)?)
+    }
+}
+
+/// The rows of vramcal's measured file `f`, each checked against the vocabulary.
+fn measured_rows(f: &std::path::Path) -> anyhow::Result<Vec<Row>> {
+    let rows = read_rows(f)?;
+    if rows.is_empty() {
+        anyhow::bail!("{}: no measured rows", f.display());
+    }
+    for (i, row) in rows.iter().enumerate() {
+        crate::calibrate::spec_from_row(row).map_err(|e| crate::Error::Csv {
+            path: f.to_path_buf(),
+            reason: format!("row {}: {e}", i + 2),
+        })?;
     }
     Ok(rows)
 }

@@ -65,8 +65,14 @@ fn check_thresholds(a: &CheckArgs) -> anyhow::Result<()> {
 
 /// The statistics of `rows` and the thresholds in force.
 fn summarize(a: &CheckArgs, rows: &[Compared], coefficients: String) -> Summary {
+    let (oom, rows): (Vec<&Compared>, Vec<&Compared>) = rows.iter().partition(|x| x.oom);
     let abs: Vec<f64> = rows.iter().map(|x| x.relative_error.abs()).collect();
     Summary {
+        oom_rows: oom.len(),
+        oom_missed: oom
+            .iter()
+            .filter(|x| x.predicted_bytes <= x.measured_bytes)
+            .count(),
         profile: a.profile,
         coefficients,
         rows: rows.len(),
@@ -117,6 +123,13 @@ fn write_outputs(a: &CheckArgs, rows: &[Compared], text: &str) -> anyhow::Result
 
 /// Fails when a threshold is exceeded.
 fn gate(a: &CheckArgs, s: &Summary) -> anyhow::Result<()> {
+    if s.oom_missed > 0 && (a.max_error.is_some() || a.max_median_error.is_some()) {
+        anyhow::bail!(
+            "accuracy check failed: {} of {} rows that ran out of memory predicted to fit on their card",
+            s.oom_missed,
+            s.oom_rows
+        );
+    }
     for (what, value, flag, threshold) in [
         ("max", s.max, "--max-error", a.max_error),
         ("median", s.median, "--max-median-error", a.max_median_error),

@@ -74,13 +74,19 @@ pub fn query(a: &EstimateArgs) -> anyhow::Result<Query> {
         )
         .into());
     }
-    if a.profile == Profile::TorchEager && a.model.attention == Some(Attention::Sdpa) {
-        return Err(Error::invalid(
-            "--attention",
-            "sdpa",
-            "the torch-eager profile predicts eager attention: give --profile torch-sdpa for SDPA",
-        )
-        .into());
+    if let Some(at) = a.model.attention.filter(|&x| x != Attention::Eager) {
+        if a.profile == Profile::TorchEager {
+            return Err(Error::invalid(
+                "--attention",
+                at,
+                "the torch-eager profile predicts eager attention: give --profile torch-sdpa for SDPA or flash-attention-2",
+            )
+            .into());
+        }
+    }
+    // The candle profile is vramcal's own step: what it cannot run, it cannot predict either.
+    if a.profile == Profile::Candle {
+        super::setup::check_measurable(&spec)?;
     }
     let coefficients = coefficients(a.calibration.as_deref(), a.profile)?;
     refuse_measurement_options(a)?;

@@ -91,7 +91,9 @@ fn search(a: &MaxArgs, model: &ResolvedModel) -> anyhow::Result<Search> {
 /// The spec of the point at size `x`.
 fn spec_at(a: &MaxArgs, q: &Search, x: usize) -> anyhow::Result<TrainSpec> {
     let (b, s) = q.point(x);
-    train_spec(&a.model, b, s, a.how.method, a.how.checkpointing)
+    let spec = train_spec(&a.model, b, s, a.how.method, a.how.checkpointing)?;
+    super::setup::check_measurable(&spec)?;
+    Ok(spec)
 }
 
 /// The largest `x` in `1..=limit` for which `fits(x)` holds, by doubling from 1 and then

@@ -295,14 +295,16 @@ fn child_args(p: &Point, i: usize, command: &str) -> Vec<OsString> {
 fn setup_args(m: &ModelArgs) -> Vec<OsString> {
     let mut v: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| v.extend(items.iter().map(OsString::from));
-    push(&[
-        "measure",
-        "--weights",
-        &m.weights,
-        "--dtype",
-        m.dtype.as_str(),
-    ]);
-    push(&["--optimizer-state-dtype", m.optimizer_state_dtype.as_str()]);
+    push(&["measure", "--weights", &m.weights]);
+    match m.precision {
+        // --precision sets both dtypes and excludes --dtype and --optimizer-state-dtype.
+        Some(p) => push(&["--precision", p.name()]),
+        None => {
+            push(&["--dtype", m.dtype.as_str()]);
+            push(&["--optimizer-state-dtype", m.optimizer_state_dtype.as_str()]);
+        }
+    }
+    push(&["--optimizer", m.optimizer.name()]);
     push(&["--lr", &m.lr.to_string()]);
     push(&["--weight-decay", &m.weight_decay.to_string()]);
     push(&["--device", &m.device, "--seed", &m.seed.to_string()]);

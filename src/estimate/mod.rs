@@ -152,7 +152,10 @@ impl Term {
                 "saved attention scores",
                 "(S2) entries of the table × layers kept",
             ),
-            Term::CheckpointInputs => ("checkpointed layer inputs", "(⌈L/K⌉ + 1) · N · h · dtype"),
+            Term::CheckpointInputs => (
+                "checkpointed layer inputs",
+                "candle: (⌈L/K⌉ + 1) · N · h · dtype; torch: ⌈L/K⌉ · N · h · dtype",
+            ),
             Term::LogitsAndLoss => (
                 "logits and loss",
                 "candle: one (min(N, 256), V) logits chunk; torch: (N, V) logits, loss intermediates",
@@ -215,6 +218,10 @@ pub enum Moment {
     Layer,
     /// The end of backward.
     End,
+    /// The optimizer step (torch profiles only, in calibration: weights, gradients, states and
+    /// the step's transient are counted; of the fitted terms only `constant` is alive, the
+    /// CUDA libraries' workspaces allocated since step 1).
+    Step,
 }
 
 /// The three moments, in order.
@@ -242,11 +249,12 @@ impl Coefficients {
     /// their gradient, `src/ops/cpu_kernels.rs` `ce_grad` or the CUDA kernel; the composed
     /// form elsewhere holds three), one copy of the largest trainable tensor being summed, four
     /// `(batch, heads, seq, seq)` buffers in the fused attention's backward. The torch profiles
-    /// count no transient and no fixed overhead.
+    /// count every saved tensor, the loss's fp32 buffers and a tied embedding's gradient sum
+    /// ([`torch`]), and no fixed overhead.
     pub fn uncalibrated(profile: Profile) -> Self {
         let values = match profile {
             Profile::Candle => [1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 4.0, 0.0, 1.0, 1.0],
-            _ => [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            _ => [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0],
         };
         Coefficients {
             profile,
@@ -299,14 +307,45 @@ pub struct Terms {
     /// Whether the head and the gradients peak at separate moments without checkpointing too
     /// (`candle`); see [`Term`].
     pub two_moments: bool,
+    /// The torch profiles' moments ([`torch`]): no gradient exists yet at a layer's backward
+    /// without checkpointing (the first layer's backward holds only the head's), and the
+    /// largest-trainable transient (a tied embedding's two gradient contributions) is alive at
+    /// the end of backward only, and no saved tensor is left by then.
+    pub torch: bool,
+    /// Gradients and the optimizer step's transient (bytes): what the [`Moment::Step`] adds to
+    /// weights and states (torch profiles; 0 for `candle`, whose calibration has no such
+    /// moment).
+    pub step_static: u64,
+    /// Whether gradients are accumulated over micro-batches (`accumulate > 1`).
+    pub accumulating: bool,
 }
 
 impl Terms {
     /// The design row of this point at moment `m`: the terms alive then, zeros elsewhere.
     pub fn design(&self, m: Moment) -> [f64; N_TERMS] {
         let mut row = self.terms;
+        if m == Moment::Step {
+            return Term::ALL.map(|t| if t == Term::Constant { 1.0 } else { 0.0 });
+        }
         for (i, v) in row.iter_mut().enumerate() {
-            if !Term::ALL[i].alive_at(m, self.checkpointed, self.two_moments) {
+            let term = Term::ALL[i];
+            let torch_dead = self.torch
+                && match term {
+                    // Gradients of earlier micro-batches are alive throughout the next.
+                    Term::GradientsLive => {
+                        m == Moment::Layer && !self.checkpointed && !self.accumulating
+                    }
+                    Term::LargestTrainable => m != Moment::End,
+                    // Autograd frees each saved tensor as its node runs.
+                    Term::Activations | Term::AttentionScores | Term::CheckpointInputs => {
+                        m == Moment::End
+                    }
+                    _ => false,
+                };
+            // Accumulated gradients of earlier micro-batches are alive at every moment.
+            let torch_alive = self.torch && self.accumulating && term == Term::GradientsLive;
+            if torch_dead || !(torch_alive || term.alive_at(m, self.checkpointed, self.two_moments))
+            {
                 *v = 0.0;
             }
         }
@@ -425,6 +464,9 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
         }),
         checkpointed: ckpt > 0,
         two_moments: true,
+        torch: false,
+        step_static: 0,
+        accumulating: spec.accumulate > 1,
     }
 }
 
@@ -595,6 +637,17 @@ pub fn estimate_sharded(
         ));
     }
     spec.validate(cfg)?;
+    // A torch table fitted on PyTorch's CPU rows describes PyTorch on the CPU.
+    let cpu_spec;
+    let spec = if profile != Profile::Candle && c.cpu && !spec.torch_cpu {
+        cpu_spec = TrainSpec {
+            torch_cpu: true,
+            ..spec.clone()
+        };
+        &cpu_spec
+    } else {
+        spec
+    };
     let mut t = terms(cfg, spec, profile, c.cpu);
     if let Some((sh, gpus)) = sharding {
         let m = multi::shard(
@@ -612,8 +665,17 @@ pub fn estimate_sharded(
         t.gradients = m.gradients;
     }
     let bwd = predicted_backward_peak(&t, c);
-    let opt_transient = optimizer_transient(cfg, spec, profile, t.gradients);
-    let opt = (t.weights + t.gradients + t.optimizer_states + opt_transient) as f64;
+    let opt_transient = match profile {
+        Profile::Candle => optimizer_transient(cfg, spec, profile, t.gradients),
+        _ => torch::optimizer(cfg, spec),
+    };
+    // The torch profiles' fitted constant (CUDA workspaces) is alive at the step too.
+    let step_constant = if t.torch {
+        c.values[Term::Constant.index()]
+    } else {
+        0.0
+    };
+    let opt = (t.weights + t.gradients + t.optimizer_states + opt_transient) as f64 + step_constant;
     // Held at every moment of the step.
     let held = vec![
         Item {
@@ -622,9 +684,17 @@ pub fn estimate_sharded(
             formula: "params × dtype (NF4: 0.5 B + block scales)".into(),
         },
         Item {
-            name: "optimizer states (AdamW m, v)".into(),
+            name: match (profile, spec.optimizer) {
+                (Profile::Candle, _) | (_, crate::spec::Optimizer::AdamwTorch) => {
+                    "optimizer states (AdamW m, v)".into()
+                }
+                (_, o) => format!("optimizer states ({o})"),
+            },
             bytes: t.optimizer_states,
-            formula: "2 × trainable params × state dtype".into(),
+            formula: match profile {
+                Profile::Candle => "2 × trainable params × state dtype".into(),
+                _ => torch::states_formula(spec).into(),
+            },
         },
     ];
     let mut items = held.clone();
@@ -659,11 +729,35 @@ pub fn estimate_sharded(
                     Profile::Candle => {
                         "10 f32 buffers of one update chunk (≤ 2^18 elements)".into()
                     }
-                    _ => "foreach AdamW: one parameter-sized buffer".into(),
+                    _ => torch::optimizer_formula(spec).into(),
                 },
             },
         ]);
+        if step_constant > 0.0 {
+            let (name, f) = Term::Constant.item();
+            items.push(Item {
+                name: name.into(),
+                bytes: step_constant.round() as u64,
+                formula: f.into(),
+            });
+        }
         (opt, "optimizer_step")
+    };
+    // Loading (torch profiles): the weights and a tied head's untied copy.
+    let load = match profile {
+        Profile::Candle => 0,
+        _ if sharding.is_some() => 0,
+        _ => torch::load_bytes(cfg, spec),
+    };
+    let (peak, phase) = if load as f64 > peak {
+        items = vec![Item {
+            name: "weights while loading".into(),
+            bytes: load,
+            formula: "params × dtype, plus a tied head's (V, h) before tying".into(),
+        }];
+        (load as f64, "load")
+    } else {
+        (peak, phase)
     };
     Ok(Estimate {
         profile,

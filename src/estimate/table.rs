@@ -46,7 +46,13 @@ impl SavedTensor {
     }
 }
 
-fn t(name: impl Into<String>, shape: &'static str, elems: u64, elem_bytes: u64) -> SavedTensor {
+/// An activation named `name` of `elems` elements of `elem_bytes` bytes, shape `shape`.
+pub(crate) fn t(
+    name: impl Into<String>,
+    shape: &'static str,
+    elems: u64,
+    elem_bytes: u64,
+) -> SavedTensor {
     SavedTensor {
         name: name.into(),
         shape,

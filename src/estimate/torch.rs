@@ -1,96 +1,611 @@
-//! What PyTorch + transformers keep for the same decoder (`torch-sdpa`, `torch-eager`), per
-//! token and layer, from transformers' `modeling_llama.py` / `modeling_mistral.py` and the
-//! saved tensors of the autograd functions involved:
+//! What PyTorch + transformers + PEFT keep for the same decoder (`torch-sdpa`, `torch-eager`),
+//! tensor by tensor: the tensors autograd saves for backward in transformers 5's
+//! `modeling_llama.py` / `modeling_mistral.py` (and `integrations/sdpa_attention.py`), PEFT's
+//! `tuners/lora/layer.py` and torch's autograd formulas (`tools/autograd/derivatives.yaml`),
+//! each storage once. They were read off real runs: `scripts/torch_reference.py` records the
+//! bytes autograd saves (`saved_activation_bytes`, one storage counted once) and the exact peaks
+//! on the CPU, and `tests/torch_table.rs` holds [`saved_bytes`] to that column.
 //!
-//! * `LlamaRMSNorm` upcasts to fp32: `pow` saves the fp32 input (4h bytes), the weight product
-//!   saves the normalized model-dtype tensor (d·h), and the next linear saves its input (d·h);
-//! * `q_proj`/`k_proj`/`v_proj` share their input; RoPE (`q·cos + rotate_half(q)·sin`) saves
-//!   `q`, `rotate_half(q)` and the same for `k` (2·d·(q + kv));
-//! * SDPA (flash/memory-efficient) saves `q`, `k`, `v`, the output and a per-row fp32
-//!   log-sum-exp (d·(2q + 2kv) + 4·heads); eager attention instead keeps the fp32 softmax
-//!   output and its model-dtype cast (6 bytes per score) and the inputs of both matmuls;
-//! * the SwiGLU MLP saves `gate` (SiLU's input), `silu(gate)` and `up` (the product's inputs)
-//!   and the product (`down_proj`'s input): 4·d·i;
-//! * the head keeps the model-dtype logits, their fp32 upcast and log-softmax output
-//!   (transformers' `ForCausalLMLoss` upcasts): (d + 8)·V per token;
-//! * with gradient checkpointing (non-reentrant), each layer keeps only its input (d·h) and one
-//!   layer is recomputed at a time.
+//! Autograd saves a tensor only where a gradient needs it: a frozen linear layer (LoRA's base)
+//! keeps no input, `x·cos` keeps only `cos`, a layer whose input needs no gradient (LoRA's first
+//! layer, unless checkpointing calls `enable_input_require_grads`) keeps nothing before its
+//! first adapter. Symbols: `N = batch·seq`, `h` hidden, `q = heads·head_dim`,
+//! `kv = kv_heads·head_dim`, `i` intermediate, `V` vocabulary, `d` the weights' bytes, `a` the
+//! compute dtype's (autocast's where on), `r` the residual stream's (fp32 under `amp-*`, else
+//! `d`).
 //!
-//! Weights, gradients and AdamW states follow the dtypes of the spec (no fp32 master copy),
-//! and backward's transient is one fp32 gradient of the logits.
+//! The step's peak is the largest of (step 2, gradients set to `None` by `zero_grad`):
+//! * the head's backward: weights, optimizer states, every saved tensor, and three `(N, V)`
+//!   fp32 buffers: the saved log-softmax output, the gradient out of `nll_loss` and the one out
+//!   of `log_softmax` (transformers' `ForCausalLMLoss` upcasts the logits);
+//! * a recomputed layer's backward under checkpointing, the gradients built up;
+//! * the end of backward: all gradients, and for a tied, trained embedding its two gradient
+//!   contributions being summed (two more `(V, h)` tensors);
+//! * the optimizer step ([`optimizer`]);
+//! * loading: the weights, and for a tied head the `(V, h)` head transformers builds before
+//!   tying it (a model built from its config, as the reference script does).
 
 use candle_core::DType;
 
+use super::table::{t, Kind, SavedTensor};
 use super::{weight_bytes, Term, Terms};
 use crate::config::ModelConfig;
-use crate::spec::Checkpointing;
-use crate::spec::{target_shape, TrainSpec};
+use crate::spec::{target_shape, Attention, Checkpointing, Optimizer, Target, TrainSpec};
 
-/// Saved bytes of one layer for `spec` (all tokens of the micro-batch).
-pub fn layer_bytes(cfg: &ModelConfig, spec: &TrainSpec, eager: bool) -> u64 {
-    let d = spec.dtype.size_in_bytes() as u64;
-    let n = (spec.batch * spec.seq) as u64;
-    let h = cfg.hidden_size as u64;
-    let q = target_shape(cfg, crate::spec::Target::QProj).0 as u64;
-    let kv = target_shape(cfg, crate::spec::Target::KProj).0 as u64;
-    let i = cfg.intermediate_size as u64;
-    let heads = cfg.num_attention_heads as u64;
-    let norm = if spec.dtype == DType::F32 {
-        2 * d * h
-    } else {
-        (4 + 2 * d) * h
-    };
-    let rope = 2 * d * (q + kv);
-    let attn = if eager {
-        // q·kᵀ inputs (q, k), fp32 softmax output + cast (6 bytes per score), probs·v inputs.
-        d * (q + 2 * kv) + 6 * heads * spec.seq as u64 + d * q
-    } else {
-        d * (2 * q + 2 * kv) + 4 * heads
-    };
-    let mut per_token = 2 * norm + rope + attn + d * q + d * h + 4 * d * i;
-    if let Some(l) = &spec.adaptation.lora {
-        // PEFT's adapter path keeps x·Aᵀ (and the dropout output when dropout > 0).
-        for &t in &l.targets {
-            let (_, inp) = target_shape(cfg, t);
-            per_token += d * l.r as u64 + if l.dropout > 0.0 { d * inp as u64 } else { 0 };
-        }
-    }
-    per_token * n
+/// The dtypes of a step: weights, compute (autocast's or the weights'), residual stream.
+#[derive(Debug, Clone, Copy)]
+pub struct Dtypes {
+    /// Bytes per weight.
+    pub d: u64,
+    /// Bytes per element of matrix products' inputs and outputs.
+    pub a: u64,
+    /// Bytes per element of the residual stream and RMSNorm outputs.
+    pub r: u64,
+    /// Whether autocast is on.
+    pub amp: bool,
 }
 
-/// The static part and the terms for the torch profiles.
-pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, eager: bool) -> Terms {
+/// The dtypes of `spec` (its precision recipe where named).
+pub fn dtypes(spec: &TrainSpec) -> Dtypes {
     let d = spec.dtype.size_in_bytes() as u64;
+    match spec.precision.and_then(|p| p.autocast()) {
+        Some(c) => Dtypes {
+            d,
+            a: c.size_in_bytes() as u64,
+            r: d.max(4),
+            amp: true,
+        },
+        None => Dtypes {
+            d,
+            a: d,
+            r: d,
+            amp: false,
+        },
+    }
+}
+
+/// Whether `eager` attention runs for `spec` under `profile`'s default.
+fn eager(spec: &TrainSpec, profile_eager: bool) -> bool {
+    match spec.attention {
+        Attention::Eager => true,
+        Attention::FlashAttention2 => false,
+        Attention::Sdpa => profile_eager,
+    }
+}
+
+/// Whether transformers materialises an attention mask: a sliding window that the sequence
+/// reaches (`masking_utils`: the causal mask is skipped only while `kv_length < window`), for
+/// SDPA and eager; never for flash-attention-2.
+fn has_mask(cfg: &ModelConfig, spec: &TrainSpec) -> bool {
+    spec.attention != Attention::FlashAttention2
+        && cfg.sliding_window.is_some_and(|w| spec.seq >= w)
+}
+
+/// The tensors one decoder layer saves for backward (all tokens of the micro-batch).
+/// `input_grad`: whether the layer's input needs a gradient (false only for LoRA's first layer
+/// without checkpointing).
+pub fn layer(
+    cfg: &ModelConfig,
+    spec: &TrainSpec,
+    profile_eager: bool,
+    input_grad: bool,
+) -> Vec<SavedTensor> {
+    let Dtypes { a, r, amp, .. } = dtypes(spec);
     let n = (spec.batch * spec.seq) as u64;
-    let l = cfg.num_hidden_layers as u64;
-    let t = spec.trainable_params(cfg);
-    let layer = layer_bytes(cfg, spec, eager);
-    let (act, ckpt) = match spec.checkpointing {
-        Checkpointing::None => (l * layer, 0),
-        Checkpointing::Every(k) => (
-            (k as u64).min(l) * layer,
-            l.div_ceil(k as u64) * n * cfg.hidden_size as u64 * d,
-        ),
+    let (b, s) = (spec.batch as u64, spec.seq as u64);
+    let h = cfg.hidden_size as u64;
+    let i = cfg.intermediate_size as u64;
+    let heads = cfg.num_attention_heads as u64;
+    let q = target_shape(cfg, Target::QProj).0 as u64;
+    let kv = target_shape(cfg, Target::KProj).0 as u64;
+    let full = spec.adaptation.lora.is_none();
+    let lora = spec.adaptation.lora.as_ref();
+    let targeted = |x: Target| lora.is_some_and(|l| l.targets.contains(&x));
+    let trains = |x: Target| full || targeted(x);
+    let dropout = lora.is_some_and(|l| l.dropout > 0.0);
+    let rank = lora.map_or(0, |l| l.r as u64);
+    let eager = eager(spec, profile_eager);
+    let mask = has_mask(cfg, spec);
+    let attn_grad = input_grad
+        || full
+        || [Target::QProj, Target::KProj, Target::VProj]
+            .iter()
+            .any(|&x| targeted(x));
+    let post_grad = attn_grad || targeted(Target::OProj);
+    let quantized = spec.adaptation.quant != crate::spec::Quant::None;
+    let mut v = Vec::new();
+    let norm = |v: &mut Vec<SavedTensor>, name: &str, grad: bool| {
+        if grad {
+            // `hidden_states.to(float32)` (the input itself in fp32) saved by `pow`, and
+            // `rsqrt(variance + eps)` by the product.
+            v.push(t(format!("{name}.x_fp32"), "(N, h)", n * h, 4));
+            v.push(t(format!("{name}.rsqrt"), "(N, 1)", n, 4));
+        }
+        if full {
+            // `weight · normed` keeps `normed` for the weight's gradient.
+            v.push(t(format!("{name}.normed"), "(N, h)", n * h, r));
+        }
     };
-    // Logits (model dtype), fp32 upcast, log-softmax (fp32); backward's fp32 logits gradient.
-    let head = n * cfg.vocab_size as u64 * (d + 8) + n * cfg.vocab_size as u64 * 4;
+    // A group of linears reading the same input `x` of width `width`: which copies are kept.
+    let linears = |v: &mut Vec<SavedTensor>, group: &[Target], width: u64, grad: bool| {
+        let mut shared = false;
+        for &x in group {
+            let (out, inp) = target_shape(cfg, x);
+            let (out, inp) = (out as u64, inp as u64);
+            if targeted(x) {
+                if dropout {
+                    // PEFT's dropout: its output (read by lora_A) and its mask where the input
+                    // needs a gradient.
+                    v.push(t(
+                        format!("{}.lora_dropout", x.name()),
+                        "(N, in)",
+                        n * inp,
+                        a,
+                    ));
+                    if grad {
+                        v.push(t(
+                            format!("{}.dropout_mask", x.name()),
+                            "(N, in)",
+                            n * inp,
+                            a,
+                        ));
+                    }
+                } else if amp {
+                    v.push(t(
+                        format!("{}.lora_A.input_cast", x.name()),
+                        "(N, in)",
+                        n * inp,
+                        a,
+                    ));
+                } else {
+                    shared = true;
+                }
+                v.push(t(
+                    format!("{}.lora_B.input", x.name()),
+                    "(N, r)",
+                    n * rank,
+                    a,
+                ));
+                if amp {
+                    let adapters = rank * (inp + out);
+                    v.push(t(
+                        format!("{}.lora_AB.weight_cast", x.name()),
+                        "(r, in + out)",
+                        adapters,
+                        a,
+                    ));
+                }
+            } else if full {
+                // o_proj and down_proj read tensors already in the compute dtype (attention's
+                // output, the MLP's product): autocast makes no copy of them.
+                if amp && !matches!(x, Target::OProj | Target::DownProj) {
+                    v.push(t(format!("{}.input_cast", x.name()), "(N, in)", n * inp, a));
+                } else {
+                    shared = true;
+                }
+            }
+            if amp && (full || grad) && !quantized {
+                // autocast's 16-bit copy of the weight, kept by the product for the input's
+                // gradient (and, trained, cached for the forward); bitsandbytes' 4-bit
+                // weights are dequantized inside its own product instead.
+                v.push(t(
+                    format!("{}.weight_cast", x.name()),
+                    "(out, in)",
+                    out * inp,
+                    a,
+                ));
+            }
+        }
+        if shared {
+            v.push(t("input", "(N, in)", n * width, r));
+        }
+    };
+    norm(&mut v, "input_layernorm", input_grad);
+    linears(
+        &mut v,
+        &[Target::QProj, Target::KProj, Target::VProj],
+        h,
+        input_grad,
+    );
+    if attn_grad {
+        let kv_kept = if mask && heads != cfg.kv_heads() as u64 {
+            q
+        } else {
+            kv
+        };
+        // Which of q, k, v need a gradient (a LoRA first layer: only the adapted ones).
+        let needs = |x: Target| input_grad || full || targeted(x);
+        let (gq, gk, gv) = (
+            needs(Target::QProj),
+            needs(Target::KProj),
+            needs(Target::VProj),
+        );
+        if eager {
+            // `q·kᵀ` keeps each operand for the other's gradient; `probs·v` keeps `v` for the
+            // probabilities' gradient and the probabilities for `v`'s; softmax keeps its fp32
+            // output where its input needs a gradient.
+            if gk {
+                v.push(t("self_attn.q", "(N, q)", n * q, a));
+            }
+            if gq {
+                v.push(t("self_attn.k", "(N, q) repeated", n * q, a));
+            }
+            if gq || gk {
+                v.push(t("self_attn.v", "(N, q) repeated", n * q, a));
+            }
+            let scores = b * heads * s * s;
+            let mut kept = 0;
+            // In fp32 the probabilities are the softmax output itself.
+            if gq || gk || (a == 4 && gv) {
+                v.push(t("self_attn.probs_fp32", "(b, heads, s, s)", scores, 4));
+                kept += 1;
+            }
+            if a != 4 && gv {
+                v.push(t("self_attn.probs", "(b, heads, s, s)", scores, a));
+                kept += 1;
+            }
+            v.iter_mut()
+                .rev()
+                .take(kept)
+                .for_each(|x| x.kind = Kind::AttentionScores);
+        } else {
+            v.push(t("self_attn.q", "(N, q)", n * q, a));
+            v.push(t("self_attn.k", "(N, kv or q repeated)", n * kv_kept, a));
+            v.push(t("self_attn.v", "(N, kv or q repeated)", n * kv_kept, a));
+            v.push(t("self_attn.out", "(N, q)", n * q, a));
+            v.push(t("self_attn.logsumexp", "(b, heads, s)", b * heads * s, 4));
+            if mask {
+                v.push(t("self_attn.mask", "(b, 1, s, s)", b * s * s, a));
+            }
+        }
+    }
+    // o_proj reads the attention output: SDPA's is a view of its saved output; eager's is a
+    // contiguous copy.
+    if eager && attn_grad && trains(Target::OProj) && !dropout {
+        v.push(t("o_proj.input", "(N, q)", n * q, a));
+    }
+    linears(&mut v, &[Target::OProj], q, attn_grad);
+    if v.last().is_some_and(|x| x.name == "input") {
+        // SDPA's output is already kept.
+        v.pop();
+    }
+    norm(&mut v, "post_attention_layernorm", post_grad);
+    linears(&mut v, &[Target::GateProj, Target::UpProj], h, post_grad);
+    // SiLU keeps `gate`; the product keeps `silu(gate)` and `up`. bitsandbytes' 4-bit product
+    // runs outside autocast and returns its input's dtype (the fp32 residual stream's).
+    let m = if quantized { r } else { a };
+    v.push(t("mlp.gate", "(N, i)", n * i, m));
+    v.push(t("mlp.silu", "(N, i)", n * i, m));
+    v.push(t("mlp.up", "(N, i)", n * i, m));
+    linears(&mut v, &[Target::DownProj], i, true);
+    if let Some(x) = v.iter_mut().rev().find(|x| x.name == "input") {
+        // down_proj's input is the product, not yet kept by anything.
+        x.name = "down_proj.input".into();
+        x.elem_bytes = a;
+    }
+    for x in &mut v {
+        if x.name == "input" {
+            x.name = "linear.input".into();
+        }
+    }
+    v
+}
+
+/// The tensors the head and the loss save: the final norm, `lm_head`'s input (trained), the
+/// embedding's token ids (trained), RoPE's `cos` and `sin` (shared by all layers), the labels and
+/// the fp32 log-softmax output.
+pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
+    let Dtypes { a, r, amp, .. } = dtypes(spec);
+    let n = (spec.batch * spec.seq) as u64;
+    let (h, vocab) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
+    let full = spec.adaptation.lora.is_none();
+    let mut v = vec![
+        t("norm.x_fp32", "(N, h)", n * h, 4),
+        t("norm.rsqrt", "(N, 1)", n, 4),
+        t("loss.labels", "(N,) int64", n, 8),
+        t("loss.log_softmax", "(N, V) fp32", n * vocab, 4),
+    ];
+    if spec.checkpointing == Checkpointing::None {
+        // RoPE's `cos` and `sin`, computed once per forward and kept by every layer's products
+        // (recomputed inside each checkpointed layer instead).
+        let cos_sin = 2 * (spec.seq * cfg.head_dim()) as u64;
+        v.push(t("rotary.cos_sin", "2 × (s, head_dim)", cos_sin, r));
+    }
+    if full {
+        v.push(t("norm.normed", "(N, h)", n * h, r));
+        v.push(t("lm_head.input", "(N, h)", n * h, a));
+        v.push(t("embed_tokens.ids", "(N,) int64", n, 8));
+    }
+    if amp {
+        // autocast's copy of the head weight, kept for the input's gradient.
+        v.push(t("lm_head.weight_cast", "(V, h)", vocab * h, a));
+    }
+    v
+}
+
+/// Bytes autograd saves in a forward of `spec` (what `scripts/torch_reference.py` records as
+/// `saved_activation_bytes`): every layer's table, or under checkpointing the layers' inputs,
+/// and the head's.
+pub fn saved_bytes(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> u64 {
+    let sum = |v: Vec<SavedTensor>| v.iter().map(SavedTensor::bytes).sum::<u64>();
+    let head = sum(head(cfg, spec));
+    let (layers, _, ckpt) = layer_terms(cfg, spec, profile_eager);
+    head + if ckpt > 0 { ckpt } else { layers }
+}
+
+/// (saved bytes of the layers kept at once, the attention scores among them, checkpointed layer
+/// inputs).
+fn layer_terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> (u64, u64, u64) {
+    // (all bytes, attention-score bytes) of one layer.
+    let sums = |input_grad: bool| {
+        let v = layer(cfg, spec, profile_eager, input_grad);
+        let all: u64 = v.iter().map(SavedTensor::bytes).sum();
+        let scores: u64 = v
+            .iter()
+            .filter(|x| x.kind == Kind::AttentionScores)
+            .map(SavedTensor::bytes)
+            .sum();
+        (all, scores)
+    };
+    let l = cfg.num_hidden_layers as u64;
+    let n = (spec.batch * spec.seq) as u64;
+    let full = spec.adaptation.lora.is_none();
+    let (rest, rest_scores) = sums(true);
+    match spec.checkpointing {
+        // LoRA's first layer sees an input that needs no gradient.
+        Checkpointing::None if full => (l * rest, l * rest_scores, 0),
+        Checkpointing::None => {
+            let (first, first_scores) = sums(false);
+            (
+                first + (l - 1) * rest,
+                first_scores + (l - 1) * rest_scores,
+                0,
+            )
+        }
+        // Each segment's input (the residual stream) kept; one segment recomputed at a time
+        // (`enable_input_require_grads` makes LoRA's first input need a gradient).
+        Checkpointing::Every(k) => {
+            let k = (k as u64).min(l);
+            (
+                k * rest,
+                k * rest_scores,
+                l.div_ceil(k) * n * cfg.hidden_size as u64 * dtypes(spec).r,
+            )
+        }
+    }
+}
+
+/// The optimizer's states (bytes) for `spec`'s trainable tensors: torch's AdamW two moments in
+/// the state dtype; bitsandbytes' 8-bit optimizers one byte per moment and an f32 absmax per
+/// 256 values for tensors of 4096 elements or more, fp32 moments below
+/// (`bitsandbytes/optim/optimizer.py`, `min_8bit_size`); paged ones none on CUDA (unified
+/// memory, outside `torch.cuda.max_memory_allocated`), the non-paged states on the CPU; SGD
+/// (momentum 0) none; Adafactor factored second moments (a row and a column vector per matrix,
+/// transformers' `Adafactor` without first moment); an fp32 master copy with master-weight
+/// recipes.
+pub fn optimizer_states(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let sd = spec.state_dtype.size_in_bytes() as u64;
+    let tensors = trainable_tensors(cfg, spec);
+    let t: u64 = tensors.iter().map(|(o, i)| o * i).sum();
+    let eight = |n: u64| {
+        if n >= 4096 {
+            2 * (n + n.div_ceil(256) * 4)
+        } else {
+            2 * 4 * n
+        }
+    };
+    let master = if spec.precision.is_some_and(|p| p.master_weights()) {
+        4 * t
+    } else {
+        0
+    };
+    master
+        + match spec.optimizer {
+            Optimizer::AdamwTorch | Optimizer::AdamwTorchFused => 2 * t * sd,
+            Optimizer::AdamwBnb8bit => tensors.iter().map(|(o, i)| eight(o * i)).sum(),
+            Optimizer::PagedAdamw8bit if spec.torch_cpu => {
+                tensors.iter().map(|(o, i)| eight(o * i)).sum()
+            }
+            Optimizer::PagedAdamw32bit if spec.torch_cpu => 2 * t * 4,
+            Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit | Optimizer::Sgd => 0,
+            Optimizer::Adafactor => tensors
+                .iter()
+                .map(|&(o, i)| if i > 1 { 4 * (o + i) } else { 4 * o })
+                .sum(),
+        }
+}
+
+/// The optimizer step's transient beyond weights, gradients and states (bytes): torch's
+/// AdamW on CUDA (foreach) one buffer of every trainable tensor (`_foreach_sqrt` of the second
+/// moments), on the CPU (one tensor at a time) two buffers of the largest (`sqrt` and the
+/// division by the bias correction, `torch/optim/adamw.py` `_single_tensor_adam`); fused and
+/// SGD none; bitsandbytes on the CPU (its non-CUDA fallback) fp32 copies of the largest tensor,
+/// five for 8-bit states and three for 32-bit, none on CUDA; Adafactor one fp32 update of the
+/// largest tensor.
+pub fn optimizer(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let sd = spec.state_dtype.size_in_bytes() as u64;
+    let tensors = trainable_tensors(cfg, spec);
+    let largest = tensors.iter().map(|(o, i)| o * i).max().unwrap_or(0);
+    let all: u64 = tensors.iter().map(|(o, i)| o * i).sum();
+    match spec.optimizer {
+        Optimizer::AdamwTorch if spec.torch_cpu => 2 * largest * sd,
+        Optimizer::AdamwTorch => all * sd,
+        Optimizer::AdamwTorchFused | Optimizer::Sgd => 0,
+        Optimizer::AdamwBnb8bit | Optimizer::PagedAdamw8bit if spec.torch_cpu => 5 * largest * 4,
+        Optimizer::PagedAdamw32bit if spec.torch_cpu => 3 * largest * 4,
+        Optimizer::AdamwBnb8bit | Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit => 0,
+        Optimizer::Adafactor => largest * 4,
+    }
+}
+
+/// What [`optimizer_states`] counts for `spec`, in words.
+pub fn states_formula(spec: &TrainSpec) -> &'static str {
+    let master = spec.precision.is_some_and(|p| p.master_weights());
+    match spec.optimizer {
+        Optimizer::AdamwTorch | Optimizer::AdamwTorchFused if master => {
+            "fp32 master copy + 2 moments × trainable params × state dtype"
+        }
+        Optimizer::AdamwTorch | Optimizer::AdamwTorchFused => {
+            "2 moments × trainable params × state dtype"
+        }
+        Optimizer::AdamwBnb8bit => "2 × (1 B + 4 B / 256) per trainable param (fp32 below 4096)",
+        Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit if spec.torch_cpu => {
+            "bitsandbytes non-paged on the CPU"
+        }
+        Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit => {
+            "paged: in CUDA unified memory, outside the allocator's counters"
+        }
+        Optimizer::Adafactor => "fp32 row and column second moments per matrix",
+        Optimizer::Sgd => "none (momentum 0)",
+    }
+}
+
+/// What [`optimizer`] counts for `spec`, in words.
+pub fn optimizer_formula(spec: &TrainSpec) -> &'static str {
+    match spec.optimizer {
+        Optimizer::AdamwTorch if spec.torch_cpu => {
+            "torch AdamW on the CPU (one tensor at a time): 2 × largest trainable tensor"
+        }
+        Optimizer::AdamwTorch => "torch AdamW foreach: one buffer per trainable tensor",
+        Optimizer::AdamwTorchFused => "fused AdamW: none",
+        Optimizer::Sgd => "SGD (momentum 0): none",
+        Optimizer::AdamwBnb8bit | Optimizer::PagedAdamw8bit if spec.torch_cpu => {
+            "bitsandbytes 8-bit on the CPU: 5 fp32 copies of the largest trainable tensor"
+        }
+        Optimizer::PagedAdamw32bit if spec.torch_cpu => {
+            "bitsandbytes 32-bit on the CPU: 3 fp32 copies of the largest trainable tensor"
+        }
+        Optimizer::AdamwBnb8bit | Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit => {
+            "bitsandbytes fused kernel: none"
+        }
+        Optimizer::Adafactor => "Adafactor: one fp32 update of the largest trainable tensor",
+    }
+}
+
+/// `(rows, cols)` of every trainable tensor (vectors as `(n, 1)`): all parameters for full
+/// fine-tuning (a tied head once), the A and B of every adapter for LoRA.
+fn trainable_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(u64, u64)> {
+    match &spec.adaptation.lora {
+        None => cfg
+            .param_shapes()
+            .iter()
+            .map(|p| {
+                let n = p.numel() as u64;
+                let rows = *p.shape.first().unwrap_or(&1) as u64;
+                (rows, n / rows.max(1))
+            })
+            .collect(),
+        Some(l) => {
+            let mut v = Vec::new();
+            for _ in 0..cfg.num_hidden_layers {
+                for &x in &l.targets {
+                    let (o, i) = target_shape(cfg, x);
+                    v.push((l.r as u64, i as u64));
+                    v.push((o as u64, l.r as u64));
+                }
+            }
+            v
+        }
+    }
+}
+
+/// Weight bytes as PyTorch holds them: [`weight_bytes`], except for QLoRA, where
+/// `peft.prepare_model_for_kbit_training` casts every parameter bitsandbytes left unquantized
+/// (embeddings, head, norms) to fp32, and on the CPU with fp32 weights the checkpoint's
+/// tensors stay in memory whole: transformers 5 reads a safetensors file into one buffer, and
+/// the unquantized parameters are views of it (measured: `results/torch-cpu/`).
+pub fn weights(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let base = weight_bytes(cfg, spec);
+    if spec.adaptation.quant == crate::spec::Quant::None {
+        return base;
+    }
+    let d = spec.dtype.size_in_bytes() as u64;
+    let unquantized: u64 = cfg
+        .param_shapes()
+        .iter()
+        .filter(|p| !p.name.contains("_proj."))
+        .map(|p| p.numel() as u64)
+        .sum();
+    let quantized = cfg.param_count() - unquantized;
+    let retained = if spec.torch_cpu && d == 4 {
+        quantized * 4
+    } else {
+        0
+    };
+    base + unquantized * 4 - unquantized * d + retained
+}
+
+/// Peak of loading (bytes): the weights without LoRA's adapters (PEFT adds them after loading),
+/// and for a tied head the untied `(V, h)` head
+/// transformers allocates before tying it when it builds the model from its config (as the
+/// reference script does; QLoRA's models are read from a checkpoint).
+pub fn load_bytes(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let tied = if cfg.tie_word_embeddings && spec.adaptation.quant == crate::spec::Quant::None {
+        (cfg.vocab_size * cfg.hidden_size) as u64 * dtypes(spec).d
+    } else {
+        0
+    };
+    // PEFT adds the adapters after loading.
+    let adapters = spec.adaptation.lora.as_ref().map_or(0, |l| {
+        crate::spec::lora_param_count(cfg, l) * dtypes(spec).d
+    });
+    weights(cfg, spec) - adapters + tied
+}
+
+/// The static part and the terms for the torch profiles (`profile_eager`: the `torch-eager`
+/// profile, eager attention unless the spec names flash-attention-2).
+pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms {
+    let d = dtypes(spec).d;
+    let grad_bytes =
+        if spec.precision.is_some_and(|p| p.fp32_adapters()) && spec.adaptation.lora.is_some() {
+            4
+        } else {
+            d
+        };
+    let n = (spec.batch * spec.seq) as u64;
+    let vocab = cfg.vocab_size as u64;
+    let t = spec.trainable_params(cfg);
+    let (layers, scores, ckpt) = layer_terms(cfg, spec, profile_eager);
+    let head_saved: u64 = head(cfg, spec).iter().map(SavedTensor::bytes).sum();
+    // The log-softmax output is saved (in `head_saved`); with it the gradients out of nll_loss
+    // and log_softmax.
+    let logits = 2 * n * vocab * 4;
+    let gradients = t * grad_bytes;
+    let tied = if cfg.tie_word_embeddings && spec.adaptation.lora.is_none() {
+        2 * (cfg.vocab_size * cfg.hidden_size) as u64 * d
+    } else {
+        0
+    };
     Terms {
-        weights: weight_bytes(cfg, spec),
-        gradients: t * d,
-        optimizer_states: 2 * t * spec.state_dtype.size_in_bytes() as u64,
+        weights: weights(cfg, spec),
+        gradients,
+        optimizer_states: optimizer_states(cfg, spec),
         terms: Term::ALL.map(|term| match term {
-            Term::Activations => act as f64,
+            Term::Activations => (layers - scores) as f64,
+            Term::AttentionScores => scores as f64,
             Term::CheckpointInputs => ckpt as f64,
-            Term::LogitsAndLoss => head as f64,
-            Term::GradientsLive => (t * d) as f64,
+            // The head's saved tensors, alive until the head's backward, with checkpointing too.
+            Term::LogitsAndLoss => (head_saved + logits) as f64,
+            Term::GradientsLive => (gradients * if spec.accumulate > 1 { 2 } else { 1 }) as f64,
+            Term::LargestTrainable => tied as f64,
             Term::Constant => 1.0,
-            Term::AttentionScores
-            | Term::LargestTrainable
-            | Term::AttentionTransient
+            Term::AttentionTransient
             | Term::CpuBf16MatmulWidening
             | Term::CpuAttentionTransient => 0.0,
         }),
         checkpointed: ckpt > 0,
-        two_moments: false,
+        two_moments: true,
+        torch: true,
+        step_static: gradients + optimizer(cfg, spec),
+        accumulating: spec.accumulate > 1,
+    }
+}
+
+/// The dtype of gradients for `spec` under the torch profiles (fp32 adapters' under `+amp`).
+pub fn gradient_dtype(spec: &TrainSpec) -> DType {
+    if spec.precision.is_some_and(|p| p.fp32_adapters()) && spec.adaptation.lora.is_some() {
+        DType::F32
+    } else {
+        spec.dtype
     }
 }

@@ -26,6 +26,10 @@ pub struct Summary {
     pub max_error: Option<f64>,
     /// `--max-median-error`.
     pub max_median_error: Option<f64>,
+    /// Rows that ran out of memory (`counter` = `oom`; not in the error statistics).
+    pub oom_rows: usize,
+    /// Of those, the ones predicted to fit on their card (at or below its memory).
+    pub oom_missed: usize,
 }
 
 /// The rows as a Markdown table, then the summary line (what `check` prints and `--out-md`
@@ -35,6 +39,21 @@ pub fn markdown(rows: &[Compared], s: &Summary) -> String {
         "| row | configuration | counter | measured_bytes | predicted_bytes | error |\n|---|---|---|---:|---:|---:|\n",
     );
     for x in rows {
+        if x.oom {
+            md += &format!(
+                "| {} | {} | oom (card {} B) | — | {} | {} |\n",
+                x.id,
+                x.config,
+                x.measured_bytes,
+                x.predicted_bytes,
+                if x.predicted_bytes > x.measured_bytes {
+                    "above the card: right"
+                } else {
+                    "fits the card: WRONG"
+                }
+            );
+            continue;
+        }
         md += &format!(
             "| {} | {} | {} | {} | {} | {:+.2} % |\n",
             x.id,
@@ -60,7 +79,7 @@ pub fn summary(s: &Summary) -> String {
     .flatten()
     .collect();
     format!(
-        "profile {} ({}): {} rows; |error| median {:.2} %, p90 {:.2} %, max {:.2} %; under-estimates {} of {} with a {:.1} % margin; {}\n",
+        "profile {} ({}): {} rows; |error| median {:.2} %, p90 {:.2} %, max {:.2} %; under-estimates {} of {} with a {:.1} % margin;{} {}\n",
         s.profile.name(),
         s.coefficients,
         s.rows,
@@ -70,6 +89,15 @@ pub fn summary(s: &Summary) -> String {
         s.under,
         s.rows,
         100.0 * s.margin,
+        if s.oom_rows > 0 {
+            format!(
+                " rows that ran out of memory: {} of {} predicted above their card;",
+                s.oom_rows - s.oom_missed,
+                s.oom_rows
+            )
+        } else {
+            String::new()
+        },
         if gates.is_empty() {
             "no thresholds given (--max-error, --max-median-error): exit 0 whatever the errors"
                 .to_string()

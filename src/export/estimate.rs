@@ -93,14 +93,20 @@ fn header(x: &Answer) -> String {
             "--profile candle predicts vramcal's own step"
         }
     );
+    let dtype = match spec.precision {
+        Some(p) => format!("precision {p} (weights {})", spec.dtype.as_str()),
+        None => format!("dtype {}", spec.dtype.as_str()),
+    };
+    let states = match spec.optimizer {
+        crate::spec::Optimizer::AdamwTorch => format!("AdamW states {}", spec.state_dtype.as_str()),
+        o => format!("optimizer {o}"),
+    };
     t += &format!(
-        "{} | {}{lora} | quant {} | checkpointing {} | dtype {} | AdamW states {} | micro-batch {} x accumulate {} x seq {} | coefficients {}\n",
+        "{} | {}{lora} | quant {} | checkpointing {} | {dtype} | {states} | micro-batch {} x accumulate {} x seq {} | coefficients {}\n",
         x.model,
         spec.adaptation.method(),
         spec.adaptation.quant.label(),
         spec.checkpointing.label(),
-        spec.dtype.as_str(),
-        spec.state_dtype.as_str(),
         spec.batch,
         spec.accumulate,
         spec.seq,

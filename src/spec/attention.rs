@@ -17,6 +17,10 @@ pub enum Attention {
     Sdpa,
     /// Also the `(batch, heads, seq, seq)` probabilities (transformers' eager attention).
     Eager,
+    /// transformers' `flash_attention_2` (the flash-attn package): as `sdpa`, and never a
+    /// materialised mask or repeated K/V (sliding windows and GQA inside the kernel). The torch
+    /// profiles tell it apart; vramcal's own step has one fused attention and refuses it.
+    FlashAttention2,
 }
 
 impl Attention {
@@ -25,6 +29,7 @@ impl Attention {
         match self {
             Attention::Sdpa => "sdpa",
             Attention::Eager => "eager",
+            Attention::FlashAttention2 => "flash-attention-2",
         }
     }
 }
@@ -32,7 +37,7 @@ impl Attention {
 impl FromStr for Attention {
     type Err = Error;
 
-    /// Parses `sdpa` or `eager`.
+    /// Parses `sdpa`, `eager` or `flash-attention-2`.
     ///
     /// # Errors
     /// [`Error::InvalidValue`] for anything else, the empty string included.
@@ -40,7 +45,12 @@ impl FromStr for Attention {
         match s {
             "sdpa" => Ok(Attention::Sdpa),
             "eager" => Ok(Attention::Eager),
-            _ => Err(Error::invalid("--attention", s, "expected sdpa or eager")),
+            "flash-attention-2" => Ok(Attention::FlashAttention2),
+            _ => Err(Error::invalid(
+                "--attention",
+                s,
+                "expected sdpa, eager or flash-attention-2",
+            )),
         }
     }
 }

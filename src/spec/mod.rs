@@ -27,8 +27,8 @@ pub use checkpointing::Checkpointing;
 pub use device::DeviceChoice;
 pub use lora::{LoraConfig, Target};
 pub use method::{check_quant_dtype, Adaptation, Method, Quant};
-pub use optimizer::AdamWConfig;
-pub use precision::{dtype_name, parse_dtype};
+pub use optimizer::{AdamWConfig, Optimizer};
+pub use precision::{dtype_name, parse_dtype, Precision};
 pub use profile::Profile;
 pub use save::SaveMode;
 pub use shard::Shard;
@@ -92,6 +92,14 @@ pub struct TrainSpec {
     pub accumulate: usize,
     /// What the `save` phase writes after step 2.
     pub save: SaveMode,
+    /// The optimizer (HF `optim` name); vramcal's own step trains with `adamw_torch` only.
+    pub optimizer: Optimizer,
+    /// The precision recipe where one is named (reference rows); `None`: everything in
+    /// `dtype`, states in `state_dtype`, no autocast.
+    pub precision: Option<Precision>,
+    /// Whether PyTorch runs on the CPU (torch profiles: its AdamW then steps one tensor at a
+    /// time instead of foreach); `false` for CUDA.
+    pub torch_cpu: bool,
 }
 
 impl TrainSpec {
@@ -110,6 +118,9 @@ impl TrainSpec {
             attention: Attention::Sdpa,
             accumulate: 1,
             save: SaveMode::None,
+            optimizer: Optimizer::AdamwTorch,
+            precision: None,
+            torch_cpu: false,
         }
     }
 

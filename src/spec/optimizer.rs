@@ -63,3 +63,83 @@ impl Default for AdamWConfig {
         }
     }
 }
+
+/// Which optimizer trains, by Hugging Face `TrainingArguments.optim` name (transformers
+/// `training_args.py` `OptimizerNames`; `../shared/cases/README.md`, column `optimizer`). What
+/// each keeps and allocates while stepping is the estimator's (`src/estimate/torch.rs`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+pub enum Optimizer {
+    /// `adamw_torch`: `torch.optim.AdamW` with torch's default implementation (foreach on
+    /// CUDA tensors, one tensor at a time on the CPU); vramcal's own step trains with this.
+    #[default]
+    AdamwTorch,
+    /// `adamw_torch_fused`: `torch.optim.AdamW(fused=True)`.
+    AdamwTorchFused,
+    /// `adamw_bnb_8bit`: bitsandbytes' `AdamW8bit` (blockwise 8-bit states).
+    AdamwBnb8bit,
+    /// `paged_adamw_8bit`: bitsandbytes' `PagedAdamW8bit` (8-bit states in CUDA unified memory).
+    PagedAdamw8bit,
+    /// `paged_adamw_32bit`: bitsandbytes' `PagedAdamW32bit` (fp32 states in unified memory).
+    PagedAdamw32bit,
+    /// `adafactor`: transformers' `Adafactor` (factored second moments).
+    Adafactor,
+    /// `sgd`: `torch.optim.SGD` as the Trainer builds it (momentum 0: no state).
+    Sgd,
+}
+
+impl Optimizer {
+    /// Every optimizer, in the order of `../shared/cases/README.md`.
+    pub const ALL: [Optimizer; 7] = [
+        Optimizer::AdamwTorch,
+        Optimizer::AdamwTorchFused,
+        Optimizer::AdamwBnb8bit,
+        Optimizer::PagedAdamw8bit,
+        Optimizer::PagedAdamw32bit,
+        Optimizer::Adafactor,
+        Optimizer::Sgd,
+    ];
+
+    /// The HF `optim` name, e.g. `adamw_torch_fused`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Optimizer::AdamwTorch => "adamw_torch",
+            Optimizer::AdamwTorchFused => "adamw_torch_fused",
+            Optimizer::AdamwBnb8bit => "adamw_bnb_8bit",
+            Optimizer::PagedAdamw8bit => "paged_adamw_8bit",
+            Optimizer::PagedAdamw32bit => "paged_adamw_32bit",
+            Optimizer::Adafactor => "adafactor",
+            Optimizer::Sgd => "sgd",
+        }
+    }
+}
+
+impl std::str::FromStr for Optimizer {
+    type Err = Error;
+
+    /// Parses an HF `optim` name of [`Optimizer::ALL`], exactly.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for anything else.
+    fn from_str(s: &str) -> Result<Self> {
+        Optimizer::ALL
+            .into_iter()
+            .find(|o| o.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Optimizer::ALL.iter().map(|o| o.name()).collect();
+                Error::invalid(
+                    "optimizer",
+                    s,
+                    format!("expected one of {}", names.join(", ")),
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for Optimizer {
+    /// The HF name [`std::str::FromStr`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

@@ -173,12 +173,63 @@ pub fn train_spec(
     }
     spec.dtype = args.dtype;
     spec.state_dtype = args.optimizer_state_dtype;
+    spec.optimizer = args.optimizer;
+    if let Some(p) = args.precision {
+        // PyTorch's optimizers keep states in the trainable weights' dtype (fp32 master
+        // weights and PEFT's fp32 adapters under +amp: fp32).
+        spec.dtype = p.weights();
+        let fp32_states =
+            p.master_weights() || (p.fp32_adapters() && spec.adaptation.lora.is_some());
+        spec.state_dtype = if fp32_states {
+            candle_core::DType::F32
+        } else {
+            p.weights()
+        };
+        spec.precision = Some(p);
+    }
     spec.adamw.lr = args.lr;
     spec.adamw.weight_decay = args.weight_decay;
     spec.allow_longer = args.allow_longer;
     spec.attention = args.attention.unwrap_or_default();
     spec.data_seed = args.data_seed;
     Ok(spec)
+}
+
+/// Refuses what only the torch profiles describe: vramcal's own step trains with AdamW, without
+/// autocast or master weights, and has one fused attention.
+///
+/// # Errors
+/// `--optimizer` other than adamw_torch, an autocast or master-weight `--precision`,
+/// `--attention flash-attention-2`.
+pub fn check_measurable(spec: &TrainSpec) -> anyhow::Result<()> {
+    if spec.optimizer != crate::spec::Optimizer::AdamwTorch {
+        return Err(Error::invalid(
+            "--optimizer",
+            spec.optimizer,
+            "vramcal's own step trains with adamw_torch; estimate the others with --profile torch-sdpa",
+        )
+        .into());
+    }
+    if let Some(p) = spec
+        .precision
+        .filter(|p| p.autocast().is_some() || p.master_weights())
+    {
+        return Err(Error::invalid(
+            "--precision",
+            p,
+            "vramcal's own step runs fp32, bf16 or fp16 (no autocast, no master copy yet); estimate the others with --profile torch-sdpa",
+        )
+        .into());
+    }
+    if spec.attention == crate::spec::Attention::FlashAttention2 {
+        return Err(Error::invalid(
+            "--attention",
+            spec.attention,
+            "vramcal's own step has one fused attention (sdpa) and eager; flash-attention-2 is for estimating PyTorch (--profile torch-sdpa)",
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Checks `--save-dir` before anything runs: it needs a save, and must be (or become) a folder.
@@ -214,6 +265,7 @@ pub fn check_fits(
     model: &ResolvedModel,
     device: DeviceChoice,
 ) -> anyhow::Result<()> {
+    check_measurable(spec)?;
     if device.is_cpu() {
         // A bound past 64 bits cannot fit either.
         let need = crate::estimate::bounds::min_bytes(&model.config, spec).unwrap_or(u64::MAX);

@@ -1,0 +1,217 @@
+//! The strict parser of reference rows (`../shared/cases/README.md`): every bad cell is refused
+//! with one `error:` line naming the file, the row and the column, and nothing is written.
+
+use std::process::Command;
+
+const HEADER: &str = "id,source,model,method,lora_r,lora_alpha,lora_dropout,lora_targets,quant,precision,optimizer,optimizer_state_dtype,batch,accumulate,seq,seq_kind,checkpointing,attention,loss,gpus,shard,offload,gpu,gpu_memory_bytes,counter,peak_bytes,notes";
+const GOOD: &str = "r1,t,smollm2-135m,lora,16,32,,q_proj;v_proj,none,bf16,adamw_torch,,2,,512,fixed,on,sdpa,,,,,A100-80GB,,allocated,2000000000,";
+
+/// One bad input: the row(s) after the header (or a whole file), the fragments the error names.
+struct Case {
+    what: &'static str,
+    file: String,
+    expect: &'static [&'static str],
+}
+
+/// `GOOD` with column `col` set to `value`.
+fn with(col: &str, value: &str) -> String {
+    let names: Vec<&str> = HEADER.split(',').collect();
+    let mut cells: Vec<String> = GOOD.split(',').map(String::from).collect();
+    let i = names.iter().position(|n| *n == col).unwrap();
+    cells[i] = value.to_string();
+    format!("{HEADER}\n{}\n", cells.join(","))
+}
+
+fn cases() -> Vec<Case> {
+    let mut v: Vec<Case> = [
+        ("method", "ia3"),
+        ("quant", "bnb.nf4"),
+        ("precision", "mixed"),
+        ("optimizer", "adamw"),
+        ("optimizer_state_dtype", "fp8"),
+        ("seq_kind", "random"),
+        ("checkpointing", "yes"),
+        ("attention", "flash"),
+        ("loss", "liger"),
+        ("shard", "zero4"),
+        ("offload", "disk"),
+        ("counter", "peak"),
+        ("lora_targets", "q;v"),
+        ("lora_dropout", "1.5"),
+        ("lora_r", "0"),
+        ("batch", "two"),
+        ("model", "gpt-5"),
+        ("peak_bytes", "1.5e9"),
+    ]
+    .into_iter()
+    .map(|(col, value)| Case {
+        what: col,
+        file: with(col, value),
+        expect: &[],
+    })
+    .collect();
+    for c in &mut v {
+        c.expect = match c.what {
+            "method" => &[":2 (row \"r1\"): column method = \"ia3\""],
+            "quant" => &["column quant = \"bnb.nf4\""],
+            "precision" => &["column precision = \"mixed\""],
+            "optimizer" => &["column optimizer = \"adamw\"", "adamw_torch_fused"],
+            "optimizer_state_dtype" => &["column optimizer_state_dtype = \"fp8\""],
+            "seq_kind" => &["column seq_kind = \"random\""],
+            "checkpointing" => &["column checkpointing = \"yes\""],
+            "attention" => &["column attention = \"flash\""],
+            "loss" => &["column loss = \"liger\""],
+            "shard" => &["column shard = \"zero4\""],
+            "offload" => &["column offload = \"disk\""],
+            "counter" => &["column counter = \"peak\""],
+            "lora_targets" => &["column lora_targets = \"q;v\""],
+            "lora_dropout" => &["column lora_dropout = \"1.5\""],
+            "lora_r" => &["column lora_r = \"0\""],
+            "batch" => &["column batch = \"two\""],
+            "model" => &["column model = \"gpt-5\""],
+            _ => &["column peak_bytes = \"1.5e9\"", "integer bytes"],
+        };
+    }
+    for (what, col, value, expect) in [
+        (
+            "counter none",
+            "counter",
+            "none",
+            "column counter = \"none\"",
+        ),
+        ("empty id", "id", "", "column id = \"\""),
+        (
+            "empty gpu",
+            "gpu",
+            "",
+            "column gpu = \"\": every row names it",
+        ),
+        (
+            "every:0",
+            "checkpointing",
+            "every:0",
+            "column checkpointing = \"every:0\"",
+        ),
+        (
+            "lm_head target",
+            "lora_targets",
+            "q_proj;lm_head",
+            "not modelled yet",
+        ),
+        ("fused loss", "loss", "fused-linear-ce", "do not model yet"),
+        ("offload", "offload", "optimizer", "does not model yet"),
+        ("status", "notes", "x", ""),
+        ("8-bit states dtype", "optimizer", "adamw_bnb_8bit", ""),
+    ] {
+        let file = match what {
+            // A `status` column with a value outside ok/oom/error.
+            "status" => format!("{HEADER},status\n{GOOD},finished\n"),
+            "8-bit states dtype" => {
+                with("optimizer", value).replace(",adamw_bnb_8bit,,", ",adamw_bnb_8bit,fp32,")
+            }
+            _ => with(col, value),
+        };
+        let expect: &'static [&'static str] = match what {
+            "status" => &["column status = \"finished\""],
+            "8-bit states dtype" => &[
+                "column optimizer_state_dtype = \"fp32\"",
+                "only torch's AdamW",
+            ],
+            _ => Box::leak(Box::new([expect])),
+        };
+        v.push(Case { what, file, expect });
+    }
+    v.push(Case {
+        what: "sharded row on one GPU",
+        file: with("shard", "zero2"),
+        expect: &["column gpus", "needs gpus of 2 or more"],
+    });
+    v.push(Case {
+        what: "oom row with a peak",
+        file: with("counter", "oom").replace(",A100-80GB,,", ",A100-80GB,85899345920,"),
+        expect: &["column peak_bytes", "an oom row has no peak"],
+    });
+    v.push(Case {
+        what: "duplicate id",
+        file: format!("{HEADER}\n{GOOD}\n{GOOD}\n"),
+        expect: &[
+            ":3 (row \"r1\"): column id",
+            "duplicate id (first at line 2)",
+        ],
+    });
+    v.push(Case {
+        what: "oom row without the card's memory",
+        file: with("counter", "oom").replace(",2000000000,", ",,"),
+        expect: &["column gpu_memory_bytes", "oom row needs the card's memory"],
+    });
+    v.push(Case {
+        what: "missing column",
+        file: format!(
+            "{}\n{}\n",
+            HEADER.replace(",counter", ""),
+            GOOD.replace(",allocated", "")
+        ),
+        expect: &["missing required column \"counter\""],
+    });
+    v.push(Case {
+        what: "qlora row with quant none",
+        file: with("method", "qlora"),
+        expect: &["column quant = \"none\"", "qlora rows have an nf4"],
+    });
+    v
+}
+
+#[test]
+fn every_bad_cell_is_refused_by_file_row_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, c) in cases().into_iter().enumerate() {
+        let f = dir.path().join(format!("case{i}.csv"));
+        std::fs::write(&f, &c.file).unwrap();
+        let out_csv = dir.path().join(format!("never-made-{i}.csv"));
+        let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
+            .args(["check", "--profile", "torch-sdpa", "--measured"])
+            .arg(&f)
+            .arg("--out-csv")
+            .arg(&out_csv)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}: accepted", c.what);
+        assert_eq!(err.lines().count(), 1, "{}: {err}", c.what);
+        assert!(err.starts_with("error: "), "{}: {err}", c.what);
+        assert!(err.contains(&f.display().to_string()), "{}: {err}", c.what);
+        for e in c.expect {
+            assert!(err.contains(e), "{}: {err} lacks {e}", c.what);
+        }
+        assert!(!out_csv.exists(), "{}: wrote {}", c.what, out_csv.display());
+    }
+}
+
+/// The good row itself is read, and an `oom` row with the card's memory is checked as "predicted
+/// above the card".
+#[test]
+fn good_rows_and_oom_rows_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("ok.csv");
+    let oom = GOOD.replace("r1,", "r2,").replace(
+        ",A100-80GB,,allocated,2000000000,",
+        ",tiny card,1000000,oom,,",
+    );
+    std::fs::write(&f, format!("{HEADER}\n{GOOD}\n{oom}\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
+        .args(["check", "--profile", "torch-sdpa", "--measured"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("| r2 |") && text.contains("above the card: right"),
+        "{text}"
+    );
+    assert!(text.contains("1 of 1 predicted above their card"), "{text}");
+}

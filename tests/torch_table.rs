@@ -1,0 +1,63 @@
+//! The torch profiles' saved-tensor table (`src/estimate/torch.rs`) against what autograd really
+//! saved: every successful row of `results/torch-cpu/` records the bytes PyTorch's
+//! `saved_tensors_hooks` saw in step 2's forward (`saved_activation_bytes`, each storage once,
+//! parameters left out), and the table must give the same bytes for the row's configuration.
+
+use std::path::Path;
+
+use vramcal::calibrate::reference::read_references;
+use vramcal::estimate::torch::saved_bytes;
+
+/// The committed CPU reference files.
+fn files() -> Vec<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/torch-cpu");
+    let mut v: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "csv"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Each row's table total within 0.1 % of autograd's saved bytes (what is left is the loss's
+/// scalars and bitsandbytes' quantization state, a few KB), and most rows exact to 1 KiB.
+#[test]
+fn the_saved_tensor_table_matches_autograd() {
+    let mut rows = 0;
+    let mut exact = 0;
+    let mut worst = (0.0f64, String::new());
+    for f in files() {
+        let mut r = csv::Reader::from_path(&f).unwrap();
+        let saved: std::collections::HashMap<String, u64> = r
+            .deserialize::<std::collections::HashMap<String, String>>()
+            .map(Result::unwrap)
+            .filter_map(|m| Some((m["id"].clone(), m["saved_activation_bytes"].parse().ok()?)))
+            .collect();
+        for p in read_references(&f).unwrap() {
+            if !p.usable {
+                continue;
+            }
+            let cfg = vramcal::config::preset(&p.model).unwrap().config;
+            let eager = p.spec.attention == vramcal::spec::Attention::Eager;
+            let want = saved[&p.id] as f64;
+            let got = saved_bytes(&cfg, &p.spec, eager) as f64;
+            let e = (got - want).abs() / want;
+            rows += 1;
+            if (got - want).abs() <= 1024.0 {
+                exact += 1;
+            }
+            if e > worst.0 {
+                worst = (e, format!("{}: table {got} B, autograd {want} B", p.id));
+            }
+        }
+    }
+    assert!(rows >= 200, "{rows} rows");
+    assert!(
+        worst.0 <= 0.001,
+        "worst {:.4} %: {}",
+        100.0 * worst.0,
+        worst.1
+    );
+    assert!(exact * 10 >= rows * 9, "{exact} of {rows} exact to 1 KiB");
+}
