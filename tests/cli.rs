@@ -1030,6 +1030,27 @@ const BAD_FILES: &[Case] = &[
         error: "gpu-device.csv: row 2: device \"gpu\"",
         untouched: Some("gpu-device.csv"),
     },
+    // What only the torch profiles describe is refused by vramcal's own step.
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--optimizer", "sgd"],
+        error: "vramcal's own step trains with adamw_torch",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--precision", "amp-bf16"],
+        error: "no autocast, no master copy yet",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--precision", "fp16"],
+        error: "measure --dtype f16 (f32 states) instead",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--batch", "1", "--seq", "8", "--profile", "candle", "--optimizer", "adamw_bnb_8bit"],
+        error: "vramcal's own step trains with adamw_torch",
+        untouched: None,
+    },
     Case {
         args: &["check", "--measured", "{dir}/fp8.csv", "--profile", "torch-sdpa"],
         error: "column precision = \"fp8\": expected one of fp32, bf16, fp16",

@@ -122,6 +122,16 @@ fn cases() -> Vec<Case> {
         v.push(Case { what, file, expect });
     }
     v.push(Case {
+        what: "zero peak",
+        file: with("peak_bytes", "0"),
+        expect: &["column peak_bytes = \"0\""],
+    });
+    v.push(Case {
+        what: "full row with a LoRA rank",
+        file: with("method", "full"),
+        expect: &["column lora_r = \"16\"", "no LoRA setting"],
+    });
+    v.push(Case {
         what: "sharded row on one GPU",
         file: with("shard", "zero2"),
         expect: &["column gpus", "needs gpus of 2 or more"],
@@ -214,4 +224,28 @@ fn good_rows_and_oom_rows_are_read() {
         "{text}"
     );
     assert!(text.contains("1 of 1 predicted above their card"), "{text}");
+}
+
+/// A calibration table of one device kind is not applied to rows of another: a GPU row with
+/// the CPU table is refused by row.
+#[test]
+fn a_table_of_another_device_kind_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("gpu.csv");
+    std::fs::write(&f, format!("{HEADER}\n{GOOD}\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["check", "--profile", "torch-sdpa", "--calibration"])
+        .arg("results/calibration/cpu-torch-sdpa.csv")
+        .arg("--measured")
+        .arg(&f)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted");
+    assert!(
+        err.starts_with("error: ") && err.contains("row \"r1\""),
+        "{err}"
+    );
+    assert!(err.contains("describes the CPU"), "{err}");
 }

@@ -46,10 +46,34 @@ pub fn compare_file(
     let mut out = Vec::new();
     let mut skipped = 0;
     if is_reference_file(f)? {
+        // PyTorch's rows are one stack with their own attention and device: the torch-sdpa
+        // profile reads both from each row.
+        if profile != Profile::TorchSdpa {
+            return Err(Error::invalid(
+                "--profile",
+                profile.name(),
+                format!(
+                    "{}: reference rows are PyTorch runs that name their own attention (eager rows are estimated as eager): check them with --profile torch-sdpa",
+                    f.display()
+                ),
+            ));
+        }
         for p in read_references(f)? {
             if !p.usable {
                 skipped += 1;
                 continue;
+            }
+            if c.source != "uncalibrated" && c.cpu != p.spec.torch_cpu {
+                return Err(Error::Csv {
+                    path: f.to_path_buf(),
+                    reason: format!(
+                        "row {:?} ran on {}, but the calibration table {} describes {}: give a table of the row's device kind",
+                        p.id,
+                        p.device,
+                        c.source,
+                        if c.cpu { "the CPU" } else { "a GPU" }
+                    ),
+                });
             }
             let cfg = resolve_model(&p.model)?.config;
             let e = estimate_sharded(&cfg, &p.spec, profile, c, p.sharding).map_err(|e| {

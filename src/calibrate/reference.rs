@@ -380,6 +380,22 @@ impl Reference {
         if sharding.is_some() && gpus < 2 {
             return Err(c.err("gpus", &raw.gpus, "a sharded row needs gpus of 2 or more"));
         }
+        if method == "full" {
+            for (col, v) in [
+                ("lora_r", &raw.lora_r),
+                ("lora_alpha", &raw.lora_alpha),
+                ("lora_dropout", &raw.lora_dropout),
+                ("lora_targets", &raw.lora_targets),
+            ] {
+                if !v.is_empty() {
+                    return Err(c.err(
+                        col,
+                        v,
+                        "a full fine-tuning row has no LoRA setting (empty)",
+                    ));
+                }
+            }
+        }
         spec.adaptation = Adaptation {
             lora: if method == "full" {
                 None
@@ -422,6 +438,20 @@ impl Reference {
         let peak_bytes = c.bytes("peak_bytes", &raw.peak_bytes)?;
         let gpu_memory_bytes = c.bytes("gpu_memory_bytes", &raw.gpu_memory_bytes)?;
         let ran = matches!(status, "" | "ok");
+        if gpu_memory_bytes == Some(0) {
+            return Err(c.err(
+                "gpu_memory_bytes",
+                "0",
+                "expected the card's memory in bytes",
+            ));
+        }
+        if ran && counter != Counter::Oom && counter != Counter::None && peak_bytes == Some(0) {
+            return Err(c.err(
+                "peak_bytes",
+                "0",
+                "a successful row needs its peak in bytes",
+            ));
+        }
         if counter == Counter::Oom {
             if gpu_memory_bytes.is_none() {
                 return Err(c.err(

@@ -649,6 +649,8 @@ pub fn estimate_sharded(
         spec
     };
     let mut t = terms(cfg, spec, profile, c.cpu);
+    // The share of the optimizer states this GPU steps (1 without sharding).
+    let mut state_share = 1.0;
     if let Some((sh, gpus)) = sharding {
         let m = multi::shard(
             cfg,
@@ -660,6 +662,7 @@ pub fn estimate_sharded(
             t.optimizer_states,
         )?;
         t.weights = m.weights;
+        state_share = m.optimizer_states as f64 / t.optimizer_states.max(1) as f64;
         t.optimizer_states = m.optimizer_states;
         t.terms[Term::GradientsLive.index()] *= m.gradients as f64 / t.gradients.max(1) as f64;
         t.gradients = m.gradients;
@@ -667,7 +670,8 @@ pub fn estimate_sharded(
     let bwd = predicted_backward_peak(&t, c);
     let opt_transient = match profile {
         Profile::Candle => optimizer_transient(cfg, spec, profile, t.gradients),
-        _ => torch::optimizer(cfg, spec),
+        // Each GPU steps its own partition of the states (ZeRO): its transient shrinks with it.
+        _ => (torch::optimizer(cfg, spec) as f64 * state_share).round() as u64,
     };
     // The torch profiles' fitted constant (CUDA workspaces) is alive at the step too.
     let step_constant = if t.torch {

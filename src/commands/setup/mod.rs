@@ -221,6 +221,14 @@ pub fn check_measurable(spec: &TrainSpec) -> anyhow::Result<()> {
         )
         .into());
     }
+    if spec.precision == Some(crate::spec::Precision::Fp16) {
+        return Err(Error::invalid(
+            "--precision",
+            "fp16",
+            "fp16 keeps AdamW's states in fp16, which diverge in vramcal's step (non-finite loss); measure --dtype f16 (f32 states) instead",
+        )
+        .into());
+    }
     if spec.attention == crate::spec::Attention::FlashAttention2 {
         return Err(Error::invalid(
             "--attention",
