@@ -83,18 +83,20 @@ fn held_out(text: &str) -> (f64, f64) {
         .lines()
         .find(|l| l.starts_with("held-out rows"))
         .unwrap_or_else(|| panic!("{text}"));
-    let pct = |key: &str| -> f64 {
-        held.split(key)
-            .nth(1)
-            .unwrap()
-            .trim_start()
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    (pct("median |error|"), pct("max"))
+    (pct_after(held, "median |error|"), pct_after(held, "max"))
+}
+
+/// The number that follows `key` in `line` (a percentage in vramcal's summaries).
+fn pct_after(line: &str, key: &str) -> f64 {
+    line.split(key)
+        .nth(1)
+        .unwrap()
+        .trim_start()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// The torch profile's tables are what `calibrate` makes of PyTorch's rows, per device kind,
@@ -308,18 +310,10 @@ fn public_measurements_are_checked_with_the_torch_profiles() {
         "torch-sdpa",
     ]);
     let line = text.lines().find(|l| l.starts_with("profile ")).unwrap();
-    let pct = |key: &str| -> f64 {
-        line.split(key)
-            .nth(1)
-            .unwrap()
-            .trim_start()
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    assert!(pct("median") <= 6.0 && pct("max") <= 11.0, "{line}");
+    assert!(
+        pct_after(line, "median") <= 6.0 && pct_after(line, "max") <= 11.0,
+        "{line}"
+    );
     assert!(
         text.contains("| pub-01 |") && text.contains("| pub-11 |"),
         "{text}"
