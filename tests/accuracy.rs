@@ -83,11 +83,14 @@ fn held_out(text: &str) -> (f64, f64) {
         .lines()
         .find(|l| l.starts_with("held-out rows"))
         .unwrap_or_else(|| panic!("{text}"));
-    (pct_after(held, "median |error|"), pct_after(held, "max"))
+    (
+        number_after(held, "median |error|"),
+        number_after(held, "max"),
+    )
 }
 
-/// The number that follows `key` in `line` (a percentage in vramcal's summaries).
-fn pct_after(line: &str, key: &str) -> f64 {
+/// The number that follows `key` in `line` (a percentage or a count in vramcal's summaries).
+fn number_after(line: &str, key: &str) -> f64 {
     line.split(key)
         .nth(1)
         .unwrap()
@@ -249,14 +252,7 @@ fn torch_cpu_files() -> Vec<String> {
 /// The number of rows a `check` summary line reports.
 fn rows_checked(text: &str) -> usize {
     let line = text.lines().find(|l| l.starts_with("profile ")).unwrap();
-    line.split("): ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    number_after(line, "): ") as usize
 }
 
 /// PyTorch's own CPU peaks (`results/torch-cpu/`, exact to the byte, two architectures, every
@@ -311,7 +307,7 @@ fn public_measurements_are_checked_with_the_torch_profiles() {
     ]);
     let line = text.lines().find(|l| l.starts_with("profile ")).unwrap();
     assert!(
-        pct_after(line, "median") <= 6.0 && pct_after(line, "max") <= 11.0,
+        number_after(line, "median") <= 6.0 && number_after(line, "max") <= 11.0,
         "{line}"
     );
     assert!(
