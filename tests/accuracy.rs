@@ -2,6 +2,8 @@
 //! table being what `vramcal calibrate` makes of them, the check against published PyTorch
 //! measurements, and bad input for estimate, calibrate and check.
 
+mod common;
+
 use std::process::Command;
 
 fn bin() -> Command {
@@ -107,7 +109,7 @@ fn number_after(line: &str, key: &str) -> f64 {
 /// max ≤ 3 %, on the CPU grid and on the H200 rows.
 #[test]
 fn committed_torch_tables_are_what_calibrate_makes() {
-    let files = torch_cpu_files();
+    let files = common::torch_cpu_files();
     let cpu: Vec<&str> = files.iter().map(String::as_str).collect();
     let profile = ["--profile", "torch-sdpa"];
     let text = calibrate_makes_with(&cpu, "results/calibration/cpu-torch-sdpa.csv", &profile);
@@ -235,20 +237,6 @@ fn succeeds(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The committed PyTorch CPU reference files (`results/torch-cpu/*.csv`, made by
-/// `scripts/torch-cpu-grid.sh`), relative to the repository root.
-fn torch_cpu_files() -> Vec<String> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut v: Vec<String> = std::fs::read_dir(root.join("results/torch-cpu"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "csv"))
-        .map(|p| p.strip_prefix(root).unwrap().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 /// The number of rows a `check` summary line reports.
 fn rows_checked(text: &str) -> usize {
     let line = text.lines().find(|l| l.starts_with("profile ")).unwrap();
@@ -261,7 +249,7 @@ fn rows_checked(text: &str) -> usize {
 /// optimizer and attention.
 #[test]
 fn torch_profiles_hold_pytorchs_cpu_peaks() {
-    let files = torch_cpu_files();
+    let files = common::torch_cpu_files();
     let mut args = vec!["check", "--profile", "torch-sdpa", "--measured"];
     args.extend(files.iter().map(String::as_str));
     args.extend(["--max-median-error", "1%", "--max-error", "3%"]);

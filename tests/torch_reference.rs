@@ -21,6 +21,18 @@ fn script() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_reference.py")
 }
 
+/// The reference script under `py`, pointed at this build's vramcal, for preset `tiny`.
+fn tiny(py: &str) -> Command {
+    let mut c = Command::new(py);
+    c.arg(script()).args([
+        "--vramcal",
+        env!("CARGO_BIN_EXE_vramcal"),
+        "--model",
+        "tiny",
+    ]);
+    c
+}
+
 /// The count adds up on tensors whose bytes are known (4000 B, 2000 B, 30 B and a 64 × 64
 /// product with its two operands), phase by phase.
 #[test]
@@ -51,14 +63,7 @@ fn a_real_step_is_counted_from_its_parameters_up() {
     let Some(py) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("torch.csv");
-    let st = Command::new(py)
-        .arg(script())
-        .args([
-            "--vramcal",
-            env!("CARGO_BIN_EXE_vramcal"),
-            "--model",
-            "tiny",
-        ])
+    let st = tiny(&py)
         .args([
             "--batch", "1", "--seq", "16", "--dtype", "f32", "--device", "cpu",
         ])
@@ -131,14 +136,7 @@ fn the_script_refuses_values_outside_its_vocabulary() {
         ("--lora-targets", "q,v"),
         ("--checkpointing", "sometimes"),
     ] {
-        let st = Command::new(&py)
-            .arg(script())
-            .args([
-                "--vramcal",
-                env!("CARGO_BIN_EXE_vramcal"),
-                "--model",
-                "tiny",
-            ])
+        let st = tiny(&py)
             .args(["--device", "cpu", "--method", "lora", flag, value, "--out"])
             .arg(&out)
             .output()

@@ -3,22 +3,12 @@
 //! `saved_tensors_hooks` saw in step 2's forward (`saved_activation_bytes`, each storage once,
 //! parameters left out), and the table must give the same bytes for the row's configuration.
 
+mod common;
+
 use std::path::Path;
 
 use vramcal::calibrate::reference::read_references;
 use vramcal::estimate::torch::saved_bytes;
-
-/// The committed CPU reference files.
-fn files() -> Vec<std::path::PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/torch-cpu");
-    let mut v: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "csv"))
-        .collect();
-    v.sort();
-    v
-}
 
 /// Each row's table total within 0.1 % of autograd's saved bytes (what is left is the loss's
 /// scalars and bitsandbytes' quantization state, a few KB), and most rows exact to 1 KiB.
@@ -27,7 +17,8 @@ fn the_saved_tensor_table_matches_autograd() {
     let mut rows = 0;
     let mut exact = 0;
     let mut worst = (0.0f64, String::new());
-    for f in files() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for f in common::torch_cpu_files().iter().map(|f| root.join(f)) {
         let mut r = csv::Reader::from_path(&f).unwrap();
         let saved: std::collections::HashMap<String, u64> = r
             .deserialize::<std::collections::HashMap<String, String>>()

@@ -236,7 +236,7 @@ pub fn reference_points(refs: &[reference::Reference], profile: Profile) -> Resu
             device: p.device.clone(),
             seq: p.spec.seq,
             measured,
-            optimizer_transient: crate::estimate::torch::optimizer(&cfg, &p.spec),
+            optimizer_transient: t.step_transient,
             load: crate::estimate::torch::load_bytes(&cfg, &p.spec),
             terms: t,
         });
@@ -386,7 +386,7 @@ fn moments_of(p: &Point) -> &'static [Moment] {
 /// The bytes counted, not fitted, at moment `m` of point `p`.
 fn static_at(p: &Point, m: Moment) -> f64 {
     let step = if m == Moment::Step {
-        p.terms.step_static
+        p.terms.gradients + p.terms.step_transient
     } else {
         0
     };

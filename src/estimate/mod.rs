@@ -312,10 +312,10 @@ pub struct Terms {
     /// largest-trainable transient (a tied embedding's two gradient contributions) is alive at
     /// the end of backward only, and no saved tensor is left by then.
     pub torch: bool,
-    /// Gradients and the optimizer step's transient (bytes): what the [`Moment::Step`] adds to
-    /// weights and states (torch profiles; 0 for `candle`, whose calibration has no such
-    /// moment).
-    pub step_static: u64,
+    /// The optimizer step's transient (bytes) for the torch profiles ([`torch::optimizer`]):
+    /// with the gradients, what the [`Moment::Step`] adds to weights and states. 0 for
+    /// `candle`, whose calibration has no such moment.
+    pub step_transient: u64,
     /// Whether gradients are accumulated over micro-batches (`accumulate > 1`).
     pub accumulating: bool,
 }
@@ -465,7 +465,7 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
         checkpointed: ckpt > 0,
         two_moments: true,
         torch: false,
-        step_static: 0,
+        step_transient: 0,
         accumulating: spec.accumulate > 1,
     }
 }
@@ -671,7 +671,7 @@ pub fn estimate_sharded(
     let opt_transient = match profile {
         Profile::Candle => optimizer_transient(cfg, spec, profile, t.gradients),
         // Each GPU steps its own partition of the states (ZeRO): its transient shrinks with it.
-        _ => (torch::optimizer(cfg, spec) as f64 * state_share).round() as u64,
+        _ => (t.step_transient as f64 * state_share).round() as u64,
     };
     // The torch profiles' fitted constant (CUDA workspaces) is alive at the step too.
     let step_constant = if t.torch {

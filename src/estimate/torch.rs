@@ -556,12 +556,7 @@ pub fn load_bytes(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 /// profile, eager attention unless the spec names flash-attention-2).
 pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms {
     let d = dtypes(spec).d;
-    let grad_bytes =
-        if spec.precision.is_some_and(|p| p.fp32_adapters()) && spec.adaptation.lora.is_some() {
-            4
-        } else {
-            d
-        };
+    let grad_bytes = gradient_dtype(spec).size_in_bytes() as u64;
     let n = (spec.batch * spec.seq) as u64;
     let vocab = cfg.vocab_size as u64;
     let t = spec.trainable_params(cfg);
@@ -596,7 +591,7 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms 
         checkpointed: ckpt > 0,
         two_moments: true,
         torch: true,
-        step_static: gradients + optimizer(cfg, spec),
+        step_transient: optimizer(cfg, spec),
         accumulating: spec.accumulate > 1,
     }
 }

@@ -39,3 +39,17 @@ pub fn stderr_line(out: &std::process::Output) -> String {
     assert_eq!(e.lines().count(), 1, "one error line, got: {e}");
     e
 }
+
+/// The committed PyTorch CPU reference files (`results/torch-cpu/*.csv`, made by
+/// `scripts/torch-cpu-grid.sh`), relative to the repository root, sorted.
+pub fn torch_cpu_files() -> Vec<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut v: Vec<String> = std::fs::read_dir(root.join("results/torch-cpu"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "csv"))
+        .map(|p| p.strip_prefix(root).unwrap().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
