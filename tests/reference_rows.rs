@@ -164,6 +164,30 @@ fn cases() -> Vec<Case> {
         expect: &["missing required column \"counter\""],
     });
     v.push(Case {
+        what: "reserved below allocated",
+        file: format!("{HEADER},peak_reserved_bytes\n{GOOD},1999999999\n"),
+        expect: &[
+            "column peak_reserved_bytes = \"1999999999\"",
+            "below peak_bytes",
+        ],
+    });
+    v.push(Case {
+        what: "reserved beside a reserved counter",
+        file: format!(
+            "{HEADER},peak_reserved_bytes\n{},2100000000\n",
+            GOOD.replace(",allocated,", ",reserved,")
+        ),
+        expect: &[
+            "column peak_reserved_bytes = \"2100000000\"",
+            "beside an allocated peak",
+        ],
+    });
+    v.push(Case {
+        what: "reserved not an integer",
+        file: format!("{HEADER},peak_reserved_bytes\n{GOOD},2.1e9\n"),
+        expect: &["column peak_reserved_bytes = \"2.1e9\""],
+    });
+    v.push(Case {
         what: "qlora row with quant none",
         file: with("method", "qlora"),
         expect: &["column quant = \"none\"", "qlora rows have an nf4"],
@@ -248,4 +272,90 @@ fn a_table_of_another_device_kind_is_refused() {
         "{err}"
     );
     assert!(err.contains("describes the CPU"), "{err}");
+}
+
+/// A `reserved` row is held against the predicted reserved peak where the table models the
+/// caching allocator (the H200 table, fitted on `peak_reserved_bytes`), and against the
+/// allocated peak, said in the counter column, where it does not (uncalibrated).
+#[test]
+fn reserved_rows_meet_the_reserved_prediction() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("reserved.csv");
+    let row = GOOD.replace(",allocated,", ",reserved,");
+    std::fs::write(&f, format!("{HEADER}\n{row}\n")).unwrap();
+    let run = |table: Option<&str>| -> (String, u64) {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vramcal"));
+        c.current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["check", "--profile", "torch-sdpa", "--measured"])
+            .arg(&f);
+        if let Some(t) = table {
+            c.args(["--calibration", t]);
+        }
+        let out = c.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("| r1 |"))
+            .unwrap()
+            .to_string();
+        let predicted: u64 = line.split('|').nth(5).unwrap().trim().parse().unwrap();
+        (line, predicted)
+    };
+    let (plain, allocated) = run(None);
+    assert!(
+        plain.contains("| reserved vs allocated (no reserved model) |"),
+        "{plain}"
+    );
+    let (fitted, reserved) = run(Some("results/calibration/h200-torch-sdpa.csv"));
+    assert!(fitted.contains("| reserved |"), "{fitted}");
+    // The caching allocator's reserve is on top of the allocated peak: the reserved prediction
+    // exceeds the (calibrated) allocated one by more than the fitted constant alone.
+    assert!(reserved > allocated + (64 << 20), "{plain}\n{fitted}");
+}
+
+/// A calibration table with one of the two reserved terms is refused (both or neither).
+#[test]
+fn a_table_with_half_the_reserved_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("results/calibration/h200-torch-sdpa.csv"),
+    )
+    .unwrap();
+    assert!(
+        table.contains(",reserved_kept,"),
+        "the H200 table models reserved"
+    );
+    let cut: String = table
+        .lines()
+        .filter(|l| !l.contains(",reserved_kept,"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let f = dir.path().join("half.csv");
+    std::fs::write(&f, cut).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
+        .args([
+            "estimate",
+            "--model",
+            "smollm2-135m",
+            "--seq",
+            "512",
+            "--precision",
+            "bf16",
+            "--calibration",
+        ])
+        .arg(&f)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted");
+    assert!(
+        err.starts_with("error: ") && err.contains("both or neither"),
+        "{err}"
+    );
 }

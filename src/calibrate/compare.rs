@@ -88,13 +88,14 @@ pub fn compare_file(
             } else {
                 p.peak_bytes.unwrap_or(0)
             };
+            let (predicted, counter) = predicted_for(&e, p.counter);
             out.push(Compared {
                 id: p.id.clone(),
                 config: p.summary.clone(),
-                counter: p.counter.name().to_string(),
+                counter,
                 measured_bytes: m,
-                predicted_bytes: e.peak_bytes,
-                relative_error: (e.peak_bytes as f64 - m as f64) / m.max(1) as f64,
+                predicted_bytes: predicted,
+                relative_error: (predicted as f64 - m as f64) / m.max(1) as f64,
                 oom,
             });
         }
@@ -124,6 +125,28 @@ pub fn compare_file(
         }
     }
     Ok((out, skipped))
+}
+
+/// The prediction a row of `counter` is held against, and the counter as the comparison
+/// shows it: the allocated peak for `allocated` and `active` (the caching allocator's active
+/// blocks are its allocated ones rounded to 512 bytes); the predicted reserved peak for
+/// `reserved`, for `smi` (nvidia-smi adds the CUDA context, which vramcal does not model: said
+/// in the label) and for `oom` (what must fit on the card). Without a reserved model in the
+/// coefficients ([`crate::estimate::Reserved`], fitted on CUDA rows) those fall back to the
+/// allocated peak, and the label says so.
+pub fn predicted_for(e: &crate::estimate::Estimate, counter: Counter) -> (u64, String) {
+    let name = counter.name();
+    match (counter, e.reserved_bytes) {
+        (Counter::Allocated | Counter::Active | Counter::None, _) => (e.peak_bytes, name.into()),
+        (Counter::Reserved, Some(r)) => (r, name.into()),
+        (Counter::Smi, Some(r)) => (r, "smi vs reserved (no CUDA context)".into()),
+        (Counter::Oom, Some(r)) => (r, name.into()),
+        (Counter::Oom, None) => (e.peak_bytes, "oom vs allocated".into()),
+        (_, None) => (
+            e.peak_bytes,
+            format!("{name} vs allocated (no reserved model)"),
+        ),
+    }
 }
 
 /// The median of `v` (the mean of the two middle values for an even count); NaN when empty.

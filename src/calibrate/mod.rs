@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::{resolve_model, ModelConfig};
 use crate::error::{Error, Result};
 use crate::estimate::{
-    predicted_backward_peak, terms, Coefficients, Moment, Term, MOMENTS, N_TERMS,
+    predicted_backward_peak, terms, Coefficients, Moment, Reserved, ReservedBasis, Term, MOMENTS,
+    N_TERMS,
 };
 use crate::report::Row;
 use crate::spec::{parse_dtype, TrainSpec};
@@ -182,6 +183,9 @@ pub struct Point {
     pub optimizer_transient: u64,
     /// The load phase's peak (bytes) where the profile counts one (torch profiles), else 0.
     pub load: u64,
+    /// Its reserved peak (bytes, `torch.cuda.max_memory_reserved`), where the row records one
+    /// (`peak_reserved_bytes` of `scripts/torch_reference.py`'s CUDA rows).
+    pub reserved: Option<u64>,
 }
 
 /// Turns successful rows into points for `profile`.
@@ -203,6 +207,7 @@ pub fn points(rows: &[Row], profile: Profile) -> Result<Vec<Point>> {
             device: r.device.clone(),
             seq: r.seq,
             load: 0,
+            reserved: None,
             measured,
             optimizer_transient: crate::estimate::optimizer_transient(
                 &cfg,
@@ -238,6 +243,7 @@ pub fn reference_points(refs: &[reference::Reference], profile: Profile) -> Resu
             measured,
             optimizer_transient: t.step_transient,
             load: crate::estimate::torch::load_bytes(&cfg, &p.spec),
+            reserved: p.reserved_bytes,
             terms: t,
         });
     }
@@ -292,6 +298,7 @@ pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficient
             values: c,
             source: String::new(),
             cpu: false, // unused: each point's terms already hold its device's features
+            reserved: None,
         };
         let sse: f64 = errors(pts, &cand).iter().map(|e| e * e).sum();
         if best.as_ref().is_none_or(|(b, _)| sse < *b) {
@@ -304,7 +311,50 @@ pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficient
         values: c,
         source: source.into(),
         cpu: !pts.is_empty() && pts.iter().all(|p| p.device == "cpu"),
+        reserved: None,
     })
+}
+
+/// Fits the caching allocator's reserve ([`Reserved`]) to the points that record a reserved
+/// peak, given the fitted allocated coefficients `c`: non-negative least squares of
+/// `reserved − predicted allocated` on the peak's transient and kept parts, relative to the
+/// reserved peak. `None` when fewer than two points record one (CPU rows never do).
+pub fn fit_reserved(pts: &[&Point], c: &Coefficients) -> Option<Reserved> {
+    let with: Vec<(&Point, u64)> = pts
+        .iter()
+        .filter_map(|p| p.reserved.map(|r| (*p, r)))
+        .collect();
+    if with.len() < 2 {
+        return None;
+    }
+    let (mut a, mut y) = (Vec::new(), Vec::new());
+    for (p, r) in &with {
+        let (alloc, basis) = predicted(p, c);
+        let r = *r as f64;
+        a.push(vec![basis.transient / r, basis.kept / r]);
+        y.push((r - alloc) / r);
+    }
+    let v = nnls(&a, &y);
+    Some(Reserved {
+        transient: v[0],
+        kept: v[1],
+    })
+}
+
+/// Relative errors `(predicted − measured) / measured` of the reserved peak of each point
+/// that records one, under `c` with its [`Reserved`] (empty without).
+pub fn reserved_errors(pts: &[&Point], c: &Coefficients) -> Vec<f64> {
+    let Some(r) = &c.reserved else {
+        return vec![];
+    };
+    pts.iter()
+        .filter_map(|p| {
+            p.reserved.map(|m| {
+                let (alloc, basis) = predicted(p, c);
+                (alloc + basis.extra(r) - m as f64) / m as f64
+            })
+        })
+        .collect()
 }
 
 /// The terms (indices into [`Term`]) that are zero in every point at every moment.
@@ -419,16 +469,31 @@ fn best_moment(p: &Point, c: &[f64; N_TERMS]) -> Moment {
 /// Relative error `(predicted − measured) / measured` of each point.
 pub fn errors(pts: &[&Point], c: &Coefficients) -> Vec<f64> {
     pts.iter()
-        .map(|p| {
-            let step = predicted_at(p, best_moment(p, &c.values), &c.values);
-            (predicted_backward_peak(&p.terms, c)
-                .max(step)
-                .max(optimizer_peak(p))
-                .max(p.load as f64)
-                - p.measured as f64)
-                / p.measured as f64
-        })
+        .map(|p| (predicted(p, c).0 - p.measured as f64) / p.measured as f64)
         .collect()
+}
+
+/// The predicted allocated peak of `p` under `c` (bytes), as `estimate` computes it, and the
+/// parts of it the caching allocator's reserve grows with.
+fn predicted(p: &Point, c: &Coefficients) -> (f64, ReservedBasis) {
+    let moment = best_moment(p, &c.values);
+    let bwd = predicted_backward_peak(&p.terms, c);
+    let peak = bwd
+        .max(predicted_at(p, moment, &c.values))
+        .max(optimizer_peak(p))
+        .max(p.load as f64);
+    let basis = if peak == p.load as f64 && peak > bwd {
+        ReservedBasis::default()
+    } else if peak > bwd {
+        ReservedBasis {
+            transient: p.optimizer_transient as f64,
+            kept: 0.0,
+        }
+    } else {
+        p.terms
+            .reserved_basis(p.terms.peak_moment(&c.values), &c.values)
+    };
+    (peak, basis)
 }
 
 /// The optimizer step's predicted peak, as `estimate` computes it.
@@ -471,14 +536,18 @@ pub struct CalibrationRow {
 /// [`Error::Io`]/[`Error::Csv`].
 pub fn write_table(path: &Path, rows: &[CalibrationRow]) -> Result<()> {
     for r in rows {
-        let term = Term::from_name(&r.term).ok_or_else(|| {
-            Error::invalid(
-                "calibration term",
-                &r.term,
-                "is not a term of the estimator",
-            )
-        })?;
-        let (max, _) = coefficient_bound(term);
+        let max = if RESERVED_TERMS.contains(&r.term.as_str()) {
+            MAX_MULTIPLIER
+        } else {
+            let term = Term::from_name(&r.term).ok_or_else(|| {
+                Error::invalid(
+                    "calibration term",
+                    &r.term,
+                    "is not a term of the estimator",
+                )
+            })?;
+            coefficient_bound(term).0
+        };
         if !(r.coefficient.is_finite() && (0.0..=max).contains(&r.coefficient)) {
             return Err(Error::invalid(
                 format!("fitted coefficient of {}", r.term),
@@ -502,6 +571,13 @@ pub fn write_table(path: &Path, rows: &[CalibrationRow]) -> Result<()> {
     }
     w.flush().map_err(|e| Error::io(path, e))
 }
+
+/// The table's names of the caching allocator's reserve ([`Reserved`]): `transient`, then
+/// `kept`. A table has both or neither.
+pub const RESERVED_TERMS: [&str; 2] = ["reserved_transient", "reserved_kept"];
+
+/// The unit of [`RESERVED_TERMS`]' coefficients.
+pub const RESERVED_UNIT: &str = "reserved bytes per allocated byte of the part";
 
 /// Largest coefficient a calibration table may give a term counted in bytes per byte (a
 /// transient a few tensors wide is 3–4; the fit never needs more than a few).
@@ -551,6 +627,7 @@ pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| bad(format!("not a vramcal calibration table: {e}")))?;
     let mut values = [f64::NAN; N_TERMS];
+    let mut reserved = [None::<f64>; 2];
     for row in &rows {
         if row.profile != profile.name() {
             return Err(bad(format!(
@@ -578,6 +655,19 @@ pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
                 row.tool_version,
                 env!("CARGO_PKG_VERSION")
             )));
+        }
+        if let Some(k) = RESERVED_TERMS.iter().position(|n| *n == row.term) {
+            let c = row.coefficient;
+            if !c.is_finite() || !(0.0..=MAX_MULTIPLIER).contains(&c) {
+                return Err(bad(format!(
+                    "coefficient {c} for term {} is not a finite number in 0..={MAX_MULTIPLIER} ({RESERVED_UNIT}): the table is damaged or not made by `vramcal calibrate`",
+                    row.term
+                )));
+            }
+            if reserved[k].replace(c).is_some() {
+                return Err(bad(format!("has two coefficients for term {}", row.term)));
+            }
+            continue;
         }
         let term =
             Term::from_name(&row.term).ok_or_else(|| bad(format!("unknown term {}", row.term)))?;
@@ -617,11 +707,22 @@ pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
             Term::ALL[i].name()
         )));
     }
+    let reserved = match reserved {
+        [Some(transient), Some(kept)] => Some(Reserved { transient, kept }),
+        [None, None] => None,
+        _ => {
+            return Err(bad(format!(
+                "has only one of the terms {} and {}: a table has both or neither",
+                RESERVED_TERMS[0], RESERVED_TERMS[1]
+            )))
+        }
+    };
     Ok(Coefficients {
         profile,
         values,
         source: path.display().to_string(),
         cpu: !rows.is_empty() && rows.iter().all(|r| r.device == "cpu"),
+        reserved,
     })
 }
 

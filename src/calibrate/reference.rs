@@ -90,6 +90,10 @@ pub struct ReferenceRow {
     /// Median step time (seconds) in files of `scripts/torch_reference.py`.
     #[serde(default)]
     pub step_seconds_median: String,
+    /// The reserved peak (bytes, `torch.cuda.max_memory_reserved`) beside an `allocated`
+    /// peak, in CUDA files of `scripts/torch_reference.py`; empty or absent elsewhere.
+    #[serde(default)]
+    pub peak_reserved_bytes: String,
 }
 
 /// Columns every reference file must have (`../shared/cases/README.md`).
@@ -181,6 +185,8 @@ pub struct Reference {
     pub peak_bytes: Option<u64>,
     /// The card's memory (bytes), where given.
     pub gpu_memory_bytes: Option<u64>,
+    /// The reserved peak beside an `allocated` one (`peak_reserved_bytes`), where recorded.
+    pub reserved_bytes: Option<u64>,
     /// Whether the run succeeded (`status` `ok` or absent, and a peak or an `oom` counter).
     pub usable: bool,
     /// Median step time (seconds), where recorded.
@@ -437,6 +443,23 @@ impl Reference {
         }
         let peak_bytes = c.bytes("peak_bytes", &raw.peak_bytes)?;
         let gpu_memory_bytes = c.bytes("gpu_memory_bytes", &raw.gpu_memory_bytes)?;
+        let reserved_bytes = c.bytes("peak_reserved_bytes", &raw.peak_reserved_bytes)?;
+        if reserved_bytes.is_some() && counter != Counter::Allocated {
+            return Err(c.err(
+                "peak_reserved_bytes",
+                &raw.peak_reserved_bytes,
+                "goes beside an allocated peak (counter allocated); a reserved peak alone is counter reserved",
+            ));
+        }
+        if let (Some(r), Some(a)) = (reserved_bytes, peak_bytes) {
+            if r < a {
+                return Err(c.err(
+                    "peak_reserved_bytes",
+                    &raw.peak_reserved_bytes,
+                    "is below peak_bytes: the allocator reserves at least what it allocates",
+                ));
+            }
+        }
         let ran = matches!(status, "" | "ok");
         if gpu_memory_bytes == Some(0) {
             return Err(c.err(
@@ -510,6 +533,7 @@ impl Reference {
             counter,
             peak_bytes,
             gpu_memory_bytes,
+            reserved_bytes,
             usable,
             step_seconds_median,
         })

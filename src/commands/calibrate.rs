@@ -7,11 +7,12 @@ use std::process::ExitCode;
 
 use crate::calibrate::compare::{abs_max, median};
 use crate::calibrate::{
-    device_slug, errors, fit, leave_one_out, points, split, write_table, CalibrationRow, Point,
+    device_slug, errors, fit, fit_reserved, leave_one_out, points, reserved_errors, split,
+    write_table, CalibrationRow, Point, RESERVED_TERMS, RESERVED_UNIT,
 };
 use crate::cli::CalibrateArgs;
 use crate::estimate::{Coefficients, Term};
-use crate::export::calibrate::Fitted;
+use crate::export::calibrate::{Fitted, ReservedFit};
 use crate::report::csv_out::read_rows;
 use crate::report::Row;
 use crate::spec::Profile;
@@ -55,6 +56,14 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         )
     })?;
     note_unexercised(&train, &c);
+    let mut c = c;
+    c.reserved = fit_reserved(&train, &c);
+    let reserved = c.reserved.map(|r| ReservedFit {
+        values: r,
+        fitted: train.iter().filter(|p| p.reserved.is_some()).count(),
+        fit_errors: reserved_errors(&train, &c),
+        held_errors: reserved_errors(&held, &c),
+    });
     let fitted = Fitted {
         profile: a.profile,
         device,
@@ -65,6 +74,7 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         loo_errors: leave_one_out(&train, a.profile),
         held_errors: errors(&held, &c),
         holdout: a.holdout,
+        reserved,
         out,
     };
     write_table(&fitted.out, &table(a, &fitted))?;
@@ -153,7 +163,7 @@ fn table(a: &CalibrateArgs, f: &Fitted) -> Vec<CalibrationRow> {
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(";");
-    Term::ALL
+    let mut rows: Vec<CalibrationRow> = Term::ALL
         .iter()
         .zip(f.values)
         .map(|(term, v)| CalibrationRow {
@@ -169,5 +179,26 @@ fn table(a: &CalibrateArgs, f: &Fitted) -> Vec<CalibrationRow> {
             tool_version: env!("CARGO_PKG_VERSION").into(),
             command: super::command_line(),
         })
-        .collect()
+        .collect();
+    if let Some(r) = &f.reserved {
+        for (name, v) in RESERVED_TERMS
+            .iter()
+            .zip([r.values.transient, r.values.kept])
+        {
+            rows.push(CalibrationRow {
+                profile: f.profile.name().into(),
+                device: f.device.clone(),
+                term: (*name).into(),
+                coefficient: v,
+                unit: RESERVED_UNIT.into(),
+                points_used: r.fitted,
+                fit_median_abs_error: median(r.fit_errors.iter().map(|e| e.abs()).collect()),
+                heldout_max_abs_error: (!r.held_errors.is_empty()).then(|| abs_max(&r.held_errors)),
+                source_files: files.clone(),
+                tool_version: env!("CARGO_PKG_VERSION").into(),
+                command: super::command_line(),
+            });
+        }
+    }
+    rows
 }

@@ -114,7 +114,7 @@ pub fn answer(q: Query) -> anyhow::Result<Answer> {
         None => None,
     };
     let fixes = match q.budget {
-        Some((_, b)) if e.peak_bytes > b => {
+        Some((_, b)) if e.needed_bytes() > b => {
             advice::fixes(cfg, &q.spec, q.profile, &q.coefficients, q.sharding, b)
         }
         _ => vec![],

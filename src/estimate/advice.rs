@@ -135,7 +135,7 @@ pub fn fixes(
                 continue;
             }
             if let Ok(x) = estimate_sharded(cfg, spec, profile, c, Some((shard, gpus))) {
-                if x.peak_bytes <= budget {
+                if x.needed_bytes() <= budget {
                     fitted.push(shard);
                 }
                 alts.push((n, x));

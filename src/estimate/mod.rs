@@ -240,6 +240,46 @@ pub struct Coefficients {
     /// where its CPU kernels run: the `candle` attention transient is then the CPU attention
     /// kernel's ([`Term`]). `false` for the uncalibrated coefficients and CUDA tables.
     pub cpu: bool,
+    /// The caching allocator's reserve beyond the allocated peak, where a table fitted on
+    /// rows with a `peak_reserved_bytes` column gives it; `None` otherwise (the uncalibrated
+    /// coefficients and CPU tables: no reserved figure is predicted).
+    pub reserved: Option<Reserved>,
+}
+
+/// What PyTorch's CUDA caching allocator reserves beyond the allocated peak
+/// (`torch.cuda.max_memory_reserved` − `max_memory_allocated`), as fractions of the peak's
+/// parts. The allocator caches freed blocks in segments (2 MiB for requests up to 1 MiB, 20 MiB
+/// up to 10 MiB, larger requests rounded to 2 MiB; `c10/cuda/CUDACachingAllocator.cpp`) and
+/// hands a cached block only to a request that fits in it, so blocks freed while a step runs
+/// (a recomputed layer's tensors, the logits, the optimizer's temporaries) leave reserved but
+/// unallocated memory behind when later requests are larger or differently sized. Tensors
+/// allocated once and kept (saved activations without checkpointing) fragment less. Both
+/// fractions are fitted by `vramcal calibrate` on measured reserved peaks; nothing here is
+/// counted from first principles.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Reserved {
+    /// Reserved bytes per byte of the peak's transient part ([`ReservedBasis::transient`]).
+    pub transient: f64,
+    /// Reserved bytes per byte of the peak's kept activations ([`ReservedBasis::kept`]).
+    pub kept: f64,
+}
+
+/// The parts of a predicted peak that the caching allocator's reserve grows with ([`Reserved`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct ReservedBasis {
+    /// Bytes allocated and freed again within the step and alive at the peak: the logits and
+    /// the loss's buffers, the attention and gradient transients, under checkpointing the
+    /// recomputed layer's saved tensors, at the optimizer step its temporaries.
+    pub transient: f64,
+    /// Saved activations kept from the forward to the backward without checkpointing.
+    pub kept: f64,
+}
+
+impl ReservedBasis {
+    /// The reserve predicted over the allocated peak (bytes) under `r`.
+    pub fn extra(&self, r: &Reserved) -> f64 {
+        r.transient * self.transient + r.kept * self.kept
+    }
 }
 
 impl Coefficients {
@@ -261,6 +301,7 @@ impl Coefficients {
             values,
             source: "uncalibrated".into(),
             cpu: false,
+            reserved: None,
         }
     }
 }
@@ -285,10 +326,23 @@ pub struct Estimate {
     pub items: Vec<Item>,
     /// Predicted peak allocated bytes.
     pub peak_bytes: u64,
+    /// Predicted peak reserved bytes (CUDA's caching allocator: `peak_bytes` plus the cached
+    /// blocks, [`Reserved`]), where the coefficients model it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_bytes: Option<u64>,
     /// Phase predicted to hold the peak.
     pub peak_phase: String,
     /// Source of the coefficients.
     pub coefficients: String,
+}
+
+impl Estimate {
+    /// The memory the configuration needs on the card (bytes): the predicted reserved peak
+    /// where the coefficients model it (what must fit for the allocator not to fail), else the
+    /// allocated peak.
+    pub fn needed_bytes(&self) -> u64 {
+        self.reserved_bytes.unwrap_or(self.peak_bytes)
+    }
 }
 
 /// The exact static part and the calibrated terms of a point.
@@ -350,6 +404,33 @@ impl Terms {
             }
         }
         row
+    }
+
+    /// The parts of the peak at backward moment `m` under coefficients `c` that the caching
+    /// allocator's reserve grows with ([`ReservedBasis`]).
+    pub fn reserved_basis(&self, m: Moment, c: &[f64; N_TERMS]) -> ReservedBasis {
+        let row = self.design(m);
+        let part =
+            |terms: &[Term]| -> f64 { terms.iter().map(|t| row[t.index()] * c[t.index()]).sum() };
+        let saved = part(&[Term::Activations, Term::AttentionScores]);
+        let passing = part(&[
+            Term::LogitsAndLoss,
+            Term::LargestTrainable,
+            Term::AttentionTransient,
+            Term::CpuBf16MatmulWidening,
+            Term::CpuAttentionTransient,
+        ]);
+        if self.checkpointed {
+            ReservedBasis {
+                transient: passing + saved,
+                kept: 0.0,
+            }
+        } else {
+            ReservedBasis {
+                transient: passing,
+                kept: saved,
+            }
+        }
     }
 
     /// The moment that holds the peak under coefficients `c` (the first of equal ones).
@@ -668,6 +749,7 @@ pub fn estimate_sharded(
         t.gradients = m.gradients;
     }
     let bwd = predicted_backward_peak(&t, c);
+    let bwd_basis = t.reserved_basis(t.peak_moment(&c.values), &c.values);
     let opt_transient = match profile {
         Profile::Candle => optimizer_transient(cfg, spec, profile, t.gradients),
         // Each GPU steps its own partition of the states (ZeRO): its transient shrinks with it.
@@ -715,8 +797,8 @@ pub fn estimate_sharded(
             });
         }
     }
-    let (peak, phase) = if bwd >= opt {
-        (bwd, "backward")
+    let (peak, phase, basis) = if bwd >= opt {
+        (bwd, "backward", bwd_basis)
     } else {
         // The items that add up at the optimizer step.
         items = held;
@@ -745,7 +827,11 @@ pub fn estimate_sharded(
                 formula: f.into(),
             });
         }
-        (opt, "optimizer_step")
+        let basis = ReservedBasis {
+            transient: opt_transient as f64,
+            kept: 0.0,
+        };
+        (opt, "optimizer_step", basis)
     };
     // Loading (torch profiles): the weights and a tied head's untied copy.
     let load = match profile {
@@ -753,20 +839,25 @@ pub fn estimate_sharded(
         _ if sharding.is_some() => 0,
         _ => torch::load_bytes(cfg, spec),
     };
-    let (peak, phase) = if load as f64 > peak {
+    let (peak, phase, basis) = if load as f64 > peak {
         items = vec![Item {
             name: "weights while loading".into(),
             bytes: load,
             formula: "params × dtype, plus a tied head's (V, h) before tying".into(),
         }];
-        (load as f64, "load")
+        (load as f64, "load", ReservedBasis::default())
     } else {
-        (peak, phase)
+        (peak, phase, basis)
     };
+    let peak_bytes = peak.round() as u64;
     Ok(Estimate {
         profile,
         items,
-        peak_bytes: peak.round() as u64,
+        peak_bytes,
+        reserved_bytes: c
+            .reserved
+            .as_ref()
+            .map(|r| peak_bytes + basis.extra(r).round() as u64),
         peak_phase: phase.into(),
         coefficients: c.source.clone(),
     })

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::calibrate::compare::{abs_max, median};
 use crate::calibrate::Holdout;
-use crate::estimate::{Term, N_TERMS};
+use crate::estimate::{Reserved, Term, N_TERMS};
 use crate::spec::Profile;
 
 /// A finished calibration (errors are signed fractions, `(predicted − measured) / measured`).
@@ -29,8 +29,23 @@ pub struct Fitted {
     pub held_errors: Vec<f64>,
     /// The hold-out rule.
     pub holdout: Holdout,
+    /// The caching allocator's reserve, fitted where rows record reserved peaks.
+    pub reserved: Option<ReservedFit>,
     /// Where the table was written.
     pub out: PathBuf,
+}
+
+/// The fit of the caching allocator's reserve ([`Reserved`]); errors are of the reserved peak.
+#[derive(Debug, Clone)]
+pub struct ReservedFit {
+    /// The fitted fractions.
+    pub values: Reserved,
+    /// Fitted rows that record a reserved peak.
+    pub fitted: usize,
+    /// Errors of the fitted rows' reserved peaks.
+    pub fit_errors: Vec<f64>,
+    /// Errors of the held-out rows' reserved peaks.
+    pub held_errors: Vec<f64>,
 }
 
 /// The summary `vramcal calibrate` prints (errors in %).
@@ -69,6 +84,26 @@ pub fn text(f: &Fitted) -> String {
             pct(abs_max(&f.held_errors)),
             f.held_errors.iter().filter(|e| **e < 0.0).count()
         );
+    }
+    if let Some(r) = &f.reserved {
+        t += &format!(
+            "reserved (CUDA caching allocator) = allocated + {:.4} × transient + {:.4} × kept activations, fitted on {} rows' peak_reserved_bytes\n",
+            r.values.transient, r.values.kept, r.fitted
+        );
+        t += &format!(
+            "reserved, fit rows: median |error| {}, max {}\n",
+            med(&r.fit_errors),
+            pct(abs_max(&r.fit_errors))
+        );
+        if !r.held_errors.is_empty() {
+            t += &format!(
+                "reserved, held-out rows ({}): median |error| {}, max {}, under-estimates {}\n",
+                r.held_errors.len(),
+                med(&r.held_errors),
+                pct(abs_max(&r.held_errors)),
+                r.held_errors.iter().filter(|e| **e < 0.0).count()
+            );
+        }
     }
     t += &format!("wrote {}\n", f.out.display());
     t

@@ -50,8 +50,8 @@ pub fn json(x: &Answer) -> anyhow::Result<String> {
         "seq": x.spec.seq,
         "estimate": e,
         "references": x.references,
-        "budget": x.budget.as_ref().map(|(n, b)| serde_json::json!({"name": n, "bytes": b, "fits": e.peak_bytes <= *b})),
-        "alternatives": x.fixes.iter().map(|(n, f)| serde_json::json!({"change": n, "peak_bytes": f.peak_bytes})).collect::<Vec<_>>(),
+        "budget": x.budget.as_ref().map(|(n, b)| serde_json::json!({"name": n, "bytes": b, "needed_bytes": e.needed_bytes(), "fits": e.needed_bytes() <= *b})),
+        "alternatives": x.fixes.iter().map(|(n, f)| serde_json::json!({"change": n, "peak_bytes": f.peak_bytes, "reserved_bytes": f.reserved_bytes})).collect::<Vec<_>>(),
         "sharding": x.sharding.map(|(s, gpus)| serde_json::json!({"shard": s, "gpus": gpus})),
         "device_map": x.device_map,
     });
@@ -135,6 +135,14 @@ fn items(e: &Estimate) -> String {
         gib(e.peak_bytes),
         e.peak_phase
     );
+    if let Some(r) = e.reserved_bytes {
+        t += &format!(
+            "{:<32} {:>16} {:>9}  allocated + the caching allocator's cached blocks (fitted)\n",
+            "peak reserved (predicted)",
+            r,
+            gib(r)
+        );
+    }
     t
 }
 
@@ -188,27 +196,36 @@ fn references(x: &Answer) -> String {
 /// first).
 fn verdict(x: &Answer, name: &str, b: u64) -> String {
     let mut t = String::new();
-    if x.estimate.peak_bytes <= b {
+    let need = x.estimate.needed_bytes();
+    let of = if x.estimate.reserved_bytes.is_some() {
+        " (predicted reserved peak)"
+    } else {
+        ""
+    };
+    if need <= b {
         t += &format!(
-            "verdict: fits in {name} ({} GiB): headroom {} GiB\n",
+            "verdict: fits in {name} ({} GiB): headroom {} GiB{of}\n",
             gib(b),
-            gib(b - x.estimate.peak_bytes)
+            gib(b - need)
         );
     } else {
         t += &format!(
-            "verdict: does NOT fit in {name} ({} GiB): {} GiB over\n",
+            "verdict: does NOT fit in {name} ({} GiB): {} GiB over{of}\n",
             gib(b),
-            gib(x.estimate.peak_bytes - b)
+            gib(need - b)
         );
-        let mut fit: Vec<&(String, Estimate)> =
-            x.fixes.iter().filter(|(_, x)| x.peak_bytes <= b).collect();
-        fit.sort_by_key(|(_, x)| std::cmp::Reverse(x.peak_bytes));
+        let mut fit: Vec<&(String, Estimate)> = x
+            .fixes
+            .iter()
+            .filter(|(_, x)| x.needed_bytes() <= b)
+            .collect();
+        fit.sort_by_key(|(_, x)| std::cmp::Reverse(x.needed_bytes()));
         if fit.is_empty() {
             t += "  none of checkpointing, a smaller micro-batch, 16-bit AdamW states, LoRA, QLoRA or ZeRO-2/3 over up to 8 GPUs makes it fit\n";
         } else {
             t += "  changes that make it fit (least memory saved first):\n";
             for (n, x) in fit {
-                t += &format!("    {n}: {} GiB\n", gib(x.peak_bytes));
+                t += &format!("    {n}: {} GiB\n", gib(x.needed_bytes()));
             }
         }
     }
