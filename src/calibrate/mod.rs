@@ -440,7 +440,7 @@ fn static_at(p: &Point, m: Moment) -> f64 {
     } else {
         0
     };
-    (p.terms.weights + p.terms.optimizer_states + step) as f64
+    (p.terms.weights + p.terms.optimizer_states + p.terms.workspace + step) as f64
 }
 
 /// The predicted peak of `p` at moment `m` under coefficients `c`.
@@ -498,7 +498,11 @@ fn predicted(p: &Point, c: &Coefficients) -> (f64, ReservedBasis) {
 
 /// The optimizer step's predicted peak, as `estimate` computes it.
 fn optimizer_peak(p: &Point) -> f64 {
-    (p.terms.weights + p.terms.gradients + p.terms.optimizer_states + p.optimizer_transient) as f64
+    (p.terms.weights
+        + p.terms.gradients
+        + p.terms.optimizer_states
+        + p.optimizer_transient
+        + p.terms.workspace) as f64
 }
 
 /// One row of a calibration table.

@@ -372,6 +372,10 @@ pub struct Terms {
     pub step_transient: u64,
     /// Whether gradients are accumulated over micro-batches (`accumulate > 1`).
     pub accumulating: bool,
+    /// Counted buffers alive from the first product to the end of the step (bytes): for the
+    /// torch profiles on CUDA the cuBLAS workspaces ([`torch::CUBLAS_WORKSPACES`]); 0 on the
+    /// CPU and for `candle`.
+    pub workspace: u64,
 }
 
 impl Terms {
@@ -548,6 +552,7 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
         torch: false,
         step_transient: 0,
         accumulating: spec.accumulate > 1,
+        workspace: 0,
     }
 }
 
@@ -676,7 +681,7 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile: Profile, cpu: bool) -
 /// Predicted peak of step 2's backward with coefficients `c` (see [`Term`]).
 pub fn predicted_backward_peak(t: &Terms, c: &Coefficients) -> f64 {
     let row = t.design(t.peak_moment(&c.values));
-    (t.weights + t.optimizer_states) as f64
+    (t.weights + t.optimizer_states + t.workspace) as f64
         + row.iter().zip(c.values).map(|(x, k)| x * k).sum::<f64>()
 }
 
@@ -761,7 +766,8 @@ pub fn estimate_sharded(
     } else {
         0.0
     };
-    let opt = (t.weights + t.gradients + t.optimizer_states + opt_transient) as f64 + step_constant;
+    let opt = (t.weights + t.gradients + t.optimizer_states + opt_transient + t.workspace) as f64
+        + step_constant;
     // Held at every moment of the step.
     let held = vec![
         Item {
@@ -783,6 +789,17 @@ pub fn estimate_sharded(
             },
         },
     ];
+    let held = {
+        let mut held = held;
+        if t.workspace > 0 {
+            held.push(Item {
+                name: "cuBLAS workspaces (CUDA)".into(),
+                bytes: t.workspace,
+                formula: torch::CUBLAS_WORKSPACES_FORMULA.into(),
+            });
+        }
+        held
+    };
     let mut items = held.clone();
     let row = t.design(t.peak_moment(&c.values));
     for term in Term::ALL {

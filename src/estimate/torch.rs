@@ -552,6 +552,19 @@ pub fn load_bytes(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     weights(cfg, spec) - adapters + tied
 }
 
+/// The cuBLAS workspaces PyTorch allocates on CUDA through its caching allocator (bytes): one
+/// per (cuBLAS handle, stream), and handles are per thread, so two in training, the forward's
+/// (the Python thread) and autograd's backward thread's; each of PyTorch's default size,
+/// 32 MiB on compute capability 9.0 (`4096 * 8` KiB; `aten/src/ATen/cuda/CublasHandlePool.cpp`,
+/// `parseChosenWorkspaceSize`, torch 2.4 and later), 8.125 MiB on earlier GPUs (`4096 * 2 + 16
+/// * 8` KiB). vramcal counts the 32 MiB size whatever the GPU: on a pre-Hopper card it
+/// over-counts by 48 MiB. Set otherwise by `CUBLAS_WORKSPACE_CONFIG`, which vramcal does not read.
+pub const CUBLAS_WORKSPACES: u64 = 2 * 32 * 1024 * 1024;
+
+/// How [`CUBLAS_WORKSPACES`] is counted, as the itemized estimate shows it.
+pub const CUBLAS_WORKSPACES_FORMULA: &str =
+    "2 threads (forward, autograd's backward) × 32 MiB (PyTorch's default on sm90; 8.125 MiB before)";
+
 /// The static part and the terms for the torch profiles (`profile_eager`: the `torch-eager`
 /// profile, eager attention unless the spec names flash-attention-2).
 pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms {
@@ -593,6 +606,7 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms 
         torch: true,
         step_transient: optimizer(cfg, spec),
         accumulating: spec.accumulate > 1,
+        workspace: if spec.torch_cpu { 0 } else { CUBLAS_WORKSPACES },
     }
 }
 
