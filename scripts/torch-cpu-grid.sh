@@ -27,7 +27,7 @@ for m in "${models[@]}"; do
     --seq 64,128,256
   # Optimizers users pick (HF TrainingArguments.optim).
   run --method full,lora --lora-targets q_proj,v_proj --precision fp32 --seq 64,128,256 \
-    --optimizer adamw_torch_fused,sgd,adamw_bnb_8bit,paged_adamw_8bit,paged_adamw_32bit
+    --optimizer adamw_torch_fused,sgd,adafactor,adamw_bnb_8bit,paged_adamw_8bit,paged_adamw_32bit
   # LoRA targets and dropout.
   run --method lora --lora-targets q_proj,k_proj,v_proj,o_proj --lora-targets all-linear \
     --lora-dropout 0,0.05 --precision fp32 --checkpointing off,on --seq 64,128,256
@@ -41,4 +41,6 @@ for m in "${models[@]}"; do
     --checkpointing off,on --seq 32,64,128
   run --method qlora --lora-targets q_proj,v_proj --quant nf4-dq --precision amp-bf16 \
     --checkpointing off,on --seq 32,64,128
+  # Adafactor with 16-bit weights (its fp32 copies of gradient and parameter).
+  run --method full --precision bf16 --optimizer adafactor --seq 32,64,128
 done

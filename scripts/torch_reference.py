@@ -54,6 +54,8 @@ FIELDS = [
     "backward_seconds", "optimizer_seconds", "torch_version", "transformers_version",
     "peft_version", "bitsandbytes_version", "utc_time", "host_cpu", "threads", "command",
 ]
+# CUDA files also carry the card's memory, which out-of-memory rows need (`counter` = `oom`).
+FIELDS_CUDA = FIELDS + ["gpu_memory_bytes"]
 
 
 def host_cpu():
@@ -88,6 +90,9 @@ def build(cfg: dict, dtype, device, attn: str):
     if arch == "MistralForCausalLM":
         conf = transformers.MistralConfig(**kw)
         cls = transformers.MistralForCausalLM
+    elif arch == "Qwen2ForCausalLM":
+        conf = transformers.Qwen2Config(**kw)
+        cls = transformers.Qwen2ForCausalLM
     else:
         conf = transformers.LlamaConfig(**kw)
         cls = transformers.LlamaForCausalLM
@@ -201,8 +206,8 @@ PRECISIONS = {
     "bf16+amp": (torch.bfloat16, torch.bfloat16, True),
     "fp16+amp": (torch.float16, torch.float16, True),
 }
-OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "sgd", "adamw_bnb_8bit", "paged_adamw_8bit",
-              "paged_adamw_32bit"]
+OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "adamw_bnb_8bit",
+              "paged_adamw_8bit", "paged_adamw_32bit"]
 METHODS = ["full", "lora", "qlora"]
 QUANTS = ["nf4", "nf4-dq"]
 CHECKPOINTING = {"off": None, "on": False, "reentrant": True}  # value: use_reentrant
@@ -215,7 +220,11 @@ def optimizer(name, params):
     """The optimizer HF's Trainer builds for `TrainingArguments.optim = name` (transformers
     `trainer.py` `get_optimizer_cls_and_kwargs`): torch's AdamW (foreach where torch's default
     picks it: CUDA tensors; fused for `adamw_torch_fused`), torch's SGD (momentum 0), and
-    bitsandbytes' 8-bit and paged optimizers."""
+    transformers' Adafactor (`adafactor`: `scale_parameter=False, relative_step=False` and the
+    learning rate, as the Trainer passes them) and bitsandbytes' 8-bit and paged optimizers."""
+    if name == "adafactor":
+        return transformers.optimization.Adafactor(params, lr=5e-5, scale_parameter=False,
+                                                   relative_step=False)
     if name == "adamw_torch":
         return torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
     if name == "adamw_torch_fused":
@@ -477,7 +486,16 @@ def measure(args, cfg, p):
                 "optimizer": "step2_optimizer_step"}[k]
         if name in phases:
             row[f"{k}_seconds"] = phases[name]["seconds"]
-    if cuda and phases:
+    if cuda and row.get("status") == "oom":
+        # The reference format's out-of-memory row: no peak, the card's memory instead
+        # (`counter` = `oom`; `vramcal check` expects the prediction above it). What was
+        # allocated before the failure goes into the notes.
+        row["counter"] = "oom"
+        row["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+        if phases:
+            notes.append("allocated before running out: "
+                         f"{max(q['peak'] for q in phases.values())} B")
+    elif cuda and phases:
         row["peak_bytes"] = max(q["peak"] for q in phases.values())
         row["peak_reserved_bytes"] = max(q["reserved"] for q in phases.values())
         for name in ("load", "step2_forward", "step2_backward", "step2_optimizer_step"):
@@ -602,15 +620,16 @@ def main():
     cfg = preset_config(a.vramcal, a.model)
     new = not os.path.exists(a.out) or os.path.getsize(a.out) == 0
     done = set()
+    fields = FIELDS_CUDA if a.device.startswith("cuda") else FIELDS
     if not new:
         with open(a.out, newline="") as f:
             r = csv.DictReader(f)
-            if r.fieldnames != FIELDS:
+            if r.fieldnames != fields:
                 sys.exit(f"error: {a.out} has other columns than this script writes; "
                          f"use a new --out file")
             done = {row["id"] for row in r}
     with open(a.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         if new:
             w.writeheader()
         for p in points:

@@ -420,8 +420,11 @@ pub fn optimizer_states(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 /// moments), on the CPU (one tensor at a time) two buffers of the largest (`sqrt` and the
 /// division by the bias correction, `torch/optim/adamw.py` `_single_tensor_adam`); fused and
 /// SGD none; bitsandbytes on the CPU (its non-CUDA fallback) fp32 copies of the largest tensor,
-/// five for 8-bit states and three for 32-bit, none on CUDA; Adafactor one fp32 update of the
-/// largest tensor.
+/// five for 8-bit states and three for 32-bit, none on CUDA; transformers' Adafactor two fp32
+/// tensors of the largest (`update = grad**2 + eps` alive while `_approx_sq_grad` builds the
+/// new update; `transformers/optimization.py`, `Adafactor.step`), and with 16-bit parameters
+/// two more, its fp32 copies of the gradient and the parameter (measured for fp32:
+/// `results/torch-cpu/`).
 pub fn optimizer(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     let sd = spec.state_dtype.size_in_bytes() as u64;
     let tensors = trainable_tensors(cfg, spec);
@@ -434,7 +437,14 @@ pub fn optimizer(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         Optimizer::AdamwBnb8bit | Optimizer::PagedAdamw8bit if spec.torch_cpu => 5 * largest * 4,
         Optimizer::PagedAdamw32bit if spec.torch_cpu => 3 * largest * 4,
         Optimizer::AdamwBnb8bit | Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit => 0,
-        Optimizer::Adafactor => largest * 4,
+        Optimizer::Adafactor => {
+            let widened = if spec.dtype == candle_core::DType::F32 {
+                0
+            } else {
+                2
+            };
+            (2 + widened) * largest * 4
+        }
     }
 }
 
@@ -478,7 +488,7 @@ pub fn optimizer_formula(spec: &TrainSpec) -> &'static str {
         Optimizer::AdamwBnb8bit | Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit => {
             "bitsandbytes fused kernel: none"
         }
-        Optimizer::Adafactor => "Adafactor: one fp32 update of the largest trainable tensor",
+        Optimizer::Adafactor => "Adafactor: grad² and the new update in fp32 (with 16-bit weights also fp32 gradient and parameter copies) of the largest trainable tensor",
     }
 }
 
@@ -523,7 +533,7 @@ pub fn weights(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     let unquantized: u64 = cfg
         .param_shapes()
         .iter()
-        .filter(|p| !p.name.contains("_proj."))
+        .filter(|p| !p.name.ends_with("_proj.weight"))
         .map(|p| p.numel() as u64)
         .sum();
     let quantized = cfg.param_count() - unquantized;
