@@ -8,14 +8,17 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Architectures vramcal's decoder implements (the `architectures` field of `config.json`).
-pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["MistralForCausalLM", "LlamaForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 3] =
+    ["MistralForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM"];
 
 fn default_rope_theta() -> f64 {
     10_000.0
 }
 
-/// A Mistral/Llama-style decoder configuration, field names as in Hugging Face `config.json`
-/// (transformers' `MistralConfig` / `LlamaConfig`).
+/// A Mistral/Llama/Qwen2-style decoder configuration, field names as in Hugging Face
+/// `config.json` (transformers' `MistralConfig` / `LlamaConfig` / `Qwen2Config`). Qwen2 is
+/// Llama's layout with biases on `q_proj`, `k_proj` and `v_proj` (`modeling_qwen2.py`,
+/// `Qwen2Attention`), implied by its architecture.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     /// Model classes, e.g. `["MistralForCausalLM"]`.
@@ -50,9 +53,42 @@ pub struct ModelConfig {
     /// Whether `lm_head` shares the embedding matrix.
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    /// RoPE scaling as in config.json (Llama 3.1 and later); recorded, not applied.
+    /// RoPE scaling as in config.json: `{"rope_type": "llama3", …}` (Llama 3.1 and later) or
+    /// `{"rope_type": "linear", "factor": F}`, applied to the RoPE frequencies
+    /// ([`ModelConfig::inv_freq`]); other kinds are refused by [`ModelConfig::validate`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
+    /// Llama's `attention_bias`: biases on `q_proj`, `k_proj`, `v_proj` and `o_proj`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attention_bias: bool,
+    /// Llama's `mlp_bias` (biases on the MLP's projections): no released model of these
+    /// architectures sets it, and vramcal refuses it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mlp_bias: bool,
+}
+
+/// RoPE frequency scaling ([`ModelConfig::rope_scaling`]), as transformers'
+/// `modeling_rope_utils.py` computes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor` (`_compute_linear_scaling_rope_parameters`).
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// Llama 3.1's (`_compute_llama3_parameters`): wavelengths above
+    /// `original_max_position_embeddings / low_freq_factor` divided by `factor`, below
+    /// `… / high_freq_factor` kept, and interpolated between.
+    Llama3 {
+        /// The divisor of the low frequencies.
+        factor: f64,
+        /// `low_freq_factor`.
+        low_freq_factor: f64,
+        /// `high_freq_factor`.
+        high_freq_factor: f64,
+        /// `original_max_position_embeddings` (tokens).
+        original_max_position_embeddings: f64,
+    },
 }
 
 /// One trainable tensor of the decoder: its Hugging Face name and shape.
@@ -80,6 +116,103 @@ impl ModelConfig {
     /// Key/value heads, resolving the default.
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Whether `q_proj`, `k_proj` and `v_proj` have biases: Qwen2's architecture, or Llama's
+    /// `attention_bias`.
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.architectures.iter().any(|a| a == "Qwen2ForCausalLM")
+    }
+
+    /// Whether `o_proj` has a bias (Llama's `attention_bias`; never Qwen2's).
+    pub fn o_bias(&self) -> bool {
+        self.attention_bias
+    }
+
+    /// The RoPE scaling of `rope_scaling`, if any.
+    ///
+    /// # Errors
+    /// A description of what is wrong: a kind other than `linear` or `llama3` (`default` is
+    /// none), a missing or non-positive number.
+    pub fn rope_scaling_kind(&self) -> std::result::Result<Option<RopeScaling>, String> {
+        let Some(v) = &self.rope_scaling else {
+            return Ok(None);
+        };
+        if v.is_null() {
+            return Ok(None);
+        }
+        let kind = v
+            .get("rope_type")
+            .or_else(|| v.get("type"))
+            .and_then(|k| k.as_str())
+            .ok_or("rope_scaling has no rope_type")?;
+        let num = |k: &str| -> std::result::Result<f64, String> {
+            v.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or(format!("rope_scaling.{k} must be a positive number"))
+        };
+        match kind {
+            "default" => Ok(None),
+            "linear" => Ok(Some(RopeScaling::Linear {
+                factor: num("factor")?,
+            })),
+            "llama3" => {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
+                    return Err(format!(
+                        "rope_scaling.high_freq_factor = {high} must exceed low_freq_factor = {low}"
+                    ));
+                }
+                Ok(Some(RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                }))
+            }
+            other => Err(format!(
+                "rope_scaling type {other:?} is not modelled (vramcal applies linear and llama3)"
+            )),
+        }
+    }
+
+    /// The RoPE inverse frequencies `θ^(−2i/head_dim)` for `i` in `0..head_dim/2`, scaled as
+    /// `rope_scaling` says (transformers `modeling_rope_utils.py`, `_compute_default_rope_parameters`,
+    /// `_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`). A `rope_scaling`
+    /// that [`ModelConfig::validate`] refuses is ignored here.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let hd = self.head_dim();
+        let base: Vec<f64> = (0..hd / 2)
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / hd as f64))
+            .collect();
+        match self.rope_scaling_kind().ok().flatten() {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            }) => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
     }
 
     /// Per-head width, resolving the default.
@@ -152,6 +285,13 @@ impl ModelConfig {
                 self.rope_theta
             )));
         }
+        if self.mlp_bias {
+            return Err(bad(
+                "mlp_bias = true is not modelled (no released Llama, Mistral or Qwen2 model sets it)"
+                    .into(),
+            ));
+        }
+        self.rope_scaling_kind().map_err(bad)?;
         if self.checked_param_count().is_none() {
             return Err(bad(
                 "sizes are so large that the parameter count overflows".into()
@@ -177,10 +317,16 @@ impl ModelConfig {
         for l in 0..self.num_hidden_layers {
             let pre = format!("model.layers.{l}");
             out.push(p(format!("{pre}.input_layernorm.weight"), vec![h]));
-            out.push(p(format!("{pre}.self_attn.q_proj.weight"), vec![q, h]));
-            out.push(p(format!("{pre}.self_attn.k_proj.weight"), vec![kv, h]));
-            out.push(p(format!("{pre}.self_attn.v_proj.weight"), vec![kv, h]));
+            for (m, o, i) in [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h)] {
+                out.push(p(format!("{pre}.self_attn.{m}.weight"), vec![o, i]));
+                if self.qkv_bias() {
+                    out.push(p(format!("{pre}.self_attn.{m}.bias"), vec![o]));
+                }
+            }
             out.push(p(format!("{pre}.self_attn.o_proj.weight"), vec![h, q]));
+            if self.o_bias() {
+                out.push(p(format!("{pre}.self_attn.o_proj.bias"), vec![h]));
+            }
             out.push(p(format!("{pre}.post_attention_layernorm.weight"), vec![h]));
             out.push(p(format!("{pre}.mlp.gate_proj.weight"), vec![i, h]));
             out.push(p(format!("{pre}.mlp.up_proj.weight"), vec![i, h]));
@@ -194,7 +340,8 @@ impl ModelConfig {
     }
 
     /// Closed-form parameter count, or `None` on overflow:
-    /// `V·h (embed) + L·(h·q + 2·h·kv + q·h + 3·h·i + 2·h) + h + (untied ? V·h : 0)`
+    /// `V·h (embed) + L·(h·q + 2·h·kv + q·h + 3·h·i + 2·h + biases) + h + (untied ? V·h : 0)`,
+    /// biases `q + 2·kv` with q/k/v biases (Qwen2) and `h` more with `o_proj`'s
     /// with `q = heads·head_dim`, `kv = kv_heads·head_dim` (the shapes of transformers'
     /// `modeling_mistral.py` / `modeling_llama.py`).
     pub fn checked_param_count(&self) -> Option<u64> {
@@ -210,7 +357,15 @@ impl ModelConfig {
             .checked_mul(2)?
             .checked_add(h.checked_mul(kv)?.checked_mul(2)?)?;
         let mlp = h.checked_mul(i)?.checked_mul(3)?;
-        let layer = attn.checked_add(mlp)?.checked_add(h.checked_mul(2)?)?;
+        let biases = if self.qkv_bias() {
+            q.checked_add(kv.checked_mul(2)?)?
+        } else {
+            0
+        } + if self.o_bias() { h } else { 0 };
+        let layer = attn
+            .checked_add(mlp)?
+            .checked_add(h.checked_mul(2)?)?
+            .checked_add(biases)?;
         let layers = layer.checked_mul(self.num_hidden_layers as u64)?;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed.checked_add(layers)?.checked_add(h)?.checked_add(head)
@@ -242,10 +397,20 @@ impl ModelConfig {
     /// # Errors
     /// As [`ModelConfig::from_json_file`], except I/O.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let cfg: ModelConfig = serde_json::from_str(text).map_err(|e| Error::Config {
+        let mut cfg: ModelConfig = serde_json::from_str(text).map_err(|e| Error::Config {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
+        // Qwen2's configs carry a `sliding_window` that applies only with `use_sliding_window`
+        // (false in every released Qwen2/2.5 model: `Qwen2Config`, `modeling_qwen2.py`).
+        let raw: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+        if raw
+            .get("use_sliding_window")
+            .and_then(serde_json::Value::as_bool)
+            == Some(false)
+        {
+            cfg.sliding_window = None;
+        }
         if !cfg.architectures.is_empty()
             && !cfg
                 .architectures
@@ -302,6 +467,8 @@ pub fn presets() -> Vec<Preset> {
                 sliding_window: Some(4096),
                 tie_word_embeddings: false,
                 rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
             },
         },
         Preset {
@@ -324,6 +491,8 @@ pub fn presets() -> Vec<Preset> {
                 sliding_window: None,
                 tie_word_embeddings: false,
                 rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
             },
         },
         Preset {
@@ -346,6 +515,158 @@ pub fn presets() -> Vec<Preset> {
                 sliding_window: None,
                 tie_word_embeddings: false,
                 rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
+            },
+        },
+        Preset {
+            name: "llama-3.1-8b",
+            hf_id: "meta-llama/Llama-3.1-8B",
+            source: "huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json",
+            // meta-llama/Llama-3.1-8B config.json
+            config: ModelConfig {
+                architectures: vec!["LlamaForCausalLM".into()],
+                hidden_size: 4096,
+                intermediate_size: 14336,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                num_key_value_heads: Some(8),
+                head_dim: None,
+                vocab_size: 128256,
+                rms_norm_eps: 1e-5,
+                rope_theta: 500000.0,
+                max_position_embeddings: 131072,
+                sliding_window: None,
+                tie_word_embeddings: false,
+                rope_scaling: Some(serde_json::json!({
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                    "rope_type": "llama3"
+                })),
+                attention_bias: false,
+                mlp_bias: false,
+            },
+        },
+        Preset {
+            name: "mistral-nemo-12b",
+            hf_id: "mistralai/Mistral-Nemo-Base-2407",
+            source: "huggingface.co/mistralai/Mistral-Nemo-Base-2407/blob/main/config.json",
+            // mistralai/Mistral-Nemo-Base-2407 config.json; head_dim 128, not hidden / heads = 160
+            config: ModelConfig {
+                architectures: vec!["MistralForCausalLM".into()],
+                hidden_size: 5120,
+                intermediate_size: 14336,
+                num_hidden_layers: 40,
+                num_attention_heads: 32,
+                num_key_value_heads: Some(8),
+                head_dim: Some(128),
+                vocab_size: 131072,
+                rms_norm_eps: 1e-5,
+                rope_theta: 1000000.0,
+                max_position_embeddings: 1024000,
+                sliding_window: None,
+                tie_word_embeddings: false,
+                rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
+            },
+        },
+        Preset {
+            name: "qwen1.5-7b",
+            hf_id: "Qwen/Qwen1.5-7B",
+            source: "huggingface.co/Qwen/Qwen1.5-7B/blob/main/config.json",
+            // Qwen/Qwen1.5-7B config.json (its sliding_window applies only with use_sliding_window, false)
+            config: ModelConfig {
+                architectures: vec!["Qwen2ForCausalLM".into()],
+                hidden_size: 4096,
+                intermediate_size: 11008,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                num_key_value_heads: Some(32),
+                head_dim: None,
+                vocab_size: 151936,
+                rms_norm_eps: 1e-6,
+                rope_theta: 1000000.0,
+                max_position_embeddings: 32768,
+                sliding_window: None,
+                tie_word_embeddings: false,
+                rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
+            },
+        },
+        Preset {
+            name: "qwen2-7b",
+            hf_id: "Qwen/Qwen2-7B",
+            source: "huggingface.co/Qwen/Qwen2-7B/blob/main/config.json",
+            // Qwen/Qwen2-7B config.json (its sliding_window applies only with use_sliding_window, false)
+            config: ModelConfig {
+                architectures: vec!["Qwen2ForCausalLM".into()],
+                hidden_size: 3584,
+                intermediate_size: 18944,
+                num_hidden_layers: 28,
+                num_attention_heads: 28,
+                num_key_value_heads: Some(4),
+                head_dim: None,
+                vocab_size: 152064,
+                rms_norm_eps: 1e-6,
+                rope_theta: 1000000.0,
+                max_position_embeddings: 131072,
+                sliding_window: None,
+                tie_word_embeddings: false,
+                rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
+            },
+        },
+        Preset {
+            name: "qwen2.5-0.5b",
+            hf_id: "Qwen/Qwen2.5-0.5B",
+            source: "huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json",
+            // Qwen/Qwen2.5-0.5B config.json (its sliding_window applies only with use_sliding_window, false)
+            config: ModelConfig {
+                architectures: vec!["Qwen2ForCausalLM".into()],
+                hidden_size: 896,
+                intermediate_size: 4864,
+                num_hidden_layers: 24,
+                num_attention_heads: 14,
+                num_key_value_heads: Some(2),
+                head_dim: None,
+                vocab_size: 151936,
+                rms_norm_eps: 1e-6,
+                rope_theta: 1000000.0,
+                max_position_embeddings: 32768,
+                sliding_window: None,
+                tie_word_embeddings: true,
+                rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
+            },
+        },
+        Preset {
+            name: "qwen2.5-7b",
+            hf_id: "Qwen/Qwen2.5-7B",
+            source: "huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json",
+            // Qwen/Qwen2.5-7B config.json (its sliding_window applies only with use_sliding_window, false)
+            config: ModelConfig {
+                architectures: vec!["Qwen2ForCausalLM".into()],
+                hidden_size: 3584,
+                intermediate_size: 18944,
+                num_hidden_layers: 28,
+                num_attention_heads: 28,
+                num_key_value_heads: Some(4),
+                head_dim: None,
+                vocab_size: 152064,
+                rms_norm_eps: 1e-6,
+                rope_theta: 1000000.0,
+                max_position_embeddings: 131072,
+                sliding_window: None,
+                tie_word_embeddings: false,
+                rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
             },
         },
         Preset {
@@ -368,6 +689,8 @@ pub fn presets() -> Vec<Preset> {
                 sliding_window: None,
                 tie_word_embeddings: false,
                 rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
             },
         },
         Preset {
@@ -390,6 +713,8 @@ pub fn presets() -> Vec<Preset> {
                 sliding_window: None,
                 tie_word_embeddings: true,
                 rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
             },
         },
         Preset {
@@ -412,6 +737,8 @@ pub fn presets() -> Vec<Preset> {
                 sliding_window: None,
                 tie_word_embeddings: true,
                 rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
             },
         },
         Preset {
@@ -437,6 +764,8 @@ pub fn presets() -> Vec<Preset> {
                 sliding_window: Some(128),
                 tie_word_embeddings: false,
                 rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
             },
         },
         Preset {
@@ -459,6 +788,8 @@ pub fn presets() -> Vec<Preset> {
                 sliding_window: Some(6),
                 tie_word_embeddings: false,
                 rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
             },
         },
     ]
@@ -564,4 +895,67 @@ pub fn hf_cache_file(model_id: &str, filename: &str) -> Option<PathBuf> {
     hf_hub::Cache::from_env()
         .model(model_id.to_string())
         .get(filename)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Llama 3.1's RoPE scaling against values computed from transformers'
+    /// `_compute_llama3_parameters` by hand: head_dim 8 and θ = 10⁴ give frequencies 1, 0.1,
+    /// 0.01, 0.001 (wavelengths 6.3, 63, 628, 6283); with an original context of 1000, factor 8,
+    /// low 1 and high 4, the first two are kept (< 250), the last divided by 8 (> 1000), and
+    /// 0.01 interpolated: s = (1000/628.3 − 1)/3 = 0.19717, (1 − s)·0.01/8 + s·0.01.
+    #[test]
+    fn llama3_rope_scaling_matches_transformers_formula() {
+        let mut c = preset("tiny").unwrap().config;
+        c.rope_scaling = Some(serde_json::json!({
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 1000
+        }));
+        let want = [1.0, 0.1, 0.002_975_352_506_846_947, 0.000_125];
+        for (got, want) in c.inv_freq().iter().zip(want) {
+            assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+        }
+        c.rope_scaling = Some(serde_json::json!({"rope_type": "linear", "factor": 2.0}));
+        assert_eq!(c.inv_freq()[1], 0.05);
+        c.rope_scaling = Some(serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
+        let e = c
+            .validate(Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"yarn\" is not modelled"), "{e}");
+        c.rope_scaling = Some(serde_json::json!({"rope_type": "llama3", "factor": 8.0}));
+        let e = c
+            .validate(Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rope_scaling.low_freq_factor"), "{e}");
+        c.rope_scaling = None;
+        c.mlp_bias = true;
+        let e = c
+            .validate(Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mlp_bias"), "{e}");
+    }
+
+    /// Qwen2's `config.json`: the architecture gives q/k/v biases, and a `sliding_window`
+    /// with `use_sliding_window: false` is no window.
+    #[test]
+    fn qwen2_config_json_is_read_as_qwen2() {
+        let text = r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 896,
+            "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+            "num_key_value_heads": 2, "vocab_size": 151936, "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000.0, "max_position_embeddings": 32768, "sliding_window": 32768,
+            "use_sliding_window": false, "max_window_layers": 21, "tie_word_embeddings": true}"#;
+        let c = ModelConfig::from_json_str(text, Path::new("config.json")).unwrap();
+        assert!(c.qkv_bias() && !c.o_bias());
+        assert_eq!(c.sliding_window, None);
+        assert_eq!(
+            c.param_count(),
+            preset("qwen2.5-0.5b").unwrap().config.param_count()
+        );
+        assert_eq!(c.param_count(), 494_032_768);
+    }
 }

@@ -88,19 +88,39 @@ fn saved_tensor_table_matches_a_measured_layer() {
         quant: Quant::None,
         seed: 0,
     };
-    for (dtype, ad, attention) in [
-        (DType::F32, Adaptation::default(), Attention::Sdpa),
-        (DType::BF16, Adaptation::default(), Attention::Sdpa),
-        (DType::F32, lora(), Attention::Sdpa),
-        (DType::BF16, Adaptation::default(), Attention::Eager),
+    // Qwen2's layout: biases on q/k/v (their products are kept too); with Llama's
+    // attention_bias on o_proj as well.
+    let qwen2 = |layers: usize| ModelConfig {
+        architectures: vec!["Qwen2ForCausalLM".into()],
+        ..cfg(layers)
+    };
+    let biased = |layers: usize| ModelConfig {
+        attention_bias: true,
+        ..cfg(layers)
+    };
+    let plain: fn(usize) -> ModelConfig = cfg;
+    let archs: [(&str, &dyn Fn(usize) -> ModelConfig); 3] = [
+        ("llama", &plain),
+        ("qwen2", &qwen2),
+        ("attention_bias", &biased),
+    ];
+    for (arch, dtype, ad, attention) in [
+        (0, DType::F32, Adaptation::default(), Attention::Sdpa),
+        (0, DType::BF16, Adaptation::default(), Attention::Sdpa),
+        (0, DType::F32, lora(), Attention::Sdpa),
+        (0, DType::BF16, Adaptation::default(), Attention::Eager),
+        (1, DType::F32, Adaptation::default(), Attention::Sdpa),
+        (1, DType::F32, lora(), Attention::Sdpa),
+        (2, DType::BF16, Adaptation::default(), Attention::Sdpa),
     ] {
+        let (arch, cfg) = archs[arch];
         let mut s = spec(dtype, ad);
         s.attention = attention;
         let measured = forward_kept(&cfg(2), &s) as f64 - forward_kept(&cfg(1), &s) as f64;
         let predicted: u64 = table::layer(&cfg(1), &s).iter().map(|t| t.bytes()).sum();
         let err = (predicted as f64 - measured) / measured;
         eprintln!(
-            "{dtype:?} {} {attention:?}: table {predicted} vs measured {measured} ({:+.2} %)",
+            "{arch} {dtype:?} {} {attention:?}: table {predicted} vs measured {measured} ({:+.2} %)",
             s.adaptation.method(),
             100.0 * err
         );

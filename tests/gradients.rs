@@ -1,17 +1,49 @@
 //! Gradients of the trainable decoder: finite differences in f64 on the `tiny` config (every
 //! parameter tensor), every parameter receives a gradient (f32 and bf16), names and shapes
-//! match the config's parameter table.
+//! match the config's parameter table; each for the Mistral/Llama layout, Qwen2's (biases on
+//! `q_proj`/`k_proj`/`v_proj`) and Llama's `attention_bias` with Llama 3.1's RoPE scaling.
 
 use candle_core::{DType, Device, Tensor, Var};
-use vramcal::config::preset;
+use vramcal::config::{preset, ModelConfig};
 use vramcal::measure::step::random_batch;
 use vramcal::model::Decoder;
 use vramcal::spec::TrainSpec;
 use vramcal::weights::RandomWeights;
 
+/// The `tiny` config in each architecture vramcal builds: as is (Mistral), as Qwen2, and as
+/// Llama with `attention_bias` and Llama 3.1's `rope_scaling` (an original context of 1000 tokens,
+/// which puts the four frequencies of head_dim 8 in all three of its bands).
+fn configs() -> Vec<(&'static str, ModelConfig)> {
+    let tiny = preset("tiny").unwrap().config;
+    let qwen2 = ModelConfig {
+        architectures: vec!["Qwen2ForCausalLM".into()],
+        ..tiny.clone()
+    };
+    let llama31 = ModelConfig {
+        architectures: vec!["LlamaForCausalLM".into()],
+        attention_bias: true,
+        rope_scaling: Some(serde_json::json!({
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 1000
+        })),
+        ..tiny.clone()
+    };
+    for c in [&qwen2, &llama31] {
+        c.validate(std::path::Path::new("test")).unwrap();
+    }
+    vec![
+        ("tiny", tiny),
+        ("tiny-qwen2", qwen2),
+        ("tiny-llama3.1", llama31),
+    ]
+}
+
+fn model(cfg: &ModelConfig, dtype: DType) -> Decoder {
+    Decoder::new(cfg, &mut RandomWeights::new(7), dtype, &Device::Cpu).unwrap()
+}
+
 fn tiny_model(dtype: DType) -> Decoder {
-    let cfg = preset("tiny").unwrap().config;
-    Decoder::new(&cfg, &mut RandomWeights::new(7), dtype, &Device::Cpu).unwrap()
+    model(&preset("tiny").unwrap().config, dtype)
 }
 
 fn tiny_batch(batch: usize, seq: usize) -> (Tensor, Tensor) {
@@ -27,15 +59,35 @@ fn tiny_batch(batch: usize, seq: usize) -> (Tensor, Tensor) {
 
 #[test]
 fn names_and_shapes_match_param_table() {
-    let m = tiny_model(DType::F32);
-    let table = m.config().param_shapes();
-    let vars = m.trainable_vars();
-    assert_eq!(vars.len(), table.len());
-    for ((name, v), p) in vars.iter().zip(&table) {
-        assert_eq!(name, &p.name);
-        assert_eq!(v.dims(), p.shape.as_slice(), "{name}");
+    for (what, cfg) in configs() {
+        let m = model(&cfg, DType::F32);
+        let table = m.config().param_shapes();
+        let vars = m.trainable_vars();
+        assert_eq!(vars.len(), table.len(), "{what}");
+        for ((name, v), p) in vars.iter().zip(&table) {
+            assert_eq!(name, &p.name, "{what}");
+            assert_eq!(v.dims(), p.shape.as_slice(), "{what} {name}");
+        }
+        let summed: u64 = table.iter().map(|p| p.numel() as u64).sum();
+        assert_eq!(summed, cfg.param_count(), "{what}: closed form vs table");
+        assert_eq!(m.param_bytes(), m.config().param_count() * 4, "{what}");
     }
-    assert_eq!(m.param_bytes(), m.config().param_count() * 4);
+    // The biases are there: Qwen2's on q/k/v, Llama's attention_bias on o_proj too.
+    let names =
+        |c: &ModelConfig| -> Vec<String> { c.param_shapes().into_iter().map(|p| p.name).collect() };
+    let cs = configs();
+    assert!(!names(&cs[0].1).iter().any(|n| n.ends_with(".bias")));
+    let q: Vec<String> = names(&cs[1].1)
+        .into_iter()
+        .filter(|n| n.ends_with(".bias"))
+        .collect();
+    assert_eq!(q.len(), 3 * cs[1].1.num_hidden_layers, "{q:?}");
+    assert!(!q.iter().any(|n| n.contains("o_proj")));
+    let l = names(&cs[2].1)
+        .into_iter()
+        .filter(|n| n.ends_with(".bias"))
+        .count();
+    assert_eq!(l, 4 * cs[2].1.num_hidden_layers);
 }
 
 fn loss_f64(m: &Decoder, x: &Tensor, y: &Tensor) -> f64 {
@@ -46,7 +98,13 @@ fn loss_f64(m: &Decoder, x: &Tensor, y: &Tensor) -> f64 {
 /// (spread over the tensor), seq 8 > sliding window 6 so the window mask is exercised.
 #[test]
 fn finite_difference_gradients_f64_every_tensor() {
-    let m = tiny_model(DType::F64);
+    for (what, cfg) in configs() {
+        eprintln!("{what}");
+        finite_differences(&model(&cfg, DType::F64));
+    }
+}
+
+fn finite_differences(m: &Decoder) {
     let (x, y) = tiny_batch(2, 8);
     let loss = m.loss(&x, &y).unwrap();
     let grads = loss.backward().unwrap();
@@ -70,9 +128,9 @@ fn finite_difference_gradients_f64_every_tensor() {
                     .unwrap();
             };
             set(&var, h);
-            let lp = loss_f64(&m, &x, &y);
+            let lp = loss_f64(m, &x, &y);
             set(&var, -h);
-            let lm = loss_f64(&m, &x, &y);
+            let lm = loss_f64(m, &x, &y);
             set(&var, 0.0);
             let fd = (lp - lm) / (2.0 * h);
             let err = (fd - g[idx]).abs();
@@ -91,7 +149,12 @@ fn finite_difference_gradients_f64_every_tensor() {
 }
 
 fn assert_all_get_gradients(dtype: DType) {
-    let m = tiny_model(dtype);
+    for (_, cfg) in configs() {
+        all_get_gradients(&model(&cfg, dtype), dtype);
+    }
+}
+
+fn all_get_gradients(m: &Decoder, dtype: DType) {
     let (x, y) = tiny_batch(2, 12);
     let loss = m.loss(&x, &y).unwrap();
     let grads = loss.backward().unwrap();

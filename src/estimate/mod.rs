@@ -464,7 +464,7 @@ pub fn weight_bytes(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     for p in cfg.param_shapes() {
         let numel = p.numel() as u64;
         let quantized =
-            p.name.contains("_proj.") && matches!(spec.adaptation.quant, Quant::Nf4 { .. });
+            p.name.ends_with("_proj.weight") && matches!(spec.adaptation.quant, Quant::Nf4 { .. });
         bytes += match (quantized, spec.adaptation.quant) {
             (true, Quant::Nf4 { double }) => {
                 let blocks = numel.div_ceil(64);

@@ -118,7 +118,7 @@ pub fn device_map(cfg: &ModelConfig, spec: &TrainSpec, budgets: &[u64]) -> Resul
             .map(|p| {
                 let n = p.numel() as u64;
                 match spec.adaptation.quant {
-                    crate::spec::Quant::Nf4 { .. } if p.name.contains("_proj.") => {
+                    crate::spec::Quant::Nf4 { .. } if p.name.ends_with("_proj.weight") => {
                         n.div_ceil(2) + n.div_ceil(64) * 4
                     }
                     _ => n * d,

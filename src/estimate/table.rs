@@ -62,10 +62,12 @@ pub(crate) fn t(
     }
 }
 
-/// A linear layer's kept tensors: its output, plus LoRA's adapter path and dropout copies.
+/// A linear layer's kept tensors: its output (with a bias also the product before it, the
+/// add's operand: `src/model/linear.rs`), plus LoRA's adapter path and dropout copies.
 #[allow(clippy::too_many_arguments)]
 fn linear(
     out: &mut Vec<SavedTensor>,
+    cfg: &ModelConfig,
     p: &str,
     shape: &'static str,
     n: u64,
@@ -75,6 +77,14 @@ fn linear(
     spec: &TrainSpec,
     t_: Target,
 ) {
+    let bias = match t_ {
+        Target::QProj | Target::KProj | Target::VProj => cfg.qkv_bias(),
+        Target::OProj => cfg.o_bias(),
+        _ => false,
+    };
+    if bias {
+        out.push(t(format!("{p}.product"), shape, n * o, d));
+    }
     out.push(t(format!("{p}.out"), shape, n * o, d));
     if let Some(l) = &spec.adaptation.lora {
         if l.targets.contains(&t_) {
@@ -103,9 +113,21 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     let (q, kv, i) = (qd as u64, kvd as u64, cfg.intermediate_size as u64);
     let mut v = Vec::new();
     v.push(t("input_layernorm.out", "(N, h)", n * h, d)); // fused; keeps its input x
-    linear(&mut v, "q_proj", "(N, q)", n, q, h, d, spec, Target::QProj);
     linear(
         &mut v,
+        cfg,
+        "q_proj",
+        "(N, q)",
+        n,
+        q,
+        h,
+        d,
+        spec,
+        Target::QProj,
+    );
+    linear(
+        &mut v,
+        cfg,
         "k_proj",
         "(N, kv)",
         n,
@@ -117,6 +139,7 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     );
     linear(
         &mut v,
+        cfg,
         "v_proj",
         "(N, kv)",
         n,
@@ -137,11 +160,23 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
         });
     }
     v.push(t("attention.out", "(N, q)", n * q, d)); // fused, (b, s, heads·hd)
-    linear(&mut v, "o_proj", "(N, h)", n, h, q, d, spec, Target::OProj);
+    linear(
+        &mut v,
+        cfg,
+        "o_proj",
+        "(N, h)",
+        n,
+        h,
+        q,
+        d,
+        spec,
+        Target::OProj,
+    );
     v.push(t("residual_attn", "(N, h)", n * h, d));
     v.push(t("post_attention_layernorm.out", "(N, h)", n * h, d));
     linear(
         &mut v,
+        cfg,
         "gate_proj",
         "(N, i)",
         n,
@@ -153,6 +188,7 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     );
     linear(
         &mut v,
+        cfg,
         "up_proj",
         "(N, i)",
         n,
@@ -165,6 +201,7 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     v.push(t("swiglu.out", "(N, i)", n * i, d)); // fused; keeps gate and up
     linear(
         &mut v,
+        cfg,
         "down_proj",
         "(N, h)",
         n,

@@ -252,6 +252,9 @@ pub struct Linear {
     pub weight: Weight,
     /// The adapter, if this module is a LoRA target.
     pub lora: Option<LoraAdapter>,
+    /// The bias `(out,)`, where the architecture has one (Qwen2's `q_proj`/`k_proj`/`v_proj`):
+    /// trained with full fine-tuning, frozen under LoRA (PEFT's `bias="none"`).
+    pub bias: Option<Param>,
     /// Output features.
     pub out: usize,
     /// Input features.
@@ -270,6 +273,12 @@ impl Linear {
             Weight::Trainable(w) => linear(x, w)?,
             Weight::Frozen(w) => frozen_linear(x, &FrozenRef::Dense(w.clone()), self.out)?,
             Weight::Nf4(q) => frozen_linear(x, &FrozenRef::Nf4(q.clone(), self.dtype), self.out)?,
+        };
+        // The graph keeps the product as the add's operand: one more `(…, out)` tensor than
+        // PyTorch's `addmm` (`src/estimate/table.rs` counts it).
+        let base = match &self.bias {
+            Some(b) => base.broadcast_add(b.tensor())?,
+            None => base,
         };
         let Some(l) = &self.lora else { return Ok(base) };
         let xd = if ctx.train && l.dropout > 0.0 {

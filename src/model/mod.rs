@@ -182,9 +182,20 @@ impl Decoder {
                     }
                     _ => None,
                 };
+                let has_bias = match t {
+                    Target::QProj | Target::KProj | Target::VProj => cfg.qkv_bias(),
+                    Target::OProj => cfg.o_bias(),
+                    _ => false,
+                };
+                let bias = if has_bias {
+                    Some(ld.param(&format!("{p}.{}.bias", t.path()), &[out], full)?)
+                } else {
+                    None
+                };
                 Ok(Linear {
                     weight,
                     lora,
+                    bias,
                     out,
                     inp,
                     dtype,
@@ -274,6 +285,9 @@ impl Decoder {
             if let Weight::Trainable(v) = &l.weight {
                 out.push((format!("{layer}.{}.weight", t.path()), v.clone()));
             }
+            if let Some(Param::Trainable(v)) = &l.bias {
+                out.push((format!("{layer}.{}.bias", t.path()), v.clone()));
+            }
             if let Some(a) = &l.lora {
                 let base = format!("base_model.model.{layer}.{}", t.path());
                 out.push((format!("{base}.lora_A.weight"), a.a.clone()));
@@ -355,7 +369,7 @@ impl Decoder {
             b += l.input_layernorm.bytes() + l.post_attention_layernorm.bytes();
             for t in Target::ALL {
                 let lin = l.linear(t);
-                b += lin.weight_bytes();
+                b += lin.weight_bytes() + lin.bias.as_ref().map_or(0, Param::bytes);
                 if let Some(a) = &lin.lora {
                     b +=
                         ((a.a.elem_count() + a.b.elem_count()) * self.dtype.size_in_bytes()) as u64;
@@ -676,11 +690,12 @@ impl Rope {
     fn new(cfg: &ModelConfig, s: usize, dtype: DType, device: &Device) -> Result<Self> {
         let hd = cfg.head_dim();
         let half = hd / 2;
+        let inv_freq = cfg.inv_freq(); // rope_scaling applied
         let mut cos = vec![0f64; s * hd];
         let mut sin = vec![0f64; s * hd];
         for p in 0..s {
             for i in 0..half {
-                let inv_freq = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64);
+                let inv_freq = inv_freq[i];
                 // transformers computes the angles in f32.
                 let a = (p as f32 * inv_freq as f32) as f64;
                 for k in [i, i + half] {

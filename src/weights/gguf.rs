@@ -122,6 +122,8 @@ pub fn config_from_gguf(c: &Content, path: &Path) -> Result<ModelConfig> {
         sliding_window: None,
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         rope_scaling: None,
+        attention_bias: false,
+        mlp_bias: false,
     };
     cfg.validate(path)?;
     Ok(cfg)
