@@ -49,8 +49,94 @@ fn rows(p: &Path) -> Vec<csv::StringRecord> {
 
 #[test]
 fn models_lists_exact_counts() {
+    // Mistral-7B, SmolLM2-135M; Qwen2.5-7B (q/k/v biases), Llama-3.1-8B, Mistral-Nemo
+    // (head_dim 128), Qwen2.5-0.5B (tied): their config.json counts.
     vramcal().arg("models").assert().success().stdout(
-        predicate::str::contains("7,241,732,096").and(predicate::str::contains("134,515,008")),
+        predicate::str::contains("7,241,732,096")
+            .and(predicate::str::contains("134,515,008"))
+            .and(predicate::str::contains("qwen2.5-7b         7,615,616,512"))
+            .and(predicate::str::contains("llama-3.1-8b       8,030,261,248"))
+            .and(predicate::str::contains("mistral-nemo-12b  12,247,782,400"))
+            .and(predicate::str::contains("qwen2.5-0.5b         494,032,768")),
+    );
+}
+
+/// The verdict's fixes include, for the PyTorch profiles, bitsandbytes' 8-bit and paged AdamW
+/// and LoRA on fewer modules, each with its estimate; vramcal's own step (candle) is offered
+/// no optimizer it does not train with.
+#[test]
+fn fixes_name_8bit_optimizers_and_fewer_lora_modules() {
+    let text = |args: &[&str]| -> String {
+        let out = vramcal().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let full = [
+        "estimate",
+        "--model",
+        "llama-3.1-8b",
+        "--batch",
+        "1",
+        "--seq",
+        "2048",
+        "--precision",
+        "bf16",
+        "--budget",
+        "70GiB",
+    ];
+    let t = text(&full);
+    assert!(t.contains("does NOT fit"), "{t}");
+    assert!(
+        t.contains("8-bit AdamW states (--optimizer adamw_bnb_8bit): "),
+        "{t}"
+    );
+    assert!(
+        t.contains("paged 8-bit AdamW (--optimizer paged_adamw_8bit"),
+        "{t}"
+    );
+    let lora = [
+        "estimate",
+        "--model",
+        "qwen2.5-7b",
+        "--lora",
+        "r=16,targets=all-linear",
+        "--batch",
+        "4",
+        "--seq",
+        "2048",
+        "--precision",
+        "bf16",
+        "--gpu",
+        "a100-40gb",
+    ];
+    let t = text(&lora);
+    assert!(
+        t.contains("LoRA on q_proj and v_proj only (--lora targets=q,v)"),
+        "{t}"
+    );
+    let candle = [
+        "estimate",
+        "--model",
+        "llama-3.1-8b",
+        "--batch",
+        "1",
+        "--seq",
+        "2048",
+        "--dtype",
+        "bf16",
+        "--budget",
+        "70GiB",
+        "--profile",
+        "candle",
+    ];
+    let t = text(&candle);
+    assert!(
+        t.contains("does NOT fit") && !t.contains("--optimizer"),
+        "{t}"
     );
 }
 
@@ -453,6 +539,12 @@ impl Fixture {
         layers["num_hidden_layers"] = serde_json::json!(100_000_000u64);
         layers["architectures"] = serde_json::json!(["MistralForCausalLM"]);
         config("many-layers", layers.to_string());
+        let mut yarn = tiny_json.clone();
+        yarn["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+        config("yarn", yarn.to_string());
+        let mut mlp_bias = tiny_json.clone();
+        mlp_bias["mlp_bias"] = serde_json::json!(true);
+        config("mlp-bias", mlp_bias.to_string());
 
         // Weights: a safetensors header cut short, and `tiny`'s tensors plus one it lacks.
         std::fs::write(
@@ -611,6 +703,19 @@ const BAD_MODELS: &[Case] = &[
             "1", "--seq", "4"],
         error: "unknown model",
         untouched: Some("keep.csv"),
+    },
+    // RoPE scalings vramcal does not apply, and MLP biases, are refused, not ignored.
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "{dir}/yarn/config.json",
+            "--batch", "1", "--seq", "4"],
+        error: "rope_scaling type \"yarn\" is not modelled",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["estimate", "--model", "{dir}/mlp-bias/config.json", "--batch", "1", "--seq",
+            "4"],
+        error: "mlp_bias = true is not modelled",
+        untouched: None,
     },
     // A config with a hundred million layers is refused at once, not built until memory runs
     // out.

@@ -1,17 +1,59 @@
 //! What would make a configuration fit: the cheapest changes a user can make (activation
-//! checkpointing, a smaller micro-batch with gradient accumulation, LoRA, QLoRA, 16-bit AdamW
-//! states, ZeRO-2/3 sharding), each estimated with the same profile and coefficients.
+//! checkpointing, a smaller micro-batch with gradient accumulation, LoRA, QLoRA, LoRA on fewer
+//! modules, 16-bit AdamW states, for the PyTorch profiles bitsandbytes' 8-bit and paged AdamW,
+//! ZeRO-2/3 sharding), each estimated with the same profile and coefficients.
 
 use candle_core::DType;
 
 use super::{estimate_sharded, Coefficients, Estimate};
 use crate::config::ModelConfig;
-use crate::spec::{Adaptation, Checkpointing, LoraConfig, Profile, Quant, Shard, TrainSpec};
+use crate::spec::{
+    Adaptation, Checkpointing, LoraConfig, Optimizer, Profile, Quant, Shard, Target, TrainSpec,
+};
 
-/// The changes to try for `spec`, labelled with the options that give them; only changes that
-/// validate against `cfg`.
-pub fn alternatives(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(String, TrainSpec)> {
+/// The changes to try for `spec` under `profile`, labelled with the options that give them;
+/// only changes that validate against `cfg`. The optimizer changes are offered for the torch
+/// profiles only (vramcal's own step trains with torch's AdamW).
+pub fn alternatives(
+    cfg: &ModelConfig,
+    spec: &TrainSpec,
+    profile: Profile,
+) -> Vec<(String, TrainSpec)> {
     let mut v = Vec::new();
+    if profile != Profile::Candle
+        && matches!(
+            spec.optimizer,
+            Optimizer::AdamwTorch | Optimizer::AdamwTorchFused
+        )
+    {
+        for (o, what) in [
+            (
+                Optimizer::AdamwBnb8bit,
+                "8-bit AdamW states (--optimizer adamw_bnb_8bit)",
+            ),
+            (
+                Optimizer::PagedAdamw8bit,
+                "paged 8-bit AdamW (--optimizer paged_adamw_8bit; its states live in CUDA unified memory, outside the allocated peak, and page to the host under pressure)",
+            ),
+        ] {
+            let mut s = spec.clone();
+            s.optimizer = o;
+            v.push((what.to_string(), s));
+        }
+    }
+    if let Some(l) = &spec.adaptation.lora {
+        let fewer = [Target::QProj, Target::VProj];
+        if l.targets.len() > fewer.len() && fewer.iter().all(|t| l.targets.contains(t)) {
+            let mut s = spec.clone();
+            if let Some(l) = s.adaptation.lora.as_mut() {
+                l.targets = fewer.to_vec();
+            }
+            v.push((
+                "LoRA on q_proj and v_proj only (--lora targets=q,v)".to_string(),
+                s,
+            ));
+        }
+    }
     if spec.checkpointing == Checkpointing::None {
         let mut s = spec.clone();
         s.checkpointing = Checkpointing::Every(1);
@@ -119,7 +161,7 @@ pub fn fixes(
     sharding: Option<(Shard, usize)>,
     budget: u64,
 ) -> Vec<(String, Estimate)> {
-    let mut alts: Vec<(String, Estimate)> = alternatives(cfg, spec)
+    let mut alts: Vec<(String, Estimate)> = alternatives(cfg, spec, profile)
         .into_iter()
         .filter_map(|(n, s)| {
             estimate_sharded(cfg, &s, profile, c, sharding)
