@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The PyTorch CPU reference grid of results/torch-cpu/ (issue "Predict the PyTorch fine-tune
 # people actually run"): scripts/torch_reference.py --count-cpu-memory over two architectures
-# (smollm2-135m: Llama, tied head; mistral-mini: Mistral, GQA + sliding window, untied), full /
+# (smollm2-135m: Llama, tied head; mistral-mini: Mistral, GQA + sliding window, untied), and a
+# small grid of a third (qwen2.5-0.5b: Qwen2, q/k/v biases), full /
 # PEFT LoRA / bitsandbytes QLoRA, checkpointing off/on/reentrant, sdpa/eager, fp32/bf16/amp-bf16,
 # the optimizers of HF's Trainer, LoRA targets and dropout. Peaks are exact (profiler memory
 # events); times ran under the profiler and are not comparable.
@@ -13,12 +14,20 @@ set -euo pipefail
 py=$1 bin=$2 out=$3
 shift 3
 models=("$@")
-[ ${#models[@]} -gt 0 ] || models=(mistral-mini smollm2-135m)
+[ ${#models[@]} -gt 0 ] || models=(mistral-mini smollm2-135m qwen2.5-0.5b)
 mkdir -p "$out"
 for m in "${models[@]}"; do
   f="$out/$m.csv"
   run() { "$py" scripts/torch_reference.py --vramcal "$bin" --model "$m" --device cpu \
     --count-cpu-memory --threads 2 --lora-r 8 --lora-alpha 16 --skip-existing --out "$f" "$@"; }
+  if [ "$m" = qwen2.5-0.5b ]; then
+    # A third architecture at its real size (Qwen2: q/k/v biases, tied head, 151,936-token
+    # vocabulary), a small grid: LoRA fp32 with checkpointing off/on, full bf16 (biases trained).
+    run --method lora --lora-targets q_proj,v_proj --precision fp32 --checkpointing off,on \
+      --seq 32,64,128
+    run --method full --precision bf16 --seq 32,64,128
+    continue
+  fi
   # fp32: methods x attention x checkpointing x batch x seq (256 is the held-out length).
   run --method full,lora --lora-targets q_proj,v_proj --precision fp32 --attn sdpa,eager \
     --checkpointing off,on --batch 1,2 --seq 64,128,256

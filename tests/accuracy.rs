@@ -163,6 +163,30 @@ fn mistral_qlora_bf16_on_the_cpu_is_estimated_within_3_percent() {
     );
 }
 
+/// Outside the calibration set, a third architecture at its real size: Qwen2.5-0.5B (Qwen2's
+/// q/k/v biases, tied head, 151,936-token vocabulary), LoRA f32 and full bf16, checkpointing
+/// none and layers, measured by `vramcal sweep` (`results/cpu/qwen2.5-0.5b.csv`): the candle
+/// profile, uncalibrated and with the CPU table, within 1 % of every row.
+#[test]
+fn qwen2_on_the_cpu_is_estimated_within_1_percent() {
+    for table in [None, Some(CALIBRATION)] {
+        let mut args = vec![
+            "check",
+            "--profile",
+            "candle",
+            "--measured",
+            "results/cpu/qwen2.5-0.5b.csv",
+            "--max-error",
+            "1%",
+        ];
+        if let Some(t) = table {
+            args.extend(["--calibration", t]);
+        }
+        let text = succeeds(&args);
+        assert_eq!(rows_checked(&text), 8, "{text}");
+    }
+}
+
 /// `vramcal calibrate --measured <measured>` makes the coefficients of `committed`; returns
 /// what calibrate printed.
 fn calibrate_makes(measured: &[&str], committed: &str) -> String {
