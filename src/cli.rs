@@ -170,9 +170,13 @@ pub struct EstimateArgs {
     /// Micro-batch.
     #[arg(long, visible_alias = "micro-batch", default_value_t = 1)]
     pub batch: usize,
-    /// Tokens per sequence.
-    #[arg(long)]
-    pub seq: usize,
+    /// Tokens per sequence; with --seq-lengths the row length (--packing), the padded length
+    /// (--padding max) or the truncation length.
+    #[arg(long, required_unless_present = "seq_lengths")]
+    pub seq: Option<usize>,
+    /// Lengths from data: the micro-batch estimated is the largest the data can form.
+    #[command(flatten)]
+    pub data: DataArgs,
     /// Fine-tuning method and checkpointing.
     #[command(flatten)]
     pub how: MethodArgs,
@@ -203,6 +207,39 @@ pub struct EstimateArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Sequence lengths from a data set and how they are batched (`src/data.rs`).
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// Sequence lengths of the data set (tokens): one count per line, or JSON Lines with an
+    /// integer `length` field. The estimate is for the largest micro-batch they can form.
+    #[arg(long)]
+    pub seq_lengths: Option<PathBuf>,
+    /// Pack the sequences into rows of --seq tokens (TRL's packing).
+    #[arg(long, requires = "seq_lengths", conflicts_with_all = ["padding", "padding_free"])]
+    pub packing: bool,
+    /// Pad each micro-batch to its `longest` sequence (the default) or every sequence to `max`
+    /// = --seq (transformers' DataCollatorWithPadding).
+    #[arg(long, requires = "seq_lengths")]
+    pub padding: Option<crate::data::Padding>,
+    /// Concatenate a micro-batch's sequences into one row without padding, positions restarting
+    /// per sequence (transformers' DataCollatorWithFlattening; the torch profiles only).
+    #[arg(long, requires = "seq_lengths", conflicts_with = "padding")]
+    pub padding_free: bool,
+}
+
+impl DataArgs {
+    /// The batching these options select.
+    pub fn batching(&self) -> crate::data::Batching {
+        use crate::data::{Batching, Padding};
+        match (self.packing, self.padding_free, self.padding) {
+            (true, _, _) => Batching::Packed,
+            (_, true, _) => Batching::PaddingFree,
+            (_, _, Some(Padding::Max)) => Batching::PadMax,
+            _ => Batching::PadLongest,
+        }
+    }
 }
 
 /// `vramcal calibrate`.
@@ -429,9 +466,14 @@ pub struct MeasureArgs {
     /// Sequences per forward/backward pass (the micro-batch).
     #[arg(long, visible_alias = "micro-batch")]
     pub batch: usize,
-    /// Tokens per sequence.
-    #[arg(long)]
-    pub seq: usize,
+    /// Tokens per sequence; with --seq-lengths the row length (--packing), the padded length
+    /// (--padding max) or the truncation length.
+    #[arg(long, required_unless_present = "seq_lengths")]
+    pub seq: Option<usize>,
+    /// Lengths from data: the micro-batch measured is the largest the data can form
+    /// (--padding-free is refused: vramcal's step has no variable-length attention).
+    #[command(flatten)]
+    pub data: DataArgs,
     /// Fine-tuning method and checkpointing.
     #[command(flatten)]
     pub how: MethodArgs,

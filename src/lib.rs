@@ -13,6 +13,7 @@ pub mod calibrate;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod estimate;
 pub mod export;

@@ -61,6 +61,124 @@ fn models_lists_exact_counts() {
     );
 }
 
+/// `--seq-lengths`: the estimate is for the largest micro-batch the data can form, and a bad
+/// file gets one `error:` line naming the file and the line.
+#[test]
+fn seq_lengths_give_the_worst_batch_and_bad_files_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("lengths.txt");
+    std::fs::write(&f, "120\n340\n{\"length\": 812}\n77\n").unwrap();
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let out = vramcal()
+            .args([
+                "estimate",
+                "--model",
+                "qwen2.5-0.5b",
+                "--batch",
+                "4",
+                "--json",
+            ])
+            .arg("--seq-lengths")
+            .arg(&f)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let plain = |seq: &str| -> serde_json::Value {
+        let out = vramcal()
+            .args([
+                "estimate",
+                "--model",
+                "qwen2.5-0.5b",
+                "--json",
+                "--batch",
+                "4",
+                "--seq",
+                seq,
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // Padded to the longest: the same estimate as 4 × 812.
+    let v = json(&[]);
+    assert_eq!(
+        (v["micro_batch"].as_u64(), v["seq"].as_u64()),
+        (Some(4), Some(812))
+    );
+    assert_eq!(v["data"]["sequences"], 4);
+    assert_eq!(v["estimate"], plain("812")["estimate"]);
+    let v = json(&["--packing", "--seq", "2048"]);
+    assert_eq!(v["seq"], 2048);
+    let v = json(&["--padding-free"]);
+    assert_eq!(
+        (v["micro_batch"].as_u64(), v["seq"].as_u64()),
+        (Some(1), Some(1349))
+    );
+    for (text, want) in [
+        ("12\n0\n", "line 2: a sequence of 0 tokens"),
+        ("12\n\n4\n", "line 2: empty line"),
+        ("", "the file is empty"),
+        ("12\nx3\n", "line 2: \"x3\" is not a token count"),
+        (
+            "12\n99999999\n",
+            "line 2: 99999999 tokens is above the model's max_position_embeddings",
+        ),
+        ("12\n\u{0}\n", "line 2"),
+        (
+            "{\"len\": 3}\n",
+            "line 1: the object has no integer \"length\" field",
+        ),
+    ] {
+        std::fs::write(&f, text).unwrap();
+        let out = vramcal()
+            .args(["estimate", "--model", "qwen2.5-0.5b", "--seq-lengths"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text:?} accepted");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("error: ") && err.contains("lengths.txt"),
+            "{err}"
+        );
+        assert!(err.contains(want), "{err} lacks {want}");
+    }
+    std::fs::write(&f, b"12\n\xff\n").unwrap();
+    let out = vramcal()
+        .args(["estimate", "--model", "qwen2.5-0.5b", "--seq-lengths"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2: not UTF-8"), "{err}");
+    // Packing needs a row length; vramcal's own step has no padding-free attention.
+    std::fs::write(&f, "12\n").unwrap();
+    for (extra, want) in [
+        (&["--packing"][..], "needs --seq"),
+        (
+            &["--padding-free", "--profile", "candle"][..],
+            "no variable-length attention",
+        ),
+    ] {
+        let out = vramcal()
+            .args(["estimate", "--model", "qwen2.5-0.5b", "--seq-lengths"])
+            .arg(&f)
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{err}");
+    }
+}
+
 /// The verdict's fixes include, for the PyTorch profiles, bitsandbytes' 8-bit and paged AdamW
 /// and LoRA on fewer modules, each with its estimate; vramcal's own step (candle) is offered
 /// no optimizer it does not train with.

@@ -29,6 +29,8 @@ pub struct Query {
     pub sharding: Option<(Shard, usize)>,
     /// `--max-memory` per device (bytes), with `--device-map`.
     pub max_memory: Option<Vec<u64>>,
+    /// The largest micro-batch of `--seq-lengths`, where given.
+    pub data: Option<crate::data::WorstBatch>,
 }
 
 /// Runs `vramcal estimate`.
@@ -60,9 +62,19 @@ pub fn query(a: &EstimateArgs) -> anyhow::Result<Query> {
         .clone()
         .ok_or_else(|| Error::invalid("--model", "", "vramcal estimate needs --model"))?;
     let model = resolve_model(&name)?;
+    let (batch, seq, data) = super::setup::data_batch(
+        &model.config,
+        a.model.allow_longer,
+        a.batch,
+        a.seq,
+        &a.data,
+        a.profile != Profile::Candle,
+    )?;
     let mut spec =
-        super::setup::train_spec(&a.model, a.batch, a.seq, a.how.method, a.how.checkpointing)?;
-    spec.allow_longer = a.model.allow_longer;
+        super::setup::train_spec(&a.model, batch, seq, a.how.method, a.how.checkpointing)?;
+    spec.allow_longer = a.model.allow_longer
+        // Padding-free rows restart their positions at every sequence.
+        || data.as_ref().is_some_and(|d| d.batching == crate::data::Batching::PaddingFree);
     spec.validate(&model.config)?;
     // What attention keeps is the profile's for the torch stacks: a contradicting --attention is
     // refused rather than ignored.
@@ -98,6 +110,7 @@ pub fn query(a: &EstimateArgs) -> anyhow::Result<Query> {
         budget: budget(a)?,
         sharding: sharding(a)?,
         max_memory: max_memory(a)?,
+        data,
     })
 }
 
@@ -133,6 +146,7 @@ pub fn answer(q: Query) -> anyhow::Result<Answer> {
         fixes,
         sharding: q.sharding,
         device_map,
+        data: q.data,
     })
 }
 

@@ -17,9 +17,27 @@ use crate::report::{append_row, Status};
 /// Bad input (before anything runs) or a failed step; in the latter case the row with the
 /// phases measured so far is still written to `--out` (status `error`).
 pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
+    let (batch, seq) = match &a.data.seq_lengths {
+        None => (a.batch, a.seq.unwrap_or(0)),
+        Some(_) => {
+            let (model, _) = super::setup::resolve(&a.model)?;
+            let (b, s, data) = super::setup::data_batch(
+                &model.config,
+                a.model.allow_longer,
+                a.batch,
+                a.seq,
+                &a.data,
+                false,
+            )?;
+            if let (Some(d), false, false) = (&data, a.child, a.quiet) {
+                eprintln!("{}", d.describe());
+            }
+            (b, s)
+        }
+    };
     let p = prepare(
         &a.model,
-        (a.batch, a.seq),
+        (batch, seq),
         a.how.method,
         a.how.checkpointing,
         a.record_command.clone(),

@@ -30,6 +30,8 @@ pub struct Answer {
     pub sharding: Option<(Shard, usize)>,
     /// Layers placed on devices (`--device-map`).
     pub device_map: Option<Vec<Placement>>,
+    /// The largest micro-batch of `--seq-lengths`, where given.
+    pub data: Option<crate::data::WorstBatch>,
 }
 
 /// The answer as pretty-printed JSON (one object, trailing newline).
@@ -45,6 +47,8 @@ pub fn json(x: &Answer) -> anyhow::Result<String> {
         "method": x.spec.adaptation.method(),
         "checkpointing": x.spec.checkpointing.label(),
         "dtype": x.spec.dtype.as_str(),
+        "precision": x.spec.precision.map(|p| p.to_string()),
+        "optimizer": x.spec.optimizer.to_string(),
         "micro_batch": x.spec.batch,
         "accumulate": x.spec.accumulate,
         "seq": x.spec.seq,
@@ -54,6 +58,7 @@ pub fn json(x: &Answer) -> anyhow::Result<String> {
         "alternatives": x.fixes.iter().map(|(n, f)| serde_json::json!({"change": n, "peak_bytes": f.peak_bytes, "reserved_bytes": f.reserved_bytes})).collect::<Vec<_>>(),
         "sharding": x.sharding.map(|(s, gpus)| serde_json::json!({"shard": s, "gpus": gpus})),
         "device_map": x.device_map,
+        "data": x.data.as_ref().map(crate::data::WorstBatch::json),
     });
     Ok(format!("{}\n", serde_json::to_string_pretty(&v)?))
 }
@@ -112,6 +117,10 @@ fn header(x: &Answer) -> String {
         spec.seq,
         x.coefficients
     );
+    if let Some(d) = &x.data {
+        t += &d.describe();
+        t += "\n";
+    }
     t
 }
 

@@ -148,6 +148,48 @@ pub fn adaptation(args: &ModelArgs, method: Option<Method>) -> anyhow::Result<Ad
     Ok(ad)
 }
 
+/// The micro-batch to measure or estimate: `(batch, seq)` as given, or with `--seq-lengths`
+/// the largest the data can form under its batching ([`crate::data::Lengths::worst_batch`]),
+/// with that batch described. `padding_free` says whether the stack has variable-length
+/// attention (the torch profiles; not vramcal's own step).
+///
+/// # Errors
+/// An unreadable or invalid lengths file (one line naming file and line); packing or `max`
+/// padding without `--seq`; `--padding-free` where `padding_free` is false.
+pub fn data_batch(
+    cfg: &crate::config::ModelConfig,
+    allow_longer: bool,
+    batch: usize,
+    seq: Option<usize>,
+    data: &crate::cli::DataArgs,
+    padding_free: bool,
+) -> anyhow::Result<(usize, usize, Option<crate::data::WorstBatch>)> {
+    let Some(f) = &data.seq_lengths else {
+        return Ok((batch, seq.unwrap_or(0), None));
+    };
+    let lengths = crate::data::Lengths::read(f, cfg.max_position_embeddings, allow_longer)?;
+    let batching = data.batching();
+    if batching == crate::data::Batching::PaddingFree && !padding_free {
+        return Err(Error::invalid(
+            "--padding-free",
+            f.display(),
+            "vramcal's own step has no variable-length attention: estimate padding-free batches with a torch profile",
+        )
+        .into());
+    }
+    let (b, s) = lengths.worst_batch(batch, seq, batching)?;
+    Ok((
+        b,
+        s,
+        Some(crate::data::WorstBatch {
+            lengths,
+            batching,
+            batch: b,
+            seq: s,
+        }),
+    ))
+}
+
 /// Builds the training spec of one point from the CLI arguments, with `method` and
 /// `checkpointing` (which a sweep varies).
 ///

@@ -1,0 +1,280 @@
+//! Sequence lengths from a data set (`--seq-lengths FILE`) and the micro-batches they form:
+//! packed rows, padding to the batch's longest sequence or to `--seq`, or padding-free
+//! concatenation. What memory depends on is the largest micro-batch the data can form; what
+//! time depends on is the tokens processed per epoch.
+//!
+//! The collators modelled are transformers' (`DataCollatorWithPadding` with `padding="longest"`
+//! or `"max_length"`, truncation to `max_length`; `DataCollatorWithFlattening` for padding-free
+//! batches, whose `position_ids` restart at every sequence) and TRL's packing into rows of
+//! `max_seq_length` tokens.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// How sequences become micro-batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batching {
+    /// Concatenated and cut into rows of `--seq` tokens (`--packing`).
+    Packed,
+    /// Each micro-batch padded to its longest sequence (`--padding longest`, the default).
+    PadLongest,
+    /// Every sequence padded to `--seq` (`--padding max`).
+    PadMax,
+    /// A micro-batch's sequences concatenated into one row without padding (`--padding-free`).
+    PaddingFree,
+}
+
+impl Batching {
+    /// The option that selects it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Batching::Packed => "--packing",
+            Batching::PadLongest => "--padding longest",
+            Batching::PadMax => "--padding max",
+            Batching::PaddingFree => "--padding-free",
+        }
+    }
+}
+
+/// The `--padding` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// To the micro-batch's longest sequence.
+    Longest,
+    /// To `--seq` (`max_length`).
+    Max,
+}
+
+impl std::str::FromStr for Padding {
+    type Err = Error;
+
+    /// Parses `longest` or `max`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for anything else.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "longest" => Ok(Padding::Longest),
+            "max" => Ok(Padding::Max),
+            _ => Err(Error::invalid("--padding", s, "expected longest or max")),
+        }
+    }
+}
+
+/// The token counts of a data set's sequences, as read from a file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lengths {
+    /// The file read.
+    pub path: PathBuf,
+    /// One count per sequence (tokens), in file order.
+    pub tokens: Vec<usize>,
+}
+
+/// A line of `path` that is not a length.
+fn bad_line(path: &Path, line: usize, reason: impl Into<String>) -> Error {
+    Error::Csv {
+        path: path.to_path_buf(),
+        reason: format!("line {line}: {}", reason.into()),
+    }
+}
+
+impl Lengths {
+    /// Reads `path`: one token count per line, or JSON Lines whose objects carry an integer
+    /// `length` field; a final empty line is allowed. Every count must be positive and, unless
+    /// `allow_longer`, at most `max_positions` (the model's `max_position_embeddings`).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if unreadable; [`Error::Csv`] naming the file and line for text that is not
+    /// UTF-8, an empty file, an empty line, a count that is not a positive integer, an object
+    /// without an integer `length`, or a count above `max_positions`.
+    pub fn read(path: &Path, max_positions: usize, allow_longer: bool) -> Result<Self> {
+        let bytes = crate::input::read_capped(path)?;
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            let line = bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                + 1;
+            bad_line(path, line, "not UTF-8 text")
+        })?;
+        let body = text.strip_suffix('\n').unwrap_or(text);
+        if body.trim().is_empty() {
+            return Err(Error::Csv {
+                path: path.to_path_buf(),
+                reason: "no sequence lengths (the file is empty)".into(),
+            });
+        }
+        let mut tokens = Vec::new();
+        for (i, raw) in body.split('\n').enumerate() {
+            let line = i + 1;
+            let l = raw.trim_end_matches('\r').trim();
+            if l.is_empty() {
+                return Err(bad_line(path, line, "empty line: expected a token count"));
+            }
+            let n = if l.starts_with('{') {
+                let v: serde_json::Value = serde_json::from_str(l)
+                    .map_err(|e| bad_line(path, line, format!("not a JSON object: {e}")))?;
+                v.get("length")
+                    .and_then(serde_json::Value::as_u64)
+                    .ok_or_else(|| {
+                        bad_line(
+                            path,
+                            line,
+                            "the object has no integer \"length\" field (the token count)",
+                        )
+                    })?
+            } else {
+                l.parse::<u64>().map_err(|_| {
+                    bad_line(
+                        path,
+                        line,
+                        format!("{l:?} is not a token count (a positive integer)"),
+                    )
+                })?
+            };
+            if n == 0 {
+                return Err(bad_line(path, line, "a sequence of 0 tokens"));
+            }
+            let n = usize::try_from(n)
+                .ok()
+                .filter(|n| allow_longer || *n <= max_positions)
+                .ok_or_else(|| {
+                    bad_line(
+                        path,
+                        line,
+                        format!(
+                            "{n} tokens is above the model's max_position_embeddings = {max_positions} (--allow-longer permits it)"
+                        ),
+                    )
+                })?;
+            tokens.push(n);
+        }
+        Ok(Lengths {
+            path: path.to_path_buf(),
+            tokens,
+        })
+    }
+
+    /// The longest sequence (tokens).
+    pub fn longest(&self) -> usize {
+        self.tokens.iter().copied().max().unwrap_or(0)
+    }
+
+    /// All tokens of the data set.
+    pub fn total(&self) -> u64 {
+        self.tokens.iter().map(|&t| t as u64).sum()
+    }
+
+    /// The largest micro-batch of `batch` sequences the data can form under `batching`, as
+    /// `(sequences, tokens per sequence)`; `max_length` is `--seq` where given (the row length
+    /// for packing, the padding length for `max`, the truncation length otherwise).
+    ///
+    /// * packed: `(batch, max_length)`;
+    /// * padded to `max`: `(batch, max_length)`;
+    /// * padded to the longest: `(batch, min(longest, max_length))`: any sampler, random or
+    ///   length-grouped, puts the longest sequence in some micro-batch (transformers'
+    ///   `LengthGroupedSampler` puts it in the first, on purpose);
+    /// * padding-free: `(1, Σ of the batch longest)`, each truncated to `max_length`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] when packing or `max` padding lacks `max_length`.
+    pub fn worst_batch(
+        &self,
+        batch: usize,
+        max_length: Option<usize>,
+        batching: Batching,
+    ) -> Result<(usize, usize)> {
+        let need = |what: Batching| {
+            max_length.ok_or_else(|| {
+                Error::invalid(
+                    what.label(),
+                    "without --seq",
+                    "needs --seq (the row length for packing, the padded length for max)",
+                )
+            })
+        };
+        let cap = |t: usize| max_length.map_or(t, |m| t.min(m));
+        Ok(match batching {
+            Batching::Packed => (batch, need(batching)?),
+            Batching::PadMax => (batch, need(batching)?),
+            Batching::PadLongest => (batch, cap(self.longest())),
+            Batching::PaddingFree => {
+                let mut t: Vec<usize> = self.tokens.iter().map(|&x| cap(x)).collect();
+                t.sort_unstable_by(|a, b| b.cmp(a));
+                (1, t.iter().take(batch).sum())
+            }
+        })
+    }
+}
+
+/// The largest micro-batch of a data set under a batching, which `estimate` estimates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorstBatch {
+    /// The lengths read.
+    pub lengths: Lengths,
+    /// How they are batched.
+    pub batching: Batching,
+    /// Sequences in the largest micro-batch.
+    pub batch: usize,
+    /// Tokens per sequence in it.
+    pub seq: usize,
+}
+
+impl WorstBatch {
+    /// One line saying where the micro-batch comes from.
+    pub fn describe(&self) -> String {
+        let n = self.lengths.tokens.len();
+        format!(
+            "data {}: {n} sequences, longest {} tokens, mean {:.0}; {}: largest micro-batch {} × {} tokens",
+            self.lengths.path.display(),
+            self.lengths.longest(),
+            self.lengths.total() as f64 / n.max(1) as f64,
+            self.batching.label(),
+            self.batch,
+            self.seq
+        )
+    }
+
+    /// The same as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "seq_lengths": self.lengths.path,
+            "sequences": self.lengths.tokens.len(),
+            "longest_tokens": self.lengths.longest(),
+            "total_tokens": self.lengths.total(),
+            "batching": self.batching.label(),
+            "worst_micro_batch": self.batch,
+            "worst_seq": self.seq,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lengths(t: &[usize]) -> Lengths {
+        Lengths {
+            path: "l.txt".into(),
+            tokens: t.to_vec(),
+        }
+    }
+
+    /// The largest micro-batch of each batching, by hand: lengths 120, 340, 812, 77 in
+    /// micro-batches of 2.
+    #[test]
+    fn worst_batches() {
+        let l = lengths(&[120, 340, 812, 77]);
+        let w = |m: Option<usize>, b: Batching| l.worst_batch(2, m, b).unwrap();
+        assert_eq!(w(None, Batching::PadLongest), (2, 812));
+        assert_eq!(w(Some(512), Batching::PadLongest), (2, 512)); // truncated
+        assert_eq!(w(Some(1024), Batching::PadMax), (2, 1024));
+        assert_eq!(w(Some(2048), Batching::Packed), (2, 2048));
+        assert_eq!(w(None, Batching::PaddingFree), (1, 812 + 340));
+        assert_eq!(w(Some(300), Batching::PaddingFree), (1, 600));
+        assert!(l.worst_batch(2, None, Batching::Packed).is_err());
+        assert!(l.worst_batch(2, None, Batching::PadMax).is_err());
+        assert_eq!(l.total(), 1349);
+    }
+}
