@@ -402,13 +402,22 @@ impl ModelConfig {
             reason: e.to_string(),
         })?;
         // Qwen2's configs carry a `sliding_window` that applies only with `use_sliding_window`
-        // (false in every released Qwen2/2.5 model: `Qwen2Config`, `modeling_qwen2.py`).
+        // (false by default and in every released Qwen2/2.5 model: `Qwen2Config`,
+        // `modeling_qwen2.py`); where it is true, only the layers from `max_window_layers` on
+        // slide, which vramcal does not model.
         let raw: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
-        if raw
+        let use_window = raw
             .get("use_sliding_window")
-            .and_then(serde_json::Value::as_bool)
-            == Some(false)
-        {
+            .and_then(serde_json::Value::as_bool);
+        if cfg.architectures.iter().any(|a| a == "Qwen2ForCausalLM") {
+            if use_window == Some(true) {
+                return Err(Error::Config {
+                    path: path.to_path_buf(),
+                    reason: "use_sliding_window = true is not modelled (Qwen2 slides only the layers from max_window_layers on)".into(),
+                });
+            }
+            cfg.sliding_window = None;
+        } else if use_window == Some(false) {
             cfg.sliding_window = None;
         }
         if !cfg.architectures.is_empty()
@@ -957,5 +966,20 @@ mod tests {
             preset("qwen2.5-0.5b").unwrap().config.param_count()
         );
         assert_eq!(c.param_count(), 494_032_768);
+        // Without the key (transformers' default, false) no window either; true is refused.
+        let absent = text.replace("\"use_sliding_window\": false,", "");
+        let c = ModelConfig::from_json_str(&absent, Path::new("config.json")).unwrap();
+        assert_eq!(c.sliding_window, None);
+        let on = text.replace(
+            "\"use_sliding_window\": false",
+            "\"use_sliding_window\": true",
+        );
+        let e = ModelConfig::from_json_str(&on, Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("use_sliding_window = true is not modelled"),
+            "{e}"
+        );
     }
 }

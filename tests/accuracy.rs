@@ -279,7 +279,7 @@ fn rows_checked(text: &str) -> usize {
     number_after(line, "): ") as usize
 }
 
-/// PyTorch's own CPU peaks (`results/torch-cpu/`, exact to the byte, two architectures, every
+/// PyTorch's own CPU peaks (`results/torch-cpu/`, exact to the byte, three architectures, every
 /// recipe of the grid): the torch profiles' first-principles (uncalibrated) estimate is within
 /// 1 % median and 3 % max of every one of at least 200 rows, each read in its own precision,
 /// optimizer and attention.

@@ -16,7 +16,15 @@ fn closed_form(c: &ModelConfig) -> u64 {
     let hd = c.head_dim() as u64;
     let q = c.num_attention_heads as u64 * hd;
     let kv = c.kv_heads() as u64 * hd;
-    let per_layer = h * q + h * kv + h * kv + q * h + h * i * 3 + 2 * h;
+    // Biases: Qwen2's on q, k, v (`modeling_qwen2.py`); Llama's `attention_bias` on o too.
+    let qwen2 = c.architectures.iter().any(|a| a == "Qwen2ForCausalLM");
+    let qkv_bias = if qwen2 || c.attention_bias {
+        q + 2 * kv
+    } else {
+        0
+    };
+    let o_bias = if c.attention_bias { h } else { 0 };
+    let per_layer = h * q + h * kv + h * kv + q * h + h * i * 3 + 2 * h + qkv_bias + o_bias;
     v * h + l * per_layer + h + if c.tie_word_embeddings { 0 } else { v * h }
 }
 
@@ -36,6 +44,18 @@ fn preset_param_counts_match_closed_form_and_shapes() {
 
 #[test]
 fn published_counts() {
+    // The counts of the models' own cards and config.json files (issue "The recipes and
+    // models people fine-tune").
+    for (name, want) in [
+        ("qwen2.5-7b", 7_615_616_512u64),
+        ("qwen2-7b", 7_615_616_512),
+        ("qwen2.5-0.5b", 494_032_768),
+        ("qwen1.5-7b", 7_721_324_544),
+        ("llama-3.1-8b", 8_030_261_248),
+        ("mistral-nemo-12b", 12_247_782_400),
+    ] {
+        assert_eq!(preset(name).unwrap().config.param_count(), want, "{name}");
+    }
     assert_eq!(
         preset("mistral-7b-v0.1").unwrap().config.param_count(),
         7_241_732_096

@@ -166,7 +166,7 @@ impl Term {
                 "attention transient",
                 "one layer's (b, heads, s, s) in the compute dtype",
             ),
-            Term::Constant => ("fixed overhead (workspace)", "constant"),
+            Term::Constant => ("fixed overhead (fitted)", "constant"),
             Term::CpuBf16MatmulWidening => (
                 "bf16 matmul f32 copies (CPU)",
                 "LM head's bf16 products widened to f32, max(4·(N·h + V·h + c·V) + 2·c·V, 10·c·V + 4·V·h + 6·c·h [, 10·c·V + 4·N·h + 6·V·h (+2·V·h) trained]), beyond 2 logits chunks",

@@ -438,11 +438,10 @@ pub fn optimizer(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         Optimizer::PagedAdamw32bit if spec.torch_cpu => 3 * largest * 4,
         Optimizer::AdamwBnb8bit | Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit => 0,
         Optimizer::Adafactor => {
-            let widened = if spec.dtype == candle_core::DType::F32 {
-                0
-            } else {
-                2
-            };
+            // The tensors it steps: fp32 master copies, and PEFT's fp32 adapters, need no copy.
+            let stepped_fp32 = gradient_dtype(spec) == candle_core::DType::F32
+                || spec.precision.is_some_and(|p| p.master_weights());
+            let widened = if stepped_fp32 { 0 } else { 2 };
             (2 + widened) * largest * 4
         }
     }

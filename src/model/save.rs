@@ -145,6 +145,9 @@ impl Decoder {
                     }
                 };
                 tensors.insert(format!("{p}.{}.weight", t.path()), w);
+                if let Some(b) = &lin.bias {
+                    tensors.insert(format!("{p}.{}.bias", t.path()), param(b));
+                }
             }
         }
         let file = dir.join("model.safetensors");
