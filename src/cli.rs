@@ -213,7 +213,8 @@ pub struct EstimateArgs {
 #[derive(Debug, Clone, Args)]
 pub struct DataArgs {
     /// Sequence lengths of the data set (tokens): one count per line, or JSON Lines with an
-    /// integer `length` field. The estimate is for the largest micro-batch they can form.
+    /// integer `length` field. The micro-batch estimated or measured is the largest they can
+    /// form.
     #[arg(long)]
     pub seq_lengths: Option<PathBuf>,
     /// Pack the sequences into rows of --seq tokens (TRL's packing).
@@ -375,7 +376,7 @@ pub struct ModelArgs {
     /// Precision recipe of `../shared/cases/README.md`: fp32, bf16, fp16, amp-bf16, amp-fp16,
     /// bf16+amp, fp16+amp, bf16-master or fp16-master. Sets the weights' dtype and PyTorch's
     /// state dtype (so it excludes --dtype and --optimizer-state-dtype). The torch profiles
-    /// estimate every recipe; vramcal's own step runs fp32, bf16 and fp16.
+    /// estimate every recipe; vramcal's own step runs fp32 and bf16.
     #[arg(long, conflicts_with_all = ["dtype", "optimizer_state_dtype"])]
     pub precision: Option<Precision>,
     /// Optimizer, by Hugging Face `TrainingArguments.optim` name: adamw_torch, adamw_torch_fused,

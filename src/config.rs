@@ -118,15 +118,16 @@ impl ModelConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
-    /// Whether `q_proj`, `k_proj` and `v_proj` have biases: Qwen2's architecture, or Llama's
-    /// `attention_bias`.
+    /// Whether `q_proj`, `k_proj` and `v_proj` have biases: Qwen2's architecture (always), or
+    /// Llama's `attention_bias`.
     pub fn qkv_bias(&self) -> bool {
         self.attention_bias || self.architectures.iter().any(|a| a == "Qwen2ForCausalLM")
     }
 
-    /// Whether `o_proj` has a bias (Llama's `attention_bias`; never Qwen2's).
+    /// Whether `o_proj` has a bias (Llama's `attention_bias`; never Qwen2's, whose
+    /// `Qwen2Attention` ignores the key).
     pub fn o_bias(&self) -> bool {
-        self.attention_bias
+        self.attention_bias && !self.architectures.iter().any(|a| a == "Qwen2ForCausalLM")
     }
 
     /// The RoPE scaling of `rope_scaling`, if any.
@@ -406,9 +407,32 @@ impl ModelConfig {
         // `modeling_qwen2.py`); where it is true, only the layers from `max_window_layers` on
         // slide, which vramcal does not model.
         let raw: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
-        let use_window = raw
-            .get("use_sliding_window")
-            .and_then(serde_json::Value::as_bool);
+        let bad = |reason: String| Error::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let use_window =
+            match raw.get("use_sliding_window") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(v.as_bool().ok_or_else(|| {
+                    bad(format!("use_sliding_window = {v} must be true or false"))
+                })?),
+            };
+        // Without `architectures`, transformers goes by `model_type`.
+        if cfg.architectures.is_empty() {
+            match raw.get("model_type").and_then(serde_json::Value::as_str) {
+                None => {}
+                Some("llama") => cfg.architectures = vec!["LlamaForCausalLM".into()],
+                Some("mistral") => cfg.architectures = vec!["MistralForCausalLM".into()],
+                Some("qwen2") => cfg.architectures = vec!["Qwen2ForCausalLM".into()],
+                Some(other) => {
+                    return Err(Error::UnknownArchitecture {
+                        path: path.to_path_buf(),
+                        found: vec![format!("model_type {other}")],
+                    })
+                }
+            }
+        }
         if cfg.architectures.iter().any(|a| a == "Qwen2ForCausalLM") {
             if use_window == Some(true) {
                 return Err(Error::Config {
@@ -979,6 +1003,31 @@ mod tests {
             .to_string();
         assert!(
             e.contains("use_sliding_window = true is not modelled"),
+            "{e}"
+        );
+        let yes = text.replace(
+            "\"use_sliding_window\": false",
+            "\"use_sliding_window\": \"yes\"",
+        );
+        let e = ModelConfig::from_json_str(&yes, Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must be true or false"), "{e}");
+        // Without `architectures`, `model_type` names it, as in transformers; an unknown one is
+        // refused. Qwen2 ignores `attention_bias` (no o_proj bias).
+        let by_type = text.replace(
+            "\"architectures\": [\"Qwen2ForCausalLM\"]",
+            "\"model_type\": \"qwen2\", \"attention_bias\": true",
+        );
+        let c = ModelConfig::from_json_str(&by_type, Path::new("config.json")).unwrap();
+        assert!(c.qkv_bias() && !c.o_bias());
+        assert_eq!(c.param_count(), 494_032_768);
+        let mixtral = by_type.replace("\"qwen2\"", "\"mixtral\"");
+        let e = ModelConfig::from_json_str(&mixtral, Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unsupported architecture") && e.contains("mixtral"),
             "{e}"
         );
     }

@@ -121,7 +121,7 @@ impl Lengths {
                         bad_line(
                             path,
                             line,
-                            "the object has no integer \"length\" field (the token count)",
+                            "the object has no \"length\" field holding a positive integer (the token count)",
                         )
                     })?
             } else {

@@ -133,7 +133,7 @@ fn seq_lengths_give_the_worst_batch_and_bad_files_one_line() {
         ("12\n\u{0}\n", "line 2"),
         (
             "{\"len\": 3}\n",
-            "line 1: the object has no integer \"length\" field",
+            "line 1: the object has no \"length\" field",
         ),
     ] {
         std::fs::write(&f, text).unwrap();

@@ -248,6 +248,25 @@ fn good_rows_and_oom_rows_are_read() {
         "{text}"
     );
     assert!(text.contains("1 of 1 predicted above their card"), "{text}");
+    // As scripts/torch_reference.py writes one: status oom, counter oom, the card's memory.
+    let g = dir.path().join("script-oom.csv");
+    std::fs::write(&g, format!("{HEADER},status\n{oom},oom\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
+        .args(["check", "--profile", "torch-sdpa", "--measured"])
+        .arg(&g)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("| r2 |") && text.contains("no row with a measured peak"),
+        "{text}"
+    );
+    assert!(text.contains("1 of 1 predicted above their card"), "{text}");
 }
 
 /// A calibration table of one device kind is not applied to rows of another: a GPU row with

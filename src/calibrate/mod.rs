@@ -285,7 +285,11 @@ pub fn fit(pts: &[&Point], profile: Profile, source: &str) -> Result<Coefficient
         return Err(Error::invalid(
             "measured rows",
             pts.len(),
-            format!("at least {k} successful rows are needed to fit {k} terms"),
+            if pts.is_empty() {
+                "no row is left to fit (rows whose peak is loading say nothing of the terms, and the hold-out keeps the longest sequence out): give rows at more than one sequence length, or --holdout none".to_string()
+            } else {
+                format!("at least {k} successful rows are needed to fit {k} terms")
+            },
         ));
     }
     let mut starts: Vec<Vec<Moment>> = vec![pts.iter().map(|p| best_moment(p, &start)).collect()];

@@ -502,7 +502,9 @@ impl Reference {
                     .ok_or_else(|| c.err("step_seconds_median", v, "expected seconds"))?,
             ),
         };
-        let usable = ran
+        // `scripts/torch_reference.py` writes a run that ran out of memory as `status` = `oom`
+        // with `counter` = `oom` and the card's memory: checked like a published oom row.
+        let usable = (ran || (status == "oom" && counter == Counter::Oom))
             && match counter {
                 Counter::Oom => true,
                 Counter::None => false,

@@ -201,9 +201,12 @@ fn refuse_measurement_options(a: &EstimateArgs) -> anyhow::Result<()> {
 fn budget(a: &EstimateArgs) -> anyhow::Result<Option<(String, u64)>> {
     Ok(match (&a.gpu, a.model.budget) {
         (Some(_), Some(_)) => {
-            return Err(
-                Error::invalid("--budget", "", "give either --gpu or --budget, not both").into(),
+            return Err(Error::invalid(
+                "--budget",
+                "with --gpu",
+                "give either --gpu or --budget, not both",
             )
+            .into())
         }
         (Some(g), None) => {
             let g = gpu(g)?;

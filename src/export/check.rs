@@ -78,6 +78,22 @@ pub fn summary(s: &Summary) -> String {
     .into_iter()
     .flatten()
     .collect();
+    if s.rows == 0 {
+        return format!(
+            "profile {} ({}): no row with a measured peak;{}\n",
+            s.profile.name(),
+            s.coefficients,
+            if s.oom_rows > 0 {
+                format!(
+                    " rows that ran out of memory: {} of {} predicted above their card",
+                    s.oom_rows - s.oom_missed,
+                    s.oom_rows
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
     format!(
         "profile {} ({}): {} rows; |error| median {:.2} %, p90 {:.2} %, max {:.2} %; under-estimates {} of {} with a {:.1} % margin;{} {}\n",
         s.profile.name(),
