@@ -226,42 +226,34 @@ fn every_bad_cell_is_refused_by_file_row_and_column() {
 #[test]
 fn good_rows_and_oom_rows_are_read() {
     let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("ok.csv");
+    // `check --profile torch-sdpa` of a file holding `text`: its stdout, after success.
+    let check = |name: &str, text: String| -> String {
+        let f = dir.path().join(name);
+        std::fs::write(&f, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
+            .args(["check", "--profile", "torch-sdpa", "--measured"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     let oom = GOOD.replace("r1,", "r2,").replace(
         ",A100-80GB,,allocated,2000000000,",
         ",tiny card,1000000,oom,,",
     );
-    std::fs::write(&f, format!("{HEADER}\n{GOOD}\n{oom}\n")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
-        .args(["check", "--profile", "torch-sdpa", "--measured"])
-        .arg(&f)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = check("ok.csv", format!("{HEADER}\n{GOOD}\n{oom}\n"));
     assert!(
         text.contains("| r2 |") && text.contains("above the card: right"),
         "{text}"
     );
     assert!(text.contains("1 of 1 predicted above their card"), "{text}");
     // As scripts/torch_reference.py writes one: status oom, counter oom, the card's memory.
-    let g = dir.path().join("script-oom.csv");
-    std::fs::write(&g, format!("{HEADER},status\n{oom},oom\n")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
-        .args(["check", "--profile", "torch-sdpa", "--measured"])
-        .arg(&g)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = check("script-oom.csv", format!("{HEADER},status\n{oom},oom\n"));
     assert!(
         text.contains("| r2 |") && text.contains("no row with a measured peak"),
         "{text}"

@@ -78,20 +78,20 @@ pub fn summary(s: &Summary) -> String {
     .into_iter()
     .flatten()
     .collect();
+    let oom = if s.oom_rows > 0 {
+        format!(
+            " rows that ran out of memory: {} of {} predicted above their card;",
+            s.oom_rows - s.oom_missed,
+            s.oom_rows
+        )
+    } else {
+        String::new()
+    };
     if s.rows == 0 {
         return format!(
-            "profile {} ({}): no row with a measured peak;{}\n",
+            "profile {} ({}): no row with a measured peak;{oom}\n",
             s.profile.name(),
             s.coefficients,
-            if s.oom_rows > 0 {
-                format!(
-                    " rows that ran out of memory: {} of {} predicted above their card",
-                    s.oom_rows - s.oom_missed,
-                    s.oom_rows
-                )
-            } else {
-                String::new()
-            }
         );
     }
     format!(
@@ -105,15 +105,7 @@ pub fn summary(s: &Summary) -> String {
         s.under,
         s.rows,
         100.0 * s.margin,
-        if s.oom_rows > 0 {
-            format!(
-                " rows that ran out of memory: {} of {} predicted above their card;",
-                s.oom_rows - s.oom_missed,
-                s.oom_rows
-            )
-        } else {
-            String::new()
-        },
+        oom,
         if gates.is_empty() {
             "no thresholds given (--max-error, --max-median-error): exit 0 whatever the errors"
                 .to_string()
