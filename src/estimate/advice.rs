@@ -111,7 +111,10 @@ pub fn alternatives(
     // Combined with checkpointing.
     let with_ckpt: Vec<(String, TrainSpec)> = v
         .iter()
-        .filter(|(_, s)| s.checkpointing == Checkpointing::None && s.adaptation != spec.adaptation)
+        .filter(|(_, s)| {
+            s.checkpointing == Checkpointing::None
+                && (s.adaptation != spec.adaptation || s.optimizer != spec.optimizer)
+        })
         .map(|(n, s)| {
             let mut s = s.clone();
             s.checkpointing = Checkpointing::Every(1);
