@@ -22,6 +22,17 @@ fn with(col: &str, value: &str) -> String {
     format!("{HEADER}\n{}\n", cells.join(","))
 }
 
+/// `vramcal check --profile torch-sdpa --measured <file> <extra…>`, run in the repository root.
+fn check(file: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vramcal"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["check", "--profile", "torch-sdpa", "--measured"])
+        .arg(file)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 fn cases() -> Vec<Case> {
     let mut v: Vec<Case> = [
         ("method", "ia3"),
@@ -202,13 +213,7 @@ fn every_bad_cell_is_refused_by_file_row_and_column() {
         let f = dir.path().join(format!("case{i}.csv"));
         std::fs::write(&f, &c.file).unwrap();
         let out_csv = dir.path().join(format!("never-made-{i}.csv"));
-        let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
-            .args(["check", "--profile", "torch-sdpa", "--measured"])
-            .arg(&f)
-            .arg("--out-csv")
-            .arg(&out_csv)
-            .output()
-            .unwrap();
+        let out = check(&f, &["--out-csv", out_csv.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{}: accepted", c.what);
         assert_eq!(err.lines().count(), 1, "{}: {err}", c.what);
@@ -227,14 +232,10 @@ fn every_bad_cell_is_refused_by_file_row_and_column() {
 fn good_rows_and_oom_rows_are_read() {
     let dir = tempfile::tempdir().unwrap();
     // `check --profile torch-sdpa` of a file holding `text`: its stdout, after success.
-    let check = |name: &str, text: String| -> String {
+    let checked = |name: &str, text: String| -> String {
         let f = dir.path().join(name);
         std::fs::write(&f, text).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
-            .args(["check", "--profile", "torch-sdpa", "--measured"])
-            .arg(&f)
-            .output()
-            .unwrap();
+        let out = check(&f, &[]);
         assert!(
             out.status.success(),
             "{}",
@@ -246,14 +247,14 @@ fn good_rows_and_oom_rows_are_read() {
         ",A100-80GB,,allocated,2000000000,",
         ",tiny card,1000000,oom,,",
     );
-    let text = check("ok.csv", format!("{HEADER}\n{GOOD}\n{oom}\n"));
+    let text = checked("ok.csv", format!("{HEADER}\n{GOOD}\n{oom}\n"));
     assert!(
         text.contains("| r2 |") && text.contains("above the card: right"),
         "{text}"
     );
     assert!(text.contains("1 of 1 predicted above their card"), "{text}");
     // As scripts/torch_reference.py writes one: status oom, counter oom, the card's memory.
-    let text = check("script-oom.csv", format!("{HEADER},status\n{oom},oom\n"));
+    let text = checked("script-oom.csv", format!("{HEADER},status\n{oom},oom\n"));
     assert!(
         text.contains("| r2 |") && text.contains("no row with a measured peak"),
         "{text}"
@@ -268,14 +269,10 @@ fn a_table_of_another_device_kind_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("gpu.csv");
     std::fs::write(&f, format!("{HEADER}\n{GOOD}\n")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["check", "--profile", "torch-sdpa", "--calibration"])
-        .arg("results/calibration/cpu-torch-sdpa.csv")
-        .arg("--measured")
-        .arg(&f)
-        .output()
-        .unwrap();
+    let out = check(
+        &f,
+        &["--calibration", "results/calibration/cpu-torch-sdpa.csv"],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "accepted");
     assert!(
@@ -295,14 +292,8 @@ fn reserved_rows_meet_the_reserved_prediction() {
     let row = GOOD.replace(",allocated,", ",reserved,");
     std::fs::write(&f, format!("{HEADER}\n{row}\n")).unwrap();
     let run = |table: Option<&str>| -> (String, u64) {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_vramcal"));
-        c.current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["check", "--profile", "torch-sdpa", "--measured"])
-            .arg(&f);
-        if let Some(t) = table {
-            c.args(["--calibration", t]);
-        }
-        let out = c.output().unwrap();
+        let extra: Vec<&str> = table.map_or(vec![], |t| vec!["--calibration", t]);
+        let out = check(&f, &extra);
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(
             out.status.success(),
