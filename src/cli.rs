@@ -328,15 +328,25 @@ pub struct PlanArgs {
     /// Micro-batch.
     #[arg(long, visible_alias = "micro-batch", default_value_t = 1)]
     pub batch: usize,
-    /// Tokens per example (the measured sequence length).
+    /// Tokens per example (the measured sequence length); with --seq-lengths the truncation,
+    /// padding or packing length.
     #[arg(long)]
-    pub seq: usize,
+    pub seq: Option<usize>,
     /// Fine-tuning method and checkpointing.
     #[command(flatten)]
     pub how: MethodArgs,
-    /// Training examples per epoch.
-    #[arg(long)]
-    pub examples: u64,
+    /// Sequence lengths of the data set, and how they are batched: the step measured is the
+    /// largest micro-batch they form, the tokens projected those of one epoch.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// With --seq-lengths padded to the longest: the order sequences share micro-batches in,
+    /// `random` (the default, one shuffle seeded by --data-seed) or `length-grouped`
+    /// (transformers' `group_by_length`).
+    #[arg(long, requires = "seq_lengths")]
+    pub sampler: Option<crate::data::Sampler>,
+    /// Training examples per epoch (with --seq-lengths: the file's sequences).
+    #[arg(long, required_unless_present = "seq_lengths")]
+    pub examples: Option<u64>,
     /// Epochs.
     #[arg(long, default_value_t = 1)]
     pub epochs: u64,
@@ -376,14 +386,25 @@ pub struct ModelArgs {
     /// Precision recipe of `../shared/cases/README.md`: fp32, bf16, fp16, amp-bf16, amp-fp16,
     /// bf16+amp, fp16+amp, bf16-master or fp16-master. Sets the weights' dtype and PyTorch's
     /// state dtype (so it excludes --dtype and --optimizer-state-dtype). The torch profiles
-    /// estimate every recipe; vramcal's own step runs fp32 and bf16.
+    /// estimate every recipe; vramcal's own step runs fp32, bf16, bf16-master and
+    /// fp16-master (fp32 master copies stepped by the optimizer).
     #[arg(long, conflicts_with_all = ["dtype", "optimizer_state_dtype"])]
     pub precision: Option<Precision>,
     /// Optimizer, by Hugging Face `TrainingArguments.optim` name: adamw_torch, adamw_torch_fused,
     /// adamw_bnb_8bit, paged_adamw_8bit, paged_adamw_32bit, adafactor or sgd. vramcal's own
-    /// step trains with adamw_torch; the torch profiles estimate them all.
+    /// step trains with all but the paged ones (adamw_bnb_8bit on the CPU only); the torch
+    /// profiles estimate them all.
     #[arg(long, default_value = "adamw_torch")]
     pub optimizer: Optimizer,
+    /// Loss implementation (torch profiles): `transformers` (its own: the whole logits, upcast
+    /// to fp32) or `fused-linear-ce` (Liger's fused linear cross-entropy: logits one chunk at a
+    /// time). vramcal's own step has its own chunked head and refuses the option.
+    #[arg(long)]
+    pub loss: Option<crate::spec::Loss>,
+    /// SGD momentum (`torch.optim.SGD`); 0, the Trainer's `optim=sgd`, keeps no state. Only
+    /// with --optimizer sgd.
+    #[arg(long, default_value_t = 0.0)]
+    pub momentum: f64,
     /// AdamW learning rate.
     #[arg(long, default_value_t = 5e-5)]
     pub lr: f64,

@@ -208,6 +208,158 @@ impl Lengths {
     }
 }
 
+/// The order a padded-to-longest epoch draws its sequences in (`plan --sampler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sampler {
+    /// A uniform shuffle (torch's `RandomSampler`, the Trainer's default).
+    #[default]
+    Random,
+    /// transformers' `LengthGroupedSampler` (`group_by_length=True`): mega-batches of
+    /// `min(n / (4·batch), 50)` micro-batches from a shuffle, each sorted longest first, the
+    /// longest sequence moved to the first (`trainer_pt_utils.py`,
+    /// `get_length_grouped_indices`).
+    LengthGrouped,
+}
+
+impl std::str::FromStr for Sampler {
+    type Err = Error;
+
+    /// Parses `random` or `length-grouped`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for anything else.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "random" => Ok(Sampler::Random),
+            "length-grouped" => Ok(Sampler::LengthGrouped),
+            _ => Err(Error::invalid(
+                "--sampler",
+                s,
+                "expected random or length-grouped",
+            )),
+        }
+    }
+}
+
+impl Sampler {
+    /// The CLI name.
+    pub fn label(self) -> &'static str {
+        match self {
+            Sampler::Random => "random",
+            Sampler::LengthGrouped => "length-grouped",
+        }
+    }
+}
+
+/// One epoch of a data set under a batching: what it trains and what the device computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Epoch {
+    /// Sequences in the data set.
+    pub sequences: u64,
+    /// Tokens of the data (each sequence truncated to `--seq` where the batching truncates).
+    pub real_tokens: u64,
+    /// Tokens the device computes: real tokens plus padding.
+    pub processed_tokens: u64,
+    /// Micro-batches (forward/backward passes).
+    pub micro_batches: u64,
+    /// Optimizer steps (`ceil(micro_batches / accumulate)`, as the Trainer counts them).
+    pub optimizer_steps: u64,
+}
+
+impl Lengths {
+    /// One epoch of micro-batches of `batch` sequences under `batching`, `accumulate`
+    /// micro-batches per optimizer step; `max_length` is `--seq` where given. Padding to the
+    /// longest depends on which sequences share a micro-batch: `sampler` orders them, with a
+    /// shuffle seeded by `seed` (one epoch, not an expectation).
+    ///
+    /// * packed: all tokens cut into rows of `max_length`, the last row padded;
+    /// * padded to `max`: every sequence `max_length` tokens, truncated to it;
+    /// * padded to the longest: each micro-batch `size × its longest`, truncated;
+    /// * padding-free: the real tokens (truncated), no padding.
+    ///
+    /// # Errors
+    /// As [`Lengths::worst_batch`]; zero `batch` or `accumulate`.
+    pub fn epoch(
+        &self,
+        batch: usize,
+        accumulate: usize,
+        max_length: Option<usize>,
+        batching: Batching,
+        sampler: Sampler,
+        seed: u64,
+    ) -> Result<Epoch> {
+        if batch == 0 || accumulate == 0 {
+            return Err(Error::invalid("--batch", batch, "must be at least 1"));
+        }
+        // Checks that packing and max padding have --seq.
+        self.worst_batch(batch, max_length, batching)?;
+        let cap = |t: usize| max_length.map_or(t, |m| t.min(m)) as u64;
+        let n = self.tokens.len() as u64;
+        let b = batch as u64;
+        let truncated: u64 = self.tokens.iter().map(|&t| cap(t)).sum();
+        let (real, processed, micro) = match batching {
+            Batching::Packed => {
+                let row = max_length.expect("checked") as u64;
+                let rows = self.total().div_ceil(row);
+                (self.total(), rows * row, rows.div_ceil(b))
+            }
+            Batching::PadMax => (
+                truncated,
+                n * max_length.expect("checked") as u64,
+                n.div_ceil(b),
+            ),
+            Batching::PaddingFree => (truncated, truncated, n.div_ceil(b)),
+            Batching::PadLongest => {
+                let order = self.order(batch, sampler, seed);
+                let padded = order
+                    .chunks(batch)
+                    .map(|c| {
+                        c.len() as u64 * c.iter().map(|&i| cap(self.tokens[i])).max().unwrap_or(0)
+                    })
+                    .sum();
+                (truncated, padded, n.div_ceil(b))
+            }
+        };
+        Ok(Epoch {
+            sequences: n,
+            real_tokens: real,
+            processed_tokens: processed,
+            micro_batches: micro,
+            optimizer_steps: micro.div_ceil(accumulate as u64),
+        })
+    }
+
+    /// The indices of one epoch in `sampler`'s order.
+    fn order(&self, batch: usize, sampler: Sampler, seed: u64) -> Vec<usize> {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        let n = self.tokens.len();
+        let mut idx: Vec<usize> = (0..n).collect();
+        idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        if sampler == Sampler::Random {
+            return idx;
+        }
+        let mult = (n / (batch * 4)).clamp(1, 50);
+        let mut megas: Vec<Vec<usize>> = idx
+            .chunks(mult * batch)
+            .map(|m| {
+                let mut m = m.to_vec();
+                m.sort_by(|&a, &b| self.tokens[b].cmp(&self.tokens[a]));
+                m
+            })
+            .collect();
+        // The mega-batch holding the longest sequence gives its first to the first.
+        if let Some(max_idx) =
+            (0..megas.len()).max_by_key(|&k| (self.tokens[megas[k][0]], usize::MAX - k))
+        {
+            let first = megas[max_idx][0];
+            megas[max_idx][0] = megas[0][0];
+            megas[0][0] = first;
+        }
+        megas.concat()
+    }
+}
+
 /// The largest micro-batch of a data set under a batching, which `estimate` estimates.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorstBatch {
@@ -276,5 +428,74 @@ mod tests {
         assert!(l.worst_batch(2, None, Batching::Packed).is_err());
         assert!(l.worst_batch(2, None, Batching::PadMax).is_err());
         assert_eq!(l.total(), 1349);
+    }
+
+    /// One epoch of each batching, by hand: lengths 120, 340, 812, 77 in micro-batches of 2,
+    /// 2 micro-batches per optimizer step.
+    #[test]
+    fn epochs_by_hand() {
+        let l = lengths(&[120, 340, 812, 77]);
+        let e = |m: Option<usize>, b: Batching, s: Sampler| l.epoch(2, 2, m, b, s, 7).unwrap();
+        let max = e(Some(512), Batching::PadMax, Sampler::Random);
+        assert_eq!(
+            (
+                max.real_tokens,
+                max.processed_tokens,
+                max.micro_batches,
+                max.optimizer_steps
+            ),
+            (120 + 340 + 512 + 77, 4 * 512, 2, 1)
+        );
+        // 1349 tokens in rows of 512: 3 rows, the last padded; 2 micro-batches.
+        let packed = e(Some(512), Batching::Packed, Sampler::Random);
+        assert_eq!(
+            (
+                packed.real_tokens,
+                packed.processed_tokens,
+                packed.micro_batches
+            ),
+            (1349, 3 * 512, 2)
+        );
+        let free = e(Some(512), Batching::PaddingFree, Sampler::Random);
+        assert_eq!(free.processed_tokens, 120 + 340 + 512 + 77);
+        // Padded to the longest: whatever the pairing, the 812 (truncated to 512) pads its
+        // partner, and the other pair pads to its longer one.
+        let longest = e(Some(512), Batching::PadLongest, Sampler::Random);
+        let pairings = [
+            2 * 512 + 2 * 340, // 812 with 120 or 77; 340 with the other
+            2 * 512 + 2 * 120, // 812 with 340; 120 with 77
+        ];
+        assert!(
+            pairings.contains(&longest.processed_tokens),
+            "{}",
+            longest.processed_tokens
+        );
+        assert!(l
+            .epoch(0, 1, Some(512), Batching::PadMax, Sampler::Random, 0)
+            .is_err());
+    }
+
+    /// Length-grouped sampling pads less than a shuffle over many sequences, puts the longest
+    /// sequence in the first micro-batch, and keeps every sequence once.
+    #[test]
+    fn length_grouped_pads_less() {
+        let t: Vec<usize> = (0..1000).map(|i| 1 + (i * 7919) % 997).collect();
+        let l = lengths(&t);
+        let random = l
+            .epoch(8, 1, None, Batching::PadLongest, Sampler::Random, 3)
+            .unwrap();
+        let grouped = l
+            .epoch(8, 1, None, Batching::PadLongest, Sampler::LengthGrouped, 3)
+            .unwrap();
+        assert_eq!(random.real_tokens, grouped.real_tokens);
+        assert!(
+            grouped.processed_tokens < random.processed_tokens,
+            "{grouped:?} vs {random:?}"
+        );
+        let order = l.order(8, Sampler::LengthGrouped, 3);
+        assert_eq!(l.tokens[order[0]], l.longest());
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
     }
 }

@@ -452,8 +452,13 @@ pub struct Plan {
     pub epochs: u64,
     /// Tokens per example (the measured `seq`).
     pub seq: usize,
-    /// Tokens trained in total.
+    /// Tokens the device computes in total (with `--seq-lengths`: real tokens plus padding).
     pub tokens: u64,
+    /// Tokens of the data trained on in total (without padding); `tokens` without
+    /// `--seq-lengths`.
+    pub real_tokens: u64,
+    /// One epoch of the data set, with `--seq-lengths`.
+    pub data: Option<crate::data::Epoch>,
     /// Optimizer steps (`ceil(examples / (micro_batch·accumulate))·epochs`).
     pub steps: u64,
     /// Measured throughput (tokens/s).
@@ -474,7 +479,9 @@ pub struct Plan {
     pub on_gpu: Option<GpuProjection>,
 }
 
-/// Projects `examples × epochs` sequences of `spec.seq` tokens at `tokens_per_second`.
+/// Projects `examples × epochs` sequences of `spec.seq` tokens at `tokens_per_second`, or,
+/// with `data` (one epoch of `--seq-lengths`), `epochs` of its processed tokens and optimizer
+/// steps (`examples` is then its sequence count).
 ///
 /// # Errors
 /// [`Error::InvalidValue`] for zero examples or epochs or a non-positive throughput.
@@ -485,7 +492,9 @@ pub fn plan(
     epochs: u64,
     tokens_per_second: f64,
     peak_flops: Option<f64>,
+    data: Option<&crate::data::Epoch>,
 ) -> Result<Plan> {
+    let examples = data.map_or(examples, |d| d.sequences);
     if examples == 0 {
         return Err(Error::invalid("--examples", 0, "must be at least 1"));
     }
@@ -511,10 +520,20 @@ pub fn plan(
         .div_ceil(per_step)
         .checked_mul(epochs)
         .ok_or_else(too_big)?;
-    let tokens = examples
-        .checked_mul(epochs)
-        .and_then(|x| x.checked_mul(spec.seq as u64))
-        .ok_or_else(too_big)?;
+    let (steps, tokens, real_tokens) = match data {
+        None => {
+            let tokens = examples
+                .checked_mul(epochs)
+                .and_then(|x| x.checked_mul(spec.seq as u64))
+                .ok_or_else(too_big)?;
+            (steps, tokens, tokens)
+        }
+        Some(d) => (
+            d.optimizer_steps.checked_mul(epochs).ok_or_else(too_big)?,
+            d.processed_tokens.checked_mul(epochs).ok_or_else(too_big)?,
+            d.real_tokens.checked_mul(epochs).ok_or_else(too_big)?,
+        ),
+    };
     let seconds = tokens as f64 / tokens_per_second;
     let f = model_flops_per_token(cfg, spec);
     let achieved = f * tokens_per_second;
@@ -523,6 +542,8 @@ pub fn plan(
         epochs,
         seq: spec.seq,
         tokens,
+        real_tokens,
+        data: data.copied(),
         steps,
         tokens_per_second,
         seconds,

@@ -61,6 +61,158 @@ fn models_lists_exact_counts() {
     );
 }
 
+/// `plan --seq-lengths`: the step measured is the largest micro-batch, the tokens projected
+/// those of the data set's epochs (counted here by hand), and the options that do not apply are
+/// refused.
+#[test]
+fn plan_projects_the_data_sets_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("lengths.txt");
+    std::fs::write(&f, "30\n12\n64\n5\n50\n9\n").unwrap();
+    let plan = |extra: &[&str]| -> serde_json::Value {
+        let out = vramcal()
+            .args([
+                "plan", "--model", "tiny", "--batch", "2", "--seq", "32", "--json",
+            ])
+            .arg("--seq-lengths")
+            .arg(&f)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // Truncated to 32: 30 + 12 + 32 + 5 + 32 + 9 = 120 tokens of data.
+    let v = plan(&["--padding", "max", "--epochs", "2"]);
+    assert_eq!(v["data"]["sequences"], 6);
+    assert_eq!(v["data"]["real_tokens"], 120);
+    assert_eq!(v["data"]["processed_tokens"], 6 * 32);
+    assert_eq!(v["data"]["optimizer_steps"], 3);
+    assert_eq!(
+        (v["tokens"].as_u64(), v["real_tokens"].as_u64()),
+        (Some(384), Some(240))
+    );
+    assert_eq!(v["steps"], 6);
+    // Packed: all 170 tokens in rows of 32, the last padded: 6 rows, 3 micro-batches.
+    let v = plan(&["--packing"]);
+    assert_eq!(
+        (
+            v["data"]["real_tokens"].as_u64(),
+            v["data"]["processed_tokens"].as_u64()
+        ),
+        (Some(170), Some(192))
+    );
+    // Padded to the longest, either sampler: between the data and max padding.
+    for sampler in ["random", "length-grouped"] {
+        let v = plan(&["--sampler", sampler]);
+        let p = v["data"]["processed_tokens"].as_u64().unwrap();
+        assert!((120..=192).contains(&p), "{sampler}: {p}");
+    }
+    for (extra, want) in [
+        (&["--examples", "5"][..], "conflicts with --seq-lengths"),
+        (
+            &["--packing", "--sampler", "random"][..],
+            "with --packing it changes nothing",
+        ),
+        (
+            &["--sampler", "sorted"][..],
+            "expected random or length-grouped",
+        ),
+    ] {
+        let out = vramcal()
+            .args(["plan", "--model", "tiny", "--batch", "2", "--seq", "32"])
+            .arg("--seq-lengths")
+            .arg(&f)
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} accepted");
+        assert_eq!(
+            err.lines().filter(|l| l.starts_with("error")).count(),
+            1,
+            "{err}"
+        );
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+    let out = vramcal()
+        .args([
+            "plan",
+            "--model",
+            "tiny",
+            "--seq",
+            "8",
+            "--examples",
+            "3",
+            "--sampler",
+            "random",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--seq-lengths"));
+}
+
+/// A measured row names its optimizer (HF name), precision recipe and SGD momentum, and its
+/// optimizer bytes are what the optimizer holds: an fp32 master copy and f32 moments of
+/// `tiny`'s parameters under bf16-master, one f32 momentum buffer under SGD with momentum.
+#[test]
+fn measured_rows_record_optimizer_and_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.csv");
+    for extra in [
+        &["--precision", "bf16-master"][..],
+        &["--optimizer", "sgd", "--momentum", "0.9"][..],
+        &["--optimizer", "adamw-8bit"][..],
+    ] {
+        vramcal()
+            .args([
+                "measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--quiet",
+            ])
+            .args(extra)
+            .arg("--out")
+            .arg(&out)
+            .assert()
+            .success();
+    }
+    let rows: Vec<csv::StringRecord> = csv::Reader::from_path(&out)
+        .unwrap()
+        .records()
+        .map(|r| r.unwrap())
+        .collect();
+    let header = csv::Reader::from_path(&out)
+        .unwrap()
+        .headers()
+        .unwrap()
+        .clone();
+    let col = |r: &csv::StringRecord, name: &str| {
+        r[header.iter().position(|c| c == name).unwrap()].to_string()
+    };
+    let params: u64 = col(&rows[0], "params").parse().unwrap();
+    assert_eq!(
+        (col(&rows[0], "optimizer"), col(&rows[0], "precision")),
+        ("adamw_torch".into(), "bf16-master".into())
+    );
+    assert_eq!(
+        col(&rows[0], "optimizer_state_bytes"),
+        (4 * params + 2 * 4 * params).to_string()
+    );
+    assert_eq!(
+        (col(&rows[1], "optimizer"), col(&rows[1], "momentum")),
+        ("sgd".into(), "0.9".into())
+    );
+    assert_eq!(
+        col(&rows[1], "optimizer_state_bytes"),
+        (4 * params).to_string()
+    );
+    assert_eq!(col(&rows[2], "optimizer"), "adamw_bnb_8bit");
+    assert_eq!(col(&rows[2], "momentum"), "");
+}
+
 /// `--seq-lengths`: the estimate is for the largest micro-batch the data can form, and a bad
 /// file gets one `error:` line naming the file and the line.
 #[test]
@@ -1255,23 +1407,53 @@ const BAD_FILES: &[Case] = &[
     },
     // What only the torch profiles describe is refused by vramcal's own step.
     Case {
-        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--optimizer", "sgd"],
-        error: "vramcal's own step trains with adamw_torch",
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--optimizer",
+            "paged_adamw_8bit"],
+        error: "paged optimizers keep their states in CUDA unified memory",
         untouched: None,
     },
     Case {
         args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--precision", "amp-bf16"],
-        error: "no autocast, no master copy yet",
+        error: "vramcal's own step has no autocast yet",
         untouched: None,
     },
     Case {
         args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--precision", "fp16"],
-        error: "measure --dtype f16 (f32 states) instead",
+        error: "measure --dtype f16 (f32 states) or fp16-master instead",
         untouched: None,
     },
     Case {
-        args: &["estimate", "--model", "tiny", "--batch", "1", "--seq", "8", "--profile", "candle", "--optimizer", "adamw_bnb_8bit"],
-        error: "vramcal's own step trains with adamw_torch",
+        args: &["estimate", "--model", "tiny", "--batch", "1", "--seq", "8", "--profile", "candle",
+            "--optimizer", "paged_adamw_32bit"],
+        error: "paged optimizers keep their states in CUDA unified memory",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--loss",
+            "fused-linear-ce"],
+        error: "vramcal's own step computes the loss with its own chunked head",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--batch", "1", "--seq", "8", "--loss", "liger"],
+        error: "expected transformers or fused-linear-ce",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--momentum", "0.9"],
+        error: "invalid --momentum = 0.9: is SGD's; --optimizer is adamw_torch",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--optimizer", "sgd",
+            "--momentum", "1"],
+        error: "invalid --momentum = 1: must be in [0, 1)",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--optimizer",
+            "adamw_8bit"],
+        error: "expected one of adamw_torch, adamw_torch_fused, adamw_bnb_8bit",
         untouched: None,
     },
     Case {

@@ -357,3 +357,26 @@ fn cpu_attention_transient_matches_the_kernel() {
         assert!(err.abs() < 0.02, "{dtype:?}: {:+.3} %", 100.0 * err);
     }
 }
+
+/// Liger's chunk of tokens, against the example in its source (liger-kernel 0.8.5
+/// `ops/fused_linear_cross_entropy.py`: "BT = 4096*4, V = 32000, H = 4096 ==> inc_factor = 8,
+/// chunk_size = 2048"), and a batch smaller than one chunk.
+#[test]
+fn liger_chunks_match_its_source() {
+    let cfg = vramcal::config::preset("mistral-7b-v0.1").unwrap().config;
+    let spec = vramcal::spec::TrainSpec::new(4, 4096);
+    assert_eq!(
+        vramcal::estimate::torch::liger_chunk_tokens(&cfg, &spec),
+        2048
+    );
+    let small = vramcal::spec::TrainSpec::new(1, 100);
+    assert_eq!(
+        vramcal::estimate::torch::liger_chunk_tokens(&cfg, &small),
+        16
+    );
+    let tiny_batch = vramcal::spec::TrainSpec::new(1, 3);
+    assert_eq!(
+        vramcal::estimate::torch::liger_chunk_tokens(&cfg, &tiny_batch),
+        1
+    );
+}

@@ -109,7 +109,12 @@ fn cases() -> Vec<Case> {
             "q_proj;lm_head",
             "not modelled yet",
         ),
-        ("fused loss", "loss", "fused-linear-ce", "do not model yet"),
+        (
+            "unknown loss",
+            "loss",
+            "liger",
+            "column loss = \"liger\": expected empty or fused-linear-ce",
+        ),
         ("offload", "offload", "optimizer", "does not model yet"),
         ("status", "notes", "x", ""),
         ("8-bit states dtype", "optimizer", "adamw_bnb_8bit", ""),
@@ -360,4 +365,30 @@ fn a_table_with_half_the_reserved_model_is_refused() {
         err.starts_with("error: ") && err.contains("both or neither"),
         "{err}"
     );
+}
+
+/// A row with Liger's fused linear cross-entropy (`loss` `fused-linear-ce`) is checked, and
+/// predicted below the same row with transformers' loss by at least the `(N, V)` fp32
+/// log-softmax it no longer saves (N = 2 × 512 tokens, V = 49,152: 201 MB).
+#[test]
+fn fused_linear_ce_rows_are_predicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let predicted = |loss: &str| -> u64 {
+        let f = dir.path().join(format!("r-{loss}.csv"));
+        std::fs::write(&f, with("loss", loss)).unwrap();
+        let table = dir.path().join(format!("t-{loss}.csv"));
+        let out = check(&f, &["--out-csv", table.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut r = csv::Reader::from_path(&table).unwrap();
+        let h = r.headers().unwrap().clone();
+        let i = h.iter().position(|c| c == "predicted_bytes").unwrap();
+        let row = r.records().next().unwrap().unwrap();
+        row[i].parse().unwrap()
+    };
+    let (hf, liger) = (predicted(""), predicted("fused-linear-ce"));
+    assert!(hf >= liger + 2 * 512 * 49_152 * 4, "{hf} vs {liger}");
 }

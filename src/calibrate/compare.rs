@@ -112,10 +112,27 @@ pub fn compare_file(
             let e = estimate(&cfg, &spec, profile, c)?;
             out.push(Compared {
                 id: format!("{}:{}", f.display(), i + 2),
-                config: format!(
-                    "{} {} ckpt {} attn {} b{} s{} {}",
-                    r.model, r.method, r.checkpointing, r.attention, r.micro_batch, r.seq, r.dtype
-                ),
+                config: {
+                    let mut c = format!(
+                        "{} {} ckpt {} attn {} b{} s{} {}",
+                        r.model,
+                        r.method,
+                        r.checkpointing,
+                        r.attention,
+                        r.micro_batch,
+                        r.seq,
+                        spec.precision.map_or(r.dtype.as_str(), |p| p.name())
+                    );
+                    // The optimizer where it is not the default AdamW.
+                    if spec.optimizer != crate::spec::Optimizer::AdamwTorch {
+                        c.push(' ');
+                        c.push_str(spec.optimizer.name());
+                        if spec.momentum > 0.0 {
+                            c.push_str(&format!(" μ{}", spec.momentum));
+                        }
+                    }
+                    c
+                },
                 counter: "allocated".into(),
                 measured_bytes: m,
                 predicted_bytes: e.peak_bytes,

@@ -62,6 +62,15 @@ pub fn spec_from_row(r: &Row) -> Result<(ModelConfig, TrainSpec)> {
     let mut spec = TrainSpec::new(r.micro_batch, r.seq);
     spec.dtype = parse_dtype(&r.dtype)?;
     spec.state_dtype = parse_dtype(&r.optimizer_state_dtype)?;
+    // Rows written before vramcal had other optimizers say `adamw`.
+    spec.optimizer = match r.optimizer.as_str() {
+        "adamw" => crate::spec::Optimizer::AdamwTorch,
+        o => o.parse()?,
+    };
+    spec.momentum = r.momentum.unwrap_or(0.0);
+    if !r.precision.is_empty() {
+        spec.precision = Some(r.precision.parse()?);
+    }
     spec.accumulate = r.accumulate.max(1);
     spec.allow_longer = true;
     spec.checkpointing = r.checkpointing.parse()?;
@@ -214,6 +223,7 @@ pub fn points(rows: &[Row], profile: Profile) -> Result<Vec<Point>> {
                 &spec,
                 profile,
                 t.gradients,
+                r.device == "cpu",
             ),
             terms: t,
         });

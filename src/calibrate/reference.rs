@@ -269,8 +269,8 @@ impl Reference {
     /// [`Error::ReferenceCell`] naming the file, line, id, column and value for any cell
     /// outside its vocabulary, a LoRA row without rank, alpha or targets, an `oom` row without
     /// `gpu_memory_bytes`, a successful non-`oom` row without an integer `peak_bytes`; and for
-    /// values of the format the estimator does not model yet (`loss` `fused-linear-ce`,
-    /// `offload`, LoRA on `lm_head`/`embed_tokens`), saying so.
+    /// values of the format the estimator does not model yet (`offload`, LoRA on
+    /// `lm_head`/`embed_tokens`), saying so.
     pub fn parse(path: &Path, line: usize, raw: &ReferenceRow) -> Result<Reference> {
         let c = Cells {
             path,
@@ -305,7 +305,17 @@ impl Reference {
             ));
         }
         let precision: Precision = c.vocab("precision", modern("precision", &raw.precision))?;
-        let optimizer: Optimizer = c.vocab("optimizer", modern("optimizer", &raw.optimizer))?;
+        // The format's names only: vramcal's CLI aliases (`adamw`, `adamw-8bit`) are not in it.
+        let opt_name = modern("optimizer", &raw.optimizer);
+        if Optimizer::ALIASES.iter().any(|(a, _)| *a == opt_name) {
+            let names: Vec<&str> = Optimizer::ALL.iter().map(|o| o.name()).collect();
+            return Err(c.err(
+                "optimizer",
+                opt_name,
+                &format!("expected one of {}", names.join(", ")),
+            ));
+        }
+        let optimizer: Optimizer = c.vocab("optimizer", opt_name)?;
         let mut spec = TrainSpec::new(
             c.count("batch", &raw.batch, None)?,
             c.count("seq", &raw.seq, None)?,
@@ -356,17 +366,11 @@ impl Reference {
             v => return Err(c.err("checkpointing", v, "expected off, on or every:K")),
         };
         spec.attention = c.vocab::<Attention>("attention", &raw.attention)?;
-        match raw.loss.as_str() {
-            "" => {}
-            "fused-linear-ce" => {
-                return Err(c.err(
-                    "loss",
-                    "fused-linear-ce",
-                    "a value of the format the torch profiles do not model yet (they count transformers' full logits)",
-                ))
-            }
+        spec.loss = match raw.loss.as_str() {
+            "" => crate::spec::Loss::Transformers,
+            "fused-linear-ce" => crate::spec::Loss::FusedLinearCe,
             v => return Err(c.err("loss", v, "expected empty or fused-linear-ce")),
-        }
+        };
         match raw.offload.as_str() {
             "" | "none" => {}
             v @ ("optimizer" | "optimizer+params") => {

@@ -24,11 +24,64 @@ use crate::throughput::{
 /// Bad input, or a measurement that did not succeed.
 pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
     let (model, weights) = resolve(&a.model)?;
-    let spec = train_spec(&a.model, a.batch, a.seq, a.how.method, a.how.checkpointing)?;
+    // Not a clap conflict: clap then stops enforcing what --seq-lengths' options require.
+    if let (Some(n), Some(f)) = (a.examples, &a.data.seq_lengths) {
+        return Err(Error::invalid(
+            "--examples",
+            n,
+            format!(
+                "conflicts with --seq-lengths (the examples are the sequences of {})",
+                f.display()
+            ),
+        )
+        .into());
+    }
+    let (batch, seq, data) = super::setup::data_batch(
+        &model.config,
+        a.model.allow_longer,
+        a.batch,
+        a.seq,
+        &a.data,
+        false,
+    )?;
+    if data.is_none() && a.seq.is_none() {
+        return Err(
+            Error::invalid("--seq", "", "vramcal plan needs --seq or --seq-lengths").into(),
+        );
+    }
+    let epoch = match &data {
+        None => None,
+        Some(d) => {
+            let sampler = a.sampler.unwrap_or_default();
+            if a.sampler.is_some() && d.batching != crate::data::Batching::PadLongest {
+                return Err(Error::invalid(
+                    "--sampler",
+                    sampler.label(),
+                    format!(
+                        "orders sequences padded to the longest; with {} it changes nothing",
+                        d.batching.label()
+                    ),
+                )
+                .into());
+            }
+            Some(d.lengths.epoch(
+                a.batch,
+                a.model.accumulate,
+                a.seq,
+                d.batching,
+                sampler,
+                a.model.data_seed,
+            )?)
+        }
+    };
+    let spec = train_spec(&a.model, batch, seq, a.how.method, a.how.checkpointing)?;
     spec.validate(&model.config)?;
-    let target = check(a, &model, &spec)?;
+    let target = check(a, &model, &spec, epoch.as_ref())?;
+    if let Some(d) = &data {
+        eprintln!("{}", d.describe());
+    }
     let row = measure_step(a, &model, &weights, &spec)?;
-    let p = project(a, &model, &spec, &row, target.as_ref())?;
+    let p = project(a, &model, &spec, &row, target.as_ref(), epoch.as_ref())?;
     let text = if a.json {
         format!("{}\n", serde_json::to_string_pretty(&p)?)
     } else {
@@ -39,7 +92,12 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Checks the options before anything is measured; returns the `--gpu` to project onto.
-fn check(a: &PlanArgs, model: &ResolvedModel, spec: &TrainSpec) -> anyhow::Result<Option<Gpu>> {
+fn check(
+    a: &PlanArgs,
+    model: &ResolvedModel,
+    spec: &TrainSpec,
+    epoch: Option<&crate::data::Epoch>,
+) -> anyhow::Result<Option<Gpu>> {
     let target = a.gpu.as_deref().map(gpu).transpose()?;
     if let Some(t) = a
         .peak_tflops
@@ -62,12 +120,25 @@ fn check(a: &PlanArgs, model: &ResolvedModel, spec: &TrainSpec) -> anyhow::Resul
     }
     if let Some(g) = &target {
         let mfu = a.mfu.unwrap_or(DEFAULT_MFU);
-        project_on_gpu(&plan(&model.config, spec, 1, 1, 1.0, None)?, g, mfu, "")?;
+        project_on_gpu(
+            &plan(&model.config, spec, 1, 1, 1.0, None, None)?,
+            g,
+            mfu,
+            "",
+        )?;
     }
     let device = crate::measure::device::check_device(&a.model.device)?;
     check_fits(spec, model, device)?;
     // Validate the projection's inputs before measuring.
-    plan(&model.config, spec, a.examples, a.epochs, 1.0, None)?;
+    plan(
+        &model.config,
+        spec,
+        a.examples.unwrap_or(1),
+        a.epochs,
+        1.0,
+        None,
+        epoch,
+    )?;
     Ok(target)
 }
 
@@ -89,8 +160,8 @@ fn measure_step(
         a.model.timed_steps
     };
     let mut args = measure_args();
-    args.extend(["--batch".into(), a.batch.to_string().into()]);
-    args.extend(["--seq".into(), a.seq.to_string().into()]);
+    args.extend(["--batch".into(), spec.batch.to_string().into()]);
+    args.extend(["--seq".into(), spec.seq.to_string().into()]);
     args.extend(["--timed-steps".into(), timed.to_string().into()]);
     args.extend(["--record-command".into(), command.into()]);
     let exe = std::env::current_exe().context("locating the vramcal binary")?;
@@ -98,8 +169,8 @@ fn measure_step(
         "measuring {} step(s) of {} at micro-batch {} × seq {} ...",
         2 + timed,
         model.name,
-        a.batch,
-        a.seq
+        spec.batch,
+        spec.seq
     );
     let row = run_point(&exe, &args, &ctx, spec, |_| {})?.row;
     if row.status != Some(Status::Ok) {
@@ -111,7 +182,12 @@ fn measure_step(
 /// This command line as `measure` arguments: without `plan`'s own options and the sizes.
 fn measure_args() -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = vec!["measure".into()];
+    // The data options: the child measures the largest micro-batch, given as --batch, --seq.
+    let flags = ["--packing", "--padding-free", "--json"];
     let skip = [
+        "--seq-lengths",
+        "--padding",
+        "--sampler",
         "--examples",
         "--epochs",
         "--peak-tflops",
@@ -126,7 +202,7 @@ fn measure_args() -> Vec<std::ffi::OsString> {
     while let Some(x) = it.next() {
         let s = x.to_string_lossy().to_string();
         let key = s.split('=').next().unwrap_or("").to_string();
-        if s == "--json" {
+        if flags.contains(&s.as_str()) {
             continue;
         }
         if skip.contains(&key.as_str()) {
@@ -148,6 +224,7 @@ fn project(
     spec: &TrainSpec,
     row: &Row,
     target: Option<&Gpu>,
+    epoch: Option<&crate::data::Epoch>,
 ) -> anyhow::Result<Plan> {
     let tps = row.tokens_per_second.unwrap_or(0.0);
     // The measuring device's own kind, if it is a GPU vramcal knows.
@@ -158,7 +235,15 @@ fn project(
         (None, Some(h), _) => Some(h.peak_bf16_flops),
         (None, None, _) => None,
     };
-    let mut p = plan(&model.config, spec, a.examples, a.epochs, tps, peak)?;
+    let mut p = plan(
+        &model.config,
+        spec,
+        a.examples.unwrap_or(1),
+        a.epochs,
+        tps,
+        peak,
+        epoch,
+    )?;
     if let (Some(g), false) = (target, on_target) {
         let (mfu, source) = match (a.mfu, measured_mfu(g, spec)) {
             (Some(m), _) => (m, "--mfu".to_string()),

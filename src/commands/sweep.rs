@@ -305,6 +305,9 @@ fn setup_args(m: &ModelArgs) -> Vec<OsString> {
         }
     }
     push(&["--optimizer", m.optimizer.name()]);
+    if m.momentum != 0.0 {
+        push(&["--momentum", &m.momentum.to_string()]);
+    }
     push(&["--lr", &m.lr.to_string()]);
     push(&["--weight-decay", &m.weight_decay.to_string()]);
     push(&["--device", &m.device, "--seed", &m.seed.to_string()]);
@@ -348,8 +351,15 @@ pub fn config_key(r: &Row) -> String {
         r.model.clone(),
         r.weights.clone(),
         r.dtype.clone(),
-        r.optimizer.clone(),
+        // Rows written before vramcal had other optimizers say `adamw`.
+        if r.optimizer == "adamw" {
+            crate::spec::Optimizer::AdamwTorch.name().to_string()
+        } else {
+            r.optimizer.clone()
+        },
         r.optimizer_state_dtype.clone(),
+        r.precision.clone(),
+        opt(r.momentum.map(|x| x.to_string())),
         r.method.clone(),
         opt(r.lora_r.map(|x| x.to_string())),
         opt(r.lora_alpha.map(|x| x.to_string())),

@@ -1,14 +1,15 @@
 //! What would make a configuration fit: the cheapest changes a user can make (activation
 //! checkpointing, a smaller micro-batch with gradient accumulation, LoRA, QLoRA, LoRA on fewer
-//! modules, 16-bit AdamW states, for the PyTorch profiles bitsandbytes' 8-bit and paged AdamW,
-//! ZeRO-2/3 sharding), each estimated with the same profile and coefficients.
+//! modules, 16-bit AdamW states, for the PyTorch profiles bitsandbytes' 8-bit and paged AdamW
+//! and Liger's fused linear cross-entropy, ZeRO-2/3 sharding), each estimated with the same profile and coefficients.
 
 use candle_core::DType;
 
 use super::{estimate_sharded, Coefficients, Estimate};
 use crate::config::ModelConfig;
 use crate::spec::{
-    Adaptation, Checkpointing, LoraConfig, Optimizer, Profile, Quant, Shard, Target, TrainSpec,
+    Adaptation, Checkpointing, LoraConfig, Loss, Optimizer, Profile, Quant, Shard, Target,
+    TrainSpec,
 };
 
 /// The changes to try for `spec` under `profile`, labelled with the options that give them;
@@ -40,6 +41,15 @@ pub fn alternatives(
             s.optimizer = o;
             v.push((what.to_string(), s));
         }
+    }
+    if profile != Profile::Candle && spec.loss == Loss::Transformers {
+        let mut s = spec.clone();
+        s.loss = Loss::FusedLinearCe;
+        v.push((
+            "Liger's fused linear cross-entropy, no whole logits (--loss fused-linear-ce)"
+                .to_string(),
+            s,
+        ));
     }
     if let Some(l) = &spec.adaptation.lora {
         let fewer = [Target::QProj, Target::VProj];
@@ -113,7 +123,9 @@ pub fn alternatives(
         .iter()
         .filter(|(_, s)| {
             s.checkpointing == Checkpointing::None
-                && (s.adaptation != spec.adaptation || s.optimizer != spec.optimizer)
+                && (s.adaptation != spec.adaptation
+                    || s.optimizer != spec.optimizer
+                    || s.loss != spec.loss)
         })
         .map(|(n, s)| {
             let mut s = s.clone();

@@ -41,8 +41,10 @@ use crate::spec::{Checkpointing, Profile, Quant, Shard};
 ///   no bf16 kernel and widens both operands' whole storages and its output to f32 for each
 ///   product (`candle-core` 0.11.1 `src/cpu_backend/mod.rs`, `CpuStorage::matmul`); the largest
 ///   such transient is the LM head's (see [`bf16_matmul_widening`]), counted beyond the two
-///   f32 logits chunks that `logits_and_loss` counts, at the head's moment only. Zero in f32,
-///   off the CPU (cuBLAS has bf16 kernels) and for the torch profiles;
+///   f32 logits chunks that `logits_and_loss` counts, at the head's moment only; in f32 and
+///   f16 with a trained head, the f32 sum of its weight gradient over the logits chunks (see
+///   [`head_weight_grad_f32`]). Zero off the CPU (cuBLAS has bf16 kernels; the CUDA tables
+///   were fitted without it) and for the torch profiles;
 /// * `cpu_attention_transient`: `candle` on the CPU with SDPA attention in f32, bf16 or f16:
 ///   the buffers of the CPU attention kernel's backward (`src/ops/cpu_attention.rs`, see
 ///   [`cpu_attention_transient`]), which never forms the `(batch, heads, seq, seq)` scores;
@@ -158,7 +160,7 @@ impl Term {
             ),
             Term::LogitsAndLoss => (
                 "logits and loss",
-                "candle: one (min(N, 256), V) logits chunk; torch: (N, V) logits, loss intermediates",
+                "candle: one (min(N, 256), V) logits chunk; torch: (N, V) logits, loss intermediates (Liger: the head input's gradient, one chunk of logits)",
             ),
             Term::GradientsLive => ("gradients (alive in backward)", "trainable params × dtype"),
             Term::LargestTrainable => ("gradient transient", "largest trainable tensor × dtype"),
@@ -168,8 +170,8 @@ impl Term {
             ),
             Term::Constant => ("fixed overhead (fitted)", "constant"),
             Term::CpuBf16MatmulWidening => (
-                "bf16 matmul f32 copies (CPU)",
-                "LM head's bf16 products widened to f32, max(4·(N·h + V·h + c·V) + 2·c·V, 10·c·V + 4·V·h + 6·c·h [, 10·c·V + 4·N·h + 6·V·h (+2·V·h) trained]), beyond 2 logits chunks",
+                "LM head f32 transients (CPU)",
+                "bf16: the head's products widened to f32, max(4·(N·h + V·h + c·V) + 2·c·V, 10·c·V + 4·V·h + 6·c·h [, 10·c·V + 4·N·h + 6·V·h (+2·V·h) trained]), beyond 2 logits chunks; f32/f16 with a trained head: its weight gradient summed over chunks in f32, 12·V·h (one chunk: 4·V·h, f16 6·V·h), beyond the gradient",
             ),
             Term::CpuAttentionTransient => (
                 "attention transient (CPU kernel)",
@@ -514,7 +516,10 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
     Terms {
         weights: weight_bytes(cfg, spec),
         gradients: t * d,
-        optimizer_states: 2 * t * spec.state_dtype.size_in_bytes() as u64,
+        // vramcal's optimizers keep what PyTorch's keep, in the same layouts
+        // (`src/optim/`): AdamW's two moments, 8-bit blockwise moments, Adafactor's factored
+        // second moments, SGD's momentum, and an fp32 master copy under `*-master`.
+        optimizer_states: torch::optimizer_states(cfg, spec),
         terms: Term::ALL.map(|term| match term {
             Term::Activations => (kept * other + if ckpt > 0 { 0 } else { head_kept }) as f64,
             Term::AttentionScores => (kept * scores) as f64,
@@ -538,9 +543,10 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
             Term::Constant => 1.0,
             // The head's other chunk buffers are not alive during its widened products:
             // the term is what the widening adds beyond the two logits chunks.
-            Term::CpuBf16MatmulWidening if cpu => {
+            Term::CpuBf16MatmulWidening if cpu && spec.dtype == candle_core::DType::BF16 => {
                 bf16_matmul_widening(cfg, spec).saturating_sub(2 * head) as f64
             }
+            Term::CpuBf16MatmulWidening if cpu => head_weight_grad_f32(cfg, spec) as f64,
             Term::CpuBf16MatmulWidening => 0.0,
             Term::CpuAttentionTransient if cpu && cpu_attention_kernel(spec) => {
                 cpu_attention_transient(cfg, spec) as f64
@@ -626,23 +632,97 @@ pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     recompute.max(input_grad).max(weight_grad)
 }
 
-/// The optimizer step's transient beyond weights, gradients and states (bytes): vramcal's
-/// chunked AdamW (`src/optim/mod.rs`, on CUDA) about ten f32 buffers of one chunk (at most
-/// 2^18 elements); PyTorch's foreach AdamW about one parameter-sized buffer (`gradients`
-/// bytes). On the CPU vramcal's AdamW updates in place with no transient: the `candle` figure
-/// then over-counts by at most 10 MiB, in a phase that holds the peak of no CPU calibration row
-/// (their peaks are in backward or forward).
+/// The f32 buffers of a trained LM head's weight gradient in the fused head's backward beyond
+/// the gradient itself (bytes), for f32 and f16 (`src/ops/loss.rs`: each chunk's part `Gᵀ·x`
+/// is converted to f32 and added to the f32 sum of the earlier chunks'): with more than one
+/// chunk, the sum, the part and the new sum, `12·V·h`, less the gradient in the model dtype
+/// (`largest_trainable`); with one chunk, the part in f32 and, in f16, the part before
+/// conversion or the final f16 gradient beside it (`4·V·h`, f16 `6·V·h`), less the same.
+/// Zero without a trained head, and in bf16 ([`bf16_matmul_widening`] counts its own). Found on
+/// the held-out f16 full fine-tuning row at seq 512 of `results/cpu/smollm2-135m-optimizers.csv`
+/// (3.5 % under without it), whose peak is the head's backward: f16 gradients leave the end of
+/// backward lower than in f32.
+pub fn head_weight_grad_f32(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let d = spec.dtype.size_in_bytes() as u64;
+    if spec.adaptation.lora.is_some() || spec.dtype == candle_core::DType::BF16 || d > 4 {
+        return 0;
+    }
+    let vh = (cfg.vocab_size * cfg.hidden_size) as u64;
+    let n = (spec.batch * spec.seq) as u64;
+    let chunks = n.div_ceil((crate::ops::CE_CHUNK_TOKENS as u64).min(n).max(1));
+    let total = if chunks > 1 {
+        12 * vh
+    } else if d == 2 {
+        6 * vh
+    } else {
+        4 * vh
+    };
+    total - d * vh
+}
+
+/// The optimizer step's transient beyond weights, gradients and states (bytes).
+///
+/// vramcal's (`candle` profile, `src/optim/`): on the CPU every optimizer updates in place,
+/// with no temporary but Adafactor's f32 column sums of one matrix (4 bytes × the most
+/// columns of a trainable matrix). On other devices: AdamW's chunked path about ten f32
+/// buffers of one chunk (at most 2^18 elements); SGD about four f32 copies of the largest
+/// trainable tensor and Adafactor about five (candle operations on whole tensors), plus one
+/// copy in the weights' dtype, and one more under master weights (the cast back). These
+/// device counts are from the code, not yet measured.
+///
+/// PyTorch's (torch profiles): `gradients` bytes, about one parameter-sized buffer per tensor
+/// group (foreach AdamW); the torch profiles use [`torch::optimizer`] instead.
 pub fn optimizer_transient(
     cfg: &ModelConfig,
     spec: &TrainSpec,
     profile: Profile,
     gradients: u64,
+    cpu: bool,
 ) -> u64 {
-    match profile {
-        Profile::Candle => {
-            10 * 4 * (largest_trainable(cfg, spec) / spec.dtype.size_in_bytes() as u64).min(1 << 18)
+    use crate::spec::Optimizer;
+    if profile != Profile::Candle {
+        return gradients;
+    }
+    let d = spec.dtype.size_in_bytes() as u64;
+    let largest = largest_trainable(cfg, spec) / d;
+    if cpu {
+        return match spec.optimizer {
+            Optimizer::Adafactor => 4 * most_trainable_columns(cfg, spec),
+            _ => 0,
+        };
+    }
+    let master = if spec.precision.is_some_and(|p| p.master_weights()) {
+        largest * d
+    } else {
+        0
+    };
+    master
+        + match spec.optimizer {
+            Optimizer::Sgd => largest * (4 * 4 + d),
+            Optimizer::Adafactor => largest * (5 * 4 + d),
+            _ => 10 * 4 * largest.min(1 << 18),
         }
-        _ => gradients,
+}
+
+/// The most columns of a trainable matrix (the adapters' A and B under LoRA).
+fn most_trainable_columns(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    match &spec.adaptation.lora {
+        None => cfg
+            .param_shapes()
+            .iter()
+            .filter(|p| p.shape.len() == 2)
+            .map(|p| p.shape[1] as u64)
+            .max()
+            .unwrap_or(0),
+        Some(l) => l
+            .targets
+            .iter()
+            .map(|&t| {
+                let (_, i) = crate::spec::target_shape(cfg, t);
+                (i as u64).max(l.r as u64)
+            })
+            .max()
+            .unwrap_or(0),
     }
 }
 
@@ -756,7 +836,7 @@ pub fn estimate_sharded(
     let bwd = predicted_backward_peak(&t, c);
     let bwd_basis = t.reserved_basis(t.peak_moment(&c.values), &c.values);
     let opt_transient = match profile {
-        Profile::Candle => optimizer_transient(cfg, spec, profile, t.gradients),
+        Profile::Candle => optimizer_transient(cfg, spec, profile, t.gradients, c.cpu),
         // Each GPU steps its own partition of the states (ZeRO): its transient shrinks with it.
         _ => (t.step_transient as f64 * state_share).round() as u64,
     };
@@ -776,17 +856,16 @@ pub fn estimate_sharded(
             formula: "params × dtype (NF4: 0.5 B + block scales)".into(),
         },
         Item {
-            name: match (profile, spec.optimizer) {
-                (Profile::Candle, _) | (_, crate::spec::Optimizer::AdamwTorch) => {
+            name: match spec.optimizer {
+                crate::spec::Optimizer::AdamwTorch
+                    if !spec.precision.is_some_and(|p| p.master_weights()) =>
+                {
                     "optimizer states (AdamW m, v)".into()
                 }
-                (_, o) => format!("optimizer states ({o})"),
+                o => format!("optimizer states ({o})"),
             },
             bytes: t.optimizer_states,
-            formula: match profile {
-                Profile::Candle => "2 × trainable params × state dtype".into(),
-                _ => torch::states_formula(spec).into(),
-            },
+            formula: torch::states_formula(spec),
         },
     ];
     let held = {

@@ -227,12 +227,23 @@ pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     ]
 }
 
-/// Bytes of one chunk of the fused LM head's logits, `(min(N, CE_CHUNK_TOKENS), V)` in the
-/// compute dtype: the head's transient in forward and backward.
+/// The unit of the fused LM head's transient (bytes): half of what its backward holds per chunk
+/// of `c = min(N, CE_CHUNK_TOKENS)` rows, the chunk's logits in the compute dtype and their
+/// gradient `G` (`src/ops/loss.rs`): `c·V·(f + g)/2`, with `f` the compute dtype's size and
+/// `g` = `f` except in f16, whose `G` stays f16 (`g` = 2). In bf16, `G` is bf16 too, but the
+/// widened products count from this same two-f32-chunk base ([`super::bf16_matmul_widening`]),
+/// so `g` = `f` there. (Measured: f16 LoRA/QLoRA rows of `results/cpu/smollm2-135m-optimizers.csv`
+/// were 2.3–3.6 % over with `g` = `f`.) The fitted coefficient is about 2: forward and backward
+/// each hold about two units.
 pub fn logits_chunk(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     let f = crate::ops::compute_dtype(spec.dtype).size_in_bytes() as u64;
+    let g = if spec.dtype == candle_core::DType::F16 {
+        2
+    } else {
+        f
+    };
     let rows = (spec.batch * spec.seq).min(crate::ops::CE_CHUNK_TOKENS) as u64;
-    rows * cfg.vocab_size as u64 * f
+    rows * cfg.vocab_size as u64 * (f + g) / 2
 }
 
 /// Bytes of one `(batch, heads, seq, seq)` tensor in the compute dtype: the fused attention

@@ -30,7 +30,7 @@ use candle_core::DType;
 use super::table::{t, Kind, SavedTensor};
 use super::{weight_bytes, Term, Terms};
 use crate::config::ModelConfig;
-use crate::spec::{target_shape, Attention, Checkpointing, Optimizer, Target, TrainSpec};
+use crate::spec::{target_shape, Attention, Checkpointing, Loss, Optimizer, Target, TrainSpec};
 
 /// The dtypes of a step: weights, compute (autocast's or the weights'), residual stream.
 #[derive(Debug, Clone, Copy)]
@@ -293,18 +293,26 @@ pub fn layer(
 
 /// The tensors the head and the loss save: the final norm, `lm_head`'s input (trained), the
 /// embedding's token ids (trained), RoPE's `cos` and `sin` (shared by all layers), the labels and
-/// the fp32 log-softmax output.
+/// the fp32 log-softmax output. With Liger's fused linear cross-entropy (`--loss
+/// fused-linear-ce`) no logits, labels or head input are saved: the function computes the
+/// head input's gradient `(N, h)` (and a trained head's `(V, h)` weight gradient) in forward and
+/// saves those (liger-kernel 0.8.5 `ops/fused_linear_cross_entropy.py`,
+/// `fused_linear_cross_entropy_forward`: `grad_input = zeros_like(_input)`, `grad_weight =
+/// zeros_like(weight)`).
 pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
-    let Dtypes { a, r, amp, .. } = dtypes(spec);
+    let Dtypes { d, a, r, amp } = dtypes(spec);
     let n = (spec.batch * spec.seq) as u64;
     let (h, vocab) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
     let full = spec.adaptation.lora.is_none();
+    let liger = spec.loss == Loss::FusedLinearCe;
     let mut v = vec![
         t("norm.x_fp32", "(N, h)", n * h, 4),
         t("norm.rsqrt", "(N, 1)", n, 4),
-        t("loss.labels", "(N,) int64", n, 8),
-        t("loss.log_softmax", "(N, V) fp32", n * vocab, 4),
     ];
+    if !liger {
+        v.push(t("loss.labels", "(N,) int64", n, 8));
+        v.push(t("loss.log_softmax", "(N, V) fp32", n * vocab, 4));
+    }
     if spec.checkpointing == Checkpointing::None {
         // RoPE's `cos` and `sin`, computed once per forward and kept by every layer's products
         // (recomputed inside each checkpointed layer instead).
@@ -313,14 +321,34 @@ pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     }
     if full {
         v.push(t("norm.normed", "(N, h)", n * h, r));
-        v.push(t("lm_head.input", "(N, h)", n * h, a));
+        if !liger {
+            v.push(t("lm_head.input", "(N, h)", n * h, a));
+        }
         v.push(t("embed_tokens.ids", "(N,) int64", n, 8));
     }
     if amp {
-        // autocast's copy of the head weight, kept for the input's gradient.
+        // autocast's copy of the head weight, kept for the input's gradient (Liger: cached by
+        // autocast for the trained head, made per chunk for a frozen one).
         v.push(t("lm_head.weight_cast", "(V, h)", vocab * h, a));
     }
+    if liger {
+        v.push(t("lce.grad_input", "(N, h)", n * h, r));
+        if full {
+            v.push(t("lce.grad_weight", "(V, h)", vocab * h, d));
+        }
+    }
     v
+}
+
+/// Tokens per chunk of Liger's fused linear cross-entropy: `min(next_power_of_2(⌈N / ⌈V /
+/// h⌉⌉), N)` (`chunk_mem_const` 1, its default), so a chunk's logits are about the size of the
+/// `(N, h)` input.
+pub fn liger_chunk_tokens(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let n = (spec.batch * spec.seq) as u64;
+    let inc = (cfg.vocab_size as u64)
+        .div_ceil(cfg.hidden_size as u64)
+        .max(1);
+    n.div_ceil(inc).next_power_of_two().min(n)
 }
 
 /// Bytes autograd saves in a forward of `spec` (what `scripts/torch_reference.py` records as
@@ -382,7 +410,7 @@ fn layer_terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> (u64
 /// memory, outside `torch.cuda.max_memory_allocated`), the non-paged states on the CPU; SGD
 /// (momentum 0) none; Adafactor factored second moments (a row and a column vector per matrix,
 /// transformers' `Adafactor` without first moment); an fp32 master copy with master-weight
-/// recipes.
+/// recipes; SGD with momentum one buffer per trainable parameter in the state dtype.
 pub fn optimizer_states(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     let sd = spec.state_dtype.size_in_bytes() as u64;
     let tensors = trainable_tensors(cfg, spec);
@@ -407,6 +435,8 @@ pub fn optimizer_states(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
                 tensors.iter().map(|(o, i)| eight(o * i)).sum()
             }
             Optimizer::PagedAdamw32bit if spec.torch_cpu => 2 * t * 4,
+            // torch's momentum buffer: a clone of the gradient, then updated in place.
+            Optimizer::Sgd if spec.momentum > 0.0 => t * sd,
             Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit | Optimizer::Sgd => 0,
             Optimizer::Adafactor => tensors
                 .iter()
@@ -448,12 +478,13 @@ pub fn optimizer(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 }
 
 /// What [`optimizer_states`] counts for `spec`, in words.
-pub fn states_formula(spec: &TrainSpec) -> &'static str {
-    let master = spec.precision.is_some_and(|p| p.master_weights());
-    match spec.optimizer {
-        Optimizer::AdamwTorch | Optimizer::AdamwTorchFused if master => {
-            "fp32 master copy + 2 moments × trainable params × state dtype"
-        }
+pub fn states_formula(spec: &TrainSpec) -> String {
+    let master = if spec.precision.is_some_and(|p| p.master_weights()) {
+        "fp32 master copy + "
+    } else {
+        ""
+    };
+    let states = match spec.optimizer {
         Optimizer::AdamwTorch | Optimizer::AdamwTorchFused => {
             "2 moments × trainable params × state dtype"
         }
@@ -465,8 +496,10 @@ pub fn states_formula(spec: &TrainSpec) -> &'static str {
             "paged: in CUDA unified memory, outside the allocator's counters"
         }
         Optimizer::Adafactor => "fp32 row and column second moments per matrix",
+        Optimizer::Sgd if spec.momentum > 0.0 => "momentum buffer: trainable params × state dtype",
         Optimizer::Sgd => "none (momentum 0)",
-    }
+    };
+    format!("{master}{states}")
 }
 
 /// What [`optimizer`] counts for `spec`, in words.
@@ -584,9 +617,13 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms 
     let t = spec.trainable_params(cfg);
     let (layers, scores, ckpt) = layer_terms(cfg, spec, profile_eager);
     let head_saved: u64 = head(cfg, spec).iter().map(SavedTensor::bytes).sum();
-    // The log-softmax output is saved (in `head_saved`); with it the gradients out of nll_loss
-    // and log_softmax.
-    let logits = 2 * n * vocab * 4;
+    // transformers' loss: the log-softmax output is saved (in `head_saved`); with it the
+    // gradients out of nll_loss and log_softmax. Liger's: one chunk of logits in the head
+    // input's dtype, turned into its gradient in place.
+    let logits = match spec.loss {
+        Loss::Transformers => 2 * n * vocab * 4,
+        Loss::FusedLinearCe => liger_chunk_tokens(cfg, spec) * vocab * dtypes(spec).r,
+    };
     let gradients = t * grad_bytes;
     let tied = if cfg.tie_word_embeddings && spec.adaptation.lora.is_none() {
         2 * (cfg.vocab_size * cfg.hidden_size) as u64 * d

@@ -102,10 +102,16 @@ fn header(x: &Answer) -> String {
         Some(p) => format!("precision {p} (weights {})", spec.dtype.as_str()),
         None => format!("dtype {}", spec.dtype.as_str()),
     };
-    let states = match spec.optimizer {
+    let mut states = match spec.optimizer {
         crate::spec::Optimizer::AdamwTorch => format!("AdamW states {}", spec.state_dtype.as_str()),
+        crate::spec::Optimizer::Sgd if spec.momentum > 0.0 => {
+            format!("optimizer sgd (momentum {})", spec.momentum)
+        }
         o => format!("optimizer {o}"),
     };
+    if spec.loss != crate::spec::Loss::Transformers {
+        states += &format!(" | loss {}", spec.loss);
+    }
     t += &format!(
         "{} | {}{lora} | quant {} | checkpointing {} | {dtype} | {states} | micro-batch {} x accumulate {} x seq {} | coefficients {}\n",
         x.model,

@@ -30,10 +30,25 @@ pub fn text(model: &str, spec: &TrainSpec, row: &Row, p: &Plan) -> String {
         row.step_seconds_median.unwrap_or(0.0),
         row.peak_bytes.unwrap_or(0)
     );
-    t += &format!(
-        "plan: {} examples × {} epoch(s) × {} tokens = {} tokens in {} optimizer steps\n",
-        p.examples, p.epochs, p.seq, p.tokens, p.steps
-    );
+    match &p.data {
+        None => {
+            t += &format!(
+                "plan: {} examples × {} epoch(s) × {} tokens = {} tokens in {} optimizer steps\n",
+                p.examples, p.epochs, p.seq, p.tokens, p.steps
+            )
+        }
+        Some(d) => {
+            t += &format!(
+                "plan: {} sequences × {} epoch(s): {} tokens of data, {} computed with padding ({:.1} % padding), in {} optimizer steps; time is the computed tokens at the measured rate (the step measured is the largest micro-batch)\n",
+                d.sequences,
+                p.epochs,
+                p.real_tokens,
+                p.tokens,
+                100.0 * (p.tokens - p.real_tokens) as f64 / p.tokens.max(1) as f64,
+                p.steps
+            )
+        }
+    }
     t += &format!(
         "projected wall time on this device ({}): {} ({:.2} device-hours)\n",
         row.device,

@@ -23,7 +23,6 @@ use crate::config::ResolvedModel;
 use crate::error::{Error, Result};
 use crate::measure::probe::MemoryProbe;
 use crate::model::{Decoder, ForwardCtx};
-use crate::optim::AdamW;
 use crate::spec::SaveMode;
 use crate::spec::TrainSpec;
 use crate::spec::WeightsSpec;
@@ -326,7 +325,7 @@ pub fn measure_with(
     out.param_bytes = model.param_bytes();
     let vars: Vec<_> = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
     let mut opt = phase(probe, out, &mut ev, "optimizer_init", || {
-        AdamW::new(vars, spec.adamw, spec.state_dtype)
+        crate::optim::build(vars, spec)
     })?;
 
     for step in 1..=2u64 {

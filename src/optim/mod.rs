@@ -11,13 +11,112 @@
 //! parameter-sized buffer per tensor group.
 //! candle-nn's `AdamW` allocates about 13 parameter-sized temporaries per tensor, which is why
 //! vramcal does not use it.
+//!
+//! The other optimizers of vramcal's step ([`build`]): 8-bit AdamW ([`AdamW8bit`]), Adafactor
+//! ([`Adafactor`]), SGD ([`Sgd`]), and fp32 master weights around any of them ([`Master`]).
 
+mod adafactor;
+mod adam8bit;
 mod cpu;
+mod host;
+mod master;
+mod sgd;
+
+pub use adafactor::Adafactor;
+pub use adam8bit::{dynamic_map, AdamW8bit, BLOCK as BLOCK_8BIT, MIN_8BIT_SIZE};
+pub use master::Master;
+pub use sgd::Sgd;
 
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
-use crate::spec::AdamWConfig;
+use crate::spec::{AdamWConfig, Optimizer, TrainSpec};
+
+/// An optimizer of vramcal's training step: updates its parameters in place from one gradient
+/// per parameter.
+pub trait Optim {
+    /// One update with `grads[i]` the gradient of the i-th parameter (same shape).
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] if the number of gradients differs from the parameters;
+    /// [`Error::Candle`] on shape or dtype mismatch.
+    fn step(&mut self, grads: &[Tensor]) -> Result<()>;
+
+    /// Bytes the optimizer holds now: its states, and master copies where it keeps them.
+    fn state_bytes(&self) -> u64;
+
+    /// Steps taken.
+    fn steps(&self) -> usize;
+}
+
+/// One gradient per parameter, or an error.
+fn check_grads(grads: &[Tensor], params: usize) -> Result<()> {
+    if grads.len() != params {
+        return Err(Error::invalid(
+            "gradients",
+            grads.len(),
+            format!("expected one per parameter ({params})"),
+        ));
+    }
+    Ok(())
+}
+
+/// The optimizer `spec` names over `vars`: `adamw_torch` and `adamw_torch_fused` (the same
+/// update: vramcal's AdamW has no foreach/fused split), `adamw_bnb_8bit`, `adafactor`, `sgd`
+/// (with `spec.momentum`); under a master-weight recipe stepping fp32 copies ([`Master`]).
+///
+/// # Errors
+/// [`Error::InvalidValue`] for the paged optimizers (an estimator option: vramcal's step has no
+/// unified memory), bad hyper-parameters, or 8-bit AdamW off the CPU.
+pub fn build(vars: Vec<Var>, spec: &TrainSpec) -> Result<Box<dyn Optim>> {
+    let spec = spec.clone();
+    let make = move |vars: Vec<Var>| -> Result<Box<dyn Optim>> {
+        Ok(match spec.optimizer {
+            Optimizer::AdamwTorch | Optimizer::AdamwTorchFused => {
+                Box::new(AdamW::new(vars, spec.adamw, spec.state_dtype)?)
+            }
+            Optimizer::AdamwBnb8bit => Box::new(AdamW8bit::new(vars, spec.adamw)?),
+            Optimizer::Adafactor => Box::new(Adafactor::new(
+                vars,
+                spec.adamw.lr,
+                spec.adamw.weight_decay,
+            )?),
+            Optimizer::Sgd => Box::new(Sgd::new(
+                vars,
+                spec.adamw.lr,
+                spec.adamw.weight_decay,
+                spec.momentum,
+                spec.state_dtype,
+            )?),
+            o @ (Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit) => {
+                return Err(Error::invalid(
+                    "--optimizer",
+                    o,
+                    "paged optimizers keep their states in CUDA unified memory, which vramcal's step does not use: estimate them with --profile torch-sdpa",
+                ))
+            }
+        })
+    };
+    if spec.precision.is_some_and(|p| p.master_weights()) {
+        Ok(Box::new(Master::new(vars, make)?))
+    } else {
+        make(vars)
+    }
+}
+
+impl Optim for AdamW {
+    fn step(&mut self, grads: &[Tensor]) -> Result<()> {
+        AdamW::step(self, grads)
+    }
+
+    fn state_bytes(&self) -> u64 {
+        AdamW::state_bytes(self)
+    }
+
+    fn steps(&self) -> usize {
+        AdamW::steps(self)
+    }
+}
 
 /// AdamW over a list of parameters.
 pub struct AdamW {

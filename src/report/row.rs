@@ -53,6 +53,10 @@ pub struct Row {
     pub dtype: String,
     pub optimizer: String,
     pub optimizer_state_dtype: String,
+    #[serde(default)]
+    pub precision: String,
+    #[serde(default)]
+    pub momentum: Option<f64>,
     pub method: String,
     pub lora_r: Option<u32>,
     pub lora_alpha: Option<f64>,
@@ -143,8 +147,13 @@ impl Row {
             params: m.params,
             trainable_params: m.trainable_params,
             dtype: spec.dtype.as_str().to_string(),
-            optimizer: "adamw".into(),
+            optimizer: spec.optimizer.name().into(),
             optimizer_state_dtype: spec.state_dtype.as_str().to_string(),
+            precision: spec
+                .precision
+                .map(|p| p.name().to_string())
+                .unwrap_or_default(),
+            momentum: (spec.optimizer == crate::spec::Optimizer::Sgd).then_some(spec.momentum),
             method: spec.adaptation.method().into(),
             lora_r: lora.map(|l| l.r as u32),
             lora_alpha: lora.map(|l| l.alpha),

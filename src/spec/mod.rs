@@ -11,6 +11,7 @@ pub mod axis;
 pub mod checkpointing;
 pub mod device;
 pub mod lora;
+pub mod loss;
 pub mod method;
 pub mod optimizer;
 pub mod precision;
@@ -26,6 +27,7 @@ pub use axis::Axis;
 pub use checkpointing::Checkpointing;
 pub use device::DeviceChoice;
 pub use lora::{LoraConfig, Target};
+pub use loss::Loss;
 pub use method::{check_quant_dtype, Adaptation, Method, Quant};
 pub use optimizer::{AdamWConfig, Optimizer};
 pub use precision::{dtype_name, parse_dtype, Precision};
@@ -92,8 +94,13 @@ pub struct TrainSpec {
     pub accumulate: usize,
     /// What the `save` phase writes after step 2.
     pub save: SaveMode,
-    /// The optimizer (HF `optim` name); vramcal's own step trains with `adamw_torch` only.
+    /// The optimizer (HF `optim` name).
     pub optimizer: Optimizer,
+    /// SGD's momentum μ (`torch.optim.SGD`, dampening 0); 0, the Trainer's `optim=sgd`, keeps
+    /// no state. Used by `sgd` only.
+    pub momentum: f64,
+    /// The loss implementation (torch profiles; vramcal's own step has its own chunked head).
+    pub loss: Loss,
     /// The precision recipe where one is named (reference rows); `None`: everything in
     /// `dtype`, states in `state_dtype`, no autocast.
     pub precision: Option<Precision>,
@@ -119,6 +126,8 @@ impl TrainSpec {
             accumulate: 1,
             save: SaveMode::None,
             optimizer: Optimizer::AdamwTorch,
+            momentum: 0.0,
+            loss: Loss::Transformers,
             precision: None,
             torch_cpu: false,
         }

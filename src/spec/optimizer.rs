@@ -101,6 +101,15 @@ impl Optimizer {
         Optimizer::Sgd,
     ];
 
+    /// Short names accepted beside the HF ones (those of vramcal's issue tracker and CLI
+    /// habits), each for exactly one optimizer.
+    pub const ALIASES: [(&'static str, Optimizer); 4] = [
+        ("adamw", Optimizer::AdamwTorch),
+        ("adamw-8bit", Optimizer::AdamwBnb8bit),
+        ("paged-adamw-8bit", Optimizer::PagedAdamw8bit),
+        ("paged-adamw-32bit", Optimizer::PagedAdamw32bit),
+    ];
+
     /// The HF `optim` name, e.g. `adamw_torch_fused`.
     pub fn name(self) -> &'static str {
         match self {
@@ -118,20 +127,32 @@ impl Optimizer {
 impl std::str::FromStr for Optimizer {
     type Err = Error;
 
-    /// Parses an HF `optim` name of [`Optimizer::ALL`], exactly.
+    /// Parses an HF `optim` name of [`Optimizer::ALL`] or one of [`Optimizer::ALIASES`],
+    /// exactly.
     ///
     /// # Errors
-    /// [`Error::InvalidValue`] for anything else.
+    /// [`Error::InvalidValue`] for anything else, listing the accepted names.
     fn from_str(s: &str) -> Result<Self> {
         Optimizer::ALL
             .into_iter()
             .find(|o| o.name() == s)
+            .or_else(|| {
+                Optimizer::ALIASES
+                    .iter()
+                    .find(|(a, _)| *a == s)
+                    .map(|(_, o)| *o)
+            })
             .ok_or_else(|| {
                 let names: Vec<&str> = Optimizer::ALL.iter().map(|o| o.name()).collect();
+                let aliases: Vec<&str> = Optimizer::ALIASES.iter().map(|(a, _)| *a).collect();
                 Error::invalid(
                     "optimizer",
                     s,
-                    format!("expected one of {}", names.join(", ")),
+                    format!(
+                        "expected one of {} (or {})",
+                        names.join(", "),
+                        aliases.join(", ")
+                    ),
                 )
             })
     }

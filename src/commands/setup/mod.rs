@@ -216,6 +216,19 @@ pub fn train_spec(
     spec.dtype = args.dtype;
     spec.state_dtype = args.optimizer_state_dtype;
     spec.optimizer = args.optimizer;
+    if args.momentum != 0.0 && spec.optimizer != crate::spec::Optimizer::Sgd {
+        return Err(Error::invalid(
+            "--momentum",
+            args.momentum,
+            format!("is SGD's; --optimizer is {}", spec.optimizer),
+        )
+        .into());
+    }
+    if !(0.0..1.0).contains(&args.momentum) {
+        return Err(Error::invalid("--momentum", args.momentum, "must be in [0, 1)").into());
+    }
+    spec.momentum = args.momentum;
+    spec.loss = args.loss.unwrap_or_default();
     if let Some(p) = args.precision {
         // PyTorch's optimizers keep states in the trainable weights' dtype (fp32 master
         // weights and PEFT's fp32 adapters under +amp: fp32).
@@ -237,29 +250,49 @@ pub fn train_spec(
     Ok(spec)
 }
 
-/// Refuses what only the torch profiles describe: vramcal's own step trains with AdamW, without
-/// autocast or master weights, and has one fused attention.
+/// Refuses what only the torch profiles describe: vramcal's step has no paged (unified) memory,
+/// no autocast, an 8-bit AdamW on the CPU only, and one fused attention. `device` is the
+/// measuring device where one is known (`None` for `estimate`).
 ///
 /// # Errors
-/// `--optimizer` other than adamw_torch, an autocast or master-weight `--precision`,
-/// `--attention flash-attention-2`.
-pub fn check_measurable(spec: &TrainSpec) -> anyhow::Result<()> {
-    if spec.optimizer != crate::spec::Optimizer::AdamwTorch {
+/// `--loss`, a paged `--optimizer`, `adamw_bnb_8bit` off the CPU, an autocast `--precision`, `fp16`
+/// (fp16 AdamW states), `--attention flash-attention-2`.
+pub fn check_measurable(spec: &TrainSpec, device: Option<&str>) -> anyhow::Result<()> {
+    use crate::spec::Optimizer;
+    if matches!(
+        spec.optimizer,
+        Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit
+    ) {
         return Err(Error::invalid(
             "--optimizer",
             spec.optimizer,
-            "vramcal's own step trains with adamw_torch; estimate the others with --profile torch-sdpa",
+            "paged optimizers keep their states in CUDA unified memory, which vramcal's step does not use; estimate them with --profile torch-sdpa",
         )
         .into());
     }
-    if let Some(p) = spec
-        .precision
-        .filter(|p| p.autocast().is_some() || p.master_weights())
-    {
+    if spec.loss != crate::spec::Loss::Transformers {
+        return Err(Error::invalid(
+            "--loss",
+            spec.loss,
+            "vramcal's own step computes the loss with its own chunked head (src/ops/loss.rs); --loss is for the torch profiles",
+        )
+        .into());
+    }
+    if let Some(d) = device.filter(|d| *d != "cpu") {
+        if spec.optimizer == Optimizer::AdamwBnb8bit {
+            return Err(Error::invalid(
+                "--optimizer",
+                spec.optimizer,
+                format!("vramcal's 8-bit AdamW runs on the CPU only, not on {d}"),
+            )
+            .into());
+        }
+    }
+    if let Some(p) = spec.precision.filter(|p| p.autocast().is_some()) {
         return Err(Error::invalid(
             "--precision",
             p,
-            "vramcal's own step runs fp32, bf16 or fp16 (no autocast, no master copy yet); estimate the others with --profile torch-sdpa",
+            "vramcal's own step has no autocast yet (it runs fp32, bf16, bf16-master, fp16-master); estimate autocast with --profile torch-sdpa",
         )
         .into());
     }
@@ -267,7 +300,7 @@ pub fn check_measurable(spec: &TrainSpec) -> anyhow::Result<()> {
         return Err(Error::invalid(
             "--precision",
             "fp16",
-            "fp16 keeps AdamW's states in fp16, which diverge in vramcal's step (non-finite loss); measure --dtype f16 (f32 states) instead",
+            "fp16 keeps AdamW's states in fp16, which diverge in vramcal's step (non-finite loss); measure --dtype f16 (f32 states) or fp16-master instead",
         )
         .into());
     }
@@ -315,7 +348,7 @@ pub fn check_fits(
     model: &ResolvedModel,
     device: DeviceChoice,
 ) -> anyhow::Result<()> {
-    check_measurable(spec)?;
+    check_measurable(spec, Some(if device.is_cpu() { "cpu" } else { "cuda" }))?;
     if device.is_cpu() {
         // A bound past 64 bits cannot fit either.
         let need = crate::estimate::bounds::min_bytes(&model.config, spec).unwrap_or(u64::MAX);
