@@ -212,7 +212,7 @@ METHODS = ["full", "lora", "qlora"]
 QUANTS = ["nf4", "nf4-dq"]
 CHECKPOINTING = {"off": None, "on": False, "reentrant": True}  # value: use_reentrant
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TARGET_NAMES = LINEAR  # lm_head / embed_tokens: in the format, not modelled by vramcal yet
+TARGET_NAMES = LINEAR + ["lm_head", "embed_tokens"]
 SHORT = {"q_proj,v_proj": "qv", "q_proj,k_proj,v_proj,o_proj": "qkvo", "all-linear": "all"}
 
 

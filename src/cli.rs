@@ -398,17 +398,19 @@ pub struct ModelArgs {
     pub optimizer: Optimizer,
     /// Loss implementation (torch profiles): `transformers` (its own: the whole logits, upcast
     /// to fp32) or `fused-linear-ce` (Liger's fused linear cross-entropy: logits one chunk at a
-    /// time). vramcal's own step has its own chunked head and refuses the option.
+    /// time). vramcal's own step has its own chunked head: `measure`, `sweep`, `max`, `plan` and
+    /// `--profile candle` refuse the option.
     #[arg(long)]
     pub loss: Option<crate::spec::Loss>,
     /// SGD momentum (`torch.optim.SGD`); 0, the Trainer's `optim=sgd`, keeps no state. Only
     /// with --optimizer sgd.
-    #[arg(long, default_value_t = 0.0)]
-    pub momentum: f64,
-    /// AdamW learning rate.
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// Learning rate (every optimizer; Adafactor's step size, as the Trainer sets it).
     #[arg(long, default_value_t = 5e-5)]
     pub lr: f64,
-    /// AdamW decoupled weight decay.
+    /// Weight decay: decoupled for AdamW, 8-bit AdamW and Adafactor, L2 (added to the gradient)
+    /// for SGD, as each PyTorch original applies it.
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Allow --seq above the model's max_position_embeddings.
@@ -425,7 +427,8 @@ pub struct ModelArgs {
     pub data_seed: u64,
     /// LoRA settings (implies --method lora unless another method is given), e.g.
     /// `r=16,alpha=32,dropout=0.05,targets=q_proj,k_proj,v_proj,o_proj`. Targets: q,k,v,o,
-    /// gate,up,down (with or without `_proj`), `attn`, `mlp`, `all-linear`. Defaults are PEFT's:
+    /// gate,up,down (with or without `_proj`), `attn`, `mlp`, `all-linear`, and `lm_head`,
+    /// `embed_tokens` (estimated by the torch profiles only). Defaults are PEFT's:
     /// r=8, alpha=8, dropout=0, targets=q_proj,v_proj.
     #[arg(long)]
     pub lora: Option<LoraConfig>,

@@ -168,12 +168,13 @@ impl Lengths {
 
     /// The largest micro-batch of `batch` sequences the data can form under `batching`, as
     /// `(sequences, tokens per sequence)`; `max_length` is `--seq` where given (the row length
-    /// for packing, the padding length for `max`, the truncation length otherwise).
+    /// for packing, the padding length for `max`, the truncation length otherwise). A data set
+    /// smaller than `batch` forms micro-batches of all its sequences (or packed rows) at most.
     ///
-    /// * packed: `(batch, max_length)`;
-    /// * padded to `max`: `(batch, max_length)`;
-    /// * padded to the longest: `(batch, min(longest, max_length))`: any sampler, random or
-    ///   length-grouped, puts the longest sequence in some micro-batch (transformers'
+    /// * packed: `(min(batch, rows), max_length)`, `rows = ⌈all tokens / max_length⌉`;
+    /// * padded to `max`: `(min(batch, n), max_length)`;
+    /// * padded to the longest: `(min(batch, n), min(longest, max_length))`: any sampler, random
+    ///   or length-grouped, puts the longest sequence in some micro-batch (transformers'
     ///   `LengthGroupedSampler` puts it in the first, on purpose);
     /// * padding-free: `(1, Σ of the batch longest)`, each truncated to `max_length`.
     ///
@@ -185,20 +186,25 @@ impl Lengths {
         max_length: Option<usize>,
         batching: Batching,
     ) -> Result<(usize, usize)> {
-        let need = |what: Batching| {
-            max_length.ok_or_else(|| {
-                Error::invalid(
-                    what.label(),
-                    "without --seq",
-                    "needs --seq (the row length for packing, the padded length for max)",
-                )
-            })
+        let need = |what: Batching| match max_length {
+            None => Err(Error::invalid(
+                what.label(),
+                "without --seq",
+                "needs --seq (the row length for packing, the padded length for max)",
+            )),
+            Some(0) => Err(Error::invalid("--seq", 0, "must be at least 1")),
+            Some(m) => Ok(m),
         };
         let cap = |t: usize| max_length.map_or(t, |m| t.min(m));
+        let n = self.tokens.len().max(1);
         Ok(match batching {
-            Batching::Packed => (batch, need(batching)?),
-            Batching::PadMax => (batch, need(batching)?),
-            Batching::PadLongest => (batch, cap(self.longest())),
+            Batching::Packed => {
+                let row = need(batching)?;
+                let rows = self.total().div_ceil(row as u64).max(1);
+                (batch.min(usize::try_from(rows).unwrap_or(usize::MAX)), row)
+            }
+            Batching::PadMax => (batch.min(n), need(batching)?),
+            Batching::PadLongest => (batch.min(n), cap(self.longest())),
             Batching::PaddingFree => {
                 let mut t: Vec<usize> = self.tokens.iter().map(|&x| cap(x)).collect();
                 t.sort_unstable_by(|a, b| b.cmp(a));
@@ -288,8 +294,18 @@ impl Lengths {
         sampler: Sampler,
         seed: u64,
     ) -> Result<Epoch> {
-        if batch == 0 || accumulate == 0 {
+        if batch == 0 {
             return Err(Error::invalid("--batch", batch, "must be at least 1"));
+        }
+        if accumulate == 0 {
+            return Err(Error::invalid(
+                "--accumulate",
+                accumulate,
+                "must be at least 1",
+            ));
+        }
+        if max_length == Some(0) {
+            return Err(Error::invalid("--seq", 0, "must be at least 1"));
         }
         // Checks that packing and max padding have --seq.
         self.worst_batch(batch, max_length, batching)?;
@@ -339,9 +355,9 @@ impl Lengths {
         if sampler == Sampler::Random {
             return idx;
         }
-        let mult = (n / (batch * 4)).clamp(1, 50);
+        let mult = (n / batch.saturating_mul(4)).clamp(1, 50);
         let mut megas: Vec<Vec<usize>> = idx
-            .chunks(mult * batch)
+            .chunks(mult.saturating_mul(batch))
             .map(|m| {
                 let mut m = m.to_vec();
                 m.sort_by(|&a, &b| self.tokens[b].cmp(&self.tokens[a]));
@@ -422,12 +438,26 @@ mod tests {
         assert_eq!(w(None, Batching::PadLongest), (2, 812));
         assert_eq!(w(Some(512), Batching::PadLongest), (2, 512)); // truncated
         assert_eq!(w(Some(1024), Batching::PadMax), (2, 1024));
-        assert_eq!(w(Some(2048), Batching::Packed), (2, 2048));
+        // 1349 tokens fill one row of 2048: a micro-batch of one row.
+        assert_eq!(w(Some(2048), Batching::Packed), (1, 2048));
         assert_eq!(w(None, Batching::PaddingFree), (1, 812 + 340));
         assert_eq!(w(Some(300), Batching::PaddingFree), (1, 600));
         assert!(l.worst_batch(2, None, Batching::Packed).is_err());
         assert!(l.worst_batch(2, None, Batching::PadMax).is_err());
         assert_eq!(l.total(), 1349);
+        // Four sequences form micro-batches of four at most; 1349 tokens, three rows of 512.
+        assert_eq!(
+            l.worst_batch(8, None, Batching::PadLongest).unwrap(),
+            (4, 812)
+        );
+        assert_eq!(
+            l.worst_batch(8, Some(512), Batching::PadMax).unwrap(),
+            (4, 512)
+        );
+        assert_eq!(
+            l.worst_batch(8, Some(512), Batching::Packed).unwrap(),
+            (3, 512)
+        );
     }
 
     /// One epoch of each batching, by hand: lengths 120, 340, 812, 77 in micro-batches of 2,

@@ -459,6 +459,11 @@ pub struct Plan {
     pub real_tokens: u64,
     /// One epoch of the data set, with `--seq-lengths`.
     pub data: Option<crate::data::Epoch>,
+    /// How the data set was batched (`--packing`, `--padding longest`, …) and, padded to the
+    /// longest, the sampler; with `--seq-lengths`.
+    pub batching: Option<String>,
+    /// The measured step's peak (bytes), set by `plan`.
+    pub peak_bytes: Option<u64>,
     /// Optimizer steps (`ceil(examples / (micro_batch·accumulate))·epochs`).
     pub steps: u64,
     /// Measured throughput (tokens/s).
@@ -544,6 +549,8 @@ pub fn plan(
         tokens,
         real_tokens,
         data: data.copied(),
+        batching: None,
+        peak_bytes: None,
         steps,
         tokens_per_second,
         seconds,

@@ -211,6 +211,42 @@ fn measured_rows_record_optimizer_and_recipe() {
     );
     assert_eq!(col(&rows[2], "optimizer"), "adamw_bnb_8bit");
     assert_eq!(col(&rows[2], "momentum"), "");
+    // A model with tensors of 4096 values and more: bitsandbytes' layout, by hand from the
+    // parameter shapes (1 byte per value + an f32 absmax per 256 per moment; f32 below 4096).
+    let eight = dir.path().join("eight.csv");
+    vramcal()
+        .args([
+            "measure",
+            "--model",
+            "mistral-mini",
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--quiet",
+        ])
+        .args(["--optimizer", "adamw_bnb_8bit", "--out"])
+        .arg(&eight)
+        .assert()
+        .success();
+    let cfg = vramcal::config::preset("mistral-mini").unwrap().config;
+    let want: u64 = cfg
+        .param_shapes()
+        .iter()
+        .map(|p| {
+            let n = p.numel() as u64;
+            if n >= 4096 {
+                2 * (n + 4 * n.div_ceil(256))
+            } else {
+                2 * 4 * n
+            }
+        })
+        .sum();
+    let mut r = csv::Reader::from_path(&eight).unwrap();
+    let h = r.headers().unwrap().clone();
+    let row = r.records().next().unwrap().unwrap();
+    let got = &row[h.iter().position(|c| c == "optimizer_state_bytes").unwrap()];
+    assert_eq!(got, want.to_string());
 }
 
 /// `--seq-lengths`: the estimate is for the largest micro-batch the data can form, and a bad
@@ -1435,6 +1471,24 @@ const BAD_FILES: &[Case] = &[
         untouched: None,
     },
     Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--loss",
+            "transformers"],
+        error: "--loss is for estimate's torch profiles",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--lora",
+            "targets=q,lm_head"],
+        error: "vramcal's own step has no adapter on lm_head or embed_tokens yet",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--optimizer",
+            "adafactor", "--optimizer-state-dtype", "bf16"],
+        error: "adafactor keeps states of its own types",
+        untouched: None,
+    },
+    Case {
         args: &["estimate", "--model", "tiny", "--batch", "1", "--seq", "8", "--loss", "liger"],
         error: "expected transformers or fused-linear-ce",
         untouched: None,
@@ -1453,7 +1507,7 @@ const BAD_FILES: &[Case] = &[
     Case {
         args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--optimizer",
             "adamw_8bit"],
-        error: "expected one of adamw_torch, adamw_torch_fused, adamw_bnb_8bit",
+        error: "invalid --optimizer = adamw_8bit: expected one of adamw_torch, adamw_torch_fused, adamw_bnb_8bit",
         untouched: None,
     },
     Case {
@@ -1654,4 +1708,42 @@ fn a_measurement_respects_a_sweeps_lock() {
         "another vramcal sweep",
         None,
     );
+}
+
+/// The seed's scenario under the HF Trainer's default `bf16=True` (amp-bf16): the estimate
+/// itemizes autocast's 16-bit weight copies kept for backward, every linear weight of every
+/// layer and the head in bf16 (Mistral-7B: 32 × (2·4096² + 2·4096·1024 + 3·4096·14336) + 32000 ×
+/// 4096 values × 2 bytes), and has none without autocast.
+#[test]
+fn seed_scenario_itemizes_autocast_copies() {
+    let json = |precision: &str| -> serde_json::Value {
+        let out = vramcal()
+            .args([
+                "estimate",
+                "--model",
+                "mistral-7b-v0.1",
+                "--precision",
+                precision,
+                "--seq",
+                "1024",
+                "--gpu",
+                "a100-80gb",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (h, kv, i, v, l) = (4096u64, 1024u64, 14336u64, 32000u64, 32u64);
+    let per_layer = 2 * h * h + 2 * h * kv + 3 * h * i;
+    let want = 2 * (l * per_layer + v * h);
+    let amp = json("amp-bf16");
+    assert_eq!(amp["autocast"]["weight_copies_bytes"].as_u64(), Some(want));
+    assert!(amp["autocast"]["input_copies_bytes"].as_u64().unwrap() > 0);
+    assert!(json("bf16")["autocast"].is_null());
 }

@@ -141,6 +141,55 @@ fn adafactor_paths_agree() {
     }
 }
 
+/// Adafactor against transformers' `Adafactor.step` written out in f64 (no first moment,
+/// `scale_parameter=False, relative_step=False`, clip 1, eps 1e-30, decay −0.8) for a matrix
+/// over three steps, both paths.
+#[test]
+fn adafactor_follows_transformers() {
+    let (lr, wd) = (1e-2, 0.01);
+    let (rows, cols) = (6usize, 5usize);
+    let init = wave(rows * cols, 0.3, 1.0);
+    let grads: Vec<Vec<f32>> = (0..3)
+        .map(|s| wave(rows * cols, 1.0 + s as f64, 0.4))
+        .collect();
+    let mut p: Vec<f64> = init.iter().map(|&x| x as f64).collect();
+    let (mut r, mut c) = (vec![0f64; rows], vec![0f64; cols]);
+    for (step, g) in grads.iter().enumerate() {
+        let beta = 1.0 - ((step + 1) as f64).powf(-0.8);
+        let u = |i: usize, j: usize| (g[i * cols + j] as f64).powi(2) + 1e-30;
+        for (i, ri) in r.iter_mut().enumerate() {
+            let m = (0..cols).map(|j| u(i, j)).sum::<f64>() / cols as f64;
+            *ri = beta * *ri + (1.0 - beta) * m;
+        }
+        for (j, cj) in c.iter_mut().enumerate() {
+            let m = (0..rows).map(|i| u(i, j)).sum::<f64>() / rows as f64;
+            *cj = beta * *cj + (1.0 - beta) * m;
+        }
+        let rm = r.iter().sum::<f64>() / rows as f64;
+        let upd: Vec<f64> = (0..rows * cols)
+            .map(|k| {
+                let (i, j) = (k / cols, k % cols);
+                g[k] as f64 / ((r[i] / rm) * c[j]).sqrt()
+            })
+            .collect();
+        let rms = (upd.iter().map(|x| x * x).sum::<f64>() / upd.len() as f64).sqrt();
+        let scale = rms.max(1.0);
+        for k in 0..p.len() {
+            p[k] = p[k] - wd * lr * p[k] - lr * upd[k] / scale;
+        }
+    }
+    for in_place in [true, false] {
+        let v = Var::from_tensor(&tensor(&init, &[rows, cols])).unwrap();
+        let mut o = Adafactor::new(vec![v.clone()], lr, wd).unwrap();
+        o.in_place = in_place;
+        for g in &grads {
+            o.step(&[tensor(g, &[rows, cols])]).unwrap();
+        }
+        let d = max_abs_diff(&values(v.as_tensor()), &p);
+        assert!(d < 1e-6, "in place {in_place}: {d}");
+    }
+}
+
 /// bitsandbytes' memory, exactly: one byte per value and one f32 absmax per 256 values for
 /// each moment of a tensor of at least 4096 values, f32 moments below; and the update stays
 /// close to f32 AdamW's over several steps.
@@ -264,6 +313,27 @@ fn python_numbers(py: &str, code: &str) -> Vec<f64> {
         .split_whitespace()
         .map(|x| x.parse().unwrap())
         .collect()
+}
+
+/// The quantization maps are bitsandbytes' own, value for value: both maps against the values
+/// bitsandbytes 0.50.2 printed (`tests/data/bitsandbytes-0.50.2-dynamic-maps.txt`, its command in
+/// the file's header).
+#[test]
+fn dynamic_maps_are_bitsandbytes() {
+    let text = include_str!("data/bitsandbytes-0.50.2-dynamic-maps.txt");
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(lines.len(), 2);
+    for (line, signed) in lines.iter().zip([true, false]) {
+        let want: Vec<f64> = line
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
+        let ours = vramcal::optim::dynamic_map(signed);
+        assert_eq!(want.len(), 256);
+        for (j, (&x, &w)) in ours.iter().zip(&want).enumerate() {
+            assert_eq!(x as f64, w, "map signed={signed} entry {j}");
+        }
+    }
 }
 
 /// The quantization maps are bitsandbytes' own, value for value, and the 8-bit AdamW's

@@ -462,7 +462,7 @@ fn bad_peft_settings_are_rejected() {
         ("alpha=-2", "must be positive"),
         ("dropout=1", "[0, 1)"),
         ("dropout=-0.1", "[0, 1)"),
-        ("targets=q_proj,lm_head", "unknown target"),
+        ("targets=q_proj,head", "unknown target"),
         ("rank=abc", "positive integer"),
         ("beta=3", "unknown key"),
     ] {

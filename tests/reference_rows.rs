@@ -104,10 +104,10 @@ fn cases() -> Vec<Case> {
             "column checkpointing = \"every:0\"",
         ),
         (
-            "lm_head target",
+            "unknown target",
             "lora_targets",
-            "q_proj;lm_head",
-            "not modelled yet",
+            "q_proj;head",
+            "column lora_targets = \"q_proj;head\": expected ';'-separated",
         ),
         (
             "unknown loss",

@@ -63,9 +63,20 @@ pub fn spec_from_row(r: &Row) -> Result<(ModelConfig, TrainSpec)> {
     spec.dtype = parse_dtype(&r.dtype)?;
     spec.state_dtype = parse_dtype(&r.optimizer_state_dtype)?;
     // Rows written before vramcal had other optimizers say `adamw`.
+    // The HF names only (not the CLI's aliases); rows written before vramcal had other
+    // optimizers say `adamw`.
     spec.optimizer = match r.optimizer.as_str() {
         "adamw" => crate::spec::Optimizer::AdamwTorch,
-        o => o.parse()?,
+        o => crate::spec::Optimizer::ALL
+            .into_iter()
+            .find(|x| x.name() == o)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "optimizer",
+                    o,
+                    "expected an HF optim name (adamw_torch, adamw_bnb_8bit, adafactor, sgd, …)",
+                )
+            })?,
     };
     spec.momentum = r.momentum.unwrap_or(0.0);
     if !r.precision.is_empty() {

@@ -269,8 +269,7 @@ impl Reference {
     /// [`Error::ReferenceCell`] naming the file, line, id, column and value for any cell
     /// outside its vocabulary, a LoRA row without rank, alpha or targets, an `oom` row without
     /// `gpu_memory_bytes`, a successful non-`oom` row without an integer `peak_bytes`; and for
-    /// values of the format the estimator does not model yet (`offload`, LoRA on
-    /// `lm_head`/`embed_tokens`), saying so.
+    /// values of the format the estimator does not model yet (`offload`), saying so.
     pub fn parse(path: &Path, line: usize, raw: &ReferenceRow) -> Result<Reference> {
         let c = Cells {
             path,
@@ -564,6 +563,7 @@ fn lora(c: &Cells, raw: &ReferenceRow) -> Result<LoraConfig> {
             .filter(|d| (0.0..1.0).contains(d))
             .ok_or_else(|| c.err("lora_dropout", v, "expected a number in [0, 1)"))?,
     };
+    let (mut lm_head, mut embed_tokens) = (false, false);
     let mut targets = match raw.lora_targets.as_str() {
         "all-linear" => Target::ALL.to_vec(),
         "" => return Err(c.err("lora_targets", "", "a LoRA row needs its target modules")),
@@ -572,13 +572,8 @@ fn lora(c: &Cells, raw: &ReferenceRow) -> Result<LoraConfig> {
             for t in v.split(';') {
                 match Target::ALL.into_iter().find(|x| x.name() == t) {
                     Some(x) => names.push(x),
-                    None if matches!(t, "lm_head" | "embed_tokens") => {
-                        return Err(c.err(
-                            "lora_targets",
-                            v,
-                            "LoRA on lm_head/embed_tokens is in the format but not modelled yet",
-                        ))
-                    }
+                    None if t == "lm_head" => lm_head = true,
+                    None if t == "embed_tokens" => embed_tokens = true,
                     None => {
                         return Err(c.err(
                             "lora_targets",
@@ -598,6 +593,8 @@ fn lora(c: &Cells, raw: &ReferenceRow) -> Result<LoraConfig> {
         alpha,
         dropout,
         targets,
+        lm_head,
+        embed_tokens,
     })
 }
 

@@ -134,6 +134,7 @@ pub fn answer(q: Query) -> anyhow::Result<Answer> {
     };
     Ok(Answer {
         model: q.model.name,
+        model_config: cfg.clone(),
         references: vec![
             references::seed_rule(cfg, &q.spec),
             references::korthikanti(cfg, &q.spec),

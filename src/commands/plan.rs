@@ -81,7 +81,16 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{}", d.describe());
     }
     let row = measure_step(a, &model, &weights, &spec)?;
-    let p = project(a, &model, &spec, &row, target.as_ref(), epoch.as_ref())?;
+    let mut p = project(a, &model, &spec, &row, target.as_ref(), epoch.as_ref())?;
+    p.peak_bytes = row.peak_bytes;
+    p.batching = data.as_ref().map(|d| match d.batching {
+        crate::data::Batching::PadLongest => format!(
+            "{} (--sampler {})",
+            d.batching.label(),
+            a.sampler.unwrap_or_default().label()
+        ),
+        b => b.label().to_string(),
+    });
     let text = if a.json {
         format!("{}\n", serde_json::to_string_pretty(&p)?)
     } else {

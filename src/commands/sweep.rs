@@ -305,8 +305,8 @@ fn setup_args(m: &ModelArgs) -> Vec<OsString> {
         }
     }
     push(&["--optimizer", m.optimizer.name()]);
-    if m.momentum != 0.0 {
-        push(&["--momentum", &m.momentum.to_string()]);
+    if let Some(mu) = m.momentum {
+        push(&["--momentum", &mu.to_string()]);
     }
     push(&["--lr", &m.lr.to_string()]);
     push(&["--weight-decay", &m.weight_decay.to_string()]);

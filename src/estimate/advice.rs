@@ -53,10 +53,13 @@ pub fn alternatives(
     }
     if let Some(l) = &spec.adaptation.lora {
         let fewer = [Target::QProj, Target::VProj];
-        if l.targets.len() > fewer.len() && fewer.iter().all(|t| l.targets.contains(t)) {
+        let more = l.targets.len() > fewer.len() || l.top_level();
+        if more && fewer.iter().all(|t| l.targets.contains(t)) {
             let mut s = spec.clone();
             if let Some(l) = s.adaptation.lora.as_mut() {
                 l.targets = fewer.to_vec();
+                l.lm_head = false;
+                l.embed_tokens = false;
             }
             v.push((
                 "LoRA on q_proj and v_proj only (--lora targets=q,v)".to_string(),

@@ -331,6 +331,24 @@ pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
         // autocast for the trained head, made per chunk for a frozen one).
         v.push(t("lm_head.weight_cast", "(V, h)", vocab * h, a));
     }
+    if let Some(l) = spec.adaptation.lora.as_ref() {
+        let rank = l.r as u64;
+        if l.lm_head {
+            // PEFT's LoRA Linear on the head: `lora_A` keeps its input, `lora_B` its (N, r)
+            // input; the frozen base keeps nothing.
+            v.push(t("lm_head.lora_A.input", "(N, h)", n * h, a));
+            v.push(t("lm_head.lora_B.input", "(N, r)", n * rank, a));
+            if l.dropout > 0.0 {
+                v.push(t("lm_head.lora_dropout.mask", "(N, h) bool", n * h, 1));
+            }
+        }
+        if l.embed_tokens {
+            // PEFT's LoRA Embedding: `F.embedding(ids, A.T)` keeps the ids, `@ B.T` its (N, r)
+            // input.
+            v.push(t("embed_tokens.lora.ids", "(N,) int64", n, 8));
+            v.push(t("embed_tokens.lora_B.input", "(N, r)", n * rank, a));
+        }
+    }
     if liger {
         v.push(t("lce.grad_input", "(N, h)", n * h, r));
         if full {
@@ -377,10 +395,11 @@ fn layer_terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> (u64
     };
     let l = cfg.num_hidden_layers as u64;
     let n = (spec.batch * spec.seq) as u64;
-    let full = spec.adaptation.lora.is_none();
+    // LoRA's first layer sees an input that needs no gradient, unless an adapter on the
+    // embedding gives it one.
+    let full = spec.adaptation.lora.as_ref().is_none_or(|l| l.embed_tokens);
     let (rest, rest_scores) = sums(true);
     match spec.checkpointing {
-        // LoRA's first layer sees an input that needs no gradient.
         Checkpointing::None if full => (l * rest, l * rest_scores, 0),
         Checkpointing::None => {
             let (first, first_scores) = sums(false);
@@ -401,6 +420,39 @@ fn layer_terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> (u64
             )
         }
     }
+}
+
+/// autocast's 16-bit copies among the saved tensors (bytes), `(weight copies, input copies)`,
+/// for the layers kept at once (all without checkpointing, one segment with it) and the head:
+/// the `*.weight_cast` and `*.input_cast` entries of [`layer`] and [`head`]. `None` without
+/// autocast. The copies are part of the saved activations; this says how much of them autocast
+/// adds (torch casts each product's operands per use; trained leaf weights' copies are cached
+/// for the forward, `aten/src/ATen/autocast_mode.cpp` `cached_cast`).
+pub fn autocast_copies(
+    cfg: &ModelConfig,
+    spec: &TrainSpec,
+    profile_eager: bool,
+) -> Option<(u64, u64)> {
+    if !dtypes(spec).amp {
+        return None;
+    }
+    let split = |v: &[SavedTensor]| {
+        let sum = |suffix: &str| {
+            v.iter()
+                .filter(|x| x.name.ends_with(suffix))
+                .map(SavedTensor::bytes)
+                .sum::<u64>()
+        };
+        (sum("weight_cast"), sum("input_cast"))
+    };
+    let l = cfg.num_hidden_layers as u64;
+    let layers = match spec.checkpointing {
+        Checkpointing::None => l,
+        Checkpointing::Every(k) => (k as u64).min(l),
+    };
+    let (lw, li) = split(&layer(cfg, spec, profile_eager, true));
+    let (hw, hi) = split(&head(cfg, spec));
+    Some((layers * lw + hw, layers * li + hi))
 }
 
 /// The optimizer's states (bytes) for `spec`'s trainable tensors: torch's AdamW two moments in
@@ -545,6 +597,16 @@ fn trainable_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(u64, u64)> {
                     v.push((l.r as u64, i as u64));
                     v.push((o as u64, l.r as u64));
                 }
+            }
+            let (vocab, h, r) = (cfg.vocab_size as u64, cfg.hidden_size as u64, l.r as u64);
+            if l.lm_head {
+                v.push((r, h));
+                v.push((vocab, r));
+            }
+            if l.embed_tokens {
+                // PEFT's `lora_embedding_A` (r, V) and `lora_embedding_B` (h, r).
+                v.push((r, vocab));
+                v.push((h, r));
             }
             v
         }

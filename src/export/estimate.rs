@@ -12,6 +12,8 @@ use crate::spec::{Profile, Shard, TrainSpec};
 pub struct Answer {
     /// The model's name (preset, config path or Hub id).
     pub model: String,
+    /// Its configuration.
+    pub model_config: crate::config::ModelConfig,
     /// The configuration estimated.
     pub spec: TrainSpec,
     /// The stack it is estimated for.
@@ -49,6 +51,7 @@ pub fn json(x: &Answer) -> anyhow::Result<String> {
         "dtype": x.spec.dtype.as_str(),
         "precision": x.spec.precision.map(|p| p.to_string()),
         "optimizer": x.spec.optimizer.to_string(),
+        "loss": x.spec.loss.label(),
         "micro_batch": x.spec.batch,
         "accumulate": x.spec.accumulate,
         "seq": x.spec.seq,
@@ -59,6 +62,7 @@ pub fn json(x: &Answer) -> anyhow::Result<String> {
         "sharding": x.sharding.map(|(s, gpus)| serde_json::json!({"shard": s, "gpus": gpus})),
         "device_map": x.device_map,
         "data": x.data.as_ref().map(crate::data::WorstBatch::json),
+        "autocast": autocast(x).map(|(w, i)| serde_json::json!({"weight_copies_bytes": w, "input_copies_bytes": i})),
     });
     Ok(format!("{}\n", serde_json::to_string_pretty(&v)?))
 }
@@ -68,6 +72,19 @@ pub fn json(x: &Answer) -> anyhow::Result<String> {
 pub fn text(x: &Answer) -> String {
     let mut t = header(x);
     t += &items(&x.estimate);
+    if let Some((w, i)) = autocast(x) {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        t += &format!(
+            "autocast ({}): of the saved activations, 16-bit weight copies {w} bytes ({:.2} GiB) and 16-bit input copies {i} bytes ({:.2} GiB), kept for backward{}\n",
+            x.spec.precision.map_or(String::new(), |p| p.to_string()),
+            gib(w),
+            gib(i),
+            match x.estimate.peak_phase.as_str() {
+                "optimizer_step" => " (freed before the peak, at the optimizer step)",
+                _ => "",
+            }
+        );
+    }
     if let Some((sh, gpus)) = &x.sharding {
         t += &format!(
             "(per GPU: {sh} over {} data-parallel GPUs; activations per GPU)\n",
@@ -82,6 +99,19 @@ pub fn text(x: &Answer) -> String {
         t += &verdict(x, name, *b);
     }
     t
+}
+
+/// autocast's 16-bit copies among the saved tensors, `(weights, inputs)` bytes, for the torch
+/// profiles under an autocast recipe ([`crate::estimate::torch::autocast_copies`]).
+fn autocast(x: &Answer) -> Option<(u64, u64)> {
+    match x.profile {
+        Profile::Candle => None,
+        p => crate::estimate::torch::autocast_copies(
+            &x.model_config,
+            &x.spec,
+            p == Profile::TorchEager,
+        ),
+    }
 }
 
 /// The first two lines: the stack the number is for, and the configuration.

@@ -38,7 +38,7 @@ pub fn phase_table(m: &Measurement, tokens_per_step: usize) -> String {
     }
     let _ = writeln!(
         s,
-        "weights {} B, gradients {} B, AdamW states {} B; params {} (trainable {})",
+        "weights {} B, gradients {} B, optimizer states {} B; params {} (trainable {})",
         m.param_bytes, m.grad_bytes, m.optimizer_state_bytes, m.params, m.trainable_params
     );
     if let Some(t) = m.step_seconds.get(1) {
@@ -78,7 +78,7 @@ pub fn emit_result(
     if !v.quiet {
         let lora = super::lora_suffix(spec);
         let head = format!(
-            "vramcal {} | {} | {} | weights {} | {}{lora} | quant {} | checkpointing {} | attention {} | dtype {} | AdamW states {} | micro-batch {} x accumulate {} x seq {}\n{}\n{}",
+            "vramcal {} | {} | {} | weights {} | {}{lora} | quant {} | checkpointing {} | attention {} | {} | {} | micro-batch {} x accumulate {} x seq {}\n{}\n{}",
             env!("CARGO_PKG_VERSION"),
             row.device,
             model,
@@ -87,8 +87,19 @@ pub fn emit_result(
             row.quant,
             row.checkpointing,
             row.attention,
-            row.dtype,
-            row.optimizer_state_dtype,
+            match spec.precision {
+                Some(p) => format!("precision {p} (weights {})", row.dtype),
+                None => format!("dtype {}", row.dtype),
+            },
+            match spec.optimizer {
+                crate::spec::Optimizer::AdamwTorch | crate::spec::Optimizer::AdamwTorchFused => {
+                    format!("{} states {}", spec.optimizer, row.optimizer_state_dtype)
+                }
+                crate::spec::Optimizer::Sgd if spec.momentum > 0.0 => {
+                    format!("sgd momentum {} ({})", spec.momentum, row.optimizer_state_dtype)
+                }
+                o => o.to_string(),
+            },
             spec.batch,
             spec.accumulate,
             spec.seq,

@@ -28,9 +28,19 @@ impl Master {
         params: Vec<Var>,
         inner: impl FnOnce(Vec<Var>) -> Result<Box<dyn super::Optim>>,
     ) -> Result<Self> {
+        // Always a new storage: `to_dtype` of an f32 tensor is the same tensor, and a master
+        // sharing its parameter's storage would be locked twice by the cast back.
         let masters = params
             .iter()
-            .map(|p| Var::from_tensor(&p.as_tensor().to_dtype(DType::F32)?))
+            .map(|p| {
+                let t = p.as_tensor();
+                let copy = if t.dtype() == DType::F32 {
+                    t.copy()?
+                } else {
+                    t.to_dtype(DType::F32)?
+                };
+                Var::from_tensor(&copy)
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let inner = inner(masters.clone())?;
         Ok(Master {

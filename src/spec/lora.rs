@@ -94,8 +94,16 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// Dropout probability on the adapter input, in [0, 1).
     pub dropout: f64,
-    /// Adapted modules, sorted, no duplicates.
+    /// Adapted modules of every decoder layer, sorted, no duplicates.
     pub targets: Vec<Target>,
+    /// An adapter on `lm_head` (PEFT: a LoRA `Linear`; `all-linear` leaves it out). vramcal's
+    /// own step does not train it yet: the torch profiles estimate it.
+    #[serde(default)]
+    pub lm_head: bool,
+    /// An adapter on `embed_tokens` (PEFT's LoRA `Embedding`: `A` `(r, V)` used as an embedding
+    /// table, `B` `(h, r)` a linear). Estimated by the torch profiles only, as `lm_head`.
+    #[serde(default)]
+    pub embed_tokens: bool,
 }
 
 impl Default for LoraConfig {
@@ -106,6 +114,8 @@ impl Default for LoraConfig {
             alpha: 8.0,
             dropout: 0.0,
             targets: vec![Target::QProj, Target::VProj],
+            lm_head: false,
+            embed_tokens: false,
         }
     }
 }
@@ -133,7 +143,7 @@ impl LoraConfig {
                 "must be in [0, 1)",
             ));
         }
-        if self.targets.is_empty() {
+        if self.targets.is_empty() && !self.lm_head && !self.embed_tokens {
             return Err(Error::invalid(
                 "--lora targets",
                 "",
@@ -148,13 +158,27 @@ impl LoraConfig {
         self.alpha / self.r as f64
     }
 
-    /// Targets as `q_proj;v_proj` (the CSV's `lora_targets`).
+    /// Targets as `q_proj;v_proj` (the CSV's `lora_targets`), `lm_head` and `embed_tokens`
+    /// last.
     pub fn targets_label(&self) -> String {
-        self.targets
-            .iter()
-            .map(|t| t.name())
-            .collect::<Vec<_>>()
-            .join(";")
+        self.target_names().join(";")
+    }
+
+    /// Every target's HF name: the layers' in layer order, then `lm_head`, `embed_tokens`.
+    pub fn target_names(&self) -> Vec<&'static str> {
+        let mut v: Vec<&str> = self.targets.iter().map(|t| t.name()).collect();
+        if self.lm_head {
+            v.push("lm_head");
+        }
+        if self.embed_tokens {
+            v.push("embed_tokens");
+        }
+        v
+    }
+
+    /// Whether an adapter sits outside the decoder layers (`lm_head`, `embed_tokens`).
+    pub fn top_level(&self) -> bool {
+        self.lm_head || self.embed_tokens
     }
 }
 
@@ -167,11 +191,7 @@ impl fmt::Display for LoraConfig {
             self.r,
             self.alpha,
             self.dropout,
-            self.targets
-                .iter()
-                .map(|t| t.name())
-                .collect::<Vec<_>>()
-                .join(",")
+            self.target_names().join(",")
         )
     }
 }
@@ -181,8 +201,8 @@ impl FromStr for LoraConfig {
 
     /// Parses `r=16,alpha=32,dropout=0.0,targets=q_proj,k_proj,v_proj,o_proj`. Items without
     /// `=` continue the previous key's list (so `targets=q_proj,v_proj` works unquoted).
-    /// Targets are `q,k,v,o,gate,up,down` (with or without `_proj`), `attn`, `mlp` or
-    /// `all-linear`. Unset keys keep PEFT's defaults.
+    /// Targets are `q,k,v,o,gate,up,down` (with or without `_proj`), `attn`, `mlp`,
+    /// `all-linear`, `lm_head` or `embed_tokens`. Unset keys keep PEFT's defaults.
     ///
     /// # Errors
     /// [`Error::InvalidValue`] for unknown keys or targets, rank 0, alpha ≤ 0, dropout outside
@@ -240,14 +260,18 @@ impl FromStr for LoraConfig {
                 "alpha" | "lora_alpha" => c.alpha = num(value)?,
                 "dropout" | "lora_dropout" => c.dropout = num(value)?,
                 "targets" | "target_modules" => {
-                    let t = Target::parse_group(value).ok_or_else(|| {
-                        Error::invalid(
-                            "--lora targets",
-                            value,
-                            "unknown target (expected q,k,v,o,gate,up,down, *_proj, attn, mlp or all-linear)",
-                        )
-                    })?;
-                    targets.get_or_insert_with(Vec::new).extend(t);
+                    let list = targets.get_or_insert_with(Vec::new);
+                    match value {
+                        "lm_head" => c.lm_head = true,
+                        "embed_tokens" => c.embed_tokens = true,
+                        _ => list.extend(Target::parse_group(value).ok_or_else(|| {
+                            Error::invalid(
+                                "--lora targets",
+                                value,
+                                "unknown target (expected q,k,v,o,gate,up,down, *_proj, attn, mlp, all-linear, lm_head or embed_tokens)",
+                            )
+                        })?),
+                    }
                 }
                 _ => {
                     return Err(Error::invalid(
@@ -266,5 +290,40 @@ impl FromStr for LoraConfig {
         }
         c.validate()?;
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `lm_head` and `embed_tokens` are targets of their own (PEFT's names), listed after the
+    /// layers' in labels, and may be the only targets; PEFT's `all-linear` leaves the head out.
+    #[test]
+    fn top_level_targets() {
+        let l: LoraConfig = "r=4,targets=embed_tokens,q,lm_head".parse().unwrap();
+        assert!(l.lm_head && l.embed_tokens);
+        assert_eq!(l.targets, vec![Target::QProj]);
+        assert_eq!(l.targets_label(), "q_proj;lm_head;embed_tokens");
+        assert_eq!(l.to_string().parse::<LoraConfig>().unwrap(), l);
+        let only: LoraConfig = "targets=lm_head".parse().unwrap();
+        assert!(only.targets.is_empty() && only.top_level());
+        let all: LoraConfig = "targets=all-linear".parse().unwrap();
+        assert!(!all.top_level());
+        assert!("targets=head".parse::<LoraConfig>().is_err());
+    }
+
+    /// Adapter parameters as PEFT counts them: `lm_head` A `(r, h)` + B `(V, r)`,
+    /// `embed_tokens` A `(r, V)` + B `(h, r)`.
+    #[test]
+    fn top_level_parameter_counts() {
+        let cfg = crate::config::preset("mistral-7b-v0.1").unwrap().config;
+        let count = |s: &str| crate::spec::lora_param_count(&cfg, &s.parse().unwrap());
+        assert_eq!(count("r=16,targets=lm_head"), 16 * (4096 + 32000));
+        assert_eq!(count("r=16,targets=embed_tokens"), 16 * (32000 + 4096));
+        assert_eq!(
+            count("r=16,targets=q,lm_head"),
+            count("r=16,targets=q") + 16 * (4096 + 32000)
+        );
     }
 }

@@ -64,7 +64,10 @@ pub fn lora_param_count(cfg: &ModelConfig, lora: &LoraConfig) -> u64 {
             (lora.r * (i + o)) as u64
         })
         .sum();
-    per_layer * cfg.num_hidden_layers as u64
+    let (v, h) = (cfg.vocab_size as u64, cfg.hidden_size as u64);
+    // lm_head: A (r, h), B (V, r); embed_tokens: A (r, V), B (h, r).
+    let top = (lora.lm_head as u64 + lora.embed_tokens as u64) * lora.r as u64 * (v + h);
+    per_layer * cfg.num_hidden_layers as u64 + top
 }
 
 /// One training configuration to measure.

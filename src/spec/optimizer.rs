@@ -146,7 +146,7 @@ impl std::str::FromStr for Optimizer {
                 let names: Vec<&str> = Optimizer::ALL.iter().map(|o| o.name()).collect();
                 let aliases: Vec<&str> = Optimizer::ALIASES.iter().map(|(a, _)| *a).collect();
                 Error::invalid(
-                    "optimizer",
+                    "--optimizer",
                     s,
                     format!(
                         "expected one of {} (or {})",

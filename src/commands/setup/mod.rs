@@ -24,8 +24,18 @@ use crate::weights::gguf::{config_from_gguf, read_content};
 /// Resolves `--model` and `--weights` into a model configuration and a weights source.
 ///
 /// # Errors
-/// Unknown or malformed model, missing weights, a GGUF whose tensors do not fit the model.
+/// Unknown or malformed model, missing weights, a GGUF whose tensors do not fit the model;
+/// `--loss` (the torch profiles' option: only measuring commands resolve weights).
 pub fn resolve(args: &ModelArgs) -> anyhow::Result<(ResolvedModel, WeightsSpec)> {
+    // Only the measuring commands resolve weights: --loss is the torch profiles'.
+    if let Some(l) = args.loss {
+        return Err(Error::invalid(
+            "--loss",
+            l,
+            "vramcal's own step computes the loss with its own chunked head (src/ops/loss.rs); --loss is for estimate's torch profiles",
+        )
+        .into());
+    }
     let weights = WeightsSpec::parse(&args.weights, args.seed)?;
     let from_weights = match &weights {
         WeightsSpec::Gguf(p) => {
@@ -216,18 +226,45 @@ pub fn train_spec(
     spec.dtype = args.dtype;
     spec.state_dtype = args.optimizer_state_dtype;
     spec.optimizer = args.optimizer;
-    if args.momentum != 0.0 && spec.optimizer != crate::spec::Optimizer::Sgd {
+    use crate::spec::Optimizer;
+    if let Some(m) = args.momentum {
+        if spec.optimizer != Optimizer::Sgd {
+            return Err(Error::invalid(
+                "--momentum",
+                m,
+                format!("is SGD's; --optimizer is {}", spec.optimizer),
+            )
+            .into());
+        }
+        if !(0.0..1.0).contains(&m) {
+            return Err(Error::invalid("--momentum", m, "must be in [0, 1)").into());
+        }
+    }
+    // `-0` reads as 0.
+    spec.momentum = args.momentum.unwrap_or(0.0) + 0.0;
+    // 8-bit AdamW and Adafactor keep states of their own types (f32 where not 8-bit): a state
+    // dtype would be ignored, so it is refused.
+    let own_states = matches!(
+        spec.optimizer,
+        Optimizer::AdamwBnb8bit
+            | Optimizer::PagedAdamw8bit
+            | Optimizer::PagedAdamw32bit
+            | Optimizer::Adafactor
+    ) || (spec.optimizer == Optimizer::Sgd && spec.momentum == 0.0);
+    if own_states
+        && args.precision.is_none()
+        && args.optimizer_state_dtype != candle_core::DType::F32
+    {
         return Err(Error::invalid(
-            "--momentum",
-            args.momentum,
-            format!("is SGD's; --optimizer is {}", spec.optimizer),
+            "--optimizer-state-dtype",
+            args.optimizer_state_dtype.as_str(),
+            format!(
+                "{} keeps states of its own types (or none); only AdamW and SGD with --momentum take a state dtype",
+                spec.optimizer
+            ),
         )
         .into());
     }
-    if !(0.0..1.0).contains(&args.momentum) {
-        return Err(Error::invalid("--momentum", args.momentum, "must be in [0, 1)").into());
-    }
-    spec.momentum = args.momentum;
     spec.loss = args.loss.unwrap_or_default();
     if let Some(p) = args.precision {
         // PyTorch's optimizers keep states in the trainable weights' dtype (fp32 master
@@ -242,6 +279,10 @@ pub fn train_spec(
         };
         spec.precision = Some(p);
     }
+    if own_states {
+        // What they keep besides 8-bit codes is f32 (and the row says so).
+        spec.state_dtype = candle_core::DType::F32;
+    }
     spec.adamw.lr = args.lr;
     spec.adamw.weight_decay = args.weight_decay;
     spec.allow_longer = args.allow_longer;
@@ -255,7 +296,7 @@ pub fn train_spec(
 /// measuring device where one is known (`None` for `estimate`).
 ///
 /// # Errors
-/// `--loss`, a paged `--optimizer`, `adamw_bnb_8bit` off the CPU, an autocast `--precision`, `fp16`
+/// `--loss`, LoRA on `lm_head`/`embed_tokens`, a paged `--optimizer`, `adamw_bnb_8bit` off the CPU, an autocast `--precision`, `fp16`
 /// (fp16 AdamW states), `--attention flash-attention-2`.
 pub fn check_measurable(spec: &TrainSpec, device: Option<&str>) -> anyhow::Result<()> {
     use crate::spec::Optimizer;
@@ -275,6 +316,14 @@ pub fn check_measurable(spec: &TrainSpec, device: Option<&str>) -> anyhow::Resul
             "--loss",
             spec.loss,
             "vramcal's own step computes the loss with its own chunked head (src/ops/loss.rs); --loss is for the torch profiles",
+        )
+        .into());
+    }
+    if let Some(l) = spec.adaptation.lora.as_ref().filter(|l| l.top_level()) {
+        return Err(Error::invalid(
+            "--lora targets",
+            l.targets_label(),
+            "vramcal's own step has no adapter on lm_head or embed_tokens yet; estimate them with --profile torch-sdpa",
         )
         .into());
     }
