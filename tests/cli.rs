@@ -1747,3 +1747,45 @@ fn seed_scenario_itemizes_autocast_copies() {
     assert!(amp["autocast"]["input_copies_bytes"].as_u64().unwrap() > 0);
     assert!(json("bf16")["autocast"].is_null());
 }
+
+/// With `--seq-lengths` padded to the longest, the verdict offers padding-free micro-batches:
+/// one long sequence among short ones pads every micro-batch it joins (4 × 812 tokens), while
+/// padding-free holds only the four longest's real tokens (812 + 70 + 60 + 50).
+#[test]
+fn padding_free_is_offered_for_padded_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("lengths.txt");
+    std::fs::write(&f, "812\n50\n60\n70\n40\n30\n").unwrap();
+    let out = vramcal()
+        .args([
+            "estimate",
+            "--model",
+            "qwen2.5-0.5b",
+            "--batch",
+            "4",
+            "--budget",
+            "1GiB",
+        ])
+        .args(["--json", "--seq-lengths"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let peak = v["estimate"]["peak_bytes"].as_u64().unwrap();
+    let free = v["alternatives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["change"].as_str().unwrap().starts_with("padding-free"))
+        .expect("a padding-free fix");
+    assert!(
+        free["change"].as_str().unwrap().contains("1 × 992 tokens"),
+        "{free}"
+    );
+    assert!(free["peak_bytes"].as_u64().unwrap() < peak);
+}

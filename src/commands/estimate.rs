@@ -114,6 +114,42 @@ pub fn query(a: &EstimateArgs) -> anyhow::Result<Query> {
     })
 }
 
+/// With `--seq-lengths` padded (to the longest or to `--seq`) under a torch profile: the same
+/// data in padding-free micro-batches (transformers' `DataCollatorWithFlattening`), whose
+/// largest holds only the batch's longest sequences' real tokens, as a fix with its estimate.
+/// Packing is not offered: its rows are `--seq` tokens long, as large as max padding's.
+///
+/// # Errors
+/// Estimator errors.
+fn padding_free_fix(q: &Query) -> anyhow::Result<Vec<(String, crate::estimate::Estimate)>> {
+    use crate::data::Batching;
+    let Some(d) = &q.data else { return Ok(vec![]) };
+    if q.profile == Profile::Candle
+        || !matches!(d.batching, Batching::PadLongest | Batching::PadMax)
+    {
+        return Ok(vec![]);
+    }
+    let max_length = match d.batching {
+        Batching::PadMax => Some(d.seq),
+        _ => None,
+    };
+    let (b, s) = d
+        .lengths
+        .worst_batch(q.spec.batch, max_length, Batching::PaddingFree)?;
+    let spec = TrainSpec {
+        batch: b,
+        seq: s,
+        allow_longer: true,
+        ..q.spec.clone()
+    };
+    let cfg = &q.model.config;
+    let e = estimate_sharded(cfg, &spec, q.profile, &q.coefficients, q.sharding)?;
+    Ok(vec![(
+        format!("padding-free micro-batches (--padding-free: the largest is 1 × {s} tokens)"),
+        e,
+    )])
+}
+
 /// Computes the answer: the estimate, the reference formulas, the device map and, when it does
 /// not fit, the fixes ([`advice::fixes`]).
 ///
@@ -128,7 +164,9 @@ pub fn answer(q: Query) -> anyhow::Result<Answer> {
     };
     let fixes = match q.budget {
         Some((_, b)) if e.needed_bytes() > b => {
-            advice::fixes(cfg, &q.spec, q.profile, &q.coefficients, q.sharding, b)
+            let mut f = advice::fixes(cfg, &q.spec, q.profile, &q.coefficients, q.sharding, b);
+            f.extend(padding_free_fix(&q)?);
+            f
         }
         _ => vec![],
     };
