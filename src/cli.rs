@@ -551,4 +551,14 @@ pub struct SweepArgs {
     /// after an interrupted sweep.
     #[arg(long)]
     pub resume: bool,
+    /// Measure on these devices at once, one point per device at a time (each in its own
+    /// child process; this process the only writer): `cuda:0,cuda:1`, or `all` (every CUDA
+    /// device the driver sees). Instead of --device.
+    #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+    pub devices: Vec<String>,
+    /// On the CPU: measure this many points at once. Memory only: each point's peak is exact
+    /// (its own process and allocator), but times measured in parallel are not comparable, so
+    /// --timed-steps is refused. Points share the host's memory.
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
 }

@@ -404,3 +404,78 @@ fn a_row_cut_short_is_dropped_before_appending() {
     assert!(measure(&out).success());
     assert_eq!(rows(&out).len(), 3);
 }
+
+/// `--jobs 3` measures the same grid as one job, each point in its own process: the same
+/// configurations with the same peaks to the byte, in any order, and `--resume` then skips
+/// them all. Options that would make it lie are refused.
+#[test]
+fn parallel_jobs_measure_the_same_peaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = [
+        "--model",
+        "tiny",
+        "--batch",
+        "1,2",
+        "--seq",
+        "8,16",
+        "--method",
+        "full,lora",
+    ];
+    let sweep = |out: &Path, extra: &[&str]| {
+        let st = bin()
+            .arg("sweep")
+            .args(grid)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{extra:?}");
+    };
+    let (one, three) = (dir.path().join("one.csv"), dir.path().join("three.csv"));
+    sweep(&one, &[]);
+    sweep(&three, &["--jobs", "3"]);
+    let key = |r: &HashMap<String, String>| {
+        format!(
+            "{} {} {} {}",
+            r["method"], r["batch"], r["seq"], r["peak_bytes"]
+        )
+    };
+    let mut a: Vec<String> = rows(&one).iter().map(key).collect();
+    let mut b: Vec<String> = rows(&three).iter().map(key).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a.len(), 8);
+    assert_eq!(a, b);
+    sweep(&three, &["--jobs", "3", "--resume"]);
+    assert_eq!(rows(&three).len(), 8, "--resume measured again");
+    for (extra, want) in [
+        (&["--jobs", "0"][..], "invalid --jobs = 0"),
+        (
+            &["--jobs", "2", "--timed-steps", "1"][..],
+            "times of points measured in parallel",
+        ),
+        (&["--jobs", "2", "--device", "cuda:0"][..], "is for the CPU"),
+        (&["--devices", "cpu"][..], "lists GPUs"),
+        (&["--devices", "all"][..], "found no CUDA device"),
+    ] {
+        let out = bin()
+            .arg("sweep")
+            .args(grid)
+            .arg("--out")
+            .arg(dir.path().join("x.csv"))
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} accepted");
+        assert_eq!(
+            err.lines().filter(|l| l.starts_with("error")).count(),
+            1,
+            "{err}"
+        );
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+    assert!(!dir.path().join("x.csv").exists());
+}

@@ -81,9 +81,14 @@ fn point_args(args: &ModelArgs, method: Option<Method>) -> ModelArgs {
 /// # Errors
 /// Bad grid or model arguments (before anything runs), or an unwritable output file.
 pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
+    let slots = slots(a)?;
     let (mut grid, model_name) = plan(a)?;
     super::setup::check_save_dir(&a.model)?;
-    let dev = a.model.device.replace(':', "");
+    let dev = if a.devices.is_empty() {
+        a.model.device.replace(':', "")
+    } else {
+        "cuda".to_string()
+    };
     let out = a
         .out
         .clone()
@@ -93,13 +98,89 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     if a.resume {
         skip_done(&mut grid, &out)?;
     }
-    let outcome = measure_all(&grid, &out)?;
+    let outcome = measure_all(&grid, &out, &slots)?;
     eprint!("{}", crate::export::sweep::summary(&outcome, &out));
     Ok(if outcome.failed > 0 {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The devices points run on at once, one point per entry at a time: `--devices` (each
+/// checked; `all` = every CUDA device), or `--jobs` copies of `--device cpu`, or `--device`.
+///
+/// # Errors
+/// `--jobs 0`; `--jobs` above 1 off the CPU, with `--devices` or with `--timed-steps`; an
+/// unknown, unusable or repeated device; `all` without CUDA devices.
+fn slots(a: &SweepArgs) -> anyhow::Result<Vec<String>> {
+    if a.jobs == 0 {
+        return Err(Error::invalid("--jobs", 0, "must be at least 1").into());
+    }
+    if a.jobs > 1 {
+        if !a.devices.is_empty() || a.model.device != "cpu" {
+            return Err(Error::invalid(
+                "--jobs",
+                a.jobs,
+                "is for the CPU; on GPUs give --devices (one point per device at a time)",
+            )
+            .into());
+        }
+        if a.model.timed_steps > 0 {
+            return Err(Error::invalid(
+                "--jobs",
+                a.jobs,
+                "measures memory only: times of points measured in parallel are not comparable, so --timed-steps is refused with it",
+            )
+            .into());
+        }
+        crate::measure::device::check_device("cpu")?;
+        return Ok(vec!["cpu".to_string(); a.jobs]);
+    }
+    if a.devices.is_empty() {
+        return Ok(vec![a.model.device.clone()]);
+    }
+    let devices = if a.devices == ["all"] {
+        all_cuda_devices()?
+    } else {
+        a.devices.clone()
+    };
+    let mut seen = HashSet::new();
+    for d in &devices {
+        let choice = crate::measure::device::check_device(d)?;
+        if choice.is_cpu() {
+            return Err(Error::invalid(
+                "--devices",
+                d,
+                "lists GPUs; for several CPU points at once give --jobs N",
+            )
+            .into());
+        }
+        if !seen.insert(choice) {
+            return Err(Error::invalid("--devices", d, "is listed twice").into());
+        }
+    }
+    Ok(devices)
+}
+
+/// `cuda:0` … `cuda:N-1` for the devices the driver sees.
+///
+/// # Errors
+/// No CUDA device, or a build without the `cuda` feature.
+fn all_cuda_devices() -> anyhow::Result<Vec<String>> {
+    #[cfg(feature = "cuda")]
+    {
+        let n = crate::measure::cuda::device_count().unwrap_or(0);
+        if n > 0 {
+            return Ok((0..n).map(|i| format!("cuda:{i}")).collect());
+        }
+    }
+    Err(Error::invalid(
+        "--devices",
+        "all",
+        "found no CUDA device (a build with --features cuda on a machine whose driver sees GPUs)",
+    )
+    .into())
 }
 
 /// The grid's points, every one checked (spec, sizes, host memory) before any runs, and the
@@ -222,43 +303,85 @@ fn skip_done(grid: &mut Vec<Point>, out: &std::path::Path) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Measures the points in order, each in a child, appending each row to `out` as it finishes
-/// and printing one line per point.
-fn measure_all(grid: &[Point], out: &std::path::Path) -> anyhow::Result<Outcome> {
+/// Measures the points, each in a child, `slots.len()` at a time (point `i` goes to the next
+/// free slot, its child measuring on that slot's device), appending each row to `out` as it
+/// finishes (this thread the only writer) and printing one line per point.
+fn measure_all(grid: &[Point], out: &std::path::Path, slots: &[String]) -> anyhow::Result<Outcome> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let exe = std::env::current_exe().context("locating the vramcal binary")?;
     let bar = ProgressBar::new(grid.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} eta {eta} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut outcome = Outcome::default();
-    let mut last_peak = String::from("-");
-    for (i, p) in grid.iter().enumerate() {
-        let label = format!(
+    let label = |p: &Point| {
+        format!(
             "{} ckpt {} batch {} seq {}",
             p.method.unwrap_or(Method::Full),
             p.ckpt,
             p.batch,
             p.seq
-        );
-        let args = child_args(p, i, &p.ctx.command);
-        let row = run_point(&exe, &args, &p.ctx, &p.spec, |phase| {
-            bar.set_message(format!("{label}: {phase} (last peak {last_peak} GiB)"));
-        })?
-        .row;
-        append_row(out, &row)?;
-        let line = Line::new(&row, p.batch, p.seq);
-        let text = line.progress(i + 1, grid.len(), &label);
-        // (A hidden bar, when stderr is not a terminal, would swallow println.)
-        if bar.is_hidden() {
-            eprintln!("{text}");
-        } else {
-            bar.println(text);
+        )
+    };
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let last_peak = std::sync::Mutex::new(String::from("-"));
+    let mut outcome = Outcome::default();
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, anyhow::Result<Row>)>();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        for device in slots {
+            let tx = tx.clone();
+            let (exe, next, stop, bar, last_peak) = (&exe, &next, &stop, &bar, &last_peak);
+            scope.spawn(move || loop {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(p) = grid.get(i) else { return };
+                let name = label(p);
+                let mut ctx = p.ctx.clone();
+                ctx.device = device.clone();
+                let args = child_args(p, i, &p.ctx.command, device);
+                let row = run_point(exe, &args, &ctx, &p.spec, |phase| {
+                    let last = last_peak.lock().map(|l| l.clone()).unwrap_or_default();
+                    bar.set_message(format!("{name}: {phase} (last peak {last} GiB)"));
+                })
+                .map(|r| r.row);
+                if tx.send((i, row)).is_err() {
+                    return;
+                }
+            });
         }
-        bar.inc(1);
-        last_peak = line.peak_gib.clone();
-        outcome.push(line);
-    }
+        drop(tx);
+        for (done, (i, row)) in rx.into_iter().enumerate() {
+            let row = match row {
+                Ok(r) => r,
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
+            let p = &grid[i];
+            if let Err(e) = append_row(out, &row) {
+                stop.store(true, Ordering::Relaxed);
+                return Err(e.into());
+            }
+            let line = Line::new(&row, p.batch, p.seq);
+            let text = line.progress(done + 1, grid.len(), &label(p));
+            // (A hidden bar, when stderr is not a terminal, would swallow println.)
+            if bar.is_hidden() {
+                eprintln!("{text}");
+            } else {
+                bar.println(text);
+            }
+            bar.inc(1);
+            if let Ok(mut l) = last_peak.lock() {
+                *l = line.peak_gib.clone();
+            }
+            outcome.push(line);
+        }
+        Ok(())
+    })?;
     bar.finish_and_clear();
     Ok(outcome)
 }
@@ -275,8 +398,8 @@ struct Point {
 }
 
 /// The `measure` arguments of one point.
-fn child_args(p: &Point, i: usize, command: &str) -> Vec<OsString> {
-    let mut v = setup_args(&p.args);
+fn child_args(p: &Point, i: usize, command: &str, device: &str) -> Vec<OsString> {
+    let mut v = setup_args(&p.args, device);
     let mut push = |items: &[&str]| v.extend(items.iter().map(OsString::from));
     push(&["--checkpointing", &p.ckpt.label()]);
     push(&["--batch", &p.batch.to_string(), "--seq", &p.seq.to_string()]);
@@ -291,8 +414,8 @@ fn child_args(p: &Point, i: usize, command: &str) -> Vec<OsString> {
     v
 }
 
-/// `measure` and the options of `m` every point shares.
-fn setup_args(m: &ModelArgs) -> Vec<OsString> {
+/// `measure` and the options of `m` every point shares, on `device`.
+fn setup_args(m: &ModelArgs, device: &str) -> Vec<OsString> {
     let mut v: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| v.extend(items.iter().map(OsString::from));
     push(&["measure", "--weights", &m.weights]);
@@ -310,7 +433,7 @@ fn setup_args(m: &ModelArgs) -> Vec<OsString> {
     }
     push(&["--lr", &m.lr.to_string()]);
     push(&["--weight-decay", &m.weight_decay.to_string()]);
-    push(&["--device", &m.device, "--seed", &m.seed.to_string()]);
+    push(&["--device", device, "--seed", &m.seed.to_string()]);
     push(&["--data-seed", &m.data_seed.to_string()]);
     push(&["--accumulate", &m.accumulate.to_string()]);
     push(&["--save", m.save.label()]);

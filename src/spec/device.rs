@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 /// A checked `--device` value, not yet opened. Parents (measure, sweep, max, plan) only
 /// check it; the measuring child opens it, so no other process holds a CUDA context that the
 /// device-wide counter would see.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeviceChoice {
     /// The host CPU.
     Cpu,
