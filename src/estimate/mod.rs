@@ -706,24 +706,12 @@ pub fn optimizer_transient(
 
 /// The most columns of a trainable matrix (the adapters' A and B under LoRA).
 fn most_trainable_columns(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
-    match &spec.adaptation.lora {
-        None => cfg
-            .param_shapes()
-            .iter()
-            .filter(|p| p.shape.len() == 2)
-            .map(|p| p.shape[1] as u64)
-            .max()
-            .unwrap_or(0),
-        Some(l) => l
-            .targets
-            .iter()
-            .map(|&t| {
-                let (_, i) = crate::spec::target_shape(cfg, t);
-                (i as u64).max(l.r as u64)
-            })
-            .max()
-            .unwrap_or(0),
-    }
+    torch::trainable_tensors(cfg, spec)
+        .iter()
+        .filter(|(_, cols)| *cols > 1)
+        .map(|(_, cols)| *cols)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Bytes of the largest trainable tensor (model dtype).

@@ -578,7 +578,7 @@ pub fn optimizer_formula(spec: &TrainSpec) -> &'static str {
 
 /// `(rows, cols)` of every trainable tensor (vectors as `(n, 1)`): all parameters for full
 /// fine-tuning (a tied head once), the A and B of every adapter for LoRA.
-fn trainable_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(u64, u64)> {
+pub(crate) fn trainable_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(u64, u64)> {
     match &spec.adaptation.lora {
         None => cfg
             .param_shapes()
