@@ -448,6 +448,13 @@ fn parallel_jobs_measure_the_same_peaks() {
     b.sort();
     assert_eq!(a.len(), 8);
     assert_eq!(a, b);
+    // Times of points measured in parallel are not kept.
+    assert!(rows(&three)
+        .iter()
+        .all(|r| r["tokens_per_second"].is_empty()));
+    assert!(rows(&one)
+        .iter()
+        .all(|r| !r["tokens_per_second"].is_empty()));
     sweep(&three, &["--jobs", "3", "--resume"]);
     assert_eq!(rows(&three).len(), 8, "--resume measured again");
     for (extra, want) in [
@@ -459,6 +466,8 @@ fn parallel_jobs_measure_the_same_peaks() {
         (&["--jobs", "2", "--device", "cuda:0"][..], "is for the CPU"),
         (&["--devices", "cpu"][..], "lists GPUs"),
         (&["--devices", "all"][..], "found no CUDA device"),
+        (&["--devices", "all", "--jobs", "2"][..], "do not combine"),
+        (&["--devices", ",cuda:0"][..], "has an empty entry"),
     ] {
         let out = bin()
             .arg("sweep")

@@ -173,10 +173,19 @@ pub fn answer(q: Query) -> anyhow::Result<Answer> {
     Ok(Answer {
         model: q.model.name,
         model_config: cfg.clone(),
-        references: vec![
-            references::seed_rule(cfg, &q.spec),
-            references::korthikanti(cfg, &q.spec),
-        ],
+        references: {
+            let mut r = vec![references::seed_rule(cfg, &q.spec)];
+            // Korthikanti et al.'s attention term is one sequence's s²: a padding-free row of
+            // many sequences is not one, so the formula is left out there.
+            let padding_free = q
+                .data
+                .as_ref()
+                .is_some_and(|d| d.batching == crate::data::Batching::PaddingFree);
+            if !padding_free {
+                r.push(references::korthikanti(cfg, &q.spec));
+            }
+            r
+        },
         spec: q.spec,
         profile: q.profile,
         coefficients: q.coefficients.source,

@@ -117,6 +117,14 @@ fn slots(a: &SweepArgs) -> anyhow::Result<Vec<String>> {
     if a.jobs == 0 {
         return Err(Error::invalid("--jobs", 0, "must be at least 1").into());
     }
+    if a.jobs > 1 && !a.devices.is_empty() {
+        return Err(Error::invalid(
+            "--jobs",
+            a.jobs,
+            "and --devices do not combine: --jobs runs CPU points, --devices one point per GPU",
+        )
+        .into());
+    }
     if a.jobs > 1 {
         if !a.devices.is_empty() || a.model.device != "cpu" {
             return Err(Error::invalid(
@@ -147,6 +155,14 @@ fn slots(a: &SweepArgs) -> anyhow::Result<Vec<String>> {
     };
     let mut seen = HashSet::new();
     for d in &devices {
+        if d.trim().is_empty() {
+            return Err(Error::invalid(
+                "--devices",
+                a.devices.join(","),
+                "has an empty entry (e.g. cuda:0,cuda:1)",
+            )
+            .into());
+        }
         let choice = crate::measure::device::check_device(d)?;
         if choice.is_cpu() {
             return Err(Error::invalid(
@@ -325,6 +341,7 @@ fn measure_all(grid: &[Point], out: &std::path::Path, slots: &[String]) -> anyho
     };
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
+    let cpu_jobs = slots.len() > 1 && slots.iter().all(|d| d == "cpu");
     let last_peak = std::sync::Mutex::new(String::from("-"));
     let mut outcome = Outcome::default();
     let (tx, rx) = std::sync::mpsc::channel::<(usize, anyhow::Result<Row>)>();
@@ -346,7 +363,18 @@ fn measure_all(grid: &[Point], out: &std::path::Path, slots: &[String]) -> anyho
                     let last = last_peak.lock().map(|l| l.clone()).unwrap_or_default();
                     bar.set_message(format!("{name}: {phase} (last peak {last} GiB)"));
                 })
-                .map(|r| r.row);
+                .map(|r| {
+                    let mut row = r.row;
+                    if cpu_jobs {
+                        // Points measured in parallel on the CPU share its cores: their times
+                        // are not comparable, so the row keeps none.
+                        row.step1_seconds = None;
+                        row.step2_seconds = None;
+                        row.step_seconds_median = None;
+                        row.tokens_per_second = None;
+                    }
+                    row
+                });
                 if tx.send((i, row)).is_err() {
                     return;
                 }

@@ -52,6 +52,7 @@ pub fn json(x: &Answer) -> anyhow::Result<String> {
         "precision": x.spec.precision.map(|p| p.to_string()),
         "optimizer": x.spec.optimizer.to_string(),
         "loss": x.spec.loss.label(),
+        "trainable_params": x.spec.trainable_params(&x.model_config),
         "micro_batch": x.spec.batch,
         "accumulate": x.spec.accumulate,
         "seq": x.spec.seq,
@@ -143,9 +144,10 @@ fn header(x: &Answer) -> String {
         states += &format!(" | loss {}", spec.loss);
     }
     t += &format!(
-        "{} | {}{lora} | quant {} | checkpointing {} | {dtype} | {states} | micro-batch {} x accumulate {} x seq {} | coefficients {}\n",
+        "{} | {}{lora} ({} trainable params) | quant {} | checkpointing {} | {dtype} | {states} | micro-batch {} x accumulate {} x seq {} | coefficients {}\n",
         x.model,
         spec.adaptation.method(),
+        spec.trainable_params(&x.model_config),
         spec.adaptation.quant.label(),
         spec.checkpointing.label(),
         spec.batch,

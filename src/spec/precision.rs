@@ -124,7 +124,7 @@ impl std::str::FromStr for Precision {
             .ok_or_else(|| {
                 let names: Vec<&str> = Precision::ALL.iter().map(|p| p.name()).collect();
                 Error::invalid(
-                    "precision",
+                    "--precision",
                     s,
                     format!("expected one of {}", names.join(", ")),
                 )
