@@ -392,8 +392,7 @@ pub struct ModelArgs {
     pub precision: Option<Precision>,
     /// Optimizer, by Hugging Face `TrainingArguments.optim` name: adamw_torch, adamw_torch_fused,
     /// adamw_bnb_8bit, paged_adamw_8bit, paged_adamw_32bit, adafactor or sgd. vramcal's own
-    /// step trains with all but the paged ones (adamw_bnb_8bit on the CPU only); the torch
-    /// profiles estimate them all.
+    /// step trains with all but the paged ones; the torch profiles estimate them all.
     #[arg(long, default_value = "adamw_torch")]
     pub optimizer: Optimizer,
     /// Loss implementation (torch profiles): `transformers` (its own: the whole logits, upcast

@@ -248,6 +248,59 @@ fn adamw_8bit_keeps_blockwise_states_and_tracks_adamw() {
     assert!(AdamW8bit::new(v, bad).is_err());
 }
 
+/// 8-bit AdamW's two implementations (the CPU loop; candle operations over chunks of blocks,
+/// what other devices run) agree after five steps, in f32 and bf16, with the same state bytes;
+/// they round a few products differently (candle divides by multiplying with the reciprocal),
+/// so a value at a midpoint may take the neighbouring code.
+#[test]
+fn adamw_8bit_paths_agree() {
+    let cfg = AdamWConfig {
+        lr: 1e-2,
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
+    let big = 130 * 150; // more than one chunk of 64 blocks, the last block partial
+    let shapes: [&[usize]; 2] = [&[130, 150], &[7]];
+    for dt in [DType::F32, DType::BF16] {
+        let run = |in_place: bool| {
+            let vars: Vec<Var> = shapes
+                .iter()
+                .enumerate()
+                .map(|(k, s)| {
+                    let n = s.iter().product();
+                    Var::from_tensor(&tensor(&wave(n, k as f64, 1.0), s).to_dtype(dt).unwrap())
+                        .unwrap()
+                })
+                .collect();
+            let mut o = AdamW8bit::new(vars.clone(), cfg).unwrap();
+            o.in_place = in_place;
+            for step in 0..5 {
+                let grads: Vec<Tensor> = shapes
+                    .iter()
+                    .map(|s| {
+                        let n = s.iter().product();
+                        tensor(&wave(n, 3.0 + step as f64, 0.2), s)
+                            .to_dtype(dt)
+                            .unwrap()
+                    })
+                    .collect();
+                o.step(&grads).unwrap();
+            }
+            assert_eq!(o.state_bytes(), 2 * (big as u64 + 77 * 4) + 2 * 7 * 4);
+            vars.iter()
+                .map(|v| values(v.as_tensor()))
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (run(true), run(false));
+        for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+            let d = max_abs_diff(x, y);
+            // Measured: 1.2e-7 (one f32 ulp) in f32, 0 in bf16.
+            let tol = if dt == DType::F32 { 1e-6 } else { 8e-3 };
+            assert!(d < tol, "{dt:?} tensor {k}: paths differ by {d}");
+        }
+    }
+}
+
 /// fp32 master weights: a bf16 parameter ends each step as its fp32 copy rounded, and the
 /// copy moves as f32 AdamW moves an f32 parameter with the same (bf16) gradients.
 #[test]
@@ -395,24 +448,18 @@ fn adamw_8bit_matches_bitsandbytes() {
     );
 }
 
-/// What vramcal's step cannot run is refused before anything runs: 8-bit AdamW off the CPU,
-/// the paged optimizers anywhere, Liger's loss; 8-bit AdamW on the CPU and the estimate's
-/// device-free check pass.
+/// What vramcal's step cannot run is refused before anything runs: the paged optimizers
+/// anywhere, Liger's loss; 8-bit AdamW passes on any device (its candle-operations path).
 #[test]
 fn unmeasurable_setups_are_refused() {
     use vramcal::commands::setup::check_measurable;
     use vramcal::spec::{Loss, Optimizer, TrainSpec};
     let mut spec = TrainSpec::new(1, 8);
     spec.optimizer = Optimizer::AdamwBnb8bit;
-    let err = check_measurable(&spec, Some("cuda:0"))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("runs on the CPU only, not on cuda:0"), "{err}");
-    assert!(check_measurable(&spec, Some("cpu")).is_ok());
-    assert!(check_measurable(&spec, None).is_ok());
+    assert!(check_measurable(&spec).is_ok());
     spec.optimizer = Optimizer::PagedAdamw32bit;
-    assert!(check_measurable(&spec, Some("cpu")).is_err());
+    assert!(check_measurable(&spec).is_err());
     spec.optimizer = Optimizer::AdamwTorch;
     spec.loss = Loss::FusedLinearCe;
-    assert!(check_measurable(&spec, None).is_err());
+    assert!(check_measurable(&spec).is_err());
 }

@@ -98,7 +98,7 @@ pub fn query(a: &EstimateArgs) -> anyhow::Result<Query> {
     }
     // The candle profile is vramcal's own step: what it cannot run, it cannot predict either.
     if a.profile == Profile::Candle {
-        super::setup::check_measurable(&spec, None)?;
+        super::setup::check_measurable(&spec)?;
     }
     let coefficients = coefficients(a.calibration.as_deref(), a.profile)?;
     refuse_measurement_options(a)?;

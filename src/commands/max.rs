@@ -92,7 +92,7 @@ fn search(a: &MaxArgs, model: &ResolvedModel) -> anyhow::Result<Search> {
 fn spec_at(a: &MaxArgs, q: &Search, x: usize) -> anyhow::Result<TrainSpec> {
     let (b, s) = q.point(x);
     let spec = train_spec(&a.model, b, s, a.how.method, a.how.checkpointing)?;
-    super::setup::check_measurable(&spec, Some(&a.model.device))?;
+    super::setup::check_measurable(&spec)?;
     Ok(spec)
 }
 

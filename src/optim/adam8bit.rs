@@ -16,13 +16,14 @@
 //! `clamp(x / absmax, −1, 1)` (bitsandbytes' `bucketize` over the midpoints). The parameter
 //! is stepped from the unrounded moments, as bitsandbytes does.
 //!
-//! vramcal runs it on the CPU only (in place, no temporary beyond two 256-value blocks); other
-//! devices are refused before anything runs.
+//! On the CPU it updates in place (no temporary beyond two 256-value blocks); other devices run
+//! the same arithmetic with candle operations over chunks of 64 blocks (checked against the
+//! CPU loop on the CPU; not yet run on a GPU).
 
 use candle_core::{CpuStorage, DType, Tensor, Var};
 
 use super::host::{eligible, update_from, with_mut, Floats, FloatsMut};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::spec::AdamWConfig;
 
 /// Values per quantization block.
@@ -118,26 +119,18 @@ pub struct AdamW8bit {
     states: Vec<Option<State>>,
     maps: [Map; 2],
     t: usize,
+    /// Update contiguous f32/bf16/f16 CPU tensors in place (default `true`); `false` sends them
+    /// through the candle-operations path other devices take.
+    pub in_place: bool,
 }
 
 impl AdamW8bit {
     /// Creates the optimizer; allocates nothing (states appear at the first step).
     ///
     /// # Errors
-    /// [`Error::InvalidValue`] for out-of-range hyper-parameters or a parameter not on the
-    /// CPU.
+    /// [`crate::error::Error::InvalidValue`] for out-of-range hyper-parameters.
     pub fn new(vars: Vec<Var>, cfg: AdamWConfig) -> Result<Self> {
         cfg.validate()?;
-        if let Some(v) = vars.iter().find(|v| !v.device().is_cpu()) {
-            return Err(Error::invalid(
-                "--optimizer",
-                "adamw_bnb_8bit",
-                format!(
-                    "vramcal's 8-bit AdamW runs on the CPU only (a parameter is on {:?})",
-                    v.device().location()
-                ),
-            ));
-        }
         let n = vars.len();
         Ok(AdamW8bit {
             cfg,
@@ -145,6 +138,7 @@ impl AdamW8bit {
             states: (0..n).map(|_| None).collect(),
             maps: [Map::new(true), Map::new(false)],
             t: 0,
+            in_place: true,
         })
     }
 }
@@ -259,6 +253,116 @@ impl AdamW8bit {
     }
 }
 
+/// Values per chunk of the candle-operations path (64 blocks): its transients are a few f32
+/// and `255`-wide u8 buffers of this many values.
+const CHUNK: usize = 64 * BLOCK;
+
+impl AdamW8bit {
+    /// The update of parameter `i` with candle operations on whole blocks (any device), chunk by
+    /// chunk: the same arithmetic as the CPU loop, with each value's code found as the number
+    /// of map midpoints below it (`broadcast_gt` and a sum).
+    fn generic(&self, i: usize, g: &Tensor, k: &K) -> Result<()> {
+        let var = &self.vars[i];
+        let dev = var.device();
+        let pd = var.dtype();
+        let n = var.elem_count();
+        let p_flat = var.as_tensor().flatten_all()?;
+        let g_flat = g.flatten_all()?.to_dtype(DType::F32)?;
+        let p32 = |start: usize, len: usize| p_flat.narrow(0, start, len)?.to_dtype(DType::F32);
+        let adam = |p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor| -> candle_core::Result<_> {
+            // The constants rounded to f32 as the CPU loop rounds them.
+            let m = ((m * k.b1 as f64)? + (g * (1.0 - k.b1) as f64)?)?;
+            let v = ((v * k.b2 as f64)? + (g.sqr()? * (1.0 - k.b2) as f64)?)?;
+            let denom = ((v.sqrt()? / k.sqrt_bc2 as f64)? + k.eps as f64)?;
+            let p = ((p * k.decay as f64)? - ((&m / denom)? * k.step_size as f64)?)?;
+            Ok((p, m, v))
+        };
+        match self.states[i].as_ref().expect("set") {
+            State::Full { m, v } => {
+                let (p, m_new, v_new) = adam(&p32(0, n)?, &g_flat, m, v)?;
+                m.slice_set(&m_new, 0, 0)?;
+                v.slice_set(&v_new, 0, 0)?;
+                p_flat.slice_set(&p.to_dtype(pd)?, 0, 0)?;
+            }
+            State::Quantized {
+                m,
+                m_absmax,
+                v,
+                v_absmax,
+            } => {
+                let tables: Vec<(Tensor, Tensor)> = self
+                    .maps
+                    .iter()
+                    .map(|map| {
+                        Ok((
+                            Tensor::from_slice(&map.values, 256, dev)?,
+                            Tensor::from_slice(&map.bounds, (1, 255), dev)?,
+                        ))
+                    })
+                    .collect::<candle_core::Result<_>>()?;
+                // Values of `len` codes from `start`, and the per-value absmax expanded.
+                let expand = |absmax: &Tensor, b0: usize, nb: usize, len: usize| {
+                    absmax
+                        .narrow(0, b0, nb)?
+                        .unsqueeze(1)?
+                        .broadcast_as((nb, BLOCK))?
+                        .flatten_all()?
+                        .narrow(0, 0, len)
+                };
+                let dequant = |codes: &Tensor, map: &Tensor, scale: &Tensor, start, len| {
+                    map.index_select(&codes.narrow(0, start, len)?.to_dtype(DType::U32)?, 0)?
+                        .mul(scale)
+                };
+                // New absmax per block and codes of `x` (`len` values of `nb` blocks).
+                let quant = |x: &Tensor, bounds: &Tensor, nb: usize, len: usize| {
+                    let pad = nb * BLOCK - len;
+                    let padded = if pad > 0 {
+                        Tensor::cat(&[x, &Tensor::zeros(pad, DType::F32, dev)?], 0)?
+                    } else {
+                        x.clone()
+                    };
+                    let absmax = padded.reshape((nb, BLOCK))?.abs()?.max(1)?;
+                    let scale = absmax
+                        .clamp(1e-38f32, f32::MAX)?
+                        .recip()?
+                        .unsqueeze(1)?
+                        .broadcast_as((nb, BLOCK))?
+                        .flatten_all()?
+                        .narrow(0, 0, len)?;
+                    let scaled = x.mul(&scale)?.clamp(-1f32, 1f32)?;
+                    let codes = scaled
+                        .unsqueeze(1)?
+                        .broadcast_gt(bounds)?
+                        .to_dtype(DType::U32)?
+                        .sum(1)?
+                        .to_dtype(DType::U8)?;
+                    Ok::<_, candle_core::Error>((absmax, codes))
+                };
+                let mut start = 0;
+                while start < n {
+                    let len = CHUNK.min(n - start);
+                    let (b0, nb) = (start / BLOCK, len.div_ceil(BLOCK));
+                    let m_old =
+                        dequant(m, &tables[0].0, &expand(m_absmax, b0, nb, len)?, start, len)?;
+                    let v_old =
+                        dequant(v, &tables[1].0, &expand(v_absmax, b0, nb, len)?, start, len)?;
+                    let g_c = g_flat.narrow(0, start, len)?;
+                    let (p_new, m_new, v_new) = adam(&p32(start, len)?, &g_c, &m_old, &v_old)?;
+                    let (ma, mc) = quant(&m_new, &tables[0].1, nb, len)?;
+                    let (va, vc) = quant(&v_new, &tables[1].1, nb, len)?;
+                    m.slice_set(&mc, 0, start)?;
+                    v.slice_set(&vc, 0, start)?;
+                    m_absmax.slice_set(&ma, 0, b0)?;
+                    v_absmax.slice_set(&va, 0, b0)?;
+                    p_flat.slice_set(&p_new.to_dtype(pd)?, 0, start)?;
+                    start += len;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl super::Optim for AdamW8bit {
     fn step(&mut self, grads: &[Tensor]) -> Result<()> {
         super::check_grads(grads, self.vars.len())?;
@@ -274,13 +378,6 @@ impl super::Optim for AdamW8bit {
         };
         for (i, g) in grads.iter().enumerate() {
             let p = self.vars[i].as_tensor().clone();
-            if !eligible(&[&p, g]) {
-                return Err(Error::invalid(
-                    "--optimizer",
-                    "adamw_bnb_8bit",
-                    "vramcal's 8-bit AdamW needs contiguous f32/bf16/f16 CPU tensors",
-                ));
-            }
             let n = p.elem_count();
             if self.states[i].is_none() {
                 let dev = p.device();
@@ -298,6 +395,10 @@ impl super::Optim for AdamW8bit {
                         v: Tensor::zeros(n, DType::F32, dev)?,
                     }
                 });
+            }
+            if !(self.in_place && eligible(&[&p, g])) {
+                self.generic(i, g, &k)?;
+                continue;
             }
             match self.states[i].as_ref().expect("set") {
                 State::Quantized {

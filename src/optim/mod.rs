@@ -67,7 +67,7 @@ fn check_grads(grads: &[Tensor], params: usize) -> Result<()> {
 ///
 /// # Errors
 /// [`Error::InvalidValue`] for the paged optimizers (an estimator option: vramcal's step has no
-/// unified memory), bad hyper-parameters, or 8-bit AdamW off the CPU.
+/// unified memory) or bad hyper-parameters.
 pub fn build(vars: Vec<Var>, spec: &TrainSpec) -> Result<Box<dyn Optim>> {
     let spec = spec.clone();
     let make = move |vars: Vec<Var>| -> Result<Box<dyn Optim>> {

@@ -292,13 +292,12 @@ pub fn train_spec(
 }
 
 /// Refuses what only the torch profiles describe: vramcal's step has no paged (unified) memory,
-/// no autocast, an 8-bit AdamW on the CPU only, and one fused attention. `device` is the
-/// measuring device where one is known (`None` for `estimate`).
+/// no autocast, no adapter outside the layers, its own loss, and one fused attention.
 ///
 /// # Errors
-/// `--loss`, LoRA on `lm_head`/`embed_tokens`, a paged `--optimizer`, `adamw_bnb_8bit` off the CPU, an autocast `--precision`, `fp16`
+/// `--loss`, LoRA on `lm_head`/`embed_tokens`, a paged `--optimizer`, an autocast `--precision`, `fp16`
 /// (fp16 AdamW states), `--attention flash-attention-2`.
-pub fn check_measurable(spec: &TrainSpec, device: Option<&str>) -> anyhow::Result<()> {
+pub fn check_measurable(spec: &TrainSpec) -> anyhow::Result<()> {
     use crate::spec::Optimizer;
     if matches!(
         spec.optimizer,
@@ -326,16 +325,6 @@ pub fn check_measurable(spec: &TrainSpec, device: Option<&str>) -> anyhow::Resul
             "vramcal's own step has no adapter on lm_head or embed_tokens yet; estimate them with --profile torch-sdpa",
         )
         .into());
-    }
-    if let Some(d) = device.filter(|d| *d != "cpu") {
-        if spec.optimizer == Optimizer::AdamwBnb8bit {
-            return Err(Error::invalid(
-                "--optimizer",
-                spec.optimizer,
-                format!("vramcal's 8-bit AdamW runs on the CPU only, not on {d}"),
-            )
-            .into());
-        }
     }
     if let Some(p) = spec.precision.filter(|p| p.autocast().is_some()) {
         return Err(Error::invalid(
@@ -397,7 +386,7 @@ pub fn check_fits(
     model: &ResolvedModel,
     device: DeviceChoice,
 ) -> anyhow::Result<()> {
-    check_measurable(spec, Some(if device.is_cpu() { "cpu" } else { "cuda" }))?;
+    check_measurable(spec)?;
     if device.is_cpu() {
         // A bound past 64 bits cannot fit either.
         let need = crate::estimate::bounds::min_bytes(&model.config, spec).unwrap_or(u64::MAX);
