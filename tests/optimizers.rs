@@ -20,6 +20,17 @@ fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
     Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
 }
 
+/// One [`wave`] tensor per shape, in `dt`.
+fn waves(shapes: &[&[usize]], phase: f64, scale: f64, dt: DType) -> Vec<Tensor> {
+    shapes
+        .iter()
+        .map(|s| {
+            let n = s.iter().product();
+            tensor(&wave(n, phase, scale), s).to_dtype(dt).unwrap()
+        })
+        .collect()
+}
+
 fn values(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
         .unwrap()
@@ -105,16 +116,7 @@ fn adafactor_paths_agree() {
             let mut o = Adafactor::new(vars.clone(), lr, 0.01).unwrap();
             o.in_place = in_place;
             for step in 0..3 {
-                let grads: Vec<Tensor> = shapes
-                    .iter()
-                    .map(|s| {
-                        let n = s.iter().product();
-                        tensor(&wave(n, 2.0 + step as f64, 0.3), s)
-                            .to_dtype(dt)
-                            .unwrap()
-                    })
-                    .collect();
-                o.step(&grads).unwrap();
+                o.step(&waves(&shapes, 2.0 + step as f64, 0.3, dt)).unwrap();
             }
             assert_eq!(o.state_bytes(), 4 * (40 + 25 + 25));
             vars.iter()
@@ -214,13 +216,7 @@ fn adamw_8bit_keeps_blockwise_states_and_tracks_adamw() {
     let mut b = AdamW::new(f.clone(), cfg, DType::F32).unwrap();
     assert_eq!(a.state_bytes(), 0, "states appear at the first step");
     for step in 0..5 {
-        let grads: Vec<Tensor> = shapes
-            .iter()
-            .map(|s| {
-                let n = s.iter().product();
-                tensor(&wave(n, 3.0 + step as f64, 0.2), s)
-            })
-            .collect();
+        let grads = waves(&shapes, 3.0 + step as f64, 0.2, DType::F32);
         a.step(&grads).unwrap();
         b.step(&grads).unwrap();
     }
@@ -275,16 +271,7 @@ fn adamw_8bit_paths_agree() {
             let mut o = AdamW8bit::new(vars.clone(), cfg).unwrap();
             o.in_place = in_place;
             for step in 0..5 {
-                let grads: Vec<Tensor> = shapes
-                    .iter()
-                    .map(|s| {
-                        let n = s.iter().product();
-                        tensor(&wave(n, 3.0 + step as f64, 0.2), s)
-                            .to_dtype(dt)
-                            .unwrap()
-                    })
-                    .collect();
-                o.step(&grads).unwrap();
+                o.step(&waves(&shapes, 3.0 + step as f64, 0.2, dt)).unwrap();
             }
             assert_eq!(o.state_bytes(), 2 * (big as u64 + 77 * 4) + 2 * 7 * 4);
             vars.iter()
