@@ -386,8 +386,9 @@ pub struct ModelArgs {
     /// Precision recipe of `../shared/cases/README.md`: fp32, bf16, fp16, amp-bf16, amp-fp16,
     /// bf16+amp, fp16+amp, bf16-master or fp16-master. Sets the weights' dtype and PyTorch's
     /// state dtype (so it excludes --dtype and --optimizer-state-dtype). The torch profiles
-    /// estimate every recipe; vramcal's own step runs fp32, bf16, bf16-master and
-    /// fp16-master (fp32 master copies stepped by the optimizer).
+    /// estimate every recipe; vramcal's own step runs all but fp16 (and fp16+amp with full
+    /// fine-tuning), whose fp16 AdamW states diverge: autocast as 16-bit products over the
+    /// stored weights, master weights as fp32 copies stepped by the optimizer.
     #[arg(long, conflicts_with_all = ["dtype", "optimizer_state_dtype"])]
     pub precision: Option<Precision>,
     /// Optimizer, by Hugging Face `TrainingArguments.optim` name: adamw_torch, adamw_torch_fused,

@@ -189,6 +189,31 @@ fn qwen2_on_the_cpu_is_estimated_within_1_percent() {
     }
 }
 
+/// Outside the calibration set: vramcal's step under autocast (`amp-bf16`, `amp-fp16`,
+/// `bf16+amp`, `fp16+amp`; full, LoRA and QLoRA on smollm2-135m, `results/cpu/
+/// smollm2-135m-autocast.csv`), estimated with the CPU table fitted before autocast existed:
+/// median within 1 %, every row within 2 %, none under with a 2 % margin.
+#[test]
+fn autocast_rows_are_estimated_without_refitting() {
+    let text = succeeds(&[
+        "check",
+        "--profile",
+        "candle",
+        "--measured",
+        "results/cpu/smollm2-135m-autocast.csv",
+        "--calibration",
+        CALIBRATION,
+        "--max-error",
+        "2%",
+        "--max-median-error",
+        "1%",
+        "--margin",
+        "2%",
+    ]);
+    assert_eq!(rows_checked(&text), 33, "{text}");
+    assert!(text.contains("under-estimates 0 of 33"), "{text}");
+}
+
 /// `vramcal calibrate --measured <measured>` makes the coefficients of `committed`; returns
 /// what calibrate printed.
 fn calibrate_makes(measured: &[&str], committed: &str) -> String {

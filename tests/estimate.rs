@@ -41,14 +41,7 @@ fn spec(dtype: DType, ad: Adaptation) -> TrainSpec {
 /// thread-local packing buffers that each rayon thread allocates on its first large matmul, so
 /// the forward is warmed up several times and the smallest of several readings is taken.
 fn forward_kept(c: &ModelConfig, s: &TrainSpec) -> u64 {
-    let mut m = Decoder::with_adaptation(
-        c,
-        &mut RandomWeights::new(0),
-        s.dtype,
-        &Device::Cpu,
-        &s.adaptation,
-    )
-    .unwrap();
+    let mut m = Decoder::for_spec(c, &mut RandomWeights::new(0), &Device::Cpu, s).unwrap();
     m.set_attention(s.attention);
     let (x, y) = random_batch(s, c.vocab_size, 1, &Device::Cpu).unwrap();
     let ctx = ForwardCtx {
@@ -104,23 +97,61 @@ fn saved_tensor_table_matches_a_measured_layer() {
         ("qwen2", &qwen2),
         ("attention_bias", &biased),
     ];
-    for (arch, dtype, ad, attention) in [
-        (0, DType::F32, Adaptation::default(), Attention::Sdpa),
-        (0, DType::BF16, Adaptation::default(), Attention::Sdpa),
-        (0, DType::F32, lora(), Attention::Sdpa),
-        (0, DType::BF16, Adaptation::default(), Attention::Eager),
-        (1, DType::F32, Adaptation::default(), Attention::Sdpa),
-        (1, DType::F32, lora(), Attention::Sdpa),
-        (2, DType::BF16, Adaptation::default(), Attention::Sdpa),
+    use vramcal::spec::Precision;
+    for (arch, dtype, ad, attention, precision) in [
+        (0, DType::F32, Adaptation::default(), Attention::Sdpa, None),
+        // Autocast: fp32 weights and residual stream, bf16/f16 products and attention.
+        (
+            0,
+            DType::F32,
+            Adaptation::default(),
+            Attention::Sdpa,
+            Some(Precision::AmpBf16),
+        ),
+        (
+            0,
+            DType::F32,
+            lora(),
+            Attention::Sdpa,
+            Some(Precision::AmpBf16),
+        ),
+        (
+            1,
+            DType::F32,
+            Adaptation::default(),
+            Attention::Sdpa,
+            Some(Precision::AmpFp16),
+        ),
+        // bf16 weights with fp32 adapters cast per use.
+        (
+            0,
+            DType::BF16,
+            lora(),
+            Attention::Sdpa,
+            Some(Precision::Bf16Amp),
+        ),
+        (0, DType::BF16, Adaptation::default(), Attention::Sdpa, None),
+        (0, DType::F32, lora(), Attention::Sdpa, None),
+        (
+            0,
+            DType::BF16,
+            Adaptation::default(),
+            Attention::Eager,
+            None,
+        ),
+        (1, DType::F32, Adaptation::default(), Attention::Sdpa, None),
+        (1, DType::F32, lora(), Attention::Sdpa, None),
+        (2, DType::BF16, Adaptation::default(), Attention::Sdpa, None),
     ] {
         let (arch, cfg) = archs[arch];
         let mut s = spec(dtype, ad);
         s.attention = attention;
+        s.precision = precision;
         let measured = forward_kept(&cfg(2), &s) as f64 - forward_kept(&cfg(1), &s) as f64;
         let predicted: u64 = table::layer(&cfg(1), &s).iter().map(|t| t.bytes()).sum();
         let err = (predicted as f64 - measured) / measured;
         eprintln!(
-            "{arch} {dtype:?} {} {attention:?}: table {predicted} vs measured {measured} ({:+.2} %)",
+            "{arch} {dtype:?} {precision:?} {} {attention:?}: table {predicted} vs measured {measured} ({:+.2} %)",
             s.adaptation.method(),
             100.0 * err
         );
@@ -130,6 +161,74 @@ fn saved_tensor_table_matches_a_measured_layer() {
             s.adaptation.method(),
             100.0 * err
         );
+    }
+}
+
+/// The head's table entries for LoRA on `lm_head` and `embed_tokens` (PEFT's `Embedding`)
+/// match what the forward graph measurably keeps for them within 1 %: the difference between
+/// a model with those adapters and the same model without, with dropout, in f32, bf16 and
+/// under autocast (fp32 adapters over bf16 weights too).
+#[test]
+fn top_level_adapter_table_matches_measured() {
+    use vramcal::spec::Precision;
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+    // An embedding adapter makes the first layer's input need a gradient, and candle then keeps
+    // there what it keeps in every other layer (the norm's output for the frozen products, the
+    // dropout masks, frozen projections' outputs). With adapters on every product that reads
+    // the first norm's output and no dropout, the first layer keeps that anyway, so the
+    // difference is the adapter's own tensors; dropout is tested on `lm_head`, which does
+    // not touch the first layer.
+    let ad = |targets: &str, dropout: f64| Adaptation {
+        lora: Some(
+            format!("r=8,alpha=16,dropout={dropout},targets={targets}")
+                .parse::<LoraConfig>()
+                .unwrap(),
+        ),
+        quant: Quant::None,
+        seed: 0,
+    };
+    for (dtype, precision) in [
+        (DType::F32, None),
+        (DType::BF16, None),
+        (DType::F32, Some(Precision::AmpBf16)),
+        (DType::BF16, Some(Precision::Bf16Amp)),
+    ] {
+        for (top, dropout) in [
+            ("lm_head", 0.1),
+            ("embed_tokens", 0.0),
+            ("lm_head,embed_tokens", 0.0),
+        ] {
+            let layers = "q_proj,k_proj,v_proj,gate_proj,up_proj";
+            // 4 × 128 tokens: the graph's few KB of bookkeeping stay well under 1 %.
+            let mut with = spec(dtype, ad(&format!("{layers},{top}"), dropout));
+            (with.precision, with.batch, with.seq) = (precision, 4, 128);
+            let mut without = spec(dtype, ad(layers, dropout));
+            (without.precision, without.batch, without.seq) = (precision, 4, 128);
+            let c = cfg(1);
+            let measured = forward_kept(&c, &with) as f64 - forward_kept(&c, &without) as f64;
+            let head =
+                |s: &TrainSpec| -> u64 { table::head(&c, s).iter().map(|t| t.bytes()).sum() };
+            // Under autocast the first layer's products read casts of the norm's output, so
+            // without a gradient into that layer nothing keeps the output itself; with one,
+            // the casts keep it, as in every other layer.
+            let first_layer = if top.contains("embed_tokens") && with.compute_dtype() != dtype {
+                (with.batch * with.seq * c.hidden_size * dtype.size_in_bytes()) as u64
+            } else {
+                0
+            };
+            let predicted = (head(&with) - head(&without) + first_layer) as f64;
+            let err = (predicted - measured) / measured;
+            eprintln!(
+                "{dtype:?} {precision:?} {top}: table {predicted} vs measured {measured} ({:+.2} %)",
+                100.0 * err
+            );
+            assert!(
+                err.abs() < 0.01,
+                "{dtype:?} {precision:?} {top}: {:+.2} %",
+                100.0 * err
+            );
+        }
     }
 }
 

@@ -364,6 +364,39 @@ fn lm_head_cross_entropy_matches_composed_across_chunks() {
     );
 }
 
+/// The head with a LoRA adapter: `[x | u]·[w | b]ᵀ` over three chunks, every input's gradient.
+#[test]
+fn lm_head_lora_cross_entropy_matches_composed_across_chunks() {
+    let n = ops::CE_CHUNK_TOKENS * 2 + 37;
+    let (h, r, v) = (6, 3, 11);
+    let targets: Vec<u32> = (0..n).map(|i| ((i * 5 + 1) % v) as u32).collect();
+    let targets = Tensor::from_vec(targets, (1, n), &DEV).unwrap();
+    let t2 = targets.clone();
+    check(
+        "lm_head_lora_cross_entropy",
+        &|t| {
+            ops::lm_head_lora_cross_entropy(&t[0], &t[1], &t[2], &targets.flatten_all().unwrap())
+                .unwrap()
+        },
+        &|t| {
+            let x = t[0].narrow(1, 0, h).unwrap();
+            let u = t[0].narrow(1, h, r).unwrap();
+            let logits = (x.matmul(&t[1].t().unwrap()).unwrap()
+                + u.matmul(&t[2].t().unwrap()).unwrap())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+            vramcal::model::cross_entropy(&logits, &t2).unwrap()
+        },
+        &[
+            randn(&[n, h + r], 19),
+            randn(&[v, h], 20),
+            randn(&[v, r], 21),
+        ],
+        None,
+    );
+}
+
 #[test]
 fn bf16_fused_ops_stay_close_to_f32() {
     let x = randn(&[2, 5, 3, 8], 11);

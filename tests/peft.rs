@@ -49,10 +49,11 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
 }
 
-/// Gives every `lora_B` random values so adapter gradients are not trivially zero.
+/// Gives every `lora_B` (and every embedding adapter's `lora_embedding_A`, which PEFT starts
+/// at zero instead) random values so adapter gradients are not trivially zero.
 fn randomize_b(m: &Decoder) {
     for (name, v) in m.trainable_vars() {
-        if name.ends_with("lora_B.weight") {
+        if name.ends_with("lora_B.weight") || name.ends_with("lora_embedding_A") {
             let r = Tensor::randn(0f32, 0.05, v.shape(), &Device::Cpu)
                 .unwrap()
                 .to_dtype(v.dtype())
@@ -70,7 +71,12 @@ const CTX: ForwardCtx = ForwardCtx {
 #[test]
 fn lora_with_zero_b_gives_base_logits() {
     let base = model(&Adaptation::default(), DType::F32);
-    let ad = model(&lora("r=4,alpha=8,targets=all-linear"), DType::F32);
+    // PEFT's initialization makes every adapter a no-op: `B = 0` for linears (the head's
+    // too), `A = 0` for the embedding's.
+    let ad = model(
+        &lora("r=4,alpha=8,targets=all-linear,lm_head,embed_tokens"),
+        DType::F32,
+    );
     let (x, _) = batch(2, 10, 1);
     assert_eq!(
         max_abs_diff(&base.forward(&x).unwrap(), &ad.forward(&x).unwrap()),
@@ -167,7 +173,10 @@ fn one_step_changes_only_adapters() {
 /// Finite differences in f64 for every adapter tensor (frozen base, B randomized).
 #[test]
 fn adapter_gradients_match_finite_differences() {
-    let m = model(&lora("r=3,alpha=6,targets=all-linear"), DType::F64);
+    let m = model(
+        &lora("r=3,alpha=6,targets=all-linear,lm_head,embed_tokens"),
+        DType::F64,
+    );
     randomize_b(&m);
     let (x, y) = batch(2, 8, 2);
     let ctx = ForwardCtx {
@@ -206,7 +215,7 @@ fn adapter_gradients_match_finite_differences() {
             checked += 1;
         }
     }
-    assert!(checked >= 150, "{checked}");
+    assert!(checked >= 170, "{checked}");
 }
 
 fn grads_with(m: &Decoder, ckpt: Checkpointing, x: &Tensor, y: &Tensor) -> (f64, Vec<Tensor>) {
@@ -223,6 +232,10 @@ fn checkpointing_preserves_loss_and_gradients() {
     let cases = [
         ("full", Adaptation::default()),
         ("lora", lora("r=4,alpha=8,dropout=0.2,targets=all-linear")),
+        (
+            "lora+head+embed",
+            lora("r=4,alpha=8,dropout=0.2,targets=q_proj,lm_head,embed_tokens"),
+        ),
         ("qlora", qlora("r=4,alpha=8,targets=q,k,v,o,down")),
     ];
     for (label, ad) in cases {
@@ -356,7 +369,7 @@ fn qlora_forward_matches_dequantized_weights() {
 
 #[test]
 fn adapter_files_load_back_and_reproduce_logits() {
-    let ad = lora("r=4,alpha=16,dropout=0.1,targets=q_proj,v_proj,down");
+    let ad = lora("r=4,alpha=16,dropout=0.1,targets=q_proj,v_proj,down,lm_head,embed_tokens");
     let m = model(&ad, DType::F32);
     randomize_b(&m);
     let dir = tempfile::tempdir().unwrap();
@@ -370,12 +383,27 @@ fn adapter_files_load_back_and_reproduce_logits() {
     assert_eq!(cfg_json["lora_alpha"], 16.0);
     assert_eq!(
         cfg_json["target_modules"],
-        serde_json::json!(["q_proj", "v_proj", "down_proj"])
+        serde_json::json!(["q_proj", "v_proj", "down_proj", "lm_head", "embed_tokens"])
     );
     let st =
         candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
             .unwrap();
-    assert_eq!(st.len(), 2 * 3 * 2);
+    assert_eq!(st.len(), 2 * 3 * 2 + 4);
+    // PEFT's names and shapes for the head's LoRA `Linear` and the embedding's adapter.
+    for (name, dims) in [
+        ("base_model.model.lm_head.lora_A.weight", [4, 32]),
+        ("base_model.model.lm_head.lora_B.weight", [96, 4]),
+        (
+            "base_model.model.model.embed_tokens.lora_embedding_A",
+            [4, 96],
+        ),
+        (
+            "base_model.model.model.embed_tokens.lora_embedding_B",
+            [32, 4],
+        ),
+    ] {
+        assert_eq!(st[name].dims(), &dims, "{name}");
+    }
     let a = &st["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"];
     assert_eq!(a.dims(), &[4, 48]);
     assert_eq!(a.dtype(), DType::F32);
@@ -405,7 +433,10 @@ fn adapter_files_load_back_and_reproduce_logits() {
     );
 
     // A model with another rank refuses the files.
-    let other = model(&lora("r=2,alpha=16,targets=q_proj,v_proj,down"), DType::F32);
+    let other = model(
+        &lora("r=2,alpha=16,targets=q_proj,v_proj,down,lm_head,embed_tokens"),
+        DType::F32,
+    );
     assert!(other
         .load_adapter(dir.path())
         .unwrap_err()
@@ -423,6 +454,10 @@ fn merged_save_equals_base_plus_adapters() {
     };
     for (c, ad) in [
         (cfg(), lora("r=4,alpha=8,targets=all-linear")),
+        (
+            cfg(),
+            lora("r=4,alpha=8,targets=q_proj,lm_head,embed_tokens"),
+        ),
         (cfg(), qlora("r=4,alpha=8,targets=all-linear")),
         (qwen2.clone(), lora("r=4,alpha=8,targets=all-linear")),
         (qwen2, Adaptation::default()),
@@ -452,6 +487,31 @@ fn merged_save_equals_base_plus_adapters() {
         }
         assert!(max_abs_diff(&before, &m.forward(&x).unwrap()) < 1e-5);
     }
+}
+
+/// An adapter on a tied head cannot be merged without changing the embedding: refused, and
+/// nothing is written.
+#[test]
+fn merging_a_tied_head_adapter_is_refused() {
+    let tied = vramcal::config::ModelConfig {
+        tie_word_embeddings: true,
+        ..cfg()
+    };
+    let mut m = Decoder::with_adaptation(
+        &tied,
+        &mut RandomWeights::new(11),
+        DType::F32,
+        &Device::Cpu,
+        &lora("r=4,alpha=8,targets=q_proj,lm_head"),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    let e = m.merge_and_save(&out).unwrap_err().to_string();
+    assert!(e.contains("tied head"), "{e}");
+    assert!(!out.exists());
+    // q_proj's adapters in two layers, r·(in + out) each, and the head's.
+    assert_eq!(m.trainable_count(), 2 * 4 * (32 + 32) + 4 * (32 + 96));
 }
 
 #[test]

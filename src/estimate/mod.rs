@@ -454,7 +454,7 @@ impl Terms {
 }
 
 /// Parameter bytes as stored: the model dtype, NF4 linear weights at 0.5 byte plus block
-/// constants, LoRA adapters in the model dtype.
+/// constants, LoRA adapters in theirs ([`TrainSpec::adapter_dtype`]: fp32 under `+amp`).
 pub fn weight_bytes(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     let d = spec.dtype.size_in_bytes() as u64;
     let adapters = spec
@@ -462,7 +462,7 @@ pub fn weight_bytes(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         .lora
         .as_ref()
         .map_or(0, |l| crate::spec::lora_param_count(cfg, l));
-    let mut bytes = adapters * d;
+    let mut bytes = adapters * spec.adapter_dtype().size_in_bytes() as u64;
     for p in cfg.param_shapes() {
         let numel = p.numel() as u64;
         let quantized =
@@ -486,6 +486,8 @@ pub fn weight_bytes(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 /// The static part and the terms of `spec` for the `candle` profile.
 pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
     let d = spec.dtype.size_in_bytes() as u64;
+    // Gradients are in the trainable tensors' dtype (fp32 adapters under `+amp`).
+    let gd = spec.trainable_dtype().size_in_bytes() as u64;
     let t = spec.trainable_params(cfg);
     let layer = table::layer(cfg, spec);
     let scores: u64 = layer
@@ -515,7 +517,7 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
     };
     Terms {
         weights: weight_bytes(cfg, spec),
-        gradients: t * d,
+        gradients: t * gd,
         // vramcal's optimizers keep what PyTorch's keep, in the same layouts
         // (`src/optim/`): AdamW's two moments, 8-bit blockwise moments, Adafactor's factored
         // second moments, SGD's momentum, and an fp32 master copy under `*-master`.
@@ -527,7 +529,7 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
             Term::LogitsAndLoss => head as f64,
             // With gradient accumulation the sum of earlier micro-batches' gradients is alive
             // while the next micro-batch builds its own.
-            Term::GradientsLive => (t * d * if spec.accumulate > 1 { 2 } else { 1 }) as f64,
+            Term::GradientsLive => (t * gd * if spec.accumulate > 1 { 2 } else { 1 }) as f64,
             // Under checkpointing `Decoder::backward` sums the embedding's gradient from its own
             // pass into the head's: two extra copies at the end instead of one.
             Term::LargestTrainable => {
@@ -543,7 +545,9 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
             Term::Constant => 1.0,
             // The head's other chunk buffers are not alive during its widened products:
             // the term is what the widening adds beyond the two logits chunks.
-            Term::CpuBf16MatmulWidening if cpu && spec.dtype == candle_core::DType::BF16 => {
+            Term::CpuBf16MatmulWidening
+                if cpu && spec.compute_dtype() == candle_core::DType::BF16 =>
+            {
                 bf16_matmul_widening(cfg, spec).saturating_sub(2 * head) as f64
             }
             Term::CpuBf16MatmulWidening if cpu => head_weight_grad_f32(cfg, spec) as f64,
@@ -567,7 +571,7 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
 pub fn cpu_attention_kernel(spec: &TrainSpec) -> bool {
     spec.attention == crate::spec::Attention::Sdpa
         && matches!(
-            spec.dtype,
+            spec.compute_dtype(),
             candle_core::DType::F32 | candle_core::DType::BF16 | candle_core::DType::F16
         )
 }
@@ -585,7 +589,7 @@ pub fn cpu_attention_transient(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         cfg.kv_heads() as u64,
         cfg.head_dim() as u64,
     );
-    let widen = if spec.dtype == candle_core::DType::F32 {
+    let widen = if spec.compute_dtype() == candle_core::DType::F32 {
         0
     } else {
         nh + nkv
@@ -605,7 +609,7 @@ pub fn cpu_attention_transient(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 /// `10·c·V + 4·V·h + 6·c·h`; and, when the head is trained, its weight gradient `Gᵀ·x` (see the
 /// comment in the body). Zero for other dtypes.
 pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
-    if spec.dtype != candle_core::DType::BF16 {
+    if spec.compute_dtype() != candle_core::DType::BF16 {
         return 0;
     }
     let (h, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
@@ -643,8 +647,8 @@ pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 /// (3.5 % under without it), whose peak is the head's backward: f16 gradients leave the end of
 /// backward lower than in f32.
 pub fn head_weight_grad_f32(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
-    let d = spec.dtype.size_in_bytes() as u64;
-    if spec.adaptation.lora.is_some() || spec.dtype == candle_core::DType::BF16 || d > 4 {
+    let d = spec.compute_dtype().size_in_bytes() as u64;
+    if spec.adaptation.lora.is_some() || spec.compute_dtype() == candle_core::DType::BF16 || d > 4 {
         return 0;
     }
     let vh = (cfg.vocab_size * cfg.hidden_size) as u64;
@@ -683,7 +687,7 @@ pub fn optimizer_transient(
     if profile != Profile::Candle {
         return gradients;
     }
-    let d = spec.dtype.size_in_bytes() as u64;
+    let d = spec.trainable_dtype().size_in_bytes() as u64;
     let largest = largest_trainable(cfg, spec) / d;
     if cpu {
         return match spec.optimizer {
@@ -714,9 +718,9 @@ fn most_trainable_columns(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         .unwrap_or(0)
 }
 
-/// Bytes of the largest trainable tensor (model dtype).
+/// Bytes of the largest trainable tensor (in the trainable tensors' dtype).
 pub fn largest_trainable(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
-    let d = spec.dtype.size_in_bytes() as u64;
+    let d = spec.trainable_dtype().size_in_bytes() as u64;
     let elems = match &spec.adaptation.lora {
         None => cfg
             .param_shapes()
@@ -724,15 +728,24 @@ pub fn largest_trainable(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
             .map(|p| p.numel() as u64)
             .max()
             .unwrap_or(0),
-        Some(l) => l
-            .targets
-            .iter()
-            .map(|&t| {
-                let (o, i) = crate::spec::target_shape(cfg, t);
-                (l.r * o.max(i)) as u64
-            })
-            .max()
-            .unwrap_or(0),
+        Some(l) => {
+            let layers = l
+                .targets
+                .iter()
+                .map(|&t| {
+                    let (o, i) = crate::spec::target_shape(cfg, t);
+                    (l.r * o.max(i)) as u64
+                })
+                .max()
+                .unwrap_or(0);
+            // `lm_head`'s `B` `(V, r)` and `embed_tokens`' `A` `(r, V)`.
+            let top = if l.top_level() {
+                (l.r * cfg.vocab_size.max(cfg.hidden_size)) as u64
+            } else {
+                0
+            };
+            layers.max(top)
+        }
     };
     elems * d
 }

@@ -62,8 +62,35 @@ pub(crate) fn t(
     }
 }
 
+/// Bytes per element of a step's tensors: `w` the weights' and residual stream's dtype, `c`
+/// the compute dtype of products and attention (autocast's, else `w`), `a` LoRA adapters'.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    w: u64,
+    c: u64,
+    a: u64,
+}
+
+impl Sizes {
+    fn of(spec: &TrainSpec) -> Self {
+        Sizes {
+            w: spec.dtype.size_in_bytes() as u64,
+            c: spec.compute_dtype().size_in_bytes() as u64,
+            a: spec.adapter_dtype().size_in_bytes() as u64,
+        }
+    }
+
+    /// Whether autocast casts between the stored and the compute dtype.
+    fn casts(self, spec: &TrainSpec) -> bool {
+        spec.compute_dtype() != spec.dtype
+    }
+}
+
 /// A linear layer's kept tensors: its output (with a bias also the product before it, the
-/// add's operand: `src/model/linear.rs`), plus LoRA's adapter path and dropout copies.
+/// add's operand: `src/model/linear.rs`), plus LoRA's adapter path and dropout copies; under
+/// autocast the cast copies of its input (where `cast_input`: an input in the residual
+/// stream's dtype), of a trained weight, of the bias and of the adapters. A frozen weight's
+/// cast is made inside its op and kept nowhere.
 #[allow(clippy::too_many_arguments)]
 fn linear(
     out: &mut Vec<SavedTensor>,
@@ -73,26 +100,43 @@ fn linear(
     n: u64,
     o: u64,
     inp: u64,
-    d: u64,
     spec: &TrainSpec,
     t_: Target,
+    cast_input: bool,
 ) {
+    let z = Sizes::of(spec);
+    let d = z.c;
     let bias = match t_ {
         Target::QProj | Target::KProj | Target::VProj => cfg.qkv_bias(),
         Target::OProj => cfg.o_bias(),
         _ => false,
     };
+    if z.casts(spec) {
+        if cast_input {
+            out.push(t(format!("{p}.input_cast"), "(N, in)", n * inp, d));
+        }
+        if spec.adaptation.lora.is_none() {
+            out.push(t(format!("{p}.weight_cast"), "(out, in)", o * inp, d));
+        }
+        if bias {
+            out.push(t(format!("{p}.bias_cast"), "(out)", o, d));
+        }
+    }
     if bias {
         out.push(t(format!("{p}.product"), shape, n * o, d));
     }
     out.push(t(format!("{p}.out"), shape, n * o, d));
     if let Some(l) = &spec.adaptation.lora {
         if l.targets.contains(&t_) {
+            let r = l.r as u64;
+            if z.a != z.c {
+                out.push(t(format!("{p}.lora_A_cast"), "(r, in)", r * inp, d));
+                out.push(t(format!("{p}.lora_B_cast"), "(out, r)", o * r, d));
+            }
             if l.dropout > 0.0 {
                 out.push(t(format!("{p}.lora_dropout_mask"), "(N, in)", n * inp, d));
                 out.push(t(format!("{p}.lora_dropout_out"), "(N, in)", n * inp, d));
             }
-            let r = l.r as u64;
             out.push(t(format!("{p}.lora_a_out"), "(N, r)", n * r, d)); // x·Aᵀ
             out.push(t(format!("{p}.lora_b_out"), shape, n * o, d)); // ·Bᵀ
             out.push(t(format!("{p}.lora_scaled"), shape, n * o, d)); // · alpha/r
@@ -103,52 +147,26 @@ fn linear(
 
 /// Kept tensors of one decoder layer for `spec` (micro-batch × seq tokens). The fused ops
 /// (`src/ops/`) keep their inputs, which are other ops' outputs listed here, and nothing else;
-/// a residual add keeps both its inputs.
+/// a residual add keeps both its inputs. Under autocast the norms and the residual stream are
+/// in the weights' dtype, products and attention in the compute dtype, and the two output
+/// projections' outputs are cast back for the residual adds.
 pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
-    let d = spec.dtype.size_in_bytes() as u64;
+    let z = Sizes::of(spec);
+    let (w, d) = (z.w, z.c);
     let n = (spec.batch * spec.seq) as u64;
     let h = cfg.hidden_size as u64;
     let (qd, _) = target_shape(cfg, Target::QProj);
     let (kvd, _) = target_shape(cfg, Target::KProj);
     let (q, kv, i) = (qd as u64, kvd as u64, cfg.intermediate_size as u64);
+    let casts = z.casts(spec);
     let mut v = Vec::new();
-    v.push(t("input_layernorm.out", "(N, h)", n * h, d)); // fused; keeps its input x
-    linear(
-        &mut v,
-        cfg,
-        "q_proj",
-        "(N, q)",
-        n,
-        q,
-        h,
-        d,
-        spec,
-        Target::QProj,
-    );
-    linear(
-        &mut v,
-        cfg,
-        "k_proj",
-        "(N, kv)",
-        n,
-        kv,
-        h,
-        d,
-        spec,
-        Target::KProj,
-    );
-    linear(
-        &mut v,
-        cfg,
-        "v_proj",
-        "(N, kv)",
-        n,
-        kv,
-        h,
-        d,
-        spec,
-        Target::VProj,
-    ); // kept by attention
+    let lin = |v: &mut Vec<SavedTensor>, p: &str, shape, o, inp, t_, cast_input| {
+        linear(v, cfg, p, shape, n, o, inp, spec, t_, cast_input)
+    };
+    v.push(t("input_layernorm.out", "(N, h)", n * h, w)); // fused; keeps its input x
+    lin(&mut v, "q_proj", "(N, q)", q, h, Target::QProj, true);
+    lin(&mut v, "k_proj", "(N, kv)", kv, h, Target::KProj, true);
+    lin(&mut v, "v_proj", "(N, kv)", kv, h, Target::VProj, true); // kept by attention
     v.push(t("rope_q", "(N, q)", n * q, d)); // fused; kept by attention
     v.push(t("rope_k", "(N, kv)", n * kv, d));
     if spec.attention == Attention::Eager {
@@ -160,71 +178,85 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
         });
     }
     v.push(t("attention.out", "(N, q)", n * q, d)); // fused, (b, s, heads·hd)
-    linear(
-        &mut v,
-        cfg,
-        "o_proj",
-        "(N, h)",
-        n,
-        h,
-        q,
-        d,
-        spec,
-        Target::OProj,
-    );
-    v.push(t("residual_attn", "(N, h)", n * h, d));
-    v.push(t("post_attention_layernorm.out", "(N, h)", n * h, d));
-    linear(
-        &mut v,
-        cfg,
-        "gate_proj",
-        "(N, i)",
-        n,
-        i,
-        h,
-        d,
-        spec,
-        Target::GateProj,
-    );
-    linear(
-        &mut v,
-        cfg,
-        "up_proj",
-        "(N, i)",
-        n,
-        i,
-        h,
-        d,
-        spec,
-        Target::UpProj,
-    );
+    lin(&mut v, "o_proj", "(N, h)", h, q, Target::OProj, false);
+    if casts {
+        v.push(t("o_proj.out_cast", "(N, h)", n * h, w));
+    }
+    v.push(t("residual_attn", "(N, h)", n * h, w));
+    v.push(t("post_attention_layernorm.out", "(N, h)", n * h, w));
+    lin(&mut v, "gate_proj", "(N, i)", i, h, Target::GateProj, true);
+    lin(&mut v, "up_proj", "(N, i)", i, h, Target::UpProj, true);
     v.push(t("swiglu.out", "(N, i)", n * i, d)); // fused; keeps gate and up
-    linear(
-        &mut v,
-        cfg,
-        "down_proj",
-        "(N, h)",
-        n,
-        h,
-        i,
-        d,
-        spec,
-        Target::DownProj,
-    );
-    v.push(t("residual_mlp", "(N, h)", n * h, d));
+    lin(&mut v, "down_proj", "(N, h)", h, i, Target::DownProj, false);
+    if casts {
+        v.push(t("down_proj.out_cast", "(N, h)", n * h, w));
+    }
+    v.push(t("residual_mlp", "(N, h)", n * h, w));
     v
 }
 
 /// Kept tensors of the embedding, final norm and the fused LM head with its loss (which keeps
 /// the norm's output and the weight; the logits exist only chunk by chunk).
 pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
-    let d = spec.dtype.size_in_bytes() as u64;
+    let z = Sizes::of(spec);
     let n = (spec.batch * spec.seq) as u64;
     let h = cfg.hidden_size as u64;
-    vec![
-        t("embed_out", "(N, h)", n * h, d),
-        t("norm.out", "(N, h)", n * h, d),
-    ]
+    let mut v = vec![
+        t("embed_out", "(N, h)", n * h, z.w),
+        t("norm.out", "(N, h)", n * h, z.w),
+    ];
+    let vocab = cfg.vocab_size as u64;
+    if z.casts(spec) {
+        // Autocast: the head's operands cast to the compute dtype, kept by the fused head.
+        v.push(t("norm.out_cast", "(N, h)", n * h, z.c));
+        v.push(t("lm_head.weight_cast", "(V, h)", vocab * h, z.c));
+    }
+    let Some(l) = &spec.adaptation.lora else {
+        return v;
+    };
+    let r = l.r as u64;
+    if l.embed_tokens {
+        // PEFT's LoRA `Embedding` (`Decoder::embed`): the gathered columns of `A`, their product
+        // with `Bᵀ` in the compute dtype and scaled, cast back, and the frozen lookup the add
+        // keeps beside its sum (`embed_out`).
+        v.push(t(
+            "embed_tokens.lora_embedding_A_rows",
+            "(r, N)",
+            r * n,
+            z.a,
+        ));
+        if z.a != z.c {
+            v.push(t("embed_tokens.lora_A_rows_cast", "(N, r)", n * r, z.c));
+            v.push(t("embed_tokens.lora_B_cast", "(h, r)", h * r, z.c));
+        }
+        v.push(t("embed_tokens.lora_b_out", "(N, h)", n * h, z.c));
+        v.push(t("embed_tokens.lora_scaled", "(N, h)", n * h, z.c));
+        if z.casts(spec) {
+            v.push(t("embed_tokens.lora_cast", "(N, h)", n * h, z.w));
+        }
+        v.push(t("embed_tokens.base", "(N, h)", n * h, z.w));
+    }
+    if l.lm_head {
+        // LoRA on the head (`Decoder::head_loss`): `u = (alpha/r)·dropout(x)·Aᵀ` joins the
+        // normed states as `[x | u]`, which the fused head keeps; `B` meets `u` chunk by chunk.
+        if z.a != z.c {
+            v.push(t("lm_head.lora_A_cast", "(r, h)", r * h, z.c));
+            v.push(t("lm_head.lora_B_cast", "(V, r)", vocab * r, z.c));
+        }
+        if l.dropout > 0.0 {
+            v.push(t("lm_head.lora_dropout_mask", "(N, h)", n * h, z.c));
+            v.push(t("lm_head.lora_dropout_out", "(N, h)", n * h, z.c));
+        }
+        v.push(t("lm_head.lora_a_out", "(N, r)", n * r, z.c));
+        v.push(t("lm_head.lora_scaled", "(N, r)", n * r, z.c));
+        v.push(t(
+            "lm_head.input_with_adapter",
+            "(N, h + r)",
+            n * (h + r),
+            z.c,
+        ));
+    }
+    v
 }
 
 /// The unit of the fused LM head's transient (bytes): half of what its backward holds per chunk
@@ -236,8 +268,8 @@ pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
 /// were 2.3–3.6 % over with `g` = `f`.) The fitted coefficient is about 2: forward and backward
 /// each hold about two units.
 pub fn logits_chunk(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
-    let f = crate::ops::compute_dtype(spec.dtype).size_in_bytes() as u64;
-    let g = if spec.dtype == candle_core::DType::F16 {
+    let f = crate::ops::compute_dtype(spec.compute_dtype()).size_in_bytes() as u64;
+    let g = if spec.compute_dtype() == candle_core::DType::F16 {
         2
     } else {
         f
@@ -249,6 +281,6 @@ pub fn logits_chunk(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 /// Bytes of one `(batch, heads, seq, seq)` tensor in the compute dtype: the fused attention
 /// forms its scores and probabilities one layer at a time (forward, and again in backward).
 pub fn attention_scores(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
-    let f = crate::ops::compute_dtype(spec.dtype).size_in_bytes() as u64;
+    let f = crate::ops::compute_dtype(spec.compute_dtype()).size_in_bytes() as u64;
     (spec.batch * cfg.num_attention_heads * spec.seq * spec.seq) as u64 * f
 }

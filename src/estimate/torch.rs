@@ -720,9 +720,5 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms 
 
 /// The dtype of gradients for `spec` under the torch profiles (fp32 adapters' under `+amp`).
 pub fn gradient_dtype(spec: &TrainSpec) -> DType {
-    if spec.precision.is_some_and(|p| p.fp32_adapters()) && spec.adaptation.lora.is_some() {
-        DType::F32
-    } else {
-        spec.dtype
-    }
+    spec.trainable_dtype()
 }

@@ -311,13 +311,7 @@ pub fn measure_with(
 
     let mut model = phase(probe, out, &mut ev, "load", || {
         let mut src = open_source(&setup.weights)?;
-        Decoder::with_adaptation(
-            cfg,
-            src.as_mut(),
-            spec.dtype,
-            &setup.device,
-            &spec.adaptation,
-        )
+        Decoder::for_spec(cfg, src.as_mut(), &setup.device, spec)
     })?;
     model.set_attention(spec.attention);
     out.params = model.param_count();

@@ -20,6 +20,9 @@ use crate::error::Result;
 pub enum FrozenRef {
     /// Dense `(out, in)` in the compute dtype.
     Dense(Tensor),
+    /// Dense `(out, in)` in another dtype (fp32 weights under autocast), cast to this dtype on
+    /// every use, forward and backward (a transient copy, never kept).
+    Cast(Tensor, DType),
     /// NF4, dequantized to this dtype on every use (a transient copy).
     Nf4(Arc<Nf4Tensor>, DType),
 }
@@ -28,6 +31,7 @@ impl FrozenRef {
     fn dense(&self, device: &Device) -> candle_core::Result<Tensor> {
         match self {
             FrozenRef::Dense(t) => Ok(t.clone()),
+            FrozenRef::Cast(t, dt) => t.to_dtype(*dt),
             FrozenRef::Nf4(q, dt) => q
                 .dequantize(*dt, device)
                 .map_err(|e| candle_core::Error::Msg(e.to_string())),
@@ -213,6 +217,41 @@ impl LoraAdapter {
     }
 }
 
+impl LoraAdapter {
+    /// A fresh adapter on the token embedding, PEFT's LoRA `Embedding`:
+    /// `lora_embedding_A` `(r, vocab)` zero, used as an embedding table (`A[:, id]`), and
+    /// `lora_embedding_B` `(hidden, r)` standard normal (PEFT's `reset_lora_parameters`
+    /// initializes an embedding adapter the other way round from a linear one). No dropout:
+    /// PEFT's `Embedding` applies none.
+    ///
+    /// # Errors
+    /// [`crate::error::Error::Candle`].
+    pub fn embedding(
+        vocab: usize,
+        hidden: usize,
+        cfg: &crate::spec::LoraConfig,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        // Box–Muller from uniforms: N(0, 1).
+        let b: Vec<f64> = (0..hidden * cfg.r)
+            .map(|_| {
+                let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
+                (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+            })
+            .collect();
+        let b = Tensor::from_vec(b, (hidden, cfg.r), device)?.to_dtype(dtype)?;
+        Ok(LoraAdapter {
+            a: Var::zeros((cfg.r, vocab), dtype, device)?,
+            b: Var::from_tensor(&b)?,
+            scale: cfg.scale(),
+            dropout: 0.0,
+        })
+    }
+}
+
 /// Context of one forward pass: whether dropout is active and the seed its masks derive from
 /// (so recomputation under checkpointing reproduces them).
 #[derive(Debug, Clone, Copy)]
@@ -259,8 +298,22 @@ pub struct Linear {
     pub out: usize,
     /// Input features.
     pub inp: usize,
-    /// Compute dtype.
+    /// Compute dtype: the product's inputs, weight and adapters are cast to it where they are
+    /// stored in another (autocast), and its output is in it.
     pub dtype: DType,
+}
+
+/// `t` in `dtype`: a cast copy that joins the graph where `t` differs (autocast casts an
+/// operand per use), `t` itself where it does not.
+///
+/// # Errors
+/// [`crate::error::Error::Candle`].
+pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    Ok(if t.dtype() == dtype {
+        t.clone()
+    } else {
+        t.to_dtype(dtype)?
+    })
 }
 
 impl Linear {
@@ -269,15 +322,22 @@ impl Linear {
     /// # Errors
     /// [`crate::error::Error::Candle`].
     pub fn forward(&self, x: &Tensor, ctx: ForwardCtx, salt: u64) -> Result<Tensor> {
+        // Under autocast each use casts its input (and a trained weight) to the compute dtype,
+        // as PyTorch's autocast does for `F.linear`; the graph keeps the copies as the
+        // product's operands.
+        let x = &cast(x, self.dtype)?;
         let base = match &self.weight {
-            Weight::Trainable(w) => linear(x, w)?,
+            Weight::Trainable(w) => linear(x, &cast(w, self.dtype)?)?,
+            Weight::Frozen(w) if w.dtype() != self.dtype => {
+                frozen_linear(x, &FrozenRef::Cast(w.clone(), self.dtype), self.out)?
+            }
             Weight::Frozen(w) => frozen_linear(x, &FrozenRef::Dense(w.clone()), self.out)?,
             Weight::Nf4(q) => frozen_linear(x, &FrozenRef::Nf4(q.clone(), self.dtype), self.out)?,
         };
         // The graph keeps the product as the add's operand: one more `(…, out)` tensor than
         // PyTorch's `addmm` (`src/estimate/table.rs` counts it).
         let base = match &self.bias {
-            Some(b) => base.broadcast_add(b.tensor())?,
+            Some(b) => base.broadcast_add(&cast(b.tensor(), self.dtype)?)?,
             None => base,
         };
         let Some(l) = &self.lora else { return Ok(base) };
@@ -292,12 +352,12 @@ impl Linear {
         } else {
             x.clone()
         };
-        let h = linear(&xd, &l.a)?; // (…, r)
-        let d = linear(&h, &l.b)?; // (…, out)
+        let h = linear(&xd, &cast(&l.a, self.dtype)?)?; // (…, r)
+        let d = linear(&h, &cast(&l.b, self.dtype)?)?; // (…, out)
         Ok((base + (d * l.scale)?)?)
     }
 
-    /// The base weight as a dense tensor in `dtype` (dequantized for NF4).
+    /// The base weight as a dense tensor as stored (dequantized to the compute dtype for NF4).
     ///
     /// # Errors
     /// [`crate::error::Error::Candle`].

@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::ops;
-use crate::spec::{Adaptation, Attention, Checkpointing, Quant, Target};
+use crate::spec::{Adaptation, Attention, Checkpointing, Quant, Target, TrainSpec};
 use crate::weights::WeightSource;
 use linear::{frozen_linear, linear, FrozenRef, LoraAdapter, Param, Weight};
 pub use linear::{ForwardCtx, Linear};
@@ -70,6 +70,9 @@ impl Layer {
 pub struct Decoder {
     cfg: ModelConfig,
     dtype: DType,
+    /// The dtype matrix products, attention and the activations between them run in: the
+    /// weights' dtype, or autocast's.
+    compute: DType,
     device: Device,
     adaptation: Adaptation,
     attention: Attention,
@@ -81,6 +84,34 @@ pub struct Decoder {
     pub norm: Param,
     /// Untied LM head `lm_head.weight`, `(vocab, hidden)`; `None` when tied to the embedding.
     pub lm_head: Option<Param>,
+    /// LoRA on `lm_head` (PEFT's `lm_head` target, a LoRA `Linear` on the head, tied or not):
+    /// `lora_A` `(r, hidden)`, `lora_B` `(vocab, r)`.
+    pub lm_head_lora: Option<LoraAdapter>,
+    /// LoRA on `embed_tokens` (PEFT's LoRA `Embedding`): `lora_embedding_A` `(r, vocab)`,
+    /// `lora_embedding_B` `(hidden, r)` ([`LoraAdapter::embedding`]).
+    pub embed_lora: Option<LoraAdapter>,
+}
+
+/// The dtypes a decoder is built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recipe {
+    /// The weights' (embedding, norms, linear weights as loaded) and residual stream's dtype.
+    pub weights: DType,
+    /// The dtype of matrix products, attention and RoPE (autocast's; `weights` without it).
+    pub compute: DType,
+    /// LoRA adapters' dtype (fp32 under the `+amp` recipes, PEFT's `autocast_adapter_dtype`).
+    pub adapters: DType,
+}
+
+impl Recipe {
+    /// Everything in `dtype`, no autocast.
+    pub fn plain(dtype: DType) -> Self {
+        Recipe {
+            weights: dtype,
+            compute: dtype,
+            adapters: dtype,
+        }
+    }
 }
 
 /// What a training forward pass leaves for [`Decoder::backward`].
@@ -145,7 +176,54 @@ impl Decoder {
         device: &Device,
         ad: &Adaptation,
     ) -> Result<Self> {
-        ad.validate(dtype)?;
+        Self::with_recipe(cfg, src, device, ad, Recipe::plain(dtype))
+    }
+
+    /// Builds the decoder of `spec`: its weights' dtype, autocast's compute dtype where its
+    /// precision recipe names one, and its adapters' dtype ([`TrainSpec::compute_dtype`],
+    /// [`TrainSpec::adapter_dtype`]).
+    ///
+    /// # Errors
+    /// As [`Decoder::with_adaptation`].
+    pub fn for_spec(
+        cfg: &ModelConfig,
+        src: &mut dyn WeightSource,
+        device: &Device,
+        spec: &TrainSpec,
+    ) -> Result<Self> {
+        let recipe = Recipe {
+            weights: spec.dtype,
+            compute: spec.compute_dtype(),
+            adapters: spec.adapter_dtype(),
+        };
+        Self::with_recipe(cfg, src, device, &spec.adaptation, recipe)
+    }
+
+    /// Builds a decoder for `ad` with the dtypes of `recipe`. Under autocast
+    /// (`recipe.compute` ≠ `recipe.weights`) the embedding, the norms and the residual stream
+    /// stay in the weights' dtype; every linear layer casts its input, weight, bias and
+    /// adapters to the compute dtype per use (a frozen weight inside its op, forward and
+    /// backward, kept nowhere; a trained one as a graph node, kept for backward) and outputs
+    /// in it; RoPE and attention run in it; its outputs are cast back to the weights' dtype
+    /// for the residual adds; the LM head casts the normed hidden states and its weight.
+    /// NF4 weights dequantize to the compute dtype.
+    ///
+    /// # Errors
+    /// As [`Decoder::with_adaptation`]; [`Error::InvalidValue`] for a compute dtype NF4
+    /// cannot dequantize into.
+    pub fn with_recipe(
+        cfg: &ModelConfig,
+        src: &mut dyn WeightSource,
+        device: &Device,
+        ad: &Adaptation,
+        recipe: Recipe,
+    ) -> Result<Self> {
+        let Recipe {
+            weights: dtype,
+            compute,
+            adapters,
+        } = recipe;
+        ad.validate(compute)?;
         let full = ad.lora.is_none();
         let h = cfg.hidden_size;
         let q = cfg.num_attention_heads * cfg.head_dim();
@@ -178,7 +256,7 @@ impl Decoder {
                             .seed
                             .wrapping_mul(1_000_003)
                             .wrapping_add((l * 8 + t as usize) as u64);
-                        Some(LoraAdapter::new(out, inp, c, dtype, device, seed)?)
+                        Some(LoraAdapter::new(out, inp, c, adapters, device, seed)?)
                     }
                     _ => None,
                 };
@@ -198,7 +276,7 @@ impl Decoder {
                     bias,
                     out,
                     inp,
-                    dtype,
+                    dtype: compute,
                 })
             };
             let q_proj = lin(Target::QProj, q, h)?;
@@ -229,9 +307,45 @@ impl Decoder {
         } else {
             Some(ld.param("lm_head.weight", &[cfg.vocab_size, h], full)?)
         };
+        // Seeds past every layer adapter's (l·8 + target < 8·L).
+        let top_seed = |k: u64| {
+            ad.seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add((cfg.num_hidden_layers * 8) as u64 + k)
+        };
+        let (lm_head_lora, embed_lora) = match &ad.lora {
+            Some(c) => (
+                if c.lm_head {
+                    Some(LoraAdapter::new(
+                        cfg.vocab_size,
+                        h,
+                        c,
+                        adapters,
+                        device,
+                        top_seed(0),
+                    )?)
+                } else {
+                    None
+                },
+                if c.embed_tokens {
+                    Some(LoraAdapter::embedding(
+                        cfg.vocab_size,
+                        h,
+                        c,
+                        adapters,
+                        device,
+                        top_seed(1),
+                    )?)
+                } else {
+                    None
+                },
+            ),
+            None => (None, None),
+        };
         Ok(Decoder {
             cfg: cfg.clone(),
             dtype,
+            compute,
             device: device.clone(),
             adaptation: ad.clone(),
             attention: Attention::default(),
@@ -239,6 +353,8 @@ impl Decoder {
             layers,
             norm,
             lm_head,
+            lm_head_lora,
+            embed_lora,
         })
     }
 
@@ -247,9 +363,14 @@ impl Decoder {
         &self.cfg
     }
 
-    /// Weight and compute dtype.
+    /// The weights' dtype (and the residual stream's).
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The dtype matrix products and attention run in (autocast's, or the weights').
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
     }
 
     /// The device holding the parameters.
@@ -300,6 +421,12 @@ impl Decoder {
             "model.embed_tokens.weight".into(),
             &self.embed_tokens,
         );
+        if let Some(a) = &self.embed_lora {
+            // PEFT keeps an embedding adapter's tensors in ParameterDicts: no `.weight`.
+            let base = "base_model.model.model.embed_tokens";
+            out.push((format!("{base}.lora_embedding_A"), a.a.clone()));
+            out.push((format!("{base}.lora_embedding_B"), a.b.clone()));
+        }
         for (l, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
             param(
@@ -322,6 +449,10 @@ impl Decoder {
         param(&mut out, "model.norm.weight".into(), &self.norm);
         if let Some(h) = &self.lm_head {
             param(&mut out, "lm_head.weight".into(), h);
+        }
+        if let Some(a) = &self.lm_head_lora {
+            out.push(("base_model.model.lm_head.lora_A.weight".into(), a.a.clone()));
+            out.push(("base_model.model.lm_head.lora_B.weight".into(), a.b.clone()));
         }
         out
     }
@@ -352,12 +483,17 @@ impl Decoder {
         )
     }
 
+    /// Every adapter: the layers', then `lm_head`'s and `embed_tokens`'.
     fn adapters(&self) -> impl Iterator<Item = &LoraAdapter> {
-        self.layers.iter().flat_map(|l| {
-            Target::ALL
-                .into_iter()
-                .filter_map(move |t| l.linear(t).lora.as_ref())
-        })
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                Target::ALL
+                    .into_iter()
+                    .filter_map(move |t| l.linear(t).lora.as_ref())
+            })
+            .chain(self.lm_head_lora.as_ref())
+            .chain(self.embed_lora.as_ref())
     }
 
     /// Bytes held by all parameters as stored (NF4 weights at their packed size).
@@ -370,11 +506,10 @@ impl Decoder {
             for t in Target::ALL {
                 let lin = l.linear(t);
                 b += lin.weight_bytes() + lin.bias.as_ref().map_or(0, Param::bytes);
-                if let Some(a) = &lin.lora {
-                    b +=
-                        ((a.a.elem_count() + a.b.elem_count()) * self.dtype.size_in_bytes()) as u64;
-                }
             }
+        }
+        for a in self.adapters() {
+            b += ((a.a.elem_count() + a.b.elem_count()) * a.a.dtype().size_in_bytes()) as u64;
         }
         b
     }
@@ -409,7 +544,11 @@ impl Decoder {
     /// # Errors
     /// As [`Decoder::forward`].
     pub fn loss(&self, input_ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        self.head_loss(&self.hidden(input_ids)?, targets)
+        let ctx = ForwardCtx {
+            train: false,
+            seed: 0,
+        };
+        self.head_loss(&self.hidden(input_ids)?, targets, ctx)
     }
 
     /// Training forward pass: the loss, keeping for backward what `ckpt` allows (everything,
@@ -432,7 +571,7 @@ impl Decoder {
                 for (l, layer) in self.layers.iter().enumerate() {
                     x = self.layer_forward(l, layer, &x, &aux, ctx)?;
                 }
-                let loss = self.head_loss(&x, targets)?;
+                let loss = self.head_loss(&x, targets, ctx)?;
                 return Ok(TrainForward {
                     loss,
                     ctx,
@@ -460,7 +599,7 @@ impl Decoder {
         }
         let head_input = Var::from_tensor(&x)?;
         drop(x);
-        let loss = self.head_loss(head_input.as_tensor(), targets)?;
+        let loss = self.head_loss(head_input.as_tensor(), targets, ctx)?;
         Ok(TrainForward {
             loss,
             ctx,
@@ -538,7 +677,7 @@ impl Decoder {
                     })?
                     .detach();
             }
-            if let Param::Trainable(_) = self.embed_tokens {
+            if matches!(self.embed_tokens, Param::Trainable(_)) || self.embed_lora.is_some() {
                 let e = self.embed(&input_ids)?;
                 let st = (e * &g)?.sum_all()?.backward()?;
                 collect(&st)?;
@@ -567,43 +706,92 @@ impl Decoder {
             ));
         }
         Ok(Aux {
-            rope: Rope::new(&self.cfg, s, self.dtype, &self.device)?,
+            rope: Rope::new(&self.cfg, s, self.compute, &self.device)?,
             mask: causal_mask(s, self.cfg.sliding_window, &self.device)?
-                .to_dtype(ops::compute_dtype(self.dtype))?,
+                .to_dtype(ops::compute_dtype(self.compute))?,
         })
     }
 
     /// `(batch, seq)` → `(batch, seq, hidden)`. A frozen embedding's output carries no graph.
+    /// With an adapter, PEFT's LoRA `Embedding`: `E[id] + (alpha/r)·A[:, id]ᵀ·Bᵀ`, the product
+    /// in the compute dtype and cast back.
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
-        let x = self
-            .embed_tokens
-            .tensor()
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?;
-        Ok(match self.embed_tokens {
+        let ids = input_ids.flatten_all()?;
+        let h = self.cfg.hidden_size;
+        let x = self.embed_tokens.tensor().index_select(&ids, 0)?; // (N, h)
+        let x = match self.embed_tokens {
             Param::Trainable(_) => x,
             Param::Frozen(_) => x.detach(),
-        })
+        };
+        let x = match &self.embed_lora {
+            None => x,
+            Some(l) => {
+                let ea = l.a.index_select(&ids, 1)?; // (r, N)
+                let d = linear::cast(&ea.t()?, self.compute)?
+                    .matmul(&linear::cast(&l.b, self.compute)?.t()?)?; // (N, h)
+                (x + linear::cast(&(d * l.scale)?, self.dtype)?)?
+            }
+        };
+        Ok(x.reshape((b, s, h))?)
     }
 
     /// Final norm, LM head and mean cross-entropy of `targets` `(b, s)` for hidden states
     /// `x` `(b, s, hidden)`, fused ([`ops::lm_head_cross_entropy`]): the logits are formed
     /// chunk by chunk and never kept.
-    fn head_loss(&self, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    ///
+    /// With an adapter on `lm_head` (PEFT's LoRA `Linear`): `u = (alpha/r)·dropout(x)·Aᵀ`
+    /// `(N, r)` joins the normed states as `[x | u]` and the fused head adds `u·Bᵀ` to each
+    /// chunk's logits ([`ops::lm_head_lora_cross_entropy`]).
+    fn head_loss(&self, x: &Tensor, targets: &Tensor, ctx: ForwardCtx) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let x = ops::rms_norm(x, self.norm.tensor(), self.cfg.rms_norm_eps)?;
         let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens).tensor();
-        ops::lm_head_cross_entropy(&x.reshape((b * s, h))?, w, &targets.flatten_all()?)
+        // Under autocast the head's product runs in the compute dtype: both operands cast
+        // (kept by the fused op as its inputs).
+        let x = linear::cast(&x.reshape((b * s, h))?, self.compute)?;
+        let w = linear::cast(w, self.compute)?;
+        let targets = targets.flatten_all()?;
+        let Some(l) = &self.lm_head_lora else {
+            return ops::lm_head_cross_entropy(&x, &w, &targets);
+        };
+        let xd = if ctx.train && l.dropout > 0.0 {
+            linear::dropout(
+                &x,
+                l.dropout,
+                // Past every layer module's salt (l·8 + target < 8·L).
+                ctx.seed
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add((self.layers.len() * 8) as u64),
+            )?
+        } else {
+            x.clone()
+        };
+        let u = (linear(&xd, &linear::cast(&l.a, self.compute)?)? * l.scale)?; // (N, r)
+        let xu = Tensor::cat(&[&x, &u], 1)?; // (N, h + r)
+        ops::lm_head_lora_cross_entropy(&xu, &w, &linear::cast(&l.b, self.compute)?, &targets)
     }
 
     /// Final norm and LM head: `(b, s, hidden)` → logits `(b, s, vocab)`.
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let x = ops::rms_norm(x, self.norm.tensor(), self.cfg.rms_norm_eps)?;
-        match self.lm_head.as_ref().unwrap_or(&self.embed_tokens) {
-            Param::Trainable(w) => linear(&x, w),
-            Param::Frozen(w) => {
-                frozen_linear(&x, &FrozenRef::Dense(w.clone()), self.cfg.vocab_size)
+        let x = linear::cast(
+            &ops::rms_norm(x, self.norm.tensor(), self.cfg.rms_norm_eps)?,
+            self.compute,
+        )?;
+        let logits = match self.lm_head.as_ref().unwrap_or(&self.embed_tokens) {
+            Param::Trainable(w) => linear(&x, &linear::cast(w, self.compute)?)?,
+            Param::Frozen(w) => frozen_linear(
+                &x,
+                &FrozenRef::Dense(linear::cast(w, self.compute)?),
+                self.cfg.vocab_size,
+            )?,
+        };
+        match &self.lm_head_lora {
+            None => Ok(logits),
+            Some(l) => {
+                let u = linear(&x, &linear::cast(&l.a, self.compute)?)?;
+                let d = linear(&u, &linear::cast(&l.b, self.compute)?)?;
+                Ok((logits + (d * l.scale)?)?)
             }
         }
     }
@@ -645,7 +833,10 @@ impl Decoder {
         let scale = 1.0 / (hd as f64).sqrt();
         let eager = self.attention == Attention::Eager;
         let ctx_v = ops::attention(&q, &k, &v, &aux.mask, scale, eager)?; // (b, s, heads·hd)
-        let x = (x + l.o_proj.forward(&ctx_v, ctx, salt(Target::OProj))?)?;
+                                                                          // Under autocast the projection's output is cast back to the residual stream's dtype
+                                                                          // (a copy the add keeps; PyTorch's mixed-dtype add makes none).
+        let o = l.o_proj.forward(&ctx_v, ctx, salt(Target::OProj))?;
+        let x = (x + linear::cast(&o, x.dtype())?)?;
 
         // --- SwiGLU MLP block ---
         let xn = ops::rms_norm(&x, l.post_attention_layernorm.tensor(), eps)?;
@@ -654,7 +845,7 @@ impl Decoder {
         let y = l
             .down_proj
             .forward(&ops::swiglu(&gate, &up)?, ctx, salt(Target::DownProj))?; // (b, s, hidden)
-        Ok((x + y)?)
+        Ok((&x + linear::cast(&y, x.dtype())?)?)
     }
 }
 

@@ -69,7 +69,7 @@ impl Decoder {
                     r: l.r,
                     lora_alpha: l.alpha,
                     lora_dropout: l.dropout,
-                    target_modules: l.targets.iter().map(|t| t.name().to_string()).collect(),
+                    target_modules: l.target_names().iter().map(|t| t.to_string()).collect(),
                     bias: "none".into(),
                     fan_in_fan_out: false,
                     inference_mode: true,
@@ -93,8 +93,31 @@ impl Decoder {
     /// # Errors
     /// [`Error::Io`]/[`Error::Weights`] on write failure; [`Error::Candle`].
     pub fn merge_and_save(&mut self, dir: &Path) -> Result<u64> {
+        if self.lm_head_lora.is_some() && self.lm_head.is_none() {
+            return Err(Error::invalid(
+                "--save",
+                "merged",
+                "an lm_head adapter on a tied head cannot be merged without changing embed_tokens too; save the adapter (--save adapter)",
+            ));
+        }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let device = self.device().clone();
+        // The top-level adapters, merged in place into their frozen bases.
+        let merge_into = |p: &Param, delta: Tensor| -> Result<()> {
+            let w = p.tensor();
+            let merged = (w + delta.to_dtype(w.dtype())?)?;
+            w.slice_set(&merged, 0, 0)?;
+            Ok(())
+        };
+        if let Some(a) = self.embed_lora.take() {
+            // ΔE = (alpha/r)·(B·A)ᵀ, (vocab, hidden).
+            let delta = (a.b.matmul(a.a.as_tensor())?.t()? * a.scale)?;
+            merge_into(&self.embed_tokens, delta)?;
+        }
+        if let (Some(a), Some(h)) = (self.lm_head_lora.take(), &self.lm_head) {
+            let delta = (a.b.matmul(a.a.as_tensor())? * a.scale)?; // (vocab, hidden)
+            merge_into(h, delta)?;
+        }
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         let param = |p: &Param| p.tensor().clone();
         tensors.insert(
@@ -171,7 +194,7 @@ impl Decoder {
                 "the model has no LoRA adapters to load into",
             ));
         };
-        let targets: Vec<String> = l.targets.iter().map(|t| t.name().to_string()).collect();
+        let targets: Vec<String> = l.target_names().iter().map(|t| t.to_string()).collect();
         if cfg.r != l.r
             || cfg.lora_alpha != l.alpha
             || cfg.target_modules != targets

@@ -32,7 +32,7 @@ pub use attention::attention;
 pub use cpu_attention::{backward as cpu_attention_backward, BQ as CPU_ATTENTION_BLOCK_ROWS};
 pub use cpu_kernels::{calls as cpu_kernel_calls, Kernel as CpuKernel};
 pub use kernels::launches as kernel_launches;
-pub use loss::{lm_head_cross_entropy, CE_CHUNK_TOKENS};
+pub use loss::{lm_head_cross_entropy, lm_head_lora_cross_entropy, CE_CHUNK_TOKENS};
 pub use norm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;

@@ -141,6 +141,35 @@ impl TrainSpec {
         self.batch * self.accumulate * self.seq
     }
 
+    /// The dtype matrix products run in: autocast's under an autocast recipe
+    /// ([`Precision::autocast`]), else the weights' (`dtype`).
+    pub fn compute_dtype(&self) -> DType {
+        self.precision
+            .and_then(|p| p.autocast())
+            .unwrap_or(self.dtype)
+    }
+
+    /// The dtype LoRA adapters (and so their gradients) are kept in: fp32 over 16-bit weights
+    /// under the `+amp` recipes (PEFT's `autocast_adapter_dtype=True`,
+    /// [`Precision::fp32_adapters`]), else the weights'.
+    pub fn adapter_dtype(&self) -> DType {
+        if self.precision.is_some_and(|p| p.fp32_adapters()) {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+
+    /// The dtype of the trainable tensors and their gradients: the adapters' under LoRA, the
+    /// weights' for full fine-tuning.
+    pub fn trainable_dtype(&self) -> DType {
+        if self.adaptation.lora.is_some() {
+            self.adapter_dtype()
+        } else {
+            self.dtype
+        }
+    }
+
     /// Parameters that get gradients and AdamW states.
     pub fn trainable_params(&self, cfg: &ModelConfig) -> u64 {
         match &self.adaptation.lora {
@@ -179,6 +208,16 @@ impl TrainSpec {
             ));
         }
         self.adaptation.validate(self.dtype)?;
+        if self.save == SaveMode::Merged
+            && cfg.tie_word_embeddings
+            && self.adaptation.lora.as_ref().is_some_and(|l| l.lm_head)
+        {
+            return Err(Error::invalid(
+                "--save",
+                "merged",
+                "an lm_head adapter on a tied head cannot be merged without changing embed_tokens too; save the adapter (--save adapter)",
+            ));
+        }
         self.checkpointing.validate(cfg.num_hidden_layers)?;
         if !matches!(
             self.dtype,

@@ -292,11 +292,11 @@ pub fn train_spec(
 }
 
 /// Refuses what only the torch profiles describe: vramcal's step has no paged (unified) memory,
-/// no autocast, no adapter outside the layers, its own loss, and one fused attention.
+/// its own loss, and one fused attention.
 ///
 /// # Errors
-/// `--loss`, LoRA on `lm_head`/`embed_tokens`, a paged `--optimizer`, an autocast `--precision`, `fp16`
-/// (fp16 AdamW states), `--attention flash-attention-2`.
+/// `--loss`, a paged `--optimizer`, `fp16` and full
+/// fine-tuning in `fp16+amp` (fp16 AdamW states), `--attention flash-attention-2`.
 pub fn check_measurable(spec: &TrainSpec) -> anyhow::Result<()> {
     use crate::spec::Optimizer;
     if matches!(
@@ -318,19 +318,11 @@ pub fn check_measurable(spec: &TrainSpec) -> anyhow::Result<()> {
         )
         .into());
     }
-    if let Some(l) = spec.adaptation.lora.as_ref().filter(|l| l.top_level()) {
-        return Err(Error::invalid(
-            "--lora targets",
-            l.targets_label(),
-            "vramcal's own step has no adapter on lm_head or embed_tokens yet; estimate them with --profile torch-sdpa",
-        )
-        .into());
-    }
-    if let Some(p) = spec.precision.filter(|p| p.autocast().is_some()) {
+    if spec.precision == Some(crate::spec::Precision::Fp16Amp) && spec.adaptation.lora.is_none() {
         return Err(Error::invalid(
             "--precision",
-            p,
-            "vramcal's own step has no autocast yet (it runs fp32, bf16, bf16-master, fp16-master); estimate autocast with --profile torch-sdpa",
+            "fp16+amp",
+            "full fine-tuning in fp16+amp trains fp16 weights with fp16 AdamW states (PyTorch's GradScaler refuses fp16 gradients); use amp-fp16 or fp16-master, or fp16+amp with LoRA (fp32 adapters)",
         )
         .into());
     }
