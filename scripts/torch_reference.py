@@ -93,6 +93,9 @@ def build(cfg: dict, dtype, device, attn: str):
     elif arch == "Qwen2ForCausalLM":
         conf = transformers.Qwen2Config(**kw)
         cls = transformers.Qwen2ForCausalLM
+    elif arch == "MixtralForCausalLM":
+        conf = transformers.MixtralConfig(**kw)
+        cls = transformers.MixtralForCausalLM
     else:
         conf = transformers.LlamaConfig(**kw)
         cls = transformers.LlamaForCausalLM

@@ -8,8 +8,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Architectures vramcal's decoder implements (the `architectures` field of `config.json`).
-pub const SUPPORTED_ARCHITECTURES: [&str; 3] =
-    ["MistralForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 4] = [
+    "MistralForCausalLM",
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "MixtralForCausalLM",
+];
 
 fn default_rope_theta() -> f64 {
     10_000.0
@@ -65,6 +69,25 @@ pub struct ModelConfig {
     /// architectures sets it, and vramcal refuses it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mlp_bias: bool,
+    /// Mixtral's experts per layer (`num_local_experts`, `MixtralConfig`); `None` for a dense
+    /// MLP. Only `MixtralForCausalLM` has experts ([`ModelConfig::moe`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_local_experts: Option<usize>,
+    /// Mixtral's experts each token is routed to (`num_experts_per_tok`, the router's top-k).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_experts_per_tok: Option<usize>,
+}
+
+/// A sparse mixture-of-experts MLP (Mixtral's `MixtralSparseMoeBlock`, transformers 5
+/// `modeling_mixtral.py`): a router `mlp.gate` `(E, h)` picks the top `k` of `E` SwiGLU experts
+/// per token, whose weights are kept as two 3-D tensors, `mlp.experts.gate_up_proj`
+/// `(E, 2·i, h)` and `mlp.experts.down_proj` `(E, h, i)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moe {
+    /// Experts per layer, `E`.
+    pub experts: usize,
+    /// Experts per token, `k`.
+    pub top_k: usize,
 }
 
 /// RoPE frequency scaling ([`ModelConfig::rope_scaling`]), as transformers'
@@ -128,6 +151,18 @@ impl ModelConfig {
     /// `Qwen2Attention` ignores the key).
     pub fn o_bias(&self) -> bool {
         self.attention_bias && !self.architectures.iter().any(|a| a == "Qwen2ForCausalLM")
+    }
+
+    /// The mixture of experts of a `MixtralForCausalLM` config; `None` for the dense
+    /// architectures (whose `num_local_experts` [`ModelConfig::validate`] refuses).
+    pub fn moe(&self) -> Option<Moe> {
+        if !self.architectures.iter().any(|a| a == "MixtralForCausalLM") {
+            return None;
+        }
+        Some(Moe {
+            experts: self.num_local_experts.unwrap_or(0),
+            top_k: self.num_experts_per_tok.unwrap_or(0),
+        })
     }
 
     /// The RoPE scaling of `rope_scaling`, if any.
@@ -286,6 +321,31 @@ impl ModelConfig {
                 self.rope_theta
             )));
         }
+        match self.moe() {
+            Some(Moe { experts, top_k }) => {
+                if self.num_local_experts.is_none() || self.num_experts_per_tok.is_none() {
+                    return Err(bad(
+                        "MixtralForCausalLM needs num_local_experts and num_experts_per_tok".into(),
+                    ));
+                }
+                if experts == 0 {
+                    return Err(bad("num_local_experts must be positive, got 0".into()));
+                }
+                if top_k == 0 || top_k > experts {
+                    return Err(bad(format!(
+                        "num_experts_per_tok = {top_k} must be between 1 and num_local_experts = {experts}"
+                    )));
+                }
+            }
+            None => {
+                if self.num_local_experts.is_some() || self.num_experts_per_tok.is_some() {
+                    return Err(bad(format!(
+                        "num_local_experts/num_experts_per_tok are read only for MixtralForCausalLM, not {:?}",
+                        self.architectures
+                    )));
+                }
+            }
+        }
         if self.mlp_bias {
             return Err(bad(
                 "mlp_bias = true is not modelled (no released Llama, Mistral or Qwen2 model sets it)"
@@ -329,9 +389,22 @@ impl ModelConfig {
                 out.push(p(format!("{pre}.self_attn.o_proj.bias"), vec![h]));
             }
             out.push(p(format!("{pre}.post_attention_layernorm.weight"), vec![h]));
-            out.push(p(format!("{pre}.mlp.gate_proj.weight"), vec![i, h]));
-            out.push(p(format!("{pre}.mlp.up_proj.weight"), vec![i, h]));
-            out.push(p(format!("{pre}.mlp.down_proj.weight"), vec![h, i]));
+            match self.moe() {
+                // transformers 5's names (`MixtralTopKRouter`, `MixtralExperts`).
+                Some(Moe { experts: e, .. }) => {
+                    out.push(p(format!("{pre}.mlp.gate.weight"), vec![e, h]));
+                    out.push(p(
+                        format!("{pre}.mlp.experts.gate_up_proj"),
+                        vec![e, 2 * i, h],
+                    ));
+                    out.push(p(format!("{pre}.mlp.experts.down_proj"), vec![e, h, i]));
+                }
+                None => {
+                    out.push(p(format!("{pre}.mlp.gate_proj.weight"), vec![i, h]));
+                    out.push(p(format!("{pre}.mlp.up_proj.weight"), vec![i, h]));
+                    out.push(p(format!("{pre}.mlp.down_proj.weight"), vec![h, i]));
+                }
+            }
         }
         out.push(p("model.norm.weight".into(), vec![h]));
         if !self.tie_word_embeddings {
@@ -342,6 +415,7 @@ impl ModelConfig {
 
     /// Closed-form parameter count, or `None` on overflow:
     /// `V·h (embed) + L·(h·q + 2·h·kv + q·h + 3·h·i + 2·h + biases) + h + (untied ? V·h : 0)`,
+    /// with Mixtral's `E·3·h·i + E·h` (experts and router) in place of `3·h·i`,
     /// biases `q + 2·kv` with q/k/v biases (Qwen2) and `h` more with `o_proj`'s
     /// with `q = heads·head_dim`, `kv = kv_heads·head_dim` (the shapes of transformers'
     /// `modeling_mistral.py` / `modeling_llama.py`).
@@ -358,6 +432,14 @@ impl ModelConfig {
             .checked_mul(2)?
             .checked_add(h.checked_mul(kv)?.checked_mul(2)?)?;
         let mlp = h.checked_mul(i)?.checked_mul(3)?;
+        // Mixtral: E experts of the same SwiGLU and the router's (E, h).
+        let mlp = match self.moe() {
+            Some(Moe { experts, .. }) => {
+                let e = experts as u64;
+                mlp.checked_mul(e)?.checked_add(e.checked_mul(h)?)?
+            }
+            None => mlp,
+        };
         let biases = if self.qkv_bias() {
             q.checked_add(kv.checked_mul(2)?)?
         } else {
@@ -425,12 +507,28 @@ impl ModelConfig {
                 Some("llama") => cfg.architectures = vec!["LlamaForCausalLM".into()],
                 Some("mistral") => cfg.architectures = vec!["MistralForCausalLM".into()],
                 Some("qwen2") => cfg.architectures = vec!["Qwen2ForCausalLM".into()],
+                Some("mixtral") => cfg.architectures = vec!["MixtralForCausalLM".into()],
                 Some(other) => {
                     return Err(Error::UnknownArchitecture {
                         path: path.to_path_buf(),
                         found: vec![format!("model_type {other}")],
                     })
                 }
+            }
+        }
+        // Mixtral's load-balancing loss keeps every layer's router logits and adds an
+        // auxiliary loss; its router jitter multiplies the hidden states by noise in training.
+        // Neither is modelled; both are off in the released configs.
+        if raw.get("output_router_logits") == Some(&serde_json::Value::Bool(true)) {
+            return Err(bad(
+                "output_router_logits = true (Mixtral's load-balancing loss) is not modelled; the released configs set it false".into(),
+            ));
+        }
+        if let Some(j) = raw.get("router_jitter_noise").filter(|v| !v.is_null()) {
+            if j.as_f64() != Some(0.0) {
+                return Err(bad(format!(
+                    "router_jitter_noise = {j} is not modelled (0 in the released Mixtral configs)"
+                )));
             }
         }
         if cfg.architectures.iter().any(|a| a == "Qwen2ForCausalLM") {
@@ -502,6 +600,8 @@ pub fn presets() -> Vec<Preset> {
                 rope_scaling: None,
                 attention_bias: false,
                 mlp_bias: false,
+                num_local_experts: None,
+                num_experts_per_tok: None,
             },
         },
         Preset {
@@ -526,6 +626,8 @@ pub fn presets() -> Vec<Preset> {
                 rope_scaling: None,
                 attention_bias: false,
                 mlp_bias: false,
+                num_local_experts: None,
+                num_experts_per_tok: None,
             },
         },
         Preset {
@@ -550,6 +652,8 @@ pub fn presets() -> Vec<Preset> {
                 rope_scaling: None,
                 attention_bias: false,
                 mlp_bias: false,
+                num_local_experts: None,
+                num_experts_per_tok: None,
             },
         },
         Preset {
@@ -580,6 +684,8 @@ pub fn presets() -> Vec<Preset> {
                 })),
                 attention_bias: false,
                 mlp_bias: false,
+                num_local_experts: None,
+                num_experts_per_tok: None,
             },
         },
         Preset {
@@ -604,6 +710,35 @@ pub fn presets() -> Vec<Preset> {
                 rope_scaling: None,
                 attention_bias: false,
                 mlp_bias: false,
+                num_local_experts: None,
+                num_experts_per_tok: None,
+            },
+        },
+        Preset {
+            name: "mixtral-8x7b-v0.1",
+            hf_id: "mistralai/Mixtral-8x7B-v0.1",
+            source: "huggingface.co/mistralai/Mixtral-8x7B-v0.1/blob/main/config.json",
+            // mistralai/Mixtral-8x7B-v0.1 config.json (output_router_logits false,
+            // sliding_window null)
+            config: ModelConfig {
+                architectures: vec!["MixtralForCausalLM".into()],
+                hidden_size: 4096,
+                intermediate_size: 14336,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                num_key_value_heads: Some(8),
+                head_dim: None,
+                vocab_size: 32000,
+                rms_norm_eps: 1e-5,
+                rope_theta: 1000000.0,
+                max_position_embeddings: 32768,
+                sliding_window: None,
+                tie_word_embeddings: false,
+                rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
+                num_local_experts: Some(8),
+                num_experts_per_tok: Some(2),
             },
         },
         Preset {
@@ -628,6 +763,8 @@ pub fn presets() -> Vec<Preset> {
                 rope_scaling: None,
                 attention_bias: false,
                 mlp_bias: false,
+                num_local_experts: None,
+                num_experts_per_tok: None,
             },
         },
         Preset {
@@ -652,6 +789,8 @@ pub fn presets() -> Vec<Preset> {
                 rope_scaling: None,
                 attention_bias: false,
                 mlp_bias: false,
+                num_local_experts: None,
+                num_experts_per_tok: None,
             },
         },
         Preset {
@@ -676,6 +815,8 @@ pub fn presets() -> Vec<Preset> {
                 rope_scaling: None,
                 attention_bias: false,
                 mlp_bias: false,
+                num_local_experts: None,
+                num_experts_per_tok: None,
             },
         },
         Preset {
@@ -700,6 +841,8 @@ pub fn presets() -> Vec<Preset> {
                 rope_scaling: None,
                 attention_bias: false,
                 mlp_bias: false,
+                num_local_experts: None,
+                num_experts_per_tok: None,
             },
         },
         Preset {
@@ -724,6 +867,8 @@ pub fn presets() -> Vec<Preset> {
                 rope_scaling: None,
                 attention_bias: false,
                 mlp_bias: false,
+                num_local_experts: None,
+                num_experts_per_tok: None,
             },
         },
         Preset {
@@ -748,6 +893,8 @@ pub fn presets() -> Vec<Preset> {
                 rope_scaling: None,
                 attention_bias: false,
                 mlp_bias: false,
+                num_local_experts: None,
+                num_experts_per_tok: None,
             },
         },
         Preset {
@@ -772,6 +919,37 @@ pub fn presets() -> Vec<Preset> {
                 rope_scaling: None,
                 attention_bias: false,
                 mlp_bias: false,
+                num_local_experts: None,
+                num_experts_per_tok: None,
+            },
+        },
+        Preset {
+            name: "mixtral-mini",
+            hf_id: "",
+            source: "vramcal's reference config (Mixtral-shaped, 4 layers, 8 experts top-2, GQA 4:1, untied)",
+            // No config.json: Mixtral-8x7B-v0.1's layout scaled down as mistral-mini scales
+            // Mistral-7B's (head_dim 64, intermediate 3.5 × hidden, 32000-token vocabulary, its
+            // 8 experts routed top-2, no sliding window), for the PyTorch CPU reference grid and
+            // vramcal's own step on two CPU cores.
+            config: ModelConfig {
+                architectures: vec!["MixtralForCausalLM".into()],
+                hidden_size: 256,
+                intermediate_size: 896,
+                num_hidden_layers: 4,
+                num_attention_heads: 4,
+                num_key_value_heads: Some(1),
+                head_dim: None,
+                vocab_size: 32000,
+                rms_norm_eps: 1e-5,
+                rope_theta: 1000000.0,
+                max_position_embeddings: 32768,
+                sliding_window: None,
+                tie_word_embeddings: false,
+                rope_scaling: None,
+                attention_bias: false,
+                mlp_bias: false,
+                num_local_experts: Some(8),
+                num_experts_per_tok: Some(2),
             },
         },
         Preset {
@@ -799,6 +977,8 @@ pub fn presets() -> Vec<Preset> {
                 rope_scaling: None,
                 attention_bias: false,
                 mlp_bias: false,
+                num_local_experts: None,
+                num_experts_per_tok: None,
             },
         },
         Preset {
@@ -823,6 +1003,8 @@ pub fn presets() -> Vec<Preset> {
                 rope_scaling: None,
                 attention_bias: false,
                 mlp_bias: false,
+                num_local_experts: None,
+                num_experts_per_tok: None,
             },
         },
     ]
@@ -1022,12 +1204,12 @@ mod tests {
         let c = ModelConfig::from_json_str(&by_type, Path::new("config.json")).unwrap();
         assert!(c.qkv_bias() && !c.o_bias());
         assert_eq!(c.param_count(), 494_032_768);
-        let mixtral = by_type.replace("\"qwen2\"", "\"mixtral\"");
-        let e = ModelConfig::from_json_str(&mixtral, Path::new("config.json"))
+        let gemma = by_type.replace("\"qwen2\"", "\"gemma\"");
+        let e = ModelConfig::from_json_str(&gemma, Path::new("config.json"))
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("unsupported architecture") && e.contains("mixtral"),
+            e.contains("unsupported architecture") && e.contains("gemma"),
             "{e}"
         );
     }

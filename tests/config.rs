@@ -24,7 +24,15 @@ fn closed_form(c: &ModelConfig) -> u64 {
         0
     };
     let o_bias = if c.attention_bias { h } else { 0 };
-    let per_layer = h * q + h * kv + h * kv + q * h + h * i * 3 + 2 * h + qkv_bias + o_bias;
+    // Mixtral (`modeling_mixtral.py`, transformers 5): E experts' `gate_up_proj` (E, 2i, h)
+    // and `down_proj` (E, h, i), and the router `gate` (E, h), in place of one SwiGLU.
+    let mlp = if c.architectures.iter().any(|a| a == "MixtralForCausalLM") {
+        let e = c.num_local_experts.unwrap() as u64;
+        e * 2 * i * h + e * h * i + e * h
+    } else {
+        h * i * 3
+    };
+    let per_layer = h * q + h * kv + h * kv + q * h + mlp + 2 * h + qkv_bias + o_bias;
     v * h + l * per_layer + h + if c.tie_word_embeddings { 0 } else { v * h }
 }
 
@@ -53,6 +61,7 @@ fn published_counts() {
         ("qwen1.5-7b", 7_721_324_544),
         ("llama-3.1-8b", 8_030_261_248),
         ("mistral-nemo-12b", 12_247_782_400),
+        ("mixtral-8x7b-v0.1", 46_702_792_704),
     ] {
         assert_eq!(preset(name).unwrap().config.param_count(), want, "{name}");
     }
@@ -139,6 +148,80 @@ fn rejects_bad_configs_with_the_file_named() {
 
     let e = parse_err(&SMOLLM2_JSON.replace("\"hidden_size\": 576", "\"hidden_size\": -5"));
     assert!(matches!(e, Error::Config { .. }), "{e}");
+}
+
+/// mistralai/Mixtral-8x7B-v0.1's config.json, as published.
+const MIXTRAL_JSON: &str = r#"{
+  "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
+  "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+  "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mixtral",
+  "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32,
+  "num_key_value_heads": 8, "num_local_experts": 8, "output_router_logits": false,
+  "rms_norm_eps": 1e-05, "rope_theta": 1e6, "router_aux_loss_coef": 0.02,
+  "sliding_window": null, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+  "transformers_version": "4.36.0.dev0", "use_cache": true, "vocab_size": 32000
+}"#;
+
+/// Mixtral's config.json reads as the preset; its mixture of experts is checked: zero experts,
+/// a top-k above the experts, missing expert counts, expert counts on a dense architecture,
+/// the load-balancing loss and router jitter (not modelled) are refused, naming the field.
+#[test]
+fn mixtral_configs_are_read_and_checked() {
+    let c = ModelConfig::from_json_str(MIXTRAL_JSON, Path::new("config.json")).unwrap();
+    assert_eq!(c, preset("mixtral-8x7b-v0.1").unwrap().config);
+    let moe = c.moe().unwrap();
+    assert_eq!((moe.experts, moe.top_k), (8, 2));
+    assert!(preset("mistral-7b-v0.1").unwrap().config.moe().is_none());
+    for (from, to, needle) in [
+        (
+            r#""num_experts_per_tok": 2"#,
+            r#""num_experts_per_tok": 9"#,
+            "num_experts_per_tok = 9 must be between 1 and num_local_experts = 8",
+        ),
+        (
+            r#""num_experts_per_tok": 2"#,
+            r#""num_experts_per_tok": 0"#,
+            "num_experts_per_tok = 0",
+        ),
+        (
+            r#""num_local_experts": 8"#,
+            r#""num_local_experts": 0"#,
+            "num_local_experts must be positive",
+        ),
+        (
+            r#""num_local_experts": 8,"#,
+            r#""#,
+            "needs num_local_experts and num_experts_per_tok",
+        ),
+        (
+            r#""output_router_logits": false"#,
+            r#""output_router_logits": true"#,
+            "output_router_logits = true",
+        ),
+        (
+            r#""router_aux_loss_coef": 0.02"#,
+            r#""router_jitter_noise": 0.01"#,
+            "router_jitter_noise = 0.01 is not modelled",
+        ),
+        (
+            r#""architectures": ["MixtralForCausalLM"]"#,
+            r#""architectures": ["MistralForCausalLM"]"#,
+            "read only for MixtralForCausalLM",
+        ),
+    ] {
+        let text = MIXTRAL_JSON.replace(from, to);
+        assert_ne!(text, MIXTRAL_JSON, "{from}");
+        let e = parse_err(&text);
+        assert!(e.to_string().contains(needle), "{from} -> {to}: {e}");
+        assert!(e.to_string().contains("cfg/config.json"), "{e}");
+    }
+    // Without `architectures`, `model_type` names it.
+    let c = ModelConfig::from_json_str(
+        &MIXTRAL_JSON.replace(r#""architectures": ["MixtralForCausalLM"],"#, ""),
+        Path::new("config.json"),
+    )
+    .unwrap();
+    assert!(c.moe().is_some());
 }
 
 #[test]

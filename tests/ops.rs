@@ -397,6 +397,37 @@ fn lm_head_lora_cross_entropy_matches_composed_across_chunks() {
     );
 }
 
+/// The fused dropout equals `x · mask` with the mask it draws (read off by applying it to ones),
+/// values and gradients, and reproduces its mask from the seed.
+#[test]
+fn dropout_matches_composed() {
+    let shape = [3, 7, 5];
+    let mask = ops::dropout(
+        &Tensor::ones(&shape[..], DType::F64, &DEV).unwrap(),
+        0.3,
+        42,
+    )
+    .unwrap()
+    .detach();
+    let kept = mask
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+        .iter()
+        .filter(|&&m| m != 0.0)
+        .count();
+    assert!(kept > 0 && kept < 105, "{kept} of 105 kept");
+    let m2 = mask.clone();
+    check(
+        "dropout",
+        &|t| ops::dropout(&t[0], 0.3, 42).unwrap(),
+        &|t| (&t[0] * &m2).unwrap(),
+        &[randn(&shape, 31)],
+        Some(&shape),
+    );
+}
+
 #[test]
 fn bf16_fused_ops_stay_close_to_f32() {
     let x = randn(&[2, 5, 3, 8], 11);

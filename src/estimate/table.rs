@@ -134,7 +134,7 @@ fn linear(
                 out.push(t(format!("{p}.lora_B_cast"), "(out, r)", o * r, d));
             }
             if l.dropout > 0.0 {
-                out.push(t(format!("{p}.lora_dropout_mask"), "(N, in)", n * inp, d));
+                // The fused dropout keeps no mask (`src/ops/dropout.rs`).
                 out.push(t(format!("{p}.lora_dropout_out"), "(N, in)", n * inp, d));
             }
             out.push(t(format!("{p}.lora_a_out"), "(N, r)", n * r, d)); // x·Aᵀ
@@ -244,7 +244,6 @@ pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
             v.push(t("lm_head.lora_B_cast", "(V, r)", vocab * r, z.c));
         }
         if l.dropout > 0.0 {
-            v.push(t("lm_head.lora_dropout_mask", "(N, h)", n * h, z.c));
             v.push(t("lm_head.lora_dropout_out", "(N, h)", n * h, z.c));
         }
         v.push(t("lm_head.lora_a_out", "(N, r)", n * r, z.c));

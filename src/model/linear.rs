@@ -263,25 +263,12 @@ pub struct ForwardCtx {
 }
 
 /// Inverted dropout with a reproducible mask: keeps each element with probability `1 − p`
-/// and scales it by `1 / (1 − p)`. The mask is an activation-sized tensor that the graph keeps
-/// (as PyTorch keeps its mask).
+/// and scales it by `1 / (1 − p)`; the fused op [`crate::ops::dropout`], which keeps no mask.
 ///
 /// # Errors
 /// [`crate::error::Error::Candle`].
 pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| {
-            if rng.random::<f64>() >= p {
-                keep as f32
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok((x * mask)?)
+    crate::ops::dropout(x, p, seed)
 }
 
 /// A linear layer `(in → out)`: base weight plus an optional LoRA adapter.

@@ -15,6 +15,7 @@
 //! | [`swiglu`] | gate and up projections | `silu(gate)`, `sigmoid(gate)` |
 //! | [`attention`] | `q`, `k`, `v`, output | scores and probabilities (as FlashAttention) |
 //! | [`lm_head_cross_entropy`] | normed hidden states, LM-head weight | logits, chunk by chunk |
+//! | [`dropout`] | nothing (its input is kept by the frozen product) | the mask, from its seed |
 //!
 //! When no input tracks gradients (inference, frozen paths) the output is returned as is.
 
@@ -22,6 +23,7 @@ mod attention;
 mod cpu_attention;
 mod cpu_kernels;
 mod cpu_matmul;
+mod dropout;
 mod kernels;
 mod loss;
 mod norm;
@@ -31,6 +33,7 @@ mod swiglu;
 pub use attention::attention;
 pub use cpu_attention::{backward as cpu_attention_backward, BQ as CPU_ATTENTION_BLOCK_ROWS};
 pub use cpu_kernels::{calls as cpu_kernel_calls, Kernel as CpuKernel};
+pub use dropout::dropout;
 pub use kernels::launches as kernel_launches;
 pub use loss::{lm_head_cross_entropy, lm_head_lora_cross_entropy, CE_CHUNK_TOKENS};
 pub use norm::rms_norm;

@@ -124,6 +124,8 @@ pub fn config_from_gguf(c: &Content, path: &Path) -> Result<ModelConfig> {
         rope_scaling: None,
         attention_bias: false,
         mlp_bias: false,
+        num_local_experts: None,
+        num_experts_per_tok: None,
     };
     cfg.validate(path)?;
     Ok(cfg)
