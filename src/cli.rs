@@ -428,7 +428,7 @@ pub struct ModelArgs {
     /// LoRA settings (implies --method lora unless another method is given), e.g.
     /// `r=16,alpha=32,dropout=0.05,targets=q_proj,k_proj,v_proj,o_proj`. Targets: q,k,v,o,
     /// gate,up,down (with or without `_proj`), `attn`, `mlp`, `all-linear`, and `lm_head`,
-    /// `embed_tokens` (estimated by the torch profiles only). Defaults are PEFT's:
+    /// `embed_tokens` (PEFT's adapters outside the layers). Defaults are PEFT's:
     /// r=8, alpha=8, dropout=0, targets=q_proj,v_proj.
     #[arg(long)]
     pub lora: Option<LoraConfig>,

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Architectures vramcal's decoder implements (the `architectures` field of `config.json`).
+/// Architectures vramcal reads from `config.json` (its `architectures` field). Its decoder and
+/// estimator implement the first three; `MixtralForCausalLM` is read, checked and counted, and
+/// refused by [`crate::spec::TrainSpec::validate`] until its experts are modelled.
 pub const SUPPORTED_ARCHITECTURES: [&str; 4] = [
     "MistralForCausalLM",
     "LlamaForCausalLM",
@@ -519,10 +521,18 @@ impl ModelConfig {
         // Mixtral's load-balancing loss keeps every layer's router logits and adds an
         // auxiliary loss; its router jitter multiplies the hidden states by noise in training.
         // Neither is modelled; both are off in the released configs.
-        if raw.get("output_router_logits") == Some(&serde_json::Value::Bool(true)) {
-            return Err(bad(
-                "output_router_logits = true (Mixtral's load-balancing loss) is not modelled; the released configs set it false".into(),
-            ));
+        match raw.get("output_router_logits") {
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {}
+            Some(serde_json::Value::Bool(true)) => {
+                return Err(bad(
+                    "output_router_logits = true (Mixtral's load-balancing loss) is not modelled; the released configs set it false".into(),
+                ))
+            }
+            Some(v) => {
+                return Err(bad(format!(
+                    "output_router_logits = {v} must be true or false"
+                )))
+            }
         }
         if let Some(j) = raw.get("router_jitter_noise").filter(|v| !v.is_null()) {
             if j.as_f64() != Some(0.0) {

@@ -191,15 +191,16 @@ fn qwen2_on_the_cpu_is_estimated_within_1_percent() {
 
 /// Outside the calibration set, estimated with the CPU table fitted before they existed:
 /// vramcal's step under autocast (`amp-bf16`, `amp-fp16`, `bf16+amp`, `fp16+amp`; full, LoRA
-/// and QLoRA on smollm2-135m, `results/cpu/smollm2-135m-autocast.csv`), and with LoRA on
-/// `lm_head` and `embed_tokens` (f32, bf16, amp-bf16; checkpointing none and layers; dropout
-/// on the head, `results/cpu/smollm2-135m-lm-head-embed.csv`): median within 1 %, every row
-/// within 2 %, none under with a 2 % margin.
+/// and QLoRA on smollm2-135m, checkpointed too, `results/cpu/smollm2-135m-autocast.csv`), and
+/// with LoRA on `lm_head` and `embed_tokens` (f32, bf16, amp-bf16; checkpointing none and
+/// layers; dropout on the head; the head alone, `results/cpu/smollm2-135m-lm-head-embed.csv`,
+/// on whose head-only rows the `lora_B` gradient sum of the head was found): median within 1 %,
+/// every row within 2 %, none under with a 2 % margin.
 #[test]
 fn autocast_and_top_level_adapter_rows_are_estimated_without_refitting() {
     for (file, rows) in [
-        ("results/cpu/smollm2-135m-autocast.csv", 33),
-        ("results/cpu/smollm2-135m-lm-head-embed.csv", 30),
+        ("results/cpu/smollm2-135m-autocast.csv", 42),
+        ("results/cpu/smollm2-135m-lm-head-embed.csv", 36),
     ] {
         let text = succeeds(&[
             "check",

@@ -1486,6 +1486,11 @@ const BAD_FILES: &[Case] = &[
         untouched: None,
     },
     Case {
+        args: &["measure", "--model", "qwen2.5-0.5b", "--batch", "1", "--seq", "8", "--method", "lora", "--lora", "targets=q_proj,embed_tokens", "--merge-save"],
+        error: "head is tied to embed_tokens cannot be merged",
+        untouched: None,
+    },
+    Case {
         args: &["measure", "--model", "mixtral-mini", "--batch", "1", "--seq", "8"],
         error: "Mixtral's sparse mixture-of-experts block is not modelled yet",
         untouched: None,
@@ -1497,7 +1502,7 @@ const BAD_FILES: &[Case] = &[
     },
     Case {
         args: &["measure", "--model", "qwen2.5-0.5b", "--batch", "1", "--seq", "8", "--method", "lora", "--lora", "targets=q_proj,lm_head", "--save", "merged"],
-        error: "an lm_head adapter on a tied head cannot be merged",
+        error: "an lm_head or embed_tokens adapter on a model whose head is tied to embed_tokens cannot be merged",
         untouched: None,
     },
     Case {

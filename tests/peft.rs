@@ -489,29 +489,35 @@ fn merged_save_equals_base_plus_adapters() {
     }
 }
 
-/// An adapter on a tied head cannot be merged without changing the embedding: refused, and
-/// nothing is written.
+/// An adapter on `lm_head` or `embed_tokens` of a model whose head is tied to the embedding
+/// cannot be merged without changing the other: refused, and nothing is written.
 #[test]
-fn merging_a_tied_head_adapter_is_refused() {
+fn merging_a_tied_head_or_embedding_adapter_is_refused() {
     let tied = vramcal::config::ModelConfig {
         tie_word_embeddings: true,
         ..cfg()
     };
-    let mut m = Decoder::with_adaptation(
-        &tied,
-        &mut RandomWeights::new(11),
-        DType::F32,
-        &Device::Cpu,
-        &lora("r=4,alpha=8,targets=q_proj,lm_head"),
-    )
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("merged");
-    let e = m.merge_and_save(&out).unwrap_err().to_string();
-    assert!(e.contains("tied head"), "{e}");
-    assert!(!out.exists());
-    // q_proj's adapters in two layers, r·(in + out) each, and the head's.
-    assert_eq!(m.trainable_count(), 2 * 4 * (32 + 32) + 4 * (32 + 96));
+    for (targets, top) in [
+        ("q_proj,lm_head", 4 * (32 + 96)),
+        ("q_proj,embed_tokens", 4 * (96 + 32)),
+    ] {
+        let mut m = Decoder::with_adaptation(
+            &tied,
+            &mut RandomWeights::new(11),
+            DType::F32,
+            &Device::Cpu,
+            &lora(&format!("r=4,alpha=8,targets={targets}")),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("merged");
+        let e = m.merge_and_save(&out).unwrap_err().to_string();
+        assert!(e.contains("tied to embed_tokens"), "{e}");
+        assert!(!out.exists());
+        // Nothing was merged away: q_proj's adapters in two layers, r·(in + out) each, and the
+        // top-level one.
+        assert_eq!(m.trainable_count(), 2 * 4 * (32 + 32) + top);
+    }
 }
 
 #[test]

@@ -37,7 +37,7 @@ pub fn min_bytes(cfg: &ModelConfig, spec: &TrainSpec) -> Option<u64> {
         (spec.batch as u64)
             .checked_mul(cfg.num_attention_heads as u64)?
             .checked_mul((spec.seq as u64).checked_mul(spec.seq as u64)?)?
-            .checked_mul(w)?
+            .checked_mul(spec.compute_dtype().size_in_bytes() as u64)?
             .checked_mul(layers)?
     } else {
         0

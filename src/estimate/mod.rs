@@ -378,6 +378,11 @@ pub struct Terms {
     /// torch profiles on CUDA the cuBLAS workspaces ([`torch::CUBLAS_WORKSPACES`]); 0 on the
     /// CPU and for `candle`.
     pub workspace: u64,
+    /// Bytes counted, not fitted, alive at the head's backward only ([`Moment::Head`]): under
+    /// checkpointing in vramcal's step, the fused head's kept casts and `lm_head` adapter path
+    /// ([`table::head_side`]); 0 otherwise (without checkpointing they count with the
+    /// activations) and for the torch profiles.
+    pub head_static: u64,
 }
 
 impl Terms {
@@ -439,12 +444,22 @@ impl Terms {
         }
     }
 
+    /// The bytes counted, not fitted, that only moment `m` of backward holds
+    /// ([`Terms::head_static`] at the head's).
+    pub fn static_at(&self, m: Moment) -> u64 {
+        if m == Moment::Head {
+            self.head_static
+        } else {
+            0
+        }
+    }
+
     /// The moment that holds the peak under coefficients `c` (the first of equal ones).
     pub fn peak_moment(&self, c: &[f64; N_TERMS]) -> Moment {
         let dot = |r: [f64; N_TERMS]| r.iter().zip(c).map(|(x, k)| x * k).sum::<f64>();
         let mut best = (Moment::Head, f64::NEG_INFINITY);
         for m in MOMENTS {
-            let v = dot(self.design(m));
+            let v = dot(self.design(m)) + self.static_at(m) as f64;
             if v > best.1 {
                 best = (m, v);
             }
@@ -506,7 +521,16 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
     let head = table::logits_chunk(cfg, spec);
     let l = cfg.num_hidden_layers as u64;
     let n = (spec.batch * spec.seq) as u64;
+    // LoRA on `lm_head` alone: no layer holds a trainable tensor or receives a gradient, so
+    // without checkpointing the layers keep nothing (and run no backward); under checkpointing
+    // `Decoder::backward` still recomputes every segment from a leaf.
+    let layers_idle = spec
+        .adaptation
+        .lora
+        .as_ref()
+        .is_some_and(|l| l.targets.is_empty() && !l.embed_tokens);
     let (kept, ckpt) = match spec.checkpointing {
+        Checkpointing::None if layers_idle => (0, 0),
         Checkpointing::None => (l, 0),
         // One segment of k layers recomputed at a time; every segment's input kept, plus the
         // leaf copy of the last hidden state.
@@ -540,6 +564,7 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
                         1
                     }) as f64
             }
+            Term::AttentionTransient | Term::CpuAttentionTransient if kept == 0 => 0.0,
             Term::AttentionTransient if cpu && cpu_attention_kernel(spec) => 0.0,
             Term::AttentionTransient => table::attention_scores(cfg, spec) as f64,
             Term::Constant => 1.0,
@@ -548,9 +573,12 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
             Term::CpuBf16MatmulWidening
                 if cpu && spec.compute_dtype() == candle_core::DType::BF16 =>
             {
-                bf16_matmul_widening(cfg, spec).saturating_sub(2 * head) as f64
+                (bf16_matmul_widening(cfg, spec).saturating_sub(2 * head)
+                    + head_adapter_grad_sum(cfg, spec)) as f64
             }
-            Term::CpuBf16MatmulWidening if cpu => head_weight_grad_f32(cfg, spec) as f64,
+            Term::CpuBf16MatmulWidening if cpu => {
+                (head_weight_grad_f32(cfg, spec) + head_adapter_grad_sum(cfg, spec)) as f64
+            }
             Term::CpuBf16MatmulWidening => 0.0,
             Term::CpuAttentionTransient if cpu && cpu_attention_kernel(spec) => {
                 cpu_attention_transient(cfg, spec) as f64
@@ -563,6 +591,11 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
         step_transient: 0,
         accumulating: spec.accumulate > 1,
         workspace: 0,
+        head_static: if ckpt > 0 {
+            table::head_side(cfg, spec).iter().map(|x| x.bytes()).sum()
+        } else {
+            0
+        },
     }
 }
 
@@ -664,6 +697,23 @@ pub fn head_weight_grad_f32(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     total - d * vh
 }
 
+/// The f32 running sum of an `lm_head` adapter's `lora_B` gradient in the fused head's backward
+/// beyond the gradient itself (bytes, `src/ops/loss.rs`: each chunk's part `Gᵀ·u` `(V, r)` is
+/// converted to f32 and added to the sum of the earlier chunks'): with more than one chunk the
+/// part and the new sum beside the old, `2·4·V·r`; nothing with one chunk or without the
+/// adapter. Found on `results/cpu/smollm2-135m-lm-head-embed.csv`'s `lm_head`-only QLoRA row at
+/// 1 × 512 (2.7 % under without it), whose peak is the head's backward.
+pub fn head_adapter_grad_sum(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let Some(l) = spec.adaptation.lora.as_ref().filter(|l| l.lm_head) else {
+        return 0;
+    };
+    let n = (spec.batch * spec.seq) as u64;
+    if n <= crate::ops::CE_CHUNK_TOKENS as u64 {
+        return 0;
+    }
+    2 * 4 * (cfg.vocab_size * l.r) as u64
+}
+
 /// The optimizer step's transient beyond weights, gradients and states (bytes).
 ///
 /// vramcal's (`candle` profile, `src/optim/`): on the CPU every optimizer updates in place,
@@ -761,8 +811,9 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile: Profile, cpu: bool) -
 
 /// Predicted peak of step 2's backward with coefficients `c` (see [`Term`]).
 pub fn predicted_backward_peak(t: &Terms, c: &Coefficients) -> f64 {
-    let row = t.design(t.peak_moment(&c.values));
-    (t.weights + t.optimizer_states + t.workspace) as f64
+    let m = t.peak_moment(&c.values);
+    let row = t.design(m);
+    (t.weights + t.optimizer_states + t.workspace + t.static_at(m)) as f64
         + row.iter().zip(c.values).map(|(x, k)| x * k).sum::<f64>()
 }
 
@@ -881,7 +932,15 @@ pub fn estimate_sharded(
         held
     };
     let mut items = held.clone();
-    let row = t.design(t.peak_moment(&c.values));
+    let moment = t.peak_moment(&c.values);
+    if t.static_at(moment) > 0 {
+        items.push(Item {
+            name: "head casts and adapter (checkpointed)".into(),
+            bytes: t.static_at(moment),
+            formula: "the fused head's kept autocast casts and lm_head adapter path (saved-tensor table), counted".into(),
+        });
+    }
+    let row = t.design(moment);
     for term in Term::ALL {
         let i = term.index();
         let (name, f) = term.item();

@@ -205,20 +205,11 @@ pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
         t("embed_out", "(N, h)", n * h, z.w),
         t("norm.out", "(N, h)", n * h, z.w),
     ];
-    let vocab = cfg.vocab_size as u64;
-    if z.casts(spec) {
-        // Autocast: the head's operands cast to the compute dtype, kept by the fused head.
-        v.push(t("norm.out_cast", "(N, h)", n * h, z.c));
-        v.push(t("lm_head.weight_cast", "(V, h)", vocab * h, z.c));
-    }
-    let Some(l) = &spec.adaptation.lora else {
-        return v;
-    };
-    let r = l.r as u64;
-    if l.embed_tokens {
+    if let Some(l) = spec.adaptation.lora.as_ref().filter(|l| l.embed_tokens) {
         // PEFT's LoRA `Embedding` (`Decoder::embed`): the gathered columns of `A`, their product
         // with `Bᵀ` in the compute dtype and scaled, cast back, and the frozen lookup the add
         // keeps beside its sum (`embed_out`).
+        let r = l.r as u64;
         v.push(t(
             "embed_tokens.lora_embedding_A_rows",
             "(r, N)",
@@ -236,9 +227,29 @@ pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
         }
         v.push(t("embed_tokens.base", "(N, h)", n * h, z.w));
     }
-    if l.lm_head {
+    v.extend(head_side(cfg, spec));
+    v
+}
+
+/// The part of [`head`] that the fused head's graph keeps beyond the normed states: autocast's
+/// casts of its operands and the `lm_head` adapter's path. Under checkpointing it is alive
+/// from the head's forward to the end of the head's backward only (the `candle` profile counts
+/// it there, [`super::Terms::head_static`]); the normed states themselves are left to the
+/// calibration, as before these existed.
+pub fn head_side(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
+    let z = Sizes::of(spec);
+    let n = (spec.batch * spec.seq) as u64;
+    let (h, vocab) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
+    let mut v = Vec::new();
+    if z.casts(spec) {
+        // Autocast: the head's operands cast to the compute dtype, kept by the fused head.
+        v.push(t("norm.out_cast", "(N, h)", n * h, z.c));
+        v.push(t("lm_head.weight_cast", "(V, h)", vocab * h, z.c));
+    }
+    if let Some(l) = spec.adaptation.lora.as_ref().filter(|l| l.lm_head) {
         // LoRA on the head (`Decoder::head_loss`): `u = (alpha/r)·dropout(x)·Aᵀ` joins the
         // normed states as `[x | u]`, which the fused head keeps; `B` meets `u` chunk by chunk.
+        let r = l.r as u64;
         if z.a != z.c {
             v.push(t("lm_head.lora_A_cast", "(r, h)", r * h, z.c));
             v.push(t("lm_head.lora_B_cast", "(V, r)", vocab * r, z.c));

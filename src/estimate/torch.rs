@@ -651,7 +651,7 @@ pub fn load_bytes(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     };
     // PEFT adds the adapters after loading.
     let adapters = spec.adaptation.lora.as_ref().map_or(0, |l| {
-        crate::spec::lora_param_count(cfg, l) * dtypes(spec).d
+        crate::spec::lora_param_count(cfg, l) * spec.adapter_dtype().size_in_bytes() as u64
     });
     weights(cfg, spec) - adapters + tied
 }
@@ -715,6 +715,7 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms 
         step_transient: optimizer(cfg, spec),
         accumulating: spec.accumulate > 1,
         workspace: if spec.torch_cpu { 0 } else { CUBLAS_WORKSPACES },
+        head_static: 0,
     }
 }
 

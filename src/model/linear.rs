@@ -169,7 +169,7 @@ impl Param {
 pub enum Weight {
     /// Trained (full fine-tuning).
     Trainable(Var),
-    /// Frozen, dense in the compute dtype.
+    /// Frozen, dense, in the weights' dtype (cast per use under autocast).
     Frozen(Tensor),
     /// Frozen, NF4-quantized; dequantized per use.
     Nf4(Arc<Nf4Tensor>),
@@ -215,9 +215,7 @@ impl LoraAdapter {
             dropout: cfg.dropout,
         })
     }
-}
 
-impl LoraAdapter {
     /// A fresh adapter on the token embedding, PEFT's LoRA `Embedding`:
     /// `lora_embedding_A` `(r, vocab)` zero, used as an embedding table (`A[:, id]`), and
     /// `lora_embedding_B` `(hidden, r)` standard normal (PEFT's `reset_lora_parameters`

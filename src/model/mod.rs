@@ -515,7 +515,7 @@ impl Decoder {
     }
 
     /// Forward pass without dropout: token ids `(batch, seq)` (u32) → logits
-    /// `(batch, seq, vocab)` in the model dtype.
+    /// `(batch, seq, vocab)` in the compute dtype (the model's, or autocast's).
     ///
     /// # Errors
     /// [`Error::InvalidValue`] for an empty input; [`Error::Candle`] otherwise (e.g. ids

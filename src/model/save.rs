@@ -93,11 +93,11 @@ impl Decoder {
     /// # Errors
     /// [`Error::Io`]/[`Error::Weights`] on write failure; [`Error::Candle`].
     pub fn merge_and_save(&mut self, dir: &Path) -> Result<u64> {
-        if self.lm_head_lora.is_some() && self.lm_head.is_none() {
+        if (self.lm_head_lora.is_some() || self.embed_lora.is_some()) && self.lm_head.is_none() {
             return Err(Error::invalid(
                 "--save",
                 "merged",
-                "an lm_head adapter on a tied head cannot be merged without changing embed_tokens too; save the adapter (--save adapter)",
+                "an lm_head or embed_tokens adapter on a model whose head is tied to embed_tokens cannot be merged without changing the other too; save the adapter (--save adapter)",
             ));
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

@@ -79,7 +79,7 @@ impl Target {
             "down" | "down_proj" => one(Target::DownProj),
             "attn" => Some(Target::ALL[..4].to_vec()),
             "mlp" => Some(Target::ALL[4..].to_vec()),
-            "all-linear" | "all" => Some(Target::ALL.to_vec()),
+            "all-linear" => Some(Target::ALL.to_vec()),
             _ => None,
         }
     }
@@ -96,12 +96,11 @@ pub struct LoraConfig {
     pub dropout: f64,
     /// Adapted modules of every decoder layer, sorted, no duplicates.
     pub targets: Vec<Target>,
-    /// An adapter on `lm_head` (PEFT: a LoRA `Linear`; `all-linear` leaves it out). vramcal's
-    /// own step does not train it yet: the torch profiles estimate it.
+    /// An adapter on `lm_head` (PEFT: a LoRA `Linear`; `all-linear` leaves it out).
     #[serde(default)]
     pub lm_head: bool,
     /// An adapter on `embed_tokens` (PEFT's LoRA `Embedding`: `A` `(r, V)` used as an embedding
-    /// table, `B` `(h, r)` a linear). Estimated by the torch profiles only, as `lm_head`.
+    /// table, `B` `(h, r)` a linear).
     #[serde(default)]
     pub embed_tokens: bool,
 }

@@ -217,12 +217,12 @@ impl TrainSpec {
         self.adaptation.validate(self.dtype)?;
         if self.save == SaveMode::Merged
             && cfg.tie_word_embeddings
-            && self.adaptation.lora.as_ref().is_some_and(|l| l.lm_head)
+            && self.adaptation.lora.as_ref().is_some_and(|l| l.top_level())
         {
             return Err(Error::invalid(
                 "--save",
                 "merged",
-                "an lm_head adapter on a tied head cannot be merged without changing embed_tokens too; save the adapter (--save adapter)",
+                "an lm_head or embed_tokens adapter on a model whose head is tied to embed_tokens cannot be merged without changing the other too; save the adapter (--save adapter)",
             ));
         }
         self.checkpointing.validate(cfg.num_hidden_layers)?;

@@ -42,7 +42,7 @@ impl FromStr for SaveMode {
         match s {
             "none" => Ok(SaveMode::None),
             "adapter" | "trained" => Ok(SaveMode::Adapter),
-            "merged" | "merge" => Ok(SaveMode::Merged),
+            "merged" => Ok(SaveMode::Merged),
             _ => Err(Error::invalid(
                 "--save",
                 s,

@@ -322,7 +322,19 @@ pub fn check_measurable(spec: &TrainSpec) -> anyhow::Result<()> {
         return Err(Error::invalid(
             "--precision",
             "fp16+amp",
-            "full fine-tuning in fp16+amp trains fp16 weights with fp16 AdamW states (PyTorch's GradScaler refuses fp16 gradients); use amp-fp16 or fp16-master, or fp16+amp with LoRA (fp32 adapters)",
+            "full fine-tuning in fp16+amp trains fp16 weights with fp16 gradients and optimizer states (PyTorch's GradScaler refuses fp16 gradients); use amp-fp16 or fp16-master, or fp16+amp with LoRA (fp32 adapters)",
+        )
+        .into());
+    }
+    if spec.precision.is_none()
+        && spec.adaptation.lora.is_none()
+        && spec.dtype == candle_core::DType::F16
+        && spec.state_dtype == candle_core::DType::F16
+    {
+        return Err(Error::invalid(
+            "--optimizer-state-dtype",
+            "f16",
+            "f16 weights with f16 optimizer states (the fp16 recipe) diverge in vramcal's step (non-finite loss); use f32 states or --precision fp16-master",
         )
         .into());
     }
