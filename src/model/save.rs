@@ -102,6 +102,9 @@ impl Decoder {
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let device = self.device().clone();
+        // Every tensor of the file in the weights' dtype: an NF4 base dequantizes to the compute
+        // dtype, which differs under autocast.
+        let wd = self.dtype();
         // The top-level adapters, merged in place into their frozen bases.
         let merge_into = |p: &Param, delta: Tensor| -> Result<()> {
             let w = p.tensor();
@@ -167,7 +170,7 @@ impl Decoder {
                         }
                     }
                 };
-                tensors.insert(format!("{p}.{}.weight", t.path()), w);
+                tensors.insert(format!("{p}.{}.weight", t.path()), w.to_dtype(wd)?);
                 if let Some(b) = &lin.bias {
                     tensors.insert(format!("{p}.{}.bias", t.path()), param(b));
                 }
