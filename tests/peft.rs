@@ -489,6 +489,34 @@ fn merged_save_equals_base_plus_adapters() {
     }
 }
 
+/// Under autocast an NF4 base dequantizes to the compute dtype (bf16); a merged save still
+/// writes every tensor in the weights' dtype (f32).
+#[test]
+fn merged_save_under_autocast_keeps_the_weights_dtype() {
+    use vramcal::model::Recipe;
+    let mut m = Decoder::with_recipe(
+        &cfg(),
+        &mut RandomWeights::new(11),
+        &Device::Cpu,
+        &qlora("r=4,alpha=8,targets=all-linear"),
+        Recipe {
+            weights: DType::F32,
+            compute: DType::BF16,
+            adapters: DType::F32,
+        },
+    )
+    .unwrap();
+    randomize_b(&m);
+    let dir = tempfile::tempdir().unwrap();
+    m.merge_and_save(dir.path()).unwrap();
+    let st =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(!st.is_empty());
+    for (name, t) in &st {
+        assert_eq!(t.dtype(), DType::F32, "{name}");
+    }
+}
+
 /// An adapter on `lm_head` or `embed_tokens` of a model whose head is tied to the embedding
 /// cannot be merged without changing the other: refused, and nothing is written.
 #[test]
