@@ -1840,3 +1840,55 @@ fn padding_free_is_offered_for_padded_data() {
     );
     assert!(free["peak_bytes"].as_u64().unwrap() < peak);
 }
+
+/// estimate's suggested LoRA/QLoRA alternatives to a full fine-tuning `+amp` spec keep PEFT's
+/// fp32 adapters and states, as `--method lora` with that recipe does: the suggestion's peak
+/// equals the direct estimate's.
+#[test]
+fn advice_alternatives_under_amp_match_the_direct_estimate() {
+    let run = |extra: &[&str]| -> String {
+        let out = vramcal()
+            .args([
+                "estimate",
+                "--model",
+                "mistral-7b-v0.1",
+                "--precision",
+                "bf16+amp",
+                "--seq",
+                "1024",
+                "--gpu",
+                "4090",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let advice = run(&[]);
+    let suggested = advice
+        .lines()
+        .find(|l| l.contains("(--method lora) + checkpointing:"))
+        .unwrap_or_else(|| panic!("{advice}"))
+        .rsplit(": ")
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    let direct = run(&[
+        "--method",
+        "lora",
+        "--lora",
+        "r=16,alpha=32,targets=all-linear",
+        "--checkpointing",
+        "layers",
+    ]);
+    let peak = direct
+        .lines()
+        .find(|l| l.starts_with("peak (predicted)"))
+        .unwrap_or_else(|| panic!("{direct}"))
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_string();
+    assert_eq!(suggested, format!("{peak} GiB"), "{advice}\n{direct}");
+}

@@ -93,12 +93,18 @@ pub fn alternatives(
         let lora = "r=16,alpha=32,targets=all-linear"
             .parse::<LoraConfig>()
             .expect("valid");
+        // Under a `+amp` recipe PEFT keeps the adapters, and so their states, in fp32 (as
+        // `--method lora` with that recipe resolves them).
+        let fp32_adapters = spec.precision.is_some_and(|p| p.fp32_adapters());
         let mut s = spec.clone();
         s.adaptation = Adaptation {
             lora: Some(lora.clone()),
             quant: Quant::None,
             seed: 0,
         };
+        if fp32_adapters {
+            s.state_dtype = candle_core::DType::F32;
+        }
         v.push((
             "LoRA r=16 on all linear layers (--method lora)".to_string(),
             s,
@@ -109,6 +115,9 @@ pub fn alternatives(
             quant: Quant::Nf4 { double: true },
             seed: 0,
         };
+        if fp32_adapters {
+            s.state_dtype = candle_core::DType::F32;
+        }
         v.push((
             "QLoRA r=16 on all linear layers (--method qlora --double-quant)".to_string(),
             s,
