@@ -53,6 +53,7 @@ FIELDS = [
     "timed_steps", "forward_seconds",
     "backward_seconds", "optimizer_seconds", "torch_version", "transformers_version",
     "peft_version", "bitsandbytes_version", "utc_time", "host_cpu", "threads", "command",
+    "trainable_params",
 ]
 # CUDA files also carry the card's memory, which out-of-memory rows need (`counter` = `oom`).
 FIELDS_CUDA = FIELDS + ["gpu_memory_bytes"]
@@ -407,6 +408,9 @@ def measure(args, cfg, p):
                     autocast_adapter_dtype=fp32_adapters or method == "qlora")
         model.train()
         params = [q for q in model.parameters() if q.requires_grad]
+        # What the optimizer steps, as PEFT builds it (a Mixtral all-linear LoRA's fused expert
+        # adapters at doubled rank included).
+        row["trainable_params"] = sum(q.numel() for q in params)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # bitsandbytes' paged-on-CPU warning
             opt = optimizer(p["optimizer"], params)
@@ -627,12 +631,15 @@ def main():
     if not new:
         with open(a.out, newline="") as f:
             r = csv.DictReader(f)
-            if r.fieldnames != fields:
+            # Files written before a column was added (`trainable_params`) keep their columns.
+            older = [c for c in fields if c != "trainable_params"]
+            if r.fieldnames not in (fields, older):
                 sys.exit(f"error: {a.out} has other columns than this script writes; "
                          f"use a new --out file")
+            fields = r.fieldnames
             done = {row["id"] for row in r}
     with open(a.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             w.writeheader()
         for p in points:

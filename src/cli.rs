@@ -428,8 +428,9 @@ pub struct ModelArgs {
     /// LoRA settings (implies --method lora unless another method is given), e.g.
     /// `r=16,alpha=32,dropout=0.05,targets=q_proj,k_proj,v_proj,o_proj`. Targets: q,k,v,o,
     /// gate,up,down (with or without `_proj`), `attn`, `mlp`, `all-linear`, and `lm_head`,
-    /// `embed_tokens` (PEFT's adapters outside the layers). Defaults are PEFT's:
-    /// r=8, alpha=8, dropout=0, targets=q_proj,v_proj.
+    /// `embed_tokens` (PEFT's adapters outside the layers); on Mixtral, `all-linear` also
+    /// adapts the router and the experts (PEFT's), and gate/up/down are refused. Defaults are
+    /// PEFT's: r=8, alpha=8, dropout=0, targets=q_proj,v_proj.
     #[arg(long)]
     pub lora: Option<LoraConfig>,
     /// Quantization of the frozen base: `none`, `nf4` or `nf4-dq` (= `nf4 --double-quant`);

@@ -52,3 +52,35 @@ fn the_saved_tensor_table_matches_autograd() {
     );
     assert!(exact * 10 >= rows * 9, "{exact} of {rows} exact to 1 KiB");
 }
+
+/// The trainable parameters of every row that records them (`trainable_params`, what the
+/// optimizer steps as PEFT built the model) are the estimator's count exactly: full
+/// fine-tuning's parameters, LoRA's adapters, and a Mixtral model's router and expert adapters
+/// under `all-linear` (`gate_up_proj` at doubled rank).
+#[test]
+fn trainable_parameters_are_pefts() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut rows = 0;
+    let mut moe = 0;
+    for f in common::torch_cpu_files().iter().map(|f| root.join(f)) {
+        let mut r = csv::Reader::from_path(&f).unwrap();
+        let counts: std::collections::HashMap<String, u64> = r
+            .deserialize::<std::collections::HashMap<String, String>>()
+            .map(Result::unwrap)
+            .filter_map(|m| Some((m["id"].clone(), m.get("trainable_params")?.parse().ok()?)))
+            .collect();
+        for p in read_references(&f).unwrap() {
+            let Some(&want) = counts.get(&p.id) else {
+                continue;
+            };
+            let cfg = vramcal::config::preset(&p.model).unwrap().config;
+            assert_eq!(p.spec.trainable_params(&cfg), want, "{}", p.id);
+            rows += 1;
+            moe += usize::from(cfg.moe().is_some() && p.spec.adaptation.lora.is_some());
+        }
+    }
+    assert!(
+        rows >= 78 && moe >= 50,
+        "{rows} rows, {moe} of them LoRA on a MoE model"
+    );
+}

@@ -564,6 +564,7 @@ fn lora(c: &Cells, raw: &ReferenceRow) -> Result<LoraConfig> {
             .ok_or_else(|| c.err("lora_dropout", v, "expected a number in [0, 1)"))?,
     };
     let (mut lm_head, mut embed_tokens) = (false, false);
+    let all_linear = raw.lora_targets == "all-linear";
     let mut targets = match raw.lora_targets.as_str() {
         "all-linear" => Target::ALL.to_vec(),
         "" => return Err(c.err("lora_targets", "", "a LoRA row needs its target modules")),
@@ -595,6 +596,7 @@ fn lora(c: &Cells, raw: &ReferenceRow) -> Result<LoraConfig> {
         targets,
         lm_head,
         embed_tokens,
+        all_linear,
     })
 }
 

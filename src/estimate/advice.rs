@@ -58,6 +58,7 @@ pub fn alternatives(
             let mut s = spec.clone();
             if let Some(l) = s.adaptation.lora.as_mut() {
                 l.targets = fewer.to_vec();
+                l.all_linear = false;
                 l.lm_head = false;
                 l.embed_tokens = false;
             }

@@ -383,6 +383,10 @@ pub struct Terms {
     /// ([`table::head_side`]); 0 otherwise (without checkpointing they count with the
     /// activations) and for the torch profiles.
     pub head_static: u64,
+    /// Bytes counted, not fitted, alive at a layer's backward only ([`Moment::Layer`]): for the
+    /// torch profiles, the gradient of PEFT's adapted expert stack ([`torch::moe_backward`]);
+    /// 0 otherwise.
+    pub layer_static: u64,
 }
 
 impl Terms {
@@ -445,12 +449,12 @@ impl Terms {
     }
 
     /// The bytes counted, not fitted, that only moment `m` of backward holds
-    /// ([`Terms::head_static`] at the head's).
+    /// ([`Terms::head_static`] at the head's, [`Terms::layer_static`] at a layer's).
     pub fn static_at(&self, m: Moment) -> u64 {
-        if m == Moment::Head {
-            self.head_static
-        } else {
-            0
+        match m {
+            Moment::Head => self.head_static,
+            Moment::Layer => self.layer_static,
+            Moment::End | Moment::Step => 0,
         }
     }
 
@@ -596,6 +600,7 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
         } else {
             0
         },
+        layer_static: 0,
     }
 }
 
@@ -855,6 +860,9 @@ pub fn estimate_sharded(
         ));
     }
     spec.validate(cfg)?;
+    if profile == Profile::Candle {
+        crate::spec::check_candle_step(cfg)?;
+    }
     // A torch table fitted on PyTorch's CPU rows describes PyTorch on the CPU.
     let cpu_spec;
     let spec = if profile != Profile::Candle && c.cpu && !spec.torch_cpu {
@@ -934,10 +942,17 @@ pub fn estimate_sharded(
     let mut items = held.clone();
     let moment = t.peak_moment(&c.values);
     if t.static_at(moment) > 0 {
-        items.push(Item {
-            name: "head casts and adapter (checkpointed)".into(),
-            bytes: t.static_at(moment),
-            formula: "the fused head's kept autocast casts and lm_head adapter path (saved-tensor table), counted".into(),
+        items.push(match moment {
+            Moment::Layer => Item {
+                name: "expert gradient (layer backward)".into(),
+                bytes: t.static_at(moment),
+                formula: "PEFT all-linear on a mixture of experts: E · h · i × experts' dtype beyond the layer's saved tensors, counted".into(),
+            },
+            _ => Item {
+                name: "head casts and adapter (checkpointed)".into(),
+                bytes: t.static_at(moment),
+                formula: "the fused head's kept autocast casts and lm_head adapter path (saved-tensor table), counted".into(),
+            },
         });
     }
     let row = t.design(moment);

@@ -100,7 +100,7 @@ pub fn layer(
     let kv = target_shape(cfg, Target::KProj).0 as u64;
     let full = spec.adaptation.lora.is_none();
     let lora = spec.adaptation.lora.as_ref();
-    let targeted = |x: Target| lora.is_some_and(|l| l.targets.contains(&x));
+    let targeted = |x: Target| lora.is_some_and(|l| l.layer_targets(cfg).contains(&x));
     let trains = |x: Target| full || targeted(x);
     let dropout = lora.is_some_and(|l| l.dropout > 0.0);
     let rank = lora.map_or(0, |l| l.r as u64);
@@ -167,10 +167,16 @@ pub fn layer(
                     a,
                 ));
                 if amp {
-                    let adapters = rank * (inp + out);
+                    // `B`'s copy is kept for its input's gradient; `A`'s only where the layer's
+                    // input needs one.
+                    let (adapters, shape) = if grad {
+                        (rank * (inp + out), "(r, in + out)")
+                    } else {
+                        (rank * out, "(out, r)")
+                    };
                     v.push(t(
                         format!("{}.lora_AB.weight_cast", x.name()),
-                        "(r, in + out)",
+                        shape,
                         adapters,
                         a,
                     ));
@@ -270,18 +276,23 @@ pub fn layer(
         v.pop();
     }
     norm(&mut v, "post_attention_layernorm", post_grad);
-    linears(&mut v, &[Target::GateProj, Target::UpProj], h, post_grad);
-    // SiLU keeps `gate`; the product keeps `silu(gate)` and `up`. bitsandbytes' 4-bit product
-    // runs outside autocast and returns its input's dtype (the fp32 residual stream's).
-    let m = if quantized { r } else { a };
-    v.push(t("mlp.gate", "(N, i)", n * i, m));
-    v.push(t("mlp.silu", "(N, i)", n * i, m));
-    v.push(t("mlp.up", "(N, i)", n * i, m));
-    linears(&mut v, &[Target::DownProj], i, true);
-    if let Some(x) = v.iter_mut().rev().find(|x| x.name == "input") {
-        // down_proj's input is the product, not yet kept by anything.
-        x.name = "down_proj.input".into();
-        x.elem_bytes = a;
+    match cfg.moe() {
+        Some(m) => moe_block(&mut v, cfg, spec, m, post_grad),
+        None => {
+            linears(&mut v, &[Target::GateProj, Target::UpProj], h, post_grad);
+            // SiLU keeps `gate`; the product keeps `silu(gate)` and `up`. bitsandbytes' 4-bit product
+            // runs outside autocast and returns its input's dtype (the fp32 residual stream's).
+            let m = if quantized { r } else { a };
+            v.push(t("mlp.gate", "(N, i)", n * i, m));
+            v.push(t("mlp.silu", "(N, i)", n * i, m));
+            v.push(t("mlp.up", "(N, i)", n * i, m));
+            linears(&mut v, &[Target::DownProj], i, true);
+            if let Some(x) = v.iter_mut().rev().find(|x| x.name == "input") {
+                // down_proj's input is the product, not yet kept by anything.
+                x.name = "down_proj.input".into();
+                x.elem_bytes = a;
+            }
+        }
     }
     for x in &mut v {
         if x.name == "input" {
@@ -289,6 +300,138 @@ pub fn layer(
         }
     }
     v
+}
+
+/// What a Mixtral sparse mixture-of-experts block saves for backward (transformers 5.24
+/// `models/mixtral/modeling_mixtral.py` `MixtralTopKRouter` and `integrations/moe.py`
+/// `grouped_mm_experts_forward`, its default experts implementation; PEFT 0.21.2's
+/// `ParamWrapper` for the expert tensors under `all-linear`), `S = N·k` token–expert pairs, `E`
+/// experts, `e` the experts' dtype (the weights': `grouped_mm` is outside autocast and casts
+/// its input to the weight's dtype; fp32 under QLoRA, where `prepare_model_for_kbit_training`
+/// casts every parameter bitsandbytes left unquantized to fp32). Read off
+/// `saved_tensors_hooks` on `mixtral-mini` (`results/torch-cpu/mixtral-mini.csv`):
+/// * the router: its input where its weight trains, the fp32 softmax `(N, E)`, the top-k
+///   indices `(N, k)` int64, their sum `(N, 1)` and the normalised weights `(N, k)` (fp32);
+/// * the sort: the gather indices `perm // k` and `perm`, the inverse permutation (each `(S,)`
+///   int64) and the `(E,)` int32 group offsets;
+/// * the experts: the gathered input `(S, h)` and the SwiGLU product `(S, i)` where the expert
+///   weights train, the `gate_up` output `(S, 2i)` (SiLU and the product keep views of it),
+///   `silu(gate)` `(S, i)`, the routing weights `(S, 1)` fp32 and the `down` output `(S, h)`
+///   (kept for the routing weights' gradient);
+/// * under autocast the router's 16-bit weight copy `(E, h)` (and its LoRA factors' copies);
+/// * under `all-linear`: the adapted weights `W + s·B·A` PEFT forms on every forward, a whole
+///   expert stack each (`(E, 2i, h)` and `(E, h, i)`, kept by `grouped_mm` for its input's
+///   gradient), the router's `(E, h)`, and on the CPU with 16-bit adapters the router factors'
+///   fp32 copies (PEFT's `Linear.get_delta_weight`).
+fn moe_block(
+    v: &mut Vec<SavedTensor>,
+    cfg: &ModelConfig,
+    spec: &TrainSpec,
+    m: crate::config::Moe,
+    grad: bool,
+) {
+    if !grad {
+        return;
+    }
+    let Dtypes { d, a, r, amp } = dtypes(spec);
+    let n = (spec.batch * spec.seq) as u64;
+    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let (experts, k) = (m.experts as u64, m.top_k as u64);
+    let s = n * k;
+    let lora = spec.adaptation.lora.as_ref();
+    let adapted = lora.is_some_and(|l| l.experts_adapted(cfg));
+    let trains = lora.is_none() || adapted;
+    let e = if spec.adaptation.quant == crate::spec::Quant::None {
+        d
+    } else {
+        4
+    };
+    if trains {
+        // The router's product keeps its input for the weight's gradient (autocast's copy).
+        let (name, bytes) = if amp {
+            ("mlp.gate.input_cast", a)
+        } else {
+            ("linear.input", r)
+        };
+        v.push(t(name, "(N, h)", n * h, bytes));
+    }
+    let router_factors = lora.map_or(0, |l| l.r as u64 * (h + experts));
+    if amp {
+        // autocast's copy of the router's weight (of `W + s·B·A` under `all-linear`), kept for
+        // the input's gradient, and of the router's LoRA factors.
+        v.push(t("mlp.gate.weight_cast", "(E, h)", experts * h, a));
+        if adapted {
+            v.push(t(
+                "mlp.gate.lora_AB.weight_cast",
+                "(r, h + E)",
+                router_factors,
+                a,
+            ));
+        }
+    } else if adapted {
+        v.push(t("mlp.gate.weight_lora", "(E, h)", experts * h, e));
+        if spec.torch_cpu && spec.adapter_dtype().size_in_bytes() < 4 {
+            // PEFT's `Linear.get_delta_weight` computes a 16-bit `B·A` in fp32 on the CPU.
+            v.push(t("mlp.gate.lora_AB.fp32", "(r, h + E)", router_factors, 4));
+        }
+    }
+    v.push(t("mlp.gate.probs", "(N, E) fp32", n * experts, 4));
+    v.push(t("mlp.gate.top_k_index", "(N, k) int64", n * k, 8));
+    v.push(t("mlp.gate.top_k_sum", "(N, 1) fp32", n, 4));
+    v.push(t("mlp.gate.top_k_weights", "(N, k) fp32", n * k, 4));
+    v.push(t("mlp.experts.perm", "2 × (S,) int64", 2 * s, 8));
+    v.push(t("mlp.experts.offsets", "(E,) int32", experts, 4));
+    if trains {
+        v.push(t("mlp.experts.gathered", "(S, h)", s * h, e));
+    }
+    if adapted {
+        v.push(t(
+            "mlp.experts.gate_up_proj_lora",
+            "(E, 2i, h)",
+            experts * 2 * i * h,
+            e,
+        ));
+        v.push(t(
+            "mlp.experts.down_proj_lora",
+            "(E, h, i)",
+            experts * h * i,
+            e,
+        ));
+    }
+    v.push(t("mlp.experts.gate_up", "(S, 2i)", s * 2 * i, e));
+    v.push(t("mlp.experts.silu", "(S, i)", s * i, e));
+    if trains {
+        v.push(t("mlp.experts.down_proj.input", "(S, i)", s * i, e));
+    }
+    v.push(t("mlp.experts.routing_weights", "(S, 1) fp32", s, 4));
+    v.push(t("mlp.experts.down", "(S, h)", s * h, e));
+    v.push(t("mlp.experts.inv_perm", "(S,) int64", s, 8));
+}
+
+/// The transient of a mixture-of-experts block's backward under PEFT's `all-linear` (bytes):
+/// `grouped_mm`'s backward builds the gradient of the adapted `gate_up` stack `W + s·B·A`
+/// (`(E, 2i, h)` in the experts' dtype) after the `down` stack's `(E, h, i)` node has run and
+/// freed its saved copy, so a layer's backward holds `E·h·i` elements beyond its saved
+/// tensors (measured: `results/torch-cpu/mixtral-mini.csv`, the checkpointed rows whose peak
+/// is a recomputed layer's backward). 0 without adapted experts (full fine-tuning's expert
+/// gradients are parameter gradients, counted as such).
+pub fn moe_backward(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let adapted = spec
+        .adaptation
+        .lora
+        .as_ref()
+        .is_some_and(|l| l.experts_adapted(cfg));
+    match cfg.moe() {
+        Some(m) if adapted => {
+            let e = if spec.adaptation.quant == crate::spec::Quant::None {
+                dtypes(spec).d
+            } else {
+                4
+            };
+            (m.experts * cfg.hidden_size * cfg.intermediate_size) as u64 * e
+        }
+        _ => 0,
+    }
 }
 
 /// The tensors the head and the loss save: the final norm, `lm_head`'s input (trained), the
@@ -613,11 +756,12 @@ pub(crate) fn trainable_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(u64
         Some(l) => {
             let mut v = Vec::new();
             for _ in 0..cfg.num_hidden_layers {
-                for &x in &l.targets {
+                for x in l.layer_targets(cfg) {
                     let (o, i) = target_shape(cfg, x);
                     v.push((l.r as u64, i as u64));
                     v.push((o as u64, l.r as u64));
                 }
+                v.extend(crate::spec::expert_adapter_shapes(cfg, l));
             }
             let (vocab, h, r) = (cfg.vocab_size as u64, cfg.hidden_size as u64, l.r as u64);
             if l.lm_head {
@@ -652,8 +796,16 @@ pub fn weights(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         .map(|p| p.numel() as u64)
         .sum();
     let quantized = cfg.param_count() - unquantized;
+    // Mixtral's experts are stored per expert in the checkpoint (transformers 5 saves the
+    // original layout) and stacked into new tensors on loading: their file copies stay too.
+    let experts: u64 = cfg
+        .param_shapes()
+        .iter()
+        .filter(|p| p.name.contains(".mlp.experts."))
+        .map(|p| p.numel() as u64)
+        .sum();
     let retained = if spec.torch_cpu && d == 4 {
-        quantized * 4
+        (quantized + experts) * 4
     } else {
         0
     };
@@ -737,6 +889,7 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms 
         accumulating: spec.accumulate > 1,
         workspace: if spec.torch_cpu { 0 } else { CUBLAS_WORKSPACES },
         head_static: 0,
+        layer_static: moe_backward(cfg, spec),
     }
 }
 

@@ -79,7 +79,6 @@ impl Target {
             "down" | "down_proj" => one(Target::DownProj),
             "attn" => Some(Target::ALL[..4].to_vec()),
             "mlp" => Some(Target::ALL[4..].to_vec()),
-            "all-linear" => Some(Target::ALL.to_vec()),
             _ => None,
         }
     }
@@ -103,6 +102,14 @@ pub struct LoraConfig {
     /// table, `B` `(h, r)` a linear).
     #[serde(default)]
     pub embed_tokens: bool,
+    /// The targets were given as PEFT's `all-linear` (`targets` then holds all seven). On a
+    /// dense model that is exactly the seven `*_proj`; on a Mixtral model, which has no
+    /// `gate_proj`/`up_proj`/`down_proj` modules, it is `q/k/v/o_proj` plus the router
+    /// `mlp.gate.weight` and both expert tensors (PEFT 0.21
+    /// `utils/transformers_weight_conversion.py`, `_convert_peft_config_moe`; see
+    /// [`LoraConfig::experts_adapted`]).
+    #[serde(default)]
+    pub all_linear: bool,
 }
 
 impl Default for LoraConfig {
@@ -115,6 +122,7 @@ impl Default for LoraConfig {
             targets: vec![Target::QProj, Target::VProj],
             lm_head: false,
             embed_tokens: false,
+            all_linear: false,
         }
     }
 }
@@ -158,9 +166,42 @@ impl LoraConfig {
     }
 
     /// Targets as `q_proj;v_proj` (the CSV's `lora_targets`), `lm_head` and `embed_tokens`
-    /// last.
+    /// last; `all-linear` where given so (a Mixtral model's `all-linear` adapts modules that
+    /// have no `*_proj` name).
     pub fn targets_label(&self) -> String {
-        self.target_names().join(";")
+        self.label_names().join(";")
+    }
+
+    /// [`LoraConfig::target_names`], with `all-linear` in place of the seven where given so.
+    fn label_names(&self) -> Vec<&'static str> {
+        if !self.all_linear {
+            return self.target_names();
+        }
+        let mut v = vec!["all-linear"];
+        v.extend(self.target_names().into_iter().skip(Target::ALL.len()));
+        v
+    }
+
+    /// The decoder layers' targeted `*_proj` modules of `cfg`: [`LoraConfig::targets`], but for
+    /// a mixture-of-experts model only the attention's (its MLP is a router and 3-D expert
+    /// tensors, adapted under `all-linear`: [`LoraConfig::experts_adapted`]).
+    pub fn layer_targets(&self, cfg: &crate::config::ModelConfig) -> Vec<Target> {
+        let moe = cfg.moe().is_some();
+        self.targets
+            .iter()
+            .copied()
+            .filter(|t| !moe || Target::ALL[..4].contains(t))
+            .collect()
+    }
+
+    /// Whether PEFT adapts a mixture-of-experts block of `cfg`: `all-linear` on a Mixtral model
+    /// targets the router `mlp.gate.weight` (LoRA `A` `(r, h)`, `B` `(E, r)`) and, through
+    /// `target_parameters`, `mlp.experts.gate_up_proj` at rank and alpha doubled (`w1` and `w3`
+    /// fused: `A` `(2r·E, h)`, `B` `(2i, 2r·E)`) and `mlp.experts.down_proj` (`A` `(r·E, i)`,
+    /// `B` `(h, r·E)`) (PEFT 0.21.2 `tuners/lora/layer.py` `ParamWrapper`; measured:
+    /// `results/torch-cpu/mixtral-mini.csv`'s trainable counts).
+    pub fn experts_adapted(&self, cfg: &crate::config::ModelConfig) -> bool {
+        self.all_linear && cfg.moe().is_some()
     }
 
     /// Every target's HF name: the layers' in layer order, then `lm_head`, `embed_tokens`.
@@ -190,7 +231,7 @@ impl fmt::Display for LoraConfig {
             self.r,
             self.alpha,
             self.dropout,
-            self.target_names().join(",")
+            self.label_names().join(",")
         )
     }
 }
@@ -263,6 +304,10 @@ impl FromStr for LoraConfig {
                     match value {
                         "lm_head" => c.lm_head = true,
                         "embed_tokens" => c.embed_tokens = true,
+                        "all-linear" => {
+                            c.all_linear = true;
+                            list.extend(Target::ALL);
+                        }
                         _ => list.extend(Target::parse_group(value).ok_or_else(|| {
                             Error::invalid(
                                 "--lora targets",
@@ -310,6 +355,34 @@ mod tests {
         let all: LoraConfig = "targets=all-linear".parse().unwrap();
         assert!(!all.top_level());
         assert!("targets=head".parse::<LoraConfig>().is_err());
+    }
+
+    /// `all-linear` is kept as given (the label the reference rows use) and reads back; on a
+    /// Mixtral model it adapts the attention, the router and the experts: 1,405,184 parameters
+    /// for `mixtral-mini` at r 8, as PEFT 0.21.2 counts them (`trainable_params` of
+    /// `results/torch-cpu/mixtral-mini.csv`; `gate_up_proj`'s adapter at doubled rank, without
+    /// which it would be 880,896).
+    #[test]
+    fn all_linear_on_a_mixture_of_experts() {
+        let all: LoraConfig = "r=8,targets=all-linear,lm_head".parse().unwrap();
+        assert!(all.all_linear && all.lm_head);
+        assert_eq!(all.targets, Target::ALL.to_vec());
+        assert_eq!(all.targets_label(), "all-linear;lm_head");
+        assert_eq!(all.to_string().parse::<LoraConfig>().unwrap(), all);
+        let listed: LoraConfig = "r=8,targets=q,k,v,o,gate,up,down".parse().unwrap();
+        assert!(!listed.all_linear);
+        let moe = crate::config::preset("mixtral-mini").unwrap().config;
+        let dense = crate::config::preset("mistral-mini").unwrap().config;
+        assert!(all.experts_adapted(&moe) && !all.experts_adapted(&dense));
+        assert!(!listed.experts_adapted(&moe));
+        assert_eq!(all.layer_targets(&moe), Target::ALL[..4].to_vec());
+        assert_eq!(all.layer_targets(&dense), Target::ALL.to_vec());
+        let count = |l: &LoraConfig| crate::spec::lora_param_count(&moe, l);
+        let head = 8 * (32000 + 256);
+        assert_eq!(count(&all) - head, 1_405_184);
+        // q/k/v/o alone: 4 layers × 8 × ((256 + 256) · 2 + (256 + 64) · 2).
+        let attn: LoraConfig = "r=8,targets=attn".parse().unwrap();
+        assert_eq!(count(&attn), 4 * 8 * (2 * 512 + 2 * 320));
     }
 
     /// Adapter parameters as PEFT counts them: `lm_head` A `(r, h)` + B `(V, r)`,

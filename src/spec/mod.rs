@@ -54,20 +54,61 @@ pub fn target_shape(cfg: &ModelConfig, t: Target) -> (usize, usize) {
     }
 }
 
-/// LoRA parameters `L · Σ_targets r·(in + out)` (PEFT's count).
+/// LoRA parameters `L · Σ_targets r·(in + out)` (PEFT's count), with a Mixtral model's
+/// router and expert adapters under `all-linear` ([`expert_adapter_shapes`]).
 pub fn lora_param_count(cfg: &ModelConfig, lora: &LoraConfig) -> u64 {
     let per_layer: u64 = lora
-        .targets
+        .layer_targets(cfg)
         .iter()
         .map(|&t| {
             let (o, i) = target_shape(cfg, t);
             (lora.r * (i + o)) as u64
         })
-        .sum();
+        .sum::<u64>()
+        + expert_adapter_shapes(cfg, lora)
+            .iter()
+            .map(|(o, i)| o * i)
+            .sum::<u64>();
     let (v, h) = (cfg.vocab_size as u64, cfg.hidden_size as u64);
     // lm_head: A (r, h), B (V, r); embed_tokens: A (r, V), B (h, r).
     let top = (lora.lm_head as u64 + lora.embed_tokens as u64) * lora.r as u64 * (v + h);
     per_layer * cfg.num_hidden_layers as u64 + top
+}
+
+/// `(rows, cols)` of the LoRA factors PEFT puts on one mixture-of-experts block under
+/// `all-linear` ([`LoraConfig::experts_adapted`]), in order: the router's `A` `(r, h)` and `B`
+/// `(E, r)`, `gate_up_proj`'s `A` `(2r·E, h)` and `B` `(2i, 2r·E)`, `down_proj`'s `A` `(r·E, i)`
+/// and `B` `(h, r·E)`; none otherwise.
+pub fn expert_adapter_shapes(cfg: &ModelConfig, lora: &LoraConfig) -> Vec<(u64, u64)> {
+    let Some(m) = cfg.moe().filter(|_| lora.experts_adapted(cfg)) else {
+        return Vec::new();
+    };
+    let (r, e) = (lora.r as u64, m.experts as u64);
+    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    vec![
+        (r, h),
+        (e, r),
+        (2 * r * e, h),
+        (2 * i, 2 * r * e),
+        (r * e, i),
+        (h, r * e),
+    ]
+}
+
+/// Refuses what vramcal's own training step cannot run: a mixture-of-experts model (its
+/// parameters are counted and the torch profiles estimate it; candle has no MoE block yet).
+///
+/// # Errors
+/// [`Error::InvalidValue`] for a Mixtral config.
+pub fn check_candle_step(cfg: &ModelConfig) -> Result<()> {
+    match cfg.moe() {
+        Some(m) => Err(Error::invalid(
+            "--model",
+            format!("MixtralForCausalLM ({} experts, top-{})", m.experts, m.top_k),
+            "vramcal's own step has no mixture-of-experts block yet: it cannot measure Mixtral, nor estimate it with --profile candle (the torch profiles estimate it)",
+        )),
+        None => Ok(()),
+    }
 }
 
 /// One training configuration to measure.
@@ -190,12 +231,20 @@ impl TrainSpec {
         if self.seq == 0 {
             return Err(Error::invalid("--seq", 0, "must be at least 1"));
         }
-        if let Some(m) = cfg.moe() {
-            return Err(Error::invalid(
-                "--model",
-                format!("MixtralForCausalLM ({} experts, top-{})", m.experts, m.top_k),
-                "Mixtral's sparse mixture-of-experts block is not modelled yet: neither vramcal's own step nor the estimator has it (`vramcal models` counts its parameters)",
-            ));
+        if let (Some(_), Some(l)) = (cfg.moe(), &self.adaptation.lora) {
+            let mlp: Vec<&str> = l
+                .targets
+                .iter()
+                .filter(|t| !Target::ALL[..4].contains(t))
+                .map(|t| t.name())
+                .collect();
+            if !l.all_linear && !mlp.is_empty() {
+                return Err(Error::invalid(
+                    "--lora targets",
+                    mlp.join(","),
+                    "a Mixtral model has no gate_proj/up_proj/down_proj modules: its experts are the 3-D parameters mlp.experts.gate_up_proj and down_proj, which PEFT adapts (with the router mlp.gate) under all-linear; target q/k/v/o_proj, all-linear, lm_head or embed_tokens",
+                ));
+            }
         }
         if self.seq > cfg.max_position_embeddings && !self.allow_longer {
             return Err(Error::SeqTooLong {

@@ -88,6 +88,7 @@ pub fn resolve(args: &ModelArgs) -> anyhow::Result<(ResolvedModel, WeightsSpec)>
         (None, Some(w)) => w,
         (None, None) => anyhow::bail!("--model is required with --weights {}", args.weights),
     };
+    crate::spec::check_candle_step(&model.config)?;
     // Bad weights are bad input: find them before anything is measured or written.
     let mut src = crate::weights::open_source(&weights)?;
     crate::weights::check_all(src.as_mut(), &model.config, Path::new(&args.weights))?;
