@@ -414,15 +414,21 @@ pub fn project_on_gpu(p: &Plan, g: &Gpu, mfu: f64, mfu_source: &str) -> Result<G
     })
 }
 
-/// Parameters that take part in matmuls: every linear weight of the layers plus the LM head
-/// (the embedding lookup does no arithmetic; a tied head is counted once, as the head).
+/// Parameters that take part in matmuls for one token: every linear weight of the layers plus
+/// the LM head (the embedding lookup does no arithmetic; a tied head is counted once, as the
+/// head); of a mixture of experts the router and the `k` experts a token is routed to
+/// (`k·3·h·i` per layer: Mixtral's active parameters).
 pub fn matmul_params(cfg: &ModelConfig) -> u64 {
-    let per_layer: u64 = cfg
-        .param_shapes()
-        .iter()
-        .filter(|p| p.name.starts_with("model.layers.0.") && p.shape.len() == 2)
-        .map(|p| p.numel() as u64)
-        .sum();
+    let experts = cfg.moe().map_or(0, |m| {
+        (m.top_k * 3 * cfg.hidden_size * cfg.intermediate_size) as u64
+    });
+    let per_layer: u64 = experts
+        + cfg
+            .param_shapes()
+            .iter()
+            .filter(|p| p.name.starts_with("model.layers.0.") && p.shape.len() == 2)
+            .map(|p| p.numel() as u64)
+            .sum::<u64>();
     per_layer * cfg.num_hidden_layers as u64 + (cfg.vocab_size * cfg.hidden_size) as u64
 }
 
@@ -634,4 +640,21 @@ pub fn measured_mfu(g: &Gpu, spec: &crate::spec::TrainSpec) -> Option<(f64, Stri
             if lora { "LoRA" } else { "full fine-tuning" }
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Mixtral-8x7B's matmul parameters per token are its active parameters: with the
+    /// embedding (131,072,000) they make Mistral AI's 12.9 billion ("Mixtral of experts",
+    /// 2024: "13B active parameters"), not the 46.7 billion it holds.
+    #[test]
+    fn mixtral_counts_its_active_parameters() {
+        let cfg = crate::config::preset("mixtral-8x7b-v0.1").unwrap().config;
+        let per_layer = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 8 * 4096 + 2 * 3 * 4096 * 14336;
+        assert_eq!(matmul_params(&cfg), 32 * per_layer + 32000 * 4096);
+        let active = matmul_params(&cfg) + 32000 * 4096;
+        assert!((12.8e9..13.0e9).contains(&(active as f64)), "{active}");
+    }
 }

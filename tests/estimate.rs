@@ -91,11 +91,29 @@ fn saved_tensor_table_matches_a_measured_layer() {
         attention_bias: true,
         ..cfg(layers)
     };
+    // Mixtral's mixture of experts: 4 experts routed top-2 (LoRA on the attention only: the
+    // own step does not adapt the experts).
+    let mixtral = |layers: usize| ModelConfig {
+        architectures: vec!["MixtralForCausalLM".into()],
+        num_local_experts: Some(4),
+        num_experts_per_tok: Some(2),
+        ..cfg(layers)
+    };
+    let lora_attn = || Adaptation {
+        lora: Some(
+            "r=8,alpha=16,dropout=0.1,targets=attn"
+                .parse::<LoraConfig>()
+                .unwrap(),
+        ),
+        quant: Quant::None,
+        seed: 0,
+    };
     let plain: fn(usize) -> ModelConfig = cfg;
-    let archs: [(&str, &dyn Fn(usize) -> ModelConfig); 3] = [
+    let archs: [(&str, &dyn Fn(usize) -> ModelConfig); 4] = [
         ("llama", &plain),
         ("qwen2", &qwen2),
         ("attention_bias", &biased),
+        ("mixtral", &mixtral),
     ];
     use vramcal::spec::Precision;
     for (arch, dtype, ad, attention, precision) in [
@@ -142,6 +160,23 @@ fn saved_tensor_table_matches_a_measured_layer() {
         (1, DType::F32, Adaptation::default(), Attention::Sdpa, None),
         (1, DType::F32, lora(), Attention::Sdpa, None),
         (2, DType::BF16, Adaptation::default(), Attention::Sdpa, None),
+        (3, DType::F32, Adaptation::default(), Attention::Sdpa, None),
+        (3, DType::BF16, Adaptation::default(), Attention::Sdpa, None),
+        (3, DType::F32, lora_attn(), Attention::Sdpa, None),
+        (
+            3,
+            DType::F32,
+            Adaptation::default(),
+            Attention::Sdpa,
+            Some(Precision::AmpBf16),
+        ),
+        (
+            3,
+            DType::F32,
+            lora_attn(),
+            Attention::Sdpa,
+            Some(Precision::AmpBf16),
+        ),
     ] {
         let (arch, cfg) = archs[arch];
         let mut s = spec(dtype, ad);

@@ -343,7 +343,7 @@ fn qlora_forward_matches_dequantized_weights() {
         for t in vramcal::spec::Target::ALL {
             tensors.insert(
                 format!("{p}.{}.weight", t.path()),
-                layer.linear(t).dense_weight(&Device::Cpu).unwrap(),
+                layer.linear(t).unwrap().dense_weight(&Device::Cpu).unwrap(),
             );
         }
     }

@@ -59,16 +59,6 @@ pub fn baseline_included(r: &Row) -> u64 {
 /// Unknown model, or columns that do not parse.
 pub fn spec_from_row(r: &Row) -> Result<(ModelConfig, TrainSpec)> {
     let cfg = resolve_model(&r.model)?.config;
-    if let Some(m) = cfg.moe() {
-        return Err(Error::invalid(
-            "model",
-            &r.model,
-            format!(
-                "Mixtral's sparse mixture-of-experts block ({} experts, top-{}) is not modelled yet",
-                m.experts, m.top_k
-            ),
-        ));
-    }
     let mut spec = TrainSpec::new(r.micro_batch, r.seq);
     spec.dtype = parse_dtype(&r.dtype)?;
     spec.state_dtype = parse_dtype(&r.optimizer_state_dtype)?;

@@ -83,7 +83,9 @@ fn search(a: &MaxArgs, model: &ResolvedModel) -> anyhow::Result<Search> {
     };
     // Validate the extremes before any probe.
     for x in [1, limit] {
-        spec_at(a, &q, x)?.validate(&model.config)?;
+        let spec = spec_at(a, &q, x)?;
+        spec.validate(&model.config)?;
+        crate::spec::check_candle_step(&model.config, &spec)?;
     }
     Ok(q)
 }

@@ -777,10 +777,22 @@ fn most_trainable_columns(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 pub fn largest_trainable(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     let d = spec.trainable_dtype().size_in_bytes() as u64;
     let elems = match &spec.adaptation.lora {
+        // vramcal's step splits a mixture of experts' 3-D tensors into one matrix per expert
+        // (and `gate_up_proj`'s into gate and up).
         None => cfg
             .param_shapes()
             .iter()
-            .map(|p| p.numel() as u64)
+            .map(|p| {
+                let n = p.numel() as u64;
+                let e = cfg.moe().map_or(1, |m| m.experts as u64);
+                if p.name.ends_with(".mlp.experts.gate_up_proj") {
+                    n / (2 * e)
+                } else if p.name.ends_with(".mlp.experts.down_proj") {
+                    n / e
+                } else {
+                    n
+                }
+            })
             .max()
             .unwrap_or(0),
         Some(l) => {
@@ -861,7 +873,7 @@ pub fn estimate_sharded(
     }
     spec.validate(cfg)?;
     if profile == Profile::Candle {
-        crate::spec::check_candle_step(cfg)?;
+        crate::spec::check_candle_step(cfg, spec)?;
     }
     // A torch table fitted on PyTorch's CPU rows describes PyTorch on the CPU.
     let cpu_spec;

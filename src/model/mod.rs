@@ -11,6 +11,7 @@
 //! tensor against finite differences; `tests/ops.rs` each op against its composed form.
 
 pub mod linear;
+pub mod moe;
 pub mod nf4;
 pub mod save;
 
@@ -42,26 +43,66 @@ pub struct Layer {
     pub o_proj: Linear,
     /// RMSNorm before the MLP, `(hidden,)`.
     pub post_attention_layernorm: Param,
-    /// SwiGLU gate `(intermediate, hidden)`.
-    pub gate_proj: Linear,
-    /// SwiGLU up `(intermediate, hidden)`.
-    pub up_proj: Linear,
-    /// SwiGLU down `(hidden, intermediate)`.
-    pub down_proj: Linear,
+    /// The MLP: a dense SwiGLU, or Mixtral's mixture of experts.
+    pub mlp: Mlp,
+}
+
+/// A decoder layer's MLP.
+#[derive(Debug)]
+pub enum Mlp {
+    /// SwiGLU (`modeling_llama.py` `LlamaMLP`).
+    Dense {
+        /// Gate `(intermediate, hidden)`.
+        gate_proj: Linear,
+        /// Up `(intermediate, hidden)`.
+        up_proj: Linear,
+        /// Down `(hidden, intermediate)`.
+        down_proj: Linear,
+    },
+    /// Mixtral's sparse mixture of experts ([`moe::MoeBlock`]).
+    Moe(moe::MoeBlock),
 }
 
 impl Layer {
-    /// The linear module for `t`.
-    pub fn linear(&self, t: Target) -> &Linear {
-        match t {
-            Target::QProj => &self.q_proj,
-            Target::KProj => &self.k_proj,
-            Target::VProj => &self.v_proj,
-            Target::OProj => &self.o_proj,
-            Target::GateProj => &self.gate_proj,
-            Target::UpProj => &self.up_proj,
-            Target::DownProj => &self.down_proj,
+    /// The linear module for `t`; `None` for `gate_proj`/`up_proj`/`down_proj` of a
+    /// mixture-of-experts layer, which has none.
+    pub fn linear(&self, t: Target) -> Option<&Linear> {
+        match (t, &self.mlp) {
+            (Target::QProj, _) => Some(&self.q_proj),
+            (Target::KProj, _) => Some(&self.k_proj),
+            (Target::VProj, _) => Some(&self.v_proj),
+            (Target::OProj, _) => Some(&self.o_proj),
+            (Target::GateProj, Mlp::Dense { gate_proj, .. }) => Some(gate_proj),
+            (Target::UpProj, Mlp::Dense { up_proj, .. }) => Some(up_proj),
+            (Target::DownProj, Mlp::Dense { down_proj, .. }) => Some(down_proj),
+            (_, Mlp::Moe(_)) => None,
         }
+    }
+
+    /// Every linear module of the layer with its path inside the layer (HF names; a mixture
+    /// of experts' router `mlp.gate` and experts `mlp.experts.{e}.{gate,up,down}_proj`, the
+    /// rows of the checkpoint's 3-D tensors [`moe`] splits them into).
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut v: Vec<(String, &Linear)> = Target::ALL[..4]
+            .iter()
+            .filter_map(|&t| Some((t.path().to_string(), self.linear(t)?)))
+            .collect();
+        match &self.mlp {
+            Mlp::Dense { .. } => v.extend(
+                Target::ALL[4..]
+                    .iter()
+                    .filter_map(|&t| Some((t.path().to_string(), self.linear(t)?))),
+            ),
+            Mlp::Moe(m) => {
+                v.push(("mlp.gate".into(), &m.gate));
+                for (e, x) in m.experts.iter().enumerate() {
+                    v.push((format!("mlp.experts.{e}.gate_proj"), &x.gate));
+                    v.push((format!("mlp.experts.{e}.up_proj"), &x.up));
+                    v.push((format!("mlp.experts.{e}.down_proj"), &x.down));
+                }
+            }
+        }
+        v
     }
 }
 
@@ -283,9 +324,55 @@ impl Decoder {
             let k_proj = lin(Target::KProj, kv, h)?;
             let v_proj = lin(Target::VProj, kv, h)?;
             let o_proj = lin(Target::OProj, h, q)?;
-            let gate_proj = lin(Target::GateProj, i, h)?;
-            let up_proj = lin(Target::UpProj, i, h)?;
-            let down_proj = lin(Target::DownProj, h, i)?;
+            let mlp = match cfg.moe() {
+                None => Mlp::Dense {
+                    gate_proj: lin(Target::GateProj, i, h)?,
+                    up_proj: lin(Target::UpProj, i, h)?,
+                    down_proj: lin(Target::DownProj, h, i)?,
+                },
+                Some(m) => {
+                    // Frozen under LoRA and QLoRA alike (bitsandbytes quantizes nn.Linear
+                    // layers only; the router and the 3-D experts are neither).
+                    let dense = |w: Tensor| -> Result<Weight> {
+                        Ok(if full {
+                            Weight::Trainable(Var::from_tensor(&w)?)
+                        } else {
+                            Weight::Frozen(w)
+                        })
+                    };
+                    let plain = |weight: Weight, out: usize, inp: usize| Linear {
+                        weight,
+                        lora: None,
+                        bias: None,
+                        out,
+                        inp,
+                        dtype: compute,
+                    };
+                    let e = m.experts;
+                    let router = ld.tensor(&format!("{p}.mlp.gate.weight"), &[e, h], dtype)?;
+                    let gate = plain(dense(router)?, e, h);
+                    let gu = ld.tensor(
+                        &format!("{p}.mlp.experts.gate_up_proj"),
+                        &[e, 2 * i, h],
+                        dtype,
+                    )?;
+                    let dn = ld.tensor(&format!("{p}.mlp.experts.down_proj"), &[e, h, i], dtype)?;
+                    let mut experts = Vec::with_capacity(e);
+                    for x in 0..e {
+                        let g = gu.get(x)?;
+                        experts.push(moe::Expert {
+                            gate: plain(dense(g.narrow(0, 0, i)?.contiguous()?)?, i, h),
+                            up: plain(dense(g.narrow(0, i, i)?.contiguous()?)?, i, h),
+                            down: plain(dense(dn.get(x)?.contiguous()?)?, h, i),
+                        });
+                    }
+                    Mlp::Moe(moe::MoeBlock {
+                        gate,
+                        experts,
+                        top_k: m.top_k,
+                    })
+                }
+            };
             let input_layernorm = ld.param(&format!("{p}.input_layernorm.weight"), &[h], full)?;
             let post_attention_layernorm =
                 ld.param(&format!("{p}.post_attention_layernorm.weight"), &[h], full)?;
@@ -296,9 +383,7 @@ impl Decoder {
                 v_proj,
                 o_proj,
                 post_attention_layernorm,
-                gate_proj,
-                up_proj,
-                down_proj,
+                mlp,
             });
         }
         let norm = ld.param("model.norm.weight", &[h], full)?;
@@ -402,15 +487,15 @@ impl Decoder {
                 out.push((name, v.clone()));
             }
         }
-        fn lin(out: &mut Vec<(String, Var)>, layer: &str, t: Target, l: &Linear) {
+        fn lin(out: &mut Vec<(String, Var)>, layer: &str, path: &str, l: &Linear) {
             if let Weight::Trainable(v) = &l.weight {
-                out.push((format!("{layer}.{}.weight", t.path()), v.clone()));
+                out.push((format!("{layer}.{path}.weight"), v.clone()));
             }
             if let Some(Param::Trainable(v)) = &l.bias {
-                out.push((format!("{layer}.{}.bias", t.path()), v.clone()));
+                out.push((format!("{layer}.{path}.bias"), v.clone()));
             }
             if let Some(a) = &l.lora {
-                let base = format!("base_model.model.{layer}.{}", t.path());
+                let base = format!("base_model.model.{layer}.{path}");
                 out.push((format!("{base}.lora_A.weight"), a.a.clone()));
                 out.push((format!("{base}.lora_B.weight"), a.b.clone()));
             }
@@ -434,16 +519,17 @@ impl Decoder {
                 format!("{p}.input_layernorm.weight"),
                 &layer.input_layernorm,
             );
-            for t in &Target::ALL[..4] {
-                lin(&mut out, &p, *t, layer.linear(*t));
+            let linears = layer.linears();
+            for (path, l) in &linears[..4] {
+                lin(&mut out, &p, path, l);
             }
             param(
                 &mut out,
                 format!("{p}.post_attention_layernorm.weight"),
                 &layer.post_attention_layernorm,
             );
-            for t in &Target::ALL[4..] {
-                lin(&mut out, &p, *t, layer.linear(*t));
+            for (path, l) in &linears[4..] {
+                lin(&mut out, &p, path, l);
             }
         }
         param(&mut out, "model.norm.weight".into(), &self.norm);
@@ -490,7 +576,7 @@ impl Decoder {
             .flat_map(|l| {
                 Target::ALL
                     .into_iter()
-                    .filter_map(move |t| l.linear(t).lora.as_ref())
+                    .filter_map(move |t| l.linear(t)?.lora.as_ref())
             })
             .chain(self.lm_head_lora.as_ref())
             .chain(self.embed_lora.as_ref())
@@ -503,8 +589,7 @@ impl Decoder {
             + self.lm_head.as_ref().map_or(0, Param::bytes);
         for l in &self.layers {
             b += l.input_layernorm.bytes() + l.post_attention_layernorm.bytes();
-            for t in Target::ALL {
-                let lin = l.linear(t);
+            for (_, lin) in l.linears() {
                 b += lin.weight_bytes() + lin.bias.as_ref().map_or(0, Param::bytes);
             }
         }
@@ -688,10 +773,16 @@ impl Decoder {
         grads
             .into_iter()
             .zip(&vars)
-            .map(|(g, (name, _))| {
-                g.ok_or_else(|| {
-                    Error::invalid("gradient", name, "trainable tensor received no gradient")
-                })
+            .map(|(g, (name, v))| match g {
+                Some(g) => Ok(g),
+                // An expert no token was routed to: zeros (PyTorch leaves its `grad` None and
+                // AdamW skips it; a zero gradient moves it by weight decay only).
+                None if name.contains(".mlp.experts.") => Ok(v.zeros_like()?),
+                None => Err(Error::invalid(
+                    "gradient",
+                    name,
+                    "trainable tensor received no gradient",
+                )),
             })
             .collect()
     }
@@ -838,13 +929,24 @@ impl Decoder {
         let o = l.o_proj.forward(&ctx_v, ctx, salt(Target::OProj))?;
         let x = (x + linear::cast(&o, x.dtype())?)?;
 
-        // --- SwiGLU MLP block ---
+        // --- MLP block: SwiGLU, or a mixture of SwiGLU experts ---
         let xn = ops::rms_norm(&x, l.post_attention_layernorm.tensor(), eps)?;
-        let gate = l.gate_proj.forward(&xn, ctx, salt(Target::GateProj))?; // (b, s, intermediate)
-        let up = l.up_proj.forward(&xn, ctx, salt(Target::UpProj))?; // (b, s, intermediate)
-        let y = l
-            .down_proj
-            .forward(&ops::swiglu(&gate, &up)?, ctx, salt(Target::DownProj))?; // (b, s, hidden)
+        let y = match &l.mlp {
+            Mlp::Dense {
+                gate_proj,
+                up_proj,
+                down_proj,
+            } => {
+                let gate = gate_proj.forward(&xn, ctx, salt(Target::GateProj))?; // (b, s, i)
+                let up = up_proj.forward(&xn, ctx, salt(Target::UpProj))?; // (b, s, i)
+                down_proj.forward(&ops::swiglu(&gate, &up)?, ctx, salt(Target::DownProj))?
+            }
+            Mlp::Moe(m) => {
+                let h = cfg.hidden_size;
+                m.forward(&xn.reshape((b * s, h))?, ctx, salt(Target::GateProj))?
+                    .reshape((b, s, h))?
+            }
+        }; // (b, s, hidden)
         Ok((&x + linear::cast(&y, x.dtype())?)?)
     }
 }

@@ -6,11 +6,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::linear::{Param, Weight};
-use super::Decoder;
+use super::moe::MoeBlock;
+use super::{Decoder, Mlp};
 use crate::error::{Error, Result};
 use crate::spec::Target;
 
@@ -55,11 +56,21 @@ impl Decoder {
     /// [`Error::Io`] if `dir` cannot be written; [`Error::Weights`] if serialization fails.
     pub fn save_trained(&self, dir: &Path, base_model: &str) -> Result<u64> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tensors: HashMap<String, Tensor> = self
+        let mut tensors: HashMap<String, Tensor> = self
             .trainable_vars()
             .into_iter()
             .map(|(n, v)| (n, v.as_tensor().clone()))
             .collect();
+        if self.adaptation().lora.is_none() {
+            // A mixture of experts' per-expert tensors as the checkpoint's 3-D ones.
+            for (li, layer) in self.layers.iter().enumerate() {
+                if let Mlp::Moe(m) = &layer.mlp {
+                    let p = format!("model.layers.{li}");
+                    tensors.retain(|n, _| !n.starts_with(&format!("{p}.mlp.experts.")));
+                    tensors.extend(moe_tensors(&p, m, self.device())?);
+                }
+            }
+        }
         let file = match &self.adaptation().lora {
             Some(l) => {
                 let cfg = AdapterConfig {
@@ -142,14 +153,15 @@ impl Decoder {
                 param(&layer.post_attention_layernorm),
             );
             for t in Target::ALL {
-                let lin = match t {
-                    Target::QProj => &mut layer.q_proj,
-                    Target::KProj => &mut layer.k_proj,
-                    Target::VProj => &mut layer.v_proj,
-                    Target::OProj => &mut layer.o_proj,
-                    Target::GateProj => &mut layer.gate_proj,
-                    Target::UpProj => &mut layer.up_proj,
-                    Target::DownProj => &mut layer.down_proj,
+                let lin = match (t, &mut layer.mlp) {
+                    (Target::QProj, _) => &mut layer.q_proj,
+                    (Target::KProj, _) => &mut layer.k_proj,
+                    (Target::VProj, _) => &mut layer.v_proj,
+                    (Target::OProj, _) => &mut layer.o_proj,
+                    (Target::GateProj, Mlp::Dense { gate_proj, .. }) => gate_proj,
+                    (Target::UpProj, Mlp::Dense { up_proj, .. }) => up_proj,
+                    (Target::DownProj, Mlp::Dense { down_proj, .. }) => down_proj,
+                    (_, Mlp::Moe(_)) => continue,
                 };
                 let w = match (lin.lora.take(), &lin.weight) {
                     (None, _) => lin.dense_weight(&device)?,
@@ -173,6 +185,12 @@ impl Decoder {
                 tensors.insert(format!("{p}.{}.weight", t.path()), w.to_dtype(wd)?);
                 if let Some(b) = &lin.bias {
                     tensors.insert(format!("{p}.{}.bias", t.path()), param(b));
+                }
+            }
+            if let Mlp::Moe(m) = &layer.mlp {
+                // No adapters in a mixture of experts: its tensors as they are.
+                for (name, t) in moe_tensors(&p, m, &device)? {
+                    tensors.insert(name, t.to_dtype(wd)?);
                 }
             }
         }
@@ -224,6 +242,32 @@ impl Decoder {
         }
         Ok(cfg)
     }
+}
+
+/// A mixture-of-experts block's tensors with the checkpoint's names and shapes: the router
+/// `{p}.mlp.gate.weight` `(E, h)`, `{p}.mlp.experts.gate_up_proj` `(E, 2i, h)` (each expert's
+/// gate rows, then its up rows) and `{p}.mlp.experts.down_proj` `(E, h, i)`.
+fn moe_tensors(p: &str, m: &MoeBlock, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    let mut gate_up = Vec::with_capacity(m.experts.len());
+    let mut down = Vec::with_capacity(m.experts.len());
+    for x in &m.experts {
+        gate_up.push(Tensor::cat(
+            &[x.gate.dense_weight(device)?, x.up.dense_weight(device)?],
+            0,
+        )?);
+        down.push(x.down.dense_weight(device)?);
+    }
+    Ok(vec![
+        (format!("{p}.mlp.gate.weight"), m.gate.dense_weight(device)?),
+        (
+            format!("{p}.mlp.experts.gate_up_proj"),
+            Tensor::stack(&gate_up, 0)?,
+        ),
+        (
+            format!("{p}.mlp.experts.down_proj"),
+            Tensor::stack(&down, 0)?,
+        ),
+    ])
 }
 
 fn dir_bytes(dir: &Path) -> Result<u64> {

@@ -165,14 +165,16 @@ impl LoraConfig {
         self.alpha / self.r as f64
     }
 
-    /// Targets as `q_proj;v_proj` (the CSV's `lora_targets`), `lm_head` and `embed_tokens`
-    /// last; `all-linear` where given so (a Mixtral model's `all-linear` adapts modules that
-    /// have no `*_proj` name).
+    /// Targets as `q_proj;v_proj` (the CSV's `lora_targets` of vramcal's own rows, whose step
+    /// never adapts a mixture of experts), `lm_head` and `embed_tokens` last; `all-linear` as
+    /// its seven names, as rows have always listed it (`sweep --resume` matches them).
     pub fn targets_label(&self) -> String {
-        self.label_names().join(";")
+        self.target_names().join(";")
     }
 
-    /// [`LoraConfig::target_names`], with `all-linear` in place of the seven where given so.
+    /// [`LoraConfig::target_names`], with `all-linear` in place of the seven where given so
+    /// (what [`fmt::Display`] writes: on a Mixtral model `all-linear` adapts modules that have
+    /// no `*_proj` name).
     fn label_names(&self) -> Vec<&'static str> {
         if !self.all_linear {
             return self.target_names();
@@ -327,6 +329,15 @@ impl FromStr for LoraConfig {
             }
             last_key = key;
         }
+        if let Some(t) = &targets {
+            if c.all_linear && t.len() > Target::ALL.len() {
+                return Err(Error::invalid(
+                    "--lora targets",
+                    spec,
+                    "all-linear already names every linear module of the layers: add only lm_head or embed_tokens to it",
+                ));
+            }
+        }
         if let Some(mut t) = targets {
             t.sort();
             t.dedup();
@@ -367,8 +378,26 @@ mod tests {
         let all: LoraConfig = "r=8,targets=all-linear,lm_head".parse().unwrap();
         assert!(all.all_linear && all.lm_head);
         assert_eq!(all.targets, Target::ALL.to_vec());
-        assert_eq!(all.targets_label(), "all-linear;lm_head");
+        // Rows list the seven (as before `all-linear` was kept); Display keeps the word.
+        assert_eq!(
+            all.targets_label(),
+            "q_proj;k_proj;v_proj;o_proj;gate_proj;up_proj;down_proj;lm_head"
+        );
+        assert!(all.to_string().ends_with("targets=all-linear,lm_head"));
         assert_eq!(all.to_string().parse::<LoraConfig>().unwrap(), all);
+        // all-linear with another layer module: refused (on Mixtral it would hide a
+        // gate/up/down that does not exist), in either order.
+        for bad in [
+            "targets=all-linear,gate",
+            "targets=mlp,all-linear",
+            "targets=q,all-linear",
+        ] {
+            let e = bad.parse::<LoraConfig>().unwrap_err().to_string();
+            assert!(
+                e.contains("already names every linear module"),
+                "{bad}: {e}"
+            );
+        }
         let listed: LoraConfig = "r=8,targets=q,k,v,o,gate,up,down".parse().unwrap();
         assert!(!listed.all_linear);
         let moe = crate::config::preset("mixtral-mini").unwrap().config;

@@ -95,19 +95,22 @@ pub fn expert_adapter_shapes(cfg: &ModelConfig, lora: &LoraConfig) -> Vec<(u64, 
     ]
 }
 
-/// Refuses what vramcal's own training step cannot run: a mixture-of-experts model (its
-/// parameters are counted and the torch profiles estimate it; candle has no MoE block yet).
+/// Refuses what vramcal's own training step cannot run: LoRA on a mixture of experts' router
+/// and experts (PEFT's `all-linear` on Mixtral; the torch profiles estimate it).
 ///
 /// # Errors
-/// [`Error::InvalidValue`] for a Mixtral config.
-pub fn check_candle_step(cfg: &ModelConfig) -> Result<()> {
-    match cfg.moe() {
-        Some(m) => Err(Error::invalid(
-            "--model",
-            format!("MixtralForCausalLM ({} experts, top-{})", m.experts, m.top_k),
-            "vramcal's own step has no mixture-of-experts block yet: it cannot measure Mixtral, nor estimate it with --profile candle (the torch profiles estimate it)",
+/// [`Error::InvalidValue`] for `all-linear` LoRA on a Mixtral config.
+pub fn check_candle_step(cfg: &ModelConfig, spec: &TrainSpec) -> Result<()> {
+    match (cfg.moe(), &spec.adaptation.lora) {
+        (Some(m), Some(l)) if l.experts_adapted(cfg) => Err(Error::invalid(
+            "--lora targets",
+            "all-linear",
+            format!(
+                "on MixtralForCausalLM ({} experts, top-{}) PEFT adapts the router and the experts too, which vramcal's own step does not yet: target q/k/v/o_proj, or estimate it with a torch profile",
+                m.experts, m.top_k
+            ),
         )),
-        None => Ok(()),
+        _ => Ok(()),
     }
 }
 
@@ -230,6 +233,18 @@ impl TrainSpec {
         }
         if self.seq == 0 {
             return Err(Error::invalid("--seq", 0, "must be at least 1"));
+        }
+        if let Some(l) = self
+            .adaptation
+            .lora
+            .as_ref()
+            .filter(|l| l.experts_adapted(cfg) && l.dropout > 0.0)
+        {
+            return Err(Error::invalid(
+                "--lora dropout",
+                l.dropout,
+                "PEFT cannot apply dropout to the adapted parameters all-linear targets on Mixtral (ParamWrapper raises for lora_dropout != 0): use dropout=0",
+            ));
         }
         if let (Some(_), Some(l)) = (cfg.moe(), &self.adaptation.lora) {
             let mlp: Vec<&str> = l

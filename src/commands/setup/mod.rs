@@ -88,7 +88,6 @@ pub fn resolve(args: &ModelArgs) -> anyhow::Result<(ResolvedModel, WeightsSpec)>
         (None, Some(w)) => w,
         (None, None) => anyhow::bail!("--model is required with --weights {}", args.weights),
     };
-    crate::spec::check_candle_step(&model.config)?;
     // Bad weights are bad input: find them before anything is measured or written.
     let mut src = crate::weights::open_source(&weights)?;
     crate::weights::check_all(src.as_mut(), &model.config, Path::new(&args.weights))?;
@@ -440,6 +439,7 @@ pub fn prepare(
     let (model, weights) = resolve(args)?;
     let spec = train_spec(args, batch, seq, method, checkpointing)?;
     spec.validate(&model.config)?;
+    crate::spec::check_candle_step(&model.config, &spec)?;
     let device = crate::measure::device::check_device(&args.device)?;
     check_fits(&spec, &model, device)?;
     let command = command.unwrap_or_else(super::command_line);
