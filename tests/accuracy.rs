@@ -226,10 +226,9 @@ fn autocast_and_top_level_adapter_rows_are_estimated_without_refitting() {
 }
 
 /// vramcal's own step on Mixtral's mixture of experts (`results/cpu/mixtral-mini.csv`, never
-/// fitted): median within 1.5 %, none under by more than 0.5 %, every row within 10 % (full
-/// fine-tuning is over-estimated: experts without tokens at small batches, and the checkpointed
-/// untied model's end-of-backward sum; `results/cpu/README.md`), and the LoRA/QLoRA rows, which
-/// carry neither, within 2 %.
+/// fitted): median within 1.5 %, none under by more than 0.5 %, every row within 6 % (full
+/// fine-tuning is over-estimated at small batches, where some experts receive no token;
+/// `results/cpu/README.md`), and the LoRA/QLoRA rows within 2 %.
 #[test]
 fn mixture_of_experts_rows_are_estimated_without_refitting() {
     let file = "results/cpu/mixtral-mini.csv";
@@ -242,7 +241,7 @@ fn mixture_of_experts_rows_are_estimated_without_refitting() {
         "--calibration",
         CALIBRATION,
         "--max-error",
-        "10%",
+        "6%",
         "--max-median-error",
         "1.5%",
         "--margin",
