@@ -20,7 +20,7 @@ pub enum Error {
         reason: String,
     },
     /// The config names an architecture vramcal does not implement.
-    #[error("{path}: unsupported architecture {found:?} (supported: MistralForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM)")]
+    #[error("{path}: unsupported architecture {found:?} (supported: MistralForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM)")]
     UnknownArchitecture {
         /// The config file.
         path: PathBuf,

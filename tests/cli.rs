@@ -54,10 +54,18 @@ fn models_lists_exact_counts() {
     vramcal().arg("models").assert().success().stdout(
         predicate::str::contains("7,241,732,096")
             .and(predicate::str::contains("134,515,008"))
-            .and(predicate::str::contains("qwen2.5-7b         7,615,616,512"))
-            .and(predicate::str::contains("llama-3.1-8b       8,030,261,248"))
-            .and(predicate::str::contains("mistral-nemo-12b  12,247,782,400"))
-            .and(predicate::str::contains("qwen2.5-0.5b         494,032,768"))
+            .and(predicate::str::contains(
+                "qwen2.5-7b          7,615,616,512",
+            ))
+            .and(predicate::str::contains(
+                "llama-3.1-8b        8,030,261,248",
+            ))
+            .and(predicate::str::contains(
+                "mistral-nemo-12b   12,247,782,400",
+            ))
+            .and(predicate::str::contains(
+                "qwen2.5-0.5b          494,032,768",
+            ))
             .and(predicate::str::contains(
                 "mixtral-8x7b-v0.1  46,702,792,704",
             )),
@@ -1235,7 +1243,7 @@ const BAD_NUMBERS: &[Case] = &[
     Case {
         args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "4", "--lora",
             "r=99999999999"],
-        error: "LoRA r=99999999999",
+        error: "--lora r = 99999999999: rank must be at most 1048576",
         untouched: None,
     },
     Case {

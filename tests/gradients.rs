@@ -373,6 +373,99 @@ fn mixture_of_experts_gradients_counts_and_saved_tensors() {
     let l = |d: &Decoder| d.loss(&x, &y).unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(l(&m32), l(&back));
 
+    // The Hub's Mixtral checkpoints keep transformers 4's names (`block_sparse_moe`, per-expert
+    // `w1` gate, `w3` up, `w2` down): the same model, checked and loaded from them.
+    let mut v4 = std::collections::HashMap::new();
+    for (name, t) in &saved {
+        let Some((layer, rest)) = name.split_once(".mlp.") else {
+            v4.insert(name.clone(), t.clone());
+            continue;
+        };
+        let moe = format!("{layer}.block_sparse_moe");
+        let i = cfg.intermediate_size;
+        match rest {
+            "gate.weight" => {
+                v4.insert(format!("{moe}.gate.weight"), t.clone());
+            }
+            "experts.gate_up_proj" => {
+                for e in 0..4 {
+                    let x = t.get(e).unwrap();
+                    v4.insert(
+                        format!("{moe}.experts.{e}.w1.weight"),
+                        x.narrow(0, 0, i).unwrap(),
+                    );
+                    v4.insert(
+                        format!("{moe}.experts.{e}.w3.weight"),
+                        x.narrow(0, i, i).unwrap(),
+                    );
+                }
+            }
+            _ => {
+                for e in 0..4 {
+                    v4.insert(format!("{moe}.experts.{e}.w2.weight"), t.get(e).unwrap());
+                }
+            }
+        }
+    }
+    let dir4 = tempfile::tempdir().unwrap();
+    let file4 = dir4.path().join("model.safetensors");
+    candle_core::safetensors::save(&v4, &file4).unwrap();
+    let spec4 = vramcal::spec::WeightsSpec::Safetensors(dir4.path().to_path_buf());
+    let mut src = vramcal::weights::open_source(&spec4).unwrap();
+    vramcal::weights::check_all(src.as_mut(), &cfg, &file4).unwrap();
+    let hub = Decoder::new(&cfg, src.as_mut(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(l(&hub), l(&m32));
+
+    // transformers' `gate_up_proj[e]` is `[gate; up]` (`chunk(2)`): a file whose gate rows are
+    // 1 and up rows 2 loads as such.
+    let mut tensors = saved.clone();
+    let (e, i, h) = (4, cfg.intermediate_size, cfg.hidden_size);
+    let rows: Vec<f32> = (0..e * 2 * i * h)
+        .map(|j| if (j / h) % (2 * i) < i { 1.0 } else { 2.0 })
+        .collect();
+    tensors.insert(
+        "model.layers.0.mlp.experts.gate_up_proj".into(),
+        Tensor::from_vec(rows, (e, 2 * i, h), &Device::Cpu).unwrap(),
+    );
+    let dir2 = tempfile::tempdir().unwrap();
+    candle_core::safetensors::save(&tensors, dir2.path().join("model.safetensors")).unwrap();
+    let mut src = vramcal::weights::open_source(&vramcal::spec::WeightsSpec::Safetensors(
+        dir2.path().to_path_buf(),
+    ))
+    .unwrap();
+    let pattern = Decoder::new(&cfg, src.as_mut(), DType::F32, &Device::Cpu).unwrap();
+    let vars = pattern.trainable_vars();
+    let mean = |name: &str| -> f32 {
+        let (_, v) = vars.iter().find(|(n, _)| n == name).unwrap();
+        v.mean_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    assert_eq!(mean("model.layers.0.mlp.experts.2.gate_proj.weight"), 1.0);
+    assert_eq!(mean("model.layers.0.mlp.experts.2.up_proj.weight"), 2.0);
+
+    // The training path (`Decoder::backward`): checkpointed recomputation routes the same
+    // tokens and gives the same gradients, to f32 rounding.
+    let ctx = vramcal::model::ForwardCtx {
+        train: true,
+        seed: 3,
+    };
+    let run = |c| {
+        let f = m32.forward_train(&x, &y, c, ctx).unwrap();
+        m32.backward(f).unwrap()
+    };
+    let plain = run(vramcal::spec::Checkpointing::None);
+    let ckpt = run(vramcal::spec::Checkpointing::Every(1));
+    for (a, b) in plain.iter().zip(&ckpt) {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= 1e-5, "checkpointed gradient differs by {d}");
+    }
+
     // LoRA on the attention: the router and experts frozen (their products through the
     // frozen-weight op, on each expert's rows of the gathered tokens), B = 0: the same loss.
     let ad = vramcal::spec::Adaptation {

@@ -36,13 +36,13 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let mut text = format!(
-        "{:<16} {:>15} {:>6} {:>6} {:>9} {:>7}  source\n",
+        "{:<17} {:>15} {:>6} {:>6} {:>9} {:>7}  source\n",
         "preset", "params", "layers", "hidden", "heads/kv", "vocab"
     );
     for p in &ps {
         let c = &p.config;
         text += &format!(
-            "{:<16} {:>15} {:>6} {:>6} {:>9} {:>7}  {}\n",
+            "{:<17} {:>15} {:>6} {:>6} {:>9} {:>7}  {}\n",
             p.name,
             thousands(c.param_count()),
             c.num_hidden_layers,

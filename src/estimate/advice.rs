@@ -130,6 +130,16 @@ pub fn alternatives(
             "4-bit NF4 base (--method qlora --double-quant)".to_string(),
             s,
         ));
+    } else if profile != Profile::Candle && cfg.moe().is_some() {
+        // Under the torch profiles a QLoRA Mixtral keeps its unquantized experts in fp32
+        // (`prepare_model_for_kbit_training`): a 16-bit base without 4-bit layers is smaller.
+        let mut s = spec.clone();
+        s.adaptation.quant = Quant::None;
+        v.push((
+            "LoRA on a 16-bit base (--method lora): QLoRA leaves Mixtral's experts unquantized, in fp32"
+                .to_string(),
+            s,
+        ));
     }
     // Combined with checkpointing.
     let with_ckpt: Vec<(String, TrainSpec)> = v
@@ -159,14 +169,17 @@ pub fn alternatives(
     v
 }
 
-/// Data-parallel sharding that would make a full fine-tune fit: ZeRO-2 and ZeRO-3 over 2, 4 and
-/// 8 GPUs (labels name the options that give them).
+/// Data-parallel sharding that would make a fine-tune fit: ZeRO-2 and ZeRO-3 over 2, 4 and 8
+/// GPUs for full fine-tuning, ZeRO-3 (which shards the frozen base too) for LoRA and QLoRA
+/// (labels name the options that give them).
 pub fn sharded_alternatives(spec: &TrainSpec) -> Vec<(String, Shard, usize)> {
-    if spec.adaptation.lora.is_some() {
-        return vec![];
-    }
+    let stages: &[(&str, Shard)] = if spec.adaptation.lora.is_some() {
+        &[("zero3", Shard::Zero3)]
+    } else {
+        &[("zero2", Shard::Zero2), ("zero3", Shard::Zero3)]
+    };
     let mut v = Vec::new();
-    for (name, shard) in [("zero2", Shard::Zero2), ("zero3", Shard::Zero3)] {
+    for &(name, shard) in stages {
         for gpus in [2, 4, 8] {
             v.push((
                 format!("{name} over {gpus} GPUs, per GPU (--shard {name} --gpus {gpus})"),

@@ -930,7 +930,14 @@ pub fn estimate_sharded(
         Item {
             name: "weights".into(),
             bytes: t.weights,
-            formula: "params × dtype (NF4: 0.5 B + block scales)".into(),
+            formula: if profile != Profile::Candle
+                && cfg.moe().is_some()
+                && spec.adaptation.quant != Quant::None
+            {
+                "params × dtype; NF4 (0.5 B + block scales) for the attention's linear layers only: bitsandbytes leaves Mixtral's router and experts unquantized and prepare_model_for_kbit_training makes them fp32".into()
+            } else {
+                "params × dtype (NF4: 0.5 B + block scales)".into()
+            },
         },
         Item {
             name: match spec.optimizer {

@@ -193,7 +193,7 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
         }
         Some(m) => moe(&mut v, cfg, spec, m),
     }
-    if casts {
+    if casts && cfg.moe().is_none() {
         v.push(t("down_proj.out_cast", "(N, h)", n * h, w));
     }
     v.push(t("residual_mlp", "(N, h)", n * h, w));
@@ -201,33 +201,29 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
 }
 
 /// Kept tensors of a mixture-of-experts block (`src/model/moe.rs`), `S = N·k` (token, expert)
-/// pairs, `E` experts: under autocast the input's copy in the compute dtype (and full
-/// fine-tuning's copies of the router's and every expert's weights); the router's logits
-/// `(N, E)`, their f32 copy (from a 16-bit compute dtype) and the composed softmax's tensors
-/// (the shifted logits, their exponentials and the probabilities `(N, E)`, the row max and sum
-/// `(N, 1)`); the chosen experts `(N, k)` and the sorted pairs' token and weight indices
-/// `(S,)` (u32); the top-k probabilities, their sum and the renormalised weights, the weights
-/// sorted `(S,)` (and cast); the gathered tokens `(S, h)`; per expert its rows of the gate,
-/// up, SwiGLU and down outputs (`3·S·i + S·h` together); the concatenated outputs `(S, h)`,
-/// weighted `(S, h)`; the zero init and the `index_add` sum `(N, h)`.
+/// pairs, `E` experts, the experts in the weights' dtype `w` (outside autocast), the router in
+/// the compute dtype `c`, routing and the weighted sum in `f` (f32; f64 for f64 models): under
+/// autocast the router input's copy (and full fine-tuning's copy of the router's weight); the
+/// router's logits `(N, E)`, their `f` copy (from a 16-bit compute dtype) and the composed
+/// softmax's tensors (the shifted logits, their exponentials and the probabilities `(N, E)`,
+/// the row max and sum `(N, 1)`); the chosen experts `(N, k)` and the sorted pairs' token and
+/// weight indices `(S,)` (u32); the top-k probabilities, their sum and the renormalised
+/// weights, the weights sorted `(S, 1)`; the gathered tokens `(S, h)`; per expert its rows of
+/// the gate, up, SwiGLU and down outputs (`3·S·i + S·h` together); the concatenated outputs
+/// `(S, h)` (and their `f` copy), weighted `(S, h)`; the zero init and the `index_add` sum
+/// `(N, h)` in `f`, and its cast to the residual stream's dtype where that differs.
 fn moe(v: &mut Vec<SavedTensor>, cfg: &ModelConfig, spec: &TrainSpec, m: crate::config::Moe) {
     let z = Sizes::of(spec);
-    let c = z.c;
+    let (w, c) = (z.w, z.c);
     let f = crate::ops::compute_dtype(spec.compute_dtype()).size_in_bytes() as u64;
     let n = (spec.batch * spec.seq) as u64;
     let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let (e, k) = (m.experts as u64, m.top_k as u64);
     let s = n * k;
     if z.casts(spec) {
-        v.push(t("mlp.input_cast", "(N, h)", n * h, c));
+        v.push(t("mlp.gate.input_cast", "(N, h)", n * h, c));
         if spec.adaptation.lora.is_none() {
             v.push(t("mlp.gate.weight_cast", "(E, h)", e * h, c));
-            v.push(t(
-                "mlp.experts.weight_casts",
-                "E × 3 × (i, h)",
-                e * 3 * i * h,
-                c,
-            ));
         }
     }
     v.push(t("mlp.gate.out", "(N, E)", n * e, c));
@@ -245,16 +241,19 @@ fn moe(v: &mut Vec<SavedTensor>, cfg: &ModelConfig, spec: &TrainSpec, m: crate::
     v.push(t("mlp.router.weights", "(N, k)", n * k, f));
     v.push(t("mlp.experts.pairs", "2 × (S,) u32", 2 * s, 4));
     v.push(t("mlp.experts.sorted_weights", "(S, 1)", s, f));
-    if f != c {
-        v.push(t("mlp.experts.sorted_weights_cast", "(S, 1)", s, c));
+    v.push(t("mlp.experts.gathered", "(S, h)", s * h, w));
+    v.push(t("mlp.experts.gate_up_swiglu", "3 × (S, i)", 3 * s * i, w));
+    v.push(t("mlp.experts.down", "(S, h)", s * h, w));
+    v.push(t("mlp.experts.cat", "(S, h)", s * h, w));
+    if f != w {
+        v.push(t("mlp.experts.cat_f32", "(S, h)", s * h, f));
     }
-    v.push(t("mlp.experts.gathered", "(S, h)", s * h, c));
-    v.push(t("mlp.experts.gate_up_swiglu", "3 × (S, i)", 3 * s * i, c));
-    v.push(t("mlp.experts.down", "(S, h)", s * h, c));
-    v.push(t("mlp.experts.cat", "(S, h)", s * h, c));
-    v.push(t("mlp.experts.weighted", "(S, h)", s * h, c));
-    v.push(t("mlp.experts.zero", "(N, h)", n * h, c));
-    v.push(t("mlp.experts.sum", "(N, h)", n * h, c));
+    v.push(t("mlp.experts.weighted", "(S, h)", s * h, f));
+    v.push(t("mlp.experts.zero", "(N, h)", n * h, f));
+    v.push(t("mlp.experts.sum", "(N, h)", n * h, f));
+    if f != w {
+        v.push(t("mlp.out_cast", "(N, h)", n * h, w));
+    }
 }
 
 /// Kept tensors of the embedding, final norm and the fused LM head with its loss (which keeps

@@ -340,17 +340,22 @@ impl Decoder {
                             Weight::Frozen(w)
                         })
                     };
+                    // The experts compute in the weights' dtype (transformers' `grouped_mm` is
+                    // outside autocast), the router in autocast's.
                     let plain = |weight: Weight, out: usize, inp: usize| Linear {
                         weight,
                         lora: None,
                         bias: None,
                         out,
                         inp,
-                        dtype: compute,
+                        dtype,
                     };
                     let e = m.experts;
                     let router = ld.tensor(&format!("{p}.mlp.gate.weight"), &[e, h], dtype)?;
-                    let gate = plain(dense(router)?, e, h);
+                    let gate = Linear {
+                        dtype: compute,
+                        ..plain(dense(router)?, e, h)
+                    };
                     let gu = ld.tensor(
                         &format!("{p}.mlp.experts.gate_up_proj"),
                         &[e, 2 * i, h],
@@ -775,8 +780,8 @@ impl Decoder {
             .zip(&vars)
             .map(|(g, (name, v))| match g {
                 Some(g) => Ok(g),
-                // An expert no token was routed to: zeros (PyTorch leaves its `grad` None and
-                // AdamW skips it; a zero gradient moves it by weight decay only).
+                // An expert no token was routed to: zeros. PyTorch leaves its `grad` None and
+                // AdamW skips it; here AdamW still steps it with its decaying first moment.
                 None if name.contains(".mlp.experts.") => Ok(v.zeros_like()?),
                 None => Err(Error::invalid(
                     "gradient",

@@ -7,9 +7,12 @@
 //!
 //! As transformers does, the `S = N·k` (token, expert) pairs are sorted by expert and the
 //! tokens gathered once (`(S, h)`, the per-expert token buffers); each expert runs on its
-//! contiguous rows of that buffer; the outputs, concatenated in the same order and scaled by
-//! their routing weights, are summed back per token with one `index_add`. The routing choice
-//! itself (`topk`) has no gradient; the weights do, through the softmax, as in PyTorch.
+//! contiguous rows of that buffer, in the weights' dtype (`grouped_mm` is outside autocast and
+//! casts its input to the weights' dtype); the outputs, concatenated in the same order, are
+//! scaled by their f32 routing weights and summed back per token in f32 (transformers: an
+//! inverse permutation and a sum over the `k` slots; here one `index_add`), cast once to the
+//! residual stream's dtype. The routing choice itself (`topk`) has no gradient; the weights
+//! do, through the softmax, as in PyTorch.
 //!
 //! The checkpoint's 3-D expert tensors (`mlp.experts.gate_up_proj` `(E, 2i, h)`, gate rows
 //! first, and `mlp.experts.down_proj` `(E, h, i)`) are split into one `(i, h)`/`(i, h)`/`(h, i)`
@@ -100,7 +103,8 @@ fn softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 impl MoeBlock {
-    /// `xn` `(N, h)` (the post-attention norm's output) → `(N, h)` in the compute dtype.
+    /// `xn` `(N, h)` (the post-attention norm's output, in the weights' dtype) → `(N, h)` in
+    /// f32 (f64 for f64 models): the caller casts it to the residual stream's dtype.
     /// `salt` is the layer's first dropout salt (LoRA never adapts the experts here).
     ///
     /// # Errors
@@ -108,14 +112,14 @@ impl MoeBlock {
     pub fn forward(&self, xn: &Tensor, ctx: ForwardCtx, salt: u64) -> Result<Tensor> {
         let (n, h) = xn.dims2()?;
         let compute = self.gate.dtype;
+        let f = ops::compute_dtype(compute);
         let k = self.top_k;
-        // The router in the compute dtype, its softmax in f32 (`router_logits.float()`; f64
-        // models stay in f64).
-        let x = cast(xn, compute)?;
+        // The router in the compute dtype (autocast's `F.linear`), its softmax in f32
+        // (`router_logits.float()`; f64 models stay in f64).
         let logits = self
             .gate
-            .forward(&x, ctx, salt)?
-            .to_dtype(ops::compute_dtype(compute))?; // (N, E)
+            .forward(&cast(xn, compute)?, ctx, salt)?
+            .to_dtype(f)?; // (N, E)
         let probs = softmax(&logits)?; // (N, E) f32
         let r = route(
             &probs.detach().to_dtype(DType::F32)?.to_vec2::<f32>()?,
@@ -128,9 +132,8 @@ impl MoeBlock {
         let sorted_weights = weights
             .flatten_all()?
             .index_select(&r.slots, 0)?
-            .unsqueeze(1)?
-            .to_dtype(compute)?; // (S, 1)
-        let gathered = x.index_select(&r.tokens, 0)?; // (S, h): the experts' token buffers
+            .unsqueeze(1)?; // (S, 1) f32
+        let gathered = xn.index_select(&r.tokens, 0)?; // (S, h): the experts' token buffers
         let mut outs = Vec::with_capacity(self.experts.len());
         let mut start = 0;
         for (e, (ex, &c)) in self.experts.iter().zip(&r.counts).enumerate() {
@@ -144,9 +147,9 @@ impl MoeBlock {
             outs.push(ex.down.forward(&ops::swiglu(&g, &u)?, ctx, salt)?); // (c, h)
             start += c;
         }
-        let y = Tensor::cat(&outs, 0)?; // (S, h)
+        let y = Tensor::cat(&outs, 0)?.to_dtype(f)?; // (S, h) f32
         let y = y.broadcast_mul(&sorted_weights)?;
-        let zero = Tensor::zeros((n, h), compute, xn.device())?;
+        let zero = Tensor::zeros((n, h), f, xn.device())?;
         Ok(zero.index_add(&r.tokens, &y, 0)?)
     }
 }

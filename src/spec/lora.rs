@@ -84,6 +84,10 @@ impl Target {
     }
 }
 
+/// The largest LoRA rank accepted: 2^20, above every layer width, so that parameter and byte
+/// counts stay far inside 64 bits.
+pub const MAX_RANK: usize = 1 << 20;
+
 /// LoRA hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
@@ -135,6 +139,13 @@ impl LoraConfig {
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
             return Err(Error::invalid("--lora r", 0, "rank must be at least 1"));
+        }
+        if self.r > MAX_RANK {
+            return Err(Error::invalid(
+                "--lora r",
+                self.r,
+                format!("rank must be at most {MAX_RANK} (wider than any layer it adapts)"),
+            ));
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return Err(Error::invalid(

@@ -257,7 +257,7 @@ impl TrainSpec {
                 return Err(Error::invalid(
                     "--lora targets",
                     mlp.join(","),
-                    "a Mixtral model has no gate_proj/up_proj/down_proj modules: its experts are the 3-D parameters mlp.experts.gate_up_proj and down_proj, which PEFT adapts (with the router mlp.gate) under all-linear; target q/k/v/o_proj, all-linear, lm_head or embed_tokens",
+                    "a Mixtral model has no gate_proj/up_proj/down_proj modules: its experts are the 3-D parameters mlp.experts.gate_up_proj and down_proj, which PEFT adapts (with the router mlp.gate) under all-linear (estimated by the torch profiles); target q/k/v/o_proj, lm_head, embed_tokens or all-linear",
                 ));
             }
         }

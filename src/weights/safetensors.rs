@@ -91,12 +91,52 @@ impl SafetensorsWeights {
     }
 }
 
-impl WeightSource for SafetensorsWeights {
-    fn names(&self) -> Vec<String> {
-        self.files.keys().cloned().collect()
+/// Mixtral's checkpoints on the Hub keep transformers 4's layout, which transformers 5 converts
+/// on loading (`conversion_mapping.py`, `mixtral`): `block_sparse_moe.gate.weight` is
+/// `mlp.gate.weight`; `block_sparse_moe.experts.{e}.w1.weight` (gate) and `w3` (up), each
+/// `(i, h)`, stack into `mlp.experts.gate_up_proj` `(E, 2i, h)`; `w2` `(h, i)` into
+/// `mlp.experts.down_proj` `(E, h, i)`. The v4 parts of the v5 tensor `name`, or `None` for
+/// any other name.
+fn v4_parts(name: &str, shape: &[usize]) -> Option<Vec<(String, Vec<usize>)>> {
+    let (layer, rest) = name.split_once(".mlp.")?;
+    let moe = format!("{layer}.block_sparse_moe");
+    match (rest, shape) {
+        ("gate.weight", _) => Some(vec![(format!("{moe}.gate.weight"), shape.to_vec())]),
+        ("experts.gate_up_proj", &[e, two_i, h]) => Some(
+            (0..e)
+                .flat_map(|x| {
+                    ["w1", "w3"]
+                        .map(|w| (format!("{moe}.experts.{x}.{w}.weight"), vec![two_i / 2, h]))
+                })
+                .collect(),
+        ),
+        ("experts.down_proj", &[e, h, i]) => Some(
+            (0..e)
+                .map(|x| (format!("{moe}.experts.{x}.w2.weight"), vec![h, i]))
+                .collect(),
+        ),
+        _ => None,
     }
+}
 
-    fn check(&mut self, name: &str, shape: &[usize]) -> Result<()> {
+/// The v5 name a v4 Mixtral tensor becomes ([`v4_parts`]), or the name itself.
+fn v5_name(name: &str) -> String {
+    let Some((layer, rest)) = name.split_once(".block_sparse_moe.") else {
+        return name.to_string();
+    };
+    if rest == "gate.weight" {
+        return format!("{layer}.mlp.gate.weight");
+    }
+    match rest.rsplit('.').nth(1) {
+        Some("w1" | "w3") => format!("{layer}.mlp.experts.gate_up_proj"),
+        Some("w2") => format!("{layer}.mlp.experts.down_proj"),
+        _ => name.to_string(),
+    }
+}
+
+impl SafetensorsWeights {
+    /// Checks one stored tensor: present, floating point, of `shape`.
+    fn check_stored(&self, name: &str, shape: &[usize]) -> Result<()> {
         let file = self.files.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
             name: name.into(),
@@ -117,6 +157,49 @@ impl WeightSource for SafetensorsWeights {
         check_shape(file, name, shape, view.shape())
     }
 
+    /// The stored tensor `name`, in `dtype` on `device`.
+    fn load_stored(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        self.check_stored(name, shape)?;
+        let t = self.st.load(name, device).map_err(|e| Error::Weights {
+            path: self.files.get(name).cloned().unwrap_or_default(),
+            reason: format!("{name}: {}", candle_msg(&e)),
+        })?;
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    /// The v4 parts of `name` where the file holds them instead of `name` ([`v4_parts`]).
+    fn v4(&self, name: &str, shape: &[usize]) -> Option<Vec<(String, Vec<usize>)>> {
+        if self.files.contains_key(name) {
+            return None;
+        }
+        v4_parts(name, shape).filter(|p| self.files.contains_key(&p[0].0))
+    }
+}
+
+impl WeightSource for SafetensorsWeights {
+    /// The stored names, a Mixtral checkpoint's v4 names as the v5 tensors they make.
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.files.keys().map(|n| v5_name(n)).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    fn check(&mut self, name: &str, shape: &[usize]) -> Result<()> {
+        match self.v4(name, shape) {
+            Some(parts) => parts
+                .iter()
+                .try_for_each(|(n, sh)| self.check_stored(n, sh)),
+            None => self.check_stored(name, shape),
+        }
+    }
+
     fn tensor(
         &mut self,
         name: &str,
@@ -124,12 +207,25 @@ impl WeightSource for SafetensorsWeights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        self.check(name, shape)?;
-        let t = self.st.load(name, device).map_err(|e| Error::Weights {
-            path: self.files.get(name).cloned().unwrap_or_default(),
-            reason: format!("{name}: {}", candle_msg(&e)),
-        })?;
-        Ok(t.to_dtype(dtype)?)
+        let Some(parts) = self.v4(name, shape) else {
+            return self.load_stored(name, shape, dtype, device);
+        };
+        let mut loaded = Vec::with_capacity(parts.len());
+        for (n, sh) in &parts {
+            loaded.push(self.load_stored(n, sh, dtype, device)?);
+        }
+        Ok(match *shape {
+            // `[w1; w3]` per expert, then the experts stacked.
+            [e, _, _] if parts.len() == 2 * e => {
+                let experts: Vec<Tensor> = loaded
+                    .chunks(2)
+                    .map(|p| Tensor::cat(p, 0))
+                    .collect::<candle_core::Result<_>>()?;
+                Tensor::stack(&experts, 0)?
+            }
+            [_, _, _] => Tensor::stack(&loaded, 0)?,
+            _ => loaded.remove(0),
+        })
     }
 }
 
