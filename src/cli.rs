@@ -94,6 +94,17 @@ pub enum Command {
         after_help = "Examples:\n  vramcal sweep --model smollm2-135m --batch 1,2 --seq 64,128,256\n  vramcal sweep --model smollm2-135m --method full,lora,qlora --lora r=8,targets=q_proj,v_proj --checkpointing none,layers --batch 1 --seq 128,256 --save adapter\n  vramcal sweep --model tiny --batch 1,2,4 --seq 16,32 --out /tmp/tiny.csv"
     )]
     Sweep(SweepArgs),
+    /// Join result CSVs (a sharded sweep's parts) into one, refusing conflicting rows.
+    #[command(
+        after_help = "Examples:\n  vramcal merge parts/part-*.csv --out results/cpu/mine.csv\n  vramcal merge old.csv new.csv --out all.csv --keep newest"
+    )]
+    Merge(MergeArgs),
+    /// Write a Slurm job-array script that runs a sweep in parts, one array task per part.
+    #[command(
+        allow_negative_numbers = true,
+        after_help = "Examples:\n  vramcal slurm --tasks 8 --dir sweep-parts -- --model smollm2-135m --device cuda --batch 1,2,4 --seq 512,1024,2048\n  sbatch sweep-parts/sweep.sbatch\n  vramcal merge sweep-parts/part-*.csv --out results.csv"
+    )]
+    Slurm(SlurmArgs),
     /// Find the largest micro-batch (or sequence) that fits in a memory budget, by measurement.
     #[command(
         allow_negative_numbers = true,
@@ -562,4 +573,45 @@ pub struct SweepArgs {
     /// --timed-steps is refused. Points share the host's memory.
     #[arg(long, default_value_t = 1)]
     pub jobs: usize,
+    /// Measure only the I-th of N deterministic parts of the grid (`I/N`, 1 ≤ I ≤ N: the
+    /// points whose position in grid order is I − 1 modulo N), e.g. one Slurm array task's
+    /// (`vramcal slurm`); `vramcal merge` joins the parts.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<crate::commands::sweep::GridShard>,
+}
+
+/// `vramcal merge`.
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// Result CSVs of vramcal (e.g. the parts of a sharded sweep), all with the same header.
+    #[arg(required = true)]
+    pub parts: Vec<PathBuf>,
+    /// The merged CSV, written whole (replaced if it exists; nothing is written on an error).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Rows of one configuration in two places: keep the newest (`utc_time`) instead of
+    /// refusing. Identical rows are always kept once.
+    #[arg(long, value_name = "newest", value_parser = ["newest"])]
+    pub keep: Option<String>,
+}
+
+/// `vramcal slurm`.
+#[derive(Debug, Clone, Args)]
+pub struct SlurmArgs {
+    /// Array tasks: the grid is split into this many parts (`sweep --shard I/N`).
+    #[arg(long)]
+    pub tasks: usize,
+    /// Folder for the script, the parts (`part-I.csv`) and Slurm's logs; created if missing.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Wall-time limit per task (Slurm's `--time`, e.g. `02:00:00`).
+    #[arg(long, default_value = "01:00:00")]
+    pub time: String,
+    /// Slurm partition (`--partition`); the cluster's default without it.
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// The sweep, as `vramcal sweep` takes it (after `--`), without `--out`, `--resume` and
+    /// `--shard`, which each task sets.
+    #[arg(last = true, required = true)]
+    pub sweep: Vec<String>,
 }

@@ -12,10 +12,12 @@ pub mod estimate;
 pub mod gpus;
 pub mod max;
 pub mod measure;
+pub mod merge;
 pub mod models;
 pub mod plan;
 pub mod report;
 pub mod setup;
+pub mod slurm;
 pub mod sweep;
 
 use std::process::ExitCode;
@@ -32,6 +34,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gpus { json } => gpus::run(json),
         Command::Measure(a) => measure::run(&a),
         Command::Sweep(a) => sweep::run(&a),
+        Command::Merge(a) => merge::run(&a),
+        Command::Slurm(a) => slurm::run(&a),
         Command::Max(a) => max::run(&a),
         Command::Plan(a) => plan::run(&a),
         Command::Estimate(a) => estimate::run(&a),

@@ -95,6 +95,9 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| PathBuf::from(format!("{model_name}-{dev}.csv")));
     crate::report::csv_out::check_writable(&out)?;
     let _lock = crate::report::csv_out::lock(&out)?;
+    if let Some(s) = a.shard {
+        grid = s.select(grid);
+    }
     if a.resume {
         skip_done(&mut grid, &out)?;
     }
@@ -105,6 +108,48 @@ pub fn run(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// One of `count` deterministic parts of a grid (`--shard I/N`), `index` from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GridShard {
+    /// Which part, 1 ≤ `index` ≤ `count`.
+    pub index: usize,
+    /// How many parts.
+    pub count: usize,
+}
+
+impl std::str::FromStr for GridShard {
+    type Err = Error;
+
+    /// `I/N` with 1 ≤ I ≤ N.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for anything else (`3/2`, `0/0`, `1`).
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = || Error::invalid("--shard", s, "expected I/N with 1 <= I <= N, e.g. 2/4");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse::<usize>().map_err(|_| bad())?,
+            n.trim().parse::<usize>().map_err(|_| bad())?,
+        );
+        if index == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(GridShard { index, count })
+    }
+}
+
+impl GridShard {
+    /// The points of this part: those at positions `index − 1`, `index − 1 + count`, … of the
+    /// grid (round robin, so parts of a grid ordered by size get similar work).
+    pub fn select<T>(self, grid: Vec<T>) -> Vec<T> {
+        grid.into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % self.count == self.index - 1)
+            .map(|(_, p)| p)
+            .collect()
+    }
 }
 
 /// The devices points run on at once, one point per entry at a time: `--devices` (each
@@ -204,7 +249,7 @@ fn all_cuda_devices() -> anyhow::Result<Vec<String>> {
 ///
 /// # Errors
 /// A malformed axis or list, bad model arguments, a point that cannot be valid.
-fn plan(a: &SweepArgs) -> anyhow::Result<(Vec<Point>, String)> {
+pub(crate) fn plan(a: &SweepArgs) -> anyhow::Result<(Vec<Point>, String)> {
     let batches = parse_axis("--batch", &a.batch)?;
     let seqs = parse_axis("--seq", &a.seq)?;
     let methods: Vec<Option<Method>> = if a.method.is_empty() {
@@ -416,13 +461,13 @@ fn measure_all(grid: &[Point], out: &std::path::Path, slots: &[String]) -> anyho
 }
 
 /// One planned point.
-struct Point {
+pub(crate) struct Point {
     method: Option<Method>,
     ckpt: Checkpointing,
     batch: usize,
     seq: usize,
     args: ModelArgs,
-    spec: TrainSpec,
+    pub(crate) spec: TrainSpec,
     ctx: RowContext,
 }
 

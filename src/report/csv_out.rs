@@ -272,7 +272,7 @@ pub fn repair_last_line(path: &Path) -> Result<()> {
 /// Where the last CSV record of `bytes` starts (a record may span lines inside a quoted field)
 /// and whether it is complete: the first record's (the header's) number of fields and every
 /// quote closed (quotes inside fields are doubled, so an open one leaves an odd count).
-fn last_record(bytes: &[u8]) -> (usize, bool) {
+pub(crate) fn last_record(bytes: &[u8]) -> (usize, bool) {
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)

@@ -1,0 +1,119 @@
+//! `vramcal merge`: joins result CSVs (the parts of a sharded sweep, `sweep --shard I/N`, e.g.
+//! one per Slurm array task) into one file. Every part must carry the same header and end in a
+//! whole row; rows are kept in the order the parts list them; two rows of one configuration
+//! ([`super::sweep::config_key`], what `--resume` matches) are one row when identical (so
+//! merging again, or merging the result with its parts, changes nothing) and otherwise refused,
+//! unless `--keep newest` keeps the later `utc_time`. The output is written whole, through a
+//! temporary file renamed into place: on any error nothing is written.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::ExitCode;
+
+use crate::cli::MergeArgs;
+use crate::error::Error;
+
+/// Runs `vramcal merge`.
+///
+/// # Errors
+/// A part that cannot be read, whose header differs from the first part's, whose last row is
+/// cut, or that holds rows vramcal does not write; conflicting rows of one configuration
+/// without `--keep newest`; an unwritable `--out`.
+pub fn run(a: &MergeArgs) -> anyhow::Result<ExitCode> {
+    let mut header: Option<(csv::ByteRecord, std::path::PathBuf)> = None;
+    // (configuration key, record, utc_time, where it came from)
+    let mut rows: Vec<(String, csv::ByteRecord, String, String)> = Vec::new();
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut replaced = 0;
+    for part in &a.parts {
+        let bytes = crate::input::read_capped(part)?;
+        if bytes.is_empty() {
+            return Err(Error::invalid("merge", part.display(), "is empty (no header)").into());
+        }
+        let mut rdr = csv::Reader::from_reader(bytes.as_slice());
+        let h = rdr.byte_headers()?.clone();
+        match &header {
+            None => header = Some((h, part.clone())),
+            Some((first, path)) if *first != h => {
+                return Err(Error::invalid(
+                    "merge",
+                    part.display(),
+                    format!(
+                        "its header differs from {}'s: merge files of one kind and version",
+                        path.display()
+                    ),
+                )
+                .into())
+            }
+            Some(_) => {}
+        }
+        if !crate::report::csv_out::last_record(&bytes).1 {
+            return Err(Error::invalid(
+                "merge",
+                part.display(),
+                "its last row is cut short (a killed write?): resume the sweep that wrote it (--resume repairs it) or remove that row",
+            )
+            .into());
+        }
+        let typed = crate::report::csv_out::read_rows(part)?;
+        for (i, (rec, row)) in rdr.byte_records().zip(&typed).enumerate() {
+            let rec = rec?;
+            let key = super::sweep::config_key(row);
+            let from = format!("{} row {}", part.display(), i + 2);
+            match at.get(&key) {
+                None => {
+                    at.insert(key.clone(), rows.len());
+                    rows.push((key, rec, row.utc_time.clone(), from));
+                }
+                Some(&j) if rows[j].1 == rec => {}
+                Some(&j) => {
+                    if a.keep.is_none() {
+                        return Err(Error::invalid(
+                            "merge",
+                            from,
+                            format!(
+                                "measures the configuration of {} again with other values: keep one (--keep newest keeps the later utc_time)",
+                                rows[j].3
+                            ),
+                        )
+                        .into());
+                    }
+                    if row.utc_time > rows[j].2 {
+                        rows[j] = (key, rec, row.utc_time.clone(), from);
+                        replaced += 1;
+                    }
+                }
+            }
+        }
+    }
+    let (header, _) = header.expect("at least one part (clap requires it)");
+    let dir = a
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    {
+        let mut w = csv::Writer::from_writer(&mut tmp);
+        w.write_byte_record(&header)?;
+        for (_, rec, _, _) in &rows {
+            w.write_byte_record(rec)?;
+        }
+        w.flush()?;
+    }
+    tmp.flush().map_err(|e| Error::io(&a.out, e))?;
+    tmp.persist(&a.out)
+        .map_err(|e| Error::io(&a.out, e.error))?;
+    eprintln!(
+        "wrote {} row(s) from {} file(s) to {}{}",
+        rows.len(),
+        a.parts.len(),
+        a.out.display(),
+        if replaced > 0 {
+            format!(" ({replaced} replaced by newer rows)")
+        } else {
+            String::new()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}

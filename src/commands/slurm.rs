@@ -1,0 +1,192 @@
+//! `vramcal slurm`: writes a Slurm job-array script that runs a sweep in `--tasks` parts, one
+//! array task per part (`sweep --shard I/N --resume --out DIR/part-I.csv`), and says how to
+//! submit it and join the parts (`vramcal merge`). No scheduler of vramcal's own: Slurm runs
+//! the tasks, resubmits them (`sbatch --array=I` with the same script resumes task I's part)
+//! and keeps their logs (`DIR/slurm-%A_%a.out`).
+//!
+//! Per task: one CPU core, or with `--device cuda` one GPU (`--gres=gpu:1`; the sweep runs on
+//! the GPU Slurm gives the task); memory (`--mem`, host RAM) from the largest estimate among
+//! the task's points (the `candle` profile, uncalibrated) plus a quarter and 512 MiB for the
+//! process, at least 1 GiB; the wall time from `--time` (vramcal does not predict it before a
+//! step is measured: `vramcal plan` projects it from one). Tasks run in the folder the script
+//! was written from (`--chdir`), so the sweep's relative paths hold.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command, SlurmArgs, SweepArgs};
+use crate::error::Error;
+
+/// Runs `vramcal slurm`.
+///
+/// # Errors
+/// `--tasks 0`; sweep arguments that `vramcal sweep` would refuse, or that set `--out`,
+/// `--resume`, `--shard`, `--devices` or `--jobs` (each task sets its own); a `--time` or
+/// `--partition` Slurm would not read; an unwritable `--dir`.
+pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
+    if a.tasks == 0 {
+        return Err(Error::invalid("--tasks", 0, "must be at least 1").into());
+    }
+    if !a
+        .time
+        .chars()
+        .all(|c| c.is_ascii_digit() || c == ':' || c == '-')
+        || a.time.is_empty()
+    {
+        return Err(Error::invalid(
+            "--time",
+            &a.time,
+            "expected Slurm's time format, e.g. 30, 02:00:00 or 1-00:00:00",
+        )
+        .into());
+    }
+    if let Some(p) = &a.partition {
+        if p.is_empty()
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        {
+            return Err(Error::invalid("--partition", p, "expected a partition name").into());
+        }
+    }
+    for (flag, own) in [
+        ("--out", "each task writes DIR/part-I.csv"),
+        ("--resume", "each task resumes its part"),
+        ("--shard", "each task measures its part"),
+        ("--devices", "each task runs on the device Slurm gives it"),
+        ("--jobs", "each task measures one point at a time"),
+    ] {
+        if a.sweep
+            .iter()
+            .any(|x| x == flag || x.starts_with(&format!("{flag}=")))
+        {
+            return Err(Error::invalid(
+                "vramcal slurm -- ...",
+                flag,
+                format!("is set by the script ({own})"),
+            )
+            .into());
+        }
+    }
+    // The sweep as `vramcal sweep` reads it: refused here if it would be refused there.
+    let argv = ["vramcal", "sweep"]
+        .into_iter()
+        .map(String::from)
+        .chain(a.sweep.iter().cloned());
+    let sweep: SweepArgs = match Cli::try_parse_from(argv) {
+        Ok(Cli {
+            command: Command::Sweep(s),
+        }) => s,
+        Ok(_) => unreachable!("parsed as sweep"),
+        Err(e) => {
+            let first = e.to_string();
+            let first = first
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ");
+            return Err(Error::invalid("vramcal slurm -- ...", a.sweep.join(" "), first).into());
+        }
+    };
+    let (grid, _) = super::sweep::plan(&sweep)?;
+    let (model, _) = super::setup::resolve(&sweep.model)?;
+    let parts: Vec<usize> = (1..=a.tasks)
+        .map(|i| {
+            super::sweep::GridShard {
+                index: i,
+                count: a.tasks,
+            }
+            .select((0..grid.len()).collect())
+            .len()
+        })
+        .collect();
+    if parts.contains(&0) {
+        return Err(Error::invalid(
+            "--tasks",
+            a.tasks,
+            format!("more tasks than the grid's {} points", grid.len()),
+        )
+        .into());
+    }
+    let c = crate::estimate::Coefficients::uncalibrated(crate::spec::Profile::Candle);
+    let mut largest = 0u64;
+    for p in &grid {
+        let e =
+            crate::estimate::estimate(&model.config, &p.spec, crate::spec::Profile::Candle, &c)?;
+        largest = largest.max(e.needed_bytes());
+    }
+    let mem_mib = ((largest + largest / 4) >> 20)
+        .saturating_add(512)
+        .max(1024);
+    let gpu = sweep.model.device.starts_with("cuda");
+    std::fs::create_dir_all(&a.dir).map_err(|e| Error::io(&a.dir, e))?;
+    let dir = std::fs::canonicalize(&a.dir).map_err(|e| Error::io(&a.dir, e))?;
+    let exe = std::env::current_exe().map_err(|e| Error::io("vramcal", e))?;
+    let quote = |s: &str| -> anyhow::Result<String> {
+        Ok(shlex::try_quote(s)
+            .map_err(|_| Error::invalid("vramcal slurm -- ...", s, "contains a NUL byte"))?
+            .into_owned())
+    };
+    let mut sweep_args = String::new();
+    for x in &a.sweep {
+        write!(sweep_args, " {}", quote(x)?)?;
+    }
+    let d = quote(&dir.display().to_string())?;
+    let mut s = String::new();
+    writeln!(s, "#!/bin/bash")?;
+    writeln!(s, "# Written by: {}", super::command_line())?;
+    writeln!(
+        s,
+        "# {} points in {} parts ({}–{} each); submit: sbatch {}/sweep.sbatch",
+        grid.len(),
+        a.tasks,
+        parts.iter().min().unwrap_or(&0),
+        parts.iter().max().unwrap_or(&0),
+        d
+    )?;
+    writeln!(s, "#SBATCH --job-name=vramcal-sweep")?;
+    writeln!(s, "#SBATCH --array=1-{}", a.tasks)?;
+    writeln!(s, "#SBATCH --ntasks=1")?;
+    writeln!(s, "#SBATCH --cpus-per-task=1")?;
+    if gpu {
+        writeln!(s, "#SBATCH --gres=gpu:1")?;
+    }
+    writeln!(s, "#SBATCH --mem={mem_mib}M")?;
+    writeln!(s, "#SBATCH --time={}", a.time)?;
+    if let Some(p) = &a.partition {
+        writeln!(s, "#SBATCH --partition={p}")?;
+    }
+    writeln!(s, "#SBATCH --output={}/slurm-%A_%a.out", dir.display())?;
+    // Relative paths of the sweep (a config.json, weights) as they were written.
+    let cwd = std::env::current_dir().map_err(|e| Error::io(".", e))?;
+    writeln!(s, "#SBATCH --chdir={}", cwd.display())?;
+    writeln!(s, "set -euo pipefail")?;
+    writeln!(
+        s,
+        "exec {} sweep{} --shard \"${{SLURM_ARRAY_TASK_ID}}/{}\" --resume --out {}/\"part-${{SLURM_ARRAY_TASK_ID}}.csv\"",
+        quote(&exe.display().to_string())?,
+        sweep_args,
+        a.tasks,
+        d
+    )?;
+    let script = dir.join("sweep.sbatch");
+    std::fs::write(&script, s).map_err(|e| Error::io(&script, e))?;
+    println!(
+        "wrote {}: {} points in {} array tasks, {} MiB and {} each{}",
+        script.display(),
+        grid.len(),
+        a.tasks,
+        mem_mib,
+        a.time,
+        if gpu { ", one GPU each" } else { "" }
+    );
+    println!("submit:   sbatch {}", quote(&script.display().to_string())?);
+    println!(
+        "redo one: sbatch --array=I {} (resumes part I)",
+        quote(&script.display().to_string())?
+    );
+    println!("join:     vramcal merge {d}/part-*.csv --out RESULTS.csv");
+    Ok(ExitCode::SUCCESS)
+}

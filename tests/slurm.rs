@@ -1,0 +1,249 @@
+//! Sweeps in parts: `sweep --shard I/N`, `vramcal merge`, and `vramcal slurm` submitted for real
+//! to a one-node Slurm (`scripts/slurm-local.sh`). The Slurm test runs where `VRAMCAL_SLURM=1`
+//! (CI starts the cluster and sets it) and is skipped elsewhere; the rest always runs.
+
+use std::path::Path;
+use std::process::Command as Proc;
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+
+fn vramcal() -> Command {
+    Command::cargo_bin("vramcal").unwrap()
+}
+
+/// (method, batch, seq, checkpointing, status) of every row of a results file, sorted.
+fn configs(f: &Path) -> Vec<(String, String, String, String, String)> {
+    let mut r = csv::Reader::from_path(f).unwrap();
+    let mut v: Vec<_> = r
+        .deserialize::<std::collections::HashMap<String, String>>()
+        .map(Result::unwrap)
+        .map(|m| {
+            (
+                m["method"].clone(),
+                m["batch"].clone(),
+                m["seq"].clone(),
+                m["checkpointing"].clone(),
+                m["status"].clone(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn sweep(dir: &Path, extra: &[&str], out: &str) {
+    vramcal()
+        .current_dir(dir)
+        .args([
+            "sweep", "--model", "tiny", "--batch", "1,2", "--seq", "8,16,32",
+        ])
+        .args(extra)
+        .args(["--out", out])
+        .assert()
+        .success();
+}
+
+/// Three parts of a grid hold every point once; merged they are the unsharded sweep's rows;
+/// merging again (the result with its parts) changes nothing.
+#[test]
+fn shards_partition_the_grid_and_merge_back() {
+    let d = tempfile::tempdir().unwrap();
+    sweep(d.path(), &[], "all.csv");
+    for i in 1..=3 {
+        sweep(
+            d.path(),
+            &["--shard", &format!("{i}/3")],
+            &format!("part-{i}.csv"),
+        );
+        assert_eq!(configs(&d.path().join(format!("part-{i}.csv"))).len(), 2);
+    }
+    let merge = |args: &[&str]| {
+        vramcal()
+            .current_dir(d.path())
+            .arg("merge")
+            .args(args)
+            .assert()
+    };
+    merge(&[
+        "part-1.csv",
+        "part-2.csv",
+        "part-3.csv",
+        "--out",
+        "merged.csv",
+    ])
+    .success();
+    assert_eq!(
+        configs(&d.path().join("merged.csv")),
+        configs(&d.path().join("all.csv"))
+    );
+    merge(&["merged.csv", "part-2.csv", "--out", "again.csv"]).success();
+    assert_eq!(
+        std::fs::read(d.path().join("merged.csv")).unwrap(),
+        std::fs::read(d.path().join("again.csv")).unwrap()
+    );
+}
+
+/// Bad parts get one `error:` line and nothing is written: another header, a cut last row, a
+/// configuration measured twice with other values (unless `--keep newest`); bad `--shard`.
+#[test]
+fn merge_refuses_what_it_cannot_join() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    sweep(p, &["--shard", "1/2"], "a.csv");
+    sweep(p, &["--shard", "1/2"], "b.csv"); // the same points again: other times and dates
+    let text = std::fs::read_to_string(p.join("a.csv")).unwrap();
+    std::fs::write(
+        p.join("other.csv"),
+        text.replacen("tool_version", "version", 1),
+    )
+    .unwrap();
+    std::fs::write(p.join("cut.csv"), &text[..text.len() - 40]).unwrap();
+    let refuses = |args: &[&str], needle: &str| {
+        let out = vramcal()
+            .current_dir(p)
+            .arg("merge")
+            .args(args)
+            .arg("--out")
+            .arg("m.csv")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("error:") && err.contains(needle),
+            "{args:?}: {err}"
+        );
+        assert!(!p.join("m.csv").exists(), "{args:?} wrote a file");
+    };
+    refuses(&["a.csv", "other.csv"], "header differs");
+    refuses(&["a.csv", "cut.csv"], "last row is cut short");
+    refuses(&["a.csv", "b.csv"], "measures the configuration");
+    vramcal()
+        .current_dir(p)
+        .args([
+            "merge", "a.csv", "b.csv", "--out", "m.csv", "--keep", "newest",
+        ])
+        .assert()
+        .success();
+    assert_eq!(configs(&p.join("m.csv")), configs(&p.join("b.csv")));
+    for bad in ["3/2", "0/0", "1", "a/b"] {
+        let out = vramcal()
+            .current_dir(p)
+            .args([
+                "sweep", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", bad,
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("expected I/N"),
+            "{bad}"
+        );
+    }
+}
+
+/// `vramcal slurm`'s script, submitted unchanged to a one-node Slurm: four array tasks of a
+/// `tiny` grid; task 2 is cancelled while it runs, resubmitted alone (`--array=2`, which resumes
+/// its part), and the merged parts hold the same configurations as a local sweep.
+#[test]
+fn a_slurm_array_runs_the_sweep_in_parts() {
+    if std::env::var("VRAMCAL_SLURM").as_deref() != Ok("1") {
+        eprintln!(
+            "skipped: VRAMCAL_SLURM=1 not set (bash scripts/slurm-local.sh starts a cluster)"
+        );
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let grid = ["--model", "tiny", "--batch", "1,2", "--seq", "8,16,32,64"];
+    vramcal()
+        .current_dir(p)
+        .args([
+            "slurm", "--tasks", "4", "--dir", "parts", "--time", "10", "--",
+        ])
+        .args(grid)
+        // Slow enough points (a few seconds each) to cancel a task mid-run.
+        .args(["--timed-steps", "1500"])
+        .assert()
+        .success();
+    let script = p.join("parts/sweep.sbatch");
+    let sbatch = |extra: &[&str]| -> String {
+        let out = Proc::new("sbatch")
+            .current_dir(p)
+            .arg("--parsable")
+            .args(extra)
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let wait = |job: &str| {
+        let t0 = Instant::now();
+        loop {
+            let q = Proc::new("squeue")
+                .args(["-h", "-j", job])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&q.stdout).trim().is_empty() {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(600),
+                "job {job} did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let job = sbatch(&[]);
+    // Cancel task 2 once it runs.
+    let t0 = Instant::now();
+    loop {
+        let q = Proc::new("squeue")
+            .args(["-h", "-t", "R", "-o", "%i", "-j", &job])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&q.stdout)
+            .lines()
+            .any(|l| l.trim() == format!("{job}_2"))
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "task 2 never ran");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(Proc::new("scancel")
+        .arg(format!("{job}_2"))
+        .status()
+        .unwrap()
+        .success());
+    wait(&job);
+    let redo = sbatch(&["--array=2"]);
+    wait(&redo);
+    let parts: Vec<String> = (1..=4).map(|i| format!("parts/part-{i}.csv")).collect();
+    vramcal()
+        .current_dir(p)
+        .arg("merge")
+        .args(&parts)
+        .args(["--out", "merged.csv"])
+        .assert()
+        .success();
+    vramcal()
+        .current_dir(p)
+        .arg("sweep")
+        .args(grid)
+        .args(["--out", "local.csv"])
+        .assert()
+        .success();
+    let merged = configs(&p.join("merged.csv"));
+    assert_eq!(merged.len(), 8);
+    assert!(merged.iter().all(|c| c.4 == "ok"), "{merged:?}");
+    assert_eq!(merged, configs(&p.join("local.csv")));
+}
