@@ -93,11 +93,8 @@ fn merge_refuses_what_it_cannot_join() {
     sweep(p, &["--shard", "1/2"], "a.csv");
     sweep(p, &["--shard", "1/2"], "b.csv"); // the same points again: other times and dates
     let text = std::fs::read_to_string(p.join("a.csv")).unwrap();
-    std::fs::write(
-        p.join("other.csv"),
-        text.replacen("tool_version", "version", 1),
-    )
-    .unwrap();
+    std::fs::write(p.join("other.csv"), text.replacen(",message", ",note", 1)).unwrap();
+    std::fs::write(p.join("foreign.csv"), "foo,bar\n1,2\n").unwrap();
     std::fs::write(p.join("cut.csv"), &text[..text.len() - 40]).unwrap();
     let refuses = |args: &[&str], needle: &str| {
         let out = vramcal()
@@ -118,6 +115,7 @@ fn merge_refuses_what_it_cannot_join() {
         assert!(!p.join("m.csv").exists(), "{args:?} wrote a file");
     };
     refuses(&["a.csv", "other.csv"], "header differs");
+    refuses(&["foreign.csv", "a.csv"], "not a vramcal results header");
     refuses(&["a.csv", "cut.csv"], "last row is cut short");
     refuses(&["a.csv", "b.csv"], "measures the configuration");
     vramcal()

@@ -28,10 +28,27 @@ pub fn run(a: &MergeArgs) -> anyhow::Result<ExitCode> {
     for part in &a.parts {
         let bytes = crate::input::read_capped(part)?;
         if bytes.is_empty() {
-            return Err(Error::invalid("merge", part.display(), "is empty (no header)").into());
+            return Err(Error::invalid(
+                "merge",
+                part.display(),
+                "is empty (no header): a sweep task stopped before its first row? rerun it (sbatch --array=I, or sweep --resume)",
+            )
+            .into());
         }
         let mut rdr = csv::Reader::from_reader(bytes.as_slice());
         let h = rdr.byte_headers()?.clone();
+        let has = |c: &str| h.iter().any(|x| x == c.as_bytes());
+        if !["tool_version", "model", "peak_bytes", "status"]
+            .iter()
+            .all(|c| has(c))
+        {
+            return Err(Error::invalid(
+                "merge",
+                part.display(),
+                "its header is not a vramcal results header (tool_version, model, …, peak_bytes, status)",
+            )
+            .into());
+        }
         match &header {
             None => header = Some((h, part.clone())),
             Some((first, path)) if *first != h => {
@@ -47,7 +64,9 @@ pub fn run(a: &MergeArgs) -> anyhow::Result<ExitCode> {
             }
             Some(_) => {}
         }
-        if !crate::report::csv_out::last_record(&bytes).1 {
+        // vramcal ends every row it writes with a newline: without one the row may be cut
+        // inside its last field.
+        if !crate::report::csv_out::last_record(&bytes).1 || !bytes.ends_with(b"\n") {
             return Err(Error::invalid(
                 "merge",
                 part.display(),

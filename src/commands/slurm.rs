@@ -70,6 +70,19 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
             .into());
         }
     }
+    // Line breaks would end the script's lines where its arguments are written; quotes would
+    // end the quoted #SBATCH paths.
+    let dir_text = a.dir.display().to_string();
+    for x in a.sweep.iter().chain(std::iter::once(&dir_text)) {
+        if x.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "vramcal slurm",
+                x.escape_debug(),
+                "contains a line break or another control character",
+            )
+            .into());
+        }
+    }
     // The sweep as `vramcal sweep` reads it: refused here if it would be refused there.
     let argv = ["vramcal", "sweep"]
         .into_iter()
@@ -81,13 +94,18 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
         }) => s,
         Ok(_) => unreachable!("parsed as sweep"),
         Err(e) => {
-            let first = e.to_string();
-            let first = first
+            let text = e.to_string();
+            let reason: Vec<&str> = text
                 .lines()
-                .next()
-                .unwrap_or("")
-                .trim_start_matches("error: ");
-            return Err(Error::invalid("vramcal slurm -- ...", a.sweep.join(" "), first).into());
+                .map(|l| l.trim().trim_start_matches("error: "))
+                .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .collect();
+            return Err(Error::invalid(
+                "vramcal slurm -- ...",
+                a.sweep.join(" "),
+                reason.join(" "),
+            )
+            .into());
         }
     };
     let (grid, _) = super::sweep::plan(&sweep)?;
@@ -123,6 +141,17 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
     let gpu = sweep.model.device.starts_with("cuda");
     std::fs::create_dir_all(&a.dir).map_err(|e| Error::io(&a.dir, e))?;
     let dir = std::fs::canonicalize(&a.dir).map_err(|e| Error::io(&a.dir, e))?;
+    let cwd = std::env::current_dir().map_err(|e| Error::io(".", e))?;
+    for p in [&dir, &cwd] {
+        if p.display().to_string().contains('"') {
+            return Err(Error::invalid(
+                "--dir",
+                p.display(),
+                "a path with a double quote cannot be written into #SBATCH lines",
+            )
+            .into());
+        }
+    }
     let exe = std::env::current_exe().map_err(|e| Error::io("vramcal", e))?;
     let quote = |s: &str| -> anyhow::Result<String> {
         Ok(shlex::try_quote(s)
@@ -136,16 +165,15 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
     let d = quote(&dir.display().to_string())?;
     let mut s = String::new();
     writeln!(s, "#!/bin/bash")?;
-    writeln!(s, "# Written by: {}", super::command_line())?;
     writeln!(
         s,
-        "# {} points in {} parts ({}–{} each); submit: sbatch {}/sweep.sbatch",
+        "# Written by vramcal slurm: {} point(s) in {} part(s) of {} to {} point(s) each;",
         grid.len(),
         a.tasks,
         parts.iter().min().unwrap_or(&0),
         parts.iter().max().unwrap_or(&0),
-        d
     )?;
+    writeln!(s, "# submit: sbatch {d}/sweep.sbatch")?;
     writeln!(s, "#SBATCH --job-name=vramcal-sweep")?;
     writeln!(s, "#SBATCH --array=1-{}", a.tasks)?;
     writeln!(s, "#SBATCH --ntasks=1")?;
@@ -158,10 +186,9 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
     if let Some(p) = &a.partition {
         writeln!(s, "#SBATCH --partition={p}")?;
     }
-    writeln!(s, "#SBATCH --output={}/slurm-%A_%a.out", dir.display())?;
+    writeln!(s, "#SBATCH --output=\"{}/slurm-%A_%a.out\"", dir.display())?;
     // Relative paths of the sweep (a config.json, weights) as they were written.
-    let cwd = std::env::current_dir().map_err(|e| Error::io(".", e))?;
-    writeln!(s, "#SBATCH --chdir={}", cwd.display())?;
+    writeln!(s, "#SBATCH --chdir=\"{}\"", cwd.display())?;
     writeln!(s, "set -euo pipefail")?;
     writeln!(
         s,
@@ -172,15 +199,32 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
         d
     )?;
     let script = dir.join("sweep.sbatch");
+    // Another sweep's script or parts in the folder would mix into this one's merge.
+    let old = std::fs::read_to_string(&script).ok();
+    let stale = std::fs::read_dir(&dir)
+        .map_err(|e| Error::io(&dir, e))?
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with("part-") && n.ends_with(".csv")
+        });
+    if old.as_deref().is_some_and(|o| o != s) || (old.is_none() && stale) {
+        return Err(Error::invalid(
+            "--dir",
+            dir.display(),
+            "holds another sweep's script or parts: use a new folder (or remove them)",
+        )
+        .into());
+    }
     std::fs::write(&script, s).map_err(|e| Error::io(&script, e))?;
     println!(
-        "wrote {}: {} points in {} array tasks, {} MiB and {} each{}",
+        "wrote {}: {} point(s) in {} array task(s), each with {} MiB of memory and a time limit of {}{}",
         script.display(),
         grid.len(),
         a.tasks,
         mem_mib,
         a.time,
-        if gpu { ", one GPU each" } else { "" }
+        if gpu { " and one GPU" } else { "" }
     );
     println!("submit:   sbatch {}", quote(&script.display().to_string())?);
     println!(
