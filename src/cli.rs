@@ -589,8 +589,8 @@ pub struct MergeArgs {
     /// The merged CSV, written whole (replaced if it exists; nothing is written on an error).
     #[arg(long)]
     pub out: PathBuf,
-    /// Rows of one configuration in two places: keep the newest (`utc_time`) instead of
-    /// refusing. Identical rows are always kept once.
+    /// Rows of one configuration in two places: keep the newest (`utc_time`; of two in the same
+    /// second, the one listed later) instead of refusing. Identical rows are always kept once.
     #[arg(long, value_name = "newest", value_parser = ["newest"])]
     pub keep: Option<String>,
 }

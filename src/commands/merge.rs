@@ -97,7 +97,8 @@ pub fn run(a: &MergeArgs) -> anyhow::Result<ExitCode> {
                         )
                         .into());
                     }
-                    if row.utc_time > rows[j].2 {
+                    // The later part wins a tie (one second's resolution).
+                    if row.utc_time >= rows[j].2 {
                         rows[j] = (key, rec, row.utc_time.clone(), from);
                         replaced += 1;
                     }

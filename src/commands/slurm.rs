@@ -19,6 +19,25 @@ use clap::Parser;
 use crate::cli::{Cli, Command, SlurmArgs, SweepArgs};
 use crate::error::Error;
 
+/// Whether `t` is one of the time formats `sbatch --time` reads (`man sbatch`): minutes,
+/// minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
+/// days-hours:minutes:seconds, or `UNLIMITED`/`INFINITE`.
+fn slurm_time(t: &str) -> bool {
+    if t == "UNLIMITED" || t == "INFINITE" {
+        return true;
+    }
+    let num = |x: &str| !x.is_empty() && x.len() <= 6 && x.chars().all(|c| c.is_ascii_digit());
+    let (days, rest) = match t.split_once('-') {
+        Some((d, r)) => (Some(d), r),
+        None => (None, t),
+    };
+    let parts: Vec<&str> = rest.split(':').collect();
+    if !parts.iter().all(|p| num(p)) || days.is_some_and(|d| !num(d)) {
+        return false;
+    }
+    parts.len() <= 3
+}
+
 /// Runs `vramcal slurm`.
 ///
 /// # Errors
@@ -29,26 +48,27 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
     if a.tasks == 0 {
         return Err(Error::invalid("--tasks", 0, "must be at least 1").into());
     }
-    if !a
-        .time
-        .chars()
-        .all(|c| c.is_ascii_digit() || c == ':' || c == '-')
-        || a.time.is_empty()
-    {
+    if !slurm_time(&a.time) {
         return Err(Error::invalid(
             "--time",
             &a.time,
-            "expected Slurm's time format, e.g. 30, 02:00:00 or 1-00:00:00",
+            "expected one of Slurm's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or UNLIMITED",
         )
         .into());
     }
     if let Some(p) = &a.partition {
-        if p.is_empty()
-            || !p
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-        {
-            return Err(Error::invalid("--partition", p, "expected a partition name").into());
+        let name = |n: &str| {
+            !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        };
+        if !p.split(',').all(name) {
+            return Err(Error::invalid(
+                "--partition",
+                p,
+                "expected a partition name, or several separated by commas",
+            )
+            .into());
         }
     }
     for (flag, own) in [
@@ -233,4 +253,29 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
     );
     println!("join:     vramcal merge {d}/part-*.csv --out RESULTS.csv");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slurm_time;
+
+    /// `sbatch --time`'s formats, and a few it refuses.
+    #[test]
+    fn time_formats_are_slurms() {
+        for ok in [
+            "30",
+            "30:00",
+            "02:00:00",
+            "1-00",
+            "1-12:30",
+            "1-00:00:00",
+            "UNLIMITED",
+            "INFINITE",
+        ] {
+            assert!(slurm_time(ok), "{ok}");
+        }
+        for bad in ["", "abc", "1:00:00:00", "1-", "-5", "1-2-3", ":30", "1h"] {
+            assert!(!slurm_time(bad), "{bad}");
+        }
+    }
 }
