@@ -116,7 +116,7 @@ pub fn compare_file(
                     let mut c = format!(
                         "{} {} ckpt {} attn {} b{} s{} {}",
                         r.model,
-                        r.method,
+                        spec.method_label(),
                         r.checkpointing,
                         r.attention,
                         r.micro_batch,

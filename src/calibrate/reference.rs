@@ -525,7 +525,7 @@ impl Reference {
             summary: format!(
                 "{} {} b{} s{} ckpt {} {} {} {}",
                 raw.model,
-                method,
+                spec.method_label(),
                 spec.batch,
                 spec.seq,
                 raw.checkpointing,

@@ -183,6 +183,19 @@ impl LoraConfig {
         self.target_names().join(";")
     }
 
+    /// A short description for tables: `r16 all-linear` (the seven layer modules, however
+    /// given), `r8 q_proj,v_proj,lm_head`.
+    pub fn short_label(&self) -> String {
+        let names = if self.targets == Target::ALL {
+            let mut v = vec!["all-linear"];
+            v.extend(self.target_names().into_iter().skip(Target::ALL.len()));
+            v
+        } else {
+            self.target_names()
+        };
+        format!("r{} {}", self.r, names.join(","))
+    }
+
     /// [`LoraConfig::target_names`], with `all-linear` in place of the seven where given so
     /// (what [`fmt::Display`] writes: on a Mixtral model `all-linear` adapts modules that have
     /// no `*_proj` name).

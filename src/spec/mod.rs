@@ -214,6 +214,19 @@ impl TrainSpec {
         }
     }
 
+    /// The method for tables: `full`, or `lora`/`qlora` with rank and targets
+    /// ([`LoraConfig::short_label`]), and `×N` where gradients accumulate over N micro-batches.
+    pub fn method_label(&self) -> String {
+        let mut s = match &self.adaptation.lora {
+            None => "full".to_string(),
+            Some(l) => format!("{} {}", self.adaptation.method(), l.short_label()),
+        };
+        if self.accumulate > 1 {
+            s.push_str(&format!(" ×{}", self.accumulate));
+        }
+        s
+    }
+
     /// Parameters that get gradients and AdamW states.
     pub fn trainable_params(&self, cfg: &ModelConfig) -> u64 {
         match &self.adaptation.lora {
