@@ -202,21 +202,7 @@ fn autocast_and_top_level_adapter_rows_are_estimated_without_refitting() {
         ("results/cpu/smollm2-135m-autocast.csv", 42),
         ("results/cpu/smollm2-135m-lm-head-embed.csv", 36),
     ] {
-        let text = succeeds(&[
-            "check",
-            "--profile",
-            "candle",
-            "--measured",
-            file,
-            "--calibration",
-            CALIBRATION,
-            "--max-error",
-            "2%",
-            "--max-median-error",
-            "1%",
-            "--margin",
-            "2%",
-        ]);
+        let text = check_unfitted(file, "2%", "1%", "2%");
         assert_eq!(rows_checked(&text), rows, "{text}");
         assert!(
             text.contains(&format!("under-estimates 0 of {rows}")),
@@ -232,21 +218,7 @@ fn autocast_and_top_level_adapter_rows_are_estimated_without_refitting() {
 #[test]
 fn mixture_of_experts_rows_are_estimated_without_refitting() {
     let file = "results/cpu/mixtral-mini.csv";
-    let text = succeeds(&[
-        "check",
-        "--profile",
-        "candle",
-        "--measured",
-        file,
-        "--calibration",
-        CALIBRATION,
-        "--max-error",
-        "6%",
-        "--max-median-error",
-        "1.5%",
-        "--margin",
-        "0.5%",
-    ]);
+    let text = check_unfitted(file, "6%", "1.5%", "0.5%");
     assert_eq!(rows_checked(&text), 52, "{text}");
     assert!(text.contains("under-estimates 0 of 52"), "{text}");
     let adapters: Vec<f64> = text
@@ -259,6 +231,26 @@ fn mixture_of_experts_rows_are_estimated_without_refitting() {
         .collect();
     assert_eq!(adapters.len(), 32, "{text}");
     assert!(adapters.iter().all(|e| e.abs() <= 2.0), "{adapters:?}");
+}
+
+/// `vramcal check` of `file` (rows the CPU table was never fitted on) against the CPU table,
+/// with these thresholds (max, median) and under-estimate margin; what it printed.
+fn check_unfitted(file: &str, max: &str, median: &str, margin: &str) -> String {
+    succeeds(&[
+        "check",
+        "--profile",
+        "candle",
+        "--measured",
+        file,
+        "--calibration",
+        CALIBRATION,
+        "--max-error",
+        max,
+        "--max-median-error",
+        median,
+        "--margin",
+        margin,
+    ])
 }
 
 /// `vramcal calibrate --measured <measured>` makes the coefficients of `committed`; returns

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
 
+mod common;
+
 fn vramcal() -> Command {
     Command::cargo_bin("vramcal").unwrap()
 }
@@ -105,9 +107,8 @@ fn merge_refuses_what_it_cannot_join() {
             .arg("m.csv")
             .output()
             .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}");
-        assert_eq!(err.lines().count(), 1, "{err}");
+        let err = common::stderr_line(&out);
         assert!(
             err.starts_with("error:") && err.contains(needle),
             "{args:?}: {err}"

@@ -333,7 +333,7 @@ fn moe_block(
     if !grad {
         return;
     }
-    let Dtypes { d, a, r, amp } = dtypes(spec);
+    let Dtypes { a, r, amp, .. } = dtypes(spec);
     let n = (spec.batch * spec.seq) as u64;
     let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let (experts, k) = (m.experts as u64, m.top_k as u64);
@@ -341,11 +341,7 @@ fn moe_block(
     let lora = spec.adaptation.lora.as_ref();
     let adapted = lora.is_some_and(|l| l.experts_adapted(cfg));
     let trains = lora.is_none() || adapted;
-    let e = if spec.adaptation.quant == crate::spec::Quant::None {
-        d
-    } else {
-        4
-    };
+    let e = expert_bytes(spec);
     if trains {
         // The router's product keeps its input for the weight's gradient (autocast's copy).
         let (name, bytes) = if amp {
@@ -423,14 +419,20 @@ pub fn moe_backward(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         .is_some_and(|l| l.experts_adapted(cfg));
     match cfg.moe() {
         Some(m) if adapted => {
-            let e = if spec.adaptation.quant == crate::spec::Quant::None {
-                dtypes(spec).d
-            } else {
-                4
-            };
-            (m.experts * cfg.hidden_size * cfg.intermediate_size) as u64 * e
+            (m.experts * cfg.hidden_size * cfg.intermediate_size) as u64 * expert_bytes(spec)
         }
         _ => 0,
+    }
+}
+
+/// Bytes per element of a mixture of experts' tensors: the weights' (`grouped_mm` runs outside
+/// autocast in the weights' dtype), fp32 under QLoRA (`prepare_model_for_kbit_training` casts
+/// the parameters bitsandbytes left unquantized, the experts among them, to fp32).
+fn expert_bytes(spec: &TrainSpec) -> u64 {
+    if spec.adaptation.quant == crate::spec::Quant::None {
+        dtypes(spec).d
+    } else {
+        4
     }
 }
 

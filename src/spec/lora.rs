@@ -186,13 +186,7 @@ impl LoraConfig {
     /// A short description for tables: `r16 all-linear` (the seven layer modules, however
     /// given), `r8 q_proj,v_proj,lm_head`.
     pub fn short_label(&self) -> String {
-        let names = if self.targets == Target::ALL {
-            let mut v = vec!["all-linear"];
-            v.extend(self.target_names().into_iter().skip(Target::ALL.len()));
-            v
-        } else {
-            self.target_names()
-        };
+        let names = self.names_with_all_linear(self.targets == Target::ALL);
         format!("r{} {}", self.r, names.join(","))
     }
 
@@ -200,7 +194,12 @@ impl LoraConfig {
     /// (what [`fmt::Display`] writes: on a Mixtral model `all-linear` adapts modules that have
     /// no `*_proj` name).
     fn label_names(&self) -> Vec<&'static str> {
-        if !self.all_linear {
+        self.names_with_all_linear(self.all_linear)
+    }
+
+    /// [`LoraConfig::target_names`], the seven layer modules written `all-linear` where `all`.
+    fn names_with_all_linear(&self, all: bool) -> Vec<&'static str> {
+        if !all {
             return self.target_names();
         }
         let mut v = vec!["all-linear"];
