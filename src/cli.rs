@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
 use crate::spec::{
-    parse_dtype, Attention, Axis, Checkpointing, LoraConfig, Method, Optimizer, Precision, Profile,
-    Quant, SaveMode, Shard,
+    parse_dtype, Attention, Axis, Checkpointing, LoraConfig, Method, Offload, Optimizer, Precision,
+    Profile, Quant, SaveMode, Shard,
 };
 
 /// `--dtype`: a dtype name ([`parse_dtype`]).
@@ -208,6 +208,18 @@ pub struct EstimateArgs {
     /// Data-parallel GPUs for --shard.
     #[arg(long, default_value_t = 1)]
     pub gpus: usize,
+    /// With --shard: state moved to host RAM, none, optimizer (DeepSpeed ZeRO-Offload) or
+    /// optimizer+params (ZeRO-3 parameter offload, FSDP CPUOffload); the estimate adds the host
+    /// RAM per rank and per node.
+    #[arg(long)]
+    pub offload: Option<Offload>,
+    /// With --shard zero2 or zero3: DeepSpeed's reduce_bucket_size in gradient elements
+    /// (DeepSpeed's default 500000000; HF's "auto" is hidden_size²).
+    #[arg(long)]
+    pub reduce_bucket_size: Option<u64>,
+    /// With --offload: GPUs per node, for host RAM per node [default: --gpus, one node].
+    #[arg(long)]
+    pub gpus_per_node: Option<usize>,
     /// Print a device map placing whole layers on the devices of --max-memory (loading or
     /// inference: weights only), like accelerate's infer_auto_device_map.
     #[arg(long)]

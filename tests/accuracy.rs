@@ -747,3 +747,52 @@ fn unmodelled_inputs_are_named() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("no fitted row exercises the term checkpoint_inputs"));
 }
+
+/// Reference rows with the `offload` column are estimated (the GPU's peak; the host's RAM is
+/// not a GPU counter), and offload a stack cannot run, or without sharding, is refused by column.
+#[test]
+fn offload_rows_are_estimated_and_impossible_ones_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = "id,source,model,method,lora_r,lora_alpha,lora_targets,quant,precision,optimizer,batch,seq,seq_kind,checkpointing,attention,gpus,shard,offload,gpu,counter,peak_bytes,notes\n";
+    let check = |rows: &str| {
+        let f = dir.path().join("offload.csv");
+        std::fs::write(&f, format!("{head}{rows}")).unwrap();
+        bin()
+            .args([
+                "check",
+                "--measured",
+                f.to_str().unwrap(),
+                "--profile",
+                "torch-sdpa",
+            ])
+            .output()
+            .unwrap()
+    };
+    let on = "a,t,llama-2-7b,full,,,,none,bf16-master,adamw_torch,1,512,fixed,on,sdpa,8,zero2,optimizer,g,allocated,16000000000,\n";
+    let off = "b,t,llama-2-7b,full,,,,none,bf16-master,adamw_torch,1,512,fixed,on,sdpa,8,zero2,,g,allocated,16000000000,\n";
+    let out = check(&format!("{on}{off}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let predicted = |id: &str| -> u64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("| {id} |")))
+            .unwrap();
+        line.split('|').nth(5).unwrap().trim().parse().unwrap()
+    };
+    assert!(predicted("a") < predicted("b"), "{text}");
+    for (row, column) in [
+        ("c,t,llama-2-7b,full,,,,none,bf16-master,adamw_torch,1,512,fixed,on,sdpa,8,ddp,optimizer,g,allocated,1,\n", "column offload = \"optimizer\""),
+        ("d,t,llama-2-7b,full,,,,none,bf16-master,adamw_torch,1,512,fixed,on,sdpa,8,zero2,optimizer+params,g,allocated,1,\n", "column offload = \"optimizer+params\""),
+        ("e,t,llama-2-7b,full,,,,none,bf16-master,adamw_torch,1,512,fixed,on,sdpa,8,zero2,disk,g,allocated,1,\n", "column offload = \"disk\""),
+    ] {
+        let out = check(row);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(column), "{row}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}

@@ -1267,6 +1267,12 @@ fn numbers_out_of_range_are_refused_with_one_line_and_keep_the_csv() {
 #[rustfmt::skip]
 const BAD_WORDS: &[Case] = &[
     Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero3", "--gpus", "2",
+            "--offload", "cpu"],
+        error: "expected none, optimizer or optimizer+params",
+        untouched: None,
+    },
+    Case {
         args: &["measure", "--out", "{dir}/keep.csv", "--model", "tiny", "--batch", "1", "--seq",
             "4", "--dtype", "int8"],
         error: "dtype",
@@ -1452,6 +1458,53 @@ const CONTRADICTIONS: &[Case] = &[
     Case {
         args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero3"],
         error: "give --gpus 2 or more",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--offload", "optimizer"],
+        error: "invalid --offload =",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--gpus", "2",
+            "--offload", "optimizer+params"],
+        error: "parameters are offloaded with ZeRO-3 or FSDP only",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "fsdp", "--gpus", "2",
+            "--offload", "optimizer"],
+        error: "FSDP's CPUOffload moves parameters, gradients and the optimizer step together",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero1", "--gpus", "2",
+            "--reduce-bucket-size", "1000"],
+        error: "kept by ZeRO-2 and ZeRO-3, not zero1",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--gpus", "2",
+            "--reduce-bucket-size", "0"],
+        error: "must be at least 1 element",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--gpus", "2",
+            "--gpus-per-node", "2"],
+        error: "give it with --offload",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--gpus", "8",
+            "--offload", "optimizer", "--gpus-per-node", "9"],
+        error: "must be between 1 and --gpus (8)",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--gpus", "8",
+            "--offload", "optimizer", "--optimizer", "adamw_bnb_8bit"],
+        error: "the host step runs DeepSpeedCPUAdam",
         untouched: None,
     },
     Case {

@@ -385,26 +385,26 @@ fn estimates_move_the_right_way() {
 #[test]
 fn sharding_divides_what_it_should() {
     use vramcal::estimate::multi::{device_map, parse_max_memory, shard};
-    use vramcal::spec::Shard;
+    use vramcal::spec::{Shard, Sharding};
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = preset("llama-3-8b").unwrap().config;
     let mut s = TrainSpec::new(1, 1024);
     s.dtype = DType::BF16;
     let (w, g, st) = (16_060_522_496u64, 16_060_522_496u64, 64_242_089_984u64);
-    let z1 = shard(&c, &s, Shard::Zero1, 8, w, g, st).unwrap();
+    let z1 = shard(&c, &s, &Sharding::new(Shard::Zero1, 8), false, w, g, st).unwrap();
     assert_eq!(
         (z1.weights, z1.gradients, z1.optimizer_states),
         (w, g, st / 8)
     );
-    let z2 = shard(&c, &s, Shard::Zero2, 8, w, g, st).unwrap();
+    let z2 = shard(&c, &s, &Sharding::new(Shard::Zero2, 8), false, w, g, st).unwrap();
     assert_eq!(
         (z2.weights, z2.gradients, z2.optimizer_states),
         (w, g / 8, st / 8)
     );
-    let z3 = shard(&c, &s, Shard::Zero3, 8, w, g, st).unwrap();
+    let z3 = shard(&c, &s, &Sharding::new(Shard::Zero3, 8), false, w, g, st).unwrap();
     let layer = 2 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336 + 2 * 4096) as u64;
     assert_eq!(z3.weights, w / 8 + layer);
-    assert!(shard(&c, &s, Shard::Zero3, 0, w, g, st).is_err());
+    assert!(shard(&c, &s, &Sharding::new(Shard::Zero3, 0), false, w, g, st).is_err());
     // LoRA: only adapters are sharded as gradients and states; the estimate drops per GPU.
     let mut lo = s.clone();
     lo.adaptation = Adaptation {
@@ -416,10 +416,15 @@ fn sharding_divides_what_it_should() {
     let one = vramcal::estimate::estimate_sharded(&c, &s, Profile::Candle, &u, None)
         .unwrap()
         .peak_bytes;
-    let eight =
-        vramcal::estimate::estimate_sharded(&c, &s, Profile::Candle, &u, Some((Shard::Zero3, 8)))
-            .unwrap()
-            .peak_bytes;
+    let eight = vramcal::estimate::estimate_sharded(
+        &c,
+        &s,
+        Profile::Candle,
+        &u,
+        Some(Sharding::new(Shard::Zero3, 8)),
+    )
+    .unwrap()
+    .peak_bytes;
     assert!(eight < one);
 
     // Device map: every module once, in order, within each budget; too little memory fails.
@@ -513,4 +518,110 @@ fn liger_chunks_match_its_source() {
         vramcal::estimate::torch::liger_chunk_tokens(&cfg, &tiny_batch),
         1
     );
+}
+
+/// DeepSpeed's own buffers under ZeRO (torch profiles): the reduce bucket through backward, the
+/// flat fp32 gradient partition at the step, and ZeRO-Offload's host RAM; FSDP has neither
+/// DeepSpeed buffer; vramcal's own step (candle profile) none.
+#[test]
+fn deepspeed_buffers_and_offload() {
+    use vramcal::estimate::multi::shard;
+    use vramcal::estimate::{estimate_sharded, Coefficients};
+    use vramcal::spec::{Offload, Precision, Shard, Sharding};
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = preset("llama-2-7b").unwrap().config;
+    let mut s = TrainSpec::new(1, 1024);
+    s.dtype = DType::F16;
+    s.state_dtype = DType::F32;
+    s.precision = Some(Precision::Fp16Master);
+    s.checkpointing = vramcal::spec::Checkpointing::Every(1);
+    let n = s.trainable_params(&c);
+    let (w, g, st) = (2 * n, 2 * n, 12 * n);
+    let z2 = shard(&c, &s, &Sharding::new(Shard::Zero2, 8), true, w, g, st).unwrap();
+    assert_eq!(z2.reduce_bucket, 500_000_000 * 2);
+    assert_eq!(z2.step_gradients, 4 * n.div_ceil(8));
+    assert_eq!((z2.host_bytes, z2.host_step), (0, false));
+    let z1 = shard(&c, &s, &Sharding::new(Shard::Zero1, 8), true, w, g, st).unwrap();
+    assert_eq!(
+        (z1.reduce_bucket, z1.step_gradients),
+        (0, g + 4 * n.div_ceil(8))
+    );
+    let f = shard(&c, &s, &Sharding::new(Shard::Fsdp, 8), true, w, g, st).unwrap();
+    assert_eq!((f.reduce_bucket, f.step_gradients), (0, g.div_ceil(8)));
+    // Without DeepSpeed's terms (vramcal's own step) ZeRO-2 is the plain partition.
+    let plain = shard(&c, &s, &Sharding::new(Shard::Zero2, 8), false, w, g, st).unwrap();
+    assert_eq!(
+        (plain.reduce_bucket, plain.step_gradients),
+        (0, g.div_ceil(8))
+    );
+    // ZeRO-Offload: no states or gradients on the GPU, 4 + 8 + 4 bytes per trainable
+    // parameter of the rank's partition on the host; parameters too under ZeRO-3.
+    let off = Sharding {
+        offload: Offload::Optimizer,
+        ..Sharding::new(Shard::Zero2, 8)
+    };
+    let o = shard(&c, &s, &off, true, w, g, st).unwrap();
+    assert_eq!(
+        (o.gradients, o.optimizer_states, o.step_gradients),
+        (0, 0, 0)
+    );
+    assert_eq!(o.host_bytes, 16 * n.div_ceil(8));
+    let op = Sharding {
+        offload: Offload::OptimizerParams,
+        ..Sharding::new(Shard::Zero3, 8)
+    };
+    let p = shard(&c, &s, &op, true, w, g, st).unwrap();
+    assert_eq!(p.host_bytes, 16 * n.div_ceil(8) + w.div_ceil(8));
+    assert!(
+        p.weights < w / 8,
+        "only the gathered layer stays on the GPU"
+    );
+    // What no stack runs is refused.
+    for bad in [
+        Sharding {
+            offload: Offload::OptimizerParams,
+            ..Sharding::new(Shard::Zero2, 8)
+        },
+        Sharding {
+            offload: Offload::Optimizer,
+            ..Sharding::new(Shard::Fsdp, 8)
+        },
+        Sharding::new(Shard::Zero2, 1),
+        Sharding {
+            gpus_per_node: 9,
+            ..Sharding::new(Shard::Zero2, 8)
+        },
+    ] {
+        assert!(shard(&c, &s, &bad, true, w, g, st).is_err(), "{bad:?}");
+    }
+    let mut eight_bit = s.clone();
+    eight_bit.optimizer = vramcal::spec::Optimizer::AdamwBnb8bit;
+    assert!(shard(&c, &eight_bit, &off, true, w, g, st).is_err());
+
+    // The estimate: the step holds the fp32 partition, not the 16-bit one; offload moves the
+    // peak into backward and reports the host RAM.
+    let u = Coefficients::uncalibrated(Profile::TorchSdpa);
+    let e = estimate_sharded(
+        &c,
+        &s,
+        Profile::TorchSdpa,
+        &u,
+        Some(Sharding::new(Shard::Zero2, 8)),
+    )
+    .unwrap();
+    assert_eq!(e.peak_phase, "optimizer_step");
+    let item = |e: &vramcal::estimate::Estimate, name: &str| {
+        e.items.iter().find(|i| i.name == name).map(|i| i.bytes)
+    };
+    assert_eq!(item(&e, "gradients"), Some(4 * n.div_ceil(8)));
+    assert_eq!(e.items.iter().map(|i| i.bytes).sum::<u64>(), e.peak_bytes);
+    assert_eq!(e.host_bytes_per_rank, None);
+    let o = estimate_sharded(&c, &s, Profile::TorchSdpa, &u, Some(off)).unwrap();
+    assert_eq!(o.peak_phase, "backward");
+    assert_eq!(o.host_bytes_per_rank, Some(16 * n.div_ceil(8)));
+    assert_eq!(
+        item(&o, "gradient reduce bucket (DeepSpeed)"),
+        Some(1_000_000_000)
+    );
+    assert!(o.peak_bytes < e.peak_bytes);
 }

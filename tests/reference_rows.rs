@@ -115,7 +115,12 @@ fn cases() -> Vec<Case> {
             "liger",
             "column loss = \"liger\": expected empty or fused-linear-ce",
         ),
-        ("offload", "offload", "optimizer", "does not model yet"),
+        (
+            "offload without sharding",
+            "offload",
+            "optimizer",
+            "column offload = \"optimizer\": offload needs shard zero1, zero2, zero3 or fsdp",
+        ),
         ("status", "notes", "x", ""),
         ("8-bit states dtype", "optimizer", "adamw_bnb_8bit", ""),
     ] {

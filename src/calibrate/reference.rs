@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::spec::{
-    parse_dtype, Adaptation, Attention, Checkpointing, LoraConfig, Optimizer, Precision, Quant,
-    Shard, Target, TrainSpec,
+    parse_dtype, Adaptation, Attention, Checkpointing, LoraConfig, Offload, Optimizer, Precision,
+    Quant, Shard, Sharding, Target, TrainSpec,
 };
 
 /// One row as read: every cell as text, parsed by [`Reference::parse`]. Optional columns may
@@ -178,7 +178,7 @@ pub struct Reference {
     /// fitted; published ones only checked.
     pub ours: bool,
     /// Data-parallel sharding (scheme, GPUs) where the row names one.
-    pub sharding: Option<(Shard, usize)>,
+    pub sharding: Option<Sharding>,
     /// Which counter `peak_bytes` is.
     pub counter: Counter,
     /// The measured peak (bytes); `None` for `oom` rows and failed runs.
@@ -268,8 +268,9 @@ impl Reference {
     /// # Errors
     /// [`Error::ReferenceCell`] naming the file, line, id, column and value for any cell
     /// outside its vocabulary, a LoRA row without rank, alpha or targets, an `oom` row without
-    /// `gpu_memory_bytes`, a successful non-`oom` row without an integer `peak_bytes`; and for
-    /// values of the format the estimator does not model yet (`offload`), saying so.
+    /// `gpu_memory_bytes`, a successful non-`oom` row without an integer `peak_bytes`, an
+    /// `offload` without a ZeRO/FSDP `shard` or in a combination no stack runs
+    /// ([`Sharding::validate`]).
     pub fn parse(path: &Path, line: usize, raw: &ReferenceRow) -> Result<Reference> {
         let c = Cells {
             path,
@@ -370,25 +371,43 @@ impl Reference {
             "fused-linear-ce" => crate::spec::Loss::FusedLinearCe,
             v => return Err(c.err("loss", v, "expected empty or fused-linear-ce")),
         };
-        match raw.offload.as_str() {
-            "" | "none" => {}
-            v @ ("optimizer" | "optimizer+params") => {
-                return Err(c.err(
-                    "offload",
-                    v,
-                    "a value of the format the estimator does not model yet (CPU offload)",
-                ))
-            }
-            v => return Err(c.err("offload", v, "expected none, optimizer or optimizer+params")),
-        }
+        let offload = match raw.offload.as_str() {
+            "" => Offload::None,
+            v => c.vocab::<Offload>("offload", v)?,
+        };
         let gpus = c.count("gpus", &raw.gpus, Some(1))?;
         let sharding = match raw.shard.as_str() {
+            "" | "none" | "ddp" if offload != Offload::None => {
+                return Err(c.err(
+                    "offload",
+                    offload.label(),
+                    "offload needs shard zero1, zero2, zero3 or fsdp",
+                ))
+            }
             "" | "none" | "ddp" => None,
-            v => Some((c.vocab::<Shard>("shard", v)?, gpus)),
+            v => {
+                let s = Sharding {
+                    offload,
+                    ..Sharding::new(c.vocab::<Shard>("shard", v)?, gpus)
+                };
+                if s.gpus < 2 && offload == Offload::None {
+                    return Err(c.err("gpus", &raw.gpus, "a sharded row needs gpus of 2 or more"));
+                }
+                s.validate().map_err(|e| match e {
+                    Error::InvalidValue {
+                        what,
+                        value,
+                        reason,
+                    } => c.err(
+                        what.trim_start_matches("--").replace('-', "_").as_str(),
+                        &value,
+                        &reason,
+                    ),
+                    e => e,
+                })?;
+                Some(s)
+            }
         };
-        if sharding.is_some() && gpus < 2 {
-            return Err(c.err("gpus", &raw.gpus, "a sharded row needs gpus of 2 or more"));
-        }
         if method == "full" {
             for (col, v) in [
                 ("lora_r", &raw.lora_r),

@@ -10,7 +10,7 @@ use crate::config::{resolve_model, ResolvedModel};
 use crate::error::Error;
 use crate::estimate::{advice, estimate_sharded, multi, references, Coefficients};
 use crate::export::estimate::Answer;
-use crate::spec::{Attention, Profile, SaveMode, Shard, TrainSpec};
+use crate::spec::{Attention, Profile, SaveMode, Shard, Sharding, TrainSpec};
 use crate::throughput::gpu;
 
 /// One `vramcal estimate` question, checked.
@@ -26,7 +26,7 @@ pub struct Query {
     /// The memory to fit in: a GPU's name or `--budget`, and bytes.
     pub budget: Option<(String, u64)>,
     /// `--shard` over `--gpus`.
-    pub sharding: Option<(Shard, usize)>,
+    pub sharding: Option<Sharding>,
     /// `--max-memory` per device (bytes), with `--device-map`.
     pub max_memory: Option<Vec<u64>>,
     /// The largest micro-batch of `--seq-lengths`, where given.
@@ -265,30 +265,58 @@ fn budget(a: &EstimateArgs) -> anyhow::Result<Option<(String, u64)>> {
     })
 }
 
-/// `--shard` over `--gpus` (which needs it).
-fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<(Shard, usize)>> {
-    Ok(match &a.shard {
-        Some(sh) if a.gpus < 2 => {
-            return Err(Error::invalid(
-                "--gpus",
-                a.gpus,
-                format!(
-                    "--shard {sh} splits state across data-parallel GPUs: give --gpus 2 or more"
-                ),
-            )
-            .into())
+/// `--shard` over `--gpus`, with `--offload`, `--reduce-bucket-size` and `--gpus-per-node`
+/// (each of which needs `--shard`).
+fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<Sharding>> {
+    let Some(sh) = a.shard else {
+        for (flag, given) in [
+            ("--gpus", a.gpus != 1),
+            ("--offload", a.offload.is_some()),
+            ("--reduce-bucket-size", a.reduce_bucket_size.is_some()),
+            ("--gpus-per-node", a.gpus_per_node.is_some()),
+        ] {
+            if given {
+                return Err(Error::invalid(
+                    flag,
+                    "",
+                    "needs --shard (zero1, zero2, zero3 or fsdp)",
+                )
+                .into());
+            }
         }
-        Some(sh) => Some((*sh, a.gpus)),
-        None if a.gpus != 1 => {
+        return Ok(None);
+    };
+    let mut s = Sharding::new(sh, a.gpus);
+    s.offload = a.offload.unwrap_or_default();
+    if let Some(b) = a.reduce_bucket_size {
+        if !(s.deepspeed() && matches!(sh, Shard::Zero2 | Shard::Zero3)) {
             return Err(Error::invalid(
-                "--gpus",
-                a.gpus,
-                "needs --shard (zero1, zero2, zero3 or fsdp)",
+                "--reduce-bucket-size",
+                b,
+                format!("DeepSpeed's gradient bucket is kept by ZeRO-2 and ZeRO-3, not {sh}"),
             )
-            .into())
+            .into());
         }
-        None => None,
-    })
+        if b == 0 {
+            return Err(
+                Error::invalid("--reduce-bucket-size", b, "must be at least 1 element").into(),
+            );
+        }
+        s.reduce_bucket_elements = b;
+    }
+    if let Some(n) = a.gpus_per_node {
+        if s.offload == crate::spec::Offload::None {
+            return Err(Error::invalid(
+                "--gpus-per-node",
+                n,
+                "counts host RAM per node: give it with --offload",
+            )
+            .into());
+        }
+        s.gpus_per_node = n;
+    }
+    s.validate()?;
+    Ok(Some(s))
 }
 
 /// `--max-memory` for `--device-map` (each needs the other).

@@ -8,8 +8,8 @@ use candle_core::DType;
 use super::{estimate_sharded, Coefficients, Estimate};
 use crate::config::ModelConfig;
 use crate::spec::{
-    Adaptation, Checkpointing, LoraConfig, Loss, Optimizer, Profile, Quant, Shard, Target,
-    TrainSpec,
+    Adaptation, Checkpointing, LoraConfig, Loss, Optimizer, Profile, Quant, Shard, Sharding,
+    Target, TrainSpec,
 };
 
 /// The changes to try for `spec` under `profile`, labelled with the options that give them;
@@ -199,7 +199,7 @@ pub fn fixes(
     spec: &TrainSpec,
     profile: Profile,
     c: &Coefficients,
-    sharding: Option<(Shard, usize)>,
+    sharding: Option<Sharding>,
     budget: u64,
 ) -> Vec<(String, Estimate)> {
     let mut alts: Vec<(String, Estimate)> = alternatives(cfg, spec, profile)
@@ -217,7 +217,8 @@ pub fn fixes(
             if fitted.contains(&shard) {
                 continue;
             }
-            if let Ok(x) = estimate_sharded(cfg, spec, profile, c, Some((shard, gpus))) {
+            if let Ok(x) = estimate_sharded(cfg, spec, profile, c, Some(Sharding::new(shard, gpus)))
+            {
                 if x.needed_bytes() <= budget {
                     fitted.push(shard);
                 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::spec::TrainSpec;
-use crate::spec::{Checkpointing, Profile, Quant, Shard};
+use crate::spec::{Checkpointing, Profile, Quant, Shard, Sharding};
 
 /// The terms whose coefficients calibration fits (bytes; `constant` is 1):
 /// * `activations`: saved tensors of the kept layers other than attention scores;
@@ -336,6 +336,10 @@ pub struct Estimate {
     pub peak_phase: String,
     /// Source of the coefficients.
     pub coefficients: String,
+    /// Host RAM per rank for what `--offload` moves off the GPU (bytes; see
+    /// [`multi::Sharded::host_bytes`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_bytes_per_rank: Option<u64>,
 }
 
 impl Estimate {
@@ -387,6 +391,9 @@ pub struct Terms {
     /// torch profiles, the gradient of PEFT's adapted expert stack ([`torch::moe_backward`]);
     /// 0 otherwise.
     pub layer_static: u64,
+    /// Bytes counted, not fitted, alive at every moment of backward: DeepSpeed ZeRO-2/3's
+    /// gradient reduce bucket ([`multi::Sharded::reduce_bucket`]); 0 otherwise.
+    pub backward_static: u64,
 }
 
 impl Terms {
@@ -448,13 +455,15 @@ impl Terms {
         }
     }
 
-    /// The bytes counted, not fitted, that only moment `m` of backward holds
-    /// ([`Terms::head_static`] at the head's, [`Terms::layer_static`] at a layer's).
+    /// The bytes counted, not fitted, that moment `m` of backward holds
+    /// ([`Terms::head_static`] at the head's, [`Terms::layer_static`] at a layer's,
+    /// [`Terms::backward_static`] at each).
     pub fn static_at(&self, m: Moment) -> u64 {
         match m {
-            Moment::Head => self.head_static,
-            Moment::Layer => self.layer_static,
-            Moment::End | Moment::Step => 0,
+            Moment::Head => self.head_static + self.backward_static,
+            Moment::Layer => self.layer_static + self.backward_static,
+            Moment::End => self.backward_static,
+            Moment::Step => 0,
         }
     }
 
@@ -606,6 +615,7 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
             0
         },
         layer_static: 0,
+        backward_static: 0,
     }
 }
 
@@ -853,17 +863,19 @@ pub fn estimate(
     estimate_sharded(cfg, spec, profile, c, None)
 }
 
-/// [`estimate`] per GPU under `sharding` = (scheme, data-parallel GPUs) (see [`multi::shard`]);
-/// activations stay per GPU (each GPU runs its own micro-batch).
+/// [`estimate`] per GPU under `sharding` (scheme, data-parallel GPUs, offload; see
+/// [`multi::shard`]); activations stay per GPU (each GPU runs its own micro-batch). The torch
+/// profiles add DeepSpeed's reduce bucket and flat fp32 gradient partition under ZeRO.
 ///
 /// # Errors
-/// As [`estimate`]; [`Error::InvalidValue`] for zero GPUs.
+/// As [`estimate`]; [`Error::InvalidValue`] for a sharding [`Sharding::validate`] refuses or an
+/// offload [`multi::shard`] refuses.
 pub fn estimate_sharded(
     cfg: &ModelConfig,
     spec: &TrainSpec,
     profile: Profile,
     c: &Coefficients,
-    sharding: Option<(Shard, usize)>,
+    sharding: Option<Sharding>,
 ) -> Result<Estimate> {
     if c.profile != profile {
         return Err(Error::invalid(
@@ -894,12 +906,15 @@ pub fn estimate_sharded(
     let mut t = terms(cfg, spec, profile, c.cpu);
     // The share of the optimizer states this GPU steps (1 without sharding).
     let mut state_share = 1.0;
-    if let Some((sh, gpus)) = sharding {
+    // Gradient bytes on the GPU at the step, and what they are.
+    let mut step_gradients = (t.gradients, "trainable params × dtype".to_string());
+    let mut host_bytes = None;
+    if let Some(s) = &sharding {
         let m = multi::shard(
             cfg,
             spec,
-            sh,
-            gpus,
+            s,
+            profile != Profile::Candle,
             t.weights,
             t.gradients,
             t.optimizer_states,
@@ -909,10 +924,28 @@ pub fn estimate_sharded(
         t.optimizer_states = m.optimizer_states;
         t.terms[Term::GradientsLive.index()] *= m.gradients as f64 / t.gradients.max(1) as f64;
         t.gradients = m.gradients;
+        t.backward_static = m.reduce_bucket;
+        if s.offload != crate::spec::Offload::None {
+            host_bytes = Some(m.host_bytes);
+        }
+        step_gradients = (
+            m.step_gradients,
+            if m.host_step {
+                "none: the step runs on the host (offload)".into()
+            } else if profile != Profile::Candle && s.deepspeed() {
+                match s.shard {
+                    Shard::Zero1 => "16-bit gradients + DeepSpeed's flat fp32 partition (4 B × trainable params / GPUs)".into(),
+                    _ => "DeepSpeed's flat fp32 gradient partition: 4 B × trainable params / GPUs".into(),
+                }
+            } else {
+                "trainable params × dtype / GPUs".into()
+            },
+        );
     }
     let bwd = predicted_backward_peak(&t, c);
     let bwd_basis = t.reserved_basis(t.peak_moment(&c.values), &c.values);
     let opt_transient = match profile {
+        _ if sharding.is_some_and(|s| s.offload != crate::spec::Offload::None) => 0,
         Profile::Candle => optimizer_transient(cfg, spec, profile, t.gradients, c.cpu),
         // Each GPU steps its own partition of the states (ZeRO): its transient shrinks with it.
         _ => (t.step_transient as f64 * state_share).round() as u64,
@@ -923,7 +956,8 @@ pub fn estimate_sharded(
     } else {
         0.0
     };
-    let opt = (t.weights + t.gradients + t.optimizer_states + opt_transient + t.workspace) as f64
+    let opt = (t.weights + step_gradients.0 + t.optimizer_states + opt_transient + t.workspace)
+        as f64
         + step_constant;
     // Held at every moment of the step.
     let held = vec![
@@ -949,7 +983,16 @@ pub fn estimate_sharded(
                 o => format!("optimizer states ({o})"),
             },
             bytes: t.optimizer_states,
-            formula: torch::states_formula(spec),
+            formula: match sharding.map(|s| s.offload) {
+                Some(o) if o != crate::spec::Offload::None => {
+                    format!(
+                        "in host RAM (--offload {o}): {}",
+                        torch::states_formula(spec)
+                    )
+                }
+                Some(_) => format!("{} / GPUs", torch::states_formula(spec)),
+                None => torch::states_formula(spec),
+            },
         },
     ];
     let held = {
@@ -965,18 +1008,29 @@ pub fn estimate_sharded(
     };
     let mut items = held.clone();
     let moment = t.peak_moment(&c.values);
-    if t.static_at(moment) > 0 {
+    let own = t.static_at(moment) - t.backward_static;
+    if own > 0 {
         items.push(match moment {
             Moment::Layer => Item {
                 name: "expert gradient (layer backward)".into(),
-                bytes: t.static_at(moment),
+                bytes: own,
                 formula: "PEFT all-linear on a mixture of experts: E · h · i × experts' dtype beyond the layer's saved tensors, counted".into(),
             },
             _ => Item {
                 name: "head casts and adapter (checkpointed)".into(),
-                bytes: t.static_at(moment),
+                bytes: own,
                 formula: "the fused head's kept autocast casts and lm_head adapter path (saved-tensor table), counted".into(),
             },
+        });
+    }
+    if t.backward_static > 0 {
+        items.push(Item {
+            name: "gradient reduce bucket (DeepSpeed)".into(),
+            bytes: t.backward_static,
+            formula: format!(
+                "reduce_bucket_size ({}) × gradient dtype, through backward",
+                sharding.map_or(0, |s| s.reduce_bucket_elements)
+            ),
         });
     }
     let row = t.design(moment);
@@ -1000,8 +1054,8 @@ pub fn estimate_sharded(
         items.extend([
             Item {
                 name: "gradients".into(),
-                bytes: t.gradients,
-                formula: "trainable params × dtype".into(),
+                bytes: step_gradients.0,
+                formula: step_gradients.1,
             },
             Item {
                 name: "optimizer step transient".into(),
@@ -1055,5 +1109,6 @@ pub fn estimate_sharded(
             .map(|r| peak_bytes + basis.extra(r).round() as u64),
         peak_phase: phase.into(),
         coefficients: c.source.clone(),
+        host_bytes_per_rank: host_bytes,
     })
 }

@@ -1,66 +1,142 @@
-//! More than one GPU, on paper: per-GPU memory under ZeRO/FSDP sharding, and a device map that
-//! places whole decoder layers on devices for loading or inference.
+//! More than one GPU, on paper: per-GPU memory under ZeRO/FSDP sharding and host RAM under
+//! CPU offload, and a device map that places whole decoder layers on devices for loading or
+//! inference.
 
 use serde::Serialize;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::spec::{Shard, TrainSpec};
+use crate::spec::{Offload, Optimizer, Shard, Sharding, TrainSpec};
 
-/// Per-GPU bytes of the sharded parts. Only trainable parameters have gradients and optimizer
-/// states, so only they are counted there (DeepSpeed's own estimators also count frozen
-/// parameters there, a known complaint); with ZeRO-3 every parameter is sharded and one
-/// layer's parameters are gathered at a time.
+/// Per-GPU bytes of the sharded parts, and the host RAM of one rank under offload. Only
+/// trainable parameters have gradients and optimizer states, so only they are counted there
+/// (DeepSpeed's own estimators also count frozen parameters there, a known complaint); with
+/// ZeRO-3 and FSDP every parameter is sharded and one layer's parameters are gathered at a time.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Sharded {
-    /// Weights held per GPU (bytes), including one gathered layer under ZeRO-3.
+    /// Weights held per GPU (bytes), including one gathered layer under ZeRO-3/FSDP.
     pub weights: u64,
-    /// Gradients per GPU (bytes).
+    /// Gradients per GPU through backward (bytes): 0 where ZeRO-Offload moves each reduced
+    /// partition to the host.
     pub gradients: u64,
-    /// Optimizer states per GPU (bytes).
+    /// Optimizer states per GPU (bytes; 0 when offloaded).
     pub optimizer_states: u64,
+    /// DeepSpeed ZeRO-2/3's gradient reduce bucket (bytes), alive through backward
+    /// (`stage_1_and_2.py` `backward`: `ipg_buffer` of `reduce_bucket_size` elements; stage 3's
+    /// `__ipg_bucket_flat_buffer`); 0 for ZeRO-1 and FSDP.
+    pub reduce_bucket: u64,
+    /// Gradient bytes on the GPU at the optimizer step: under DeepSpeed the flat fp32 gradient
+    /// partition its step builds (`stage_1_and_2.py` `step`: `flatten(averaged_gradients)`
+    /// `.to(fp32)`, after which the 16-bit partition is dropped; ZeRO-1 keeps its full 16-bit
+    /// gradients beside it); under FSDP the gradient shards; 0 when the step runs on the host.
+    pub step_gradients: u64,
+    /// Whether the optimizer step runs on the host (no GPU step transient).
+    pub host_step: bool,
+    /// Host RAM one rank needs for what is offloaded (bytes): fp32 master partition, moments
+    /// and fp32 gradient partition (DeepSpeedCPUAdam), plus the parameter partitions with
+    /// `optimizer+params`; 0 without offload.
+    pub host_bytes: u64,
 }
 
-/// Applies `shard` over `gpus` to whole-model `weights`, `gradients`, `states` (bytes).
+/// Applies `s` to whole-model `weights`, `gradients`, `states` (bytes) of `spec` on `cfg`.
+/// `deepspeed_terms` adds DeepSpeed's reduce bucket and flat fp32 gradient partition (the torch
+/// profiles; vramcal's own step has no DeepSpeed).
 ///
 /// # Errors
-/// [`Error::InvalidValue`] for zero GPUs.
+/// [`Error::InvalidValue`] from [`Sharding::validate`]; offload with an optimizer DeepSpeed's
+/// and FSDP's CPU step do not run (anything but AdamW).
 pub fn shard(
     cfg: &ModelConfig,
     spec: &TrainSpec,
-    s: Shard,
-    gpus: usize,
+    s: &Sharding,
+    deepspeed_terms: bool,
     weights: u64,
     gradients: u64,
     states: u64,
 ) -> Result<Sharded> {
-    if gpus == 0 {
-        return Err(Error::invalid("--gpus", 0, "must be at least 1"));
+    s.validate()?;
+    let offload = s.offload != Offload::None;
+    if offload
+        && !matches!(
+            spec.optimizer,
+            Optimizer::AdamwTorch | Optimizer::AdamwTorchFused
+        )
+    {
+        return Err(Error::invalid(
+            "--offload",
+            s.offload,
+            format!(
+                "the host step runs DeepSpeedCPUAdam (or torch's AdamW under FSDP), not {}: give --optimizer adamw_torch",
+                spec.optimizer
+            ),
+        ));
     }
-    let g = gpus as u64;
+    let g = s.gpus as u64;
     let layer_params: u64 = cfg
         .param_shapes()
         .iter()
         .filter(|p| p.name.starts_with("model.layers.0."))
         .map(|p| p.numel() as u64)
         .sum();
-    let gathered = layer_params * spec.dtype.size_in_bytes() as u64;
-    Ok(match s {
-        Shard::Zero1 => Sharded {
-            weights,
-            gradients,
-            optimizer_states: states.div_ceil(g),
+    let gathered = if s.gpus > 1 || s.offload == Offload::OptimizerParams {
+        layer_params * spec.dtype.size_in_bytes() as u64
+    } else {
+        0
+    };
+    let trainable = spec.trainable_params(cfg);
+    let part = trainable.div_ceil(g);
+    let deepspeed = deepspeed_terms && s.deepspeed();
+    let grad_part = match s.shard {
+        Shard::Zero1 => gradients,
+        _ => gradients.div_ceil(g),
+    };
+    let reduce_bucket = if deepspeed && matches!(s.shard, Shard::Zero2 | Shard::Zero3) {
+        s.reduce_bucket_elements * gradients.checked_div(trainable).unwrap_or(0)
+    } else {
+        0
+    };
+    let w = match (s.shard.shards_parameters(), s.offload) {
+        (true, Offload::OptimizerParams) => gathered,
+        (true, _) => weights.div_ceil(g) + gathered,
+        (false, _) => weights,
+    };
+    let host = if offload && s.shard == Shard::Fsdp {
+        // FSDP's CPUOffload: parameter and gradient shards and the optimizer's states on the
+        // host, the step run there by torch's AdamW.
+        weights.div_ceil(g) + gradients.div_ceil(g) + states.div_ceil(g)
+    } else if offload {
+        // fp32 master (or fp32 copy) partition, the moments in the state dtype, the fp32
+        // gradient partition: DeepSpeedCPUAdam's `single_partition_of_fp32_groups` and its
+        // pinned gradient buffer (`stage_1_and_2.py`, `cpu_offload`).
+        let sd = spec.state_dtype.size_in_bytes() as u64;
+        let opt = part * (4 + 2 * sd + 4);
+        let params = if s.offload == Offload::OptimizerParams {
+            weights.div_ceil(g)
+        } else {
+            0
+        };
+        opt + params
+    } else {
+        0
+    };
+    Ok(Sharded {
+        weights: w,
+        gradients: match (offload, s.shard) {
+            // Stage 1 reduces after backward: the full gradients are on the GPU first.
+            (true, Shard::Zero1) => gradients,
+            (true, _) => 0,
+            (false, _) => grad_part,
         },
-        Shard::Zero2 => Sharded {
-            weights,
-            gradients: gradients.div_ceil(g),
-            optimizer_states: states.div_ceil(g),
+        optimizer_states: if offload { 0 } else { states.div_ceil(g) },
+        reduce_bucket,
+        step_gradients: match (offload, deepspeed, s.shard) {
+            (true, _, _) => 0,
+            (false, true, Shard::Zero1) => gradients + 4 * part,
+            (false, true, _) => 4 * part,
+            (false, false, _) => grad_part,
         },
-        Shard::Zero3 => Sharded {
-            weights: weights.div_ceil(g) + if gpus > 1 { gathered } else { 0 },
-            gradients: gradients.div_ceil(g),
-            optimizer_states: states.div_ceil(g),
-        },
+        host_step: offload,
+        host_bytes: host,
     })
 }
 

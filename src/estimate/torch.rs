@@ -892,6 +892,7 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms 
         workspace: if spec.torch_cpu { 0 } else { CUBLAS_WORKSPACES },
         head_static: 0,
         layer_static: moe_backward(cfg, spec),
+        backward_static: 0,
     }
 }
 

@@ -5,7 +5,7 @@ use crate::estimate::multi::Placement;
 use crate::estimate::references::Reference;
 use crate::estimate::Estimate;
 use crate::size::gib;
-use crate::spec::{Profile, Shard, TrainSpec};
+use crate::spec::{Offload, Profile, Sharding, TrainSpec};
 
 /// What `vramcal estimate` answers for one configuration.
 #[derive(Debug, Clone)]
@@ -29,7 +29,7 @@ pub struct Answer {
     /// Changes that would make it fit, with their estimates (empty when it fits).
     pub fixes: Vec<(String, Estimate)>,
     /// Data-parallel sharding and GPUs (`--shard`, `--gpus`).
-    pub sharding: Option<(Shard, usize)>,
+    pub sharding: Option<Sharding>,
     /// Layers placed on devices (`--device-map`).
     pub device_map: Option<Vec<Placement>>,
     /// The largest micro-batch of `--seq-lengths`, where given.
@@ -60,7 +60,15 @@ pub fn json(x: &Answer) -> anyhow::Result<String> {
         "references": x.references,
         "budget": x.budget.as_ref().map(|(n, b)| serde_json::json!({"name": n, "bytes": b, "needed_bytes": e.needed_bytes(), "fits": e.needed_bytes() <= *b})),
         "alternatives": x.fixes.iter().map(|(n, f)| serde_json::json!({"change": n, "peak_bytes": f.peak_bytes, "reserved_bytes": f.reserved_bytes})).collect::<Vec<_>>(),
-        "sharding": x.sharding.map(|(s, gpus)| serde_json::json!({"shard": s, "gpus": gpus})),
+        "sharding": x.sharding.map(|s| serde_json::json!({
+            "shard": s.shard,
+            "gpus": s.gpus,
+            "offload": s.offload,
+            "reduce_bucket_elements": s.reduce_bucket_elements,
+            "gpus_per_node": s.gpus_per_node,
+            "host_bytes_per_rank": e.host_bytes_per_rank,
+            "host_bytes_per_node": e.host_bytes_per_rank.map(|h| h * s.gpus_per_node as u64),
+        })),
         "device_map": x.device_map,
         "data": x.data.as_ref().map(crate::data::WorstBatch::json),
         "autocast": autocast(x).map(|(w, i)| serde_json::json!({"weight_copies_bytes": w, "input_copies_bytes": i})),
@@ -86,11 +94,25 @@ pub fn text(x: &Answer) -> String {
             }
         );
     }
-    if let Some((sh, gpus)) = &x.sharding {
+    if let Some(s) = &x.sharding {
         t += &format!(
-            "(per GPU: {sh} over {} data-parallel GPUs; activations per GPU)\n",
-            gpus
+            "(per GPU: {} over {} data-parallel GPUs; activations per GPU{})\n",
+            s.shard,
+            s.gpus,
+            match s.offload {
+                Offload::None => String::new(),
+                o => format!("; --offload {o}"),
+            }
         );
+        if let Some(h) = x.estimate.host_bytes_per_rank {
+            t += &format!(
+                "host RAM for the offloaded state: {h} bytes ({} GiB) per rank, {} bytes ({} GiB) per node of {} GPUs\n",
+                gib(h),
+                h * s.gpus_per_node as u64,
+                gib(h * s.gpus_per_node as u64),
+                s.gpus_per_node
+            );
+        }
     }
     if let Some(map) = &x.device_map {
         t += &device_map(map);

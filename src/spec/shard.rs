@@ -1,4 +1,5 @@
-//! Data-parallel sharding of training state (ZeRO stages 1–3; FSDP's FULL_SHARD is ZeRO-3).
+//! Data-parallel sharding of training state (DeepSpeed ZeRO stages 1–3, PyTorch FSDP's
+//! FULL_SHARD) and CPU offload.
 
 use std::fmt;
 use std::str::FromStr;
@@ -9,7 +10,7 @@ use crate::error::{Error, Result};
 
 /// How training state is sharded across data-parallel GPUs (Rajbhandari et al. 2020, "ZeRO:
 /// Memory Optimizations Toward Training Trillion Parameter Models", §5; PyTorch FSDP's
-/// FULL_SHARD is ZeRO-3).
+/// FULL_SHARD shards what ZeRO-3 does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Shard {
@@ -17,25 +18,34 @@ pub enum Shard {
     Zero1,
     /// Optimizer states and gradients sharded.
     Zero2,
-    /// Optimizer states, gradients and parameters sharded.
+    /// Optimizer states, gradients and parameters sharded (DeepSpeed).
     Zero3,
+    /// PyTorch FSDP, FULL_SHARD: what ZeRO-3 shards, without DeepSpeed's reduce bucket and
+    /// flat fp32 gradient partition.
+    Fsdp,
 }
 
 impl Shard {
-    /// Name as on the command line: `zero1`, `zero2` or `zero3` (`fsdp` reads as `zero3`).
+    /// Name as on the command line: `zero1`, `zero2`, `zero3` or `fsdp`.
     pub fn label(self) -> &'static str {
         match self {
             Shard::Zero1 => "zero1",
             Shard::Zero2 => "zero2",
             Shard::Zero3 => "zero3",
+            Shard::Fsdp => "fsdp",
         }
+    }
+
+    /// Whether parameters are sharded (ZeRO-3, FSDP).
+    pub fn shards_parameters(self) -> bool {
+        matches!(self, Shard::Zero3 | Shard::Fsdp)
     }
 }
 
 impl FromStr for Shard {
     type Err = Error;
 
-    /// Parses `zero1`, `zero2`, `zero3` or `fsdp` (= `zero3`).
+    /// Parses `zero1`, `zero2`, `zero3` or `fsdp`.
     ///
     /// # Errors
     /// [`Error::InvalidValue`].
@@ -43,7 +53,8 @@ impl FromStr for Shard {
         match s {
             "zero1" => Ok(Shard::Zero1),
             "zero2" => Ok(Shard::Zero2),
-            "zero3" | "fsdp" => Ok(Shard::Zero3),
+            "zero3" => Ok(Shard::Zero3),
+            "fsdp" => Ok(Shard::Fsdp),
             _ => Err(Error::invalid(
                 "--shard",
                 s,
@@ -57,5 +68,151 @@ impl fmt::Display for Shard {
     /// The label [`FromStr`] reads back.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.label())
+    }
+}
+
+/// Where ZeRO-Offload / FSDP CPU offload puts training state (the reference-row `offload`
+/// column of `../shared/cases/README.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum Offload {
+    /// Everything on the GPU.
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    /// The optimizer on the host: fp32 master partition, moments and the fp32 gradient
+    /// partition in host RAM, the step run by the CPU (DeepSpeed `offload_optimizer`).
+    #[serde(rename = "optimizer")]
+    Optimizer,
+    /// The optimizer and the parameter partitions on the host (DeepSpeed ZeRO-3
+    /// `offload_param` + `offload_optimizer`; FSDP `CPUOffload(offload_params=True)`).
+    #[serde(rename = "optimizer+params")]
+    OptimizerParams,
+}
+
+impl Offload {
+    /// Name as on the command line and in reference rows.
+    pub fn label(self) -> &'static str {
+        match self {
+            Offload::None => "none",
+            Offload::Optimizer => "optimizer",
+            Offload::OptimizerParams => "optimizer+params",
+        }
+    }
+}
+
+impl FromStr for Offload {
+    type Err = Error;
+
+    /// Parses `none`, `optimizer` or `optimizer+params`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`].
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Offload::None),
+            "optimizer" => Ok(Offload::Optimizer),
+            "optimizer+params" => Ok(Offload::OptimizerParams),
+            _ => Err(Error::invalid(
+                "--offload",
+                s,
+                "expected none, optimizer or optimizer+params",
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Offload {
+    /// The label [`FromStr`] reads back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// DeepSpeed's default `reduce_bucket_size` (elements): `deepspeed/runtime/zero/config.py`,
+/// `ZERO_OPTIMIZATION_REDUCE_BUCKET_SIZE_DEFAULT = 500_000_000`.
+pub const DEEPSPEED_REDUCE_BUCKET_SIZE: u64 = 500_000_000;
+
+/// Data-parallel training across GPUs: the scheme, the GPUs, what is offloaded to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Sharding {
+    /// ZeRO stage or FSDP.
+    pub shard: Shard,
+    /// Data-parallel GPUs (ranks), at least 1.
+    pub gpus: usize,
+    /// What lives in host RAM.
+    pub offload: Offload,
+    /// DeepSpeed's gradient reduce bucket (`reduce_bucket_size`, elements): ZeRO-2/3 keep one
+    /// buffer of this many gradient elements through backward.
+    pub reduce_bucket_elements: u64,
+    /// GPUs per node, for host RAM per node under offload (at most `gpus`).
+    pub gpus_per_node: usize,
+}
+
+impl Sharding {
+    /// `shard` over `gpus`, nothing offloaded, DeepSpeed's default bucket, one node.
+    pub fn new(shard: Shard, gpus: usize) -> Self {
+        Sharding {
+            shard,
+            gpus,
+            offload: Offload::None,
+            reduce_bucket_elements: DEEPSPEED_REDUCE_BUCKET_SIZE,
+            gpus_per_node: gpus,
+        }
+    }
+
+    /// Refuses combinations no stack runs.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`]: zero GPUs; more than one GPU without offload being the same as
+    /// none (`--gpus 1` needs `--offload`: ZeRO-Offload's one-GPU case); parameters offloaded
+    /// below ZeRO-3; FSDP offloading the optimizer alone (its `CPUOffload` moves parameters,
+    /// gradients and the step together); `gpus_per_node` of 0 or above `gpus`.
+    pub fn validate(&self) -> Result<()> {
+        if self.gpus == 0 {
+            return Err(Error::invalid("--gpus", 0, "must be at least 1"));
+        }
+        if self.gpus < 2 && self.offload == Offload::None {
+            return Err(Error::invalid(
+                "--gpus",
+                self.gpus,
+                format!(
+                    "--shard {} splits state across data-parallel GPUs: give --gpus 2 or more (one GPU shards nothing unless --offload moves state to the host)",
+                    self.shard
+                ),
+            ));
+        }
+        match (self.shard, self.offload) {
+            (Shard::Zero1 | Shard::Zero2, Offload::OptimizerParams) => {
+                return Err(Error::invalid(
+                    "--offload",
+                    "optimizer+params",
+                    format!(
+                        "parameters are offloaded with ZeRO-3 or FSDP only, not {}: give --offload optimizer or --shard zero3",
+                        self.shard
+                    ),
+                ))
+            }
+            (Shard::Fsdp, Offload::Optimizer) => {
+                return Err(Error::invalid(
+                    "--offload",
+                    "optimizer",
+                    "FSDP's CPUOffload moves parameters, gradients and the optimizer step together: give --offload optimizer+params",
+                ))
+            }
+            _ => {}
+        }
+        if self.gpus_per_node == 0 || self.gpus_per_node > self.gpus {
+            return Err(Error::invalid(
+                "--gpus-per-node",
+                self.gpus_per_node,
+                format!("must be between 1 and --gpus ({})", self.gpus),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether DeepSpeed's ZeRO runs it (not FSDP).
+    pub fn deepspeed(&self) -> bool {
+        self.shard != Shard::Fsdp
     }
 }
