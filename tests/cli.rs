@@ -1462,7 +1462,7 @@ const CONTRADICTIONS: &[Case] = &[
     },
     Case {
         args: &["estimate", "--model", "tiny", "--seq", "8", "--offload", "optimizer"],
-        error: "invalid --offload =",
+        error: "invalid --offload = optimizer: needs --shard",
         untouched: None,
     },
     Case {
@@ -1478,15 +1478,38 @@ const CONTRADICTIONS: &[Case] = &[
         untouched: None,
     },
     Case {
-        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero1", "--gpus", "2",
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "fsdp", "--gpus", "2",
             "--reduce-bucket-size", "1000"],
-        error: "kept by ZeRO-2 and ZeRO-3, not zero1",
+        error: "is DeepSpeed's bucket: FSDP has none",
         untouched: None,
     },
     Case {
         args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--gpus", "2",
             "--reduce-bucket-size", "0"],
-        error: "must be at least 1 element",
+        error: "must be between 1 and 1099511627776 gradient elements",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--gpus", "2",
+            "--reduce-bucket-size", "18446744073709551615"],
+        error: "must be between 1 and 1099511627776 gradient elements",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--gpus",
+            "18446744073709551615", "--offload", "optimizer"],
+        error: "at most 1048576 data-parallel GPUs",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--gpus", "2",
+            "--offload", "optimizer", "--profile", "candle"],
+        error: "which vramcal's own step (--profile candle) does not run",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--gpus", "8"],
+        error: "invalid --gpus = 8: needs --shard",
         untouched: None,
     },
     Case {

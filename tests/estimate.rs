@@ -541,11 +541,33 @@ fn deepspeed_buffers_and_offload() {
     assert_eq!(z2.reduce_bucket, 500_000_000 * 2);
     assert_eq!(z2.step_gradients, 4 * n.div_ceil(8));
     assert_eq!((z2.host_bytes, z2.host_step), (0, false));
+    // DeepSpeed steps fp32 partitions: an fp32 copy of the weights and two fp32 moments.
+    assert_eq!(z2.optimizer_states, 12 * n.div_ceil(8));
+    assert_eq!(z2.step_transient, Some(4 * n.div_ceil(8)));
+    // Stage 1 keeps the bucket too, and frees the other ranks' gradients before its step.
     let z1 = shard(&c, &s, &Sharding::new(Shard::Zero1, 8), true, w, g, st).unwrap();
     assert_eq!(
-        (z1.reduce_bucket, z1.step_gradients),
-        (0, g + 4 * n.div_ceil(8))
+        (z1.gradients, z1.reduce_bucket, z1.step_gradients),
+        (g, 1_000_000_000, 4 * n.div_ceil(8))
     );
+    // Stage 3 keeps its 16-bit partition and bucket at the step, one fp32 sub-group (≤ 1e9
+    // elements) beside them.
+    let z3 = shard(&c, &s, &Sharding::new(Shard::Zero3, 8), true, w, g, st).unwrap();
+    assert_eq!(
+        z3.step_gradients,
+        1_000_000_000 + g.div_ceil(8) + 4 * n.div_ceil(8).min(1_000_000_000)
+    );
+    let big = shard(&c, &s, &Sharding::new(Shard::Zero3, 2), true, w, g, st).unwrap();
+    assert_eq!(
+        big.step_gradients,
+        1_000_000_000 + g.div_ceil(2) + 4 * 1_000_000_000
+    );
+    // A bucket whose bytes overflow is refused, never wrapped.
+    let huge = Sharding {
+        reduce_bucket_elements: u64::MAX,
+        ..Sharding::new(Shard::Zero2, 8)
+    };
+    assert!(shard(&c, &s, &huge, true, w, g, st).is_err());
     let f = shard(&c, &s, &Sharding::new(Shard::Fsdp, 8), true, w, g, st).unwrap();
     assert_eq!((f.reduce_bucket, f.step_gradients), (0, g.div_ceil(8)));
     // Without DeepSpeed's terms (vramcal's own step) ZeRO-2 is the plain partition.

@@ -542,7 +542,7 @@ impl Reference {
             },
             ours: raw.source.starts_with("scripts/torch_reference.py"),
             summary: format!(
-                "{} {} b{} s{} ckpt {} {} {} {}",
+                "{} {} b{} s{} ckpt {} {} {} {}{}",
                 raw.model,
                 spec.method_label(),
                 spec.batch,
@@ -550,7 +550,14 @@ impl Reference {
                 raw.checkpointing,
                 precision,
                 optimizer,
-                raw.attention
+                raw.attention,
+                match &sharding {
+                    Some(s) if s.offload != Offload::None => {
+                        format!(" {}×{} offload {}", s.shard, s.gpus, s.offload)
+                    }
+                    Some(s) => format!(" {}×{}", s.shard, s.gpus),
+                    None => String::new(),
+                }
             ),
             spec,
             sharding,

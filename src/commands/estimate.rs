@@ -10,7 +10,7 @@ use crate::config::{resolve_model, ResolvedModel};
 use crate::error::Error;
 use crate::estimate::{advice, estimate_sharded, multi, references, Coefficients};
 use crate::export::estimate::Answer;
-use crate::spec::{Attention, Profile, SaveMode, Shard, Sharding, TrainSpec};
+use crate::spec::{Attention, Profile, SaveMode, Sharding, TrainSpec};
 use crate::throughput::gpu;
 
 /// One `vramcal estimate` question, checked.
@@ -268,39 +268,54 @@ fn budget(a: &EstimateArgs) -> anyhow::Result<Option<(String, u64)>> {
 /// `--shard` over `--gpus`, with `--offload`, `--reduce-bucket-size` and `--gpus-per-node`
 /// (each of which needs `--shard`).
 fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<Sharding>> {
+    let given: [(&str, Option<String>); 4] = [
+        ("--gpus", (a.gpus != 1).then(|| a.gpus.to_string())),
+        ("--offload", a.offload.map(|o| o.to_string())),
+        (
+            "--reduce-bucket-size",
+            a.reduce_bucket_size.map(|b| b.to_string()),
+        ),
+        ("--gpus-per-node", a.gpus_per_node.map(|n| n.to_string())),
+    ];
     let Some(sh) = a.shard else {
-        for (flag, given) in [
-            ("--gpus", a.gpus != 1),
-            ("--offload", a.offload.is_some()),
-            ("--reduce-bucket-size", a.reduce_bucket_size.is_some()),
-            ("--gpus-per-node", a.gpus_per_node.is_some()),
-        ] {
-            if given {
+        if let Some((flag, Some(v))) = given.iter().find(|(_, v)| v.is_some()) {
+            return Err(
+                Error::invalid(*flag, v, "needs --shard (zero1, zero2, zero3 or fsdp)").into(),
+            );
+        }
+        return Ok(None);
+    };
+    // vramcal's own step runs on one device and has no DeepSpeed or offload.
+    if a.profile == Profile::Candle {
+        for (flag, v) in &given[1..] {
+            if let Some(v) = v {
                 return Err(Error::invalid(
-                    flag,
-                    "",
-                    "needs --shard (zero1, zero2, zero3 or fsdp)",
+                    *flag,
+                    v,
+                    "describes DeepSpeed or FSDP, which vramcal's own step (--profile candle) does not run: give --profile torch-sdpa",
                 )
                 .into());
             }
         }
-        return Ok(None);
-    };
+    }
     let mut s = Sharding::new(sh, a.gpus);
     s.offload = a.offload.unwrap_or_default();
     if let Some(b) = a.reduce_bucket_size {
-        if !(s.deepspeed() && matches!(sh, Shard::Zero2 | Shard::Zero3)) {
+        if !s.deepspeed() {
             return Err(Error::invalid(
                 "--reduce-bucket-size",
                 b,
-                format!("DeepSpeed's gradient bucket is kept by ZeRO-2 and ZeRO-3, not {sh}"),
+                "is DeepSpeed's bucket: FSDP has none",
             )
             .into());
         }
-        if b == 0 {
-            return Err(
-                Error::invalid("--reduce-bucket-size", b, "must be at least 1 element").into(),
-            );
+        if !(1..=MAX_REDUCE_BUCKET).contains(&b) {
+            return Err(Error::invalid(
+                "--reduce-bucket-size",
+                b,
+                format!("must be between 1 and {MAX_REDUCE_BUCKET} gradient elements"),
+            )
+            .into());
         }
         s.reduce_bucket_elements = b;
     }
@@ -315,9 +330,25 @@ fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<Sharding>> {
         }
         s.gpus_per_node = n;
     }
+    if s.gpus > MAX_GPUS {
+        return Err(Error::invalid(
+            "--gpus",
+            s.gpus,
+            format!("at most {MAX_GPUS} data-parallel GPUs"),
+        )
+        .into());
+    }
     s.validate()?;
     Ok(Some(s))
 }
+
+/// The largest `--reduce-bucket-size` taken (elements): 2^40, far above any GPU's memory in
+/// 16-bit gradients.
+const MAX_REDUCE_BUCKET: u64 = 1 << 40;
+
+/// The most data-parallel GPUs `--gpus` takes (the largest published training runs use tens of
+/// thousands).
+const MAX_GPUS: usize = 1 << 20;
 
 /// `--max-memory` for `--device-map` (each needs the other).
 fn max_memory(a: &EstimateArgs) -> anyhow::Result<Option<Vec<u64>>> {

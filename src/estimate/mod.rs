@@ -909,6 +909,7 @@ pub fn estimate_sharded(
     // Gradient bytes on the GPU at the step, and what they are.
     let mut step_gradients = (t.gradients, "trainable params × dtype".to_string());
     let mut host_bytes = None;
+    let mut sharded_transient = None;
     if let Some(s) = &sharding {
         let m = multi::shard(
             cfg,
@@ -925,6 +926,7 @@ pub fn estimate_sharded(
         t.terms[Term::GradientsLive.index()] *= m.gradients as f64 / t.gradients.max(1) as f64;
         t.gradients = m.gradients;
         t.backward_static = m.reduce_bucket;
+        sharded_transient = m.step_transient;
         if s.offload != crate::spec::Offload::None {
             host_bytes = Some(m.host_bytes);
         }
@@ -934,7 +936,7 @@ pub fn estimate_sharded(
                 "none: the step runs on the host (offload)".into()
             } else if profile != Profile::Candle && s.deepspeed() {
                 match s.shard {
-                    Shard::Zero1 => "16-bit gradients + DeepSpeed's flat fp32 partition (4 B × trainable params / GPUs)".into(),
+                    Shard::Zero3 => "DeepSpeed ZeRO-3: the 16-bit gradient partition, the reduce bucket and one sub-group (≤ 1e9 elements) in fp32".into(),
                     _ => "DeepSpeed's flat fp32 gradient partition: 4 B × trainable params / GPUs".into(),
                 }
             } else {
@@ -945,7 +947,7 @@ pub fn estimate_sharded(
     let bwd = predicted_backward_peak(&t, c);
     let bwd_basis = t.reserved_basis(t.peak_moment(&c.values), &c.values);
     let opt_transient = match profile {
-        _ if sharding.is_some_and(|s| s.offload != crate::spec::Offload::None) => 0,
+        _ if sharded_transient.is_some() => sharded_transient.unwrap_or(0),
         Profile::Candle => optimizer_transient(cfg, spec, profile, t.gradients, c.cpu),
         // Each GPU steps its own partition of the states (ZeRO): its transient shrinks with it.
         _ => (t.step_transient as f64 * state_share).round() as u64,
@@ -983,12 +985,26 @@ pub fn estimate_sharded(
                 o => format!("optimizer states ({o})"),
             },
             bytes: t.optimizer_states,
-            formula: match sharding.map(|s| s.offload) {
-                Some(o) if o != crate::spec::Offload::None => {
+            formula: match sharding {
+                Some(Sharding { offload: o, .. }) if o != crate::spec::Offload::None => {
                     format!(
                         "in host RAM (--offload {o}): {}",
                         torch::states_formula(spec)
                     )
+                }
+                Some(s)
+                    if profile != Profile::Candle
+                        && s.deepspeed()
+                        && matches!(
+                            spec.optimizer,
+                            crate::spec::Optimizer::AdamwTorch
+                                | crate::spec::Optimizer::AdamwTorchFused
+                        ) =>
+                {
+                    "DeepSpeed: an fp32 partition of the weights + 2 fp32 moments, 12 B × trainable params / GPUs".into()
+                }
+                Some(s) if profile != Profile::Candle && s.deepspeed() && !spec.precision.is_some_and(|p| p.master_weights()) => {
+                    format!("{} / GPUs + DeepSpeed's fp32 partition of the weights (4 B × trainable params / GPUs)", torch::states_formula(spec))
                 }
                 Some(_) => format!("{} / GPUs", torch::states_formula(spec)),
                 None => torch::states_formula(spec),
@@ -997,6 +1013,14 @@ pub fn estimate_sharded(
     ];
     let held = {
         let mut held = held;
+        if let Some(s) = sharding.filter(|s| s.shard.shards_parameters()) {
+            held[0].formula = match s.offload {
+                crate::spec::Offload::OptimizerParams => {
+                    "one gathered layer (params × dtype); the partitions in host RAM".into()
+                }
+                _ => format!("{} / GPUs + one gathered layer", held[0].formula),
+            };
+        }
         if t.workspace > 0 {
             held.push(Item {
                 name: "cuBLAS workspaces (CUDA)".into(),
@@ -1008,7 +1032,7 @@ pub fn estimate_sharded(
     };
     let mut items = held.clone();
     let moment = t.peak_moment(&c.values);
-    let own = t.static_at(moment) - t.backward_static;
+    let own = t.static_at(moment).saturating_sub(t.backward_static);
     if own > 0 {
         items.push(match moment {
             Moment::Layer => Item {

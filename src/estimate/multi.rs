@@ -21,17 +21,22 @@ pub struct Sharded {
     pub gradients: u64,
     /// Optimizer states per GPU (bytes; 0 when offloaded).
     pub optimizer_states: u64,
-    /// DeepSpeed ZeRO-2/3's gradient reduce bucket (bytes), alive through backward
-    /// (`stage_1_and_2.py` `backward`: `ipg_buffer` of `reduce_bucket_size` elements; stage 3's
-    /// `__ipg_bucket_flat_buffer`); 0 for ZeRO-1 and FSDP.
+    /// DeepSpeed's gradient reduce bucket (bytes), alive through backward (`stage_1_and_2.py`
+    /// `backward`: `ipg_buffer` of `reduce_bucket_size` elements, one without `overlap_comm`;
+    /// stage 3's `__ipg_bucket_flat_buffer`, kept to the step); 0 for FSDP.
     pub reduce_bucket: u64,
-    /// Gradient bytes on the GPU at the optimizer step: under DeepSpeed the flat fp32 gradient
-    /// partition its step builds (`stage_1_and_2.py` `step`: `flatten(averaged_gradients)`
-    /// `.to(fp32)`, after which the 16-bit partition is dropped; ZeRO-1 keeps its full 16-bit
-    /// gradients beside it); under FSDP the gradient shards; 0 when the step runs on the host.
+    /// Gradient bytes on the GPU at the optimizer step: under DeepSpeed ZeRO-1/2 the flat fp32
+    /// gradient partition its step builds (`stage_1_and_2.py` `step`: `flatten(averaged_gradients)`
+    /// `.to(fp32)`, the other ranks' gradients and the 16-bit partition dropped), under ZeRO-3
+    /// the 16-bit partition, the bucket and one fp32 sub-group; under FSDP the gradient shards;
+    /// 0 when the step runs on the host.
     pub step_gradients: u64,
     /// Whether the optimizer step runs on the host (no GPU step transient).
     pub host_step: bool,
+    /// The optimizer step's transient on the GPU (bytes) where the sharding sets it: 0 when
+    /// the step runs on the host, torch's foreach AdamW's one buffer of the fp32 partition
+    /// under DeepSpeed; `None`: the unsharded transient scaled by the share of states.
+    pub step_transient: Option<u64>,
     /// Host RAM one rank needs for what is offloaded (bytes): fp32 master partition, moments
     /// and fp32 gradient partition (DeepSpeedCPUAdam), plus the parameter partitions with
     /// `optimizer+params`; 0 without offload.
@@ -39,12 +44,13 @@ pub struct Sharded {
 }
 
 /// Applies `s` to whole-model `weights`, `gradients`, `states` (bytes) of `spec` on `cfg`.
-/// `deepspeed_terms` adds DeepSpeed's reduce bucket and flat fp32 gradient partition (the torch
-/// profiles; vramcal's own step has no DeepSpeed).
+/// `deepspeed_terms` adds DeepSpeed's reduce bucket, fp32 partitions of the weights and the
+/// moments (DeepSpeed steps fp32 partitions whatever the recipe) and flat fp32 gradient
+/// partition (the torch profiles; vramcal's own step has no DeepSpeed).
 ///
 /// # Errors
 /// [`Error::InvalidValue`] from [`Sharding::validate`]; offload with an optimizer DeepSpeed's
-/// and FSDP's CPU step do not run (anything but AdamW).
+/// and FSDP's CPU step do not run (anything but AdamW); a bucket whose bytes overflow.
 pub fn shard(
     cfg: &ModelConfig,
     spec: &TrainSpec,
@@ -86,14 +92,36 @@ pub fn shard(
     let trainable = spec.trainable_params(cfg);
     let part = trainable.div_ceil(g);
     let deepspeed = deepspeed_terms && s.deepspeed();
+    let master = spec.precision.is_some_and(|p| p.master_weights());
+    let adamw = matches!(
+        spec.optimizer,
+        Optimizer::AdamwTorch | Optimizer::AdamwTorchFused
+    );
     let grad_part = match s.shard {
         Shard::Zero1 => gradients,
         _ => gradients.div_ceil(g),
     };
-    let reduce_bucket = if deepspeed && matches!(s.shard, Shard::Zero2 | Shard::Zero3) {
-        s.reduce_bucket_elements * gradients.checked_div(trainable).unwrap_or(0)
+    // Stages 1–3 keep the bucket whenever `contiguous_gradients` is on (DeepSpeed's default):
+    // `stage_1_and_2.py` `backward` allocates `ipg_buffer`, `stage3.py` keeps
+    // `__ipg_bucket_flat_buffer` from `__init__` on.
+    let reduce_bucket = if deepspeed {
+        s.reduce_bucket_elements
+            .checked_mul(gradients.checked_div(trainable).unwrap_or(0))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "--reduce-bucket-size",
+                    s.reduce_bucket_elements,
+                    "its bytes overflow",
+                )
+            })?
     } else {
         0
+    };
+    // Stage 3 converts one `sub_group_size` group to fp32 at a time (DeepSpeed's default 1e9
+    // elements, `stage3.py` `_prepare_fp32_grad_for_sub_group`).
+    let fp32_grads = match s.shard {
+        Shard::Zero3 => 4 * part.min(DEEPSPEED_SUB_GROUP_SIZE),
+        _ => 4 * part,
     };
     let w = match (s.shard.shards_parameters(), s.offload) {
         (true, Offload::OptimizerParams) => gathered,
@@ -105,11 +133,9 @@ pub fn shard(
         // host, the step run there by torch's AdamW.
         weights.div_ceil(g) + gradients.div_ceil(g) + states.div_ceil(g)
     } else if offload {
-        // fp32 master (or fp32 copy) partition, the moments in the state dtype, the fp32
-        // gradient partition: DeepSpeedCPUAdam's `single_partition_of_fp32_groups` and its
+        // fp32 master (or fp32 copy) partition, the fp32 moments, the fp32 gradient partition: DeepSpeedCPUAdam's `single_partition_of_fp32_groups` and its
         // pinned gradient buffer (`stage_1_and_2.py`, `cpu_offload`).
-        let sd = spec.state_dtype.size_in_bytes() as u64;
-        let opt = part * (4 + 2 * sd + 4);
+        let opt = part * (4 + 2 * 4 + 4);
         let params = if s.offload == Offload::OptimizerParams {
             weights.div_ceil(g)
         } else {
@@ -127,18 +153,42 @@ pub fn shard(
             (true, _) => 0,
             (false, _) => grad_part,
         },
-        optimizer_states: if offload { 0 } else { states.div_ceil(g) },
+        optimizer_states: match (offload, deepspeed) {
+            (true, _) => 0,
+            // DeepSpeed steps fp32 partitions whatever the recipe: an fp32 copy of the rank's
+            // partition (`single_partition_of_fp32_groups`, a clone even of fp32 weights) and
+            // AdamW's moments made from it, fp32.
+            (false, true) if adamw => part * (4 + 2 * 4),
+            (false, true) if !master => states.div_ceil(g) + 4 * part,
+            (false, _) => states.div_ceil(g),
+        },
         reduce_bucket,
         step_gradients: match (offload, deepspeed, s.shard) {
             (true, _, _) => 0,
-            (false, true, Shard::Zero1) => gradients + 4 * part,
-            (false, true, _) => 4 * part,
+            // Stage 3's flat 16-bit gradient partition and bucket stay; one sub-group in fp32.
+            (false, true, Shard::Zero3) => reduce_bucket + grad_part + fp32_grads,
+            // Stages 1–2 free the other ranks' gradients and the bucket before the flat copy,
+            // and the 16-bit partition after it (`step`: `free_grad_in_param_list`,
+            // `flatten(...).to(fp32)`, `averaged_gradients[i] = None`).
+            (false, true, _) => fp32_grads,
             (false, false, _) => grad_part,
+        },
+        step_transient: match (offload, deepspeed, spec.optimizer) {
+            (true, _, _) => Some(0),
+            // torch's foreach AdamW over the flat fp32 partition (or stage 3's sub-group): one
+            // buffer of it (`_foreach_sqrt`).
+            (false, true, Optimizer::AdamwTorch) if !spec.torch_cpu => Some(fp32_grads),
+            (false, true, Optimizer::AdamwTorchFused) => Some(0),
+            _ => None,
         },
         host_step: offload,
         host_bytes: host,
     })
 }
+
+/// DeepSpeed ZeRO-3's default `sub_group_size` (elements): `deepspeed/runtime/zero/config.py`,
+/// `sub_group_size: int = 1e9`.
+pub const DEEPSPEED_SUB_GROUP_SIZE: u64 = 1_000_000_000;
 
 /// Where each module goes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
