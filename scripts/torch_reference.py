@@ -20,6 +20,11 @@ allocator), summed in time order from before the model is built, each phase a
 tensors whose bytes are known). The profiler slows the step, so those rows' times are not
 comparable (their `notes` say so).
 
+With `--world-size N --shard ddp|fsdp` (CPU only) each point runs N data-parallel ranks, one
+process each, over gloo (torch's `DistributedDataParallel`, or FSDP2's `fully_shard` on each
+decoder layer and the root); each rank is counted as above, and the row holds the largest
+rank's peaks, with every rank's peak in its notes and `gpus`/`shard` columns.
+
 Rows are written in the schema of `../shared/cases/public-measurements.csv`, so
 `vramcal check --measured <file> --profile torch-sdpa` reads them; extra columns give the
 phases. Run by hand or by scripts/gpu-check.sh; needs torch and transformers, and PEFT for LoRA.
@@ -57,6 +62,11 @@ FIELDS = [
 ]
 # CUDA files also carry the card's memory, which out-of-memory rows need (`counter` = `oom`).
 FIELDS_CUDA = FIELDS + ["gpu_memory_bytes"]
+# Data-parallel files (--world-size 2 or more) say how many ranks and how they shard.
+FIELDS_DIST = FIELDS + ["gpus", "shard"]
+# --shard: torch's DistributedDataParallel, or FSDP2 (`fully_shard` on each decoder layer, then
+# the root), both with their defaults.
+SHARDS = ["ddp", "fsdp"]
 
 
 def host_cpu():
@@ -307,7 +317,23 @@ def point_id(model, p):
         parts.append(p["quant"])
     parts += [p["precision"], p["optimizer"], p["attn"], f"ckpt-{p['checkpointing']}",
               f"b{p['batch']}", f"s{p['seq']}"]
+    if p.get("world_size", 1) > 1:
+        parts.append(f"{p['shard']}{p['world_size']}")
     return "-".join(parts)
+
+
+def data_parallel(model, shard):
+    """The model as its data-parallel wrapper runs it: DDP (gradient buckets of 25 MiB, not
+    views of the gradients: torch's defaults), or FSDP2 with each decoder layer and the root
+    sharded (`fully_shard`'s defaults: reshard after forward, one layer prefetched)."""
+    if shard == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+    for m in list(model.modules()):
+        if type(m).__name__.endswith("DecoderLayer"):
+            fully_shard(m)
+    fully_shard(model)
+    return model
 
 
 def measure(args, cfg, p):
@@ -340,6 +366,8 @@ def measure(args, cfg, p):
         row.update(lora_r=p["lora_r"], lora_alpha=p["lora_alpha"], lora_dropout=p["lora_dropout"],
                    lora_targets=p["lora_targets"].replace(",", ";"))
     row["id"] = point_id(args.model, p)
+    if args.world_size > 1:
+        row.update(gpus=args.world_size, shard=args.shard)
     phases = {}
     # PyTorch's live CPU tensor bytes over load and steps 1-2 (not the timed steps after them).
     # The previous row's tensors are collected first: a free of theirs inside the count would
@@ -407,6 +435,10 @@ def measure(args, cfg, p):
                     target_modules=targets, bias="none", task_type="CAUSAL_LM"),
                     autocast_adapter_dtype=fp32_adapters or method == "qlora")
         model.train()
+        if args.world_size > 1:
+            model = phase("wrap", lambda: data_parallel(model, args.shard))
+            notes.append(f"rank {torch.distributed.get_rank()} of {args.world_size} "
+                         f"({args.shard}, gloo)")
         params = [q for q in model.parameters() if q.requires_grad]
         # What the optimizer steps, as PEFT builds it (a Mixtral all-linear LoRA's fused expert
         # adapters at doubled rank included).
@@ -419,7 +451,9 @@ def measure(args, cfg, p):
         saved = {}
         # Parameters and buffers that autograd saves (a linear layer saves its weight) are not
         # activations: leave their storages out.
-        fixed = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        # (FSDP2's parameters are DTensors: their local shards' storages.)
+        fixed = {getattr(t, "_local_tensor", t).untyped_storage().data_ptr()
+                 for t in list(model.parameters()) + list(model.buffers())}
 
         def pack(t):
             try:
@@ -527,6 +561,63 @@ def measure(args, cfg, p):
     return row
 
 
+def rank_worker(rank, args, cfg, p, port, folder):
+    """One data-parallel rank: joins the gloo group, measures, writes its row as JSON."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world_size)
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        row = measure(args, cfg, p)
+        with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+            json.dump(row, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def measure_ranks(args, cfg, p):
+    """One row of an N-rank data-parallel step: every rank measured as `measure` does, in its
+    own process; the row's peaks are the largest rank's, each rank's in the notes."""
+    import socket
+    import tempfile
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            mp.spawn(rank_worker, args=(args, cfg, p, port, folder), nprocs=args.world_size)
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            # The rows the other ranks wrote are kept; the missing ones make an error row.
+            print(f"{point_id(args.model, p)}: a rank failed: {str(e).strip().splitlines()[-1]}",
+                  file=sys.stderr)
+        rows = []
+        for r in range(args.world_size):
+            path = os.path.join(folder, f"rank{r}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    rows.append(json.load(f))
+    if len(rows) < args.world_size:
+        row = dict(rows[0]) if rows else {"id": point_id(args.model, p), "model": args.model,
+                                          "gpus": args.world_size, "shard": args.shard}
+        row["status"] = "error"
+        row["notes"] = f"{args.world_size - len(rows)} of {args.world_size} ranks wrote no row"
+        row.pop("peak_bytes", None)
+        return row
+    row = dict(rows[0])
+    if any(r.get("status") != "ok" for r in rows):
+        bad = next(r for r in rows if r.get("status") != "ok")
+        row.update(status=bad.get("status"), notes=bad.get("notes", ""))
+        row.pop("peak_bytes", None)
+        return row
+    for k in ["peak_bytes"] + [k for k in row if k.endswith("_peak_bytes")]:
+        row[k] = max(int(r[k]) for r in rows)
+    row["notes"] = (row["notes"].split("; ", 1)[1] if row["notes"].startswith("rank ") else row["notes"])
+    row["notes"] = (f"{args.world_size} ranks ({args.shard}, gloo, one process each); peak per rank: "
+                    + ", ".join(str(r["peak_bytes"]) for r in rows) + "; " + row["notes"])
+    return row
+
+
 def choices(text, allowed, option):
     """A ','-separated list whose every value is in `allowed`; else one error line."""
     vals = text.split(",")
@@ -578,7 +669,8 @@ def grid(a):
                                         yield dict(method=m, quant=q, lora_targets=t, lora_dropout=d,
                                                    lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                                                    precision=pr, optimizer=o, attn=at,
-                                                   checkpointing=c, batch=b, seq=s)
+                                                   checkpointing=c, batch=b, seq=s,
+                                                   world_size=a.world_size, shard=a.shard)
 
 
 def main():
@@ -615,7 +707,21 @@ def main():
     ap.add_argument("--skip-existing", action="store_true",
                     help="leave out points whose id is already in --out (resuming a grid)")
     ap.add_argument("--out", help="CSV to append to")
+    ap.add_argument("--world-size", type=int, default=1,
+                    help="data-parallel ranks, each its own process on this machine's CPU (gloo), "
+                         "with --shard; the row's peaks are the largest rank's")
+    ap.add_argument("--shard", help="with --world-size 2 or more: " + ",".join(SHARDS))
     a = ap.parse_args()
+    if a.world_size < 1:
+        ap.error("--world-size must be at least 1")
+    if (a.world_size > 1) != (a.shard is not None):
+        ap.error("--world-size 2 or more and --shard go together")
+    if a.shard is not None:
+        choices(a.shard, SHARDS, "--shard")
+        if "," in a.shard:
+            ap.error("--shard takes one value")
+        if a.device != "cpu":
+            ap.error("--world-size runs its ranks on the CPU (gloo): give --device cpu")
     if a.self_test:
         self_test()
         return
@@ -627,7 +733,8 @@ def main():
     cfg = preset_config(a.vramcal, a.model)
     new = not os.path.exists(a.out) or os.path.getsize(a.out) == 0
     done = set()
-    fields = FIELDS_CUDA if a.device.startswith("cuda") else FIELDS
+    fields = (FIELDS_CUDA if a.device.startswith("cuda")
+              else FIELDS_DIST if a.world_size > 1 else FIELDS)
     if not new:
         with open(a.out, newline="") as f:
             r = csv.DictReader(f)
@@ -648,7 +755,7 @@ def main():
                 if a.skip_existing:
                     continue
                 sys.exit(f"error: {pid} is already in {a.out} (--skip-existing resumes a grid)")
-            r = measure(a, cfg, p)
+            r = measure(a, cfg, p) if a.world_size == 1 else measure_ranks(a, cfg, p)
             w.writerow(r)
             f.flush()
             done.add(pid)

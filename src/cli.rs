@@ -202,7 +202,8 @@ pub struct EstimateArgs {
     /// Verdict against this GPU's memory (`vramcal gpus` lists the names).
     #[arg(long)]
     pub gpu: Option<String>,
-    /// Per-GPU memory under data-parallel sharding: zero1, zero2, zero3 or fsdp.
+    /// Per-GPU memory of data-parallel training: ddp (DistributedDataParallel, nothing sharded),
+    /// zero1, zero2, zero3 (DeepSpeed) or fsdp (FSDP, full sharding).
     #[arg(long)]
     pub shard: Option<Shard>,
     /// Data-parallel GPUs for --shard.

@@ -1480,7 +1480,13 @@ const CONTRADICTIONS: &[Case] = &[
     Case {
         args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "fsdp", "--gpus", "2",
             "--reduce-bucket-size", "1000"],
-        error: "is DeepSpeed's bucket: FSDP has none",
+        error: "is DeepSpeed's bucket: fsdp has none",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "ddp", "--gpus", "2",
+            "--offload", "optimizer"],
+        error: "DDP keeps every rank's state on its GPU",
         untouched: None,
     },
     Case {

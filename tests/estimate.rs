@@ -570,6 +570,17 @@ fn deepspeed_buffers_and_offload() {
     assert!(shard(&c, &s, &huge, true, w, g, st).is_err());
     let f = shard(&c, &s, &Sharding::new(Shard::Fsdp, 8), true, w, g, st).unwrap();
     assert_eq!((f.reduce_bucket, f.step_gradients), (0, g.div_ceil(8)));
+    // DDP shards nothing and keeps a bucket copy of every gradient, beside them at the step.
+    let d = shard(&c, &s, &Sharding::new(Shard::Ddp, 8), true, w, g, st).unwrap();
+    assert_eq!(
+        (d.weights, d.gradients, d.optimizer_states, d.reduce_bucket),
+        (w, g, st, g)
+    );
+    assert_eq!(d.step_gradients, 2 * g);
+    // FSDP keeps its root (embedding, norm, head) unsharded through backward, with gradients.
+    let h = (c.hidden_size * c.vocab_size) as u64;
+    assert!(f.fsdp_root >= 2 * 2 * h, "{}", f.fsdp_root);
+    assert_eq!(z2.fsdp_root, 0);
     // Without DeepSpeed's terms (vramcal's own step) ZeRO-2 is the plain partition.
     let plain = shard(&c, &s, &Sharding::new(Shard::Zero2, 8), false, w, g, st).unwrap();
     assert_eq!(

@@ -377,14 +377,14 @@ impl Reference {
         };
         let gpus = c.count("gpus", &raw.gpus, Some(1))?;
         let sharding = match raw.shard.as_str() {
-            "" | "none" | "ddp" if offload != Offload::None => {
+            "" | "none" if offload != Offload::None => {
                 return Err(c.err(
                     "offload",
                     offload.label(),
                     "offload needs shard zero1, zero2, zero3 or fsdp",
                 ))
             }
-            "" | "none" | "ddp" => None,
+            "" | "none" => None,
             v => {
                 let s = Sharding {
                     offload,

@@ -279,9 +279,12 @@ fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<Sharding>> {
     ];
     let Some(sh) = a.shard else {
         if let Some((flag, Some(v))) = given.iter().find(|(_, v)| v.is_some()) {
-            return Err(
-                Error::invalid(*flag, v, "needs --shard (zero1, zero2, zero3 or fsdp)").into(),
-            );
+            return Err(Error::invalid(
+                *flag,
+                v,
+                "needs --shard (ddp, zero1, zero2, zero3 or fsdp)",
+            )
+            .into());
         }
         return Ok(None);
     };
@@ -305,7 +308,7 @@ fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<Sharding>> {
             return Err(Error::invalid(
                 "--reduce-bucket-size",
                 b,
-                "is DeepSpeed's bucket: FSDP has none",
+                format!("is DeepSpeed's bucket: {sh} has none (it is ZeRO's, zero1 to zero3)"),
             )
             .into());
         }

@@ -925,7 +925,7 @@ pub fn estimate_sharded(
         t.optimizer_states = m.optimizer_states;
         t.terms[Term::GradientsLive.index()] *= m.gradients as f64 / t.gradients.max(1) as f64;
         t.gradients = m.gradients;
-        t.backward_static = m.reduce_bucket;
+        t.backward_static = m.reduce_bucket + m.fsdp_root;
         sharded_transient = m.step_transient;
         if s.offload != crate::spec::Offload::None {
             host_bytes = Some(m.host_bytes);
@@ -939,6 +939,10 @@ pub fn estimate_sharded(
                     Shard::Zero3 => "DeepSpeed ZeRO-3: the 16-bit gradient partition, the reduce bucket and one sub-group (≤ 1e9 elements) in fp32".into(),
                     _ => "DeepSpeed's flat fp32 gradient partition: 4 B × trainable params / GPUs".into(),
                 }
+            } else if s.shard == Shard::Ddp && profile != Profile::Candle {
+                "trainable params × dtype, and DDP's bucket copy of them".into()
+            } else if s.shard == Shard::Ddp {
+                "trainable params × dtype".into()
             } else {
                 "trainable params × dtype / GPUs".into()
             },
@@ -1006,6 +1010,7 @@ pub fn estimate_sharded(
                 Some(s) if profile != Profile::Candle && s.deepspeed() && !spec.precision.is_some_and(|p| p.master_weights()) => {
                     format!("{} / GPUs + DeepSpeed's fp32 partition of the weights (4 B × trainable params / GPUs)", torch::states_formula(spec))
                 }
+                Some(s) if s.shard == Shard::Ddp => torch::states_formula(spec),
                 Some(_) => format!("{} / GPUs", torch::states_formula(spec)),
                 None => torch::states_formula(spec),
             },
@@ -1048,13 +1053,25 @@ pub fn estimate_sharded(
         });
     }
     if t.backward_static > 0 {
-        items.push(Item {
-            name: "gradient reduce bucket (DeepSpeed)".into(),
-            bytes: t.backward_static,
-            formula: format!(
-                "reduce_bucket_size ({}) × gradient dtype, through backward",
-                sharding.map_or(0, |s| s.reduce_bucket_elements)
-            ),
+        items.push(match sharding.map(|s| s.shard) {
+            Some(Shard::Fsdp) => Item {
+                name: "FSDP root, unsharded".into(),
+                bytes: t.backward_static,
+                formula: "embedding, final norm and head gathered from forward to the end of backward (FSDP2 keeps the root unsharded), with their gradients when trained; one layer's unsharded gradients and reduce-scatter input, the previous layer's reduce-scatter input, the next layer's parameters prefetched".into(),
+            },
+            Some(Shard::Ddp) => Item {
+                name: "gradient buckets (DDP)".into(),
+                bytes: t.backward_static,
+                formula: "a copy of every trainable gradient in DDP's 25 MiB buckets (gradient_as_bucket_view=False, torch's default)".into(),
+            },
+            _ => Item {
+                name: "gradient reduce bucket (DeepSpeed)".into(),
+                bytes: t.backward_static,
+                formula: format!(
+                    "reduce_bucket_size ({}) × gradient dtype, through backward",
+                    sharding.map_or(0, |s| s.reduce_bucket_elements)
+                ),
+            },
         });
     }
     let row = t.design(moment);
@@ -1063,10 +1080,17 @@ pub fn estimate_sharded(
         let (name, f) = term.item();
         let b = row[i] * c.values[i];
         if b > 0.0 {
+            // Sharded gradients: the term's bytes are this GPU's share.
+            let per_gpu = term == Term::GradientsLive
+                && sharding.is_some_and(|s| !matches!(s.shard, Shard::Ddp | Shard::Zero1));
             items.push(Item {
                 name: name.into(),
                 bytes: b.round() as u64,
-                formula: format!("{:.3} × {f}", c.values[i]),
+                formula: format!(
+                    "{:.3} × {f}{}",
+                    c.values[i],
+                    if per_gpu { " / GPUs" } else { "" }
+                ),
             });
         }
     }
@@ -1106,18 +1130,45 @@ pub fn estimate_sharded(
         };
         (opt, "optimizer_step", basis)
     };
-    // Loading (torch profiles): the weights and a tied head's untied copy.
-    let load = match profile {
+    // Loading (torch profiles): the weights and a tied head's untied copy; under DDP, also its
+    // construction's broadcast of the parameters.
+    let load_bytes = match profile {
         Profile::Candle => 0,
-        _ if sharding.is_some() => 0,
+        // Every rank loads the whole model where it will train, except that ZeRO-3 and FSDP
+        // on a GPU shard it from the host (or the meta device) first.
+        _ if sharding.is_some_and(|s| s.shard.shards_parameters()) && !spec.torch_cpu => 0,
         _ => torch::load_bytes(cfg, spec),
     };
+    let load_items = vec![Item {
+        name: "weights while loading".into(),
+        bytes: load_bytes,
+        formula: "params × dtype, plus a tied head's (V, h) before tying".into(),
+    }];
+    let (load, load_items) = match sharding {
+        Some(s) if s.shard == Shard::Ddp && profile != Profile::Candle => {
+            let broadcast = torch::ddp_broadcast_transient(cfg, spec);
+            let wrap = vec![
+                Item {
+                    name: "weights".into(),
+                    bytes: t.weights,
+                    formula: "params × dtype (NF4: 0.5 B + block scales)".into(),
+                },
+                Item {
+                    name: "DDP's parameter broadcast (wrapping)".into(),
+                    bytes: broadcast,
+                    formula: "two consecutive ≥ 250 MiB flat buckets of the parameters (broadcast_coalesced, two in flight)".into(),
+                },
+            ];
+            if t.weights + broadcast > load_bytes {
+                (t.weights + broadcast, wrap)
+            } else {
+                (load_bytes, load_items)
+            }
+        }
+        _ => (load_bytes, load_items),
+    };
     let (peak, phase, basis) = if load as f64 > peak {
-        items = vec![Item {
-            name: "weights while loading".into(),
-            bytes: load,
-            formula: "params × dtype, plus a tied head's (V, h) before tying".into(),
-        }];
+        items = load_items;
         (load as f64, "load", ReservedBasis::default())
     } else {
         (peak, phase, basis)

@@ -21,6 +21,7 @@ pub struct Sharded {
     pub gradients: u64,
     /// Optimizer states per GPU (bytes; 0 when offloaded).
     pub optimizer_states: u64,
+    /// DDP's gradient buckets (a copy of every trainable gradient, alive from wrapping on) or
     /// DeepSpeed's gradient reduce bucket (bytes), alive through backward (`stage_1_and_2.py`
     /// `backward`: `ipg_buffer` of `reduce_bucket_size` elements, one without `overlap_comm`;
     /// stage 3's `__ipg_bucket_flat_buffer`, kept to the step); 0 for FSDP.
@@ -31,6 +32,13 @@ pub struct Sharded {
     /// the 16-bit partition, the bucket and one fp32 sub-group; under FSDP the gradient shards;
     /// 0 when the step runs on the host.
     pub step_gradients: u64,
+    /// FSDP's root module (the embedding, final norm and head) unsharded from the forward to
+    /// the end of backward, with its unsharded gradients, and one layer's unsharded gradients
+    /// with its reduce-scatter input and the previous layer's, and the next layer's parameters
+    /// all-gathered ahead (bytes): FSDP2 does not reshard the root after forward
+    /// (`_fsdp_state.py` `_lazy_init`: the root's `post_forward_mesh_info` is `None`) and
+    /// reduces its gradients last; 0 otherwise.
+    pub fsdp_root: u64,
     /// Whether the optimizer step runs on the host (no GPU step transient).
     pub host_step: bool,
     /// The optimizer step's transient on the GPU (bytes) where the sharding sets it: 0 when
@@ -44,9 +52,10 @@ pub struct Sharded {
 }
 
 /// Applies `s` to whole-model `weights`, `gradients`, `states` (bytes) of `spec` on `cfg`.
-/// `deepspeed_terms` adds DeepSpeed's reduce bucket, fp32 partitions of the weights and the
+/// `torch_stack` (the torch profiles; vramcal's own step has no DDP or DeepSpeed) adds DDP's
+/// gradient buckets and DeepSpeed's reduce bucket, fp32 partitions of the weights and the
 /// moments (DeepSpeed steps fp32 partitions whatever the recipe) and flat fp32 gradient
-/// partition (the torch profiles; vramcal's own step has no DeepSpeed).
+/// partition.
 ///
 /// # Errors
 /// [`Error::InvalidValue`] from [`Sharding::validate`]; offload with an optimizer DeepSpeed's
@@ -55,7 +64,7 @@ pub fn shard(
     cfg: &ModelConfig,
     spec: &TrainSpec,
     s: &Sharding,
-    deepspeed_terms: bool,
+    torch_stack: bool,
     weights: u64,
     gradients: u64,
     states: u64,
@@ -91,14 +100,15 @@ pub fn shard(
     };
     let trainable = spec.trainable_params(cfg);
     let part = trainable.div_ceil(g);
-    let deepspeed = deepspeed_terms && s.deepspeed();
+    let deepspeed = torch_stack && s.deepspeed();
     let master = spec.precision.is_some_and(|p| p.master_weights());
     let adamw = matches!(
         spec.optimizer,
         Optimizer::AdamwTorch | Optimizer::AdamwTorchFused
     );
+    let ddp = s.shard == Shard::Ddp;
     let grad_part = match s.shard {
-        Shard::Zero1 => gradients,
+        Shard::Zero1 | Shard::Ddp => gradients,
         _ => gradients.div_ceil(g),
     };
     // Stages 1–3 keep the bucket whenever `contiguous_gradients` is on (DeepSpeed's default):
@@ -114,6 +124,11 @@ pub fn shard(
                     "its bytes overflow",
                 )
             })?
+    } else if ddp && torch_stack {
+        // DDP's reducer copies every trainable gradient into its flat buckets (25 MiB each) and
+        // keeps them from wrapping on (`gradient_as_bucket_view=False`, torch's default;
+        // measured: `results/torch-cpu/smollm2-135m-sharded.csv`).
+        gradients
     } else {
         0
     };
@@ -145,8 +160,47 @@ pub fn shard(
     } else {
         0
     };
+    let prefetched = if s.offload == Offload::OptimizerParams || s.gpus > 1 {
+        layer_params * spec.dtype.size_in_bytes() as u64
+    } else {
+        0
+    };
+    let fsdp_root = if torch_stack && s.shard == Shard::Fsdp {
+        let d = spec.dtype.size_in_bytes() as u64;
+        let root: Vec<u64> = cfg
+            .param_shapes()
+            .iter()
+            .filter(|p| !p.name.starts_with("model.layers."))
+            .map(|p| p.numel() as u64)
+            .collect();
+        let params: u64 = root.iter().sum::<u64>() * d;
+        // Their gradients when they train (full fine-tuning), in the gradients' dtype.
+        let grads = if spec.adaptation.lora.is_none() {
+            root.iter().sum::<u64>() * gradients.checked_div(trainable).unwrap_or(0)
+        } else {
+            0
+        };
+        // One layer's unsharded gradients and its reduce-scatter input while that layer's
+        // gradients are reduced (`_fsdp_collectives.py` `foreach_reduce`), and the previous
+        // layer's reduce-scatter input, which FSDP2 keeps until the next reduce-scatter begins
+        // (`_fsdp_param_group.py` `post_backward`: `comm_ctx.reduce_scatter_state`).
+        let root_trainable = if spec.adaptation.lora.is_none() {
+            root.iter().sum::<u64>()
+        } else {
+            0
+        };
+        let per_layer =
+            trainable.saturating_sub(root_trainable) / cfg.num_hidden_layers.max(1) as u64;
+        let reduce = 3 * per_layer * gradients.checked_div(trainable).unwrap_or(0);
+        // The next layer's parameters, all-gathered ahead (FSDP2's default backward prefetch
+        // of one module), beside the gathered layer counted with the weights.
+        params + grads + reduce + prefetched
+    } else {
+        0
+    };
     Ok(Sharded {
         weights: w,
+        fsdp_root,
         gradients: match (offload, s.shard) {
             // Stage 1 reduces after backward: the full gradients are on the GPU first.
             (true, Shard::Zero1) => gradients,
@@ -160,6 +214,7 @@ pub fn shard(
             // AdamW's moments made from it, fp32.
             (false, true) if adamw => part * (4 + 2 * 4),
             (false, true) if !master => states.div_ceil(g) + 4 * part,
+            (false, _) if ddp => states,
             (false, _) => states.div_ceil(g),
         },
         reduce_bucket,
@@ -171,6 +226,8 @@ pub fn shard(
             // and the 16-bit partition after it (`step`: `free_grad_in_param_list`,
             // `flatten(...).to(fp32)`, `averaged_gradients[i] = None`).
             (false, true, _) => fp32_grads,
+            // DDP's buckets stay beside the gradients.
+            (false, false, Shard::Ddp) => grad_part + reduce_bucket,
             (false, false, _) => grad_part,
         },
         step_transient: match (offload, deepspeed, spec.optimizer) {

@@ -900,3 +900,90 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms 
 pub fn gradient_dtype(spec: &TrainSpec) -> DType {
     spec.trainable_dtype()
 }
+
+/// DDP's bucket limit for broadcasting rank 0's state at construction (bytes):
+/// `torch/nn/parallel/distributed.py`, `_DEFAULT_BUCKET_CAP_MB`-independent
+/// `broadcast_bucket_size = int(250 * 1024 * 1024)`.
+pub const DDP_BROADCAST_BUCKET: u64 = 250 * 1024 * 1024;
+
+/// The transient of DDP's construction beyond the model (bytes): `_sync_module_states` →
+/// `broadcast_coalesced` (`torch/csrc/distributed/c10d/comm.cpp`) broadcasts the parameters in
+/// flat copies of buckets (`compute_bucket_assignment_by_size` closes a bucket once it reaches
+/// [`DDP_BROADCAST_BUCKET`]) with at most two in flight, so the largest sum of two consecutive
+/// buckets is alive at once. Tensors in the module's order (per decoder layer the attention's
+/// projections, the MLP's, then the two norms, as transformers' Llama/Mistral/Qwen2 define
+/// them; PEFT's A and B after each adapted weight, in the adapters' dtype; NF4 weights at their
+/// packed size), one bucket type for all (torch buckets each dtype apart: mixed-dtype QLoRA
+/// models are approximated).
+pub fn ddp_broadcast_transient(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let d = spec.dtype.size_in_bytes() as u64;
+    let ad = spec.trainable_dtype().size_in_bytes() as u64;
+    let nf4 = spec.adaptation.quant != crate::spec::Quant::None;
+    let lora = spec.adaptation.lora.as_ref();
+    let targets: Vec<&str> = lora
+        .map(|l| l.layer_targets(cfg).iter().map(|t| t.name()).collect())
+        .unwrap_or_default();
+    // Module order inside a layer: self_attn, mlp, input_layernorm, post_attention_layernorm.
+    let rank = |name: &str| -> u8 {
+        if name.contains(".self_attn.") {
+            0
+        } else if name.contains(".mlp.") {
+            1
+        } else if name.contains(".input_layernorm.") {
+            2
+        } else {
+            3
+        }
+    };
+    let mut shapes = cfg.param_shapes();
+    shapes.sort_by_key(|p| {
+        let layer = p
+            .name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        match layer {
+            // The embedding first, the layers in order, the final norm and head last.
+            None if p.name.starts_with("model.embed_tokens") => (0, 0, 0),
+            None => (2, 0, 0),
+            Some(l) => (1, l, rank(&p.name)),
+        }
+    });
+    let mut tensors: Vec<u64> = Vec::new();
+    for p in &shapes {
+        let n = p.numel() as u64;
+        let quantized = nf4 && p.name.ends_with("_proj.weight");
+        tensors.push(if quantized {
+            n.div_ceil(2) + n.div_ceil(64) * 4
+        } else {
+            n * d
+        });
+        if let Some(l) = lora {
+            let module = p.name.trim_end_matches(".weight");
+            let adapted = p.name.ends_with(".weight")
+                && targets.iter().any(|t| module.ends_with(&format!(".{t}")));
+            if adapted && p.shape.len() == 2 {
+                let (o, i) = (p.shape[0] as u64, p.shape[1] as u64);
+                tensors.push(l.r as u64 * i * ad);
+                tensors.push(o * l.r as u64 * ad);
+            }
+        }
+    }
+    let mut buckets = Vec::new();
+    let mut open = 0u64;
+    for b in tensors {
+        open += b;
+        if open >= DDP_BROADCAST_BUCKET {
+            buckets.push(open);
+            open = 0;
+        }
+    }
+    if open > 0 {
+        buckets.push(open);
+    }
+    match buckets.len() {
+        0 => 0,
+        1 => buckets[0],
+        _ => buckets.windows(2).map(|w| w[0] + w[1]).max().unwrap_or(0),
+    }
+}

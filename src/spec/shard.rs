@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Shard {
+    /// PyTorch DistributedDataParallel: nothing sharded; every rank keeps everything, plus
+    /// DDP's gradient buckets.
+    Ddp,
     /// Optimizer states sharded.
     Zero1,
     /// Optimizer states and gradients sharded.
@@ -26,9 +29,10 @@ pub enum Shard {
 }
 
 impl Shard {
-    /// Name as on the command line: `zero1`, `zero2`, `zero3` or `fsdp`.
+    /// Name as on the command line: `ddp`, `zero1`, `zero2`, `zero3` or `fsdp`.
     pub fn label(self) -> &'static str {
         match self {
+            Shard::Ddp => "ddp",
             Shard::Zero1 => "zero1",
             Shard::Zero2 => "zero2",
             Shard::Zero3 => "zero3",
@@ -45,12 +49,13 @@ impl Shard {
 impl FromStr for Shard {
     type Err = Error;
 
-    /// Parses `zero1`, `zero2`, `zero3` or `fsdp`.
+    /// Parses `ddp`, `zero1`, `zero2`, `zero3` or `fsdp`.
     ///
     /// # Errors
     /// [`Error::InvalidValue`].
     fn from_str(s: &str) -> Result<Self> {
         match s {
+            "ddp" => Ok(Shard::Ddp),
             "zero1" => Ok(Shard::Zero1),
             "zero2" => Ok(Shard::Zero2),
             "zero3" => Ok(Shard::Zero3),
@@ -58,7 +63,7 @@ impl FromStr for Shard {
             _ => Err(Error::invalid(
                 "--shard",
                 s,
-                "expected zero1, zero2, zero3 or fsdp",
+                "expected ddp, zero1, zero2, zero3 or fsdp",
             )),
         }
     }
@@ -182,6 +187,13 @@ impl Sharding {
             ));
         }
         match (self.shard, self.offload) {
+            (Shard::Ddp, o) if o != Offload::None => {
+                return Err(Error::invalid(
+                    "--offload",
+                    o,
+                    "DDP keeps every rank's state on its GPU: offload needs --shard zero1, zero2, zero3 or fsdp",
+                ))
+            }
             (Shard::Zero1 | Shard::Zero2, Offload::OptimizerParams) => {
                 return Err(Error::invalid(
                     "--offload",
@@ -211,8 +223,8 @@ impl Sharding {
         Ok(())
     }
 
-    /// Whether DeepSpeed's ZeRO runs it (not FSDP).
+    /// Whether DeepSpeed's ZeRO runs it (not DDP or FSDP).
     pub fn deepspeed(&self) -> bool {
-        self.shard != Shard::Fsdp
+        matches!(self.shard, Shard::Zero1 | Shard::Zero2 | Shard::Zero3)
     }
 }
