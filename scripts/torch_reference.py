@@ -322,6 +322,23 @@ def point_id(model, p):
     return "-".join(parts)
 
 
+def fsdp_unsharded_storages(model):
+    """The storages of FSDP2's gathered (unsharded) parameters now allocated (FSDP2's
+    `FSDPParam._unsharded_param`, a private attribute: empty if it is gone)."""
+    out = set()
+    for m in model.modules():
+        state = getattr(m, "_get_fsdp_state", None)
+        group = getattr(state(), "_fsdp_param_group", None) if state else None
+        for fp in getattr(group, "fsdp_params", []) if group else []:
+            try:
+                st = fp._unsharded_param.untyped_storage()
+                if st.nbytes() > 0:
+                    out.add(st.data_ptr())
+            except (AttributeError, RuntimeError):
+                pass
+    return out
+
+
 def data_parallel(model, shard):
     """The model as its data-parallel wrapper runs it: DDP (gradient buckets of 25 MiB, not
     views of the gradients: torch's defaults), or FSDP2 with each decoder layer and the root
@@ -339,19 +356,26 @@ def data_parallel(model, shard):
 def measure(args, cfg, p):
     """One row: load, then two steps (forward + loss under the recipe's autocast, backward,
     optimizer step, zero_grad(set_to_none)), each phase counted."""
-    device = args.device
-    cuda = device.startswith("cuda")
-    dtype, autocast, fp32_adapters = PRECISIONS[p["precision"]]
+    row = base_row(args, p)
+    notes = []
+    if CHECKPOINTING[p["checkpointing"]] is not None:
+        notes.append(f"gradient_checkpointing_enable(use_reentrant={CHECKPOINTING[p['checkpointing']]})")
+    return measure_row(args, cfg, p, row, notes)
+
+
+def base_row(args, p):
+    """The columns every row of point `p` has, whatever happens to it."""
+    cuda = args.device.startswith("cuda")
     method, ckpt = p["method"], CHECKPOINTING[p["checkpointing"]]
-    batch, seq = p["batch"], p["seq"]
     row = {
+        "id": point_id(args.model, p),
         "source": f"scripts/torch_reference.py (torch {torch.__version__})",
         "model": args.model, "method": method, "quant": p["quant"] if method == "qlora" else "none",
         "precision": p["precision"], "optimizer": p["optimizer"],
-        "batch": batch, "seq": seq, "seq_kind": "fixed",
+        "batch": p["batch"], "seq": p["seq"], "seq_kind": "fixed",
         "checkpointing": "off" if ckpt is None else "on",
         "attention": p["attn"],
-        "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "gpu": torch.cuda.get_device_name(args.device) if cuda else "cpu",
         "counter": "allocated" if cuda or args.count_cpu_memory else "none (CPU: see saved_activation_bytes)",
         "torch_version": torch.__version__, "transformers_version": transformers.__version__,
         "timed_steps": args.timed_steps,
@@ -359,15 +383,21 @@ def measure(args, cfg, p):
         "host_cpu": host_cpu(), "threads": torch.get_num_threads(),
         "command": " ".join(["python3", "scripts/torch_reference.py"] + sys.argv[1:]),
     }
-    notes = []
-    if ckpt is not None:
-        notes.append(f"gradient_checkpointing_enable(use_reentrant={ckpt})")
     if method != "full":
         row.update(lora_r=p["lora_r"], lora_alpha=p["lora_alpha"], lora_dropout=p["lora_dropout"],
                    lora_targets=p["lora_targets"].replace(",", ";"))
-    row["id"] = point_id(args.model, p)
     if args.world_size > 1:
         row.update(gpus=args.world_size, shard=args.shard)
+    return row
+
+
+def measure_row(args, cfg, p, row, notes):
+    """`measure`'s body: fills `row` (and `notes`) by running the point."""
+    device = args.device
+    cuda = device.startswith("cuda")
+    dtype, autocast, fp32_adapters = PRECISIONS[p["precision"]]
+    method, ckpt = p["method"], CHECKPOINTING[p["checkpointing"]]
+    batch, seq = p["batch"], p["seq"]
     phases = {}
     # PyTorch's live CPU tensor bytes over load and steps 1-2 (not the timed steps after them).
     # The previous row's tensors are collected first: a free of theirs inside the count would
@@ -455,10 +485,13 @@ def measure(args, cfg, p):
         fixed = {getattr(t, "_local_tensor", t).untyped_storage().data_ptr()
                  for t in list(model.parameters()) + list(model.buffers())}
 
+        gathered = fsdp_unsharded_storages if args.shard == "fsdp" else (lambda m: set())
+
         def pack(t):
             try:
                 key = t.untyped_storage().data_ptr()
-                if key not in fixed:
+                # FSDP's gathered parameters are parameters too, though allocated in forward.
+                if key not in fixed and key not in gathered(model):
                     saved[key] = t.untyped_storage().nbytes()
             except RuntimeError:
                 pass
@@ -577,20 +610,22 @@ def rank_worker(rank, args, cfg, p, port, folder):
 
 def measure_ranks(args, cfg, p):
     """One row of an N-rank data-parallel step: every rank measured as `measure` does, in its
-    own process; the row's peaks are the largest rank's, each rank's in the notes."""
+    own process; each peak column is the largest over the ranks, each rank's overall peak is in
+    the notes. A rank that dies (the OOM killer, an exception) makes an error row saying so."""
     import socket
     import tempfile
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    failure = None
     with tempfile.TemporaryDirectory() as folder:
         try:
             mp.spawn(rank_worker, args=(args, cfg, p, port, folder), nprocs=args.world_size)
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-            # The rows the other ranks wrote are kept; the missing ones make an error row.
-            print(f"{point_id(args.model, p)}: a rank failed: {str(e).strip().splitlines()[-1]}",
-                  file=sys.stderr)
+            # The missing ranks make an error row that says why.
+            failure = str(e).strip().splitlines()[-1]
+            print(f"{point_id(args.model, p)}: a rank failed: {failure}", file=sys.stderr)
         rows = []
         for r in range(args.world_size):
             path = os.path.join(folder, f"rank{r}.json")
@@ -598,11 +633,10 @@ def measure_ranks(args, cfg, p):
                 with open(path) as f:
                     rows.append(json.load(f))
     if len(rows) < args.world_size:
-        row = dict(rows[0]) if rows else {"id": point_id(args.model, p), "model": args.model,
-                                          "gpus": args.world_size, "shard": args.shard}
+        row = base_row(args, p)
         row["status"] = "error"
-        row["notes"] = f"{args.world_size - len(rows)} of {args.world_size} ranks wrote no row"
-        row.pop("peak_bytes", None)
+        row["notes"] = (f"{args.world_size - len(rows)} of {args.world_size} ranks wrote no row"
+                        + (f" ({failure})" if failure else ""))
         return row
     row = dict(rows[0])
     if any(r.get("status") != "ok" for r in rows):
@@ -612,9 +646,11 @@ def measure_ranks(args, cfg, p):
         return row
     for k in ["peak_bytes"] + [k for k in row if k.endswith("_peak_bytes")]:
         row[k] = max(int(r[k]) for r in rows)
-    row["notes"] = (row["notes"].split("; ", 1)[1] if row["notes"].startswith("rank ") else row["notes"])
-    row["notes"] = (f"{args.world_size} ranks ({args.shard}, gloo, one process each); peak per rank: "
-                    + ", ".join(str(r["peak_bytes"]) for r in rows) + "; " + row["notes"])
+    kept = [n for n in row["notes"].split("; ") if not n.startswith("rank ")]
+    row["notes"] = "; ".join(
+        [f"{args.world_size} ranks ({args.shard}, gloo, one process each); each peak column "
+         "is the largest over the ranks; peak per rank: "
+         + ", ".join(str(r["peak_bytes"]) for r in rows)] + kept)
     return row
 
 

@@ -1461,6 +1461,17 @@ const CONTRADICTIONS: &[Case] = &[
         untouched: None,
     },
     Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "ddp"],
+        error: "--shard ddp replicates the model on data-parallel GPUs",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "ddp", "--gpus", "2",
+            "--profile", "candle"],
+        error: "describes torch's DistributedDataParallel",
+        untouched: None,
+    },
+    Case {
         args: &["estimate", "--model", "tiny", "--seq", "8", "--offload", "optimizer"],
         error: "invalid --offload = optimizer: needs --shard",
         untouched: None,

@@ -391,7 +391,11 @@ impl Reference {
                     ..Sharding::new(c.vocab::<Shard>("shard", v)?, gpus)
                 };
                 if s.gpus < 2 && offload == Offload::None {
-                    return Err(c.err("gpus", &raw.gpus, "a sharded row needs gpus of 2 or more"));
+                    return Err(c.err(
+                        "gpus",
+                        &raw.gpus,
+                        "a data-parallel row (ddp, zero1–3, fsdp) needs gpus of 2 or more, or an offload",
+                    ));
                 }
                 s.validate().map_err(|e| match e {
                     Error::InvalidValue {

@@ -225,6 +225,24 @@ pub fn fixes(
                 alts.push((n, x));
             }
         }
+        // ZeRO-Offload on one GPU: the optimizer's states and step on the host (PyTorch stacks
+        // with AdamW only; the host RAM it needs is named).
+        if profile != Profile::Candle {
+            let one = Sharding {
+                offload: crate::spec::Offload::Optimizer,
+                ..Sharding::new(Shard::Zero2, 1)
+            };
+            if let Ok(x) = estimate_sharded(cfg, spec, profile, c, Some(one)) {
+                let host = x.host_bytes_per_rank.unwrap_or(0);
+                alts.push((
+                    format!(
+                        "ZeRO-Offload on this GPU, {} GiB of host RAM (--shard zero2 --gpus 1 --offload optimizer)",
+                        crate::size::gib(host)
+                    ),
+                    x,
+                ));
+            }
+        }
     }
     alts
 }

@@ -391,8 +391,9 @@ pub struct Terms {
     /// torch profiles, the gradient of PEFT's adapted expert stack ([`torch::moe_backward`]);
     /// 0 otherwise.
     pub layer_static: u64,
-    /// Bytes counted, not fitted, alive at every moment of backward: DeepSpeed ZeRO-2/3's
-    /// gradient reduce bucket ([`multi::Sharded::reduce_bucket`]); 0 otherwise.
+    /// Bytes counted, not fitted, alive at every moment of backward: DDP's gradient buckets or
+    /// DeepSpeed's reduce bucket ([`multi::Sharded::reduce_bucket`]) and FSDP2's root and
+    /// reduce-scatter buffers ([`multi::Sharded::fsdp_root`]); 0 otherwise.
     pub backward_static: u64,
 }
 
@@ -865,7 +866,7 @@ pub fn estimate(
 
 /// [`estimate`] per GPU under `sharding` (scheme, data-parallel GPUs, offload; see
 /// [`multi::shard`]); activations stay per GPU (each GPU runs its own micro-batch). The torch
-/// profiles add DeepSpeed's reduce bucket and flat fp32 gradient partition under ZeRO.
+/// profiles add what DDP, DeepSpeed's ZeRO and FSDP2 allocate beyond the shards.
 ///
 /// # Errors
 /// As [`estimate`]; [`Error::InvalidValue`] for a sharding [`Sharding::validate`] refuses or an

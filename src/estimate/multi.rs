@@ -127,7 +127,7 @@ pub fn shard(
     } else if ddp && torch_stack {
         // DDP's reducer copies every trainable gradient into its flat buckets (25 MiB each) and
         // keeps them from wrapping on (`gradient_as_bucket_view=False`, torch's default;
-        // measured: `results/torch-cpu/smollm2-135m-sharded.csv`).
+        // measured: `results/torch-cpu/smollm2-135m-ddp.csv`).
         gradients
     } else {
         0

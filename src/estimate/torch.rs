@@ -910,7 +910,7 @@ pub const DDP_BROADCAST_BUCKET: u64 = 250 * 1024 * 1024;
 /// `broadcast_coalesced` (`torch/csrc/distributed/c10d/comm.cpp`) broadcasts the parameters in
 /// flat copies of buckets (`compute_bucket_assignment_by_size` closes a bucket once it reaches
 /// [`DDP_BROADCAST_BUCKET`]) with at most two in flight, so the largest sum of two consecutive
-/// buckets is alive at once. Tensors in the module's order (per decoder layer the attention's
+/// buckets is alive at once (a bucket of a single tensor is broadcast in place). Tensors in the module's order (per decoder layer the attention's
 /// projections, the MLP's, then the two norms, as transformers' Llama/Mistral/Qwen2 define
 /// them; PEFT's A and B after each adapted weight, in the adapters' dtype; NF4 weights at their
 /// packed size), one bucket type for all (torch buckets each dtype apart: mixed-dtype QLoRA
@@ -969,18 +969,24 @@ pub fn ddp_broadcast_transient(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
             }
         }
     }
+    // (bytes, tensors) per bucket; a bucket of one tensor is broadcast in place
+    // (`flatten_dense_tensors` returns a view of a single tensor): no copy.
     let mut buckets = Vec::new();
-    let mut open = 0u64;
+    let mut open = (0u64, 0usize);
     for b in tensors {
-        open += b;
-        if open >= DDP_BROADCAST_BUCKET {
+        open = (open.0 + b, open.1 + 1);
+        if open.0 >= DDP_BROADCAST_BUCKET {
             buckets.push(open);
-            open = 0;
+            open = (0, 0);
         }
     }
-    if open > 0 {
+    if open.1 > 0 {
         buckets.push(open);
     }
+    let buckets: Vec<u64> = buckets
+        .into_iter()
+        .map(|(b, n)| if n > 1 { b } else { 0 })
+        .collect();
     match buckets.len() {
         0 => 0,
         1 => buckets[0],

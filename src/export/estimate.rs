@@ -290,7 +290,7 @@ fn verdict(x: &Answer, name: &str, b: u64) -> String {
             .collect();
         fit.sort_by_key(|(_, x)| std::cmp::Reverse(x.needed_bytes()));
         if fit.is_empty() {
-            t += "  no single change makes it fit (each tried alone and with checkpointing: a smaller micro-batch, 16-bit AdamW states, 8-bit or paged AdamW (PyTorch), LoRA, QLoRA, LoRA on fewer modules; ZeRO-2/3 over up to 8 GPUs)\n";
+            t += "  no single change makes it fit (each tried alone and with checkpointing: a smaller micro-batch, 16-bit AdamW states, 8-bit or paged AdamW (PyTorch), LoRA, QLoRA, LoRA on fewer modules; ZeRO-2/3 over up to 8 GPUs; ZeRO-Offload on one GPU)\n";
         } else {
             t += "  changes that make it fit (least memory saved first):\n";
             for (n, x) in fit {

@@ -1,5 +1,5 @@
-//! Data-parallel sharding of training state (DeepSpeed ZeRO stages 1–3, PyTorch FSDP's
-//! FULL_SHARD) and CPU offload.
+//! Data-parallel training: PyTorch DDP, DeepSpeed ZeRO stages 1–3 and PyTorch FSDP (full
+//! sharding, as FSDP2's `fully_shard` does it), and CPU offload.
 
 use std::fmt;
 use std::str::FromStr;
@@ -8,9 +8,9 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-/// How training state is sharded across data-parallel GPUs (Rajbhandari et al. 2020, "ZeRO:
-/// Memory Optimizations Toward Training Trillion Parameter Models", §5; PyTorch FSDP's
-/// FULL_SHARD shards what ZeRO-3 does).
+/// How training state is spread across data-parallel GPUs: replicated (DDP), or sharded by
+/// ZeRO stage (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
+/// Parameter Models", §5) or by FSDP, which shards what ZeRO-3 does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Shard {
@@ -23,8 +23,9 @@ pub enum Shard {
     Zero2,
     /// Optimizer states, gradients and parameters sharded (DeepSpeed).
     Zero3,
-    /// PyTorch FSDP, FULL_SHARD: what ZeRO-3 shards, without DeepSpeed's reduce bucket and
-    /// flat fp32 gradient partition.
+    /// PyTorch FSDP (FSDP2's `fully_shard`, full sharding): what ZeRO-3 shards, without
+    /// DeepSpeed's buffers, with FSDP2's own (the unsharded root, reduce-scatter buffers, a
+    /// prefetched layer; [`crate::estimate::multi::Sharded::fsdp_root`]).
     Fsdp,
 }
 
@@ -175,6 +176,13 @@ impl Sharding {
     pub fn validate(&self) -> Result<()> {
         if self.gpus == 0 {
             return Err(Error::invalid("--gpus", 0, "must be at least 1"));
+        }
+        if self.gpus < 2 && self.shard == Shard::Ddp {
+            return Err(Error::invalid(
+                "--gpus",
+                self.gpus,
+                "--shard ddp replicates the model on data-parallel GPUs: give --gpus 2 or more",
+            ));
         }
         if self.gpus < 2 && self.offload == Offload::None {
             return Err(Error::invalid(
