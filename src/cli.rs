@@ -214,7 +214,7 @@ pub struct EstimateArgs {
     /// RAM per rank and per node.
     #[arg(long)]
     pub offload: Option<Offload>,
-    /// With --shard zero2 or zero3: DeepSpeed's reduce_bucket_size in gradient elements
+    /// With --shard zero1, zero2 or zero3: DeepSpeed's reduce_bucket_size in gradient elements
     /// (DeepSpeed's default 500000000; HF's "auto" is hidden_size²).
     #[arg(long)]
     pub reduce_bucket_size: Option<u64>,

@@ -789,6 +789,8 @@ fn offload_rows_are_estimated_and_impossible_ones_refused() {
         ("c,t,llama-2-7b,full,,,,none,bf16-master,adamw_torch,1,512,fixed,on,sdpa,8,ddp,optimizer,g,allocated,1,\n", "column offload = \"optimizer\""),
         ("d,t,llama-2-7b,full,,,,none,bf16-master,adamw_torch,1,512,fixed,on,sdpa,8,zero2,optimizer+params,g,allocated,1,\n", "column offload = \"optimizer+params\""),
         ("e,t,llama-2-7b,full,,,,none,bf16-master,adamw_torch,1,512,fixed,on,sdpa,8,zero2,disk,g,allocated,1,\n", "column offload = \"disk\""),
+        ("f,t,llama-2-7b,full,,,,none,bf16-master,adamw_torch,1,512,fixed,on,sdpa,2,,,g,allocated,1,\n", "column gpus = \"2\": more than one GPU needs a shard"),
+        ("g,t,llama-2-7b,full,,,,none,bf16-master,adamw_torch,1,512,fixed,on,sdpa,1,ddp,,g,allocated,1,\n", "column gpus = \"1\": a ddp row needs gpus of 2 or more"),
     ] {
         let out = check(row);
         let err = String::from_utf8_lossy(&out.stderr);

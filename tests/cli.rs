@@ -2046,7 +2046,11 @@ fn advice_alternatives_under_amp_match_the_direct_estimate() {
     let advice = run(&[]);
     let suggested = advice
         .lines()
-        .find(|l| l.contains("(--method lora) + checkpointing:"))
+        .find(|l| {
+            l.contains(
+                "(--method lora --lora r=16,alpha=32,targets=all-linear) + checkpointing (--checkpointing layers):",
+            )
+        })
         .unwrap_or_else(|| panic!("{advice}"))
         .rsplit(": ")
         .next()

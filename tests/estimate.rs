@@ -657,4 +657,23 @@ fn deepspeed_buffers_and_offload() {
         Some(1_000_000_000)
     );
     assert!(o.peak_bytes < e.peak_bytes);
+    // ZeRO-3's flat 16-bit gradient partition is held from the start: in backward too, once.
+    let mut long = s.clone();
+    long.checkpointing = vramcal::spec::Checkpointing::None;
+    long.seq = 4096;
+    let z3 = estimate_sharded(
+        &c,
+        &long,
+        Profile::TorchSdpa,
+        &u,
+        Some(Sharding::new(Shard::Zero3, 8)),
+    )
+    .unwrap();
+    assert_eq!(z3.peak_phase, "backward");
+    assert_eq!(
+        item(&z3, "gradients (ZeRO-3 partition)"),
+        Some(g.div_ceil(8))
+    );
+    assert_eq!(item(&z3, "gradients (alive in backward)"), None);
+    assert_eq!(z3.items.iter().map(|i| i.bytes).sum::<u64>(), z3.peak_bytes);
 }

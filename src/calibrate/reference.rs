@@ -384,17 +384,28 @@ impl Reference {
                     "offload needs shard zero1, zero2, zero3 or fsdp",
                 ))
             }
+            "" | "none" if gpus > 1 => {
+                return Err(c.err(
+                    "gpus",
+                    &raw.gpus,
+                    "more than one GPU needs a shard (ddp, zero1, zero2, zero3 or fsdp)",
+                ))
+            }
             "" | "none" => None,
             v => {
                 let s = Sharding {
                     offload,
                     ..Sharding::new(c.vocab::<Shard>("shard", v)?, gpus)
                 };
-                if s.gpus < 2 && offload == Offload::None {
+                if s.gpus < 2 && (offload == Offload::None || s.shard == Shard::Ddp) {
                     return Err(c.err(
                         "gpus",
                         &raw.gpus,
-                        "a data-parallel row (ddp, zero1–3, fsdp) needs gpus of 2 or more, or an offload",
+                        if s.shard == Shard::Ddp {
+                            "a ddp row needs gpus of 2 or more"
+                        } else {
+                            "a sharded row needs gpus of 2 or more (or one GPU with an offload)"
+                        },
                     ));
                 }
                 s.validate().map_err(|e| match e {

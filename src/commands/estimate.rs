@@ -279,12 +279,12 @@ fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<Sharding>> {
     ];
     let Some(sh) = a.shard else {
         if let Some((flag, Some(v))) = given.iter().find(|(_, v)| v.is_some()) {
-            return Err(Error::invalid(
-                *flag,
-                v,
-                "needs --shard (ddp, zero1, zero2, zero3 or fsdp)",
-            )
-            .into());
+            let shards = match *flag {
+                "--offload" => "zero1, zero2, zero3 or fsdp",
+                "--reduce-bucket-size" => "zero1, zero2 or zero3",
+                _ => "ddp, zero1, zero2, zero3 or fsdp",
+            };
+            return Err(Error::invalid(*flag, v, format!("needs --shard ({shards})")).into());
         }
         return Ok(None);
     };
@@ -303,7 +303,11 @@ fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<Sharding>> {
                 return Err(Error::invalid(
                     *flag,
                     v,
-                    "describes DeepSpeed or FSDP, which vramcal's own step (--profile candle) does not run: give --profile torch-sdpa",
+                    if *flag == "--offload" {
+                        "describes DeepSpeed's or FSDP's CPU offload, which vramcal's own step (--profile candle) does not run: give --profile torch-sdpa"
+                    } else {
+                        "describes DeepSpeed, which vramcal's own step (--profile candle) does not run: give --profile torch-sdpa"
+                    },
                 )
                 .into());
             }

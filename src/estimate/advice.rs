@@ -107,7 +107,8 @@ pub fn alternatives(
             s.state_dtype = candle_core::DType::F32;
         }
         v.push((
-            "LoRA r=16 on all linear layers (--method lora)".to_string(),
+            "LoRA r=16 on all linear layers (--method lora --lora r=16,alpha=32,targets=all-linear)"
+                .to_string(),
             s,
         ));
         let mut s = spec.clone();
@@ -120,7 +121,8 @@ pub fn alternatives(
             s.state_dtype = candle_core::DType::F32;
         }
         v.push((
-            "QLoRA r=16 on all linear layers (--method qlora --double-quant)".to_string(),
+            "QLoRA r=16 on all linear layers (--method qlora --double-quant --lora r=16,alpha=32,targets=all-linear)"
+                .to_string(),
             s,
         ));
     } else if spec.adaptation.quant == Quant::None {
@@ -153,11 +155,13 @@ pub fn alternatives(
         .map(|(n, s)| {
             let mut s = s.clone();
             s.checkpointing = Checkpointing::Every(1);
-            (format!("{n} + checkpointing"), s)
+            (format!("{n} + checkpointing (--checkpointing layers)"), s)
         })
         .collect();
     v.extend(with_ckpt);
-    if spec.adaptation.lora.is_none() && spec.state_dtype == DType::F32 {
+    // Only where options can say it: a precision recipe fixes the states' dtype.
+    if spec.adaptation.lora.is_none() && spec.state_dtype == DType::F32 && spec.precision.is_none()
+    {
         let mut s = spec.clone();
         s.state_dtype = DType::BF16;
         v.push((
@@ -210,6 +214,61 @@ pub fn fixes(
                 .map(|x| (n, x))
         })
         .collect();
+    if let Some(now) = sharding {
+        // Already data-parallel: a deeper stage on the same GPUs, more GPUs, or offload.
+        let mut tries: Vec<(String, Sharding)> = Vec::new();
+        for (name, shard) in [("zero2", Shard::Zero2), ("zero3", Shard::Zero3)] {
+            if shard != now.shard && (shard == Shard::Zero3 || spec.adaptation.lora.is_none()) {
+                tries.push((
+                    format!("{name} on the same {} GPUs (--shard {name})", now.gpus),
+                    Sharding {
+                        shard,
+                        offload: crate::spec::Offload::None,
+                        ..Sharding::new(shard, now.gpus)
+                    },
+                ));
+            }
+        }
+        for gpus in [2 * now.gpus, 4 * now.gpus] {
+            if now.shard != Shard::Ddp && gpus <= 64 {
+                tries.push((
+                    format!("{} over {gpus} GPUs (--gpus {gpus})", now.shard),
+                    Sharding {
+                        gpus,
+                        gpus_per_node: now.gpus_per_node,
+                        ..now
+                    },
+                ));
+            }
+        }
+        if profile != Profile::Candle && now.offload == crate::spec::Offload::None {
+            let shard = if now.shard == Shard::Ddp {
+                Shard::Zero2
+            } else {
+                now.shard
+            };
+            let offload = if shard == Shard::Fsdp {
+                crate::spec::Offload::OptimizerParams
+            } else {
+                crate::spec::Offload::Optimizer
+            };
+            tries.push((
+                format!(
+                    "{shard} with the optimizer offloaded (--shard {shard} --offload {offload})"
+                ),
+                Sharding {
+                    shard,
+                    offload,
+                    ..now
+                },
+            ));
+        }
+        for (n, sh) in tries {
+            if let Ok(x) = estimate_sharded(cfg, spec, profile, c, Some(sh)) {
+                alts.push((n, x));
+            }
+        }
+    }
     if sharding.is_none() {
         // The smallest number of GPUs that fits, per stage.
         let mut fitted: Vec<Shard> = Vec::new();

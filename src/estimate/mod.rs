@@ -850,6 +850,41 @@ pub fn predicted_backward_peak(t: &Terms, c: &Coefficients) -> f64 {
         + row.iter().zip(c.values).map(|(x, k)| x * k).sum::<f64>()
 }
 
+/// The items of what data-parallel training holds through backward beyond its shards (see
+/// [`multi::Sharded`]): DDP's or DeepSpeed's gradient buckets, FSDP2's root and reduce-scatter
+/// buffers, ZeRO-3's persistent 16-bit gradient partition.
+fn backward_items(s: &Sharding, m: &multi::Sharded, profile: Profile) -> Vec<Item> {
+    let mut v = Vec::new();
+    match s.shard {
+        Shard::Ddp => v.push(Item {
+            name: "gradient buckets (DDP)".into(),
+            bytes: m.reduce_bucket,
+            formula: "a copy of every trainable gradient in DDP's 25 MiB buckets (gradient_as_bucket_view=False, torch's default)".into(),
+        }),
+        Shard::Fsdp => v.push(Item {
+            name: "FSDP root, unsharded".into(),
+            bytes: m.fsdp_root,
+            formula: "embedding, final norm and head gathered from forward to the end of backward (FSDP2 keeps the root unsharded), with their gradients when trained; one layer's unsharded gradients and reduce-scatter input, the previous layer's reduce-scatter input, the next layer's parameters prefetched".into(),
+        }),
+        _ => v.push(Item {
+            name: "gradient reduce bucket (DeepSpeed)".into(),
+            bytes: m.reduce_bucket,
+            formula: format!(
+                "reduce_bucket_size ({}) × gradient dtype, through backward",
+                s.reduce_bucket_elements
+            ),
+        }),
+    }
+    if m.gradients_persistent && profile != Profile::Candle {
+        v.push(Item {
+            name: "gradients (ZeRO-3 partition)".into(),
+            bytes: m.gradients,
+            formula: "DeepSpeed ZeRO-3's flat 16-bit gradient partition, allocated at the start: trainable params × dtype / GPUs".into(),
+        });
+    }
+    v
+}
+
 /// Estimates the peak of a training step of `spec` on `cfg`.
 ///
 /// # Errors
@@ -911,6 +946,7 @@ pub fn estimate_sharded(
     let mut step_gradients = (t.gradients, "trainable params × dtype".to_string());
     let mut host_bytes = None;
     let mut sharded_transient = None;
+    let mut static_items: Vec<Item> = Vec::new();
     if let Some(s) = &sharding {
         let m = multi::shard(
             cfg,
@@ -927,6 +963,12 @@ pub fn estimate_sharded(
         t.terms[Term::GradientsLive.index()] *= m.gradients as f64 / t.gradients.max(1) as f64;
         t.gradients = m.gradients;
         t.backward_static = m.reduce_bucket + m.fsdp_root;
+        if m.gradients_persistent {
+            // Held whole from the start: counted, not a backward-time term.
+            t.backward_static += m.gradients;
+            t.terms[Term::GradientsLive.index()] = 0.0;
+        }
+        static_items = backward_items(s, &m, profile);
         sharded_transient = m.step_transient;
         if s.offload != crate::spec::Offload::None {
             host_bytes = Some(m.host_bytes);
@@ -992,10 +1034,7 @@ pub fn estimate_sharded(
             bytes: t.optimizer_states,
             formula: match sharding {
                 Some(Sharding { offload: o, .. }) if o != crate::spec::Offload::None => {
-                    format!(
-                        "in host RAM (--offload {o}): {}",
-                        torch::states_formula(spec)
-                    )
+                    format!("none on the GPU (--offload {o}): in host RAM, counted below")
                 }
                 Some(s)
                     if profile != Profile::Candle
@@ -1053,28 +1092,7 @@ pub fn estimate_sharded(
             },
         });
     }
-    if t.backward_static > 0 {
-        items.push(match sharding.map(|s| s.shard) {
-            Some(Shard::Fsdp) => Item {
-                name: "FSDP root, unsharded".into(),
-                bytes: t.backward_static,
-                formula: "embedding, final norm and head gathered from forward to the end of backward (FSDP2 keeps the root unsharded), with their gradients when trained; one layer's unsharded gradients and reduce-scatter input, the previous layer's reduce-scatter input, the next layer's parameters prefetched".into(),
-            },
-            Some(Shard::Ddp) => Item {
-                name: "gradient buckets (DDP)".into(),
-                bytes: t.backward_static,
-                formula: "a copy of every trainable gradient in DDP's 25 MiB buckets (gradient_as_bucket_view=False, torch's default)".into(),
-            },
-            _ => Item {
-                name: "gradient reduce bucket (DeepSpeed)".into(),
-                bytes: t.backward_static,
-                formula: format!(
-                    "reduce_bucket_size ({}) × gradient dtype, through backward",
-                    sharding.map_or(0, |s| s.reduce_bucket_elements)
-                ),
-            },
-        });
-    }
+    items.extend(static_items.iter().filter(|i| i.bytes > 0).cloned());
     let row = t.design(moment);
     for term in Term::ALL {
         let i = term.index();
@@ -1109,9 +1127,15 @@ pub fn estimate_sharded(
             Item {
                 name: "optimizer step transient".into(),
                 bytes: opt_transient,
-                formula: match profile {
-                    Profile::Candle => {
+                formula: match (profile, sharding) {
+                    (Profile::Candle, _) => {
                         "10 f32 buffers of one update chunk (≤ 2^18 elements)".into()
+                    }
+                    (_, Some(s)) if s.offload != crate::spec::Offload::None => {
+                        "none on the GPU: the step runs on the host".into()
+                    }
+                    (_, Some(s)) if s.deepspeed() && sharded_transient.is_some() => {
+                        "torch AdamW foreach: one fp32 buffer of DeepSpeed's partition (ZeRO-3: of one sub-group, ≤ 1e9 elements)".into()
                     }
                     _ => torch::optimizer_formula(spec).into(),
                 },

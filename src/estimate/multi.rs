@@ -39,6 +39,9 @@ pub struct Sharded {
     /// (`_fsdp_state.py` `_lazy_init`: the root's `post_forward_mesh_info` is `None`) and
     /// reduces its gradients last; 0 otherwise.
     pub fsdp_root: u64,
+    /// Whether the gradients are one buffer held from the start (DeepSpeed ZeRO-3's
+    /// `grad_partitions_flat_buffer`, `stage3.py`), not built up in backward.
+    pub gradients_persistent: bool,
     /// Whether the optimizer step runs on the host (no GPU step transient).
     pub host_step: bool,
     /// The optimizer step's transient on the GPU (bytes) where the sharding sets it: 0 when
@@ -238,6 +241,7 @@ pub fn shard(
             (false, true, Optimizer::AdamwTorchFused) => Some(0),
             _ => None,
         },
+        gradients_persistent: deepspeed && s.shard == Shard::Zero3 && !offload,
         host_step: offload,
         host_bytes: host,
     })

@@ -96,9 +96,10 @@ pub fn text(x: &Answer) -> String {
     }
     if let Some(s) = &x.sharding {
         t += &format!(
-            "(per GPU: {} over {} data-parallel GPUs; activations per GPU{})\n",
+            "(per GPU: {} over {} data-parallel GPU{}; activations per GPU{})\n",
             s.shard,
             s.gpus,
+            if s.gpus == 1 { "" } else { "s" },
             match s.offload {
                 Offload::None => String::new(),
                 o => format!("; --offload {o}"),
@@ -106,11 +107,12 @@ pub fn text(x: &Answer) -> String {
         );
         if let Some(h) = x.estimate.host_bytes_per_rank {
             t += &format!(
-                "host RAM for the offloaded state: {h} bytes ({} GiB) per rank, {} bytes ({} GiB) per node of {} GPUs\n",
+                "host RAM for the offloaded state: {h} bytes ({} GiB) per rank, {} bytes ({} GiB) per node of {} GPU{}\n",
                 gib(h),
                 h * s.gpus_per_node as u64,
                 gib(h * s.gpus_per_node as u64),
-                s.gpus_per_node
+                s.gpus_per_node,
+                if s.gpus_per_node == 1 { "" } else { "s" }
             );
         }
     }
