@@ -1461,6 +1461,12 @@ const CONTRADICTIONS: &[Case] = &[
         untouched: None,
     },
     Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "ddp", "--gpus", "2",
+            "--device-map", "--max-memory", "0=1GiB"],
+        error: "invalid --device-map = with --shard ddp: places whole layers",
+        untouched: None,
+    },
+    Case {
         args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "ddp"],
         error: "--shard ddp replicates the model on data-parallel GPUs",
         untouched: None,

@@ -108,7 +108,18 @@ pub fn query(a: &EstimateArgs) -> anyhow::Result<Query> {
         profile: a.profile,
         coefficients,
         budget: budget(a)?,
-        sharding: sharding(a)?,
+        sharding: {
+            let s = sharding(a)?;
+            if let (Some(s), true) = (&s, a.device_map) {
+                return Err(Error::invalid(
+                    "--device-map",
+                    format!("with --shard {}", s.shard),
+                    "places whole layers for loading or inference, not data-parallel training: give one or the other",
+                )
+                .into());
+            }
+            s
+        },
         max_memory: max_memory(a)?,
         data,
     })

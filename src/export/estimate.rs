@@ -249,14 +249,29 @@ fn device_map(map: &[Placement]) -> String {
 /// The reference formulas beside vramcal's estimate.
 fn references(x: &Answer) -> String {
     let mut t = String::new();
-    t += "reference formulas (GiB = 2^30 bytes):\n";
+    // Under data parallelism the formulas still describe the whole model on one GPU: no
+    // comparison with the per-GPU peak.
+    let sharded = x.sharding.is_some();
+    t += if sharded {
+        "reference formulas (GiB = 2^30 bytes; the whole model on one GPU, not per GPU):\n"
+    } else {
+        "reference formulas (GiB = 2^30 bytes):\n"
+    };
     for r in &x.references {
+        let vs = if sharded {
+            String::new()
+        } else {
+            format!(
+                "  {:+.1} % vs vramcal",
+                100.0 * (r.bytes as f64 - x.estimate.peak_bytes as f64)
+                    / x.estimate.peak_bytes as f64
+            )
+        };
         t += &format!(
-            "  {:<26} {:>16} {:>9}  {:+.1} % vs vramcal  [{}]\n",
+            "  {:<26} {:>16} {:>9}{vs}  [{}]\n",
             r.name,
             r.bytes,
             gib(r.bytes),
-            100.0 * (r.bytes as f64 - x.estimate.peak_bytes as f64) / x.estimate.peak_bytes as f64,
             r.source
         );
     }
