@@ -93,6 +93,16 @@ fn held_out(text: &str) -> (f64, f64) {
     )
 }
 
+/// `vramcal check --measured <f> --profile torch-sdpa`, run.
+fn check_torch_sdpa(f: &std::path::Path) -> std::process::Output {
+    bin()
+        .args(["check", "--measured"])
+        .arg(f)
+        .args(["--profile", "torch-sdpa"])
+        .output()
+        .unwrap()
+}
+
 /// The number that follows `key` in `line` (a percentage or a count in vramcal's summaries).
 fn number_after(line: &str, key: &str) -> f64 {
     line.split(key)
@@ -670,16 +680,7 @@ fn reference_rows_that_failed_are_skipped() {
          c,t,smollm2-135m,full,,,,none,bf16,adamw_torch,64,2048,fixed,off,sdpa,g,allocated,12345,partial,oom\n",
     )
     .unwrap();
-    let out = bin()
-        .args([
-            "check",
-            "--measured",
-            f.to_str().unwrap(),
-            "--profile",
-            "torch-sdpa",
-        ])
-        .output()
-        .unwrap();
+    let out = check_torch_sdpa(&f);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -701,16 +702,7 @@ fn unmodelled_inputs_are_named() {
          x,t,smollm2-135m,ia3,,,,none,bf16,adamw_torch,1,512,fixed,off,sdpa,g,allocated,2000000000,\n",
     )
     .unwrap();
-    let out = bin()
-        .args([
-            "check",
-            "--measured",
-            f.to_str().unwrap(),
-            "--profile",
-            "torch-sdpa",
-        ])
-        .output()
-        .unwrap();
+    let out = check_torch_sdpa(&f);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("column method = \"ia3\""));
     let out = bin()
@@ -757,16 +749,7 @@ fn offload_rows_are_estimated_and_impossible_ones_refused() {
     let check = |rows: &str| {
         let f = dir.path().join("offload.csv");
         std::fs::write(&f, format!("{head}{rows}")).unwrap();
-        bin()
-            .args([
-                "check",
-                "--measured",
-                f.to_str().unwrap(),
-                "--profile",
-                "torch-sdpa",
-            ])
-            .output()
-            .unwrap()
+        check_torch_sdpa(&f)
     };
     let on = "a,t,llama-2-7b,full,,,,none,bf16-master,adamw_torch,1,512,fixed,on,sdpa,8,zero2,optimizer,g,allocated,16000000000,\n";
     let off = "b,t,llama-2-7b,full,,,,none,bf16-master,adamw_torch,1,512,fixed,on,sdpa,8,zero2,,g,allocated,16000000000,\n";
