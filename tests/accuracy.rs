@@ -782,8 +782,8 @@ fn offload_rows_are_estimated_and_impossible_ones_refused() {
     }
 }
 
-/// PyTorch FSDP2 on the CPU (`results/torch-cpu-fsdp/`, fp32 on 2, 4 and 8 gloo ranks): the
-/// `torch-sdpa` estimate (fitted CPU table) holds the LoRA rows (whose peak is each rank's whole-model load)
+/// PyTorch FSDP2 on the CPU (`results/torch-cpu-fsdp/`, 2, 4 and 8 gloo ranks, fp32 and bf16):
+/// the `torch-sdpa` estimate (fitted CPU table) holds the LoRA rows (whose peak is each rank's whole-model load)
 /// to the kilobyte, and every rank of a full fine-tuning row peaks at the estimate plus a whole
 /// number of one layer's fp32 gradient buffers (gloo finishes reduce-scatters on its own
 /// threads, so how many are alive at once changes between identical runs; docs/estimating.md).
@@ -823,12 +823,12 @@ fn fsdp_ranks_peak_at_the_estimate_plus_whole_layer_buffers() {
         .deserialize::<std::collections::HashMap<String, String>>()
     {
         let r = r.unwrap();
-        // The bf16 rows are under-predicted by an amount not yet explained (the folder's
-        // README); this holds the fp32 ones.
-        if r["precision"] != "fp32" {
-            continue;
-        }
         let p = predicted[&r["id"]];
+        // One layer's gradient buffer in the row's dtype; bf16 ranks queue more of them
+        // (11 to 24 here), so only fp32's spread is pinned below.
+        let fp32 = r["precision"] == "fp32";
+        let unit = if fp32 { unit } else { unit / 2 };
+        let spread = if fp32 { -2..=6 } else { 0..=30 };
         let ranks: Vec<i64> = r["notes"]
             .split("peak per rank: ")
             .nth(1)
@@ -846,17 +846,19 @@ fn fsdp_ranks_peak_at_the_estimate_plus_whole_layer_buffers() {
             } else {
                 let k = ((peak - p) as f64 / unit as f64).round() as i64;
                 assert!(
-                    (-2..=6).contains(&k) && (peak - p - k * unit).abs() < 64 * 1024,
+                    spread.contains(&k) && (peak - p - k * unit).abs() < 64 * 1024,
                     "{}: rank peak {peak} is the estimate {p} + {k} × {unit} + {}",
                     r["id"],
                     peak - p - k * unit
                 );
-                ks.push(k);
+                if fp32 {
+                    ks.push(k);
+                }
             }
         }
         rows += 1;
     }
-    assert_eq!(rows, 17);
+    assert_eq!(rows, 21);
     // The estimate lies inside the measured spread: one layer buffer more or less in the
     // model would move the spread out of −2..=6.
     assert_eq!(
