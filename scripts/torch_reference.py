@@ -64,6 +64,9 @@ FIELDS = [
 FIELDS_CUDA = FIELDS + ["gpu_memory_bytes"]
 # Data-parallel files (--world-size 2 or more) say how many ranks and how they shard.
 FIELDS_DIST = FIELDS + ["gpus", "shard"]
+# Files of --modules-to-save runs add a `modules_to_save` column (PEFT's; a column of vramcal's
+# reference files beyond ../shared/cases/README.md, which has none for it).
+SAVE_NAMES = ["lm_head", "embed_tokens"]
 # --shard: torch's DistributedDataParallel, or FSDP2 (`fully_shard` on each decoder layer, then
 # the root), both with their defaults.
 SHARDS = ["ddp", "fsdp"]
@@ -317,6 +320,8 @@ def point_id(model, p):
         parts.append(p["quant"])
     parts += [p["precision"], p["optimizer"], p["attn"], f"ckpt-{p['checkpointing']}",
               f"b{p['batch']}", f"s{p['seq']}"]
+    if p.get("modules_to_save") and p["method"] != "full":
+        parts.append("save-" + "+".join(p["modules_to_save"]))
     if p.get("world_size", 1) > 1:
         parts.append(f"{p['shard']}{p['world_size']}")
     return "-".join(parts)
@@ -385,7 +390,8 @@ def base_row(args, p):
     }
     if method != "full":
         row.update(lora_r=p["lora_r"], lora_alpha=p["lora_alpha"], lora_dropout=p["lora_dropout"],
-                   lora_targets=p["lora_targets"].replace(",", ";"))
+                   lora_targets=p["lora_targets"].replace(",", ";"),
+                   modules_to_save=";".join(p.get("modules_to_save") or []))
     if args.world_size > 1:
         row.update(gpus=args.world_size, shard=args.shard)
     return row
@@ -462,7 +468,8 @@ def measure_row(args, cfg, p, row, notes):
                 targets = lora_targets(p["lora_targets"])
                 model = peft.get_peft_model(model, peft.LoraConfig(
                     r=p["lora_r"], lora_alpha=p["lora_alpha"], lora_dropout=p["lora_dropout"],
-                    target_modules=targets, bias="none", task_type="CAUSAL_LM"),
+                    target_modules=targets, bias="none", task_type="CAUSAL_LM",
+                    modules_to_save=p.get("modules_to_save") or None),
                     autocast_adapter_dtype=fp32_adapters or method == "qlora")
         model.train()
         if args.world_size > 1:
@@ -706,7 +713,8 @@ def grid(a):
                                                    lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                                                    precision=pr, optimizer=o, attn=at,
                                                    checkpointing=c, batch=b, seq=s,
-                                                   world_size=a.world_size, shard=a.shard)
+                                                   world_size=a.world_size, shard=a.shard,
+                                                   modules_to_save=a.modules_to_save)
 
 
 def main():
@@ -737,6 +745,9 @@ def main():
     ap.add_argument("--lora-targets", action="append",
                     help="PEFT target_modules, e.g. q_proj,v_proj or all-linear; repeat for more sets "
                          "(default q_proj,k_proj,v_proj,o_proj)")
+    ap.add_argument("--modules-to-save", type=lambda v: v.split(","),
+                    help="PEFT's modules_to_save for the LoRA/QLoRA points: ','-separated "
+                         + ", ".join(SAVE_NAMES) + " (full trainable copies beside the adapters)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--timed-steps", type=int, default=0,
                     help="extra steps after step 2, timed only; step_seconds_median covers step 2 and these")
@@ -758,6 +769,13 @@ def main():
             ap.error("--shard takes one value")
         if a.device != "cpu":
             ap.error("--world-size runs its ranks on the CPU (gloo): give --device cpu")
+    if a.modules_to_save is not None:
+        bad = [m for m in a.modules_to_save if m not in SAVE_NAMES]
+        if bad or len(set(a.modules_to_save)) != len(a.modules_to_save):
+            ap.error(f"--modules-to-save {','.join(a.modules_to_save)!r}: expected distinct "
+                     + ", ".join(SAVE_NAMES))
+        if a.world_size > 1:
+            ap.error("--modules-to-save is not combined with --world-size yet")
     if a.self_test:
         self_test()
         return
@@ -771,6 +789,8 @@ def main():
     done = set()
     fields = (FIELDS_CUDA if a.device.startswith("cuda")
               else FIELDS_DIST if a.world_size > 1 else FIELDS)
+    if a.modules_to_save:
+        fields = fields + ["modules_to_save"]
     if not new:
         with open(a.out, newline="") as f:
             r = csv.DictReader(f)

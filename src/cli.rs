@@ -453,8 +453,10 @@ pub struct ModelArgs {
     /// `r=16,alpha=32,dropout=0.05,targets=q_proj,k_proj,v_proj,o_proj`. Targets: q,k,v,o,
     /// gate,up,down (with or without `_proj`), `attn`, `mlp`, `all-linear`, and `lm_head`,
     /// `embed_tokens` (PEFT's adapters outside the layers); on Mixtral, `all-linear` also
-    /// adapts the router and the experts (PEFT's), and gate/up/down are refused. Defaults are
-    /// PEFT's: r=8, alpha=8, dropout=0, targets=q_proj,v_proj.
+    /// adapts the router and the experts (PEFT's), and gate/up/down are refused.
+    /// `modules_to_save=lm_head,embed_tokens` trains full copies of those modules beside the
+    /// adapters (PEFT's `modules_to_save`, e.g. for added tokens). Defaults are PEFT's: r=8,
+    /// alpha=8, dropout=0, targets=q_proj,v_proj.
     #[arg(long)]
     pub lora: Option<LoraConfig>,
     /// Quantization of the frozen base: `none`, `nf4` or `nf4-dq` (= `nf4 --double-quant`);

@@ -221,6 +221,50 @@ fn autocast_and_top_level_adapter_rows_are_estimated_without_refitting() {
     }
 }
 
+/// PEFT's `modules_to_save` in vramcal's step (`results/cpu/*-modules-to-save.csv`, never
+/// fitted): trainable copies of `lm_head` and/or `embed_tokens` beside q/v or attention
+/// adapters, LoRA and QLoRA, f32 and bf16, checkpointing none and layers, on tied
+/// (smollm2-135m) and untied (mistral-mini) heads: median within 1 %, every row within 3 %,
+/// none under with a 1 % margin. Their counted terms: the tied model's copy, the saved head's
+/// gradient and candle's `GradStore` at the head's backward, the bf16 head's weight-gradient
+/// sum (an allocation probe in the fused head, `bf16_matmul_widening`).
+#[test]
+fn modules_to_save_rows_are_estimated_without_refitting() {
+    for (file, rows) in [
+        ("results/cpu/smollm2-135m-modules-to-save.csv", 28),
+        ("results/cpu/mistral-mini-modules-to-save.csv", 12),
+    ] {
+        let text = check_unfitted(file, "3%", "1%", "1%");
+        assert_eq!(rows_checked(&text), rows, "{text}");
+        assert!(
+            text.contains(&format!("under-estimates 0 of {rows}")),
+            "{text}"
+        );
+    }
+}
+
+/// PyTorch with PEFT's `modules_to_save` on the CPU (`results/torch-cpu-modules-to-save/`,
+/// 28 rows, never fitted; kept out of `results/torch-cpu/`, whose longest sequence is the CPU
+/// table's held-out set): the uncalibrated torch profile holds every row within 0.6 %, median
+/// within 0.1 %.
+#[test]
+fn torch_profiles_hold_modules_to_save_rows() {
+    let text = succeeds(&[
+        "check",
+        "--profile",
+        "torch-sdpa",
+        "--measured",
+        "results/torch-cpu-modules-to-save/smollm2-135m-modules-to-save.csv",
+        "results/torch-cpu-modules-to-save/mistral-mini-modules-to-save.csv",
+        "--max-median-error",
+        "0.1%",
+        "--max-error",
+        "0.6%",
+    ]);
+    assert_eq!(rows_checked(&text), 28, "{text}");
+    assert!(text.contains("+full lm_head,embed_tokens"), "{text}");
+}
+
 /// vramcal's own step on Mixtral's mixture of experts (`results/cpu/mixtral-mini.csv`, never
 /// fitted): median within 1.5 %, none under by more than 0.5 %, every row within 6 % (full
 /// fine-tuning is over-estimated at small batches, where some experts receive no token;

@@ -1326,6 +1326,25 @@ const BAD_WORDS: &[Case] = &[
         error: "is empty",
         untouched: None,
     },
+    // PEFT's modules_to_save: a closed list, a module trained one way, recipes modelled.
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--lora",
+            "targets=q,modules_to_save=norm"],
+        error: "unknown module (expected lm_head or embed_tokens)",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--batch", "1", "--seq", "8", "--lora",
+            "targets=q,lm_head,modules_to_save=lm_head"],
+        error: "both a LoRA target and in modules_to_save",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--batch", "1", "--seq", "8", "--precision",
+            "bf16+amp", "--lora", "targets=q,modules_to_save=embed_tokens"],
+        error: "does not model yet",
+        untouched: None,
+    },
 ];
 
 #[test]

@@ -446,6 +446,101 @@ fn adapter_files_load_back_and_reproduce_logits() {
 
 /// Merged saves load back as the same model, for the Mistral layout and for Qwen2's (whose
 /// q/k/v biases the merged file must carry).
+/// PEFT's `modules_to_save`: the saved modules train (a tied model's head and embedding come
+/// apart, one copy), the adapter file carries them under PEFT's names with
+/// `adapter_config.json` listing them, a fresh model loads them back exactly, and a file without
+/// them is refused by a model that saves them.
+#[test]
+fn modules_to_save_train_save_and_load_back() {
+    let base = model(&lora("r=4,targets=q_proj,v_proj"), DType::F32);
+    let plain = tempfile::tempdir().unwrap();
+    base.save_trained(plain.path(), "tiny").unwrap();
+    for saved in ["lm_head", "embed_tokens", "lm_head,embed_tokens"] {
+        let ad = lora(&format!(
+            "r=4,targets=q_proj,v_proj,modules_to_save={saved}"
+        ));
+        let m = model(&ad, DType::F32);
+        let n = saved.split(',').count() as u64;
+        assert_eq!(m.trainable_count(), base.trainable_count() + n * 96 * 32);
+        // `tiny` is untied: the saved modules themselves train, no copy.
+        assert_eq!(m.param_bytes(), base.param_bytes());
+        let names: Vec<String> = m.trainable_vars().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names.contains(&"lm_head.weight".into()),
+            saved.contains("lm_head")
+        );
+        let (x, y) = batch(2, 10, 3);
+        let grads = m
+            .backward(m.forward_train(&x, &y, Checkpointing::None, CTX).unwrap())
+            .unwrap();
+        assert_eq!(grads.len(), names.len());
+        randomize_b(&m);
+        let dir = tempfile::tempdir().unwrap();
+        m.save_trained(dir.path(), "tiny").unwrap();
+        let cfg_json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg_json["modules_to_save"],
+            serde_json::json!(saved.split(',').collect::<Vec<_>>())
+        );
+        let st = candle_core::safetensors::load(
+            dir.path().join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for (module, file) in [
+            ("lm_head", "base_model.model.lm_head.weight"),
+            ("embed_tokens", "base_model.model.model.embed_tokens.weight"),
+        ] {
+            assert_eq!(st.contains_key(file), saved.contains(module), "{file}");
+        }
+        let fresh = Decoder::with_adaptation(
+            &cfg(),
+            &mut RandomWeights::new(11),
+            DType::F32,
+            &Device::Cpu,
+            &Adaptation {
+                seed: 99,
+                ..ad.clone()
+            },
+        )
+        .unwrap();
+        fresh.load_adapter(dir.path()).unwrap();
+        for ((name, a), (_, b)) in m.trainable_vars().into_iter().zip(fresh.trainable_vars()) {
+            assert_eq!(max_abs_diff(a.as_tensor(), b.as_tensor()), 0.0, "{name}");
+        }
+        let (x, _) = batch(2, 10, 5);
+        assert!(max_abs_diff(&m.forward(&x).unwrap(), &fresh.forward(&x).unwrap()) <= 1e-6);
+        let e = fresh.load_adapter(plain.path()).unwrap_err().to_string();
+        assert!(e.contains("modules_to_save"), "{e}");
+    }
+    // On a tied model one (V, h) copy is added, whichever modules are saved.
+    let mut tied = preset("qwen2.5-0.5b").unwrap().config;
+    tied.num_hidden_layers = 1;
+    tied.vocab_size = 64;
+    tied.hidden_size = 16;
+    tied.intermediate_size = 32;
+    tied.num_attention_heads = 2;
+    tied.num_key_value_heads = Some(1);
+    let build = |spec: &str| {
+        Decoder::with_adaptation(
+            &tied,
+            &mut RandomWeights::new(1),
+            DType::F32,
+            &Device::Cpu,
+            &lora(spec),
+        )
+        .unwrap()
+    };
+    let one = build("r=2,targets=q").param_bytes();
+    for saved in ["lm_head", "embed_tokens", "lm_head,embed_tokens"] {
+        let m = build(&format!("r=2,targets=q,modules_to_save={saved}"));
+        assert_eq!(m.param_bytes(), one + 64 * 16 * 4, "{saved}");
+    }
+}
+
 #[test]
 fn merged_save_equals_base_plus_adapters() {
     let qwen2 = vramcal::config::ModelConfig {

@@ -208,6 +208,27 @@ fn cases() -> Vec<Case> {
         file: format!("{HEADER},peak_reserved_bytes\n{GOOD},2.1e9\n"),
         expect: &["column peak_reserved_bytes = \"2.1e9\""],
     });
+    // vramcal's `modules_to_save` column (beyond the shared format): a closed list, LoRA rows
+    // only, a module trained one way.
+    v.push(Case {
+        what: "modules_to_save unknown",
+        file: format!("{HEADER},modules_to_save\n{GOOD},norm\n"),
+        expect: &["column modules_to_save = \"norm\"", "lm_head, embed_tokens"],
+    });
+    v.push(Case {
+        what: "modules_to_save on a full row",
+        file: format!(
+            "{HEADER},modules_to_save\nr1,t,smollm2-135m,full,,,,,none,bf16,adamw_torch,,2,,512,fixed,on,sdpa,,,,,A100-80GB,,allocated,2000000000,,lm_head\n"
+        ),
+        expect: &["column modules_to_save = \"lm_head\"", "no LoRA setting"],
+    });
+    v.push(Case {
+        what: "modules_to_save also a target",
+        file: format!(
+            "{HEADER},modules_to_save\nr1,t,smollm2-135m,lora,16,32,,q_proj;lm_head,none,bf16,adamw_torch,,2,,512,fixed,on,sdpa,,,,,A100-80GB,,allocated,2000000000,,lm_head\n"
+        ),
+        expect: &["column modules_to_save = \"lm_head\"", "cannot also be in"],
+    });
     v.push(Case {
         what: "qlora row with quant none",
         file: with("method", "qlora"),

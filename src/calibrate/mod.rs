@@ -100,11 +100,16 @@ pub fn spec_from_row(r: &Row) -> Result<(ModelConfig, TrainSpec)> {
     let lora = match r.method.parse::<Method>()? {
         Method::Lora | Method::Qlora => Some(
             format!(
-                "r={},alpha={},dropout={},targets={}",
+                "r={},alpha={},dropout={},targets={}{}",
                 r.lora_r.unwrap_or(8),
                 r.lora_alpha.unwrap_or(8.0),
                 r.lora_dropout.unwrap_or(0.0),
-                r.lora_targets.replace(';', ",")
+                r.lora_targets.replace(';', ","),
+                if r.modules_to_save.is_empty() {
+                    String::new()
+                } else {
+                    format!(",modules_to_save={}", r.modules_to_save.replace(';', ","))
+                }
             )
             .parse::<LoraConfig>()?,
         ),

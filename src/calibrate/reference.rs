@@ -40,6 +40,10 @@ pub struct ReferenceRow {
     /// LoRA target modules, `;`-separated, or `all-linear`.
     #[serde(default)]
     pub lora_targets: String,
+    /// PEFT's `modules_to_save`, `;`-separated `lm_head`, `embed_tokens`; empty: none. A column
+    /// of vramcal's reference files beyond the shared format (absent there: none).
+    #[serde(default)]
+    pub modules_to_save: String,
     /// Quantization of the base: `none`, `nf4`, `nf4-dq`.
     pub quant: String,
     /// Precision recipe ([`Precision`]).
@@ -429,6 +433,7 @@ impl Reference {
                 ("lora_alpha", &raw.lora_alpha),
                 ("lora_dropout", &raw.lora_dropout),
                 ("lora_targets", &raw.lora_targets),
+                ("modules_to_save", &raw.modules_to_save),
             ] {
                 if !v.is_empty() {
                     return Err(c.err(
@@ -630,7 +635,23 @@ fn lora(c: &Cells, raw: &ReferenceRow) -> Result<LoraConfig> {
     };
     targets.sort();
     targets.dedup();
-    Ok(LoraConfig {
+    let (mut save_lm_head, mut save_embed_tokens) = (false, false);
+    if !raw.modules_to_save.is_empty() {
+        for m in raw.modules_to_save.split(';') {
+            match m {
+                "lm_head" => save_lm_head = true,
+                "embed_tokens" => save_embed_tokens = true,
+                _ => {
+                    return Err(c.err(
+                        "modules_to_save",
+                        &raw.modules_to_save,
+                        "expected ';'-separated lm_head, embed_tokens, or empty",
+                    ))
+                }
+            }
+        }
+    }
+    let l = LoraConfig {
         r,
         alpha,
         dropout,
@@ -638,7 +659,17 @@ fn lora(c: &Cells, raw: &ReferenceRow) -> Result<LoraConfig> {
         lm_head,
         embed_tokens,
         all_linear,
-    })
+        save_lm_head,
+        save_embed_tokens,
+    };
+    if (l.lm_head && l.save_lm_head) || (l.embed_tokens && l.save_embed_tokens) {
+        return Err(c.err(
+            "modules_to_save",
+            &raw.modules_to_save,
+            "a module in lora_targets cannot also be in modules_to_save (PEFT trains it one way)",
+        ));
+    }
+    Ok(l)
 }
 
 /// Every row of reference file `path`, parsed, in file order.

@@ -562,6 +562,7 @@ pub fn config_key(r: &Row) -> String {
         opt(r.lora_alpha.map(|x| x.to_string())),
         opt(r.lora_dropout.map(|x| x.to_string())),
         r.lora_targets.clone(),
+        r.modules_to_save.clone(),
         r.quant.clone(),
         r.checkpointing.clone(),
         // Empty in rows written before the column existed, by another model: never a match.

@@ -62,8 +62,14 @@ pub fn alternatives(
                 l.lm_head = false;
                 l.embed_tokens = false;
             }
+            // `modules_to_save` stays: the copies are there for a reason (added tokens).
+            let saved = if l.saves_modules() {
+                format!(",modules_to_save={}", l.saved_names().join(","))
+            } else {
+                String::new()
+            };
             v.push((
-                "LoRA on q_proj and v_proj only (--lora targets=q,v)".to_string(),
+                format!("LoRA on q_proj and v_proj only (--lora targets=q,v{saved})"),
                 s,
             ));
         }

@@ -176,12 +176,20 @@ pub fn shard(
             .filter(|p| !p.name.starts_with("model.layers."))
             .map(|p| p.numel() as u64)
             .collect();
-        let params: u64 = root.iter().sum::<u64>() * d;
-        // Their gradients when they train (full fine-tuning), in the gradients' dtype.
+        // PEFT's `modules_to_save` copies are root parameters too, and train.
+        let saved = spec
+            .adaptation
+            .lora
+            .as_ref()
+            .map_or(0, |l| l.saved_param_count(cfg));
+        let params: u64 = root.iter().sum::<u64>() * d + saved * d;
+        // Their gradients when they train (full fine-tuning; the saved copies), in the
+        // gradients' dtype.
+        let per_param = gradients.checked_div(trainable).unwrap_or(0);
         let grads = if spec.adaptation.lora.is_none() {
-            root.iter().sum::<u64>() * gradients.checked_div(trainable).unwrap_or(0)
+            root.iter().sum::<u64>() * per_param
         } else {
-            0
+            saved * per_param
         };
         // One layer's unsharded gradients and its reduce-scatter input while that layer's
         // gradients are reduced (`_fsdp_collectives.py` `foreach_reduce`), and the previous
@@ -190,7 +198,7 @@ pub fn shard(
         let root_trainable = if spec.adaptation.lora.is_none() {
             root.iter().sum::<u64>()
         } else {
-            0
+            saved
         };
         let per_layer =
             trainable.saturating_sub(root_trainable) / cfg.num_hidden_layers.max(1) as u64;

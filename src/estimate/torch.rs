@@ -471,9 +471,13 @@ pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     }
     if full {
         v.push(t("norm.normed", "(N, h)", n * h, r));
-        if !liger {
-            v.push(t("lm_head.input", "(N, h)", n * h, a));
-        }
+    }
+    // A trained head keeps its input for the weight's gradient, a trained embedding its ids
+    // (full fine-tuning, or PEFT's `modules_to_save` copies).
+    if spec.head_trained() && !liger {
+        v.push(t("lm_head.input", "(N, h)", n * h, a));
+    }
+    if spec.embed_trained() {
         v.push(t("embed_tokens.ids", "(N,) int64", n, 8));
     }
     if amp {
@@ -501,7 +505,7 @@ pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     }
     if liger {
         v.push(t("lce.grad_input", "(N, h)", n * h, r));
-        if full {
+        if spec.head_trained() {
             v.push(t("lce.grad_weight", "(V, h)", vocab * h, d));
         }
     }
@@ -539,7 +543,7 @@ fn layers_idle(spec: &TrainSpec) -> bool {
             .adaptation
             .lora
             .as_ref()
-            .is_some_and(|l| l.targets.is_empty() && !l.embed_tokens)
+            .is_some_and(|l| l.targets.is_empty() && !l.embed_tokens && !l.save_embed_tokens)
 }
 
 /// (saved bytes of the layers kept at once, the attention scores among them, checkpointed layer
@@ -560,7 +564,11 @@ fn layer_terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> (u64
     let n = (spec.batch * spec.seq) as u64;
     // LoRA's first layer sees an input that needs no gradient, unless an adapter on the
     // embedding gives it one.
-    let full = spec.adaptation.lora.as_ref().is_none_or(|l| l.embed_tokens);
+    let full = spec
+        .adaptation
+        .lora
+        .as_ref()
+        .is_none_or(|l| l.embed_tokens || l.save_embed_tokens);
     if layers_idle(spec) {
         return (0, 0, 0);
     }
@@ -775,6 +783,10 @@ pub(crate) fn trainable_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(u64
                 v.push((r, vocab));
                 v.push((h, r));
             }
+            // PEFT's `modules_to_save` copies.
+            for _ in l.saved_names() {
+                v.push((vocab, h));
+            }
             v
         }
     }
@@ -786,7 +798,7 @@ pub(crate) fn trainable_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(u64
 /// tensors stay in memory whole: transformers 5 reads a safetensors file into one buffer, and
 /// the unquantized parameters are views of it (measured: `results/torch-cpu/`).
 pub fn weights(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
-    let base = weight_bytes(cfg, spec);
+    let base = weight_bytes(cfg, spec) + saved_copies(cfg, spec);
     if spec.adaptation.quant == crate::spec::Quant::None {
         return base;
     }
@@ -894,6 +906,22 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms 
         layer_static: moe_backward(cfg, spec),
         backward_static: 0,
     }
+}
+
+/// Bytes of PEFT's `modules_to_save` copies (`ModulesToSaveWrapper` deep-copies the module and
+/// keeps the original frozen beside it, tied or not): `V·h` each, in the weights' dtype, fp32
+/// under QLoRA (`prepare_model_for_kbit_training` has cast the unquantized modules to fp32
+/// before PEFT copies them).
+pub fn saved_copies(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let Some(l) = spec.adaptation.lora.as_ref() else {
+        return 0;
+    };
+    let d = if spec.adaptation.quant == crate::spec::Quant::None {
+        spec.dtype.size_in_bytes() as u64
+    } else {
+        4
+    };
+    l.saved_param_count(cfg) * d
 }
 
 /// The dtype of gradients for `spec` under the torch profiles (fp32 adapters' under `+amp`).

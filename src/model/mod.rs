@@ -271,7 +271,30 @@ impl Decoder {
         let kv = cfg.kv_heads() * cfg.head_dim();
         let i = cfg.intermediate_size;
         let mut ld = Loader { src, dtype, device };
-        let embed_tokens = ld.param("model.embed_tokens.weight", &[cfg.vocab_size, h], full)?;
+        // PEFT's `modules_to_save`: the module trained whole beside the adapters.
+        let (save_head, save_embed) = ad
+            .lora
+            .as_ref()
+            .map_or((false, false), |l| (l.save_lm_head, l.save_embed_tokens));
+        let tied = cfg.tie_word_embeddings;
+        // A tied model whose embedding or head alone is saved keeps the other on the frozen
+        // original: one trainable copy (`Var::from_tensor` copies), as PEFT's wrapper does.
+        let (embed_tokens, tied_head) = if tied && (save_head || save_embed) && !full {
+            let t = ld.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h], dtype)?;
+            let copy = || -> Result<Param> { Ok(Param::Trainable(Var::from_tensor(&t)?)) };
+            match (save_embed, save_head) {
+                (true, true) => (copy()?, Some(copy()?)),
+                (true, false) => (copy()?, Some(Param::Frozen(t.clone()))),
+                _ => (Param::Frozen(t.clone()), Some(copy()?)),
+            }
+        } else {
+            let e = ld.param(
+                "model.embed_tokens.weight",
+                &[cfg.vocab_size, h],
+                full || save_embed,
+            )?;
+            (e, None)
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -392,10 +415,10 @@ impl Decoder {
             });
         }
         let norm = ld.param("model.norm.weight", &[h], full)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
+        let lm_head = if tied {
+            tied_head
         } else {
-            Some(ld.param("lm_head.weight", &[cfg.vocab_size, h], full)?)
+            Some(ld.param("lm_head.weight", &[cfg.vocab_size, h], full || save_head)?)
         };
         // Seeds past every layer adapter's (l·8 + target < 8·L).
         let top_seed = |k: u64| {
@@ -554,7 +577,12 @@ impl Decoder {
             .adapters()
             .map(|a| (a.a.elem_count() + a.b.elem_count()) as u64)
             .sum();
-        self.cfg.param_count() + adapters
+        let saved = self
+            .adaptation
+            .lora
+            .as_ref()
+            .map_or(0, |l| l.saved_param_count(&self.cfg));
+        self.cfg.param_count() + adapters + saved
     }
 
     /// Parameters that receive gradients and optimizer states.

@@ -38,6 +38,10 @@ pub struct AdapterConfig {
     pub fan_in_fan_out: bool,
     /// Saved for inference (`true`).
     pub inference_mode: bool,
+    /// Modules trained whole beside the adapters (`lm_head`, `embed_tokens`); `null` for none,
+    /// as PEFT writes it.
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
 }
 
 fn st_err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -84,7 +88,14 @@ impl Decoder {
                     bias: "none".into(),
                     fan_in_fan_out: false,
                     inference_mode: true,
+                    modules_to_save: l
+                        .saves_modules()
+                        .then(|| l.saved_names().iter().map(|t| t.to_string()).collect()),
                 };
+                tensors = tensors
+                    .into_iter()
+                    .map(|(n, t)| (adapter_file_name(&n), t))
+                    .collect();
                 let cfg_path = dir.join("adapter_config.json");
                 let text = serde_json::to_string_pretty(&cfg).map_err(|e| st_err(&cfg_path, e))?;
                 std::fs::write(&cfg_path, text).map_err(|e| Error::io(&cfg_path, e))?;
@@ -216,15 +227,18 @@ impl Decoder {
             ));
         };
         let targets: Vec<String> = l.target_names().iter().map(|t| t.to_string()).collect();
+        let saved: Vec<String> = l.saved_names().iter().map(|t| t.to_string()).collect();
+        let file_saved = cfg.modules_to_save.clone().unwrap_or_default();
         if cfg.r != l.r
             || cfg.lora_alpha != l.alpha
             || cfg.target_modules != targets
+            || file_saved != saved
             || cfg.peft_type != "LORA"
         {
             return Err(st_err(
                 &cfg_path,
                 format!(
-                    "adapter is {} r={} alpha={} targets={:?}, the model has r={} alpha={} targets={targets:?}",
+                    "adapter is {} r={} alpha={} targets={:?} modules_to_save={file_saved:?}, the model has r={} alpha={} targets={targets:?} modules_to_save={saved:?}",
                     cfg.peft_type, cfg.r, cfg.lora_alpha, cfg.target_modules, l.r, l.alpha
                 ),
             ));
@@ -233,6 +247,7 @@ impl Decoder {
         let tensors =
             candle_core::safetensors::load(&file, self.device()).map_err(|e| st_err(&file, e))?;
         for (name, var) in self.trainable_vars() {
+            let name = adapter_file_name(&name);
             let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor {
                 path: file.clone(),
                 name: name.clone(),
@@ -241,6 +256,17 @@ impl Decoder {
             var.set(&t.to_dtype(var.dtype())?)?;
         }
         Ok(cfg)
+    }
+}
+
+/// The name of a LoRA model's trainable tensor in PEFT's `adapter_model.safetensors`: the
+/// adapters' as they are; a `modules_to_save` copy after its module
+/// (`base_model.model.lm_head.weight`: PEFT's `get_peft_model_state_dict` drops the wrapper's
+/// `modules_to_save.default`).
+fn adapter_file_name(name: &str) -> String {
+    match name {
+        "model.embed_tokens.weight" | "lm_head.weight" => format!("base_model.model.{name}"),
+        _ => name.to_string(),
     }
 }
 

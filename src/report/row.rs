@@ -62,6 +62,8 @@ pub struct Row {
     pub lora_alpha: Option<f64>,
     pub lora_dropout: Option<f64>,
     pub lora_targets: String,
+    #[serde(default)]
+    pub modules_to_save: String,
     pub quant: String,
     pub checkpointing: String,
     #[serde(default)]
@@ -159,6 +161,7 @@ impl Row {
             lora_alpha: lora.map(|l| l.alpha),
             lora_dropout: lora.map(|l| l.dropout),
             lora_targets: lora.map(|l| l.targets_label()).unwrap_or_default(),
+            modules_to_save: lora.map(|l| l.saved_names().join(";")).unwrap_or_default(),
             quant: spec.adaptation.quant.label().into(),
             checkpointing: spec.checkpointing.label(),
             attention: spec.attention.label().to_string(),

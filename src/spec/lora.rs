@@ -114,6 +114,15 @@ pub struct LoraConfig {
     /// [`LoraConfig::experts_adapted`]).
     #[serde(default)]
     pub all_linear: bool,
+    /// PEFT's `modules_to_save` on `lm_head`: a trainable full copy of the head, `(V, h)`,
+    /// with its own gradient and optimizer states (PEFT 0.21.2 `utils/other.py`,
+    /// `ModulesToSaveWrapper`: the original stays frozen beside the copy, tied or not).
+    #[serde(default)]
+    pub save_lm_head: bool,
+    /// PEFT's `modules_to_save` on `embed_tokens`: a trainable full copy of the embedding
+    /// table, `(V, h)`, as [`LoraConfig::save_lm_head`].
+    #[serde(default)]
+    pub save_embed_tokens: bool,
 }
 
 impl Default for LoraConfig {
@@ -127,6 +136,8 @@ impl Default for LoraConfig {
             lm_head: false,
             embed_tokens: false,
             all_linear: false,
+            save_lm_head: false,
+            save_embed_tokens: false,
         }
     }
 }
@@ -168,6 +179,18 @@ impl LoraConfig {
                 "at least one target module is needed",
             ));
         }
+        for (name, adapted, saved) in [
+            ("lm_head", self.lm_head, self.save_lm_head),
+            ("embed_tokens", self.embed_tokens, self.save_embed_tokens),
+        ] {
+            if adapted && saved {
+                return Err(Error::invalid(
+                    "--lora modules_to_save",
+                    name,
+                    format!("{name} is both a LoRA target and in modules_to_save: PEFT trains a module one way; keep it in one list"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -187,7 +210,36 @@ impl LoraConfig {
     /// given), `r8 q_proj,v_proj,lm_head`.
     pub fn short_label(&self) -> String {
         let names = self.names_with_all_linear(self.targets == Target::ALL);
-        format!("r{} {}", self.r, names.join(","))
+        let mut s = format!("r{} {}", self.r, names.join(","));
+        if self.saves_modules() {
+            s.push_str(&format!(" +full {}", self.saved_names().join(",")));
+        }
+        s
+    }
+
+    /// Whether PEFT's `modules_to_save` names a module ([`LoraConfig::save_lm_head`],
+    /// [`LoraConfig::save_embed_tokens`]).
+    pub fn saves_modules(&self) -> bool {
+        self.save_lm_head || self.save_embed_tokens
+    }
+
+    /// The `modules_to_save` names, `lm_head` before `embed_tokens` (the CSV's
+    /// `modules_to_save`, `;`-joined).
+    pub fn saved_names(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.save_lm_head {
+            v.push("lm_head");
+        }
+        if self.save_embed_tokens {
+            v.push("embed_tokens");
+        }
+        v
+    }
+
+    /// Parameters of the `modules_to_save` copies: `V·h` each.
+    pub fn saved_param_count(&self, cfg: &crate::config::ModelConfig) -> u64 {
+        (self.save_lm_head as u64 + self.save_embed_tokens as u64)
+            * (cfg.vocab_size * cfg.hidden_size) as u64
     }
 
     /// [`LoraConfig::target_names`], with `all-linear` in place of the seven where given so
@@ -248,7 +300,7 @@ impl LoraConfig {
 }
 
 impl fmt::Display for LoraConfig {
-    /// `r=…,alpha=…,dropout=…,targets=…`, which [`FromStr`] reads back.
+    /// `r=…,alpha=…,dropout=…,targets=…[,modules_to_save=…]`, which [`FromStr`] reads back.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -257,7 +309,11 @@ impl fmt::Display for LoraConfig {
             self.alpha,
             self.dropout,
             self.label_names().join(",")
-        )
+        )?;
+        if self.saves_modules() {
+            write!(f, ",modules_to_save={}", self.saved_names().join(","))?;
+        }
+        Ok(())
     }
 }
 
@@ -267,11 +323,13 @@ impl FromStr for LoraConfig {
     /// Parses `r=16,alpha=32,dropout=0.0,targets=q_proj,k_proj,v_proj,o_proj`. Items without
     /// `=` continue the previous key's list (so `targets=q_proj,v_proj` works unquoted).
     /// Targets are `q,k,v,o,gate,up,down` (with or without `_proj`), `attn`, `mlp`,
-    /// `all-linear`, `lm_head` or `embed_tokens`. Unset keys keep PEFT's defaults.
+    /// `all-linear`, `lm_head` or `embed_tokens`. `modules_to_save=lm_head,embed_tokens` (PEFT's
+    /// name) trains full copies of those modules beside the adapters. Unset keys keep PEFT's
+    /// defaults.
     ///
     /// # Errors
-    /// [`Error::InvalidValue`] for unknown keys or targets, rank 0, alpha ≤ 0, dropout outside
-    /// [0, 1), or no targets.
+    /// [`Error::InvalidValue`] for unknown keys, targets or modules to save, rank 0, alpha ≤ 0,
+    /// dropout outside [0, 1), no targets, or a module both adapted and saved.
     fn from_str(spec: &str) -> Result<Self> {
         let mut c = LoraConfig::default();
         let mut targets: Option<Vec<Target>> = None;
@@ -287,7 +345,9 @@ impl FromStr for LoraConfig {
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (key, value) = match item.split_once('=') {
                 Some((k, v)) => (k.trim().to_string(), v.trim()),
-                None if last_key == "targets" => ("targets".to_string(), item),
+                None if last_key == "targets" || last_key == "modules_to_save" => {
+                    (last_key.clone(), item)
+                }
                 None => {
                     return Err(Error::invalid(
                         "--lora",
@@ -308,14 +368,15 @@ impl FromStr for LoraConfig {
                 k => k,
             }
             .to_string();
-            if canonical != "targets" && seen.contains(&canonical) {
+            if canonical != "targets" && canonical != "modules_to_save" && seen.contains(&canonical)
+            {
                 return Err(Error::invalid(
                     "--lora",
                     spec,
                     format!("{canonical} is given twice"),
                 ));
             }
-            seen.push(canonical);
+            seen.push(canonical.clone());
             match key.as_str() {
                 "r" | "rank" => {
                     c.r = value.parse().map_err(|_| {
@@ -342,15 +403,26 @@ impl FromStr for LoraConfig {
                         })?),
                     }
                 }
+                "modules_to_save" => match value {
+                    "lm_head" => c.save_lm_head = true,
+                    "embed_tokens" => c.save_embed_tokens = true,
+                    _ => {
+                        return Err(Error::invalid(
+                            "--lora modules_to_save",
+                            value,
+                            "unknown module (expected lm_head or embed_tokens)",
+                        ))
+                    }
+                },
                 _ => {
                     return Err(Error::invalid(
                         "--lora",
                         key,
-                        "unknown key (expected r, alpha, dropout, targets, or PEFT's rank, lora_alpha, lora_dropout, target_modules)",
+                        "unknown key (expected r, alpha, dropout, targets, modules_to_save, or PEFT's rank, lora_alpha, lora_dropout, target_modules)",
                     ))
                 }
             }
-            last_key = key;
+            last_key = canonical;
         }
         if let Some(t) = &targets {
             if c.all_linear && t.len() > Target::ALL.len() {
@@ -449,5 +521,44 @@ mod tests {
             count("r=16,targets=q,lm_head"),
             count("r=16,targets=q") + 16 * (4096 + 32000)
         );
+    }
+
+    /// PEFT's `modules_to_save`: listed after the targets, read back from `Display`, counted as
+    /// `V·h` trainable parameters each beside the adapters; a module both adapted and saved,
+    /// or an unknown one, is refused.
+    #[test]
+    fn modules_to_save() {
+        let l: LoraConfig = "r=8,targets=q,v,modules_to_save=lm_head,embed_tokens"
+            .parse()
+            .unwrap();
+        assert!(l.save_lm_head && l.save_embed_tokens && !l.top_level());
+        assert_eq!(l.targets, vec![Target::QProj, Target::VProj]);
+        assert_eq!(l.saved_names(), vec!["lm_head", "embed_tokens"]);
+        assert_eq!(l.to_string().parse::<LoraConfig>().unwrap(), l);
+        assert_eq!(
+            l.short_label(),
+            "r8 q_proj,v_proj +full lm_head,embed_tokens"
+        );
+        // The key may come first, and the targets list continue after it.
+        let m: LoraConfig = "modules_to_save=embed_tokens,targets=q,v".parse().unwrap();
+        assert!(m.save_embed_tokens && !m.save_lm_head);
+        let cfg = crate::config::preset("smollm2-135m").unwrap().config;
+        assert_eq!(l.saved_param_count(&cfg), 2 * 49152 * 576);
+        assert_eq!(m.saved_param_count(&cfg), 49152 * 576);
+        for (bad, says) in [
+            (
+                "targets=q,lm_head,modules_to_save=lm_head",
+                "both a LoRA target",
+            ),
+            (
+                "modules_to_save=embed_tokens,targets=q,embed_tokens",
+                "both a LoRA target",
+            ),
+            ("targets=q,modules_to_save=norm", "unknown module"),
+            ("targets=q,modules_to_save=", "unknown module"),
+        ] {
+            let e = bad.parse::<LoraConfig>().unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

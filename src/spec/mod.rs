@@ -230,9 +230,24 @@ impl TrainSpec {
     /// Parameters that get gradients and AdamW states.
     pub fn trainable_params(&self, cfg: &ModelConfig) -> u64 {
         match &self.adaptation.lora {
-            Some(l) => lora_param_count(cfg, l),
+            Some(l) => lora_param_count(cfg, l) + l.saved_param_count(cfg),
             None => cfg.param_count(),
         }
+    }
+
+    /// Whether the LM head's weight is trained (full fine-tuning, or PEFT's `modules_to_save`
+    /// naming `lm_head`).
+    pub fn head_trained(&self) -> bool {
+        self.adaptation.lora.as_ref().is_none_or(|l| l.save_lm_head)
+    }
+
+    /// Whether the embedding table is trained (full fine-tuning, or PEFT's `modules_to_save`
+    /// naming `embed_tokens`).
+    pub fn embed_trained(&self) -> bool {
+        self.adaptation
+            .lora
+            .as_ref()
+            .is_none_or(|l| l.save_embed_tokens)
     }
 
     /// Checks the spec against the model: positive sizes, `seq ≤ max_position_embeddings`
@@ -294,12 +309,29 @@ impl TrainSpec {
         self.adaptation.validate(self.dtype)?;
         if self.save == SaveMode::Merged
             && cfg.tie_word_embeddings
-            && self.adaptation.lora.as_ref().is_some_and(|l| l.top_level())
+            && self
+                .adaptation
+                .lora
+                .as_ref()
+                .is_some_and(|l| l.top_level() || l.saves_modules())
         {
             return Err(Error::invalid(
                 "--save",
                 "merged",
-                "an lm_head or embed_tokens adapter on a model whose head is tied to embed_tokens cannot be merged without changing the other too; save the adapter (--save adapter)",
+                "an lm_head or embed_tokens adapter on a model whose head is tied to embed_tokens cannot be merged without changing the other too (nor a modules_to_save copy, which unties them); save the adapter (--save adapter)",
+            ));
+        }
+        if self.precision.is_some_and(|p| p.fp32_adapters())
+            && self
+                .adaptation
+                .lora
+                .as_ref()
+                .is_some_and(|l| l.saves_modules())
+        {
+            return Err(Error::invalid(
+                "--lora modules_to_save",
+                self.adaptation.lora.as_ref().map_or(String::new(), |l| l.saved_names().join(",")),
+                "under a +amp recipe PEFT keeps the adapters in fp32 and the saved copies in the 16-bit weights' dtype, which vramcal does not model yet: use bf16/fp16 or amp-bf16/amp-fp16",
             ));
         }
         self.checkpointing.validate(cfg.num_hidden_layers)?;
