@@ -224,17 +224,18 @@ fn autocast_and_top_level_adapter_rows_are_estimated_without_refitting() {
 /// PEFT's `modules_to_save` in vramcal's step (`results/cpu/*-modules-to-save.csv`, never
 /// fitted): trainable copies of `lm_head` and/or `embed_tokens` beside q/v or attention
 /// adapters, LoRA and QLoRA, f32 and bf16, checkpointing none and layers, on tied
-/// (smollm2-135m) and untied (mistral-mini) heads: median within 1 %, every row within 3 %,
+/// (smollm2-135m) and untied (mistral-mini) heads: median within 1 %, every row within 1 %,
 /// none under with a 1 % margin. Their counted terms: the tied model's copy, the saved head's
 /// gradient and candle's `GradStore` at the head's backward, the bf16 head's weight-gradient
-/// sum (an allocation probe in the fused head, `bf16_matmul_widening`).
+/// sum (an allocation probe in the fused head, `bf16_matmul_widening`), a saved embedding
+/// alone summed at the end of backward.
 #[test]
 fn modules_to_save_rows_are_estimated_without_refitting() {
     for (file, rows) in [
-        ("results/cpu/smollm2-135m-modules-to-save.csv", 28),
+        ("results/cpu/smollm2-135m-modules-to-save.csv", 32),
         ("results/cpu/mistral-mini-modules-to-save.csv", 12),
     ] {
-        let text = check_unfitted(file, "3%", "1%", "1%");
+        let text = check_unfitted(file, "1%", "1%", "1%");
         assert_eq!(rows_checked(&text), rows, "{text}");
         assert!(
             text.contains(&format!("under-estimates 0 of {rows}")),

@@ -1345,6 +1345,18 @@ const BAD_WORDS: &[Case] = &[
         error: "does not model yet",
         untouched: None,
     },
+    Case {
+        args: &["estimate", "--model", "tiny", "--batch", "1", "--seq", "8", "--profile",
+            "candle", "--precision", "amp-bf16", "--lora", "targets=q,modules_to_save=lm_head"],
+        error: "under autocast with modules_to_save is not modelled yet",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--batch", "1", "--seq", "8", "--method",
+            "qlora", "--dtype", "bf16", "--lora", "targets=q,modules_to_save=lm_head"],
+        error: "QLoRA over 16-bit weights with modules_to_save is not modelled yet",
+        untouched: None,
+    },
 ];
 
 #[test]

@@ -444,8 +444,6 @@ fn adapter_files_load_back_and_reproduce_logits() {
         .contains("r=2"));
 }
 
-/// Merged saves load back as the same model, for the Mistral layout and for Qwen2's (whose
-/// q/k/v biases the merged file must carry).
 /// PEFT's `modules_to_save`: the saved modules train (a tied model's head and embedding come
 /// apart, one copy), the adapter file carries them under PEFT's names with
 /// `adapter_config.json` listing them, a fresh model loads them back exactly, and a file without
@@ -514,8 +512,30 @@ fn modules_to_save_train_save_and_load_back() {
         let (x, _) = batch(2, 10, 5);
         assert!(max_abs_diff(&m.forward(&x).unwrap(), &fresh.forward(&x).unwrap()) <= 1e-6);
         let e = fresh.load_adapter(plain.path()).unwrap_err().to_string();
-        assert!(e.contains("modules_to_save"), "{e}");
+        assert!(
+            e.contains(
+                "adapter is LORA r=4 alpha=8 targets=[\"q_proj\", \"v_proj\"] modules_to_save=[]"
+            ),
+            "{e}"
+        );
     }
+    // A merged save of the untied model writes the trained modules as the model's own.
+    let ad = lora("r=4,targets=q_proj,v_proj,modules_to_save=lm_head,embed_tokens");
+    let mut m = model(&ad, DType::F32);
+    randomize_b(&m);
+    let (x, _) = batch(2, 10, 7);
+    let before = m.forward(&x).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    m.merge_and_save(dir.path()).unwrap();
+    let merged = Decoder::new(
+        &cfg(),
+        &mut vramcal::weights::SafetensorsWeights::open(&dir.path().join("model.safetensors"))
+            .unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(max_abs_diff(&before, &merged.forward(&x).unwrap()) <= 1e-5);
     // On a tied model one (V, h) copy is added, whichever modules are saved.
     let mut tied = preset("qwen2.5-0.5b").unwrap().config;
     tied.num_hidden_layers = 1;
@@ -541,6 +561,8 @@ fn modules_to_save_train_save_and_load_back() {
     }
 }
 
+/// Merged saves load back as the same model, for the Mistral layout and for Qwen2's (whose
+/// q/k/v biases the merged file must carry).
 #[test]
 fn merged_save_equals_base_plus_adapters() {
     let qwen2 = vramcal::config::ModelConfig {

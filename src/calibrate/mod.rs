@@ -113,6 +113,16 @@ pub fn spec_from_row(r: &Row) -> Result<(ModelConfig, TrainSpec)> {
             )
             .parse::<LoraConfig>()?,
         ),
+        Method::Full if !r.modules_to_save.is_empty() => {
+            return Err(Error::invalid(
+                "modules_to_save",
+                &r.modules_to_save,
+                format!(
+                    "row of {} is full fine-tuning, which has no modules_to_save (a LoRA setting)",
+                    r.model
+                ),
+            ))
+        }
         Method::Full => None,
     };
     spec.adaptation = Adaptation {

@@ -836,10 +836,10 @@ pub fn load_bytes(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     } else {
         0
     };
-    // PEFT adds the adapters after loading.
+    // PEFT adds the adapters, and the `modules_to_save` copies, after loading.
     let adapters = spec.adaptation.lora.as_ref().map_or(0, |l| {
         crate::spec::lora_param_count(cfg, l) * spec.adapter_dtype().size_in_bytes() as u64
-    });
+    }) + saved_copies(cfg, spec);
     weights(cfg, spec) - adapters + tied
 }
 
@@ -905,6 +905,7 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms 
         head_static: 0,
         layer_static: moe_backward(cfg, spec),
         backward_static: 0,
+        end_static: 0,
     }
 }
 

@@ -115,7 +115,14 @@ impl Decoder {
     /// # Errors
     /// [`Error::Io`]/[`Error::Weights`] on write failure; [`Error::Candle`].
     pub fn merge_and_save(&mut self, dir: &Path) -> Result<u64> {
-        if (self.lm_head_lora.is_some() || self.embed_lora.is_some()) && self.lm_head.is_none() {
+        let copies = self
+            .adaptation()
+            .lora
+            .as_ref()
+            .is_some_and(|l| l.saves_modules());
+        if ((self.lm_head_lora.is_some() || self.embed_lora.is_some()) && self.lm_head.is_none())
+            || (copies && self.cfg.tie_word_embeddings)
+        {
             return Err(Error::invalid(
                 "--save",
                 "merged",
@@ -228,7 +235,12 @@ impl Decoder {
         };
         let targets: Vec<String> = l.target_names().iter().map(|t| t.to_string()).collect();
         let saved: Vec<String> = l.saved_names().iter().map(|t| t.to_string()).collect();
-        let file_saved = cfg.modules_to_save.clone().unwrap_or_default();
+        // PEFT keeps the user's order: compared as sets.
+        let mut file_saved = cfg.modules_to_save.clone().unwrap_or_default();
+        file_saved.sort();
+        file_saved.dedup();
+        let mut saved = saved;
+        saved.sort();
         if cfg.r != l.r
             || cfg.lora_alpha != l.alpha
             || cfg.target_modules != targets
