@@ -133,7 +133,7 @@ pub enum Command {
         mut_arg("save_dir", |a| a.hide(true)),
         mut_arg("timed_steps", |a| a.hide(true)),
         mut_arg("budget", |a| a.help("Verdict against this memory instead of a GPU's, e.g. 24GiB (units B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
-        mut_arg("model", |a| a.help("Model: a preset (see `vramcal models`), a config.json or a folder holding one, or a model id in the local Hugging Face cache"))
+        mut_arg("model", |a| a.help("Model: a preset (see `vramcal models`), a config.json or a folder holding one, or a Hugging Face model id (org/name), whose config.json alone is read from the local cache or downloaded (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE honoured)"))
     )]
     Estimate(EstimateArgs),
     /// Fit the estimator's coefficients to measured CSVs and write a calibration table.
@@ -394,11 +394,14 @@ pub struct PlanArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// Model: a preset (see `vramcal models`), a config.json or a folder holding one, or a
-    /// model id in the local Hugging Face cache. May be omitted with GGUF or folder weights.
+    /// Hugging Face model id (org/name), read from the local cache or downloaded into it
+    /// (`HF_HOME`, `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`). May be omitted with GGUF or
+    /// folder weights.
     #[arg(long)]
     pub model: Option<String>,
     /// Weights: `random`, a .gguf file (llama architecture, dequantized), a .safetensors file,
-    /// a folder of safetensors in HF layout, or `hf:<model-id>` from the local HF cache.
+    /// a folder of safetensors in HF layout, or `hf:<model-id>`: its config.json and
+    /// safetensors from the Hugging Face cache, downloaded where missing (resumable).
     #[arg(long, default_value = "random")]
     pub weights: String,
     /// Weight and compute dtype: f32 or bf16 (f16, f64 also accepted).

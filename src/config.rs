@@ -482,6 +482,24 @@ impl ModelConfig {
     /// # Errors
     /// As [`ModelConfig::from_json_file`], except I/O.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        // Another architecture is named as such before its fields are read (a BERT config
+        // lacks fields a decoder's has: that is not what is wrong with it).
+        if let Some(found) = serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .and_then(|v| v.get("architectures").cloned())
+            .and_then(|a| serde_json::from_value::<Vec<String>>(a).ok())
+            .filter(|a| {
+                !a.is_empty()
+                    && !a
+                        .iter()
+                        .any(|x| SUPPORTED_ARCHITECTURES.contains(&x.as_str()))
+            })
+        {
+            return Err(Error::UnknownArchitecture {
+                path: path.to_path_buf(),
+                found,
+            });
+        }
         let mut cfg: ModelConfig = serde_json::from_str(text).map_err(|e| Error::Config {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -1046,11 +1064,13 @@ pub struct ResolvedModel {
 }
 
 /// Resolves `--model`: a preset name, a path to `config.json` or to a folder holding one, or
-/// a model id (`org/name`) already in the Hugging Face cache (`HF_HOME`, offline).
+/// a Hugging Face model id (`org/name`), whose `config.json` (a few KB, no weights) is read from
+/// the local cache or downloaded into it ([`crate::hub`]; `HF_HUB_OFFLINE=1`: the cache only).
 ///
 /// # Errors
-/// [`Error::UnknownModel`] when nothing matches; the errors of
-/// [`ModelConfig::from_json_file`] when a file is found but bad.
+/// [`Error::UnknownModel`] when nothing matches; [`Error::Hub`] when the Hub cannot give the
+/// id's `config.json`; the errors of [`ModelConfig::from_json_file`] when a file is found but
+/// bad.
 pub fn resolve_model(name: &str) -> Result<ResolvedModel> {
     if let Some(p) = preset(name) {
         return Ok(ResolvedModel {
@@ -1096,14 +1116,13 @@ pub fn resolve_model(name: &str) -> Result<ResolvedModel> {
         ));
     }
     if name.contains('/') {
-        if let Some(file) = hf_cache_file(name, "config.json") {
-            let config = ModelConfig::from_json_file(&file)?;
-            return Ok(ResolvedModel {
-                name: name.to_string(),
-                config,
-                source: ConfigSource::File(file),
-            });
-        }
+        let file = crate::hub::Hub::from_env().file(name, "config.json")?;
+        let config = ModelConfig::from_json_file(&file)?;
+        return Ok(ResolvedModel {
+            name: name.to_string(),
+            config,
+            source: ConfigSource::File(file),
+        });
     }
     Err(Error::UnknownModel {
         name: name.to_string(),
@@ -1113,13 +1132,6 @@ pub fn resolve_model(name: &str) -> Result<ResolvedModel> {
             .collect::<Vec<_>>()
             .join(", "),
     })
-}
-
-/// Finds `filename` of model `model_id` in the local Hugging Face cache (no network).
-pub fn hf_cache_file(model_id: &str, filename: &str) -> Option<PathBuf> {
-    hf_hub::Cache::from_env()
-        .model(model_id.to_string())
-        .get(filename)
 }
 
 #[cfg(test)]

@@ -28,12 +28,22 @@ pub enum Error {
         found: Vec<String>,
     },
     /// No preset, file or cached model matches this name.
-    #[error("unknown model {name:?}: not a preset ({known}), a config.json path, or a model id in the Hugging Face cache")]
+    #[error("unknown model {name:?}: not a preset ({known}), a config.json path, or a Hugging Face model id (org/name)")]
     UnknownModel {
         /// What the user asked for.
         name: String,
         /// Comma-separated preset names.
         known: String,
+    },
+    /// The Hugging Face Hub could not give a file of a model.
+    #[error("{id} on {endpoint}: {reason}")]
+    Hub {
+        /// The model id.
+        id: String,
+        /// The endpoint (`HF_ENDPOINT`).
+        endpoint: String,
+        /// What went wrong and what to do.
+        reason: String,
     },
     /// A size, count or option value is invalid (zero, overflowing, out of range).
     #[error("invalid {what} = {value}: {reason}")]

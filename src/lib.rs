@@ -17,6 +17,7 @@ pub mod data;
 pub mod error;
 pub mod estimate;
 pub mod export;
+pub mod hub;
 pub mod input;
 pub mod measure;
 pub mod model;

@@ -237,9 +237,10 @@ fn hf_cache_model_is_found_offline() {
         vramcal::weights::hf_cache_dir_in(&home.path().join("hub"), "acme/tiny-test").unwrap();
     let got = load(&WeightsSpec::Safetensors(dir)).unwrap();
     assert_eq!(logits(&got), logits(&m));
-    // An id that is not cached says so.
+    // An id that is not cached says so, offline (tests/hub.rs fetches from a local Hub).
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vramcal"))
         .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
         .args([
             "measure",
             "--model",
@@ -253,5 +254,9 @@ fn hf_cache_model_is_found_offline() {
         ])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the local Hugging Face cache"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not in the local cache") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
 }

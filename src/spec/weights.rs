@@ -19,7 +19,8 @@ pub enum WeightsSpec {
     SafetensorsFile(PathBuf),
     /// A GGUF file (llama architecture), dequantized.
     Gguf(PathBuf),
-    /// A model id resolved in the local Hugging Face cache (offline).
+    /// A Hugging Face model id: its files from the local cache, downloaded where missing
+    /// ([`crate::hub`]).
     HfCache(String),
 }
 

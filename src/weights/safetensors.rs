@@ -1,6 +1,6 @@
 //! Hugging Face safetensors (a single file, or a folder with `model.safetensors` or a sharded
 //! `model.safetensors.index.json`), memory-mapped, and models in the local Hugging Face cache
-//! (hf-hub's cache layout; vramcal does not download).
+//! (hf-hub's cache layout; [`hf_cache_dir`] downloads what is missing, [`crate::hub`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -246,19 +246,77 @@ pub fn hf_cache_dir_in(hub: &Path, id: &str) -> Result<PathBuf> {
         (Some(c), Some(_)) => Ok(c.parent().map(Path::to_path_buf).unwrap_or_default()),
         (Some(_), None) => Err(Error::Weights {
             path,
-            reason: format!("model {id} is in the local Hugging Face cache without model.safetensors or model.safetensors.index.json (vramcal does not download)"),
+            reason: format!("model {id} is in the local Hugging Face cache without model.safetensors or model.safetensors.index.json"),
         }),
         _ => Err(Error::Weights {
             path,
-            reason: format!("model {id} is not in the local Hugging Face cache (config.json and safetensors needed; vramcal does not download)"),
+            reason: format!("model {id} is not in the local Hugging Face cache (config.json and safetensors needed)"),
         }),
     }
 }
 
-/// The snapshot folder of model `id` in the local Hugging Face cache.
+/// The snapshot folder of model `id` with its `config.json` and safetensors, fetched from the
+/// Hugging Face Hub into the local cache where they are not there yet ([`crate::hub`]): the
+/// config, then `model.safetensors.index.json` and every shard its `weight_map` names, or else
+/// `model.safetensors`. With `HF_HUB_OFFLINE=1` the cache only.
 ///
 /// # Errors
-/// [`Error::Weights`] when the model has no cached `config.json` and safetensors.
+/// [`Error::Hub`] for what the Hub cannot give (the id, a gated repository without a token, a
+/// cut transfer, offline and not cached); [`Error::Weights`] for an index that is not JSON or
+/// names a shard outside the repository, or a repository without safetensors.
 pub fn hf_cache_dir(id: &str) -> Result<PathBuf> {
-    hf_cache_dir_in(hf_hub::Cache::from_env().path(), id)
+    let hub = crate::hub::Hub::from_env();
+    let config = hub.file(id, "config.json")?;
+    let snapshot = config.parent().map(Path::to_path_buf).unwrap_or_default();
+    // What the cache has is used without asking the Hub (a single file, or an index whose
+    // shards are fetched below only where missing).
+    let cached_index = hub.cached(id, "model.safetensors.index.json");
+    if cached_index.is_none() && hub.cached(id, "model.safetensors").is_some() {
+        return hf_cache_dir_in(hub.cache_dir(), id);
+    }
+    let index = match cached_index {
+        Some(p) => Some(p),
+        None => hub.optional_file(id, "model.safetensors.index.json")?,
+    };
+    let Some(index) = index else {
+        return match hub.optional_file(id, "model.safetensors")? {
+            Some(_) => hf_cache_dir_in(hub.cache_dir(), id),
+            // Offline and not cached: the Hub's one line naming HF_HUB_OFFLINE.
+            None if hub.offline() => hub.file(id, "model.safetensors").map(|_| snapshot),
+            None => Err(Error::Weights {
+                path: snapshot,
+                reason: format!("model {id} has neither model.safetensors nor model.safetensors.index.json on the Hub (vramcal reads safetensors weights)"),
+            }),
+        };
+    };
+    let text = crate::input::read_text_capped(&index)?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Weights {
+        path: index.clone(),
+        reason: format!("not JSON: {e}"),
+    })?;
+    let mut shards: Vec<String> = v["weight_map"]
+        .as_object()
+        .ok_or_else(|| Error::Weights {
+            path: index.clone(),
+            reason: "no weight_map object".into(),
+        })?
+        .values()
+        .filter_map(|f| f.as_str().map(String::from))
+        .collect();
+    shards.sort();
+    shards.dedup();
+    for f in &shards {
+        let plain =
+            !f.is_empty() && !f.contains(['/', '\\']) && f != ".." && f.ends_with(".safetensors");
+        if !plain {
+            return Err(Error::Weights {
+                path: index.clone(),
+                reason: format!(
+                    "weight_map names {f:?}, not a .safetensors file of the repository"
+                ),
+            });
+        }
+        hub.file(id, f)?;
+    }
+    hf_cache_dir_in(hub.cache_dir(), id)
 }
