@@ -633,3 +633,35 @@ pub struct SlurmArgs {
     #[arg(last = true, required = true)]
     pub sweep: Vec<String>,
 }
+
+/// The one line (without `error: `) that a command line clap refused gets: the setup parser's
+/// message where a value went through a [`crate::spec`] `FromStr`, as when the commands parse a
+/// value themselves; else clap's first line, with the missing required arguments it lists on
+/// the lines after it joined on.
+pub fn error_line(e: &clap::Error) -> String {
+    if let Some(err) = setup_error(e) {
+        return err.to_string();
+    }
+    let text = e.render().to_string();
+    let mut lines = text.lines().skip_while(|l| l.trim().is_empty());
+    let mut line = lines.next().unwrap_or("").to_string();
+    // "the following required arguments were not provided:" lists them on the indented lines
+    // after it: keep them on the one line.
+    if line.ends_with(':') {
+        let more: Vec<&str> = lines
+            .take_while(|l| l.starts_with(' '))
+            .map(str::trim)
+            .collect();
+        line = format!("{line} {}", more.join(", "));
+    }
+    line.strip_prefix("error: ").unwrap_or(&line).to_string()
+}
+
+/// The error of a [`crate::spec`] parser behind a clap value error, if that is what `e` is.
+pub fn setup_error(e: &clap::Error) -> Option<&crate::Error> {
+    use std::error::Error as _;
+    if e.kind() != clap::error::ErrorKind::ValueValidation {
+        return None;
+    }
+    e.source()?.downcast_ref::<crate::Error>()
+}

@@ -1110,9 +1110,10 @@ pub fn resolve_model(name: &str) -> Result<ResolvedModel> {
         });
     }
     if looks_like_path {
-        return Err(Error::io(
-            path,
-            std::io::Error::from(std::io::ErrorKind::NotFound),
+        return Err(Error::invalid(
+            "--model",
+            name,
+            "file or folder not found (and not a preset or an org/name model id)",
         ));
     }
     if name.contains('/') {

@@ -29,6 +29,7 @@ pub struct Hub {
     token: Option<String>,
     offline: bool,
     progress: bool,
+    timeout: std::time::Duration,
 }
 
 /// `huggingface_hub`'s default endpoint.
@@ -47,7 +48,16 @@ impl Hub {
     /// The Hub of the environment (`HF_HOME`, `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`); a
     /// progress bar on standard error where it is a terminal.
     pub fn from_env() -> Self {
-        let cache = Cache::from_env();
+        // An empty HF_HOME is unset (hf-hub would cache into `./hub`).
+        let cache = match std::env::var("HF_HOME") {
+            Ok(h) if h.trim().is_empty() => Cache::default(),
+            _ => Cache::from_env(),
+        };
+        let timeout = std::env::var("HF_HUB_DOWNLOAD_TIMEOUT")
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|t| t.is_finite() && *t > 0.0)
+            .unwrap_or(10.0);
         let token = std::env::var("HF_TOKEN")
             .ok()
             .map(|t| t.trim().to_string())
@@ -62,6 +72,7 @@ impl Hub {
             token,
             offline: std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| is_true(&v)),
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            timeout: std::time::Duration::from_secs_f64(timeout.min(86_400.0)),
             cache,
         }
     }
@@ -128,18 +139,14 @@ impl Hub {
                 ),
             ));
         }
-        let api = self.api(id)?;
-        let repo = api.model(id.to_string());
-        let mut bar = Bar::new(self.progress);
-        let got = match repo.download_with_progress(filename, &mut bar) {
-            Ok(p) => p,
-            Err(e) if status(&e) == Some(404) => return Ok(None),
-            Err(e) => return Err(self.api_err(id, filename, e)),
+        let (got, size) = match self.download(id, filename)? {
+            Some(x) => x,
+            None => return Ok(None),
         };
         let len = std::fs::metadata(&got)
             .map_err(|e| Error::io(&got, e))?
             .len();
-        match bar.size {
+        match size {
             Some(size) if len != size as u64 => {
                 self.keep_part(&got)?;
                 Err(self.err(
@@ -151,6 +158,104 @@ impl Hub {
             }
             _ => Ok(Some(got)),
         }
+    }
+
+    /// hf-hub's download of `filename`, watched from this thread: `None` for a 404; the path
+    /// and the size the Hub announced otherwise. A leftover `.part` that cannot be resumed
+    /// (longer than the file, or the whole file: hf-hub's `InvalidResume`, HTTP 416) is removed
+    /// and the transfer started again, once.
+    ///
+    /// # Errors
+    /// [`Error::Hub`] as [`Hub::file`], and when the endpoint sends nothing for
+    /// `HF_HUB_DOWNLOAD_TIMEOUT` seconds (10 by default, as `huggingface_hub`).
+    fn download(&self, id: &str, filename: &str) -> Result<Option<(PathBuf, Option<usize>)>> {
+        for attempt in 0..2 {
+            match self.watched(id, filename)? {
+                Ok(x) => return Ok(Some(x)),
+                Err(e) if status(&e) == Some(404) => return Ok(None),
+                Err(e)
+                    if attempt == 0
+                        && (matches!(e, ApiError::InvalidResume) || status(&e) == Some(416)) =>
+                {
+                    self.drop_parts(id)?;
+                }
+                Err(e) => return Err(self.api_err(id, filename, e)),
+            }
+        }
+        Err(self.err(
+            id,
+            format!("{filename}: the transfer could not be restarted"),
+        ))
+    }
+
+    /// Runs one hf-hub download in its own thread and waits for it while it makes progress.
+    fn watched(
+        &self,
+        id: &str,
+        filename: &str,
+    ) -> Result<std::result::Result<(PathBuf, Option<usize>), ApiError>> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::{mpsc, Arc, Mutex};
+        use std::time::{Duration, Instant};
+        let start = Instant::now();
+        let millis = move || start.elapsed().as_millis() as u64;
+        let last = Arc::new(AtomicU64::new(0));
+        let size = Arc::new(Mutex::new(None));
+        let bar = Bar {
+            size: size.clone(),
+            last: last.clone(),
+            started: start,
+            bar: None,
+            draw: self.progress,
+        };
+        let repo = self.api(id)?.model(id.to_string());
+        let name = filename.to_string();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(repo.download_with_progress(&name, bar));
+        });
+        let limit = self.timeout.as_millis() as u64;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(r) => {
+                    let announced = *size.lock().unwrap_or_else(|e| e.into_inner());
+                    return Ok(r.map(|p| (p, announced)));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if millis().saturating_sub(last.load(Ordering::Relaxed)) > limit {
+                        return Err(self.err(
+                            id,
+                            format!(
+                                "{filename}: no answer from the endpoint for {} s (HF_HUB_DOWNLOAD_TIMEOUT); what arrived is kept for resuming",
+                                self.timeout.as_secs_f64()
+                            ),
+                        ));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(self.err(id, format!("{filename}: the download stopped")));
+                }
+            }
+        }
+    }
+
+    /// Removes the `.part` files of model `id`'s blobs (transfers that cannot be resumed).
+    fn drop_parts(&self, id: &str) -> Result<()> {
+        let blobs = self
+            .cache
+            .path()
+            .join(format!("models--{}", id.replace('/', "--")))
+            .join("blobs");
+        let Ok(entries) = std::fs::read_dir(&blobs) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "part") {
+                std::fs::remove_file(&p).map_err(|err| Error::io(&p, err))?;
+            }
+        }
+        Ok(())
     }
 
     /// Puts a short download back as hf-hub's `.part` file (beside its blob) and removes its
@@ -201,6 +306,13 @@ impl Hub {
                 "{filename}: cannot reach the endpoint ({}); HF_HUB_OFFLINE=1 uses the local cache only",
                 first_line(&r.to_string())
             ),
+            (None, ApiError::IoError(io)) => format!(
+                "{filename}: the transfer was interrupted ({}); what arrived is kept: run again to resume it",
+                first_line(&io.to_string())
+            ),
+            (None, ApiError::MissingHeader(h) | ApiError::InvalidHeader(h)) => format!(
+                "{filename}: the endpoint does not answer as a Hugging Face Hub does (header {h} missing or invalid): check HF_ENDPOINT"
+            ),
             (None, ApiError::LockAcquisition(p)) => format!(
                 "{filename}: another process is downloading it ({} is locked)",
                 p.display()
@@ -243,6 +355,13 @@ pub fn check_id(id: &str) -> Result<()> {
             && p.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
+    if let Some(rest) = id.strip_prefix("hf:") {
+        return Err(Error::invalid(
+            "model id",
+            id,
+            format!("give the id without hf: ({rest}); --weights takes hf:<id>"),
+        ));
+    }
     if parts.len() <= 2 && parts.iter().all(|p| ok_part(p)) {
         Ok(())
     } else {
@@ -254,27 +373,29 @@ pub fn check_id(id: &str) -> Result<()> {
     }
 }
 
-/// hf-hub's progress callback: remembers the announced size, draws an indicatif bar where
-/// enabled.
+/// hf-hub's progress callback: remembers the announced size and when bytes last arrived (for
+/// the stall timeout), draws an indicatif bar where enabled.
 struct Bar {
-    size: Option<usize>,
+    size: std::sync::Arc<std::sync::Mutex<Option<usize>>>,
+    last: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    started: std::time::Instant,
     bar: Option<indicatif::ProgressBar>,
     draw: bool,
 }
 
 impl Bar {
-    fn new(draw: bool) -> Self {
-        Bar {
-            size: None,
-            bar: None,
-            draw,
-        }
+    fn touch(&self) {
+        self.last.store(
+            self.started.elapsed().as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 }
 
-impl Progress for &mut Bar {
+impl Progress for Bar {
     fn init(&mut self, size: usize, filename: &str) {
-        self.size = Some(size);
+        *self.size.lock().unwrap_or_else(|e| e.into_inner()) = Some(size);
+        self.touch();
         if self.draw && self.bar.is_none() {
             let b = indicatif::ProgressBar::new(size as u64);
             if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -288,6 +409,7 @@ impl Progress for &mut Bar {
     }
 
     fn update(&mut self, size: usize) {
+        self.touch();
         if let Some(b) = &self.bar {
             b.inc(size as u64);
         }

@@ -18,30 +18,11 @@ fn main() -> ExitCode {
         {
             e.exit()
         }
-        // A setup option clap parsed through its `FromStr`: that parser's message, as when
-        // the commands parse a value themselves.
-        Err(e) if setup_error(&e).is_some() => {
-            eprintln!("error: {}", setup_error(&e).expect("checked"));
-            return ExitCode::FAILURE;
-        }
         Err(e) => {
-            // One line, as every other error: clap's first (its tips and usage follow it).
-            let text = e.render().to_string();
-            let mut lines = text.lines().skip_while(|l| l.trim().is_empty());
-            let mut line = lines.next().unwrap_or("").to_string();
-            // "the following required arguments were not provided:" lists them on the
-            // indented lines after it: keep them on the one line.
-            if line.ends_with(':') {
-                let more: Vec<&str> = lines
-                    .take_while(|l| l.starts_with(' '))
-                    .map(str::trim)
-                    .collect();
-                line = format!("{line} {}", more.join(", "));
-            }
-            let line = line.as_str();
-            match line.strip_prefix("error: ") {
-                Some(rest) => eprintln!("error: {rest}"),
-                None => eprintln!("error: {line}"),
+            eprintln!("error: {}", vramcal::cli::error_line(&e));
+            // A setup parser's refusal exits as the commands' own refusals do.
+            if vramcal::cli::setup_error(&e).is_some() {
+                return ExitCode::FAILURE;
             }
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
@@ -53,15 +34,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error of a [`vramcal::spec`] parser behind a clap value error, if that is what `e` is.
-fn setup_error(e: &clap::Error) -> Option<&vramcal::Error> {
-    use std::error::Error as _;
-    if e.kind() != clap::error::ErrorKind::ValueValidation {
-        return None;
-    }
-    e.source()?.downcast_ref::<vramcal::Error>()
 }
 
 /// `hypotf` for this binary, so that it does not import glibc 2.35's `hypotf@GLIBC_2.35` (the

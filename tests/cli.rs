@@ -535,7 +535,9 @@ fn fixes_name_8bit_optimizers_and_fewer_lora_modules() {
     ];
     let t = text(&lora);
     assert!(
-        t.contains("LoRA on q_proj and v_proj only (--lora targets=q,v)"),
+        t.contains(
+            "LoRA on q_proj and v_proj only (--lora r=16,alpha=8,dropout=0,targets=q_proj,v_proj)"
+        ),
         "{t}"
     );
     let candle = [

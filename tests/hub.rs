@@ -326,6 +326,23 @@ fn a_cut_transfer_is_refused_kept_for_resuming_and_resumed() {
         "{:?}",
         requests(&state)
     );
+    // A leftover part that cannot be resumed (longer than the file) is dropped and the file
+    // fetched again: a complete download turned into such a part.
+    let other = tempfile::tempdir().unwrap();
+    ok(&measure(other.path(), &endpoint, &[], "acme/tiny"));
+    let link = other.path().join(format!(
+        "hub/models--acme--tiny/snapshots/{COMMIT}/model.safetensors"
+    ));
+    let blob = std::fs::canonicalize(&link).unwrap();
+    std::fs::remove_file(&link).unwrap();
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes.extend([0u8; 10]);
+    std::fs::remove_file(&blob).unwrap();
+    std::fs::write(blob.with_extension("part"), bytes).unwrap();
+    let row: serde_json::Value =
+        serde_json::from_str(&ok(&measure(other.path(), &endpoint, &[], "acme/tiny"))).unwrap();
+    assert_eq!(row["params"], 21664);
+    assert!(blob.is_file() && !blob.with_extension("part").exists());
 }
 
 #[test]
@@ -356,6 +373,20 @@ fn gated_unknown_and_unsupported_repositories_get_one_line() {
     assert!(e.contains("unsupported architecture"), "{e}");
     let e = one_error(&estimate(home.path(), &endpoint, &[], "acme/../etc"));
     assert!(e.contains("model id"), "{e}");
+    // A server that accepts the connection and never answers: given up after
+    // HF_HUB_DOWNLOAD_TIMEOUT seconds.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let t0 = std::time::Instant::now();
+    let e = one_error(&estimate(
+        home.path(),
+        &format!("http://{addr}"),
+        &[("HF_HUB_DOWNLOAD_TIMEOUT", "1")],
+        "acme/tiny",
+    ));
+    assert!(e.contains("no answer from the endpoint for 1 s"), "{e}");
+    assert!(t0.elapsed().as_secs() < 30, "{:?}", t0.elapsed());
+    drop(silent);
     // An endpoint nobody listens on: one line that says so.
     let e = one_error(&estimate(
         home.path(),

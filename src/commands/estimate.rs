@@ -50,6 +50,28 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `vramcal estimate <args> --json` as a function: the JSON text the command prints, or the one
+/// line (without `error: `) it prints on failure. `args` are the command's arguments after
+/// `estimate` (`["--model", "mistral-7b-v0.1", "--seq", "1024"]`). The Python package's
+/// `vramcal.estimate` calls this, so both answer with the same numbers.
+///
+/// # Errors
+/// The line of a refused command line or of a failed estimate.
+pub fn json_from_args(args: &[String]) -> Result<String, String> {
+    use clap::Parser;
+    let argv = ["vramcal", "estimate"]
+        .into_iter()
+        .map(String::from)
+        .chain(args.iter().cloned())
+        .chain(std::iter::once("--json".to_string()));
+    let cli = crate::cli::Cli::try_parse_from(argv).map_err(|e| crate::cli::error_line(&e))?;
+    let crate::cli::Command::Estimate(a) = cli.command else {
+        return Err("not an estimate".into());
+    };
+    let x = query(&a).and_then(answer).map_err(|e| format!("{e:#}"))?;
+    crate::export::estimate::json(&x).map_err(|e| format!("{e:#}"))
+}
+
 /// Checks the arguments and builds the question, refusing (never ignoring) options that do not
 /// apply.
 ///

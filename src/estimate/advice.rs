@@ -62,14 +62,16 @@ pub fn alternatives(
                 l.lm_head = false;
                 l.embed_tokens = false;
             }
-            // `modules_to_save` stays: the copies are there for a reason (added tokens).
-            let saved = if l.saves_modules() {
-                format!(",modules_to_save={}", l.saved_names().join(","))
-            } else {
-                String::new()
-            };
+            // `modules_to_save` stays: the copies are there for a reason (added tokens). The
+            // label gives the whole setting, rank and alpha kept.
+            let label = s
+                .adaptation
+                .lora
+                .as_ref()
+                .map(|l| l.to_string())
+                .unwrap_or_default();
             v.push((
-                format!("LoRA on q_proj and v_proj only (--lora targets=q,v{saved})"),
+                format!("LoRA on q_proj and v_proj only (--lora {label})"),
                 s,
             ));
         }
