@@ -230,6 +230,11 @@ fn cases() -> Vec<Case> {
         expect: &["column modules_to_save = \"lm_head\"", "cannot also be in"],
     });
     v.push(Case {
+        what: "model path that does not exist",
+        file: with("model", "./no/such/folder"),
+        expect: &["column model = \"./no/such/folder\"", "file or folder not found"],
+    });
+    v.push(Case {
         what: "qlora row with quant none",
         file: with("method", "qlora"),
         expect: &["column quant = \"none\"", "qlora rows have an nf4"],
@@ -284,6 +289,26 @@ fn good_rows_and_oom_rows_are_read() {
         "{text}"
     );
     assert!(text.contains("1 of 1 predicted above their card"), "{text}");
+    // A user's run (vramcal.MemoryRecorder's rows): the model as its config.json folder, read
+    // as `--model` reads it; the same estimate as the preset it copies.
+    let folder = dir.path().join("my-model");
+    std::fs::create_dir_all(&folder).unwrap();
+    let cfg = vramcal::config::preset("smollm2-135m").unwrap().config;
+    std::fs::write(
+        folder.join("config.json"),
+        serde_json::to_string(&cfg).unwrap(),
+    )
+    .unwrap();
+    let user = GOOD.replace("smollm2-135m", folder.to_str().unwrap());
+    let by_path = checked("user.csv", format!("{HEADER}\n{user}\n"));
+    let by_preset = checked("preset.csv", format!("{HEADER}\n{GOOD}\n"));
+    let predicted = |t: &str| {
+        t.lines()
+            .find(|l| l.starts_with("| r1 |"))
+            .map(|l| l.split('|').nth(5).unwrap().trim().to_string())
+            .unwrap()
+    };
+    assert_eq!(predicted(&by_path), predicted(&by_preset), "{by_path}");
     // As scripts/torch_reference.py writes one: status oom, counter oom, the card's memory.
     let text = checked("script-oom.csv", format!("{HEADER},status\n{oom},oom\n"));
     assert!(

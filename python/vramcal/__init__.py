@@ -17,7 +17,16 @@ import json as _json
 
 from ._vramcal import __version__, estimate_json as _estimate_json
 
-__all__ = ["estimate", "estimate_args", "__version__"]
+__all__ = ["estimate", "estimate_args", "MemoryRecorder", "__version__"]
+
+
+def __getattr__(name):
+    # transformers is imported only by those who use the callback.
+    if name == "MemoryRecorder":
+        from .recorder import MemoryRecorder
+
+        return MemoryRecorder
+    raise AttributeError(name)
 
 
 def estimate_args(**options):

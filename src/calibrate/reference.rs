@@ -24,7 +24,8 @@ pub struct ReferenceRow {
     pub id: String,
     /// Where the measurement comes from.
     pub source: String,
-    /// Model: a vramcal preset.
+    /// Model: a vramcal preset (or, beyond the shared format, a config.json path or a Hugging
+    /// Face model id).
     pub model: String,
     /// `full`, `lora` or `qlora`.
     pub method: String,
@@ -284,13 +285,29 @@ impl Reference {
         if raw.id.is_empty() {
             return Err(c.err("id", "", "every row needs an id"));
         }
-        let preset = crate::config::preset(&raw.model).ok_or_else(|| {
-            c.err(
-                "model",
-                &raw.model,
-                "expected a vramcal preset (`vramcal models`)",
-            )
-        })?;
+        // A preset (the shared format's vocabulary), or, for rows `vramcal.MemoryRecorder`
+        // writes from users' runs, the run's own config.json path or Hugging Face model id.
+        let preset = match crate::config::preset(&raw.model) {
+            Some(p) => p.config,
+            None if raw.model.contains('/') => {
+                crate::config::resolve_model(&raw.model)
+                    .map_err(|e| {
+                        c.err(
+                            "model",
+                            &raw.model,
+                            &format!("expected a vramcal preset (`vramcal models`), a config.json path or a Hugging Face model id: {e}"),
+                        )
+                    })?
+                    .config
+            }
+            None => {
+                return Err(c.err(
+                    "model",
+                    &raw.model,
+                    "expected a vramcal preset (`vramcal models`), a config.json path or a Hugging Face model id",
+                ))
+            }
+        };
         for (col, v) in [("source", &raw.source), ("gpu", &raw.gpu)] {
             if v.trim().is_empty() {
                 return Err(c.err(col, v, "every row names it"));
@@ -454,7 +471,7 @@ impl Reference {
             seed: 0,
         };
         // Sizes the estimator cannot count (bytes past 64 bits) are refused here, by row.
-        spec.validate(&preset.config)
+        spec.validate(&preset)
             .map_err(|e| c.err("batch", &raw.batch, &format!("with seq {}: {e}", raw.seq)))?;
         // `none` only as the legacy spelling of a row without a counter.
         let counter = match modern("counter", &raw.counter) {

@@ -1,0 +1,78 @@
+"""vramcal.MemoryRecorder on the CPU with the real stack (torch, transformers, peft from the
+reference harness's environment): a tiny Llama trained three steps by the HF Trainer, full
+fine-tuning and PEFT LoRA (with modules_to_save), each appending one reference row that
+`vramcal check` reads; without count_cpu_memory the recorder says so once and writes nothing.
+Run by scripts/python-wheel-check.sh where VRAMCAL_TORCH_PYTHON names that environment."""
+
+import contextlib
+import csv
+import io
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+import vramcal
+
+BIN = os.environ["VRAMCAL_BIN"]
+
+
+def train(folder, rows, recorder, peft_config=None):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+    if peft_config is not None:
+        import peft
+
+        model = peft.get_peft_model(model, peft_config)
+    data = [{"input_ids": torch.randint(0, 256, (16,))} for _ in range(6)]
+    for d in data:
+        d["labels"] = d["input_ids"].clone()
+    args = TrainingArguments(
+        output_dir=os.path.join(folder, "out"), per_device_train_batch_size=2, max_steps=3,
+        optim="adamw_torch", use_cpu=True, report_to=[], save_strategy="no",
+        logging_strategy="no", dataloader_num_workers=0, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[recorder]).train()
+
+
+def main():
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "tiny-llama")
+        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=64, tie_word_embeddings=False)
+        LlamaForCausalLM(cfg).save_pretrained(folder)
+        rows = os.path.join(tmp, "rows.csv")
+        train(folder, rows, vramcal.MemoryRecorder(out=rows, count_cpu_memory=True))
+        import peft
+
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                               modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+        train(folder, rows, vramcal.MemoryRecorder(out=rows, count_cpu_memory=True), lora)
+        # Without count_cpu_memory: one line on standard error, no row.
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            train(folder, rows, vramcal.MemoryRecorder(out=rows))
+        said = [l for l in err.getvalue().splitlines() if "vramcal.MemoryRecorder" in l]
+        assert len(said) == 1 and "keeps no memory statistics" in said[0], said
+        with open(rows) as f:
+            got = list(csv.DictReader(f))
+        assert [r["method"] for r in got] == ["full", "lora"], got
+        assert got[1]["modules_to_save"] == "lm_head" and got[1]["lora_targets"] == "q_proj;v_proj"
+        assert all(int(r["peak_bytes"]) > 0 and r["seq"] == "16" for r in got), got
+        out = subprocess.run([BIN, "check", "--measured", rows, "--profile", "torch-sdpa"],
+                             capture_output=True, text=True, cwd=tmp)
+        assert out.returncode == 0, out.stderr
+        print(out.stdout)
+        summary = [l for l in out.stdout.splitlines() if l.startswith("profile ")]
+        assert summary and "2 rows" in summary[0], out.stdout
+    print(f"MemoryRecorder (torch {torch.__version__}, transformers {transformers.__version__}): "
+          "2 rows recorded on the CPU and read by vramcal check; no row without statistics")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
