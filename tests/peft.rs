@@ -34,6 +34,17 @@ fn model(ad: &Adaptation, dtype: DType) -> Decoder {
     Decoder::with_adaptation(&cfg(), &mut RandomWeights::new(11), dtype, &Device::Cpu, ad).unwrap()
 }
 
+/// The model of [`model`] (same base weights) with other adapter initializations (seed 99).
+fn reseeded(ad: &Adaptation) -> Decoder {
+    model(
+        &Adaptation {
+            seed: 99,
+            ..ad.clone()
+        },
+        DType::F32,
+    )
+}
+
 fn batch(b: usize, s: usize, step: u64) -> (Tensor, Tensor) {
     random_batch(&TrainSpec::new(b, s), cfg().vocab_size, step, &Device::Cpu).unwrap()
 }
@@ -413,17 +424,7 @@ fn adapter_files_load_back_and_reproduce_logits() {
     );
 
     // A fresh model (other adapter init) with the files loaded gives the same logits.
-    let fresh = Decoder::with_adaptation(
-        &cfg(),
-        &mut RandomWeights::new(11),
-        DType::F32,
-        &Device::Cpu,
-        &Adaptation {
-            seed: 99,
-            ..ad.clone()
-        },
-    )
-    .unwrap();
+    let fresh = reseeded(&ad);
     let (x, _) = batch(2, 10, 5);
     assert!(max_abs_diff(&m.forward(&x).unwrap(), &fresh.forward(&x).unwrap()) > 0.0);
     fresh.load_adapter(dir.path()).unwrap();
@@ -494,17 +495,7 @@ fn modules_to_save_train_save_and_load_back() {
         ] {
             assert_eq!(st.contains_key(file), saved.contains(module), "{file}");
         }
-        let fresh = Decoder::with_adaptation(
-            &cfg(),
-            &mut RandomWeights::new(11),
-            DType::F32,
-            &Device::Cpu,
-            &Adaptation {
-                seed: 99,
-                ..ad.clone()
-            },
-        )
-        .unwrap();
+        let fresh = reseeded(&ad);
         fresh.load_adapter(dir.path()).unwrap();
         for ((name, a), (_, b)) in m.trainable_vars().into_iter().zip(fresh.trainable_vars()) {
             assert_eq!(max_abs_diff(a.as_tensor(), b.as_tensor()), 0.0, "{name}");

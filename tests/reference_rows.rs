@@ -232,7 +232,10 @@ fn cases() -> Vec<Case> {
     v.push(Case {
         what: "model path that does not exist",
         file: with("model", "./no/such/folder"),
-        expect: &["column model = \"./no/such/folder\"", "file or folder not found"],
+        expect: &[
+            "column model = \"./no/such/folder\"",
+            "file or folder not found",
+        ],
     });
     v.push(Case {
         what: "qlora row with quant none",
