@@ -48,21 +48,31 @@ impl Hub {
     /// The Hub of the environment (`HF_HOME`, `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`); a
     /// progress bar on standard error where it is a terminal.
     pub fn from_env() -> Self {
-        // An empty HF_HOME is unset (hf-hub would cache into `./hub`).
-        let cache = match std::env::var("HF_HOME") {
-            Ok(h) if h.trim().is_empty() => Cache::default(),
-            _ => Cache::from_env(),
+        // `HF_HUB_CACHE` names the hub folder itself, before `HF_HOME/hub`; an empty value is
+        // unset (hf-hub would cache into `./hub`).
+        let set = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let cache = match (set("HF_HUB_CACHE"), set("HF_HOME")) {
+            (Some(hub), _) => Cache::new(PathBuf::from(hub)),
+            (None, Some(_)) => Cache::from_env(),
+            (None, None) => Cache::default(),
         };
         let timeout = std::env::var("HF_HUB_DOWNLOAD_TIMEOUT")
             .ok()
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|t| t.is_finite() && *t > 0.0)
             .unwrap_or(10.0);
-        let token = std::env::var("HF_TOKEN")
-            .ok()
+        // huggingface_hub's order: HF_TOKEN, its old name, then the token file (HF_TOKEN_PATH,
+        // else `$HF_HOME/token`).
+        let token = set("HF_TOKEN")
+            .or_else(|| set("HUGGING_FACE_HUB_TOKEN"))
             .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty())
-            .or_else(|| cache.token());
+            .or_else(|| match set("HF_TOKEN_PATH") {
+                Some(p) => std::fs::read_to_string(p)
+                    .ok()
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty()),
+                None => cache.token(),
+            });
         Hub {
             endpoint: std::env::var("HF_ENDPOINT")
                 .ok()
@@ -284,7 +294,7 @@ impl Hub {
     fn err(&self, id: &str, reason: String) -> Error {
         Error::Hub {
             id: id.to_string(),
-            endpoint: self.endpoint.clone(),
+            endpoint: redacted(&self.endpoint),
             reason,
         }
     }
@@ -292,6 +302,24 @@ impl Hub {
     /// One line for a failed request: what the status means for the user.
     fn api_err(&self, id: &str, filename: &str, e: ApiError) -> Error {
         let status = status(&e);
+        if matches!(
+            error_code(&e).as_deref(),
+            Some("RepoNotFound" | "EntryNotFound" | "RevisionNotFound")
+        ) {
+            return self.err(
+                id,
+                format!(
+                    "{filename} not found (HTTP {}, {}): check the model id (org/name){}",
+                    status.unwrap_or_default(),
+                    error_code(&e).unwrap_or_default(),
+                    if self.token.is_none() {
+                        "; a private repository needs HF_TOKEN"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        }
         let reason = match (status, &e) {
             (Some(401 | 403), _) if self.token.is_none() => format!(
                 "{filename}: the repository is gated or private (HTTP {}): set HF_TOKEN to a token with access to it",
@@ -323,6 +351,30 @@ impl Hub {
     }
 }
 
+/// `endpoint` without the `user:password@` of its authority, for messages.
+fn redacted(endpoint: &str) -> String {
+    match endpoint.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            format!("{scheme}://{host}{path}")
+        }
+        None => endpoint.to_string(),
+    }
+}
+
+/// The Hub's own reason for a refusal (`X-Error-Code`: `RepoNotFound`, `GatedRepo`, …), where
+/// it gave one.
+fn error_code(e: &ApiError) -> Option<String> {
+    match e {
+        ApiError::RequestError(r) => match r.as_ref() {
+            ureq::Error::Status(_, resp) => resp.header("x-error-code").map(String::from),
+            ureq::Error::Transport(_) => None,
+        },
+        _ => None,
+    }
+}
+
 /// The HTTP status of a failed request, if the server answered.
 fn status(e: &ApiError) -> Option<u16> {
     match e {
@@ -350,6 +402,7 @@ pub fn check_id(id: &str) -> Result<()> {
         !p.is_empty()
             && p.len() <= 96
             && !p.contains("..")
+            && !p.contains("--")
             && !p.starts_with(['-', '.'])
             && !p.ends_with(['-', '.'])
             && p.chars()
@@ -436,7 +489,14 @@ mod tests {
         ] {
             assert!(check_id(ok).is_ok(), "{ok}");
         }
+        assert_eq!(
+            redacted("https://u:pw@mirror.example/hf"),
+            "https://mirror.example/hf"
+        );
+        assert_eq!(redacted("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
         for bad in [
+            "a--b/c",
+            "a/b--c",
             "",
             "/",
             "a/b/c",

@@ -234,7 +234,7 @@ fn cases() -> Vec<Case> {
         file: with("model", "./no/such/folder"),
         expect: &[
             "column model = \"./no/such/folder\"",
-            "file or folder not found",
+            "no such file or folder",
         ],
     });
     v.push(Case {

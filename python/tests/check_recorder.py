@@ -21,7 +21,7 @@ import vramcal
 BIN = os.environ["VRAMCAL_BIN"]
 
 
-def train(folder, rows, recorder, peft_config=None):
+def train(folder, rows, recorder, peft_config=None, evaluate=False):
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
     if peft_config is not None:
@@ -31,11 +31,17 @@ def train(folder, rows, recorder, peft_config=None):
     data = [{"input_ids": torch.randint(0, 256, (16,))} for _ in range(6)]
     for d in data:
         d["labels"] = d["input_ids"].clone()
+    # Evaluation between steps, on longer sequences: its forwards are not the step's.
+    longer = [{"input_ids": torch.randint(0, 256, (48,))} for _ in range(2)]
+    for d in longer:
+        d["labels"] = d["input_ids"].clone()
+    extra = dict(eval_strategy="steps", eval_steps=1, eval_on_start=True) if evaluate else {}
     args = TrainingArguments(
         output_dir=os.path.join(folder, "out"), per_device_train_batch_size=2, max_steps=3,
         optim="adamw_torch", use_cpu=True, report_to=[], save_strategy="no",
-        logging_strategy="no", dataloader_num_workers=0, disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=data, callbacks=[recorder]).train()
+        logging_strategy="no", dataloader_num_workers=0, disable_tqdm=True, **extra)
+    Trainer(model=model, args=args, train_dataset=data, eval_dataset=longer if evaluate else None,
+            callbacks=[recorder]).train()
 
 
 def main():
@@ -47,7 +53,8 @@ def main():
                           max_position_embeddings=64, tie_word_embeddings=False)
         LlamaForCausalLM(cfg).save_pretrained(folder)
         rows = os.path.join(tmp, "rows.csv")
-        train(folder, rows, vramcal.MemoryRecorder(out=rows, count_cpu_memory=True))
+        train(folder, rows, vramcal.MemoryRecorder(out=rows, count_cpu_memory=True),
+              evaluate=True)
         import peft
 
         lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],

@@ -11,8 +11,11 @@ events (as ``scripts/torch_reference.py`` does) on top of the tensors alive when
 starts; without it, or on another device, the recorder says so once and records nothing.
 
 A configuration outside the reference-row vocabulary (an optimizer, a quantization, a target
-module or a sharding vramcal does not know) is said once and not recorded: a row is never
-guessed. At the end of step 1 vramcal's prediction for the same configuration is printed beside
+module, a LoRA option such as DoRA or rank patterns, a sharding vramcal does not know, an
+optimizer passed by hand that is not ``args.optim``'s, a model spread over devices, a batch that
+is not ``per_device_train_batch_size``) is said once and not recorded: a row is never guessed.
+Only the training step's forwards are counted (not evaluation's), and only the main process
+writes. At the end of step 1 vramcal's prediction for the same configuration is printed beside
 the measured peak.
 """
 
@@ -86,6 +89,17 @@ def configuration(args, model):
             names = sorted(targets, key=lambda t: TARGETS.index(t) if t in TARGETS else 99)
             if any(t not in TARGETS for t in names):
                 raise Unsupported(f"target_modules {sorted(targets)}")
+        unread = [name for name, off in [
+            ("use_dora", not getattr(pc, "use_dora", False)),
+            ("rank_pattern", not getattr(pc, "rank_pattern", None)),
+            ("alpha_pattern", not getattr(pc, "alpha_pattern", None)),
+            ("layers_to_transform", getattr(pc, "layers_to_transform", None) is None),
+            ("exclude_modules", not getattr(pc, "exclude_modules", None)),
+            ("trainable_token_indices", not getattr(pc, "trainable_token_indices", None)),
+            ("bias", getattr(pc, "bias", "none") == "none"),
+        ] if not off]
+        if unread:
+            raise Unsupported(f"LoRA settings {', '.join(unread)}")
         saved = list(pc.modules_to_save or [])
         if any(m not in ("lm_head", "embed_tokens") for m in saved):
             raise Unsupported(f"modules_to_save {saved}")
@@ -101,6 +115,8 @@ def configuration(args, model):
     else:
         if row["quant"] != "none":
             raise Unsupported("a quantized model without LoRA adapters")
+        if not all(p.requires_grad for p in model.parameters()):
+            raise Unsupported("full fine-tuning with parameters frozen by hand")
         row["method"] = "full"
         opts["method"] = "full"
     weights = base.get_input_embeddings().weight.dtype
@@ -112,8 +128,10 @@ def configuration(args, model):
         precision = width
     elif width == "fp32":
         precision = f"amp-{amp}"
-    else:
+    elif width == amp:
         precision = f"{width}+amp"
+    else:
+        raise Unsupported(f"autocast to {amp} over {width} weights")
     row["precision"] = precision
     opts["precision"] = precision
     optim = str(_value(args.optim))
@@ -121,12 +139,18 @@ def configuration(args, model):
         raise Unsupported(f"optim {optim!r}")
     row["optimizer"] = optim
     opts["optimizer"] = optim
+    if getattr(args, "auto_find_batch_size", False):
+        raise Unsupported("auto_find_batch_size (the batch that ran is not known in advance)")
+    devices = set(getattr(base, "hf_device_map", {}).values())
+    if len(devices) > 1:
+        raise Unsupported("a model spread over devices (device_map)")
     row.update(batch=args.per_device_train_batch_size,
                accumulate=args.gradient_accumulation_steps)
     opts.update(batch=args.per_device_train_batch_size,
                 accumulate=args.gradient_accumulation_steps)
-    row["checkpointing"] = "on" if args.gradient_checkpointing else "off"
-    if args.gradient_checkpointing:
+    ckpt = args.gradient_checkpointing or getattr(base, "is_gradient_checkpointing", False)
+    row["checkpointing"] = "on" if ckpt else "off"
+    if ckpt:
         opts["checkpointing"] = "layers"
     attn = ATTENTION.get(getattr(cfg, "_attn_implementation", None) or "eager")
     if attn is None:
@@ -145,6 +169,22 @@ def configuration(args, model):
         row.update(gpus=world, shard="ddp")
         opts.update(gpus=world, shard="ddp")
     return row, opts
+
+
+def check_optimizer(name, optimizer):
+    """Refuses an optimizer that is not the one ``args.optim`` names (one passed to the Trainer
+    by hand), or SGD with momentum (the reference rows have no column for it)."""
+    import torch
+
+    if optimizer is None:
+        return
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    expected = {"adamw_torch": torch.optim.AdamW, "adamw_torch_fused": torch.optim.AdamW,
+                "sgd": torch.optim.SGD}.get(name)
+    if expected is not None and not isinstance(opt, expected):
+        raise Unsupported(f"an optimizer ({type(opt).__name__}) other than optim={name!r}")
+    if name == "sgd" and any(g.get("momentum", 0) for g in opt.param_groups):
+        raise Unsupported("SGD with momentum")
 
 
 def live_tensor_bytes():
@@ -180,12 +220,14 @@ class MemoryRecorder(TrainerCallback):
         self.said = set()
         self.steps = []
         self.seq = []
+        self.batches = []
         self.padded = False
         self.phase = None
         self.ranges = []
         self.hooks = []
         self.row = None
         self.opts = None
+        self.in_step = False
 
     def _say(self, text):
         if text not in self.said:
@@ -208,7 +250,7 @@ class MemoryRecorder(TrainerCallback):
     def _end(self):
         import torch
 
-        if self.phase is None:
+        if self.phase is None or not self.steps:
             return
         step = self.steps[-1]
         if self.mode == "cuda":
@@ -218,11 +260,14 @@ class MemoryRecorder(TrainerCallback):
             self.ranges.pop().__exit__(None, None, None)
         self.phase = None
 
-    def on_train_begin(self, args, state, control, model=None, **kw):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
         import torch
 
+        if not state.is_world_process_zero:
+            return
         try:
             self.row, self.opts = configuration(args, model)
+            check_optimizer(self.row["optimizer"], optimizer)
         except Unsupported as e:
             self._say(f"{e}: not in the reference-row vocabulary, nothing is recorded")
             return
@@ -245,9 +290,13 @@ class MemoryRecorder(TrainerCallback):
             return
 
         def pre(module, args_, kwargs):
+            # Only the training step's forwards: not evaluation, not generation.
+            if not (self.in_step and module.training and torch.is_grad_enabled()):
+                return
             ids = kwargs.get("input_ids", args_[0] if args_ else None)
             if ids is not None and hasattr(ids, "shape"):
                 self.seq.append(int(ids.shape[-1]))
+                self.batches.append(int(ids.shape[0]) if ids.dim() > 1 else 1)
             mask = kwargs.get("attention_mask")
             if mask is not None and bool((mask == 0).any()):
                 self.padded = True
@@ -256,6 +305,8 @@ class MemoryRecorder(TrainerCallback):
                 self._begin("forward")
 
         def post(module, args_, out):
+            if not (self.in_step and module.training and torch.is_grad_enabled()):
+                return
             self._end()
             self._begin("backward")
 
@@ -265,6 +316,7 @@ class MemoryRecorder(TrainerCallback):
     def on_step_begin(self, args, state, control, **kw):
         if self.mode:
             self.steps.append({})
+            self.in_step = True
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
         if self.mode:
@@ -276,6 +328,9 @@ class MemoryRecorder(TrainerCallback):
             self._end()
 
     def on_step_end(self, args, state, control, **kw):
+        if self.mode:
+            self._end()
+            self.in_step = False
         if self.mode == "cuda" and len(self.steps) == 1 and self.predict:
             self._predict(max(v for k, v in self.steps[0].items() if k in PHASES))
 
@@ -331,6 +386,12 @@ class MemoryRecorder(TrainerCallback):
         done = [s for s in self.steps if all(p in s for p in PHASES)]
         if not done:
             self._say("no step completed: nothing is recorded")
+            return
+        if self.batches and max(self.batches) != self.row["batch"]:
+            # Padding-free collators flatten the batch into one row; a last short batch is
+            # smaller, never larger.
+            self._say(f"the forwards saw micro-batches of up to {max(self.batches)} sequences, "
+                      f"not per_device_train_batch_size = {self.row['batch']}: nothing is recorded")
             return
         peak = lambda s: max(s[p] for p in PHASES)  # noqa: E731
         row = dict(self.row)

@@ -286,20 +286,13 @@ impl Reference {
             return Err(c.err("id", "", "every row needs an id"));
         }
         // A preset (the shared format's vocabulary), or, for rows `vramcal.MemoryRecorder`
-        // writes from users' runs, the run's own config.json path or Hugging Face model id.
+        // writes from users' runs, the run's own config.json (a path, relative to the file or
+        // to the current folder) or a Hugging Face model id already in the local cache: reading
+        // a file never reaches the network.
         let preset = match crate::config::preset(&raw.model) {
             Some(p) => p.config,
-            None if raw.model.contains('/') => {
-                crate::config::resolve_model(&raw.model)
-                    .map_err(|e| {
-                        c.err(
-                            "model",
-                            &raw.model,
-                            &format!("expected a vramcal preset (`vramcal models`), a config.json path or a Hugging Face model id: {e}"),
-                        )
-                    })?
-                    .config
-            }
+            None if raw.model.contains('/') => user_model(path, &raw.model)
+                .map_err(|e| c.err("model", &raw.model, &e))?,
             None => {
                 return Err(c.err(
                     "model",
@@ -605,6 +598,35 @@ impl Reference {
             usable,
             step_seconds_median,
         })
+    }
+}
+
+/// The config of a user's model named by a reference row in file `file`: an existing path
+/// (relative to the file's folder, then to the current folder) to a config.json or its folder,
+/// or a Hugging Face model id whose config.json the local cache holds (never downloaded here).
+///
+/// # Errors
+/// What the user should do, as text.
+fn user_model(file: &Path, model: &str) -> std::result::Result<crate::config::ModelConfig, String> {
+    let beside = file.parent().map(|d| d.join(model));
+    for p in beside
+        .into_iter()
+        .chain(std::iter::once(PathBuf::from(model)))
+    {
+        if p.exists() {
+            return crate::config::resolve_model(&p.to_string_lossy())
+                .map(|m| m.config)
+                .map_err(|e| e.to_string());
+        }
+    }
+    crate::hub::check_id(model).map_err(|_| {
+        "no such file or folder (relative to this file or the current folder), and not a Hugging Face model id".to_string()
+    })?;
+    match crate::hub::Hub::from_env().cached(model, "config.json") {
+        Some(f) => crate::config::ModelConfig::from_json_file(&f).map_err(|e| e.to_string()),
+        None => Err(format!(
+            "not a file or folder, and {model}'s config.json is not in the local Hugging Face cache (`vramcal estimate --model {model}` fetches it; reading reference rows never downloads)"
+        )),
     }
 }
 
