@@ -66,9 +66,23 @@ def main():
             train(folder, rows, vramcal.MemoryRecorder(out=rows))
         said = [l for l in err.getvalue().splitlines() if "vramcal.MemoryRecorder" in l]
         assert len(said) == 1 and "keeps no memory statistics" in said[0], said
+        # A plain loop: the same row through LoopRecorder.
+        torch.manual_seed(0)
+        model = LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        with vramcal.LoopRecorder(model, opt, optim="adamw_torch", batch=2, out=rows,
+                                  count_cpu_memory=True) as rec:
+            for _ in range(3):
+                ids = torch.randint(0, 256, (2, 16))
+                with rec.step():
+                    model(input_ids=ids, labels=ids).loss.backward()
+                    with rec.optimizer_step():
+                        opt.step()
+                    opt.zero_grad()
         with open(rows) as f:
             got = list(csv.DictReader(f))
-        assert [r["method"] for r in got] == ["full", "lora"], got
+        assert [r["method"] for r in got] == ["full", "lora", "full"], got
         assert got[1]["modules_to_save"] == "lm_head" and got[1]["lora_targets"] == "q_proj;v_proj"
         assert all(int(r["peak_bytes"]) > 0 and r["seq"] == "16" for r in got), got
         out = subprocess.run([BIN, "check", "--measured", rows, "--profile", "torch-sdpa"],
@@ -76,9 +90,10 @@ def main():
         assert out.returncode == 0, out.stderr
         print(out.stdout)
         summary = [l for l in out.stdout.splitlines() if l.startswith("profile ")]
-        assert summary and "2 rows" in summary[0], out.stdout
+        assert summary and "3 rows" in summary[0], out.stdout
     print(f"MemoryRecorder (torch {torch.__version__}, transformers {transformers.__version__}): "
-          "2 rows recorded on the CPU and read by vramcal check; no row without statistics")
+          "3 rows (two Trainer runs, a plain loop) recorded on the CPU and read by vramcal check; "
+          "no row without statistics")
 
 
 if __name__ == "__main__":

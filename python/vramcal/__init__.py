@@ -17,15 +17,15 @@ import json as _json
 
 from ._vramcal import __version__, estimate_json as _estimate_json
 
-__all__ = ["estimate", "estimate_args", "MemoryRecorder", "__version__"]
+__all__ = ["estimate", "estimate_args", "MemoryRecorder", "LoopRecorder", "__version__"]
 
 
 def __getattr__(name):
     # transformers is imported only by those who use the callback.
-    if name == "MemoryRecorder":
-        from .recorder import MemoryRecorder
+    if name in ("MemoryRecorder", "LoopRecorder"):
+        from . import recorder
 
-        return MemoryRecorder
+        return getattr(recorder, name)
     raise AttributeError(name)
 
 

@@ -424,3 +424,77 @@ class MemoryRecorder(TrainerCallback):
         print(f"vramcal.MemoryRecorder: appended {row['id']} to {self.out} "
               f"(`vramcal check --measured {self.out} --profile {self.opts['profile']}`)",
               file=sys.stderr)
+
+
+class LoopRecorder:
+    """``MemoryRecorder`` for a plain PyTorch loop, as a context manager. A plain loop has no
+    ``TrainingArguments``: the settings the model does not carry are given here (``optim``, the
+    HF name of the optimizer the loop steps; ``batch``, the micro-batch; ``accumulate``;
+    ``bf16``/``fp16`` for autocast; ``gradient_checkpointing``), and the loop marks each step and
+    its optimizer step::
+
+        with vramcal.LoopRecorder(model, optimizer, optim="adamw_torch", batch=8,
+                                  out="runs.csv") as rec:
+            for batch in loader:
+                with rec.step():
+                    model(**batch).loss.backward()
+                    with rec.optimizer_step():
+                        optimizer.step()
+                    optimizer.zero_grad()
+
+    The forward is found by a hook on the model, the backward is what runs until the optimizer
+    step. Everything else is ``MemoryRecorder``'s: the same row, the same refusals.
+    """
+
+    def __init__(self, model, optimizer=None, *, optim, batch, accumulate=1, bf16=False,
+                 fp16=False, gradient_checkpointing=False, out="vramcal-reference-rows.csv",
+                 count_cpu_memory=False, predict=True, source=None):
+        from types import SimpleNamespace
+
+        self.model = model
+        self.optimizer = optimizer
+        self.args = SimpleNamespace(
+            optim=optim, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate,
+            bf16=bf16, fp16=fp16, gradient_checkpointing=gradient_checkpointing, deepspeed=None,
+            fsdp="", world_size=1, use_liger_kernel=False, auto_find_batch_size=False)
+        self.state = SimpleNamespace(is_world_process_zero=True)
+        self.recorder = MemoryRecorder(out=out, count_cpu_memory=count_cpu_memory,
+                                       predict=predict, source=source)
+
+    def __enter__(self):
+        self.recorder.on_train_begin(self.args, self.state, None, model=self.model,
+                                     optimizer=self.optimizer)
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.recorder.on_train_end(self.args, self.state, None)
+        else:
+            for h in self.recorder.hooks:
+                h.remove()
+            if self.recorder.mode == "cpu":
+                self.recorder.prof.__exit__(*exc)
+        return False
+
+    def step(self):
+        """Marks one training step (forwards, backwards and the optimizer step)."""
+        return _Phase(lambda: self.recorder.on_step_begin(self.args, self.state, None),
+                      lambda: self.recorder.on_step_end(self.args, self.state, None))
+
+    def optimizer_step(self):
+        """Marks the optimizer step inside :meth:`step`."""
+        return _Phase(lambda: self.recorder.on_pre_optimizer_step(self.args, self.state, None),
+                      lambda: self.recorder.on_optimizer_step(self.args, self.state, None))
+
+
+class _Phase:
+    def __init__(self, enter, leave):
+        self.enter, self.leave = enter, leave
+
+    def __enter__(self):
+        self.enter()
+        return self
+
+    def __exit__(self, *exc):
+        self.leave()
+        return False
