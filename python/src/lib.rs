@@ -8,10 +8,12 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 /// `vramcal estimate <args> --json`: the JSON text, or `ValueError` with the line the command
-/// would print after `error: `.
+/// would print after `error: `. The GIL is released meanwhile (a model id may mean fetching its
+/// config.json from the Hub).
 #[pyfunction]
-fn estimate_json(args: Vec<String>) -> PyResult<String> {
-    vramcal::commands::estimate::json_from_args(&args).map_err(PyValueError::new_err)
+fn estimate_json(py: Python<'_>, args: Vec<String>) -> PyResult<String> {
+    py.detach(|| vramcal::commands::estimate::json_from_args(&args))
+        .map_err(PyValueError::new_err)
 }
 
 /// The module.

@@ -83,6 +83,16 @@ def main():
         with open(rows) as f:
             got = list(csv.DictReader(f))
         assert [r["method"] for r in got] == ["full", "lora", "full"], got
+        # A file of other columns is left as it is, and said so once.
+        other = os.path.join(tmp, "other.csv")
+        with open(other, "w") as f:
+            f.write("id,peak_bytes\nx,1\n")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            train(folder, other, vramcal.MemoryRecorder(out=other, count_cpu_memory=True))
+        assert "has other columns" in err.getvalue(), err.getvalue()
+        with open(other) as f:
+            assert f.read() == "id,peak_bytes\nx,1\n"
         assert got[1]["modules_to_save"] == "lm_head" and got[1]["lora_targets"] == "q_proj;v_proj"
         assert all(int(r["peak_bytes"]) > 0 and r["seq"] == "16" for r in got), got
         out = subprocess.run([BIN, "check", "--measured", rows, "--profile", "torch-sdpa"],

@@ -416,6 +416,13 @@ class MemoryRecorder(TrainerCallback):
         if len(done) > 2:
             row["steady_peak_bytes"] = max(peak(s) for s in done[2:])
         new = not os.path.exists(self.out) or os.path.getsize(self.out) == 0
+        if not new:
+            with open(self.out, newline="") as f:
+                header = next(csv.reader(f), [])
+            if header != FIELDS:
+                self._say(f"{self.out} has other columns than a recorder's file: nothing is "
+                          "written to it (give another out=)")
+                return
         with open(self.out, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
             if new:
