@@ -34,6 +34,27 @@ fn model(ad: &Adaptation, dtype: DType) -> Decoder {
     Decoder::with_adaptation(&cfg(), &mut RandomWeights::new(11), dtype, &Device::Cpu, ad).unwrap()
 }
 
+/// `m`'s adapter saved into a fresh folder: the folder, its `adapter_config.json` and its
+/// `adapter_model.safetensors` tensors.
+fn saved_adapter(
+    m: &Decoder,
+) -> (
+    tempfile::TempDir,
+    serde_json::Value,
+    std::collections::HashMap<String, Tensor>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    m.save_trained(dir.path(), "tiny").unwrap();
+    let cfg_json = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let st =
+        candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    (dir, cfg_json, st)
+}
+
 /// The model of [`model`] (same base weights) with other adapter initializations (seed 99).
 fn reseeded(ad: &Adaptation) -> Decoder {
     model(
@@ -383,12 +404,7 @@ fn adapter_files_load_back_and_reproduce_logits() {
     let ad = lora("r=4,alpha=16,dropout=0.1,targets=q_proj,v_proj,down,lm_head,embed_tokens");
     let m = model(&ad, DType::F32);
     randomize_b(&m);
-    let dir = tempfile::tempdir().unwrap();
-    m.save_trained(dir.path(), "tiny").unwrap();
-    let cfg_json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
-    )
-    .unwrap();
+    let (dir, cfg_json, st) = saved_adapter(&m);
     assert_eq!(cfg_json["peft_type"], "LORA");
     assert_eq!(cfg_json["r"], 4);
     assert_eq!(cfg_json["lora_alpha"], 16.0);
@@ -396,9 +412,6 @@ fn adapter_files_load_back_and_reproduce_logits() {
         cfg_json["target_modules"],
         serde_json::json!(["q_proj", "v_proj", "down_proj", "lm_head", "embed_tokens"])
     );
-    let st =
-        candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
-            .unwrap();
     assert_eq!(st.len(), 2 * 3 * 2 + 4);
     // PEFT's names and shapes for the head's LoRA `Linear` and the embedding's adapter.
     for (name, dims) in [
@@ -474,21 +487,11 @@ fn modules_to_save_train_save_and_load_back() {
             .unwrap();
         assert_eq!(grads.len(), names.len());
         randomize_b(&m);
-        let dir = tempfile::tempdir().unwrap();
-        m.save_trained(dir.path(), "tiny").unwrap();
-        let cfg_json: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
-        )
-        .unwrap();
+        let (dir, cfg_json, st) = saved_adapter(&m);
         assert_eq!(
             cfg_json["modules_to_save"],
             serde_json::json!(saved.split(',').collect::<Vec<_>>())
         );
-        let st = candle_core::safetensors::load(
-            dir.path().join("adapter_model.safetensors"),
-            &Device::Cpu,
-        )
-        .unwrap();
         for (module, file) in [
             ("lm_head", "base_model.model.lm_head.weight"),
             ("embed_tokens", "base_model.model.model.embed_tokens.weight"),
