@@ -1084,7 +1084,7 @@ pub fn resolve_model(name: &str) -> Result<ResolvedModel> {
         || name.starts_with('/')
         || name.starts_with('~')
         || name.ends_with(".json");
-    if path.exists() {
+    if crate::input::exists(path) {
         let file = if path.is_dir() {
             path.join("config.json")
         } else {
@@ -1098,9 +1098,12 @@ pub fn resolve_model(name: &str) -> Result<ResolvedModel> {
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."))
         };
+        // The folder's name; in the browser build, which has no file system to canonicalize
+        // in, the name as given.
         let label = dir
             .canonicalize()
             .ok()
+            .or_else(|| cfg!(target_arch = "wasm32").then(|| dir.to_path_buf()))
             .and_then(|d| d.file_name().map(|s| s.to_string_lossy().into_owned()))
             .unwrap_or_else(|| name.to_string());
         return Ok(ResolvedModel {
@@ -1116,6 +1119,15 @@ pub fn resolve_model(name: &str) -> Result<ResolvedModel> {
             "file or folder not found (and not a preset or an org/name model id)",
         ));
     }
+    #[cfg(target_arch = "wasm32")]
+    if name.contains('/') {
+        return Err(Error::invalid(
+            "--model",
+            name,
+            "a Hugging Face model id needs the command-line tool or the Python package, which fetch its config.json; here, paste the model's config.json",
+        ));
+    }
+    #[cfg(not(target_arch = "wasm32"))]
     if name.contains('/') {
         let file = crate::hub::Hub::from_env().file(name, "config.json")?;
         let config = ModelConfig::from_json_file(&file)?;

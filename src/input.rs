@@ -19,6 +19,20 @@ pub const MAX_INPUT_BYTES: u64 = 64 << 20;
 /// [`Error::Io`] if it cannot be opened or read; [`Error::Csv`] (naming the file) if it is not
 /// a regular file or too long.
 pub fn read_capped(path: &Path) -> Result<Vec<u8>> {
+    #[cfg(target_arch = "wasm32")]
+    return memory::read(path).ok_or_else(|| {
+        Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "not provided to the page"),
+        )
+    });
+    #[cfg(not(target_arch = "wasm32"))]
+    read_file_capped(path)
+}
+
+/// [`read_capped`] from the file system.
+#[cfg(not(target_arch = "wasm32"))]
+fn read_file_capped(path: &Path) -> Result<Vec<u8>> {
     let too = |reason: String| Error::Csv {
         path: path.to_path_buf(),
         reason,
@@ -45,6 +59,44 @@ pub fn read_capped(path: &Path) -> Result<Vec<u8>> {
         )));
     }
     Ok(buf)
+}
+
+/// Whether `path` names an input file: on disk, or in the browser build among the files
+/// given to `provide` (wasm32 only).
+pub fn exists(path: &Path) -> bool {
+    #[cfg(target_arch = "wasm32")]
+    return memory::read(path).is_some();
+    #[cfg(not(target_arch = "wasm32"))]
+    path.exists()
+}
+
+/// The browser build's input files (`web/`): it has no file system, so the page hands over
+/// the texts it reads (the embedded calibration tables and results, a pasted `config.json`)
+/// under the paths the command line names them by, and [`read_capped`] reads them from here.
+#[cfg(target_arch = "wasm32")]
+mod memory {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+
+    thread_local! {
+        static FILES: RefCell<HashMap<PathBuf, Vec<u8>>> = RefCell::new(HashMap::new());
+    }
+
+    pub(super) fn provide(path: &Path, bytes: Vec<u8>) {
+        FILES.with(|f| f.borrow_mut().insert(path.to_path_buf(), bytes));
+    }
+
+    pub(super) fn read(path: &Path) -> Option<Vec<u8>> {
+        FILES.with(|f| f.borrow().get(path).cloned())
+    }
+}
+
+/// Gives the browser build the contents of the input file `path` (replacing any earlier
+/// ones): what [`read_capped`] and [`exists`] see there.
+#[cfg(target_arch = "wasm32")]
+pub fn provide(path: &Path, bytes: Vec<u8>) {
+    memory::provide(path, bytes)
 }
 
 /// [`read_capped`] as UTF-8 text.

@@ -17,6 +17,7 @@ pub mod data;
 pub mod error;
 pub mod estimate;
 pub mod export;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod hub;
 pub mod input;
 pub mod measure;
@@ -30,3 +31,6 @@ pub mod throughput;
 pub mod weights;
 
 pub use error::{Error, Result};
+
+/// This vramcal's version (the `tool_version` of the rows and tables it writes).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

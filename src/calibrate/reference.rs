@@ -619,6 +619,12 @@ fn user_model(file: &Path, model: &str) -> std::result::Result<crate::config::Mo
                 .map_err(|e| e.to_string());
         }
     }
+    cached_config(model)
+}
+
+/// The `config.json` of Hub id `model` from the local Hugging Face cache (never downloaded).
+#[cfg(not(target_arch = "wasm32"))]
+fn cached_config(model: &str) -> std::result::Result<crate::config::ModelConfig, String> {
     crate::hub::check_id(model).map_err(|_| {
         "no such file or folder (relative to this file or the current folder), and not a Hugging Face model id".to_string()
     })?;
@@ -628,6 +634,14 @@ fn user_model(file: &Path, model: &str) -> std::result::Result<crate::config::Mo
             "not a file or folder, and {model}'s config.json is not in the local Hugging Face cache (`vramcal estimate --model {model}` fetches it; reading reference rows never downloads)"
         )),
     }
+}
+
+/// The browser build (`web/`) has no Hugging Face cache.
+#[cfg(target_arch = "wasm32")]
+fn cached_config(model: &str) -> std::result::Result<crate::config::ModelConfig, String> {
+    Err(format!(
+        "no such file or folder, and {model}'s config.json cannot be read from a Hugging Face cache in the browser"
+    ))
 }
 
 /// The LoRA setting of a `lora`/`qlora` row: rank, alpha, dropout and targets, each required

@@ -24,9 +24,15 @@ fn csv_err(path: &Path, reason: impl Into<String>) -> Error {
 /// cannot be created or the file cannot be opened for appending.
 pub fn check_writable(path: &Path) -> Result<()> {
     if let Ok(meta) = std::fs::metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
         let t = meta.file_type();
-        if t.is_fifo() || t.is_socket() || t.is_dir() {
+        #[cfg(unix)]
+        let special = {
+            use std::os::unix::fs::FileTypeExt;
+            t.is_fifo() || t.is_socket()
+        };
+        #[cfg(not(unix))]
+        let special = false;
+        if special || t.is_dir() {
             return Err(csv_err(
                 path,
                 "is a folder, FIFO or socket, not a results file: choose another --out",

@@ -137,7 +137,7 @@ impl Row {
         Row {
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
             utc_time: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-            host: gethostname::gethostname().to_string_lossy().into_owned(),
+            host: host_name(),
             device: if m.device.is_empty() {
                 ctx.device.clone()
             } else {
@@ -231,4 +231,13 @@ impl Row {
             .map(|r| r.iter().map(String::from).collect())
             .unwrap_or_default()
     }
+}
+
+/// This machine's host name, for a row's `host` column (empty in the browser build, which
+/// measures nothing).
+fn host_name() -> String {
+    #[cfg(not(target_arch = "wasm32"))]
+    return gethostname::gethostname().to_string_lossy().into_owned();
+    #[cfg(target_arch = "wasm32")]
+    String::new()
 }

@@ -23,6 +23,9 @@ pub enum Method {
 }
 
 impl Method {
+    /// All three.
+    pub const ALL: [Method; 3] = [Method::Full, Method::Lora, Method::Qlora];
+
     /// Label: `full`, `lora` or `qlora`.
     pub fn label(self) -> &'static str {
         match self {

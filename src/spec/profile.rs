@@ -21,6 +21,9 @@ pub enum Profile {
 }
 
 impl Profile {
+    /// All three, the default (`torch-sdpa`) first.
+    pub const ALL: [Profile; 3] = [Profile::TorchSdpa, Profile::TorchEager, Profile::Candle];
+
     /// The training stack whose peak this profile predicts, in words (first line of
     /// `vramcal estimate`).
     pub fn stack(self) -> &'static str {

@@ -234,6 +234,7 @@ impl WeightSource for SafetensorsWeights {
 ///
 /// # Errors
 /// [`Error::Weights`] when the model has no cached `config.json` and safetensors.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn hf_cache_dir_in(hub: &Path, id: &str) -> Result<PathBuf> {
     let cache = hf_hub::Cache::new(hub.to_path_buf());
     let repo = cache.model(id.to_string());
@@ -264,6 +265,7 @@ pub fn hf_cache_dir_in(hub: &Path, id: &str) -> Result<PathBuf> {
 /// [`Error::Hub`] for what the Hub cannot give (the id, a gated repository without a token, a
 /// cut transfer, offline and not cached); [`Error::Weights`] for an index that is not JSON or
 /// names a shard outside the repository, or a repository without safetensors.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn hf_cache_dir(id: &str) -> Result<PathBuf> {
     let hub = crate::hub::Hub::from_env();
     let config = hub.file(id, "config.json")?;
@@ -319,4 +321,25 @@ pub fn hf_cache_dir(id: &str) -> Result<PathBuf> {
         hub.file(id, f)?;
     }
     hf_cache_dir_in(hub.cache_dir(), id)
+}
+
+/// The browser build (`web/`) reads no weights and has no Hugging Face cache.
+///
+/// # Errors
+/// Always [`Error::Weights`].
+#[cfg(target_arch = "wasm32")]
+pub fn hf_cache_dir_in(hub: &Path, id: &str) -> Result<PathBuf> {
+    hf_cache_dir(id).map(|_| hub.to_path_buf())
+}
+
+/// The browser build (`web/`) reads no weights and has no Hugging Face cache.
+///
+/// # Errors
+/// Always [`Error::Weights`].
+#[cfg(target_arch = "wasm32")]
+pub fn hf_cache_dir(id: &str) -> Result<PathBuf> {
+    Err(Error::Weights {
+        path: PathBuf::from(id),
+        reason: "the browser build reads no weights".into(),
+    })
 }

@@ -177,8 +177,14 @@ fn failure(
 }
 
 fn signal_name(status: &std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status.signal() {
+    #[cfg(unix)]
+    let signal = {
+        use std::os::unix::process::ExitStatusExt;
+        status.signal()
+    };
+    #[cfg(not(unix))]
+    let signal = status.code().and(None::<i32>);
+    match signal {
         Some(6) => "SIGABRT".into(),
         Some(9) => "SIGKILL".into(),
         Some(11) => "SIGSEGV".into(),
