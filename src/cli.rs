@@ -228,6 +228,10 @@ pub struct EstimateArgs {
     /// Per-device memory for --device-map, e.g. `0=24GiB,1=24GiB`.
     #[arg(long)]
     pub max_memory: Option<String>,
+    /// Measured results (vramcal's CSVs for --profile candle, reference rows for the torch
+    /// profiles): rows of the same configuration are shown beside the estimate.
+    #[arg(long, num_args = 1..)]
+    pub measured: Vec<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

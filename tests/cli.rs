@@ -2114,3 +2114,156 @@ fn advice_alternatives_under_amp_match_the_direct_estimate() {
         .to_string();
     assert_eq!(suggested, format!("{peak} GiB"), "{advice}\n{direct}");
 }
+
+/// `estimate --measured`: the rows of the estimated configuration are found in the files
+/// (PyTorch's reference rows for the torch profiles, vramcal's rows for `candle`), with the
+/// peak the files hold, whatever spelling the setup was given in; other configurations and
+/// other stacks' files give none; a CPU row beside a GPU estimate is not compared.
+#[test]
+fn estimate_shows_measured_rows_of_the_same_configuration() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let torch = root.join("results/h200/torch-mistral-7b-v0.1.csv");
+    let cpu = root.join("results/cpu/smollm2-135m.csv");
+    let est = |args: &[&str]| -> serde_json::Value {
+        let out = vramcal()
+            .arg("estimate")
+            .args(args)
+            .arg("--measured")
+            .arg(&torch)
+            .arg(&cpu)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // The reference row of Mistral-7B LoRA, 4 × 2048, no checkpointing, as the file has it.
+    let mut r = csv::Reader::from_path(&torch).unwrap();
+    let h = r.headers().unwrap().clone();
+    let col = |rec: &csv::StringRecord, n: &str| {
+        rec.get(h.iter().position(|x| x == n).unwrap())
+            .unwrap()
+            .to_string()
+    };
+    let row = r
+        .records()
+        .map(|x| x.unwrap())
+        .find(|x| {
+            col(x, "method") == "lora"
+                && col(x, "batch") == "4"
+                && col(x, "seq") == "2048"
+                && col(x, "checkpointing") == "off"
+        })
+        .unwrap();
+    let lora = [
+        "--model",
+        "mistral-7b-v0.1",
+        "--lora",
+        "r=16,alpha=32,targets=q_proj,k_proj,v_proj,o_proj",
+        "--batch",
+        "4",
+        "--seq",
+        "2048",
+    ];
+    for spelling in [
+        vec!["--precision", "bf16"],
+        vec!["--dtype", "bf16", "--optimizer-state-dtype", "bf16"],
+    ] {
+        let v = est(&[&lora[..], &spelling[..]].concat());
+        let m = v["measured"].as_array().unwrap();
+        assert_eq!(m.len(), 1, "{spelling:?}: {m:?}");
+        assert_eq!(m[0]["id"], col(&row, "id").as_str());
+        assert_eq!(
+            m[0]["peak_bytes"].as_u64().unwrap().to_string(),
+            col(&row, "peak_bytes")
+        );
+        assert_eq!(m[0]["same_device_kind"], true);
+    }
+    // Another sequence length, or the candle profile, finds none in that file.
+    let mut other = lora.to_vec();
+    other[7] = "1024";
+    assert_eq!(
+        est(&[&other[..], &["--precision", "bf16"]].concat())["measured"],
+        serde_json::json!([])
+    );
+    assert_eq!(
+        est(&[&lora[..], &["--precision", "bf16", "--profile", "candle"]].concat())["measured"],
+        serde_json::json!([])
+    );
+    // vramcal's own row for the candle profile: the training peak `check` holds it against.
+    let small = [
+        "--model",
+        "smollm2-135m",
+        "--batch",
+        "2",
+        "--seq",
+        "512",
+        "--profile",
+        "candle",
+    ];
+    let v = est(&small);
+    let m = v["measured"].as_array().unwrap();
+    assert_eq!(m.len(), 1, "{m:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("check.csv");
+    vramcal()
+        .args(["check", "--profile", "candle", "--measured"])
+        .arg(&cpu)
+        .arg("--out-csv")
+        .arg(&table)
+        .assert()
+        .success();
+    let checked = rows(&table);
+    let line = checked
+        .iter()
+        .find(|r| r.get(0) == m[0]["id"].as_str())
+        .expect("the row is one check compares");
+    assert_eq!(
+        line.get(3).unwrap(),
+        m[0]["peak_bytes"].as_u64().unwrap().to_string()
+    );
+    // A CPU row beside an estimate for a GPU (uncalibrated candle coefficients) is shown but
+    // not compared.
+    assert_eq!(m[0]["same_device_kind"], false);
+    let text = vramcal()
+        .arg("estimate")
+        .args(small)
+        .arg("--measured")
+        .arg(&cpu)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("measured ("), "{text}");
+    assert!(text.contains("not compared"), "{text}");
+    // With the CPU table the estimate is for the CPU: compared.
+    let cal = root.join("results/calibration/cpu-candle.csv");
+    let text = vramcal()
+        .arg("estimate")
+        .args(small)
+        .arg("--calibration")
+        .arg(&cal)
+        .arg("--measured")
+        .arg(&cpu)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("% off it"), "{text}");
+    // A file that is not there: one error line.
+    fails_with(
+        &[
+            "estimate",
+            "--model",
+            "tiny",
+            "--seq",
+            "16",
+            "--measured",
+            "no-such.csv",
+        ],
+        "no-such.csv",
+        None,
+    );
+}

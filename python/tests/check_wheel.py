@@ -42,6 +42,9 @@ CASES = [
     dict(model="mistral-7b-v0.1", method="lora", batch=8, seq=512,
          calibration="results/calibration/cpu-torch-sdpa.csv"),
     dict(model="mistral-7b-v0.1", method="lora", batch=8, seq=512, allow_longer=True),
+    dict(model="mistral-7b-v0.1", lora="r=16,alpha=32,targets=q_proj,k_proj,v_proj,o_proj",
+         precision="bf16", batch=4, seq=2048,
+         measured=["results/h200/torch-mistral-7b-v0.1.csv", "results/cpu/smollm2-135m.csv"]),
 ]
 
 BAD = [
@@ -68,6 +71,8 @@ def main():
         want = json.loads(out.stdout)
         got = vramcal.estimate(**kw)
         assert got == want, (kw, got, want)
+        if "measured" in kw:
+            assert len(got["measured"]) == 1, got["measured"]
         # Identical bytes, not only equal values.
         assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True), kw
     for kw in BAD:

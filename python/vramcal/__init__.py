@@ -8,7 +8,8 @@
 
 Keyword arguments are the command's options with ``_`` for ``-`` (``state_dtype`` is
 ``--optimizer-state-dtype``'s own name: ``optimizer_state_dtype``); ``True`` passes a flag,
-``None`` and ``False`` leave the option out, lists and tuples are joined with commas. The result
+``None`` and ``False`` leave the option out, lists and tuples are joined with commas (for
+``measured``, the option that takes several files, they are its several values). The result
 is the dict the command prints with ``--json``; a refused configuration raises ``ValueError``
 with the command's one-line message.
 """
@@ -18,6 +19,9 @@ import json as _json
 from ._vramcal import __version__, estimate_json as _estimate_json
 
 __all__ = ["estimate", "estimate_args", "MemoryRecorder", "LoopRecorder", "__version__"]
+
+# Options that take several values (`--measured A.csv B.csv`).
+_MANY = {"measured"}
 
 
 def __getattr__(name):
@@ -38,6 +42,8 @@ def estimate_args(**options):
         flag = "--" + key.replace("_", "-")
         if value is True:
             args.append(flag)
+        elif isinstance(value, (list, tuple)) and key in _MANY:
+            args += [flag, *(str(v) for v in value)]
         elif isinstance(value, (list, tuple)):
             args += [flag, ",".join(str(v) for v in value)]
         else:

@@ -10,7 +10,7 @@ use crate::config::resolve_model;
 use crate::error::{Error, Result};
 use crate::estimate::{estimate, estimate_sharded, Coefficients};
 use crate::report::csv_out::read_rows;
-use crate::spec::Profile;
+use crate::spec::{Profile, TrainSpec};
 
 /// One compared row.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -191,4 +191,119 @@ pub fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
 /// The largest absolute value of `v` (0 when empty).
 pub fn abs_max(v: &[f64]) -> f64 {
     v.iter().fold(0.0, |a, x| a.max(x.abs()))
+}
+
+/// A measured row of the configuration an estimate is for (`vramcal estimate --measured`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Measured {
+    /// The row: `file:line` for vramcal's rows, the reference id for PyTorch's.
+    pub id: String,
+    /// Where it ran, as the row says (`cpu`, a GPU's name).
+    pub device: String,
+    /// The counter read: `allocated` for vramcal's rows (peak allocator memory), the row's
+    /// `counter` for reference rows.
+    pub counter: String,
+    /// The measured training peak (bytes).
+    pub peak_bytes: u64,
+    /// Whether the row ran on the kind of device the estimate is for (the CPU, or a GPU):
+    /// where not, the two differ by more than the estimate's error (PyTorch's AdamW steps one
+    /// tensor at a time on the CPU, vramcal's own step runs other attention kernels there).
+    pub same_device_kind: bool,
+}
+
+/// Whether two setups are the same training configuration for memory: the fields that change
+/// no allocation (data seed, learning rate and weight decay, `--allow-longer`, the save mode)
+/// are ignored, and so is the device (`torch_cpu`: a row measured on the CPU is the same
+/// configuration as one for a GPU, with its device said beside it); a named one-dtype recipe
+/// (`fp32`, `bf16`, `fp16`) is the same as the dtypes it names.
+pub fn same_configuration(a: &TrainSpec, b: &TrainSpec) -> bool {
+    use crate::spec::Precision;
+    let plain = |s: &TrainSpec| {
+        let mut s = s.clone();
+        s.data_seed = 0;
+        s.adamw = Default::default();
+        s.allow_longer = false;
+        s.save = crate::spec::SaveMode::None;
+        s.torch_cpu = false;
+        if matches!(
+            s.precision,
+            Some(Precision::Fp32 | Precision::Bf16 | Precision::Fp16)
+        ) {
+            s.precision = None;
+        }
+        s
+    };
+    plain(a) == plain(b)
+}
+
+/// The rows of `files` that measured the configuration estimated (`cfg`, `spec`, `sharding`)
+/// on the stack `profile` predicts: vramcal's own rows (a successful step, its training peak)
+/// for the `candle` profile; PyTorch's reference rows with a peak for the torch profiles (the
+/// attention is part of the setup, so `torch-eager` finds eager rows). Rows of another stack
+/// are passed over, as are failed rows. `cpu` says whether the estimate is for the CPU.
+///
+/// # Errors
+/// An unreadable or malformed file, a row outside the vocabulary or naming a model that
+/// cannot be resolved.
+pub fn measured_rows(
+    files: &[std::path::PathBuf],
+    cfg: &crate::config::ModelConfig,
+    spec: &TrainSpec,
+    profile: Profile,
+    sharding: Option<crate::spec::Sharding>,
+    cpu: bool,
+) -> Result<Vec<Measured>> {
+    let mut out = Vec::new();
+    for f in files {
+        if is_reference_file(f)? {
+            if profile == Profile::Candle {
+                continue;
+            }
+            for p in read_references(f)? {
+                let Some(peak) = p.peak_bytes.filter(|_| p.usable) else {
+                    continue;
+                };
+                if p.sharding != sharding || !same_configuration(&p.spec, spec) {
+                    continue;
+                }
+                if resolve_model(&p.model)?.config != *cfg {
+                    continue;
+                }
+                out.push(Measured {
+                    id: p.id.clone(),
+                    device: p.device.clone(),
+                    counter: p.counter.name().to_string(),
+                    peak_bytes: peak,
+                    same_device_kind: p.spec.torch_cpu == cpu,
+                });
+            }
+        } else {
+            if profile != Profile::Candle || sharding.is_some() {
+                continue;
+            }
+            for (i, r) in read_rows(f)?.iter().enumerate() {
+                if r.status != Some(crate::report::Status::Ok) {
+                    continue;
+                }
+                let Some(peak) = training_peak(r) else {
+                    continue;
+                };
+                let (row_cfg, row_spec) = spec_from_row(r).map_err(|e| Error::Csv {
+                    path: f.to_path_buf(),
+                    reason: format!("row {}: {e}", i + 2),
+                })?;
+                if row_cfg != *cfg || !same_configuration(&row_spec, spec) {
+                    continue;
+                }
+                out.push(Measured {
+                    id: format!("{}:{}", f.display(), i + 2),
+                    device: r.device.clone(),
+                    counter: "allocated".into(),
+                    peak_bytes: peak,
+                    same_device_kind: (r.device == "cpu") == cpu,
+                });
+            }
+        }
+    }
+    Ok(out)
 }

@@ -31,6 +31,8 @@ pub struct Query {
     pub max_memory: Option<Vec<u64>>,
     /// The largest micro-batch of `--seq-lengths`, where given.
     pub data: Option<crate::data::WorstBatch>,
+    /// `--measured`: results files searched for rows of this configuration.
+    pub measured: Vec<std::path::PathBuf>,
 }
 
 /// Runs `vramcal estimate`.
@@ -58,18 +60,76 @@ pub fn run(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
 /// # Errors
 /// The line of a refused command line or of a failed estimate.
 pub fn json_from_args(args: &[String]) -> Result<String, String> {
+    json_for_options(args).map_err(|e| e.message)
+}
+
+/// Why [`json_for_options`] refused: the line `vramcal estimate` prints (without `error: `)
+/// and, where the error belongs to one option, that option (`--seq`), so that a form can show
+/// the message next to its field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptionError {
+    /// The option at fault (`--batch`), as the command line spells it; `--model` for a
+    /// `config.json` that cannot be used; `None` for errors of the whole setup.
+    pub option: Option<String>,
+    /// The one-line message.
+    pub message: String,
+}
+
+/// [`json_from_args`] with the option at fault named ([`OptionError`]): what the web page
+/// (`web/`) calls.
+///
+/// # Errors
+/// As [`json_from_args`].
+pub fn json_for_options(args: &[String]) -> Result<String, OptionError> {
     use clap::Parser;
     let argv = ["vramcal", "estimate"]
         .into_iter()
         .map(String::from)
         .chain(args.iter().cloned())
         .chain(std::iter::once("--json".to_string()));
-    let cli = crate::cli::Cli::try_parse_from(argv).map_err(|e| crate::cli::error_line(&e))?;
+    let cli = crate::cli::Cli::try_parse_from(argv).map_err(|e| OptionError {
+        option: crate::cli::setup_error(&e).and_then(option_of).or_else(|| {
+            match e.get(clap::error::ContextKind::InvalidArg) {
+                Some(clap::error::ContextValue::String(s)) => {
+                    s.split_whitespace().next().map(str::to_string)
+                }
+                Some(clap::error::ContextValue::Strings(v)) => v
+                    .first()
+                    .and_then(|s| s.split_whitespace().next())
+                    .map(str::to_string),
+                _ => None,
+            }
+        }),
+        message: crate::cli::error_line(&e),
+    })?;
     let crate::cli::Command::Estimate(a) = cli.command else {
-        return Err("not an estimate".into());
+        return Err(OptionError {
+            option: None,
+            message: "not an estimate".into(),
+        });
     };
-    let x = query(&a).and_then(answer).map_err(|e| format!("{e:#}"))?;
-    crate::export::estimate::json(&x).map_err(|e| format!("{e:#}"))
+    let failed = |e: anyhow::Error| OptionError {
+        option: e.downcast_ref::<Error>().and_then(option_of),
+        message: format!("{e:#}"),
+    };
+    let x = query(&a).and_then(answer).map_err(failed)?;
+    crate::export::estimate::json(&x).map_err(failed)
+}
+
+/// The option a library error belongs to: the one an invalid value names, `--model` for a
+/// model configuration that cannot be used, `--seq` for a sequence past the model's context.
+fn option_of(e: &Error) -> Option<String> {
+    match e {
+        Error::InvalidValue { what, .. } if what.starts_with("--") => what
+            .split_whitespace()
+            .next()
+            .map(|s| s.trim_end_matches(':').to_string()),
+        Error::Config { .. } | Error::UnknownArchitecture { .. } | Error::UnknownModel { .. } => {
+            Some("--model".into())
+        }
+        Error::SeqTooLong { .. } => Some("--seq".into()),
+        _ => None,
+    }
 }
 
 /// Checks the arguments and builds the question, refusing (never ignoring) options that do not
@@ -144,6 +204,7 @@ pub fn query(a: &EstimateArgs) -> anyhow::Result<Query> {
         },
         max_memory: max_memory(a)?,
         data,
+        measured: a.measured.clone(),
     })
 }
 
@@ -203,7 +264,19 @@ pub fn answer(q: Query) -> anyhow::Result<Answer> {
         }
         _ => vec![],
     };
+    let measured = crate::calibrate::compare::measured_rows(
+        &q.measured,
+        cfg,
+        &q.spec,
+        q.profile,
+        q.sharding,
+        match q.profile {
+            Profile::Candle => q.coefficients.cpu,
+            _ => q.spec.torch_cpu,
+        },
+    )?;
     Ok(Answer {
+        measured,
         model: q.model.name,
         model_config: cfg.clone(),
         references: {

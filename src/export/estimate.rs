@@ -34,6 +34,8 @@ pub struct Answer {
     pub device_map: Option<Vec<Placement>>,
     /// The largest micro-batch of `--seq-lengths`, where given.
     pub data: Option<crate::data::WorstBatch>,
+    /// Measured rows of this configuration (`--measured`).
+    pub measured: Vec<crate::calibrate::compare::Measured>,
 }
 
 /// The answer as pretty-printed JSON (one object, trailing newline).
@@ -81,6 +83,7 @@ pub fn json(x: &Answer) -> anyhow::Result<String> {
         "device_map": x.device_map,
         "data": x.data.as_ref().map(crate::data::WorstBatch::json),
         "autocast": autocast(x).map(|(w, i)| serde_json::json!({"weight_copies_bytes": w, "input_copies_bytes": i})),
+        "measured": x.measured,
     });
     Ok(format!("{}\n", serde_json::to_string_pretty(&v)?))
 }
@@ -129,8 +132,33 @@ pub fn text(x: &Answer) -> String {
         t += &device_map(map);
     }
     t += &references(x);
+    t += &measured(x);
     if let Some((name, b)) = &x.budget {
         t += &verdict(x, name, *b);
+    }
+    t
+}
+
+/// The `--measured` rows of this configuration beside the estimate, each with the estimate's
+/// relative error against it (a line saying none matched where files were given).
+fn measured(x: &Answer) -> String {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut t = String::new();
+    for m in &x.measured {
+        let off = if m.same_device_kind {
+            let e = x.estimate.peak_bytes as f64 / m.peak_bytes.max(1) as f64 - 1.0;
+            format!("the estimate's peak is {:+.1} % off it", 100.0 * e)
+        } else {
+            "on another kind of device than the estimate's (the CPU and a GPU run other kernels): not compared".into()
+        };
+        t += &format!(
+            "measured ({}, {} on {}): {} bytes ({:.2} GiB); {off}\n",
+            m.id,
+            m.counter,
+            m.device,
+            m.peak_bytes,
+            gib(m.peak_bytes),
+        );
     }
     t
 }
