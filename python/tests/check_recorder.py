@@ -2,7 +2,8 @@
 reference harness's environment): a tiny Llama trained three steps by the HF Trainer, full
 fine-tuning and PEFT LoRA (with modules_to_save), each appending one reference row that
 `vramcal check` reads; without count_cpu_memory the recorder says so once and writes nothing.
-Run by scripts/python-wheel-check.sh where VRAMCAL_TORCH_PYTHON names that environment."""
+Where lightning is installed, the same model in a LightningModule with vramcal.LightningRecorder
+(32-true, bf16-mixed with accumulation, a module of two HF models refused). Run by scripts/python-wheel-check.sh where VRAMCAL_TORCH_PYTHON names that environment."""
 
 import contextlib
 import csv
@@ -80,9 +81,18 @@ def main():
                     with rec.optimizer_step():
                         opt.step()
                     opt.zero_grad()
+        expected = ["full", "lora", "full"]
+        # What is alive in the process counts (as torch.cuda.max_memory_allocated would): the
+        # loop's model and optimizer are let go before the next runs.
+        del model, opt, rec
+        lightning = lightning_runs(folder, rows)
+        expected += ["full"] * lightning
         with open(rows) as f:
             got = list(csv.DictReader(f))
-        assert [r["method"] for r in got] == ["full", "lora", "full"], got
+        assert [r["method"] for r in got] == expected, got
+        if lightning:
+            assert [r["precision"] for r in got[3:]] == ["fp32", "amp-bf16"], got[3:]
+            assert got[4]["accumulate"] == "2", got[4]
         # A file of other columns is left as it is, and said so once.
         other = os.path.join(tmp, "other.csv")
         with open(other, "w") as f:
@@ -100,10 +110,57 @@ def main():
         assert out.returncode == 0, out.stderr
         print(out.stdout)
         summary = [l for l in out.stdout.splitlines() if l.startswith("profile ")]
-        assert summary and "3 rows" in summary[0], out.stdout
+        assert summary and f"{len(expected)} rows" in summary[0], out.stdout
     print(f"MemoryRecorder (torch {torch.__version__}, transformers {transformers.__version__}): "
-          "3 rows (two Trainer runs, a plain loop) recorded on the CPU and read by vramcal check; "
-          "no row without statistics")
+          f"{len(expected)} rows (two Trainer runs, a plain loop"
+          f"{f', {lightning} Lightning runs' if lightning else ''}) recorded on the CPU and read "
+          "by vramcal check; no row without statistics")
+
+
+def lightning_runs(folder, rows):
+    """Two Lightning runs recorded into `rows` (32-true; bf16-mixed with accumulation), and a
+    module of two HF models refused; 0 where lightning is not installed."""
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        return 0
+    from torch.utils.data import DataLoader
+
+    class Module(pl.LightningModule):
+        def __init__(self, *models):
+            super().__init__()
+            self.model = models[0]
+            if len(models) > 1:
+                self.teacher = models[1]
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+
+    def fit(recorder, precision, accumulate=1, two=False):
+        import gc
+
+        gc.collect()
+        torch.manual_seed(0)
+        models = [LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+                  for _ in range(2 if two else 1)]
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, precision=precision,
+                             accumulate_grad_batches=accumulate, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[recorder])
+        trainer.fit(Module(*models), DataLoader(torch.randint(0, 256, (12, 16)), batch_size=2))
+
+    fit(vramcal.LightningRecorder(optim="adamw_torch", out=rows, count_cpu_memory=True), "32-true")
+    fit(vramcal.LightningRecorder(optim="adamw_torch", out=rows, count_cpu_memory=True),
+        "bf16-mixed", accumulate=2)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        fit(vramcal.LightningRecorder(optim="adamw_torch", out=rows, count_cpu_memory=True),
+            "32-true", two=True)
+    assert "holding 2 Hugging Face models" in err.getvalue(), err.getvalue()
+    return 2
 
 
 if __name__ == "__main__":

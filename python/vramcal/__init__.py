@@ -18,7 +18,8 @@ import json as _json
 
 from ._vramcal import __version__, estimate_json as _estimate_json
 
-__all__ = ["estimate", "estimate_args", "MemoryRecorder", "LoopRecorder", "__version__"]
+__all__ = ["estimate", "estimate_args", "MemoryRecorder", "LoopRecorder", "LightningRecorder",
+           "__version__"]
 
 # Options that take several values (`--measured A.csv B.csv`).
 _MANY = {"measured"}
@@ -30,6 +31,11 @@ def __getattr__(name):
         from . import recorder
 
         return getattr(recorder, name)
+    # lightning likewise.
+    if name == "LightningRecorder":
+        from .lightning_recorder import LightningRecorder
+
+        return LightningRecorder
     raise AttributeError(name)
 
 

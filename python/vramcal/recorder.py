@@ -290,8 +290,10 @@ class MemoryRecorder(TrainerCallback):
             return
 
         def pre(module, args_, kwargs):
-            # Only the training step's forwards: not evaluation, not generation.
-            if not (self.in_step and module.training and torch.is_grad_enabled()):
+            # Only the training step's forwards (with gradients, inside a step): not evaluation,
+            # not generation. Not `module.training`: Lightning leaves a model loaded by
+            # from_pretrained in eval mode and trains it so.
+            if not (self.in_step and torch.is_grad_enabled()):
                 return
             ids = kwargs.get("input_ids", args_[0] if args_ else None)
             if ids is not None and hasattr(ids, "shape"):
@@ -305,7 +307,7 @@ class MemoryRecorder(TrainerCallback):
                 self._begin("forward")
 
         def post(module, args_, out):
-            if not (self.in_step and module.training and torch.is_grad_enabled()):
+            if not (self.in_step and torch.is_grad_enabled()):
                 return
             self._end()
             self._begin("backward")
