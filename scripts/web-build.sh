@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-target_dir="${CARGO_TARGET_DIR:-$HOME/.cache/vramcal/target}-web"
+# Absolute: the build runs in web/, wasm-bindgen here.
+target_dir="$(realpath -m "${CARGO_TARGET_DIR:-$HOME/.cache/vramcal/target}-web")"
 
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
   rustup target add wasm32-unknown-unknown
@@ -16,6 +17,7 @@ fi
 version=$(awk '/^name = "wasm-bindgen"$/ {getline; gsub(/[^0-9.]/, ""); print; exit}' web/Cargo.lock)
 if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$version" ]; then
   echo "installing wasm-bindgen-cli $version (once)" >&2
+  # Not --locked: its lock file pins a webpki-roots release the crates.io index no longer offers.
   cargo install wasm-bindgen-cli --version "$version"
 fi
 

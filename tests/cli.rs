@@ -2251,8 +2251,121 @@ fn estimate_shows_measured_rows_of_the_same_configuration() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("% off it"), "{text}");
-    // A file that is not there: one error line.
+    assert!(
+        text.contains("% over it") || text.contains("% under it"),
+        "{text}"
+    );
+    // LoRA's alpha allocates nothing: another alpha finds the same row; a file named twice is
+    // read once.
+    let mut alpha = lora.to_vec();
+    alpha[3] = "r=16,alpha=8,targets=q_proj,k_proj,v_proj,o_proj";
+    let v = est(&[
+        &alpha[..],
+        &["--precision", "bf16", "--measured"],
+        &[torch.to_str().unwrap()][..],
+    ]
+    .concat());
+    assert_eq!(
+        v["measured"].as_array().unwrap().len(),
+        1,
+        "{}",
+        v["measured"]
+    );
+    // PyTorch on the CPU: torch-eager finds the eager row, torch-sdpa the SDPA one; with the
+    // CPU table the estimate is for the CPU and compared with them (the allocated counter).
+    let refs = root.join("results/torch-cpu/smollm2-135m.csv");
+    let table = root.join("results/calibration/cpu-torch-sdpa.csv");
+    for (profile, attention) in [("torch-eager", "eager"), ("torch-sdpa", "sdpa")] {
+        let out = vramcal()
+            .args([
+                "estimate",
+                "--model",
+                "smollm2-135m",
+                "--batch",
+                "1",
+                "--seq",
+                "64",
+            ])
+            .args([
+                "--precision",
+                "fp32",
+                "--profile",
+                profile,
+                "--json",
+                "--measured",
+            ])
+            .arg(&refs)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let m = v["measured"].as_array().unwrap();
+        assert_eq!(m.len(), 1, "{profile}: {m:?}");
+        assert!(
+            m[0]["id"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("-{attention}-ckpt-off-b1-s64")),
+            "{m:?}"
+        );
+        assert_eq!(m[0]["same_device_kind"], false);
+    }
+    let out = vramcal()
+        .args([
+            "estimate",
+            "--model",
+            "smollm2-135m",
+            "--batch",
+            "1",
+            "--seq",
+            "64",
+        ])
+        .args(["--precision", "fp32", "--json", "--calibration"])
+        .arg(&table)
+        .arg("--measured")
+        .arg(&refs)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = &v["measured"][0];
+    assert_eq!(m["same_device_kind"], true, "{m}");
+    let err = m["relative_error"].as_f64().unwrap();
+    let want = (m["predicted_bytes"].as_f64().unwrap() - m["peak_bytes"].as_f64().unwrap())
+        / m["peak_bytes"].as_f64().unwrap();
+    assert!((err - want).abs() < 1e-12, "{m}");
+    // Adafactor keeps its own state types: its bf16 row is found from --precision bf16.
+    let out = vramcal()
+        .args([
+            "estimate",
+            "--model",
+            "smollm2-135m",
+            "--batch",
+            "1",
+            "--seq",
+            "32",
+        ])
+        .args([
+            "--precision",
+            "bf16",
+            "--optimizer",
+            "adafactor",
+            "--json",
+            "--measured",
+        ])
+        .arg(&refs)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = v["measured"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.iter().any(|i| i.contains("full-bf16-adafactor")),
+        "{ids:?}"
+    );
+    // A file that is not there, or is not results: one error line.
     fails_with(
         &[
             "estimate",
@@ -2266,4 +2379,19 @@ fn estimate_shows_measured_rows_of_the_same_configuration() {
         "no-such.csv",
         None,
     );
+    for f in ["README.md", "results/calibration/cpu-candle.csv"] {
+        fails_with(
+            &[
+                "estimate",
+                "--model",
+                "tiny",
+                "--seq",
+                "16",
+                "--measured",
+                root.join(f).to_str().unwrap(),
+            ],
+            f.rsplit('/').next().unwrap(),
+            None,
+        );
+    }
 }

@@ -209,15 +209,22 @@ pub struct Measured {
     /// where not, the two differ by more than the estimate's error (PyTorch's AdamW steps one
     /// tensor at a time on the CPU, vramcal's own step runs other attention kernels there).
     pub same_device_kind: bool,
+    /// The estimate of the row's counter (bytes): the allocated peak, or the predicted reserved
+    /// peak for `reserved`/`smi` rows, as `check` holds them ([`predicted_for`]).
+    pub predicted_bytes: u64,
+    /// `(predicted − measured) / measured`, where `same_device_kind`.
+    pub relative_error: Option<f64>,
 }
 
 /// Whether two setups are the same training configuration for memory: the fields that change
-/// no allocation (data seed, learning rate and weight decay, `--allow-longer`, the save mode)
-/// are ignored, and so is the device (`torch_cpu`: a row measured on the CPU is the same
-/// configuration as one for a GPU, with its device said beside it); a named one-dtype recipe
-/// (`fp32`, `bf16`, `fp16`) is the same as the dtypes it names.
+/// no allocation (data seed, learning rate and weight decay, `--allow-longer`, the save mode,
+/// LoRA's alpha, the host RAM's GPUs per node) are ignored, and so is the device (`torch_cpu`:
+/// a row measured on the CPU is the same configuration as one for a GPU, with its device said
+/// beside it); a named one-dtype recipe (`fp32`, `bf16`, `fp16`) is the same as the dtypes it
+/// names, and an optimizer that keeps states of its own types (8-bit and paged AdamW,
+/// Adafactor, SGD without momentum) has no state dtype.
 pub fn same_configuration(a: &TrainSpec, b: &TrainSpec) -> bool {
-    use crate::spec::Precision;
+    use crate::spec::{Optimizer, Precision};
     let plain = |s: &TrainSpec| {
         let mut s = s.clone();
         s.data_seed = 0;
@@ -225,63 +232,125 @@ pub fn same_configuration(a: &TrainSpec, b: &TrainSpec) -> bool {
         s.allow_longer = false;
         s.save = crate::spec::SaveMode::None;
         s.torch_cpu = false;
+        if let Some(l) = s.adaptation.lora.as_mut() {
+            l.alpha = 1.0;
+        }
         if matches!(
             s.precision,
             Some(Precision::Fp32 | Precision::Bf16 | Precision::Fp16)
         ) {
             s.precision = None;
         }
+        let own_states = matches!(
+            s.optimizer,
+            Optimizer::AdamwBnb8bit
+                | Optimizer::PagedAdamw8bit
+                | Optimizer::PagedAdamw32bit
+                | Optimizer::Adafactor
+        ) || (s.optimizer == Optimizer::Sgd && s.momentum == 0.0);
+        if own_states {
+            s.state_dtype = candle_core::DType::F32;
+        }
         s
     };
     plain(a) == plain(b)
 }
 
+/// What [`measured_rows`] found: the rows of the configuration, and how many files were
+/// searched (each once) and passed over as the other stack's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MeasuredRows {
+    /// The rows of the configuration.
+    pub rows: Vec<Measured>,
+    /// Files searched.
+    pub files: usize,
+    /// Files of the other stack (reference rows for `candle`, vramcal's rows for the torch
+    /// profiles), read and passed over.
+    pub other_stack: usize,
+}
+
 /// The rows of `files` that measured the configuration estimated (`cfg`, `spec`, `sharding`)
 /// on the stack `profile` predicts: vramcal's own rows (a successful step, its training peak)
-/// for the `candle` profile; PyTorch's reference rows with a peak for the torch profiles (the
-/// attention is part of the setup, so `torch-eager` finds eager rows). Rows of another stack
-/// are passed over, as are failed rows. `cpu` says whether the estimate is for the CPU.
+/// for the `candle` profile; PyTorch's reference rows with a peak for the torch profiles
+/// (`torch-eager` finds the eager rows). Each is held against estimate `e` for its counter;
+/// `cpu` says whether the estimate is for the CPU. A file named twice is read once.
 ///
 /// # Errors
-/// An unreadable or malformed file, a row outside the vocabulary or naming a model that
-/// cannot be resolved.
+/// A file that cannot be read or is neither vramcal's results nor reference rows, a row
+/// outside the vocabulary or naming a model that cannot be resolved.
 pub fn measured_rows(
     files: &[std::path::PathBuf],
     cfg: &crate::config::ModelConfig,
     spec: &TrainSpec,
     profile: Profile,
     sharding: Option<crate::spec::Sharding>,
+    e: &crate::estimate::Estimate,
     cpu: bool,
-) -> Result<Vec<Measured>> {
-    let mut out = Vec::new();
+) -> Result<MeasuredRows> {
+    let mut want = spec.clone();
+    if profile == Profile::TorchEager {
+        want.attention = crate::spec::Attention::Eager;
+    }
+    let same_sharding = |s: Option<crate::spec::Sharding>| match (s, sharding) {
+        (Some(mut a), Some(b)) => {
+            a.gpus_per_node = b.gpus_per_node;
+            a == b
+        }
+        (a, b) => a == b,
+    };
+    let mut out = MeasuredRows::default();
+    let mut seen = std::collections::HashSet::new();
     for f in files {
+        if !seen.insert(f.clone()) {
+            continue;
+        }
+        out.files += 1;
+        let mut push = |id: String, device: String, counter: Counter, peak: u64, same: bool| {
+            let (predicted, label) = predicted_for(e, counter);
+            out.rows.push(Measured {
+                id,
+                device,
+                counter: label,
+                peak_bytes: peak,
+                same_device_kind: same,
+                predicted_bytes: predicted,
+                relative_error: same.then(|| (predicted as f64 - peak as f64) / peak.max(1) as f64),
+            });
+        };
         if is_reference_file(f)? {
+            let refs = read_references(f)?;
             if profile == Profile::Candle {
+                out.other_stack += 1;
                 continue;
             }
-            for p in read_references(f)? {
+            for p in refs {
                 let Some(peak) = p.peak_bytes.filter(|_| p.usable) else {
                     continue;
                 };
-                if p.sharding != sharding || !same_configuration(&p.spec, spec) {
+                if !same_sharding(p.sharding) || !same_configuration(&p.spec, &want) {
                     continue;
                 }
                 if resolve_model(&p.model)?.config != *cfg {
                     continue;
                 }
-                out.push(Measured {
-                    id: p.id.clone(),
-                    device: p.device.clone(),
-                    counter: p.counter.name().to_string(),
-                    peak_bytes: peak,
-                    same_device_kind: p.spec.torch_cpu == cpu,
-                });
+                push(
+                    p.id.clone(),
+                    p.device.clone(),
+                    p.counter,
+                    peak,
+                    p.spec.torch_cpu == cpu,
+                );
             }
         } else {
-            if profile != Profile::Candle || sharding.is_some() {
+            let rows = read_rows(f)?;
+            if profile != Profile::Candle {
+                out.other_stack += 1;
                 continue;
             }
-            for (i, r) in read_rows(f)?.iter().enumerate() {
+            if sharding.is_some() {
+                continue;
+            }
+            for (i, r) in rows.iter().enumerate() {
                 if r.status != Some(crate::report::Status::Ok) {
                     continue;
                 }
@@ -292,16 +361,16 @@ pub fn measured_rows(
                     path: f.to_path_buf(),
                     reason: format!("row {}: {e}", i + 2),
                 })?;
-                if row_cfg != *cfg || !same_configuration(&row_spec, spec) {
+                if row_cfg != *cfg || !same_configuration(&row_spec, &want) {
                     continue;
                 }
-                out.push(Measured {
-                    id: format!("{}:{}", f.display(), i + 2),
-                    device: r.device.clone(),
-                    counter: "allocated".into(),
-                    peak_bytes: peak,
-                    same_device_kind: (r.device == "cpu") == cpu,
-                });
+                push(
+                    format!("{}:{}", f.display(), i + 2),
+                    r.device.clone(),
+                    Counter::Allocated,
+                    peak,
+                    (r.device == "cpu") == cpu,
+                );
             }
         }
     }

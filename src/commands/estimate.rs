@@ -270,10 +270,9 @@ pub fn answer(q: Query) -> anyhow::Result<Answer> {
         &q.spec,
         q.profile,
         q.sharding,
-        match q.profile {
-            Profile::Candle => q.coefficients.cpu,
-            _ => q.spec.torch_cpu,
-        },
+        &e,
+        // The estimate is for the CPU with a CPU table (every profile) or a CPU reference row.
+        q.coefficients.cpu || q.spec.torch_cpu,
     )?;
     Ok(Answer {
         measured,

@@ -170,7 +170,8 @@ pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     v.push(t("rope_q", "(N, q)", n * q, d)); // fused; kept by attention
     v.push(t("rope_k", "(N, kv)", n * kv, d));
     if spec.attention == Attention::Eager {
-        let s2 = (spec.batch * cfg.num_attention_heads * spec.seq * spec.seq) as u64;
+        let s2 =
+            spec.batch as u64 * cfg.num_attention_heads as u64 * spec.seq as u64 * spec.seq as u64;
         // --attention eager keeps them
         v.push(SavedTensor {
             kind: Kind::AttentionScores,
@@ -353,5 +354,5 @@ pub fn logits_chunk(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 /// forms its scores and probabilities one layer at a time (forward, and again in backward).
 pub fn attention_scores(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     let f = crate::ops::compute_dtype(spec.compute_dtype()).size_in_bytes() as u64;
-    (spec.batch * cfg.num_attention_heads * spec.seq * spec.seq) as u64 * f
+    spec.batch as u64 * cfg.num_attention_heads as u64 * spec.seq as u64 * spec.seq as u64 * f
 }

@@ -34,8 +34,8 @@ pub struct Answer {
     pub device_map: Option<Vec<Placement>>,
     /// The largest micro-batch of `--seq-lengths`, where given.
     pub data: Option<crate::data::WorstBatch>,
-    /// Measured rows of this configuration (`--measured`).
-    pub measured: Vec<crate::calibrate::compare::Measured>,
+    /// Measured rows of this configuration, and the files searched (`--measured`).
+    pub measured: crate::calibrate::compare::MeasuredRows,
 }
 
 /// The answer as pretty-printed JSON (one object, trailing newline).
@@ -83,7 +83,7 @@ pub fn json(x: &Answer) -> anyhow::Result<String> {
         "device_map": x.device_map,
         "data": x.data.as_ref().map(crate::data::WorstBatch::json),
         "autocast": autocast(x).map(|(w, i)| serde_json::json!({"weight_copies_bytes": w, "input_copies_bytes": i})),
-        "measured": x.measured,
+        "measured": x.measured.rows,
     });
     Ok(format!("{}\n", serde_json::to_string_pretty(&v)?))
 }
@@ -140,24 +140,44 @@ pub fn text(x: &Answer) -> String {
 }
 
 /// The `--measured` rows of this configuration beside the estimate, each with the estimate's
-/// relative error against it (a line saying none matched where files were given).
+/// error against it where it ran on the estimate's kind of device; a line saying none matched
+/// where files were given.
 fn measured(x: &Answer) -> String {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let m = &x.measured;
     let mut t = String::new();
-    for m in &x.measured {
-        let off = if m.same_device_kind {
-            let e = x.estimate.peak_bytes as f64 / m.peak_bytes.max(1) as f64 - 1.0;
-            format!("the estimate's peak is {:+.1} % off it", 100.0 * e)
-        } else {
-            "on another kind of device than the estimate's (the CPU and a GPU run other kernels): not compared".into()
+    if m.files > 0 && m.rows.is_empty() {
+        t += &format!(
+            "measured: no row of this configuration in the {} file{} given{}\n",
+            m.files,
+            if m.files == 1 { "" } else { "s" },
+            match (m.other_stack, x.profile) {
+                (0, _) => String::new(),
+                (n, Profile::Candle) =>
+                    format!(" ({n} of reference rows, which --profile candle does not search)"),
+                (n, _) =>
+                    format!(" ({n} of vramcal's own rows, which only --profile candle searches)"),
+            }
+        );
+    }
+    for r in &m.rows {
+        let off = match r.relative_error {
+            Some(e) => format!(
+                "the estimate ({} bytes, {}) is {:.1} % {} it",
+                r.predicted_bytes,
+                r.counter,
+                100.0 * e.abs(),
+                if e >= 0.0 { "over" } else { "under" }
+            ),
+            None => "on another kind of device than the estimate's (the CPU and a GPU run other kernels): not compared".into(),
         };
         t += &format!(
             "measured ({}, {} on {}): {} bytes ({:.2} GiB); {off}\n",
-            m.id,
-            m.counter,
-            m.device,
-            m.peak_bytes,
-            gib(m.peak_bytes),
+            r.id,
+            r.counter,
+            r.device,
+            r.peak_bytes,
+            gib(r.peak_bytes),
         );
     }
     t

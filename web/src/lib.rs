@@ -15,13 +15,28 @@ mod files {
     include!(concat!(env!("OUT_DIR"), "/files.rs"));
 }
 
-/// Hands the embedded files to the library's input layer, once.
+thread_local! {
+    /// The message of the last panic (a bug: the estimate traps), for [`last_panic`].
+    static PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The message of the panic that stopped the last call, if one did. A panic aborts (traps) in
+/// WebAssembly; the page reads this message, shows it and starts a fresh instance.
+#[wasm_bindgen]
+pub fn last_panic() -> Option<String> {
+    PANIC.with(|p| p.borrow().clone())
+}
+
+/// Hands the embedded files to the library's input layer and installs the panic hook, once.
 fn provide_embedded() {
     thread_local! {
         static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
     DONE.with(|d| {
         if !d.replace(true) {
+            std::panic::set_hook(Box::new(|info| {
+                PANIC.with(|p| *p.borrow_mut() = Some(info.to_string()));
+            }));
             for (path, text) in files::CALIBRATION.iter().chain(files::MEASURED) {
                 vramcal::input::provide(Path::new(path), text.as_bytes().to_vec());
             }

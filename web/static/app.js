@@ -1,7 +1,7 @@
 // vramcal's page: builds `vramcal estimate` arguments from the form, runs the estimator compiled
 // to WebAssembly (pkg/, made by scripts/web-build.sh) and shows its JSON answer. Every number
 // shown comes from that JSON; errors are shown next to the field of the option at fault.
-import init, { catalog, estimate, provide_config } from "./pkg/vramcal_web.js";
+import init, * as first from "./pkg/vramcal_web.js";
 
 const GIB = 2 ** 30;
 const $ = (id) => document.getElementById(id);
@@ -9,6 +9,20 @@ const PASTED = "pasted/config.json";
 const COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
   "#ff9da7", "#9c755f", "#bab0ac", "#86bcb6", "#d37295"];
 let cat = null;
+// The estimator's module. A panic (a bug) traps the WebAssembly instance: the page then shows
+// the message and loads a fresh instance for the next estimate.
+let wasm = first;
+let instances = 0;
+
+async function freshInstance() {
+  const m = await import(`./pkg/vramcal_web.js?instance=${++instances}`);
+  await m.default();
+  m.provide_config(PASTED, $("config").value);
+  wasm = m;
+}
+
+// For scripts and the page check: `vramcal.estimate(args)` is the page's estimator.
+window.vramcal = { estimate: (args) => wasm.estimate(args), lastPanic: () => wasm.last_panic() };
 
 function gib(bytes) {
   return (bytes / GIB).toFixed(2);
@@ -82,13 +96,15 @@ function clearErrors() {
   for (const e of document.querySelectorAll(".invalid")) e.classList.remove("invalid");
 }
 
+// The message next to the field of the option at fault (the general line otherwise); no
+// answer is shown while the form is refused.
 function showError(message, opt) {
-  const where = document.querySelector(`.error[data-for="${opt ?? ""}"]`) ?? $("general-error");
+  const where = [...document.querySelectorAll(".error")].find((e) => e.dataset.for === (opt ?? "")) ?? $("general-error");
   where.textContent = message;
   const field = opt === "--lora" ? $("lora-fields") : opt === "--model" && $("model").value === "paste"
-    ? $("config") : document.querySelector(`[data-option="${opt}"]`);
+    ? $("config") : [...document.querySelectorAll("[data-option]")].find((e) => e.dataset.option === opt);
   field?.classList.add("invalid");
-  $("result").classList.add("stale");
+  $("result").hidden = true;
 }
 
 function render(text) {
@@ -99,12 +115,12 @@ function render(text) {
   const b = x.budget;
   const verdict = $("verdict");
   if (b) {
-    verdict.textContent = b.fits
-      ? `Fits on ${b.name}: needs ${gib(b.needed_bytes)} of ${gib(b.bytes)} GiB`
-      : `Does not fit on ${b.name}: needs ${gib(b.needed_bytes)} of ${gib(b.bytes)} GiB`;
+    const what = e.reserved_bytes != null
+      ? ` reserved (predicted; ${gib(peak)} GiB allocated)` : "";
+    verdict.textContent = `${b.fits ? "Fits" : "Does not fit"} on ${b.name}: needs ${gib(b.needed_bytes)} GiB${what} of ${gib(b.bytes)} GiB`;
     verdict.className = b.fits ? "fits" : "nofit";
   } else {
-    verdict.textContent = `Peak ${gib(peak)} GiB (in ${e.peak_phase.replace("_", " ")})`;
+    verdict.textContent = `Peak ${gib(peak)} GiB allocated (in ${e.peak_phase.replaceAll("_", " ")})`;
     verdict.className = "";
   }
   // The stacked bar: the items at the peak, on a scale that also shows the GPU's memory.
@@ -130,6 +146,10 @@ function render(text) {
     line.style.left = `${(100 * b.bytes) / scale}%`;
     line.title = `${b.name}: ${gib(b.bytes)} GiB`;
     bar.append(line);
+    const li = document.createElement("li");
+    li.innerHTML = '<span class="swatch budget-swatch"></span>';
+    li.append(`${b.name}: ${gib(b.bytes)} GiB`);
+    $("legend").append(li);
   }
   bar.setAttribute("aria-label", `peak ${gib(peak)} GiB`);
   const tbody = $("items").querySelector("tbody");
@@ -152,10 +172,10 @@ function render(text) {
   for (const r of x.measured) {
     const p = document.createElement("p");
     p.className = "measured";
-    const off = r.same_device_kind
-      ? `; the estimate is ${(100 * (peak / r.peak_bytes - 1)).toFixed(1)} % off it`
-      : " (another kind of device than the estimate's: not compared)";
-    p.textContent = `Measured ${gib(r.peak_bytes)} GiB (${r.counter}, ${r.device}; ${r.id})${off}`;
+    const off = r.relative_error != null
+      ? `; the estimate, ${gib(r.predicted_bytes)} GiB ${r.counter}, is ${(100 * Math.abs(r.relative_error)).toFixed(1)} % ${r.relative_error >= 0 ? "over" : "under"} it`
+      : " (on another kind of device than the estimate's: not compared)";
+    p.textContent = `Measured ${gib(r.peak_bytes)} GiB ${r.counter} on ${r.device} (${r.id})${off}`;
     m.append(p);
   }
   // As `vramcal estimate` prints them: the changes that make it fit, least memory saved first.
@@ -178,36 +198,58 @@ function render(text) {
   }
 }
 
+// An argument as a POSIX shell reads it back.
+function shellQuote(s) {
+  return /^[A-Za-z0-9_.,=:\/+-]+$/.test(s) ? s : `'${s.replaceAll("'", "'\\''")}'`;
+}
+
 function update() {
   clearErrors();
   const args = formArgs();
-  const shown = args.slice(0, args.indexOf("--measured"));
-  $("command").textContent = `vramcal estimate ${shown.join(" ")} --measured results/… (${cat.measured.length} files)`;
-  const out = JSON.parse(estimate(args));
+  const pasted = $("model").value === "paste" ? " (with your config.json saved as pasted/config.json)" : "";
+  $("command").textContent = `vramcal estimate ${args.map(shellQuote).join(" ")} --json${pasted}`;
+  let out;
+  try {
+    out = JSON.parse(wasm.estimate(args));
+  } catch (err) {
+    const why = wasm.last_panic?.() ?? String(err);
+    showError(`internal error in the estimator (a bug: please report it with the command line below): ${why}`, null);
+    freshInstance().catch((e) => { $("general-error").textContent += ` (and it could not restart: ${e})`; });
+    return;
+  }
   if (out.error !== undefined) {
     showError(out.error, out.option);
     return;
   }
-  $("result").classList.remove("stale");
+  $("result").hidden = false;
   render(out.json);
 }
 
 async function main() {
   await init();
-  cat = JSON.parse(catalog());
+  cat = JSON.parse(wasm.catalog());
   fillForm();
-  $("profile").addEventListener("change", fillCalibrations);
-  $("model").addEventListener("change", () => { $("paste").hidden = $("model").value !== "paste"; });
-  $("method").addEventListener("change", () => { $("lora-fields").hidden = $("method").value === "full"; });
-  $("config").addEventListener("input", () => provide_config(PASTED, $("config").value));
+  // Listeners on the fields run before the form's (the event bubbles to it): the calibration
+  // list follows the profile, and the paste box and LoRA fields show, before the estimate.
+  for (const ev of ["input", "change"]) {
+    $("profile").addEventListener(ev, fillCalibrations);
+    $("model").addEventListener(ev, () => { $("paste").hidden = $("model").value !== "paste"; });
+    $("method").addEventListener(ev, () => { $("lora-fields").hidden = $("method").value === "full"; });
+  }
+  $("config").addEventListener("input", () => wasm.provide_config(PASTED, $("config").value));
+  let picks = 0;
   $("config-file").addEventListener("change", async (ev) => {
+    ev.stopPropagation();
     const file = ev.target.files[0];
     if (!file) return;
-    $("config").value = await file.text();
-    provide_config(PASTED, $("config").value);
+    const pick = ++picks;
+    const text = await file.text();
+    if (pick !== picks) return; // a later choice is being read
+    $("config").value = text;
+    wasm.provide_config(PASTED, text);
     update();
   });
-  provide_config(PASTED, "");
+  wasm.provide_config(PASTED, "");
   $("form").addEventListener("input", update);
   $("form").addEventListener("change", update);
   const t1 = performance.now();

@@ -81,8 +81,10 @@ CONFIGS = [
     {"method": "full", "precision": "amp-bf16", "gpu": "a100-80gb"},
     {"method": "full", "precision": "bf16-master", "optimizer": "adamw_bnb_8bit", "gpu": "h100-80gb"},
     {"method": "qlora", "lora-targets": "all-linear", "checkpointing": "layers", "batch": "4", "seq": "2048", "gpu": "rtx4090-24gb"},
-    {"batch": "4", "seq": "2048", "calibration": H200_SDPA},
-    {"batch": "1", "seq": "4096", "checkpointing": "layers", "calibration": H200_SDPA, "gpu": "h200-141gb"},
+    {"batch": "4", "seq": "2048", "calibration": H200_SDPA,
+     "expect": ["torch-mistral-7b-v0.1-lora-nockpt-b4-s2048"]},
+    {"batch": "1", "seq": "4096", "checkpointing": "layers", "calibration": H200_SDPA, "gpu": "h200-141gb",
+     "expect": ["torch-mistral-7b-v0.1-lora-ckpt-b1-s4096"]},
     {"model": "llama-3.1-8b", "method": "qlora", "lora-r": "64", "lora-alpha": "16", "lora-targets": "all-linear", "optimizer": "paged_adamw_8bit", "seq": "2048", "gpu": "rtx3090-24gb"},
     {"model": "llama-3-8b", "method": "full", "precision": "bf16", "optimizer": "adafactor", "checkpointing": "layers", "gpu": "h100-80gb"},
     {"model": "qwen2.5-7b", "lora-targets": "q_proj,v_proj", "precision": "fp16", "seq": "512", "gpu": "a10g-24gb"},
@@ -90,10 +92,13 @@ CONFIGS = [
     {"model": "mixtral-8x7b-v0.1", "method": "qlora", "lora-targets": "q_proj,v_proj", "gpu": "h100-80gb"},
     {"model": "mistral-nemo-12b", "method": "qlora", "checkpointing": "every:4", "seq": "8192", "gpu": "a100-40gb"},
     {"model": "tinyllama-1.1b", "method": "full", "precision": "fp16-master", "batch": "8", "seq": "512", "profile": "torch-eager"},
-    {"model": "smollm2-135m", "method": "full", "precision": "fp32", "batch": "2", "seq": "512", "profile": "candle", "calibration": CPU_CANDLE, "gpu": ""},
+    {"model": "smollm2-135m", "method": "full", "precision": "fp32", "batch": "2", "seq": "512", "profile": "candle", "calibration": CPU_CANDLE, "gpu": "",
+     "expect": ["results/cpu/smollm2-135m.csv:9"]},
     {"model": "smollm2-135m", "method": "lora", "lora-r": "8", "lora-alpha": "16", "lora-targets": "q_proj,v_proj", "precision": "fp32", "batch": "2", "seq": "256", "profile": "candle", "calibration": CPU_CANDLE, "gpu": ""},
-    {"model": "smollm2-135m", "method": "lora", "precision": "bf16", "checkpointing": "layers", "batch": "1", "seq": "512", "calibration": H200_SDPA, "gpu": "h200-141gb"},
-    {"model": "mistral-7b-v0.1", "method": "lora", "precision": "bf16", "batch": "4", "seq": "2048", "profile": "candle", "calibration": H200_CANDLE, "gpu": "h200-141gb"},
+    {"model": "smollm2-135m", "method": "lora", "precision": "bf16", "checkpointing": "layers", "batch": "1", "seq": "512", "calibration": H200_SDPA, "gpu": "h200-141gb",
+     "expect": ["torch-smollm2-135m-lora-ckpt-b1-s512"]},
+    {"model": "mistral-7b-v0.1", "method": "lora", "precision": "bf16", "batch": "4", "seq": "2048", "profile": "candle", "calibration": H200_CANDLE, "gpu": "h200-141gb",
+     "expect": ["results/h200/vramcal-mistral-7b-v0.1.csv:12"]},
     {"model": "smollm2-360m", "method": "full", "precision": "amp-fp16", "optimizer": "adamw_torch", "batch": "16", "seq": "1024", "gpu": "rtx4080-16gb"},
     {"model": "llama-2-7b", "method": "lora", "lora-targets": "all-linear,lm_head", "precision": "bf16+amp", "gpu": "l4-24gb"},
     {"model": "qwen2-7b", "method": "lora", "lora-targets": "q_proj,v_proj,embed_tokens", "precision": "bf16", "seq": "2048", "gpu": "a100-80gb"},
@@ -127,6 +132,33 @@ def cli_args(c, pasted_path):
     if c["calibration"]:
         a += ["--calibration", c["calibration"]]
     return a + ["--measured"] + measured_files()
+
+
+def grid_configs(n):
+    """`n` generated argument lists (seeded): every preset, method, recipe, optimizer, profile,
+    checkpointing, micro-batches up to 64 and sequences up to 131072 tokens."""
+    import random
+
+    rng = random.Random(20261201)
+    presets = ["mistral-7b-v0.1", "llama-2-7b", "llama-3-8b", "llama-3.1-8b", "mistral-nemo-12b",
+               "mixtral-8x7b-v0.1", "qwen1.5-7b", "qwen2-7b", "qwen2.5-0.5b", "qwen2.5-7b",
+               "tinyllama-1.1b", "smollm2-135m", "smollm2-360m", "mixtral-mini", "mistral-mini"]
+    out = []
+    for _ in range(n):
+        method = rng.choice(["full", "lora", "qlora"])
+        a = ["--model", rng.choice(presets), "--method", method]
+        if method != "full":
+            a += ["--lora", f"r={rng.choice([8, 16, 64, 256])},alpha=16,targets="
+                  + rng.choice(["q_proj,v_proj", "all-linear", "q_proj,k_proj,v_proj,o_proj"])]
+        a += ["--precision", rng.choice(["fp32", "bf16", "fp16", "amp-bf16", "bf16+amp", "bf16-master"]),
+              "--optimizer", rng.choice(["adamw_torch", "adamw_bnb_8bit", "adafactor", "sgd"]),
+              "--checkpointing", rng.choice(["none", "layers", "every:2"]),
+              "--batch", str(rng.choice([1, 2, 4, 8, 16, 64])),
+              "--seq", str(rng.choice([128, 1024, 4096, 8192, 16384, 32768, 131072])),
+              "--gpu", rng.choice(["h200-141gb", "a100-80gb", "rtx4090-24gb"]),
+              "--profile", rng.choice(["torch-sdpa", "torch-eager", "candle"])]
+        out.append(a + ["--measured"] + measured_files())
+    return out
 
 
 def cli(vramcal, args):
@@ -206,6 +238,7 @@ def main():
     ap.add_argument("--screenshot")
     ap.add_argument("--bench-out")
     ap.add_argument("--loads", type=int, default=7)
+    ap.add_argument("--grid", type=int, default=300, help="generated configurations")
     a = ap.parse_args()
     vramcal = str(Path(a.vramcal).resolve())
     tmp = Path(tempfile.mkdtemp())
@@ -250,14 +283,40 @@ def main():
                        if b and (a["reserved_bytes"] or a["peak_bytes"]) <= b["bytes"]]
                 if len(fit) != len(d.find_elements(By.CSS_SELECTOR, "#fixes li")):
                     failures.append(f"config {i}: the fixes shown are not the JSON's that fit")
-                if len(x["measured"]) != len(d.find_elements(By.CSS_SELECTOR, "#measured p")):
-                    failures.append(f"config {i}: measured rows shown differ from the JSON's")
+                shown = [p.text for p in d.find_elements(By.CSS_SELECTOR, "#measured p")]
+                ids = [m["id"] for m in x["measured"]]
+                if ids != over.get("expect", []) or len(shown) != len(ids) or not all(
+                        m in s for m, s in zip(ids, shown)):
+                    failures.append(f"config {i}: measured rows {ids} shown as {shown}, "
+                                    f"expected {over.get('expect', [])}")
                 if len(x["estimate"]["items"]) != len(d.find_elements(By.CSS_SELECTOR, "#bar .seg")):
                     failures.append(f"config {i}: the bar's segments differ from the items")
             if "NaN" in body_text(d):
                 failures.append(f"config {i}: NaN on the page")
         compared = len(CONFIGS) + 1
         measured_shown = 0
+
+        # A grid straight through the page's estimator (window.vramcal.estimate), large
+        # configurations included: usize is 32 bits in WebAssembly, so a product that would
+        # overflow must not give another number than the CLI's.
+        grid = grid_configs(a.grid)
+        answers = d.execute_script("""
+            const out = [];
+            for (const args of arguments[0]) {
+              try { out.push(JSON.parse(window.vramcal.estimate(args))); }
+              catch (e) { out.push({trap: String(e) + ": " + window.vramcal.lastPanic()}); }
+            }
+            return out;""", grid)
+        for args, got in zip(grid, answers):
+            rc, out, err = cli(vramcal, args)
+            if "trap" in got:
+                failures.append(f"grid: the estimator trapped ({got['trap']}) on {' '.join(args[:-len(measured_files()) - 1])}")
+                continue
+            want = {"json": out} if rc == 0 else {"error": err.strip().removeprefix("error: ")}
+            if ("json" in want) != ("json" in got) or want.get("json", want.get("error")) != got.get("json", got.get("error")):
+                failures.append(f"grid: page and CLI differ on {' '.join(args[:-len(measured_files()) - 1])}: "
+                                f"{str(got)[:160]} vs {str(want)[:160]}")
+        compared += len(grid)
 
         # Bad input: the message next to its field, the CLI's own line where the paths agree.
         bad = [
@@ -285,8 +344,8 @@ def main():
                 failures.append(f"bad input {over}: page says {shown[0][1]!r}, CLI {err.strip()!r}")
             if "NaN" in body_text(d) or not d.find_element(By.ID, "form").is_displayed():
                 failures.append(f"bad input {over}: NaN or no form")
-            if "stale" not in d.find_element(By.ID, "result").get_attribute("class"):
-                failures.append(f"bad input {over}: the last answer is not marked stale")
+            if d.find_element(By.ID, "result").is_displayed():
+                failures.append(f"bad input {over}: an answer is still shown beside the error")
 
         # Time to the first estimate, fresh loads (reported, not asserted).
         first, est = [], []
@@ -322,7 +381,8 @@ def main():
         "estimate_ms_median": statistics.median(est),
         "loads": a.loads,
     }
-    print(f"compared {compared} configurations with `vramcal estimate --json`, {len(bad)} bad inputs")
+    print(f"compared {compared} configurations with `vramcal estimate --json` ({len(CONFIGS) + 1} "
+          f"through the form, {a.grid} generated), {len(bad)} bad inputs")
     print(f"page weight: {weight}")
     print(f"time (Chromium {browser_version}, headless, this machine): {timing}")
     if a.screenshot:
