@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the estimator page (scripts/web-build.sh) and checks it in a real headless Chromium
-# (web/tests/check_page.py): 24 configurations set through the form, each answer compared byte for
-# byte with `vramcal estimate --json`; bad input shown next to its field; page weight and time to
+# (web/tests/check_page.py): 25 configurations set through the form and 300 generated ones, each
+# answer compared byte for byte with `vramcal estimate --json`; bad input shown next to its field; page weight and time to
 # the first estimate printed. Lints the browser build first (the web crate and the vramcal library
 # for wasm32, clippy -D warnings).
 #

@@ -126,9 +126,9 @@ pub struct ParamShape {
 }
 
 impl ParamShape {
-    /// Number of elements.
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+    /// Number of elements (u64: a vocabulary × hidden table passes 2^32 in 32-bit builds).
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
     }
 }
 

@@ -420,16 +420,16 @@ pub fn project_on_gpu(p: &Plan, g: &Gpu, mfu: f64, mfu_source: &str) -> Result<G
 /// (`k·3·h·i` per layer: Mixtral's active parameters).
 pub fn matmul_params(cfg: &ModelConfig) -> u64 {
     let experts = cfg.moe().map_or(0, |m| {
-        (m.top_k * 3 * cfg.hidden_size * cfg.intermediate_size) as u64
+        m.top_k as u64 * 3 * cfg.hidden_size as u64 * cfg.intermediate_size as u64
     });
     let per_layer: u64 = experts
         + cfg
             .param_shapes()
             .iter()
             .filter(|p| p.name.starts_with("model.layers.0.") && p.shape.len() == 2)
-            .map(|p| p.numel() as u64)
+            .map(|p| p.numel())
             .sum::<u64>();
-    per_layer * cfg.num_hidden_layers as u64 + (cfg.vocab_size * cfg.hidden_size) as u64
+    per_layer * cfg.num_hidden_layers as u64 + (cfg.vocab_size as u64 * cfg.hidden_size as u64)
 }
 
 /// Model FLOPs per trained token, without recomputation (the convention MFU uses).
@@ -519,7 +519,7 @@ pub fn plan(
             "the measurement gave no positive tokens/s",
         ));
     }
-    let per_step = (spec.batch * spec.accumulate) as u64;
+    let per_step = spec.batch as u64 * spec.accumulate as u64;
     let too_big = || {
         Error::invalid(
             "--examples × --epochs × --seq",

@@ -348,7 +348,7 @@ fn measured_rows_record_optimizer_and_recipe() {
         .param_shapes()
         .iter()
         .map(|p| {
-            let n = p.numel() as u64;
+            let n = p.numel();
             if n >= 4096 {
                 2 * (n + 4 * n.div_ceil(256))
             } else {

@@ -39,12 +39,7 @@ fn closed_form(c: &ModelConfig) -> u64 {
 #[test]
 fn preset_param_counts_match_closed_form_and_shapes() {
     for p in presets() {
-        let from_shapes: u64 = p
-            .config
-            .param_shapes()
-            .iter()
-            .map(|s| s.numel() as u64)
-            .sum();
+        let from_shapes: u64 = p.config.param_shapes().iter().map(|s| s.numel()).sum();
         assert_eq!(p.config.param_count(), closed_form(&p.config), "{}", p.name);
         assert_eq!(from_shapes, p.config.param_count(), "{}", p.name);
     }

@@ -68,7 +68,7 @@ fn names_and_shapes_match_param_table() {
             assert_eq!(name, &p.name, "{what}");
             assert_eq!(v.dims(), p.shape.as_slice(), "{what} {name}");
         }
-        let summed: u64 = table.iter().map(|p| p.numel() as u64).sum();
+        let summed: u64 = table.iter().map(|p| p.numel()).sum();
         assert_eq!(summed, cfg.param_count(), "{what}: closed form vs table");
         assert_eq!(m.param_bytes(), m.config().param_count() * 4, "{what}");
     }

@@ -498,7 +498,7 @@ pub fn weight_bytes(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         .map_or(0, |l| crate::spec::lora_param_count(cfg, l));
     let mut bytes = adapters * spec.adapter_dtype().size_in_bytes() as u64;
     for p in cfg.param_shapes() {
-        let numel = p.numel() as u64;
+        let numel = p.numel();
         let quantized =
             p.name.ends_with("_proj.weight") && matches!(spec.adaptation.quant, Quant::Nf4 { .. });
         bytes += match (quantized, spec.adaptation.quant) {
@@ -562,7 +562,7 @@ pub fn candle_saved_copies(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         .as_ref()
         .is_some_and(|l| l.saves_modules());
     if saves && cfg.tie_word_embeddings {
-        (cfg.vocab_size * cfg.hidden_size) as u64 * spec.dtype.size_in_bytes() as u64
+        (cfg.vocab_size as u64 * cfg.hidden_size as u64) * spec.dtype.size_in_bytes() as u64
     } else {
         0
     }
@@ -590,7 +590,7 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
     let head_kept: u64 = table::head(cfg, spec).iter().map(|x| x.bytes()).sum();
     let head = table::logits_chunk(cfg, spec);
     let l = cfg.num_hidden_layers as u64;
-    let n = (spec.batch * spec.seq) as u64;
+    let n = spec.batch as u64 * spec.seq as u64;
     // LoRA on `lm_head` alone: no layer holds a trainable tensor or receives a gradient, so
     // without checkpointing the layers keep nothing (and run no backward); under checkpointing
     // `Decoder::backward` still recomputes every segment from a leaf.
@@ -678,7 +678,9 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
         backward_static: 0,
         // Under checkpointing the segments' inputs are freed by then, though
         // `checkpoint_inputs` is counted at every moment: taken off here.
-        end_static: (saved_embed_only(spec) * (cfg.vocab_size * cfg.hidden_size) as u64 * gd)
+        end_static: (saved_embed_only(spec)
+            * (cfg.vocab_size as u64 * cfg.hidden_size as u64)
+            * gd)
             .saturating_sub(ckpt),
     }
 }
@@ -722,7 +724,8 @@ pub fn saved_head_backward(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     {
         return 0;
     }
-    2 * (cfg.vocab_size * cfg.hidden_size) as u64 * spec.trainable_dtype().size_in_bytes() as u64
+    2 * (cfg.vocab_size as u64 * cfg.hidden_size as u64)
+        * spec.trainable_dtype().size_in_bytes() as u64
 }
 
 /// Whether vramcal's CPU attention kernel runs for `spec` on the CPU: SDPA attention in f32,
@@ -772,7 +775,7 @@ pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         return 0;
     }
     let (h, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
-    let n = (spec.batch * spec.seq) as u64;
+    let n = spec.batch as u64 * spec.seq as u64;
     let c = n.min(crate::ops::CE_CHUNK_TOKENS as u64);
     // `x·wᵀ` for a chunk (forward and backward) and `G·w` (backward): the f32 copies of both
     // operands and of the output, and the bf16 output.
@@ -832,8 +835,8 @@ pub fn head_weight_grad_f32(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     if !spec.head_trained() || spec.compute_dtype() == candle_core::DType::BF16 || d > 4 {
         return 0;
     }
-    let vh = (cfg.vocab_size * cfg.hidden_size) as u64;
-    let n = (spec.batch * spec.seq) as u64;
+    let vh = cfg.vocab_size as u64 * cfg.hidden_size as u64;
+    let n = spec.batch as u64 * spec.seq as u64;
     let chunks = n.div_ceil((crate::ops::CE_CHUNK_TOKENS as u64).min(n).max(1));
     let total = if chunks > 1 {
         12 * vh
@@ -855,11 +858,11 @@ pub fn head_adapter_grad_sum(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     let Some(l) = spec.adaptation.lora.as_ref().filter(|l| l.lm_head) else {
         return 0;
     };
-    let n = (spec.batch * spec.seq) as u64;
+    let n = spec.batch as u64 * spec.seq as u64;
     if n <= crate::ops::CE_CHUNK_TOKENS as u64 {
         return 0;
     }
-    2 * 4 * (cfg.vocab_size * l.r) as u64
+    2 * 4 * (cfg.vocab_size as u64 * l.r as u64)
 }
 
 /// The optimizer step's transient beyond weights, gradients and states (bytes).
@@ -926,7 +929,7 @@ pub fn largest_trainable(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
             .param_shapes()
             .iter()
             .map(|p| {
-                let n = p.numel() as u64;
+                let n = p.numel();
                 let e = cfg.moe().map_or(1, |m| m.experts as u64);
                 if p.name.ends_with(".mlp.experts.gate_up_proj") {
                     n / (2 * e)
@@ -956,7 +959,7 @@ pub fn largest_trainable(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
             };
             // A `modules_to_save` copy, `(V, h)`.
             let saved = if l.saves_modules() {
-                (cfg.vocab_size * cfg.hidden_size) as u64
+                cfg.vocab_size as u64 * cfg.hidden_size as u64
             } else {
                 0
             };

@@ -94,7 +94,7 @@ pub fn shard(
         .param_shapes()
         .iter()
         .filter(|p| p.name.starts_with("model.layers.0."))
-        .map(|p| p.numel() as u64)
+        .map(|p| p.numel())
         .sum();
     let gathered = if s.gpus > 1 || s.offload == Offload::OptimizerParams {
         layer_params * spec.dtype.size_in_bytes() as u64
@@ -174,7 +174,7 @@ pub fn shard(
             .param_shapes()
             .iter()
             .filter(|p| !p.name.starts_with("model.layers."))
-            .map(|p| p.numel() as u64)
+            .map(|p| p.numel())
             .collect();
         // PEFT's `modules_to_save` copies are root parameters too, and train.
         let saved = spec
@@ -311,7 +311,7 @@ pub fn device_map(cfg: &ModelConfig, spec: &TrainSpec, budgets: &[u64]) -> Resul
             .iter()
             .filter(|p| p.name.starts_with(prefix))
             .map(|p| {
-                let n = p.numel() as u64;
+                let n = p.numel();
                 match spec.adaptation.quant {
                     crate::spec::Quant::Nf4 { .. } if p.name.ends_with("_proj.weight") => {
                         n.div_ceil(2) + n.div_ceil(64) * 4

@@ -153,7 +153,7 @@ fn linear(
 pub fn layer(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     let z = Sizes::of(spec);
     let (w, d) = (z.w, z.c);
-    let n = (spec.batch * spec.seq) as u64;
+    let n = spec.batch as u64 * spec.seq as u64;
     let h = cfg.hidden_size as u64;
     let (qd, _) = target_shape(cfg, Target::QProj);
     let (kvd, _) = target_shape(cfg, Target::KProj);
@@ -217,7 +217,7 @@ fn moe(v: &mut Vec<SavedTensor>, cfg: &ModelConfig, spec: &TrainSpec, m: crate::
     let z = Sizes::of(spec);
     let (w, c) = (z.w, z.c);
     let f = crate::ops::compute_dtype(spec.compute_dtype()).size_in_bytes() as u64;
-    let n = (spec.batch * spec.seq) as u64;
+    let n = spec.batch as u64 * spec.seq as u64;
     let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let (e, k) = (m.experts as u64, m.top_k as u64);
     let s = n * k;
@@ -261,7 +261,7 @@ fn moe(v: &mut Vec<SavedTensor>, cfg: &ModelConfig, spec: &TrainSpec, m: crate::
 /// the norm's output and the weight; the logits exist only chunk by chunk).
 pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     let z = Sizes::of(spec);
-    let n = (spec.batch * spec.seq) as u64;
+    let n = spec.batch as u64 * spec.seq as u64;
     let h = cfg.hidden_size as u64;
     let mut v = vec![
         t("embed_out", "(N, h)", n * h, z.w),
@@ -300,7 +300,7 @@ pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
 /// calibration, as before these existed.
 pub fn head_side(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     let z = Sizes::of(spec);
-    let n = (spec.batch * spec.seq) as u64;
+    let n = spec.batch as u64 * spec.seq as u64;
     let (h, vocab) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
     let mut v = Vec::new();
     if z.casts(spec) {

@@ -91,7 +91,7 @@ pub fn layer(
     input_grad: bool,
 ) -> Vec<SavedTensor> {
     let Dtypes { a, r, amp, .. } = dtypes(spec);
-    let n = (spec.batch * spec.seq) as u64;
+    let n = spec.batch as u64 * spec.seq as u64;
     let (b, s) = (spec.batch as u64, spec.seq as u64);
     let h = cfg.hidden_size as u64;
     let i = cfg.intermediate_size as u64;
@@ -334,7 +334,7 @@ fn moe_block(
         return;
     }
     let Dtypes { a, r, amp, .. } = dtypes(spec);
-    let n = (spec.batch * spec.seq) as u64;
+    let n = spec.batch as u64 * spec.seq as u64;
     let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let (experts, k) = (m.experts as u64, m.top_k as u64);
     let s = n * k;
@@ -419,7 +419,8 @@ pub fn moe_backward(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         .is_some_and(|l| l.experts_adapted(cfg));
     match cfg.moe() {
         Some(m) if adapted => {
-            (m.experts * cfg.hidden_size * cfg.intermediate_size) as u64 * expert_bytes(spec)
+            (m.experts as u64 * cfg.hidden_size as u64 * cfg.intermediate_size as u64)
+                * expert_bytes(spec)
         }
         _ => 0,
     }
@@ -446,7 +447,7 @@ fn expert_bytes(spec: &TrainSpec) -> u64 {
 /// zeros_like(weight)`).
 pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     let Dtypes { d, a, r, amp } = dtypes(spec);
-    let n = (spec.batch * spec.seq) as u64;
+    let n = spec.batch as u64 * spec.seq as u64;
     let (h, vocab) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
     let full = spec.adaptation.lora.is_none();
     let liger = spec.loss == Loss::FusedLinearCe;
@@ -466,7 +467,7 @@ pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
     if spec.checkpointing == Checkpointing::None && !idle {
         // RoPE's `cos` and `sin`, computed once per forward and kept by every layer's products
         // (recomputed inside each checkpointed layer instead).
-        let cos_sin = 2 * (spec.seq * cfg.head_dim()) as u64;
+        let cos_sin = 2 * (spec.seq as u64 * cfg.head_dim() as u64);
         v.push(t("rotary.cos_sin", "2 × (s, head_dim)", cos_sin, r));
     }
     if full {
@@ -516,7 +517,7 @@ pub fn head(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<SavedTensor> {
 /// h⌉⌉), N)` (`chunk_mem_const` 1, its default), so a chunk's logits are about the size of the
 /// `(N, h)` input.
 pub fn liger_chunk_tokens(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
-    let n = (spec.batch * spec.seq) as u64;
+    let n = spec.batch as u64 * spec.seq as u64;
     let inc = (cfg.vocab_size as u64)
         .div_ceil(cfg.hidden_size as u64)
         .max(1);
@@ -561,7 +562,7 @@ fn layer_terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> (u64
         (all, scores)
     };
     let l = cfg.num_hidden_layers as u64;
-    let n = (spec.batch * spec.seq) as u64;
+    let n = spec.batch as u64 * spec.seq as u64;
     // LoRA's first layer sees an input that needs no gradient, unless an adapter on the
     // embedding gives it one.
     let full = spec
@@ -758,7 +759,7 @@ pub(crate) fn trainable_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(u64
             .param_shapes()
             .iter()
             .map(|p| {
-                let n = p.numel() as u64;
+                let n = p.numel();
                 let rows = *p.shape.first().unwrap_or(&1) as u64;
                 (rows, n / rows.max(1))
             })
@@ -807,7 +808,7 @@ pub fn weights(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         .param_shapes()
         .iter()
         .filter(|p| !p.name.ends_with("_proj.weight"))
-        .map(|p| p.numel() as u64)
+        .map(|p| p.numel())
         .sum();
     let quantized = cfg.param_count() - unquantized;
     // Mixtral's experts are stored per expert in the checkpoint (transformers 5 saves the
@@ -816,7 +817,7 @@ pub fn weights(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         .param_shapes()
         .iter()
         .filter(|p| p.name.contains(".mlp.experts."))
-        .map(|p| p.numel() as u64)
+        .map(|p| p.numel())
         .sum();
     let retained = if spec.torch_cpu && d == 4 {
         (quantized + experts) * 4
@@ -832,7 +833,7 @@ pub fn weights(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 /// reference script does; QLoRA's models are read from a checkpoint).
 pub fn load_bytes(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     let tied = if cfg.tie_word_embeddings && spec.adaptation.quant == crate::spec::Quant::None {
-        (cfg.vocab_size * cfg.hidden_size) as u64 * dtypes(spec).d
+        (cfg.vocab_size as u64 * cfg.hidden_size as u64) * dtypes(spec).d
     } else {
         0
     };
@@ -861,7 +862,7 @@ pub const CUBLAS_WORKSPACES_FORMULA: &str =
 pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms {
     let d = dtypes(spec).d;
     let grad_bytes = gradient_dtype(spec).size_in_bytes() as u64;
-    let n = (spec.batch * spec.seq) as u64;
+    let n = spec.batch as u64 * spec.seq as u64;
     let vocab = cfg.vocab_size as u64;
     let t = spec.trainable_params(cfg);
     let (layers, scores, ckpt) = layer_terms(cfg, spec, profile_eager);
@@ -875,7 +876,7 @@ pub fn terms(cfg: &ModelConfig, spec: &TrainSpec, profile_eager: bool) -> Terms 
     };
     let gradients = t * grad_bytes;
     let tied = if cfg.tie_word_embeddings && spec.adaptation.lora.is_none() {
-        2 * (cfg.vocab_size * cfg.hidden_size) as u64 * d
+        2 * (cfg.vocab_size as u64 * cfg.hidden_size as u64) * d
     } else {
         0
     };
@@ -980,7 +981,7 @@ pub fn ddp_broadcast_transient(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     });
     let mut tensors: Vec<u64> = Vec::new();
     for p in &shapes {
-        let n = p.numel() as u64;
+        let n = p.numel();
         let quantized = nf4 && p.name.ends_with("_proj.weight");
         tensors.push(if quantized {
             n.div_ceil(2) + n.div_ceil(64) * 4

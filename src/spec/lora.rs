@@ -239,7 +239,7 @@ impl LoraConfig {
     /// Parameters of the `modules_to_save` copies: `V·h` each.
     pub fn saved_param_count(&self, cfg: &crate::config::ModelConfig) -> u64 {
         (self.save_lm_head as u64 + self.save_embed_tokens as u64)
-            * (cfg.vocab_size * cfg.hidden_size) as u64
+            * (cfg.vocab_size as u64 * cfg.hidden_size as u64)
     }
 
     /// [`LoraConfig::target_names`], with `all-linear` in place of the seven where given so

@@ -104,6 +104,10 @@ CONFIGS = [
     {"model": "qwen2-7b", "method": "lora", "lora-targets": "q_proj,v_proj,embed_tokens", "precision": "bf16", "seq": "2048", "gpu": "a100-80gb"},
     {"model": "paste", "method": "lora", "precision": "bf16", "seq": "2048", "gpu": "rtx4090-24gb"},
     {"model": "paste", "method": "full", "precision": "amp-bf16", "optimizer": "adamw_bnb_8bit", "checkpointing": "layers", "batch": "2", "seq": "2048", "gpu": "h100-80gb"},
+    # Sizes whose products pass 2^32 (usize is 32 bits in WebAssembly): a 70000 × 65536 table.
+    {"model": "paste", "method": "full", "seq": "16", "gpu": "b200-180gb",
+     "config": json.dumps(dict(PASTED, vocab_size=70000, hidden_size=65536, num_attention_heads=512,
+                               num_key_value_heads=512, intermediate_size=128, num_hidden_layers=1))},
     {"model": "qwen1.5-7b", "method": "qlora", "lora-r": "32", "lora-alpha": "64", "batch": "2", "seq": "4096", "optimizer": "paged_adamw_32bit", "checkpointing": "layers", "gpu": "rtx4090-24gb"},
 ]
 
@@ -257,8 +261,9 @@ def main():
         if page_json(d) != out:
             failures.append("the page's first estimate differs from the CLI's")
         for i, over in enumerate(CONFIGS):
-            c = {**DEFAULT, **over, "config": json.dumps(PASTED, indent=2)}
+            c = {**DEFAULT, "config": json.dumps(PASTED, indent=2), **over}
             set_config(d, c)
+            Path(pasted_path).write_text(c["config"])
             rc, out, err = cli(vramcal, cli_args(c, pasted_path))
             if rc != 0:
                 failures.append(f"config {i}: the CLI refused it: {err.strip()}")
