@@ -2115,32 +2115,36 @@ fn advice_alternatives_under_amp_match_the_direct_estimate() {
     assert_eq!(suggested, format!("{peak} GiB"), "{advice}\n{direct}");
 }
 
+/// `vramcal estimate <args> --json`, which must succeed, as JSON.
+fn estimate_json(args: &[&str]) -> serde_json::Value {
+    let out = vramcal()
+        .arg("estimate")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        common::stderr_line(&out)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// `estimate --measured`: the rows of the estimated configuration are found in the files
 /// (PyTorch's reference rows for the torch profiles, vramcal's rows for `candle`), with the
 /// peak the files hold, whatever spelling the setup was given in; other configurations and
-/// other stacks' files give none; a CPU row beside a GPU estimate is not compared.
+/// other stacks' files give none; a row is compared for its counter where it ran on the
+/// estimate's kind of device, shown but not compared elsewhere; files that are not results are
+/// refused.
 #[test]
 fn estimate_shows_measured_rows_of_the_same_configuration() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let torch = root.join("results/h200/torch-mistral-7b-v0.1.csv");
-    let cpu = root.join("results/cpu/smollm2-135m.csv");
-    let est = |args: &[&str]| -> serde_json::Value {
-        let out = vramcal()
-            .arg("estimate")
-            .args(args)
-            .arg("--measured")
-            .arg(&torch)
-            .arg(&cpu)
-            .arg("--json")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let path = |f: &str| root.join(f).to_string_lossy().into_owned();
+    let torch = path("results/h200/torch-mistral-7b-v0.1.csv");
+    let cpu = path("results/cpu/smollm2-135m.csv");
+    let refs = path("results/torch-cpu/smollm2-135m.csv");
+    let measured = |v: &serde_json::Value| v["measured"].as_array().unwrap().clone();
     // The reference row of Mistral-7B LoRA, 4 × 2048, no checkpointing, as the file has it.
     let mut r = csv::Reader::from_path(&torch).unwrap();
     let h = r.headers().unwrap().clone();
@@ -2159,41 +2163,43 @@ fn estimate_shows_measured_rows_of_the_same_configuration() {
                 && col(x, "checkpointing") == "off"
         })
         .unwrap();
-    let lora = [
-        "--model",
-        "mistral-7b-v0.1",
-        "--lora",
-        "r=16,alpha=32,targets=q_proj,k_proj,v_proj,o_proj",
-        "--batch",
-        "4",
-        "--seq",
-        "2048",
-    ];
+    let lora = |alpha: &str, seq: &'static str| {
+        let mut a = vec!["--model", "mistral-7b-v0.1", "--batch", "4", "--seq", seq];
+        a.extend(["--lora", alpha, "--measured", &torch, &cpu, &torch]);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let qkvo = "r=16,alpha=32,targets=q_proj,k_proj,v_proj,o_proj";
     for spelling in [
-        vec!["--precision", "bf16"],
-        vec!["--dtype", "bf16", "--optimizer-state-dtype", "bf16"],
+        &["--precision", "bf16"][..],
+        &["--dtype", "bf16", "--optimizer-state-dtype", "bf16"][..],
     ] {
-        let v = est(&[&lora[..], &spelling[..]].concat());
-        let m = v["measured"].as_array().unwrap();
+        let args = lora(qkvo, "2048");
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend(spelling);
+        // The file named twice is read once.
+        let m = measured(&estimate_json(&args));
         assert_eq!(m.len(), 1, "{spelling:?}: {m:?}");
         assert_eq!(m[0]["id"], col(&row, "id").as_str());
-        assert_eq!(
-            m[0]["peak_bytes"].as_u64().unwrap().to_string(),
-            col(&row, "peak_bytes")
-        );
+        assert_eq!(m[0]["peak_bytes"].to_string(), col(&row, "peak_bytes"));
         assert_eq!(m[0]["same_device_kind"], true);
     }
-    // Another sequence length, or the candle profile, finds none in that file.
-    let mut other = lora.to_vec();
-    other[7] = "1024";
-    assert_eq!(
-        est(&[&other[..], &["--precision", "bf16"]].concat())["measured"],
-        serde_json::json!([])
-    );
-    assert_eq!(
-        est(&[&lora[..], &["--precision", "bf16", "--profile", "candle"]].concat())["measured"],
-        serde_json::json!([])
-    );
+    // LoRA's alpha allocates nothing: another alpha finds the same row. Another sequence
+    // length, or the candle profile, finds none in those files.
+    let other_alpha = lora("r=16,alpha=8,targets=q_proj,k_proj,v_proj,o_proj", "2048");
+    let other_seq = lora(qkvo, "1024");
+    for (args, extra, n) in [
+        (&other_alpha, &["--precision", "bf16"][..], 1),
+        (&other_seq, &["--precision", "bf16"][..], 0),
+        (
+            &lora(qkvo, "2048"),
+            &["--precision", "bf16", "--profile", "candle"][..],
+            0,
+        ),
+    ] {
+        let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+        a.extend(extra);
+        assert_eq!(measured(&estimate_json(&a)).len(), n, "{a:?}");
+    }
     // vramcal's own row for the candle profile: the training peak `check` holds it against.
     let small = [
         "--model",
@@ -2205,15 +2211,21 @@ fn estimate_shows_measured_rows_of_the_same_configuration() {
         "--profile",
         "candle",
     ];
-    let v = est(&small);
-    let m = v["measured"].as_array().unwrap();
+    let m = measured(&estimate_json(
+        &[&small[..], &["--measured", &cpu]].concat(),
+    ));
     assert_eq!(m.len(), 1, "{m:?}");
     let dir = tempfile::tempdir().unwrap();
     let table = dir.path().join("check.csv");
     vramcal()
-        .args(["check", "--profile", "candle", "--measured"])
-        .arg(&cpu)
-        .arg("--out-csv")
+        .args([
+            "check",
+            "--profile",
+            "candle",
+            "--measured",
+            &cpu,
+            "--out-csv",
+        ])
         .arg(&table)
         .assert()
         .success();
@@ -2222,176 +2234,94 @@ fn estimate_shows_measured_rows_of_the_same_configuration() {
         .iter()
         .find(|r| r.get(0) == m[0]["id"].as_str())
         .expect("the row is one check compares");
-    assert_eq!(
-        line.get(3).unwrap(),
-        m[0]["peak_bytes"].as_u64().unwrap().to_string()
-    );
+    assert_eq!(line.get(3).unwrap(), m[0]["peak_bytes"].to_string());
     // A CPU row beside an estimate for a GPU (uncalibrated candle coefficients) is shown but
-    // not compared.
+    // not compared; with the CPU table the estimate is for the CPU: compared.
     assert_eq!(m[0]["same_device_kind"], false);
-    let text = vramcal()
-        .arg("estimate")
-        .args(small)
-        .arg("--measured")
-        .arg(&cpu)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("measured ("), "{text}");
-    assert!(text.contains("not compared"), "{text}");
-    // With the CPU table the estimate is for the CPU: compared.
-    let cal = root.join("results/calibration/cpu-candle.csv");
-    let text = vramcal()
-        .arg("estimate")
-        .args(small)
-        .arg("--calibration")
-        .arg(&cal)
-        .arg("--measured")
-        .arg(&cpu)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&text.stdout);
-    assert!(
-        text.contains("% over it") || text.contains("% under it"),
-        "{text}"
-    );
-    // LoRA's alpha allocates nothing: another alpha finds the same row; a file named twice is
-    // read once.
-    let mut alpha = lora.to_vec();
-    alpha[3] = "r=16,alpha=8,targets=q_proj,k_proj,v_proj,o_proj";
-    let v = est(&[
-        &alpha[..],
-        &["--precision", "bf16", "--measured"],
-        &[torch.to_str().unwrap()][..],
-    ]
-    .concat());
-    assert_eq!(
-        v["measured"].as_array().unwrap().len(),
-        1,
-        "{}",
-        v["measured"]
-    );
-    // PyTorch on the CPU: torch-eager finds the eager row, torch-sdpa the SDPA one; with the
-    // CPU table the estimate is for the CPU and compared with them (the allocated counter).
-    let refs = root.join("results/torch-cpu/smollm2-135m.csv");
-    let table = root.join("results/calibration/cpu-torch-sdpa.csv");
-    for (profile, attention) in [("torch-eager", "eager"), ("torch-sdpa", "sdpa")] {
+    let text = |extra: &[&str]| {
         let out = vramcal()
-            .args([
-                "estimate",
-                "--model",
-                "smollm2-135m",
-                "--batch",
-                "1",
-                "--seq",
-                "64",
-            ])
-            .args([
-                "--precision",
-                "fp32",
-                "--profile",
-                profile,
-                "--json",
-                "--measured",
-            ])
-            .arg(&refs)
+            .arg("estimate")
+            .args(small)
+            .args(extra)
+            .args(["--measured", &cpu])
             .output()
             .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let m = v["measured"].as_array().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let t = text(&[]);
+    assert!(
+        t.contains("measured (") && t.contains("not compared"),
+        "{t}"
+    );
+    let t = text(&["--calibration", &path("results/calibration/cpu-candle.csv")]);
+    assert!(t.contains("% over it") || t.contains("% under it"), "{t}");
+    // PyTorch on the CPU: torch-eager finds the eager row, torch-sdpa the SDPA one, not
+    // compared with a GPU estimate.
+    let cpu_run = [
+        "--model",
+        "smollm2-135m",
+        "--batch",
+        "1",
+        "--seq",
+        "64",
+        "--precision",
+        "fp32",
+    ];
+    for (profile, attention) in [("torch-eager", "eager"), ("torch-sdpa", "sdpa")] {
+        let extra = ["--profile", profile, "--measured", &refs];
+        let m = measured(&estimate_json(&[&cpu_run[..], &extra[..]].concat()));
         assert_eq!(m.len(), 1, "{profile}: {m:?}");
+        let id = m[0]["id"].as_str().unwrap();
         assert!(
-            m[0]["id"]
-                .as_str()
-                .unwrap()
-                .contains(&format!("-{attention}-ckpt-off-b1-s64")),
-            "{m:?}"
+            id.contains(&format!("-{attention}-ckpt-off-b1-s64")),
+            "{id}"
         );
         assert_eq!(m[0]["same_device_kind"], false);
     }
-    let out = vramcal()
-        .args([
-            "estimate",
-            "--model",
-            "smollm2-135m",
-            "--batch",
-            "1",
-            "--seq",
-            "64",
-        ])
-        .args(["--precision", "fp32", "--json", "--calibration"])
-        .arg(&table)
-        .arg("--measured")
-        .arg(&refs)
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // With the CPU table the torch estimate is for the CPU: compared, for the row's counter.
+    let cal = path("results/calibration/cpu-torch-sdpa.csv");
+    let extra = ["--calibration", &cal, "--measured", &refs];
+    let v = estimate_json(&[&cpu_run[..], &extra[..]].concat());
     let m = &v["measured"][0];
     assert_eq!(m["same_device_kind"], true, "{m}");
-    let err = m["relative_error"].as_f64().unwrap();
-    let want = (m["predicted_bytes"].as_f64().unwrap() - m["peak_bytes"].as_f64().unwrap())
-        / m["peak_bytes"].as_f64().unwrap();
-    assert!((err - want).abs() < 1e-12, "{m}");
+    let f = |k: &str| m[k].as_f64().unwrap();
+    let want = (f("predicted_bytes") - f("peak_bytes")) / f("peak_bytes");
+    assert!((f("relative_error") - want).abs() < 1e-12, "{m}");
+    assert_eq!(
+        m["predicted_bytes"], v["estimate"]["peak_bytes"],
+        "allocated counter"
+    );
     // Adafactor keeps its own state types: its bf16 row is found from --precision bf16.
-    let out = vramcal()
-        .args([
-            "estimate",
-            "--model",
-            "smollm2-135m",
-            "--batch",
-            "1",
-            "--seq",
-            "32",
-        ])
-        .args([
-            "--precision",
-            "bf16",
-            "--optimizer",
-            "adafactor",
-            "--json",
-            "--measured",
-        ])
-        .arg(&refs)
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ids: Vec<&str> = v["measured"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let ada = [
+        "--model",
+        "smollm2-135m",
+        "--seq",
+        "32",
+        "--precision",
+        "bf16",
+    ];
+    let v = estimate_json(&[&ada[..], &["--optimizer", "adafactor", "--measured", &refs]].concat());
+    let ids: Vec<String> = measured(&v).iter().map(|m| m["id"].to_string()).collect();
     assert!(
         ids.iter().any(|i| i.contains("full-bf16-adafactor")),
         "{ids:?}"
     );
     // A file that is not there, or is not results: one error line.
-    fails_with(
-        &[
+    for f in [
+        "no-such.csv",
+        "README.md",
+        "results/calibration/cpu-candle.csv",
+    ] {
+        let p = path(f);
+        let args = [
             "estimate",
             "--model",
             "tiny",
             "--seq",
             "16",
             "--measured",
-            "no-such.csv",
-        ],
-        "no-such.csv",
-        None,
-    );
-    for f in ["README.md", "results/calibration/cpu-candle.csv"] {
-        fails_with(
-            &[
-                "estimate",
-                "--model",
-                "tiny",
-                "--seq",
-                "16",
-                "--measured",
-                root.join(f).to_str().unwrap(),
-            ],
-            f.rsplit('/').next().unwrap(),
-            None,
-        );
+            &p,
+        ];
+        fails_with(&args, f.rsplit('/').next().unwrap(), None);
     }
 }
