@@ -2198,7 +2198,11 @@ fn estimate_shows_measured_rows_of_the_same_configuration() {
     ] {
         let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
         a.extend(extra);
-        assert_eq!(measured(&estimate_json(&a)).len(), n, "{a:?}");
+        let v = estimate_json(&a);
+        assert_eq!(measured(&v).len(), n, "{a:?}");
+        // Two files searched (one named twice); the other stack's passed over.
+        assert_eq!(v["measured_search"]["files"], 2);
+        assert_eq!(v["measured_search"]["other_stack_files"], 1);
     }
     // vramcal's own row for the candle profile: the training peak `check` holds it against.
     let small = [

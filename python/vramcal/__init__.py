@@ -43,7 +43,7 @@ def estimate_args(**options):
     """The command-line arguments (after ``estimate``) that ``estimate(**options)`` runs."""
     args = []
     for key, value in options.items():
-        if value is None or value is False:
+        if value is None or value is False or (key in _MANY and value == []):
             continue
         flag = "--" + key.replace("_", "-")
         if value is True:

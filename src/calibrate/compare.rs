@@ -317,7 +317,15 @@ pub fn measured_rows(
                 relative_error: same.then(|| (predicted as f64 - peak as f64) / peak.max(1) as f64),
             });
         };
-        if is_reference_file(f)? {
+        // What the file is: reference rows, vramcal's rows, or neither (refused).
+        let neither = |e: Error| match e {
+            Error::Csv { path, reason } => Error::Csv {
+                path,
+                reason: format!("is neither vramcal's results nor reference rows: {reason}"),
+            },
+            e => e,
+        };
+        if is_reference_file(f).map_err(neither)? {
             let refs = read_references(f)?;
             if profile == Profile::Candle {
                 out.other_stack += 1;
@@ -342,7 +350,7 @@ pub fn measured_rows(
                 );
             }
         } else {
-            let rows = read_rows(f)?;
+            let rows = read_rows(f).map_err(neither)?;
             if profile != Profile::Candle {
                 out.other_stack += 1;
                 continue;

@@ -84,6 +84,10 @@ pub fn json(x: &Answer) -> anyhow::Result<String> {
         "data": x.data.as_ref().map(crate::data::WorstBatch::json),
         "autocast": autocast(x).map(|(w, i)| serde_json::json!({"weight_copies_bytes": w, "input_copies_bytes": i})),
         "measured": x.measured.rows,
+        "measured_search": (x.measured.files > 0).then(|| serde_json::json!({
+            "files": x.measured.files,
+            "other_stack_files": x.measured.other_stack,
+        })),
     });
     Ok(format!("{}\n", serde_json::to_string_pretty(&v)?))
 }
@@ -153,10 +157,14 @@ fn measured(x: &Answer) -> String {
             if m.files == 1 { "" } else { "s" },
             match (m.other_stack, x.profile) {
                 (0, _) => String::new(),
-                (n, Profile::Candle) =>
-                    format!(" ({n} of reference rows, which --profile candle does not search)"),
-                (n, _) =>
-                    format!(" ({n} of vramcal's own rows, which only --profile candle searches)"),
+                (n, Profile::Candle) => format!(
+                    " ({n} file{} of reference rows, which --profile candle does not search)",
+                    if n == 1 { "" } else { "s" }
+                ),
+                (n, _) => format!(
+                    " ({n} file{} of vramcal's own rows, which only --profile candle searches)",
+                    if n == 1 { "" } else { "s" }
+                ),
             }
         );
     }

@@ -357,8 +357,9 @@ impl TrainSpec {
 
     /// Whether the largest byte counts this spec can lead to fit in 64 bits, with every element
     /// taken at 8 bytes: parameters with a gradient and two optimizer states, `(tokens, hidden)`
-    /// tensors for every layer, the logits, and with `--attention eager` the `(batch, heads,
-    /// seq, seq)` probabilities of every layer.
+    /// tensors for every layer, the logits, and the `(batch, heads, seq, seq)` scores of every
+    /// layer (kept by eager attention, formed one layer at a time by vramcal's own step; the
+    /// torch-eager profile keeps them whatever `--attention` says).
     fn byte_counts_fit(&self, cfg: &ModelConfig) -> bool {
         let (b, s, l) = (
             self.batch as u64,
@@ -370,12 +371,10 @@ impl TrainSpec {
             let tokens = b.checked_mul(s)?.checked_mul(8)?;
             tokens.checked_mul(cfg.hidden_size as u64)?.checked_mul(l)?;
             tokens.checked_mul(cfg.vocab_size as u64)?;
-            if self.attention == Attention::Eager {
-                b.checked_mul(cfg.num_attention_heads as u64)?
-                    .checked_mul(s.checked_mul(s)?)?
-                    .checked_mul(8)?
-                    .checked_mul(l)?;
-            }
+            b.checked_mul(cfg.num_attention_heads as u64)?
+                .checked_mul(s.checked_mul(s)?)?
+                .checked_mul(8)?
+                .checked_mul(l)?;
             Some(())
         };
         fits().is_some()

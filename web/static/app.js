@@ -116,7 +116,7 @@ function render(text) {
   const verdict = $("verdict");
   if (b) {
     const what = e.reserved_bytes != null
-      ? ` reserved (predicted; ${gib(peak)} GiB allocated)` : "";
+      ? ` reserved (predicted; ${gib(peak)} GiB allocated)` : " allocated (predicted; the allocator's reserve is predicted with a GPU calibration table only)";
     verdict.textContent = `${b.fits ? "Fits" : "Does not fit"} on ${b.name}: needs ${gib(b.needed_bytes)} GiB${what} of ${gib(b.bytes)} GiB`;
     verdict.className = b.fits ? "fits" : "nofit";
   } else {
@@ -169,6 +169,12 @@ function render(text) {
   if (e.reserved_bytes != null) row(["peak reserved (predicted)", e.reserved_bytes, gib(e.reserved_bytes), "the caching allocator's reserve"], "total");
   const m = $("measured");
   m.replaceChildren();
+  if (!x.measured.length && x.measured_search) {
+    const p = document.createElement("p");
+    p.className = "note";
+    p.textContent = `No measured row of this configuration among the ${x.measured_search.files} committed results files.`;
+    m.append(p);
+  }
   for (const r of x.measured) {
     const p = document.createElement("p");
     p.className = "measured";
@@ -206,8 +212,8 @@ function shellQuote(s) {
 function update() {
   clearErrors();
   const args = formArgs();
-  const pasted = $("model").value === "paste" ? " (with your config.json saved as pasted/config.json)" : "";
-  $("command").textContent = `vramcal estimate ${args.map(shellQuote).join(" ")} --json${pasted}`;
+  $("command-note").textContent = $("model").value === "paste" ? " (with your config.json saved as pasted/config.json)" : "";
+  $("command").textContent = `vramcal estimate ${args.map(shellQuote).join(" ")} --json`;
   let out;
   try {
     out = JSON.parse(wasm.estimate(args));

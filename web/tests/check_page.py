@@ -288,7 +288,7 @@ def main():
                        if b and (a["reserved_bytes"] or a["peak_bytes"]) <= b["bytes"]]
                 if len(fit) != len(d.find_elements(By.CSS_SELECTOR, "#fixes li")):
                     failures.append(f"config {i}: the fixes shown are not the JSON's that fit")
-                shown = [p.text for p in d.find_elements(By.CSS_SELECTOR, "#measured p")]
+                shown = [p.text for p in d.find_elements(By.CSS_SELECTOR, "#measured p.measured")]
                 ids = [m["id"] for m in x["measured"]]
                 if ids != over.get("expect", []) or len(shown) != len(ids) or not all(
                         m in s for m, s in zip(ids, shown)):
@@ -366,7 +366,7 @@ def main():
             set_config(d, shot)
             d.execute_script("window.scrollTo(0, 0)")
             d.save_screenshot(a.screenshot)
-            measured_shown = len(d.find_elements(By.CSS_SELECTOR, "#measured p"))
+            measured_shown = len(d.find_elements(By.CSS_SELECTOR, "#measured p.measured"))
         browser_version = d.capabilities.get("browserVersion", "")
     finally:
         d.quit()
