@@ -82,6 +82,7 @@ def main():
                         opt.step()
                     opt.zero_grad()
         expected = ["full", "lora", "full"]
+        sft = sft_trainer_refused(folder, rows)
         # What is alive in the process counts (as torch.cuda.max_memory_allocated would): the
         # loop's model and optimizer are let go before the next runs.
         del model, opt, rec
@@ -114,7 +115,40 @@ def main():
     print(f"MemoryRecorder (torch {torch.__version__}, transformers {transformers.__version__}): "
           f"{len(expected)} rows (two Trainer runs, a plain loop"
           f"{f', {lightning} Lightning runs' if lightning else ''}) recorded on the CPU and read "
-          "by vramcal check; no row without statistics")
+          "by vramcal check; no row without statistics"
+          f"{'; TRL SFTTrainer (fused LM head) refused' if sft else ''}")
+
+
+def sft_trainer_refused(folder, rows):
+    """Where trl has its fused LM head (SFTTrainer calls the model with fused_lm_head=True, a
+    loss of its own): the recorder says so once and appends nothing."""
+    try:
+        from trl import SFTConfig, SFTTrainer
+        from trl.trainer.utils import add_fused_lm_head  # noqa: F401
+    except ImportError:
+        return False
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    before = open(rows).read() if os.path.exists(rows) else None
+    vocab = Tokenizer(models.WordLevel({str(i): i for i in range(256)}, unk_token="0"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="0", eos_token="1")
+    data = Dataset.from_list([{"input_ids": torch.randint(2, 256, (16,)).tolist()}
+                              for _ in range(4)])
+    args = SFTConfig(output_dir=os.path.join(folder, "sft"), per_device_train_batch_size=2,
+                     max_steps=2, optim="adamw_torch", use_cpu=True, report_to=[],
+                     save_strategy="no", logging_strategy="no", disable_tqdm=True, max_length=16,
+                     bf16=False, gradient_checkpointing=False)
+    model = LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                   callbacks=[vramcal.MemoryRecorder(out=rows, count_cpu_memory=True)]).train()
+    said = [l for l in err.getvalue().splitlines() if "vramcal.MemoryRecorder" in l]
+    assert len(said) == 1 and "fused_lm_head=True" in said[0], said
+    assert (open(rows).read() if os.path.exists(rows) else None) == before
+    return True
 
 
 def lightning_runs(folder, rows):

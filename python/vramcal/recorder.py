@@ -13,7 +13,8 @@ starts; without it, or on another device, the recorder says so once and records 
 A configuration outside the reference-row vocabulary (an optimizer, a quantization, a target
 module, a LoRA option such as DoRA or rank patterns, a sharding vramcal does not know, an
 optimizer passed by hand that is not ``args.optim``'s, a model spread over devices, a batch that
-is not ``per_device_train_batch_size``) is said once and not recorded: a row is never guessed.
+is not ``per_device_train_batch_size``, TRL's fused LM head, which recent SFTTrainers install)
+is said once and not recorded: a row is never guessed.
 Only the training step's forwards are counted (not evaluation's), and only the main process
 writes. At the end of step 1 vramcal's prediction for the same configuration is printed beside
 the measured peak.
@@ -228,6 +229,7 @@ class MemoryRecorder(TrainerCallback):
         self.row = None
         self.opts = None
         self.in_step = False
+        self.refused = None
 
     def _say(self, text):
         if text not in self.said:
@@ -295,6 +297,11 @@ class MemoryRecorder(TrainerCallback):
             # from_pretrained in eval mode and trains it so.
             if not (self.in_step and torch.is_grad_enabled()):
                 return
+            if kwargs.get("fused_lm_head"):
+                # TRL's own tiled head and loss (trl.trainer.utils.add_fused_lm_head, which
+                # SFTTrainer installs): neither transformers' loss nor Liger's.
+                self.refused = ("the forward is called with fused_lm_head=True (TRL's fused LM "
+                                "head), a loss the reference rows have no value for")
             ids = kwargs.get("input_ids", args_[0] if args_ else None)
             if ids is not None and hasattr(ids, "shape"):
                 self.seq.append(int(ids.shape[-1]))
@@ -333,7 +340,7 @@ class MemoryRecorder(TrainerCallback):
         if self.mode:
             self._end()
             self.in_step = False
-        if self.mode == "cuda" and len(self.steps) == 1 and self.predict:
+        if self.mode == "cuda" and len(self.steps) == 1 and self.predict and not self.refused:
             self._predict(max(v for k, v in self.steps[0].items() if k in PHASES))
 
     def on_train_end(self, args, state, control, **kw):
@@ -344,6 +351,10 @@ class MemoryRecorder(TrainerCallback):
         self._end()
         if self.mode == "cpu":
             self.prof.__exit__(None, None, None)
+        if self.refused:
+            self._say(f"{self.refused}: nothing is recorded")
+            return
+        if self.mode == "cpu":
             self._cpu_peaks()
         self._write()
 
