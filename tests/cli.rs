@@ -2310,11 +2310,17 @@ fn estimate_shows_measured_rows_of_the_same_configuration() {
         ids.iter().any(|i| i.contains("full-bf16-adafactor")),
         "{ids:?}"
     );
-    // A file that is not there, or is not results: one error line.
+    // A file that is not there, or is not results (empty, another header): one error line.
+    let empty = dir.path().join("empty.csv");
+    std::fs::write(&empty, "").unwrap();
+    let other = dir.path().join("other.csv");
+    std::fs::write(&other, "a,b\n").unwrap();
     for f in [
         "no-such.csv",
         "README.md",
         "results/calibration/cpu-candle.csv",
+        empty.to_str().unwrap(),
+        other.to_str().unwrap(),
     ] {
         let p = path(f);
         let args = [

@@ -350,6 +350,7 @@ pub fn measured_rows(
                 );
             }
         } else {
+            results_header(f).map_err(neither)?;
             let rows = read_rows(f).map_err(neither)?;
             if profile != Profile::Candle {
                 out.other_stack += 1;
@@ -383,4 +384,30 @@ pub fn measured_rows(
         }
     }
     Ok(out)
+}
+
+/// Checks that `f` has the header of vramcal's results (this version's columns, or an earlier
+/// version's subset with `tool_version`): an empty file or another CSV without rows would
+/// otherwise read as results without a row.
+///
+/// # Errors
+/// [`Error::Csv`] naming what is wrong; the errors of [`crate::input::csv_reader`].
+fn results_header(f: &Path) -> Result<()> {
+    let mut r = crate::input::csv_reader(f)?;
+    let have = r.headers().cloned().unwrap_or_default();
+    let now = crate::report::Row::header();
+    let known =
+        have.iter().any(|c| c == "tool_version") && have.iter().all(|c| now.iter().any(|n| n == c));
+    if known {
+        Ok(())
+    } else {
+        Err(Error::Csv {
+            path: f.to_path_buf(),
+            reason: if have.is_empty() {
+                "empty".into()
+            } else {
+                "its header is not vramcal's results header".into()
+            },
+        })
+    }
 }
