@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the estimator page (scripts/web-build.sh) and checks it in a real headless Chromium
-# (web/tests/check_page.py): 25 configurations set through the form and 300 generated ones, each
+# (web/tests/check_page.py): 26 configurations set through the form and 300 generated ones, each
 # answer compared byte for byte with `vramcal estimate --json`; bad input shown next to its field; page weight and time to
 # the first estimate printed. Lints the browser build first (the web crate and the vramcal library
 # for wasm32, clippy -D warnings).

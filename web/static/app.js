@@ -84,6 +84,7 @@ export function formArgs() {
   a.push("--checkpointing", $("checkpointing").value);
   a.push("--batch", $("batch").value);
   a.push("--seq", $("seq").value);
+  if ($("allow-longer").checked) a.push("--allow-longer");
   if ($("gpu").value) a.push("--gpu", $("gpu").value);
   a.push("--profile", $("profile").value);
   if ($("calibration").value) a.push("--calibration", $("calibration").value);

@@ -70,10 +70,11 @@ QKVO = "q_proj,k_proj,v_proj,o_proj"
 # The form's fields, in the order they are set (profile before calibration: the calibration
 # list follows the profile).
 FIELDS = ["model", "method", "lora-r", "lora-alpha", "lora-targets", "precision", "optimizer",
-          "checkpointing", "batch", "seq", "gpu", "profile", "calibration"]
+          "checkpointing", "batch", "seq", "allow-longer", "gpu", "profile", "calibration"]
 DEFAULT = {"model": "mistral-7b-v0.1", "method": "lora", "lora-r": "16", "lora-alpha": "32",
            "lora-targets": QKVO, "precision": "bf16", "optimizer": "adamw_torch",
-           "checkpointing": "none", "batch": "1", "seq": "1024", "gpu": "a100-80gb",
+           "checkpointing": "none", "batch": "1", "seq": "1024", "allow-longer": False,
+           "gpu": "a100-80gb",
            "profile": "torch-sdpa", "calibration": ""}
 
 CONFIGS = [
@@ -108,6 +109,8 @@ CONFIGS = [
     {"model": "paste", "method": "full", "seq": "16", "gpu": "b200-180gb",
      "config": json.dumps(dict(PASTED, vocab_size=70000, hidden_size=65536, num_attention_heads=512,
                                num_key_value_heads=512, intermediate_size=128, num_hidden_layers=1))},
+    # Past the context: refused without the box (a bad input below), estimated with it.
+    {"model": "tinyllama-1.1b", "seq": "8192", "allow-longer": True, "checkpointing": "layers"},
     {"model": "qwen1.5-7b", "method": "qlora", "lora-r": "32", "lora-alpha": "64", "batch": "2", "seq": "4096", "optimizer": "paged_adamw_32bit", "checkpointing": "layers", "gpu": "rtx4090-24gb"},
 ]
 
@@ -130,6 +133,8 @@ def cli_args(c, pasted_path):
         a += ["--lora", f"r={c['lora-r']},alpha={c['lora-alpha']},targets={c['lora-targets']}"]
     a += ["--precision", c["precision"], "--optimizer", c["optimizer"],
           "--checkpointing", c["checkpointing"], "--batch", c["batch"], "--seq", c["seq"]]
+    if c["allow-longer"]:
+        a += ["--allow-longer"]
     if c["gpu"]:
         a += ["--gpu", c["gpu"]]
     a += ["--profile", c["profile"]]
@@ -201,7 +206,10 @@ def load(d, url):
 
 def set_field(d, name, value):
     el = d.find_element(By.ID, name)
-    if el.tag_name == "select":
+    if el.get_attribute("type") == "checkbox":
+        if el.is_selected() != value:
+            el.click()
+    elif el.tag_name == "select":
         Select(el).select_by_value(value)
     else:
         el.clear()
