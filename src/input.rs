@@ -65,7 +65,7 @@ fn read_file_capped(path: &Path) -> Result<Vec<u8>> {
 /// given to `provide` (wasm32 only).
 pub fn exists(path: &Path) -> bool {
     #[cfg(target_arch = "wasm32")]
-    return memory::read(path).is_some();
+    return memory::contains(path);
     #[cfg(not(target_arch = "wasm32"))]
     path.exists()
 }
@@ -85,6 +85,10 @@ mod memory {
 
     pub(super) fn provide(path: &Path, bytes: Vec<u8>) {
         FILES.with(|f| f.borrow_mut().insert(path.to_path_buf(), bytes));
+    }
+
+    pub(super) fn contains(path: &Path) -> bool {
+        FILES.with(|f| f.borrow().contains_key(path))
     }
 
     pub(super) fn read(path: &Path) -> Option<Vec<u8>> {

@@ -115,6 +115,7 @@ CONFIGS = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
 def measured_files():
     """The results files the page embeds (web/build.rs): vramcal's rows and reference rows."""
     out = []
@@ -123,7 +124,7 @@ def measured_files():
             head = f.read_text(encoding="utf-8")[:16]
             if head.startswith("tool_version,") or head.startswith("id,source,"):
                 out.append(str(f.relative_to(ROOT)))
-    return out
+    return tuple(out)
 
 
 def cli_args(c, pasted_path):
@@ -140,7 +141,7 @@ def cli_args(c, pasted_path):
     a += ["--profile", c["profile"]]
     if c["calibration"]:
         a += ["--calibration", c["calibration"]]
-    return a + ["--measured"] + measured_files()
+    return a + ["--measured", *measured_files()]
 
 
 def grid_configs(n):
@@ -166,7 +167,7 @@ def grid_configs(n):
               "--seq", str(rng.choice([128, 1024, 4096, 8192, 16384, 32768, 131072])),
               "--gpu", rng.choice(["h200-141gb", "a100-80gb", "rtx4090-24gb"]),
               "--profile", rng.choice(["torch-sdpa", "torch-eager", "candle"])]
-        out.append(a + ["--measured"] + measured_files())
+        out.append(a + ["--measured", *measured_files()])
     return out
 
 
