@@ -208,6 +208,7 @@ fn main() {
             weights: WeightsSpec::Random { seed: 0 },
             spec: TrainSpec::new(batch, seq),
             device: Device::Cpu,
+            sharding: None,
         };
         let mut m = Measurement::default();
         measure_with(

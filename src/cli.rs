@@ -536,6 +536,17 @@ pub struct MeasureArgs {
     /// Fine-tuning method and checkpointing.
     #[command(flatten)]
     pub how: MethodArgs,
+    /// Measure one rank of data-parallel training, simulated in this process: ddp
+    /// (DistributedDataParallel's gradient buckets), zero1 or zero2 (DeepSpeed's partitions of
+    /// the optimizer states, and of the gradients); with --world-size and --rank.
+    #[arg(long, requires = "world_size")]
+    pub shard: Option<Shard>,
+    /// Data-parallel ranks of the simulated world (with --shard).
+    #[arg(long, requires = "shard")]
+    pub world_size: Option<usize>,
+    /// The rank measured, from 0 (with --shard) [default: 0].
+    #[arg(long, requires = "shard")]
+    pub rank: Option<usize>,
     /// Print the result row as JSON on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,

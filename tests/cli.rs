@@ -1505,9 +1505,9 @@ const CONTRADICTIONS: &[Case] = &[
         untouched: None,
     },
     Case {
-        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "ddp", "--gpus", "2",
-            "--profile", "candle"],
-        error: "describes torch's DistributedDataParallel",
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--gpus", "2",
+            "--profile", "candle", "--reduce-bucket-size", "1000"],
+        error: "describes DeepSpeed, which vramcal's own step",
         untouched: None,
     },
     Case {
@@ -1686,6 +1686,60 @@ const BAD_FILES: &[Case] = &[
         args: &["check", "--measured", "{dir}/gpu-device.csv"],
         error: "gpu-device.csv: row 2: device \"gpu\"",
         untouched: Some("gpu-device.csv"),
+    },
+    // Simulated data-parallel ranks: what vramcal's step cannot simulate, and bad worlds,
+    // before anything runs or is written.
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "zero3",
+            "--world-size", "2", "--out", "{dir}/keep.csv"],
+        error: "vramcal's step simulates ddp, zero1 and zero2",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "fsdp",
+            "--world-size", "4"],
+        error: "--shard = fsdp",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "zero2",
+            "--world-size", "0", "--out", "{dir}/keep.csv"],
+        error: "--world-size = 0: a data-parallel rank needs a world of 2 ranks or more",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "ddp",
+            "--world-size", "1"],
+        error: "--world-size = 1",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "zero1",
+            "--world-size", "4", "--rank", "4", "--out", "{dir}/keep.csv"],
+        error: "--rank = 4: ranks are numbered from 0 to the world size less one (3)",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "zero1",
+            "--world-size", "2", "--optimizer", "adafactor"],
+        error: "needs an element-wise optimizer",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "zero5",
+            "--world-size", "2"],
+        error: "expected ddp, zero1, zero2, zero3 or fsdp",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--world-size", "2"],
+        error: "--shard",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "ddp"],
+        error: "--world-size",
+        untouched: None,
     },
     // What only the torch profiles describe is refused by vramcal's own step.
     Case {

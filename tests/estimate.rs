@@ -391,16 +391,30 @@ fn sharding_divides_what_it_should() {
     let mut s = TrainSpec::new(1, 1024);
     s.dtype = DType::BF16;
     let (w, g, st) = (16_060_522_496u64, 16_060_522_496u64, 64_242_089_984u64);
+    // vramcal's own ZeRO-1/2 rank (`measure --shard`): the states of its partition and the
+    // optimizer's copy of the partition's weights; the full gradients through backward, and
+    // its gradient partition beside them at the reduce-scatter (ZeRO-1: at the step; ZeRO-2:
+    // at the end of backward, then alone at the step).
     let z1 = shard(&c, &s, &Sharding::new(Shard::Zero1, 8), false, w, g, st).unwrap();
     assert_eq!(
         (z1.weights, z1.gradients, z1.optimizer_states),
-        (w, g, st / 8)
+        (w, g, st / 8 + w / 8)
     );
+    assert_eq!((z1.step_gradients, z1.end_gradients), (g + g / 8, 0));
     let z2 = shard(&c, &s, &Sharding::new(Shard::Zero2, 8), false, w, g, st).unwrap();
     assert_eq!(
         (z2.weights, z2.gradients, z2.optimizer_states),
-        (w, g / 8, st / 8)
+        (w, g, st / 8 + w / 8)
     );
+    assert_eq!((z2.step_gradients, z2.end_gradients), (g / 8, g / 8));
+    // The last of 3 ranks holds the shorter partition.
+    let last = Sharding {
+        rank: 2,
+        ..Sharding::new(Shard::Zero2, 3)
+    };
+    let n = g / 2;
+    let z2_last = shard(&c, &s, &last, false, w, g, st).unwrap();
+    assert_eq!(z2_last.end_gradients, 2 * (n - 2 * n.div_ceil(3)));
     let z3 = shard(&c, &s, &Sharding::new(Shard::Zero3, 8), false, w, g, st).unwrap();
     let layer = 2 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336 + 2 * 4096) as u64;
     assert_eq!(z3.weights, w / 8 + layer);

@@ -8,6 +8,7 @@ use vramcal::measure::{alloc, measure, CountingAlloc, HostProbe, Measurement, Se
 use vramcal::spec::LoraConfig;
 use vramcal::spec::TrainSpec;
 use vramcal::spec::WeightsSpec;
+use vramcal::spec::{partition_len, Shard, Sharding};
 use vramcal::spec::{Adaptation, Checkpointing, Quant};
 
 #[global_allocator]
@@ -49,6 +50,16 @@ fn run(model: &str, weights: WeightsSpec, batch: usize, seq: usize) -> Measureme
 }
 
 fn run_spec(model: &str, weights: WeightsSpec, spec: TrainSpec) -> Measurement {
+    run_rank(model, weights, spec, None)
+}
+
+/// [`run_spec`] as a simulated data-parallel rank (`measure --shard`), or one device (`None`).
+fn run_rank(
+    model: &str,
+    weights: WeightsSpec,
+    spec: TrainSpec,
+    sharding: Option<Sharding>,
+) -> Measurement {
     let model = model.to_string();
     on_measuring_thread(move || {
         let setup = Setup {
@@ -56,6 +67,7 @@ fn run_spec(model: &str, weights: WeightsSpec, spec: TrainSpec) -> Measurement {
             weights,
             spec,
             device: Device::Cpu,
+            sharding,
         };
         let mut m = Measurement::default();
         measure(&setup, &HostProbe::new().unwrap(), &mut m).unwrap();
@@ -285,4 +297,68 @@ fn accumulation_peak_follows_the_micro_batch() {
         "accumulate 3 × 1 ({p3}) should be below batch 3 ({pb})"
     );
     assert!(three.step_seconds[1] > one.step_seconds[1]);
+}
+
+/// A simulated data-parallel rank holds its share, to the byte: DDP's buckets a copy of every
+/// gradient; a ZeRO rank the optimizer's copy of its partition of the weights, the states of
+/// that partition, and (ZeRO-2) only its partition of the gradients once backward has ended.
+/// The rank runs the one-device step's arithmetic: step 1's loss is the same, and DDP's
+/// all-reduce of equal gradients changes nothing.
+#[test]
+fn simulated_ranks_hold_their_share() {
+    let spec = TrainSpec::new(2, 16);
+    let run =
+        |s: Option<Sharding>| run_rank("tiny", WeightsSpec::Random { seed: 0 }, spec.clone(), s);
+    let rank = |shard, n, r| {
+        Some(Sharding {
+            rank: r,
+            ..Sharding::new(shard, n)
+        })
+    };
+    let one = run(None);
+    let ddp = run(rank(Shard::Ddp, 4, 0));
+    let z1 = run(rank(Shard::Zero1, 4, 0));
+    let z2 = run(rank(Shard::Zero2, 4, 0));
+    let z2_last = run(rank(Shard::Zero2, 3, 2));
+    let t = one.trainable_params;
+    let (p, last) = (partition_len(t, 4, 0), partition_len(t, 3, 2));
+    assert!(last < partition_len(t, 3, 0), "{t} elements over 3 ranks");
+    let end = |m: &Measurement, phase: &str| m.phase(phase).unwrap().end_allocated_bytes as i64;
+    let diff = |a: &Measurement, b: &Measurement, phase: &str| end(a, phase) - end(b, phase);
+    // Equal up to candle's bookkeeping of the tensors that differ (each one's shape, layout
+    // and storage handle: a few hundred bytes; at most 512 B per trainable tensor here).
+    let tensors = resolve_model("tiny").unwrap().config.param_shapes().len() as i64;
+    let near = |got: i64, want: i64| {
+        assert!(
+            (got - want).abs() <= 512 * tensors,
+            "{got} B, counted {want} B ({tensors} tensors)"
+        );
+    };
+    // f32 weights, gradients and AdamW moments: 4 bytes per element each.
+    near(diff(&ddp, &one, "optimizer_init"), 4 * t as i64);
+    near(diff(&z1, &one, "optimizer_init"), 4 * p as i64);
+    near(diff(&z2_last, &one, "optimizer_init"), 4 * last as i64);
+    assert_eq!(one.optimizer_state_bytes, 8 * t);
+    for (m, n) in [(&z1, p), (&z2, p), (&z2_last, last)] {
+        assert_eq!(m.optimizer_state_bytes, 8 * n);
+    }
+    // After backward: the one-device step holds weights, states and gradients; ZeRO-2 the
+    // weights, its partition's copy, states and gradients.
+    near(
+        diff(&one, &z2, "step2_backward"),
+        (8 * t + 4 * t) as i64 - (4 * p + 8 * p + 4 * p) as i64,
+    );
+    // ZeRO-1 keeps the full gradients to the step, which frees them with the partition's.
+    near(
+        diff(&one, &z1, "step2_backward"),
+        (8 * t) as i64 - (4 * p + 8 * p) as i64,
+    );
+    near(
+        diff(&one, &z1, "step2_optimizer_step"),
+        (8 * t) as i64 - (4 * p + 8 * p) as i64,
+    );
+    assert_eq!(one.losses, ddp.losses);
+    for m in [&z1, &z2, &z2_last] {
+        assert_eq!(m.losses[0], one.losses[0]);
+    }
 }

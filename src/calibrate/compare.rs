@@ -8,7 +8,7 @@ use super::reference::{is_reference_file, read_references, Counter};
 use super::{spec_from_row, training_peak};
 use crate::config::resolve_model;
 use crate::error::{Error, Result};
-use crate::estimate::{estimate, estimate_sharded, Coefficients};
+use crate::estimate::{estimate_sharded, Coefficients};
 use crate::report::csv_out::read_rows;
 use crate::spec::{Profile, TrainSpec};
 
@@ -109,7 +109,11 @@ pub fn compare_file(
                 path: f.to_path_buf(),
                 reason: format!("row {}: {e}", i + 2),
             })?;
-            let e = estimate(&cfg, &spec, profile, c)?;
+            let sharding = super::sharding_from_row(r).map_err(|e| Error::Csv {
+                path: f.to_path_buf(),
+                reason: format!("row {}: {e}", i + 2),
+            })?;
+            let e = estimate_sharded(&cfg, &spec, profile, c, sharding)?;
             out.push(Compared {
                 id: format!("{}:{}", f.display(), i + 2),
                 config: {
@@ -123,6 +127,9 @@ pub fn compare_file(
                         r.seq,
                         spec.precision.map_or(r.dtype.as_str(), |p| p.name())
                     );
+                    if let Some(s) = sharding {
+                        c.push_str(&format!(" {} rank {}/{}", s.shard, s.rank, s.gpus));
+                    }
                     // The optimizer where it is not the default AdamW.
                     if spec.optimizer != crate::spec::Optimizer::AdamwTorch {
                         c.push(' ');
@@ -356,11 +363,15 @@ pub fn measured_rows(
                 out.other_stack += 1;
                 continue;
             }
-            if sharding.is_some() {
-                continue;
-            }
             for (i, r) in rows.iter().enumerate() {
                 if r.status != Some(crate::report::Status::Ok) {
+                    continue;
+                }
+                let row_sharding = super::sharding_from_row(r).map_err(|e| Error::Csv {
+                    path: f.to_path_buf(),
+                    reason: format!("row {}: {e}", i + 2),
+                })?;
+                if !same_sharding(row_sharding) {
                     continue;
                 }
                 let Some(peak) = training_peak(r) else {

@@ -53,6 +53,28 @@ pub fn baseline_included(r: &Row) -> u64 {
     }
 }
 
+/// The simulated data-parallel rank a row measured (`shard`, `world_size`, `rank` columns),
+/// `None` for a one-device row.
+///
+/// # Errors
+/// [`Error::InvalidValue`] for a shard outside the vocabulary, a missing world size, or a
+/// rank or world size [`Sharding::validate`] refuses.
+pub fn sharding_from_row(r: &Row) -> Result<Option<crate::spec::Sharding>> {
+    if r.shard.is_empty() {
+        return Ok(None);
+    }
+    let shard: crate::spec::Shard = r.shard.parse()?;
+    let gpus = r.world_size.ok_or_else(|| {
+        Error::invalid("world_size", "", "a row with a shard needs its world size")
+    })?;
+    let s = crate::spec::Sharding {
+        rank: r.rank.unwrap_or(0),
+        ..crate::spec::Sharding::new(shard, gpus)
+    };
+    s.validate()?;
+    Ok(Some(s))
+}
+
 /// Rebuilds the model config and training spec a row was measured with.
 ///
 /// # Errors
@@ -229,9 +251,11 @@ pub struct Point {
 /// Rows whose model or settings cannot be rebuilt.
 pub fn points(rows: &[Row], profile: Profile) -> Result<Vec<Point>> {
     let mut out = Vec::new();
+    // Simulated data-parallel ranks are checked (`check`), never fitted: their sharded terms
+    // are counted, not calibrated.
     for r in rows
         .iter()
-        .filter(|r| r.status == Some(crate::report::Status::Ok))
+        .filter(|r| r.status == Some(crate::report::Status::Ok) && r.shard.is_empty())
     {
         let Some(measured) = training_peak(r) else {
             continue;

@@ -35,13 +35,22 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
             (b, s)
         }
     };
-    let p = prepare(
+    let mut p = prepare(
         &a.model,
         (batch, seq),
         a.how.method,
         a.how.checkpointing,
         a.record_command.clone(),
     )?;
+    if let Some(shard) = a.shard {
+        let s = crate::spec::Sharding {
+            rank: a.rank.unwrap_or(0),
+            ..crate::spec::Sharding::new(shard, a.world_size.unwrap_or(0))
+        };
+        crate::measure::sharded::check(&s, &p.setup.spec)?;
+        p.setup.sharding = Some(s);
+        p.ctx.sharding = Some(s);
+    }
     if a.child {
         return super::setup::child::child(a, &p.ctx, p.setup, p.device, a.model.budget);
     }

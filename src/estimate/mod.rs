@@ -1084,6 +1084,9 @@ pub fn estimate_sharded(
     let mut host_bytes = None;
     let mut sharded_transient = None;
     let mut static_items: Vec<Item> = Vec::new();
+    // vramcal's ZeRO-2 rank's gradient partition, allocated at the end of backward.
+    let mut end_partition = 0;
+    let full_gradients = t.gradients;
     if let Some(s) = &sharding {
         let m = multi::shard(
             cfg,
@@ -1100,6 +1103,13 @@ pub fn estimate_sharded(
         t.terms[Term::GradientsLive.index()] *= m.gradients as f64 / t.gradients.max(1) as f64;
         t.gradients = m.gradients;
         t.backward_static = m.reduce_bucket + m.fsdp_root;
+        end_partition = m.end_gradients;
+        if end_partition > 0 && spec.accumulate > 1 {
+            // vramcal's ZeRO-2 rank sums earlier micro-batches' gradients into its partition:
+            // the partition, not a second set of full gradients, is alive while the next
+            // micro-batch builds its own.
+            t.terms[Term::GradientsLive.index()] = (t.gradients + end_partition) as f64;
+        }
         if m.gradients_persistent {
             // Held whole from the start: counted, not a backward-time term.
             t.backward_static += m.gradients;
@@ -1122,7 +1132,11 @@ pub fn estimate_sharded(
             } else if s.shard == Shard::Ddp && profile != Profile::Candle {
                 "trainable params × dtype, and DDP's bucket copy of them".into()
             } else if s.shard == Shard::Ddp {
-                "trainable params × dtype".into()
+                "trainable params × dtype, and the DDP buckets' copy of them".into()
+            } else if s.shard == Shard::Zero1 {
+                "trainable params × dtype, and this rank's partition of them filled from them (the reduce-scatter at the step)".into()
+            } else if s.shard == Shard::Zero2 {
+                "this rank's partition of the gradients: trainable params × dtype / GPUs".into()
             } else {
                 "trainable params × dtype / GPUs".into()
             },
@@ -1188,6 +1202,10 @@ pub fn estimate_sharded(
                     format!("{} / GPUs + DeepSpeed's fp32 partition of the weights (4 B × trainable params / GPUs)", torch::states_formula(spec))
                 }
                 Some(s) if s.shard == Shard::Ddp => torch::states_formula(spec),
+                Some(s) if profile == Profile::Candle && matches!(s.shard, Shard::Zero1 | Shard::Zero2) => format!(
+                    "{} for this rank's partition (trainable params / GPUs), and the optimizer's copy of the partition's weights (trainable params × dtype / GPUs)",
+                    torch::states_formula(spec)
+                ),
                 Some(_) => format!("{} / GPUs", torch::states_formula(spec)),
                 None => torch::states_formula(spec),
             },
@@ -1237,8 +1255,7 @@ pub fn estimate_sharded(
         let b = row[i] * c.values[i];
         if b > 0.0 {
             // Sharded gradients: the term's bytes are this GPU's share.
-            let per_gpu = term == Term::GradientsLive
-                && sharding.is_some_and(|s| !matches!(s.shard, Shard::Ddp | Shard::Zero1));
+            let per_gpu = term == Term::GradientsLive && t.gradients < full_gradients;
             items.push(Item {
                 name: name.into(),
                 bytes: b.round() as u64,
@@ -1250,7 +1267,29 @@ pub fn estimate_sharded(
             });
         }
     }
-    let (peak, phase, basis) = if bwd >= opt {
+    // vramcal's ZeRO-2 rank once backward has returned (its graph freed): the full gradients
+    // and the partition they are reduce-scattered into.
+    let scatter = if end_partition > 0 {
+        (t.weights + t.optimizer_states + t.workspace + full_gradients + end_partition) as f64
+    } else {
+        0.0
+    };
+    let (peak, phase, basis) = if scatter > bwd && scatter >= opt {
+        items = held.clone();
+        items.extend([
+            Item {
+                name: "gradients".into(),
+                bytes: full_gradients,
+                formula: "trainable params × dtype, built up by backward".into(),
+            },
+            Item {
+                name: "gradient partition (reduce-scatter)".into(),
+                bytes: end_partition,
+                formula: "this rank's partition of the gradients, allocated and filled from the full gradients at the end of backward: trainable params × dtype / GPUs".into(),
+            },
+        ]);
+        (scatter, "backward", ReservedBasis::default())
+    } else if bwd >= opt {
         (bwd, "backward", bwd_basis)
     } else {
         // The items that add up at the optimizer step.

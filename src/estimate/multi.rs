@@ -39,6 +39,10 @@ pub struct Sharded {
     /// (`_fsdp_state.py` `_lazy_init`: the root's `post_forward_mesh_info` is `None`) and
     /// reduces its gradients last; 0 otherwise.
     pub fsdp_root: u64,
+    /// Gradient bytes allocated at the very end of backward (counted at that moment only):
+    /// vramcal's simulated ZeRO-2 rank allocates its gradient partition there and fills it
+    /// from the full gradients (`crate::measure::sharded`); 0 otherwise.
+    pub end_gradients: u64,
     /// Whether the gradients are one buffer held from the start (DeepSpeed ZeRO-3's
     /// `grad_partitions_flat_buffer`, `stage3.py`), not built up in backward.
     pub gradients_persistent: bool,
@@ -102,7 +106,12 @@ pub fn shard(
         0
     };
     let trainable = spec.trainable_params(cfg);
-    let part = trainable.div_ceil(g);
+    // This rank's elements of the flat partition (rank 0's: ⌈trainable / GPUs⌉).
+    let part = s.part(trainable);
+    // Bytes per trainable element of the gradients, states and trainable weights.
+    let per =
+        |bytes: u64| -> u64 { ((bytes as u128 * part as u128) / trainable.max(1) as u128) as u64 };
+    let own_step = !torch_stack;
     let deepspeed = torch_stack && s.deepspeed();
     let master = spec.precision.is_some_and(|p| p.master_weights());
     let adamw = matches!(
@@ -112,7 +121,19 @@ pub fn shard(
     let ddp = s.shard == Shard::Ddp;
     let grad_part = match s.shard {
         Shard::Zero1 | Shard::Ddp => gradients,
+        // vramcal's ZeRO-2 rank reduce-scatters at the end of backward: the full gradients
+        // are built up first (`crate::measure::sharded`).
+        Shard::Zero2 if own_step => gradients,
         _ => gradients.div_ceil(g),
+    };
+    // vramcal's ZeRO-1/2 rank: its partition of the gradients (reduce-scatter's output) and
+    // the optimizer's own copy of its partition of the trainable weights, made at init.
+    let zero12_own = own_step && matches!(s.shard, Shard::Zero1 | Shard::Zero2);
+    let part_grads = if zero12_own { per(gradients) } else { 0 };
+    let part_weights = if zero12_own {
+        part * spec.trainable_dtype().size_in_bytes() as u64
+    } else {
+        0
     };
     // Stages 1–3 keep the bucket whenever `contiguous_gradients` is on (DeepSpeed's default):
     // `stage_1_and_2.py` `backward` allocates `ipg_buffer`, `stage3.py` keeps
@@ -127,10 +148,11 @@ pub fn shard(
                     "its bytes overflow",
                 )
             })?
-    } else if ddp && torch_stack {
+    } else if ddp {
         // DDP's reducer copies every trainable gradient into its flat buckets (25 MiB each) and
         // keeps them from wrapping on (`gradient_as_bucket_view=False`, torch's default;
-        // measured: `results/torch-cpu/smollm2-135m-ddp.csv`).
+        // measured: `results/torch-cpu/smollm2-135m-ddp.csv`; vramcal's simulated rank
+        // allocates the same, `results/cpu/smollm2-135m-sharded.csv`).
         gradients
     } else {
         0
@@ -212,6 +234,11 @@ pub fn shard(
     Ok(Sharded {
         weights: w,
         fsdp_root,
+        end_gradients: if own_step && s.shard == Shard::Zero2 {
+            part_grads
+        } else {
+            0
+        },
         gradients: match (offload, s.shard) {
             // Stage 1 reduces after backward: the full gradients are on the GPU first.
             (true, Shard::Zero1) => gradients,
@@ -226,6 +253,7 @@ pub fn shard(
             (false, true) if adamw => part * (4 + 2 * 4),
             (false, true) if !master => states.div_ceil(g) + 4 * part,
             (false, _) if ddp => states,
+            (false, _) if zero12_own => per(states) + part_weights,
             (false, _) => states.div_ceil(g),
         },
         reduce_bucket,
@@ -239,6 +267,10 @@ pub fn shard(
             (false, true, _) => fp32_grads,
             // DDP's buckets stay beside the gradients.
             (false, false, Shard::Ddp) => grad_part + reduce_bucket,
+            // vramcal's ZeRO-1 rank fills its partition from the full gradients at the step;
+            // its ZeRO-2 rank holds the partition only.
+            (false, false, Shard::Zero1) if own_step => gradients + part_grads,
+            (false, false, Shard::Zero2) if own_step => part_grads,
             (false, false, _) => grad_part,
         },
         step_transient: match (offload, deepspeed, spec.optimizer) {

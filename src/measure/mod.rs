@@ -6,6 +6,7 @@ pub mod alloc;
 pub mod cuda;
 pub mod device;
 pub mod probe;
+pub mod sharded;
 pub mod step;
 
 pub use alloc::CountingAlloc;

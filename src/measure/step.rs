@@ -22,8 +22,10 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use crate::config::ResolvedModel;
 use crate::error::{Error, Result};
 use crate::measure::probe::MemoryProbe;
+use crate::measure::sharded::Rank;
 use crate::model::{Decoder, ForwardCtx};
 use crate::spec::SaveMode;
+use crate::spec::Sharding;
 use crate::spec::TrainSpec;
 use crate::spec::WeightsSpec;
 use crate::weights::open_source;
@@ -39,6 +41,9 @@ pub struct Setup {
     pub spec: TrainSpec,
     /// Device to run on.
     pub device: Device,
+    /// A simulated data-parallel rank (`--shard`, `--world-size`, `--rank`;
+    /// [`crate::measure::sharded`]); `None`: one device.
+    pub sharding: Option<Sharding>,
 }
 
 /// Memory and time of one phase.
@@ -237,6 +242,58 @@ fn accumulate_into(acc: &[Tensor], g: Vec<Tensor>) -> Result<()> {
     Ok(())
 }
 
+/// One micro-batch's gradients `g` (one per trainable tensor) added to those of the step so
+/// far (`acc`). On a simulated rank, at the last micro-batch DDP all-reduces them in its
+/// buckets (the earlier ones run under `no_sync`, as the HF Trainer's accumulation does), and
+/// ZeRO-2 reduce-scatters every micro-batch's into its partition, which then holds the step's
+/// gradients.
+fn gather_grads(
+    rank: Option<&Rank>,
+    acc: Option<Vec<Tensor>>,
+    g: Vec<Tensor>,
+    last: bool,
+) -> Result<Vec<Tensor>> {
+    match rank {
+        Some(r) if r.scatters_in_backward() => r.reduce_scatter(g, acc),
+        _ => {
+            let mut sum = match acc {
+                None => g,
+                Some(acc) => {
+                    accumulate_into(&acc, g)?;
+                    acc
+                }
+            };
+            if let (Some(r), true) = (rank, last) {
+                r.all_reduce(&mut sum)?;
+            }
+            Ok(sum)
+        }
+    }
+}
+
+/// The optimizer step from the step's `grads`, which are then freed (PyTorch's
+/// `zero_grad(set_to_none=True)`). On a ZeRO rank `opt` steps the partition `opt_vars`: ZeRO-1
+/// first reduce-scatters the full gradients into it (ZeRO-2 did in backward), and the stepped
+/// partition is copied back into the parameters `vars` (the all-gather).
+fn apply_step(
+    rank: Option<&Rank>,
+    opt: &mut dyn crate::optim::Optim,
+    grads: Vec<Tensor>,
+    vars: &[candle_core::Var],
+    opt_vars: &[candle_core::Var],
+) -> Result<()> {
+    let grads = match rank {
+        Some(r) if r.scatters_at_step() => r.reduce_scatter(grads, None)?,
+        _ => grads,
+    };
+    opt.step(&grads)?;
+    drop(grads);
+    if let Some(r) = rank {
+        r.all_gather(vars, opt_vars)?;
+    }
+    Ok(())
+}
+
 /// Merges the records from index `from` on into one record per name of `names`, in that
 /// order: highest peak, last end, summed time (the micro-batches of one step).
 fn merge_phases(out: &mut Measurement, from: usize, names: &[String]) {
@@ -319,9 +376,20 @@ pub fn measure_with(
     out.trainable_params = model.trainable_count();
     out.param_bytes = model.param_bytes();
     let vars: Vec<_> = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
-    let mut opt = phase(probe, out, &mut ev, "optimizer_init", || {
-        crate::optim::build(vars, spec)
+    let mut rank = setup.sharding.map(|s| Rank::new(s, &vars)).transpose()?;
+    // A simulated rank: DDP's buckets are made at wrapping, ZeRO's partition with the
+    // optimizer; both here.
+    let (mut opt, opt_vars) = phase(probe, out, &mut ev, "optimizer_init", || {
+        let ov = match rank.as_mut() {
+            Some(r) => {
+                r.wrap(&vars)?;
+                r.optimizer_vars(&vars)?
+            }
+            None => vars.clone(),
+        };
+        Ok((crate::optim::build(ov.clone(), spec)?, ov))
     })?;
+    let rank = rank;
 
     for step in 1..=2u64 {
         let first = out.phases.len();
@@ -348,12 +416,10 @@ pub fn measure_with(
             if micro == 0 {
                 out.losses.push(loss_value);
             }
+            let last = micro + 1 == spec.accumulate as u64;
             phase(probe, out, &mut ev, &format!("step{step}_backward"), || {
                 let g = model.backward(fwd)?;
-                match &grads {
-                    None => grads = Some(g),
-                    Some(acc) => accumulate_into(acc, g)?,
-                }
+                grads = Some(gather_grads(rank.as_ref(), grads.take(), g, last)?);
                 Ok(())
             })?;
         }
@@ -367,9 +433,11 @@ pub fn measure_with(
         );
         let grads = grads.expect("accumulate >= 1");
         if step == 1 {
-            out.grad_bytes = grads
+            // The gradients as a one-device step holds them (under ZeRO-2 this rank keeps
+            // only its partition of them by now).
+            out.grad_bytes = vars
                 .iter()
-                .map(|g| (g.elem_count() * g.dtype().size_in_bytes()) as u64)
+                .map(|v| (v.elem_count() * v.dtype().size_in_bytes()) as u64)
                 .sum();
         }
         phase(
@@ -377,11 +445,7 @@ pub fn measure_with(
             out,
             &mut ev,
             &format!("step{step}_optimizer_step"),
-            || {
-                opt.step(&grads)?;
-                drop(grads);
-                Ok(())
-            },
+            || apply_step(rank.as_ref(), opt.as_mut(), grads, &vars, &opt_vars),
         )?;
         if step == 1 {
             out.optimizer_state_bytes = opt.state_bytes();
@@ -408,12 +472,16 @@ pub fn measure_with(
                 spec.checkpointing,
                 ctx,
             )?)?;
-            match &grads {
-                None => grads = Some(g),
-                Some(acc) => accumulate_into(acc, g)?,
-            }
+            let last = micro + 1 == spec.accumulate as u64;
+            grads = Some(gather_grads(rank.as_ref(), grads.take(), g, last)?);
         }
-        opt.step(&grads.expect("accumulate >= 1"))?;
+        apply_step(
+            rank.as_ref(),
+            opt.as_mut(),
+            grads.expect("accumulate >= 1"),
+            &vars,
+            &opt_vars,
+        )?;
         probe.synchronize()?;
         out.step_seconds.push(t0.elapsed().as_secs_f64());
     }

@@ -33,6 +33,8 @@ pub struct RowContext {
     pub budget_bytes: Option<u64>,
     /// Model FLOPs per token of this configuration ([`crate::throughput::model_flops_per_token`]).
     pub model_flops_per_token: Option<f64>,
+    /// The simulated data-parallel rank, if any (`--shard`, `--world-size`, `--rank`).
+    pub sharding: Option<crate::spec::Sharding>,
 }
 
 /// One CSV row. Phase columns are `<phase>_peak_bytes` (highest allocated bytes during the
@@ -73,6 +75,13 @@ pub struct Row {
     pub micro_batch: usize,
     pub accumulate: usize,
     pub save: String,
+    /// A simulated data-parallel rank's scheme (`ddp`, `zero1`, `zero2`); empty: one device.
+    #[serde(default)]
+    pub shard: String,
+    #[serde(default)]
+    pub world_size: Option<usize>,
+    #[serde(default)]
+    pub rank: Option<usize>,
     pub budget_bytes: Option<u64>,
     pub baseline_bytes: Option<u64>,
     pub param_bytes: Option<u64>,
@@ -170,6 +179,12 @@ impl Row {
             micro_batch: spec.batch,
             accumulate: spec.accumulate,
             save: spec.save.label().into(),
+            shard: ctx
+                .sharding
+                .map(|s| s.shard.label().to_string())
+                .unwrap_or_default(),
+            world_size: ctx.sharding.map(|s| s.gpus),
+            rank: ctx.sharding.map(|s| s.rank),
             budget_bytes: ctx.budget_bytes,
             baseline_bytes: measured.then_some(m.baseline_bytes),
             param_bytes: ph("load").map(|_| m.param_bytes),

@@ -33,7 +33,7 @@ pub use optimizer::{AdamWConfig, Optimizer};
 pub use precision::{dtype_name, parse_dtype, Precision};
 pub use profile::Profile;
 pub use save::SaveMode;
-pub use shard::{Offload, Shard, Sharding, DEEPSPEED_REDUCE_BUCKET_SIZE};
+pub use shard::{partition_len, Offload, Shard, Sharding, DEEPSPEED_REDUCE_BUCKET_SIZE};
 pub use weights::WeightsSpec;
 
 use crate::config::ModelConfig;

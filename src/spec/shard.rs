@@ -152,6 +152,19 @@ pub struct Sharding {
     pub reduce_bucket_elements: u64,
     /// GPUs per node, for host RAM per node under offload (at most `gpus`).
     pub gpus_per_node: usize,
+    /// The rank whose share is counted (0-based, below `gpus`). Partitions are
+    /// [`partition_len`] long: rank 0 holds the largest, the last ranks fewer elements (or
+    /// none). 0 unless a simulated rank (`vramcal measure --rank`) says otherwise.
+    pub rank: usize,
+}
+
+/// Elements of a flat buffer of `total` elements that rank `rank` of `world_size` holds:
+/// `⌈total / world_size⌉`, fewer (or none) for the last ranks (DeepSpeed ZeRO-1/2's flat
+/// partition, `stage_1_and_2.py` `get_data_parallel_partitions`, without its alignment padding).
+/// `world_size` 0 counts as 1.
+pub fn partition_len(total: u64, world_size: usize, rank: usize) -> u64 {
+    let p = total.div_ceil(world_size.max(1) as u64);
+    total.saturating_sub(p.saturating_mul(rank as u64)).min(p)
 }
 
 impl Sharding {
@@ -163,7 +176,13 @@ impl Sharding {
             offload: Offload::None,
             reduce_bucket_elements: DEEPSPEED_REDUCE_BUCKET_SIZE,
             gpus_per_node: gpus,
+            rank: 0,
         }
+    }
+
+    /// Elements of `total` this rank holds ([`partition_len`]).
+    pub fn part(&self, total: u64) -> u64 {
+        partition_len(total, self.gpus, self.rank)
     }
 
     /// Refuses combinations no stack runs.
@@ -172,10 +191,21 @@ impl Sharding {
     /// [`Error::InvalidValue`]: zero GPUs; more than one GPU without offload being the same as
     /// none (`--gpus 1` needs `--offload`: ZeRO-Offload's one-GPU case); parameters offloaded
     /// below ZeRO-3; FSDP offloading the optimizer alone (its `CPUOffload` moves parameters,
-    /// gradients and the step together); `gpus_per_node` of 0 or above `gpus`.
+    /// gradients and the step together); `gpus_per_node` of 0 or above `gpus`; a rank not
+    /// below `gpus`.
     pub fn validate(&self) -> Result<()> {
         if self.gpus == 0 {
             return Err(Error::invalid("--gpus", 0, "must be at least 1"));
+        }
+        if self.rank >= self.gpus {
+            return Err(Error::invalid(
+                "--rank",
+                self.rank,
+                format!(
+                    "ranks are numbered from 0 to the world size less one ({})",
+                    self.gpus - 1
+                ),
+            ));
         }
         if self.gpus < 2 && self.shard == Shard::Ddp {
             return Err(Error::invalid(

@@ -450,6 +450,7 @@ pub fn prepare(
             weights,
             spec,
             device: candle_core::Device::Cpu,
+            sharding: None,
         },
         device,
         ctx,
@@ -472,5 +473,6 @@ pub fn row_context(
         device: args.device.clone(),
         budget_bytes: args.budget,
         model_flops_per_token: Some(model_flops_per_token(&model.config, spec)),
+        sharding: None,
     }
 }

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# vramcal's simulated data-parallel ranks on the CPU (issue "Beyond one GPU"):
+# results/cpu/smollm2-135m-sharded.csv. Each row is one `vramcal measure --shard S
+# --world-size N --rank R` (src/measure/sharded.rs): ddp, zero1 and zero2 at N = 2, 4, 8 for
+# full fine-tuning (f32, bf16 weights, checkpointing), LoRA r16 on all linear layers, other ranks,
+# gradient accumulation, a master-weight recipe and SGD with momentum; each configuration's
+# one-device row beside them. Peaks are exact (the counting allocator).
+#
+# Usage: scripts/cpu-sharded-grid.sh VRAMCAL OUT.csv
+set -euo pipefail
+bin=$1 out=$2
+m() { "$bin" measure --model smollm2-135m --quiet --out "$out" "$@"; }
+full=(--batch 2 --seq 256)
+lora=(--batch 1 --seq 256 --method lora --lora r=16,alpha=32,targets=all-linear)
+ckpt=(--batch 2 --seq 256 --checkpointing layers)
+bf16=(--batch 1 --seq 128 --dtype bf16)
+for cfg in full lora ckpt bf16; do
+  declare -n a=$cfg
+  m "${a[@]}"
+  for n in 2 4 8; do
+    for s in ddp zero1 zero2; do
+      m "${a[@]}" --shard "$s" --world-size "$n"
+    done
+  done
+done
+# The last ranks hold the shorter partitions.
+m "${full[@]}" --shard zero2 --world-size 8 --rank 7
+m "${full[@]}" --shard zero1 --world-size 4 --rank 3
+# Gradient accumulation: DDP all-reduces at the last micro-batch, ZeRO-2 reduce-scatters each.
+m --batch 1 --seq 256 --accumulate 2
+m --batch 1 --seq 256 --accumulate 2 --shard ddp --world-size 4
+m --batch 1 --seq 256 --accumulate 2 --shard zero2 --world-size 4
+# fp32 master weights of a bf16 model (the optimizer's partition and its fp32 copy), SGD.
+m --batch 1 --seq 128 --precision bf16-master
+m --batch 1 --seq 128 --precision bf16-master --shard zero1 --world-size 4
+m --batch 1 --seq 128 --precision bf16-master --shard zero2 --world-size 8
+m "${full[@]}" --optimizer sgd --momentum 0.9
+m "${full[@]}" --optimizer sgd --momentum 0.9 --shard zero2 --world-size 4
+m "${full[@]}" --optimizer sgd --momentum 0.9 --shard ddp --world-size 2
