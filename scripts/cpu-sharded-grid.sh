@@ -1,15 +1,34 @@
 #!/usr/bin/env bash
 # vramcal's simulated data-parallel ranks on the CPU (issue "Beyond one GPU"):
 # results/cpu/smollm2-135m-sharded.csv. Each row is one `vramcal measure --shard S
-# --world-size N --rank R` (src/measure/sharded.rs): ddp, zero1 and zero2 at N = 2, 4, 8 for
-# full fine-tuning (f32, bf16 weights, checkpointing), LoRA r16 on all linear layers, other ranks,
-# gradient accumulation, a master-weight recipe and SGD with momentum; each configuration's
-# one-device row beside them. Peaks are exact (the counting allocator).
+# --world-size N --rank R` (src/measure/sharded.rs, src/measure/fsdp.rs): ddp, zero1 and zero2
+# at N = 2, 4, 8 for full fine-tuning (f32, bf16 weights, checkpointing), LoRA r16 on all linear
+# layers, other ranks, gradient accumulation, a master-weight recipe and SGD with momentum; then
+# fsdp (checkpointing every layer) at N = 2, 4, 8 for full fine-tuning (f32, bf16), LoRA, the
+# last rank and accumulation; each configuration's one-device row beside them. Peaks are exact
+# (the counting allocator).
 #
-# Usage: scripts/cpu-sharded-grid.sh VRAMCAL OUT.csv
+# Usage: scripts/cpu-sharded-grid.sh VRAMCAL OUT.csv [fsdp]   (fsdp: the FSDP part only)
 set -euo pipefail
 bin=$1 out=$2
 m() { "$bin" measure --model smollm2-135m --quiet --out "$out" "$@"; }
+fsdp() {
+  local full=(--batch 2 --seq 256 --checkpointing layers)
+  local long=(--batch 1 --seq 512 --checkpointing layers)
+  local lora=(--batch 1 --seq 256 --checkpointing layers --method lora --lora r=16,alpha=32,targets=all-linear)
+  local bf16=(--batch 1 --seq 128 --checkpointing layers --dtype bf16)
+  for cfg in full long lora bf16; do
+    declare -n a=$cfg
+    [ "$cfg" = full ] || m "${a[@]}"   # the full configuration's one-device row is above
+    for n in 2 4 8; do
+      m "${a[@]}" --shard fsdp --world-size "$n"
+    done
+  done
+  m "${full[@]}" --shard fsdp --world-size 8 --rank 7
+  m --batch 1 --seq 256 --checkpointing layers --accumulate 2
+  m --batch 1 --seq 256 --checkpointing layers --accumulate 2 --shard fsdp --world-size 4
+}
+if [ "${3:-}" = fsdp ]; then fsdp; exit 0; fi
 full=(--batch 2 --seq 256)
 lora=(--batch 1 --seq 256 --method lora --lora r=16,alpha=32,targets=all-linear)
 ckpt=(--batch 2 --seq 256 --checkpointing layers)
@@ -37,3 +56,4 @@ m --batch 1 --seq 128 --precision bf16-master --shard zero2 --world-size 8
 m "${full[@]}" --optimizer sgd --momentum 0.9
 m "${full[@]}" --optimizer sgd --momentum 0.9 --shard zero2 --world-size 4
 m "${full[@]}" --optimizer sgd --momentum 0.9 --shard ddp --world-size 2
+fsdp

@@ -293,13 +293,14 @@ fn mixture_of_experts_rows_are_estimated_without_refitting() {
     assert!(adapters.iter().all(|e| e.abs() <= 2.0), "{adapters:?}");
 }
 
-/// vramcal's simulated data-parallel ranks (`results/cpu/smollm2-135m-sharded.csv`: ddp, zero1
-/// and zero2 at N = 2, 4, 8, never fitted: their sharded terms are counted) against the
-/// one-device CPU table: median within 1 %, every row within 1.5 %; and the sharded terms
-/// exact: no rank is estimated further off, in bytes, than its configuration's one-device row
-/// in the same file, beyond 0.05 % of its peak (candle's bookkeeping of the partition's
-/// tensors). The rows over 1 % are checkpointed ZeRO ranks at N = 4 and 8, over by the bytes
-/// the table over-counts that configuration on one device.
+/// vramcal's simulated data-parallel ranks (`results/cpu/smollm2-135m-sharded.csv`: ddp, zero1,
+/// zero2 and fsdp at N = 2, 4, 8, never fitted: their sharded terms are counted) against the
+/// one-device CPU table: median within 1 %, every row within 2 %. The DDP and ZeRO terms are
+/// exact: no such rank is estimated further off, in bytes, than its configuration's one-device
+/// row in the same file, beyond 0.05 % of its peak (candle's bookkeeping of the partition's
+/// tensors); those over 1 % are checkpointed ZeRO ranks at N = 4 and 8, over by the bytes the
+/// table over-counts that configuration on one device. FSDP ranks at N ≥ 4 peak at the tied
+/// head's backward, which the table's fitted coefficients count up to 1.8 % under.
 #[test]
 fn simulated_ranks_are_estimated_within_their_one_device_error() {
     let file = "results/cpu/smollm2-135m-sharded.csv";
@@ -314,19 +315,19 @@ fn simulated_ranks_are_estimated_within_their_one_device_error() {
         "--calibration",
         CALIBRATION,
         "--max-error",
-        "1.5%",
+        "2%",
         "--max-median-error",
         "1%",
         "--out-csv",
         out.to_str().unwrap(),
     ]);
-    assert_eq!(rows_checked(&text), 51, "{text}");
+    assert_eq!(rows_checked(&text), 69, "{text}");
     let mut r = csv::Reader::from_path(&out).unwrap();
     let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
     let bytes = |r: &csv::StringRecord, i: usize| r[i].parse::<i64>().unwrap();
     let (config, measured, predicted) = (1, 3, 4);
     let err = |r: &csv::StringRecord| bytes(r, predicted) - bytes(r, measured);
-    let mut ranks = 0;
+    let (mut ranks, mut fsdp) = (0, 0);
     for row in &rows {
         let c = &row[config];
         // The configuration without its "<shard> rank R/N".
@@ -334,6 +335,10 @@ fn simulated_ranks_are_estimated_within_their_one_device_error() {
         let Some(at) = words.iter().position(|w| *w == "rank") else {
             continue;
         };
+        if words[at - 1] == "fsdp" {
+            fsdp += 1;
+            continue;
+        }
         let one = [&words[..at - 1], &words[at + 2..]].concat().join(" ");
         let base = rows
             .iter()
@@ -348,7 +353,7 @@ fn simulated_ranks_are_estimated_within_their_one_device_error() {
         );
         ranks += 1;
     }
-    assert_eq!(ranks, 44);
+    assert_eq!((ranks, fsdp), (44, 14));
 }
 
 /// `vramcal check` of `file` (rows the CPU table was never fitted on) against the CPU table,

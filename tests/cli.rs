@@ -1692,13 +1692,31 @@ const BAD_FILES: &[Case] = &[
     Case {
         args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "zero3",
             "--world-size", "2", "--out", "{dir}/keep.csv"],
-        error: "vramcal's step simulates ddp, zero1 and zero2",
+        error: "vramcal's step simulates ddp, zero1, zero2 and fsdp",
         untouched: Some("keep.csv"),
     },
     Case {
         args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "fsdp",
-            "--world-size", "4"],
-        error: "--shard = fsdp",
+            "--world-size", "4", "--out", "{dir}/keep.csv"],
+        error: "--checkpointing = none: a simulated FSDP rank needs --checkpointing layers",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "fsdp",
+            "--world-size", "4", "--checkpointing", "every:2"],
+        error: "--checkpointing = every:2",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "fsdp",
+            "--world-size", "2", "--checkpointing", "layers", "--method", "qlora"],
+        error: "NF4 weights are stored packed",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "fsdp",
+            "--world-size", "2", "--checkpointing", "layers", "--save", "adapter"],
+        error: "--save = adapter",
         untouched: None,
     },
     Case {

@@ -362,3 +362,50 @@ fn simulated_ranks_hold_their_share() {
         assert_eq!(m.losses[0], one.losses[0]);
     }
 }
+
+/// A simulated FSDP rank (`measure --shard fsdp`, checkpointing every layer) holds its shard
+/// of every tensor (`⌈rows/N⌉` rows, padded) once `fully_shard` has run, and AdamW's states
+/// for the trainable shards only; its step 1 computes the one-device loss (the gathered
+/// parameters are the whole model's), and the last rank allocates as much as the first.
+#[test]
+fn simulated_fsdp_rank_holds_its_shards() {
+    let mut spec = TrainSpec::new(2, 16);
+    spec.checkpointing = Checkpointing::Every(1);
+    let run =
+        |s: Option<Sharding>| run_rank("tiny", WeightsSpec::Random { seed: 0 }, spec.clone(), s);
+    let one = run(None);
+    let n = 4;
+    let first = run(Some(Sharding::new(Shard::Fsdp, n)));
+    let last = run(Some(Sharding {
+        rank: n - 1,
+        ..Sharding::new(Shard::Fsdp, n)
+    }));
+    let cfg = resolve_model("tiny").unwrap().config;
+    // Every tensor of tiny (f32, full fine-tuning) trains: ⌈rows/N⌉ · cols elements each.
+    let padded: u64 = cfg
+        .param_shapes()
+        .iter()
+        .map(|p| {
+            let rows = p.shape[0] as u64;
+            rows.div_ceil(n as u64) * (p.numel() / rows)
+        })
+        .sum();
+    let tensors = cfg.param_shapes().len() as i64;
+    let end = |m: &Measurement, phase: &str| m.phase(phase).unwrap().end_allocated_bytes as i64;
+    for m in [&first, &last] {
+        assert_eq!(m.optimizer_state_bytes, 8 * padded);
+        // After `fully_shard` the rank holds its shards instead of the whole model, up to
+        // candle's bookkeeping of the shard tensors (a few hundred bytes each).
+        let got = end(m, "optimizer_init") - end(&one, "optimizer_init");
+        let want = 4 * padded as i64 - 4 * one.params as i64;
+        assert!(
+            (got - want).abs() <= 512 * tensors,
+            "{got} B, counted {want} B"
+        );
+        assert_eq!(m.losses[0], one.losses[0]);
+    }
+    assert_eq!(
+        end(&first, "step2_optimizer_step"),
+        end(&last, "step2_optimizer_step")
+    );
+}

@@ -47,7 +47,7 @@ pub fn run(a: &MeasureArgs) -> anyhow::Result<ExitCode> {
             rank: a.rank.unwrap_or(0),
             ..crate::spec::Sharding::new(shard, a.world_size.unwrap_or(0))
         };
-        crate::measure::sharded::check(&s, &p.setup.spec)?;
+        crate::measure::sharded::check(&s, &p.setup.model.config, &p.setup.spec, p.device)?;
         p.setup.sharding = Some(s);
         p.ctx.sharding = Some(s);
     }

@@ -804,11 +804,26 @@ pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     // moment is rarely its peak, and on the bf16 rows where it is (seq 512) the probe's count
     // put them 2–6 % over with the fitted table (other head-moment terms of full fine-tuning
     // are counted high; not traced yet, docs/roadmap.md).
+    //
+    // Under checkpointing a tied embedding's `largest_trainable` counts two `(V, h)` copies
+    // (its own pass summed into the head's at the end of backward, `terms`), which the head's
+    // moment does not hold beside these buffers: both are taken off. Found with an allocation
+    // probe on vramcal's simulated FSDP ranks of smollm2-135m
+    // (`results/cpu/smollm2-135m-sharded.csv`), whose peak is that moment (one-device rows
+    // peak at the end of backward).
     let chunks = n.div_ceil(c.max(1));
     if spec.adaptation.lora.is_none() {
         let weight_grad =
             10 * c * v + 4 * n * h + 6 * v * h + if chunks > 1 { 2 * v * h } else { 0 };
-        return recompute.max(input_grad).max(weight_grad);
+        let copies = if spec.checkpointing != Checkpointing::None && cfg.tie_word_embeddings {
+            2 * 2 * v * h
+        } else {
+            0
+        };
+        return recompute
+            .max(input_grad)
+            .max(weight_grad)
+            .saturating_sub(copies);
     }
     let weight_grad = if chunks > 1 {
         (10 * c * v + 4 * n * h + 10 * v * h).max(6 * c * v + 14 * v * h)
@@ -845,7 +860,20 @@ pub fn head_weight_grad_f32(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     } else {
         4 * vh
     };
-    total - d * vh
+    // `largest_trainable` counts a tied embedding's gradient twice under checkpointing (its
+    // own pass summed into the head's at the end, `terms`): both copies are taken off. Found
+    // with an allocation probe on vramcal's simulated FSDP ranks of smollm2-135m
+    // (`results/cpu/smollm2-135m-sharded.csv`), the only rows whose peak is that head moment:
+    // the sum, the part and the new sum, `12·V·h`, and two logits chunks, nothing else.
+    let copies = if spec.checkpointing != Checkpointing::None
+        && spec.adaptation.lora.is_none()
+        && cfg.tie_word_embeddings
+    {
+        2
+    } else {
+        1
+    };
+    total.saturating_sub(copies * d * vh)
 }
 
 /// The f32 running sum of an `lm_head` adapter's `lora_B` gradient in the fused head's backward
@@ -997,6 +1025,11 @@ fn backward_items(s: &Sharding, m: &multi::Sharded, profile: Profile) -> Vec<Ite
             bytes: m.reduce_bucket,
             formula: "a copy of every trainable gradient in DDP's 25 MiB buckets (gradient_as_bucket_view=False, torch's default)".into(),
         }),
+        Shard::Fsdp if profile == Profile::Candle => v.push(Item {
+            name: "FSDP root, unsharded".into(),
+            bytes: m.fsdp_root,
+            formula: "embedding, final norm and head (and their adapters) gathered from forward to the end of backward (FSDP2 keeps the root unsharded)".into(),
+        }),
         Shard::Fsdp => v.push(Item {
             name: "FSDP root, unsharded".into(),
             bytes: m.fsdp_root,
@@ -1084,8 +1117,10 @@ pub fn estimate_sharded(
     let mut host_bytes = None;
     let mut sharded_transient = None;
     let mut static_items: Vec<Item> = Vec::new();
-    // vramcal's ZeRO-2 rank's gradient partition, allocated at the end of backward.
-    let mut end_partition = 0;
+    // vramcal's FSDP rank: what a layer's backward holds beyond the rest, and what the
+    // reduce-scatter after backward holds.
+    let mut layer_extra = 0;
+    let mut scatter_items: Vec<(String, u64, String)> = Vec::new();
     let full_gradients = t.gradients;
     if let Some(s) = &sharding {
         let m = multi::shard(
@@ -1103,12 +1138,14 @@ pub fn estimate_sharded(
         t.terms[Term::GradientsLive.index()] *= m.gradients as f64 / t.gradients.max(1) as f64;
         t.gradients = m.gradients;
         t.backward_static = m.reduce_bucket + m.fsdp_root;
-        end_partition = m.end_gradients;
-        if end_partition > 0 && spec.accumulate > 1 {
-            // vramcal's ZeRO-2 rank sums earlier micro-batches' gradients into its partition:
-            // the partition, not a second set of full gradients, is alive while the next
-            // micro-batch builds its own.
-            t.terms[Term::GradientsLive.index()] = (t.gradients + end_partition) as f64;
+        t.layer_static += m.layer_extra;
+        layer_extra = m.layer_extra;
+        scatter_items = m.scatter.clone();
+        if let (Some(a), true) = (m.accumulated_gradients, spec.accumulate > 1) {
+            // vramcal's ZeRO-2 and FSDP ranks sum earlier micro-batches' gradients into their
+            // partition or shards: those, not a second set of full gradients, are alive while
+            // the next micro-batch builds its own.
+            t.terms[Term::GradientsLive.index()] = a as f64;
         }
         if m.gradients_persistent {
             // Held whole from the start: counted, not a backward-time term.
@@ -1232,7 +1269,15 @@ pub fn estimate_sharded(
     };
     let mut items = held.clone();
     let moment = t.peak_moment(&c.values);
-    let own = t.static_at(moment).saturating_sub(t.backward_static);
+    let mut own = t.static_at(moment).saturating_sub(t.backward_static);
+    if moment == Moment::Layer && layer_extra > 0 {
+        own = own.saturating_sub(layer_extra);
+        items.push(Item {
+            name: "gathered layers and a layer's gradients (FSDP)".into(),
+            bytes: layer_extra,
+            formula: "the layer backpropagated and the next one prefetched, gathered (2 × one layer's params × dtype); its unsharded gradients; the previous layer's reduce-scatter input (padded to ⌈rows / GPUs⌉ · GPUs rows)".into(),
+        });
+    }
     if own > 0 {
         items.push(match moment {
             Moment::Layer => Item {
@@ -1269,25 +1314,19 @@ pub fn estimate_sharded(
     }
     // vramcal's ZeRO-2 rank once backward has returned (its graph freed): the full gradients
     // and the partition they are reduce-scattered into.
-    let scatter = if end_partition > 0 {
-        (t.weights + t.optimizer_states + t.workspace + full_gradients + end_partition) as f64
-    } else {
+    let scatter = if scatter_items.is_empty() {
         0.0
+    } else {
+        (t.weights + t.optimizer_states + t.workspace) as f64
+            + scatter_items.iter().map(|i| i.1 as f64).sum::<f64>()
     };
     let (peak, phase, basis) = if scatter > bwd && scatter >= opt {
         items = held.clone();
-        items.extend([
-            Item {
-                name: "gradients".into(),
-                bytes: full_gradients,
-                formula: "trainable params × dtype, built up by backward".into(),
-            },
-            Item {
-                name: "gradient partition (reduce-scatter)".into(),
-                bytes: end_partition,
-                formula: "this rank's partition of the gradients, allocated and filled from the full gradients at the end of backward: trainable params × dtype / GPUs".into(),
-            },
-        ]);
+        items.extend(scatter_items.iter().map(|(name, bytes, formula)| Item {
+            name: name.clone(),
+            bytes: *bytes,
+            formula: formula.clone(),
+        }));
         (scatter, "backward", ReservedBasis::default())
     } else if bwd >= opt {
         (bwd, "backward", bwd_basis)

@@ -39,6 +39,22 @@ pub struct Sharded {
     /// (`_fsdp_state.py` `_lazy_init`: the root's `post_forward_mesh_info` is `None`) and
     /// reduces its gradients last; 0 otherwise.
     pub fsdp_root: u64,
+    /// Bytes alive at a layer's backward only, beyond the rest (counted at that moment):
+    /// vramcal's simulated FSDP rank's gathered layer and the next one prefetched, the
+    /// layer's unsharded gradients and the previous layer's reduce-scatter input
+    /// (`crate::measure::fsdp`); 0 otherwise.
+    pub layer_extra: u64,
+    /// What is alive, beyond the weights and states held, once backward has returned and the
+    /// rank reduce-scatters (vramcal's simulated ranks): ZeRO-2's full gradients and its
+    /// partition of them; FSDP's root, its unsharded gradients and their reduce-scatter input,
+    /// beside the layers' sharded gradients. Empty otherwise.
+    pub scatter: Vec<(String, u64, String)>,
+    /// Gradient bytes alive in backward with gradient accumulation (the earlier micro-batches'
+    /// sum beside the one being built), where the rank keeps them otherwise than the one-device
+    /// step's two full sets: vramcal's ZeRO-2 rank (its partition beside the full gradients),
+    /// its FSDP rank (the sharded gradients beside the root's unsharded ones). `None`: as one
+    /// device.
+    pub accumulated_gradients: Option<u64>,
     /// Gradient bytes allocated at the very end of backward (counted at that moment only):
     /// vramcal's simulated ZeRO-2 rank allocates its gradient partition there and fills it
     /// from the full gradients (`crate::measure::sharded`); 0 otherwise.
@@ -231,14 +247,37 @@ pub fn shard(
     } else {
         0
     };
+    if own_step && s.shard == Shard::Fsdp && s.offload == Offload::None {
+        return Ok(own_fsdp(cfg, spec, s, gradients, states));
+    }
+    let scatter = if own_step && s.shard == Shard::Zero2 {
+        vec![
+            (
+                "gradients".to_string(),
+                gradients,
+                "trainable params × dtype, built up by backward".to_string(),
+            ),
+            (
+                "gradient partition (reduce-scatter)".to_string(),
+                part_grads,
+                "this rank's partition of the gradients, allocated and filled from the full gradients at the end of backward: trainable params × dtype / GPUs".to_string(),
+            ),
+        ]
+    } else {
+        Vec::new()
+    };
     Ok(Sharded {
         weights: w,
+        layer_extra: 0,
+        scatter,
         fsdp_root,
         end_gradients: if own_step && s.shard == Shard::Zero2 {
             part_grads
         } else {
             0
         },
+        accumulated_gradients: (own_step && s.shard == Shard::Zero2)
+            .then_some(gradients + part_grads),
         gradients: match (offload, s.shard) {
             // Stage 1 reduces after backward: the full gradients are on the GPU first.
             (true, Shard::Zero1) => gradients,
@@ -285,6 +324,139 @@ pub fn shard(
         host_step: offload,
         host_bytes: host,
     })
+}
+
+/// vramcal's simulated FSDP rank (`crate::measure::fsdp`): every tensor sharded on dim 0,
+/// `⌈rows/N⌉` rows of it held per rank (padded, as FSDP2 allocates); the root (embedding,
+/// final norm, head, their adapters) unsharded from forward to the end of backward with its
+/// unsharded gradients; at a layer's backward that layer and the next one prefetched, the
+/// layer's unsharded gradients and the previous layer's reduce-scatter input; at the root's
+/// reduce-scatter its input beside the root's gradients. `gradients` and `states` are the
+/// one-device step's (bytes), scaled per trainable element.
+fn own_fsdp(
+    cfg: &ModelConfig,
+    spec: &TrainSpec,
+    s: &Sharding,
+    gradients: u64,
+    states: u64,
+) -> Sharded {
+    let n = s.gpus as u64;
+    let d = spec.dtype.size_in_bytes() as u64;
+    let ad = spec.adapter_dtype().size_in_bytes() as u64;
+    let trainable = spec.trainable_params(cfg).max(1);
+    let dg = gradients / trainable;
+    // (in a layer, rows, cols, bytes per element, trainable)
+    let mut tensors: Vec<(bool, u64, u64, u64, bool)> = Vec::new();
+    let lora = spec.adaptation.lora.as_ref();
+    for p in cfg.param_shapes() {
+        let layer = p.name.starts_with("model.layers.0.");
+        if p.name.starts_with("model.layers.") && !layer {
+            continue;
+        }
+        let rows = p.shape.first().copied().unwrap_or(1) as u64;
+        let cols = p.numel() / rows.max(1);
+        tensors.push((layer, rows, cols, d, lora.is_none()));
+    }
+    if let Some(l) = lora {
+        let r = l.r as u64;
+        for t in l.layer_targets(cfg) {
+            let (o, i) = crate::spec::target_shape(cfg, t);
+            tensors.push((true, r, i as u64, ad, true));
+            tensors.push((true, o as u64, r, ad, true));
+        }
+        let (v, h) = (cfg.vocab_size as u64, cfg.hidden_size as u64);
+        if l.lm_head {
+            tensors.push((false, r, h, ad, true));
+            tensors.push((false, v, r, ad, true));
+        }
+        if l.embed_tokens {
+            tensors.push((false, r, v, ad, true));
+            tensors.push((false, h, r, ad, true));
+        }
+    }
+    let layers = cfg.num_hidden_layers as u64;
+    let count = |t: &(bool, u64, u64, u64, bool)| if t.0 { layers } else { 1 };
+    let pad = |t: &(bool, u64, u64, u64, bool)| t.1.div_ceil(n) * t.2;
+    let weights: u64 = tensors.iter().map(|t| count(t) * pad(t) * t.3).sum();
+    let trainable_pad: u64 = tensors
+        .iter()
+        .filter(|t| t.4)
+        .map(|t| count(t) * pad(t))
+        .sum();
+    let root: u64 = tensors
+        .iter()
+        .filter(|t| !t.0)
+        .map(|t| t.1 * t.2 * t.3)
+        .sum();
+    let root_grads: u64 = tensors
+        .iter()
+        .filter(|t| !t.0 && t.4)
+        .map(|t| t.1 * t.2 * dg)
+        .sum();
+    let shard_grads_layers: u64 = tensors
+        .iter()
+        .filter(|t| t.0 && t.4)
+        .map(|t| layers * pad(t) * dg)
+        .sum();
+    let shard_grads_root: u64 = tensors
+        .iter()
+        .filter(|t| !t.0 && t.4)
+        .map(|t| pad(t) * dg)
+        .sum();
+    let layer_bytes: u64 = tensors
+        .iter()
+        .filter(|t| t.0)
+        .map(|t| t.1 * t.2 * t.3)
+        .sum();
+    let layer_grads: u64 = tensors
+        .iter()
+        .filter(|t| t.0 && t.4)
+        .map(|t| t.1 * t.2 * dg)
+        .sum();
+    let rs_layer: u64 = tensors
+        .iter()
+        .filter(|t| t.0 && t.4)
+        .map(|t| pad(t) * n * dg)
+        .sum();
+    let rs_root: u64 = tensors
+        .iter()
+        .filter(|t| !t.0 && t.4)
+        .map(|t| pad(t) * n * dg)
+        .sum();
+    let per_state = states / trainable;
+    Sharded {
+        weights,
+        // The layers' sharded gradients and the root's unsharded ones, built up by backward.
+        gradients: shard_grads_layers + root_grads,
+        optimizer_states: per_state * trainable_pad,
+        reduce_bucket: 0,
+        step_gradients: shard_grads_layers + shard_grads_root,
+        fsdp_root: root,
+        layer_extra: 2 * layer_bytes + layer_grads + rs_layer,
+        scatter: vec![
+            (
+                "FSDP root, unsharded".to_string(),
+                root,
+                "embedding, final norm and head (and their adapters) gathered from forward to the end of backward".to_string(),
+            ),
+            (
+                "gradients".to_string(),
+                shard_grads_layers + root_grads,
+                "the layers' sharded gradients (⌈rows / GPUs⌉ rows of each), the root's unsharded".to_string(),
+            ),
+            (
+                "reduce-scatter input (root)".to_string(),
+                rs_root,
+                "the root's gradients copied into one flat buffer, each padded to ⌈rows / GPUs⌉ · GPUs rows".to_string(),
+            ),
+        ],
+        end_gradients: 0,
+        accumulated_gradients: Some(shard_grads_layers + shard_grads_root + root_grads),
+        gradients_persistent: false,
+        host_step: false,
+        step_transient: None,
+        host_bytes: 0,
+    }
 }
 
 /// DeepSpeed ZeRO-3's default `sub_group_size` (elements): `deepspeed/runtime/zero/config.py`,

@@ -5,6 +5,7 @@ pub mod alloc;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod fsdp;
 pub mod probe;
 pub mod sharded;
 pub mod step;

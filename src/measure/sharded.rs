@@ -39,19 +39,40 @@ pub const DDP_FIRST_BUCKET_BYTES: u64 = 1 << 20;
 /// DDP's other buckets (bytes): `bucket_cap_mb` = 25 (MiB), torch's default.
 pub const DDP_BUCKET_BYTES: u64 = 25 << 20;
 
-/// Checks that vramcal's step can simulate rank `s.rank` of `s`: `ddp`, `zero1` or `zero2`, at
-/// least two ranks, an element-wise optimizer, no offload.
+/// Checks that vramcal's step can simulate rank `s.rank` of `s` on `device`: `ddp`, `zero1`,
+/// `zero2` or `fsdp` (what [`super::fsdp::check`] asks of it), at least two ranks, an
+/// element-wise optimizer for the sharded states, no offload.
 ///
 /// # Errors
-/// [`Error::InvalidValue`] naming the flag (`--shard`, `--world-size`, `--rank`, `--optimizer`).
-pub fn check(s: &Sharding, spec: &TrainSpec) -> Result<()> {
+/// [`Error::InvalidValue`] naming the flag (`--shard`, `--world-size`, `--rank`,
+/// `--optimizer`, and for `fsdp` `--checkpointing`, `--device`, `--method`, `--save`).
+pub fn check(
+    s: &Sharding,
+    cfg: &crate::config::ModelConfig,
+    spec: &TrainSpec,
+    device: crate::spec::DeviceChoice,
+) -> Result<()> {
     match s.shard {
         Shard::Ddp | Shard::Zero1 | Shard::Zero2 => {}
-        sh @ (Shard::Zero3 | Shard::Fsdp) => {
+        Shard::Fsdp => super::fsdp::check(
+            cfg,
+            spec,
+            &match device {
+                crate::spec::DeviceChoice::Cpu => candle_core::Device::Cpu,
+                crate::spec::DeviceChoice::Cuda(_) => {
+                    return Err(Error::invalid(
+                        "--device",
+                        "cuda",
+                        "a simulated FSDP rank frees and refills its unsharded parameters' storage, which vramcal does on the CPU only",
+                    ))
+                }
+            },
+        )?,
+        Shard::Zero3 => {
             return Err(Error::invalid(
                 "--shard",
-                sh,
-                "vramcal's step simulates ddp, zero1 and zero2: sharding the parameters needs each layer's weights gathered and freed around its forward and backward, which candle's autograd graph (holding every weight it used until backward) does not allow; estimate it with `vramcal estimate --shard`",
+                "zero3",
+                "vramcal's step simulates ddp, zero1, zero2 and fsdp: DeepSpeed ZeRO-3's own schedule (its prefetch bucket, the parameters it keeps whole below its persistence threshold, modules released between uses) is not simulated; measure --shard fsdp, or estimate it with `vramcal estimate --shard zero3`",
             ))
         }
     }

@@ -21,13 +21,14 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::config::ResolvedModel;
 use crate::error::{Error, Result};
+use crate::measure::fsdp::FsdpRank;
 use crate::measure::probe::MemoryProbe;
 use crate::measure::sharded::Rank;
 use crate::model::{Decoder, ForwardCtx};
 use crate::spec::SaveMode;
-use crate::spec::Sharding;
 use crate::spec::TrainSpec;
 use crate::spec::WeightsSpec;
+use crate::spec::{Shard, Sharding};
 use crate::weights::open_source;
 
 /// Everything needed to measure one point.
@@ -242,6 +243,52 @@ fn accumulate_into(acc: &[Tensor], g: Vec<Tensor>) -> Result<()> {
     Ok(())
 }
 
+/// The training forward pass; on a simulated FSDP rank with the root gathered first and each
+/// layer gathered around its forward.
+fn forward(
+    model: &Decoder,
+    fsdp: Option<&mut FsdpRank>,
+    inputs: &Tensor,
+    targets: &Tensor,
+    spec: &TrainSpec,
+    ctx: ForwardCtx,
+) -> Result<crate::model::TrainForward> {
+    match fsdp {
+        Some(f) => {
+            f.gather_root()?;
+            model.forward_train_with(inputs, targets, spec.checkpointing, ctx, Some(f))
+        }
+        None => model.forward_train(inputs, targets, spec.checkpointing, ctx),
+    }
+}
+
+/// One micro-batch's backward, its gradients added to the step's `grads` ([`gather_grads`]);
+/// on a simulated FSDP rank each layer's gradients reduce-scattered as its backward ends and
+/// the sharded ones taken into `grads` at the last micro-batch.
+fn backward(
+    model: &Decoder,
+    fsdp: Option<&mut FsdpRank>,
+    rank: Option<&Rank>,
+    fwd: crate::model::TrainForward,
+    grads: &mut Option<Vec<Tensor>>,
+    last: bool,
+) -> Result<()> {
+    match fsdp {
+        Some(f) => {
+            let left = model.backward_with(fwd, Some(&mut *f))?;
+            f.finish_backward(left)?;
+            if last {
+                *grads = Some(f.take_grads()?);
+            }
+        }
+        None => {
+            let g = model.backward(fwd)?;
+            *grads = Some(gather_grads(rank, grads.take(), g, last)?);
+        }
+    }
+    Ok(())
+}
+
 /// One micro-batch's gradients `g` (one per trainable tensor) added to those of the step so
 /// far (`acc`). On a simulated rank, at the last micro-batch DDP all-reduces them in its
 /// buckets (the earlier ones run under `no_sync`, as the HF Trainer's accumulation does), and
@@ -376,16 +423,28 @@ pub fn measure_with(
     out.trainable_params = model.trainable_count();
     out.param_bytes = model.param_bytes();
     let vars: Vec<_> = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
-    let mut rank = setup.sharding.map(|s| Rank::new(s, &vars)).transpose()?;
+    let fsdp_sharding = setup.sharding.filter(|s| s.shard == Shard::Fsdp);
+    let mut rank = setup
+        .sharding
+        .filter(|s| s.shard != Shard::Fsdp)
+        .map(|s| Rank::new(s, &vars))
+        .transpose()?;
+    let mut fsdp: Option<FsdpRank> = None;
     // A simulated rank: DDP's buckets are made at wrapping, ZeRO's partition with the
-    // optimizer; both here.
+    // optimizer, FSDP's shards by `fully_shard`; all here.
     let (mut opt, opt_vars) = phase(probe, out, &mut ev, "optimizer_init", || {
-        let ov = match rank.as_mut() {
-            Some(r) => {
+        let ov = match (rank.as_mut(), fsdp_sharding) {
+            (_, Some(s)) => {
+                let f = FsdpRank::new(&s, &model)?;
+                let ov = f.optimizer_vars();
+                fsdp = Some(f);
+                ov
+            }
+            (Some(r), None) => {
                 r.wrap(&vars)?;
                 r.optimizer_vars(&vars)?
             }
-            None => vars.clone(),
+            (None, None) => vars.clone(),
         };
         Ok((crate::optim::build(ov.clone(), spec)?, ov))
     })?;
@@ -403,7 +462,7 @@ pub fn measure_with(
                 seed: spec.data_seed ^ (batch_id << 20),
             };
             let fwd = phase(probe, out, &mut ev, &format!("step{step}_forward"), || {
-                model.forward_train(&inputs, &targets, spec.checkpointing, ctx)
+                forward(&model, fsdp.as_mut(), &inputs, &targets, spec, ctx)
             })?;
             let loss_value = fwd.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss_value.is_finite() {
@@ -418,9 +477,7 @@ pub fn measure_with(
             }
             let last = micro + 1 == spec.accumulate as u64;
             phase(probe, out, &mut ev, &format!("step{step}_backward"), || {
-                let g = model.backward(fwd)?;
-                grads = Some(gather_grads(rank.as_ref(), grads.take(), g, last)?);
-                Ok(())
+                backward(&model, fsdp.as_mut(), rank.as_ref(), fwd, &mut grads, last)
             })?;
         }
         merge_phases(
@@ -466,14 +523,9 @@ pub fn measure_with(
                 train: true,
                 seed: spec.data_seed ^ (batch_id << 20),
             };
-            let g = model.backward(model.forward_train(
-                &inputs,
-                &targets,
-                spec.checkpointing,
-                ctx,
-            )?)?;
+            let fwd = forward(&model, fsdp.as_mut(), &inputs, &targets, spec, ctx)?;
             let last = micro + 1 == spec.accumulate as u64;
-            grads = Some(gather_grads(rank.as_ref(), grads.take(), g, last)?);
+            backward(&model, fsdp.as_mut(), rank.as_ref(), fwd, &mut grads, last)?;
         }
         apply_step(
             rank.as_ref(),

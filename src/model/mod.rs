@@ -155,6 +155,40 @@ impl Recipe {
     }
 }
 
+/// A tensor the decoder stores ([`Decoder::stored_tensors`]).
+#[derive(Debug, Clone)]
+pub struct StoredTensor {
+    /// Its decoder layer; `None` for the embedding, final norm, head and their adapters.
+    pub layer: Option<usize>,
+    /// A name for messages (HF's or PEFT's).
+    pub name: String,
+    /// The tensor (a trainable one's [`Var`] tensor: the same storage).
+    pub tensor: Tensor,
+    /// Whether it trains.
+    pub trainable: bool,
+}
+
+/// Called around each checkpointed segment of layers (a simulated FSDP rank gathers the
+/// segment's parameters before it runs and frees them, and reduce-scatters their gradients,
+/// after: `crate::measure::fsdp`).
+pub trait SegmentHooks {
+    /// Layers `first..first + n` are about to run: their forward (`backward` false), or their
+    /// recomputation and backward.
+    ///
+    /// # Errors
+    /// The hook's own.
+    fn before(&mut self, first: usize, n: usize, backward: bool) -> Result<()>;
+
+    /// Layers `first..first + n` have run, and in backward their graph and candle's
+    /// `GradStore` are gone: `grads[i]` is the gradient so far of
+    /// [`Decoder::trainable_vars`]'s i-th tensor, which the hook may take.
+    ///
+    /// # Errors
+    /// The hook's own.
+    fn after(&mut self, first: usize, n: usize, grads: Option<&mut [Option<Tensor>]>)
+        -> Result<()>;
+}
+
 /// What a training forward pass leaves for [`Decoder::backward`].
 pub struct TrainForward {
     /// The loss (scalar, f32; f64 for f64 models), with its graph.
@@ -571,6 +605,99 @@ impl Decoder {
         out
     }
 
+    /// Every stored tensor, in a fixed order (the embedding and its adapter, each layer's,
+    /// the final norm, the head and its adapter): its layer (`None` for the embedding, final
+    /// norm and head), name, and whether it trains; `vars`-index order of trainables follows
+    /// [`Decoder::trainable_vars`] through the names.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for an NF4 weight (stored packed, not as one tensor).
+    pub fn stored_tensors(&self) -> Result<Vec<StoredTensor>> {
+        let mut out = Vec::new();
+        let mut param = |layer: Option<usize>, name: String, p: &Param| {
+            out.push(StoredTensor {
+                layer,
+                name,
+                tensor: p.tensor().clone(),
+                trainable: p.var().is_some(),
+            })
+        };
+        param(None, "model.embed_tokens.weight".into(), &self.embed_tokens);
+        let mut adapters: Vec<(Option<usize>, String, &LoraAdapter)> = Vec::new();
+        if let Some(a) = &self.embed_lora {
+            adapters.push((
+                None,
+                "base_model.model.model.embed_tokens.lora_embedding".into(),
+                a,
+            ));
+        }
+        let mut linears: Vec<(usize, String, &Linear)> = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            param(
+                Some(l),
+                format!("{p}.input_layernorm.weight"),
+                &layer.input_layernorm,
+            );
+            param(
+                Some(l),
+                format!("{p}.post_attention_layernorm.weight"),
+                &layer.post_attention_layernorm,
+            );
+            for (path, lin) in layer.linears() {
+                linears.push((l, format!("{p}.{path}"), lin));
+            }
+        }
+        param(None, "model.norm.weight".into(), &self.norm);
+        if let Some(h) = &self.lm_head {
+            param(None, "lm_head.weight".into(), h);
+        }
+        if let Some(a) = &self.lm_head_lora {
+            adapters.push((None, "base_model.model.lm_head".into(), a));
+        }
+        for (l, name, lin) in linears {
+            let (tensor, trainable) = match &lin.weight {
+                Weight::Trainable(v) => (v.as_tensor().clone(), true),
+                Weight::Frozen(t) => (t.clone(), false),
+                Weight::Nf4(_) => {
+                    return Err(Error::invalid(
+                        "weight",
+                        &name,
+                        "an NF4 weight is stored packed, not as one tensor",
+                    ))
+                }
+            };
+            out.push(StoredTensor {
+                layer: Some(l),
+                name: format!("{name}.weight"),
+                tensor,
+                trainable,
+            });
+            if let Some(b) = &lin.bias {
+                out.push(StoredTensor {
+                    layer: Some(l),
+                    name: format!("{name}.bias"),
+                    tensor: b.tensor().clone(),
+                    trainable: b.var().is_some(),
+                });
+            }
+            if let Some(a) = &lin.lora {
+                adapters.push((Some(l), format!("base_model.model.{name}"), a));
+            }
+        }
+        for (layer, name, a) in adapters {
+            for (suffix, v) in [("lora_A", &a.a), ("lora_B", &a.b)] {
+                out.push(StoredTensor {
+                    layer,
+                    name: format!("{name}.{suffix}"),
+                    tensor: v.as_tensor().clone(),
+                    trainable: true,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Total parameters, PEFT's way: base parameters (counted unquantized) plus adapters.
     pub fn param_count(&self) -> u64 {
         let adapters: u64 = self
@@ -681,7 +808,30 @@ impl Decoder {
         ckpt: Checkpointing,
         ctx: ForwardCtx,
     ) -> Result<TrainForward> {
+        self.forward_train_with(input_ids, targets, ckpt, ctx, None)
+    }
+
+    /// [`Decoder::forward_train`], calling `hooks` around each checkpointed segment.
+    ///
+    /// # Errors
+    /// As [`Decoder::forward_train`]; [`Error::InvalidValue`] for hooks without checkpointing;
+    /// the hooks' errors.
+    pub fn forward_train_with(
+        &self,
+        input_ids: &Tensor,
+        targets: &Tensor,
+        ckpt: Checkpointing,
+        ctx: ForwardCtx,
+        mut hooks: Option<&mut dyn SegmentHooks>,
+    ) -> Result<TrainForward> {
         ckpt.validate(self.layers.len())?;
+        if hooks.is_some() && ckpt == Checkpointing::None {
+            return Err(Error::invalid(
+                "--checkpointing",
+                "none",
+                "segment hooks run around checkpointed segments",
+            ));
+        }
         let aux = self.aux(input_ids)?;
         let k = match ckpt {
             Checkpointing::None => {
@@ -708,10 +858,16 @@ impl Decoder {
         while first < self.layers.len() {
             let n = k.min(self.layers.len() - first);
             let input = x.clone();
+            if let Some(h) = hooks.as_mut() {
+                h.before(first, n, false)?;
+            }
             for l in first..first + n {
                 x = self.layer_forward(l, &self.layers[l], &x, &aux, ctx)?;
             }
             x = x.detach();
+            if let Some(h) = hooks.as_mut() {
+                h.after(first, n, None)?;
+            }
             segments.push((first, n, input));
             first += n;
         }
@@ -736,8 +892,41 @@ impl Decoder {
     /// [`Error::InvalidValue`] if a trainable tensor received no gradient; [`Error::Candle`].
     pub fn backward(&self, f: TrainForward) -> Result<Vec<Tensor>> {
         let vars = self.trainable_vars();
+        self.backward_with(f, None)?
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, (name, v))| match g {
+                Some(g) => Ok(g),
+                // An expert no token was routed to: zeros. PyTorch leaves its `grad` None and
+                // AdamW skips it; here AdamW still steps it with its decaying first moment.
+                None if name.contains(".mlp.experts.") => Ok(v.zeros_like()?),
+                None => Err(Error::invalid(
+                    "gradient",
+                    name,
+                    "trainable tensor received no gradient",
+                )),
+            })
+            .collect()
+    }
+
+    /// [`Decoder::backward`], calling `hooks` around each checkpointed segment (which may take
+    /// its gradients); the gradients left, `None` where none arrived or a hook took it.
+    ///
+    /// # Errors
+    /// As [`Decoder::backward`], without the check that every tensor got a gradient; the
+    /// hooks' errors.
+    pub fn backward_with(
+        &self,
+        f: TrainForward,
+        mut hooks: Option<&mut dyn SegmentHooks>,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let vars = self.trainable_vars();
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let mut collect = |store: &candle_core::backprop::GradStore| -> Result<()> {
+        fn collect(
+            vars: &[(String, Var)],
+            grads: &mut [Option<Tensor>],
+            store: &candle_core::backprop::GradStore,
+        ) -> Result<()> {
             for (i, (_, v)) in vars.iter().enumerate() {
                 if let Some(g) = store.get(v) {
                     let g = g.detach();
@@ -748,7 +937,7 @@ impl Decoder {
                 }
             }
             Ok(())
-        };
+        }
         let TrainForward {
             loss,
             ctx,
@@ -758,7 +947,7 @@ impl Decoder {
         } = f;
         let store = loss.backward()?;
         drop(loss);
-        collect(&store)?;
+        collect(&vars, &mut grads, &store)?;
         if let Some(hv) = head_input {
             let mut g = store
                 .get(&hv)
@@ -774,50 +963,44 @@ impl Decoder {
             drop(hv);
             let aux = self.aux(&input_ids)?;
             for (first, n, input) in segments.into_iter().rev() {
-                let xv = Var::from_tensor(&input)?;
-                drop(input);
-                let mut y = xv.as_tensor().clone();
-                for l in first..first + n {
-                    y = self.layer_forward(l, &self.layers[l], &y, &aux, ctx)?;
+                if let Some(h) = hooks.as_mut() {
+                    h.before(first, n, true)?;
                 }
-                let s = (y * &g)?.sum_all()?;
-                let st = s.backward()?;
-                drop(s);
-                collect(&st)?;
-                g = st
-                    .get(&xv)
-                    .ok_or_else(|| {
-                        Error::invalid(
-                            "gradient",
-                            format!("layer {first}"),
-                            "no gradient reached the input",
-                        )
-                    })?
-                    .detach();
+                // The segment's graph and GradStore are dropped at the end of this block.
+                g = {
+                    let xv = Var::from_tensor(&input)?;
+                    drop(input);
+                    let mut y = xv.as_tensor().clone();
+                    for l in first..first + n {
+                        y = self.layer_forward(l, &self.layers[l], &y, &aux, ctx)?;
+                    }
+                    let s = (y * &g)?.sum_all()?;
+                    let st = s.backward()?;
+                    drop(s);
+                    collect(&vars, &mut grads, &st)?;
+                    st.get(&xv)
+                        .ok_or_else(|| {
+                            Error::invalid(
+                                "gradient",
+                                format!("layer {first}"),
+                                "no gradient reached the input",
+                            )
+                        })?
+                        .detach()
+                };
+                if let Some(h) = hooks.as_mut() {
+                    h.after(first, n, Some(&mut grads))?;
+                }
             }
             if matches!(self.embed_tokens, Param::Trainable(_)) || self.embed_lora.is_some() {
                 let e = self.embed(&input_ids)?;
                 let st = (e * &g)?.sum_all()?.backward()?;
-                collect(&st)?;
+                collect(&vars, &mut grads, &st)?;
             }
         } else {
             drop(store);
         }
-        grads
-            .into_iter()
-            .zip(&vars)
-            .map(|(g, (name, v))| match g {
-                Some(g) => Ok(g),
-                // An expert no token was routed to: zeros. PyTorch leaves its `grad` None and
-                // AdamW skips it; here AdamW still steps it with its decaying first moment.
-                None if name.contains(".mlp.experts.") => Ok(v.zeros_like()?),
-                None => Err(Error::invalid(
-                    "gradient",
-                    name,
-                    "trainable tensor received no gradient",
-                )),
-            })
-            .collect()
+        Ok(grads)
     }
 
     fn aux(&self, input_ids: &Tensor) -> Result<Aux> {
