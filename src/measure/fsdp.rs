@@ -43,6 +43,7 @@ struct World {
 unsafe impl Send for World {}
 
 impl World {
+    #[cfg(unix)]
     fn new(len: usize) -> Result<Self> {
         let len = len.max(1);
         // SAFETY: a fresh anonymous mapping; checked for failure below.
@@ -72,6 +73,16 @@ impl World {
         })
     }
 
+    /// Without a Unix memory map (the browser build, which measures nothing): refused.
+    #[cfg(not(unix))]
+    fn new(_len: usize) -> Result<Self> {
+        Err(Error::invalid(
+            "--shard",
+            "fsdp",
+            "a simulated FSDP rank keeps the other ranks' parameters in an anonymous memory map, which needs a Unix system",
+        ))
+    }
+
     fn bytes(&self, off: usize, len: usize) -> &[u8] {
         assert!(off + len <= self.len, "inside the map");
         // SAFETY: in bounds (asserted), mapped read/write for the map's life.
@@ -88,6 +99,7 @@ impl World {
 impl Drop for World {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, unmapped once.
+        #[cfg(unix)]
         unsafe {
             libc::munmap(self.ptr.cast(), self.len);
         }
