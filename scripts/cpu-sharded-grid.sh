@@ -24,7 +24,18 @@ fsdp() {
       m "${a[@]}" --shard fsdp --world-size "$n"
     done
   done
+  # Short sequences (the end of backward holds the peak there, not the head's backward).
+  for seq in 64 128; do
+    m --batch 1 --seq "$seq" --checkpointing layers
+    for n in 2 4 8; do
+      m --batch 1 --seq "$seq" --checkpointing layers --shard fsdp --world-size "$n"
+    done
+  done
   m "${full[@]}" --shard fsdp --world-size 8 --rank 7
+  # A rank past some tensors' last rows (LoRA r4: 4 rows of each A), holding padding only.
+  m --batch 1 --seq 128 --checkpointing layers --method lora --lora r=4,alpha=8,targets=all-linear
+  m --batch 1 --seq 128 --checkpointing layers --method lora --lora r=4,alpha=8,targets=all-linear \
+    --shard fsdp --world-size 8 --rank 7
   m --batch 1 --seq 256 --checkpointing layers --accumulate 2
   m --batch 1 --seq 256 --checkpointing layers --accumulate 2 --shard fsdp --world-size 4
 }

@@ -207,8 +207,11 @@ pub struct EstimateArgs {
     #[arg(long)]
     pub shard: Option<Shard>,
     /// Data-parallel GPUs for --shard.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, visible_alias = "world-size", default_value_t = 1)]
     pub gpus: usize,
+    /// With --shard: the rank estimated, from 0 [default: 0, whose partition is the largest].
+    #[arg(long, requires = "shard")]
+    pub rank: Option<usize>,
     /// With --shard: state moved to host RAM, none, optimizer (DeepSpeed ZeRO-Offload) or
     /// optimizer+params (ZeRO-3 parameter offload, FSDP CPUOffload); the estimate adds the host
     /// RAM per rank and per node.

@@ -306,21 +306,17 @@ fn simulated_ranks_are_estimated_within_their_one_device_error() {
     let file = "results/cpu/smollm2-135m-sharded.csv";
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("check.csv");
-    let text = succeeds(&[
-        "check",
-        "--profile",
-        "candle",
-        "--measured",
+    let text = check_candle(
         file,
-        "--calibration",
-        CALIBRATION,
-        "--max-error",
-        "2%",
-        "--max-median-error",
-        "1%",
-        "--out-csv",
-        out.to_str().unwrap(),
-    ]);
+        &[
+            "--max-error",
+            "2%",
+            "--max-median-error",
+            "1%",
+            "--out-csv",
+            out.to_str().unwrap(),
+        ],
+    );
     assert_eq!(rows_checked(&text), 69, "{text}");
     let mut r = csv::Reader::from_path(&out).unwrap();
     let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
@@ -359,7 +355,23 @@ fn simulated_ranks_are_estimated_within_their_one_device_error() {
 /// `vramcal check` of `file` (rows the CPU table was never fitted on) against the CPU table,
 /// with these thresholds (max, median) and under-estimate margin; what it printed.
 fn check_unfitted(file: &str, max: &str, median: &str, margin: &str) -> String {
-    succeeds(&[
+    check_candle(
+        file,
+        &[
+            "--max-error",
+            max,
+            "--max-median-error",
+            median,
+            "--margin",
+            margin,
+        ],
+    )
+}
+
+/// `vramcal check --profile candle` of `file` against the CPU table with `extra` options; what
+/// it printed.
+fn check_candle(file: &str, extra: &[&str]) -> String {
+    let mut args = vec![
         "check",
         "--profile",
         "candle",
@@ -367,13 +379,9 @@ fn check_unfitted(file: &str, max: &str, median: &str, margin: &str) -> String {
         file,
         "--calibration",
         CALIBRATION,
-        "--max-error",
-        max,
-        "--max-median-error",
-        median,
-        "--margin",
-        margin,
-    ])
+    ];
+    args.extend_from_slice(extra);
+    succeeds(&args)
 }
 
 /// `vramcal calibrate --measured <measured>` makes the coefficients of `committed`; returns

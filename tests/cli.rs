@@ -1759,6 +1759,44 @@ const BAD_FILES: &[Case] = &[
         error: "--world-size",
         untouched: None,
     },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "zero2",
+            "--world-size", "99999999999", "--out", "{dir}/keep.csv"],
+        error: "--world-size = 99999999999: at most 1048576 ranks",
+        untouched: Some("keep.csv"),
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "fsdp",
+            "--world-size", "2", "--checkpointing", "layers", "--lora",
+            "targets=q_proj,modules_to_save=lm_head"],
+        error: "does not shard PEFT's full copies of saved modules",
+        untouched: None,
+    },
+    // `estimate --profile candle` is vramcal's own step: what `measure --shard` refuses, so
+    // does it.
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--profile", "candle", "--shard",
+            "fsdp", "--gpus", "4"],
+        error: "--checkpointing = none: a simulated FSDP rank needs --checkpointing layers",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--profile", "candle", "--shard",
+            "zero3", "--gpus", "4"],
+        error: "--profile torch-sdpa",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--gpus", "4",
+            "--rank", "4"],
+        error: "--rank = 4: ranks are numbered from 0 to the world size less one (3)",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--rank", "1"],
+        error: "--shard",
+        untouched: None,
+    },
     // What only the torch profiles describe is refused by vramcal's own step.
     Case {
         args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--optimizer",

@@ -127,6 +127,24 @@ fn merge_refuses_what_it_cannot_join() {
         .assert()
         .success();
     assert_eq!(configs(&p.join("m.csv")), configs(&p.join("b.csv")));
+    // Simulated data-parallel ranks are configurations of their own: a file of one-device
+    // rows and the ranks of each merges whole.
+    let sharded =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("results/cpu/smollm2-135m-sharded.csv");
+    vramcal()
+        .current_dir(p)
+        .arg("merge")
+        .arg(&sharded)
+        .args(["--out", "ranks.csv"])
+        .assert()
+        .success();
+    assert_eq!(
+        std::fs::read_to_string(p.join("ranks.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        std::fs::read_to_string(&sharded).unwrap().lines().count()
+    );
     for bad in ["3/2", "0/0", "1", "a/b"] {
         let out = vramcal()
             .current_dir(p)

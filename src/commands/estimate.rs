@@ -184,24 +184,35 @@ pub fn query(a: &EstimateArgs) -> anyhow::Result<Query> {
     }
     let coefficients = coefficients(a.calibration.as_deref(), a.profile)?;
     refuse_measurement_options(a)?;
+    let sharding = {
+        let s = sharding(a)?;
+        // `--profile candle` estimates vramcal's own step, as a simulated rank runs it:
+        // what `measure --shard` refuses is refused here too.
+        if let (Some(s), Profile::Candle) = (&s, a.profile) {
+            crate::measure::sharded::check(
+                s,
+                &model.config,
+                &spec,
+                crate::spec::DeviceChoice::Cpu,
+            )?;
+        }
+        if let (Some(s), true) = (&s, a.device_map) {
+            return Err(Error::invalid(
+                    "--device-map",
+                    format!("with --shard {}", s.shard),
+                    "places whole layers for loading or inference, not data-parallel training: give one or the other",
+                )
+                .into());
+        }
+        s
+    };
     Ok(Query {
         model,
         spec,
         profile: a.profile,
         coefficients,
         budget: budget(a)?,
-        sharding: {
-            let s = sharding(a)?;
-            if let (Some(s), true) = (&s, a.device_map) {
-                return Err(Error::invalid(
-                    "--device-map",
-                    format!("with --shard {}", s.shard),
-                    "places whole layers for loading or inference, not data-parallel training: give one or the other",
-                )
-                .into());
-            }
-            s
-        },
+        sharding,
         max_memory: max_memory(a)?,
         data,
         measured: a.measured.clone(),
@@ -451,6 +462,7 @@ fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<Sharding>> {
         )
         .into());
     }
+    s.rank = a.rank.unwrap_or(0);
     s.validate()?;
     Ok(Some(s))
 }

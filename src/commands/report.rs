@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::calibrate::{spec_from_row, training_peak};
+use crate::calibrate::{sharding_from_row, spec_from_row, training_peak};
 use crate::cli::ReportArgs;
-use crate::estimate::{estimate, Coefficients};
+use crate::estimate::{estimate_sharded, Coefficients};
 use crate::report::csv_out::read_rows;
 use crate::report::plots::{line_chart, stacked_bar, Series};
 use crate::report::{Row, Status};
@@ -53,6 +53,14 @@ impl Chart {
         }
         if r.save != "none" {
             rest.push(format!("save-{}", r.save));
+        }
+        if !r.shard.is_empty() {
+            rest.push(format!(
+                "{}-rank{}of{}",
+                r.shard,
+                r.rank.unwrap_or(0),
+                r.world_size.unwrap_or(0)
+            ));
         }
         rest.push(r.weights.clone());
         rest.push(r.device.clone());
@@ -206,7 +214,7 @@ fn peak_chart(
         let mut est = Vec::new();
         for r in rs.iter() {
             let (cfg, spec) = spec_from_row(r)?;
-            let e = estimate(&cfg, &spec, c.profile, c)?;
+            let e = estimate_sharded(&cfg, &spec, c.profile, c, sharding_from_row(r)?)?;
             let m = training_peak(r).unwrap_or(0);
             measured.push((r.seq as f64, m as f64));
             est.push((r.seq as f64, e.peak_bytes as f64));
@@ -251,7 +259,7 @@ fn components_chart(
         return Ok(String::new());
     };
     let (cfg, spec) = spec_from_row(big)?;
-    let e = estimate(&cfg, &spec, c.profile, c)?;
+    let e = estimate_sharded(&cfg, &spec, c.profile, c, sharding_from_row(big)?)?;
     let parts: Vec<(String, u64)> = e.items.iter().map(|i| (i.name.clone(), i.bytes)).collect();
     let cstem = format!(
         "components-{}-b{}-s{}",

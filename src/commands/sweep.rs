@@ -127,7 +127,13 @@ impl std::str::FromStr for GridShard {
     /// # Errors
     /// [`Error::InvalidValue`] for anything else (`3/2`, `0/0`, `1`).
     fn from_str(s: &str) -> Result<Self, Error> {
-        let bad = || Error::invalid("--shard", s, "expected I/N with 1 <= I <= N, e.g. 2/4");
+        let bad = || {
+            Error::invalid(
+                "--shard",
+                s,
+                "expected I/N with 1 <= I <= N, e.g. 2/4 (a part of the grid; one data-parallel rank is `vramcal measure --shard zero2 --world-size N --rank R`)",
+            )
+        };
         let (i, n) = s.split_once('/').ok_or_else(bad)?;
         let (index, count) = (
             i.trim().parse::<usize>().map_err(|_| bad())?,
@@ -573,6 +579,10 @@ pub fn config_key(r: &Row) -> String {
         r.accumulate.to_string(),
         r.save.clone(),
         opt(r.budget_bytes.map(|x| x.to_string())),
+        // A simulated data-parallel rank is its own configuration.
+        r.shard.clone(),
+        opt(r.world_size.map(|x| x.to_string())),
+        opt(r.rank.map(|x| x.to_string())),
     ]
     .join("|")
 }

@@ -1255,6 +1255,11 @@ pub fn estimate_sharded(
                 crate::spec::Offload::OptimizerParams => {
                     "one gathered layer (params × dtype); the partitions in host RAM".into()
                 }
+                // vramcal's FSDP rank: the shards only; the gathered layers and the root count
+                // at the moments that hold them.
+                _ if profile == Profile::Candle && s.shard == Shard::Fsdp => {
+                    "every tensor's shard: ⌈rows / GPUs⌉ rows × dtype (padded)".into()
+                }
                 _ => format!("{} / GPUs + one gathered layer", held[0].formula),
             };
         }

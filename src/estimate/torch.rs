@@ -946,6 +946,18 @@ pub const DDP_BROADCAST_BUCKET: u64 = 250 * 1024 * 1024;
 /// packed size), one bucket type for all (torch buckets each dtype apart: mixed-dtype QLoRA
 /// models are approximated).
 pub fn ddp_broadcast_transient(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    let buckets = ddp_broadcast_buckets(cfg, spec);
+    match buckets.len() {
+        0 => 0,
+        1 => buckets[0],
+        _ => buckets.windows(2).map(|w| w[0] + w[1]).max().unwrap_or(0),
+    }
+}
+
+/// The flat copies DDP's construction broadcast makes, in order (bytes; 0 for a bucket of one
+/// tensor, broadcast in place): see [`ddp_broadcast_transient`], which holds two consecutive
+/// ones at a time.
+pub fn ddp_broadcast_buckets(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<u64> {
     let d = spec.dtype.size_in_bytes() as u64;
     let ad = spec.trainable_dtype().size_in_bytes() as u64;
     let nf4 = spec.adaptation.quant != crate::spec::Quant::None;
@@ -1013,13 +1025,8 @@ pub fn ddp_broadcast_transient(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     if open.1 > 0 {
         buckets.push(open);
     }
-    let buckets: Vec<u64> = buckets
+    buckets
         .into_iter()
         .map(|(b, n)| if n > 1 { b } else { 0 })
-        .collect();
-    match buckets.len() {
-        0 => 0,
-        1 => buckets[0],
-        _ => buckets.windows(2).map(|w| w[0] + w[1]).max().unwrap_or(0),
-    }
+        .collect()
 }

@@ -106,6 +106,16 @@ pub fn emit_result(
             trainable_line(m),
             phase_table(m, spec.tokens()),
         );
+        let head = if row.shard.is_empty() {
+            head
+        } else {
+            format!(
+                "{head}simulated data-parallel rank {} of {} ({}): weights and gradients above are the whole model's, optimizer states this rank's\n",
+                row.rank.unwrap_or(0),
+                row.world_size.unwrap_or(0),
+                row.shard
+            )
+        };
         if v.json {
             eprintln!("{head}");
         } else {

@@ -275,6 +275,18 @@ pub fn check(
             "a simulated FSDP rank shards dense decoder layers",
         );
     }
+    if spec
+        .adaptation
+        .lora
+        .as_ref()
+        .is_some_and(|l| !l.saved_names().is_empty())
+    {
+        return why(
+            "--lora",
+            "modules_to_save".into(),
+            "a simulated FSDP rank does not shard PEFT's full copies of saved modules yet",
+        );
+    }
     if spec.save != crate::spec::SaveMode::None {
         return why(
             "--save",
@@ -422,7 +434,8 @@ impl FsdpRank {
             p.full.inplace_op1(&Fill {
                 world: self.world.bytes(p.world_at, p.numel * d),
                 own,
-                at: p.start * d,
+                // A rank past the tensor's last row holds padding only.
+                at: if p.len > 0 { p.start * d } else { 0 },
             })?;
             p.gathered = true;
         }

@@ -32,6 +32,10 @@ use candle_core::{DType, Tensor, Var};
 use crate::error::{Error, Result};
 use crate::spec::{partition_len, Optimizer, Shard, Sharding, TrainSpec};
 
+/// The most ranks a simulated world takes (as `estimate --gpus`: the largest published
+/// training runs use tens of thousands).
+pub const MAX_WORLD_SIZE: usize = 1 << 20;
+
 /// DDP's first bucket (bytes): torch `nn/parallel/distributed.py`, `_DEFAULT_FIRST_BUCKET_BYTES`
 /// = 1 MiB (`dist._DEFAULT_FIRST_BUCKET_BYTES`).
 pub const DDP_FIRST_BUCKET_BYTES: u64 = 1 << 20;
@@ -72,7 +76,7 @@ pub fn check(
             return Err(Error::invalid(
                 "--shard",
                 "zero3",
-                "vramcal's step simulates ddp, zero1, zero2 and fsdp: DeepSpeed ZeRO-3's own schedule (its prefetch bucket, the parameters it keeps whole below its persistence threshold, modules released between uses) is not simulated; measure --shard fsdp, or estimate it with `vramcal estimate --shard zero3`",
+                "vramcal's step simulates ddp, zero1, zero2 and fsdp: DeepSpeed ZeRO-3's own schedule (its prefetch bucket, the parameters it keeps whole below its persistence threshold, modules released between uses) is not simulated: measure --shard fsdp, or estimate ZeRO-3 under PyTorch with `vramcal estimate --shard zero3 --profile torch-sdpa`",
             ))
         }
     }
@@ -83,16 +87,15 @@ pub fn check(
             "a data-parallel rank needs a world of 2 ranks or more",
         ));
     }
-    if s.rank >= s.gpus {
+    if s.gpus > MAX_WORLD_SIZE {
         return Err(Error::invalid(
-            "--rank",
-            s.rank,
-            format!(
-                "ranks are numbered from 0 to the world size less one ({})",
-                s.gpus - 1
-            ),
+            "--world-size",
+            s.gpus,
+            format!("at most {MAX_WORLD_SIZE} ranks"),
         ));
     }
+    // The rank below the world size (and what else a sharding must be).
+    s.validate()?;
     if s.shard != Shard::Ddp
         && !matches!(
             spec.optimizer,
@@ -102,10 +105,14 @@ pub fn check(
         return Err(Error::invalid(
             "--optimizer",
             spec.optimizer,
-            format!(
-                "a {} rank steps a flat partition cutting across tensors, which needs an element-wise optimizer: adamw_torch, adamw_torch_fused or sgd",
-                s.shard
-            ),
+            if s.shard == Shard::Fsdp {
+                "an FSDP rank steps its rows of each tensor, which needs an element-wise optimizer: adamw_torch, adamw_torch_fused or sgd".to_string()
+            } else {
+                format!(
+                    "a {} rank steps a flat partition cutting across tensors, which needs an element-wise optimizer: adamw_torch, adamw_torch_fused or sgd",
+                    s.shard
+                )
+            },
         ));
     }
     if s.offload != crate::spec::Offload::None {
@@ -255,6 +262,32 @@ impl Rank {
             for (i, offset) in b.members {
                 self.slots[i] = Some(Slot { bucket: k, offset });
             }
+        }
+        Ok(())
+    }
+
+    /// DDP's construction broadcast of rank 0's parameters (`_sync_module_states` →
+    /// `broadcast_coalesced`): flat copies of `buckets` (bytes, in order; 0 for a bucket of one
+    /// tensor, broadcast in place), two alive at a time, freed as the next but one begins and
+    /// all freed at the end. Every rank holds the same parameters here, so the broadcast's
+    /// contents are left out: the buffers are allocated zeroed. Nothing for ZeRO.
+    ///
+    /// # Errors
+    /// [`Error::Candle`] from the allocation.
+    pub fn broadcast(&self, buckets: &[u64], device: &candle_core::Device) -> Result<()> {
+        if self.sharding.shard != Shard::Ddp {
+            return Ok(());
+        }
+        let mut previous: Option<Tensor> = None;
+        for &b in buckets {
+            // Issued while the previous one is still in flight; then the previous is done.
+            let current = if b > 0 {
+                Some(Tensor::zeros(b as usize, DType::U8, device)?)
+            } else {
+                None
+            };
+            drop(previous);
+            previous = current;
         }
         Ok(())
     }

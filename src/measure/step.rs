@@ -441,6 +441,10 @@ pub fn measure_with(
                 ov
             }
             (Some(r), None) => {
+                r.broadcast(
+                    &crate::estimate::torch::ddp_broadcast_buckets(cfg, spec),
+                    &setup.device,
+                )?;
                 r.wrap(&vars)?;
                 r.optimizer_vars(&vars)?
             }

@@ -75,7 +75,8 @@ pub struct Row {
     pub micro_batch: usize,
     pub accumulate: usize,
     pub save: String,
-    /// A simulated data-parallel rank's scheme (`ddp`, `zero1`, `zero2`); empty: one device.
+    /// A simulated data-parallel rank's scheme (`ddp`, `zero1`, `zero2`, `fsdp`); empty: one
+    /// device.
     #[serde(default)]
     pub shard: String,
     #[serde(default)]
