@@ -317,7 +317,7 @@ fn simulated_ranks_are_estimated_within_their_one_device_error() {
             out.to_str().unwrap(),
         ],
     );
-    assert_eq!(rows_checked(&text), 69, "{text}");
+    assert_eq!(rows_checked(&text), 79, "{text}");
     let mut r = csv::Reader::from_path(&out).unwrap();
     let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
     let bytes = |r: &csv::StringRecord, i: usize| r[i].parse::<i64>().unwrap();
@@ -349,7 +349,7 @@ fn simulated_ranks_are_estimated_within_their_one_device_error() {
         );
         ranks += 1;
     }
-    assert_eq!((ranks, fsdp), (44, 14));
+    assert_eq!((ranks, fsdp), (44, 21));
 }
 
 /// `vramcal check` of `file` (rows the CPU table was never fitted on) against the CPU table,

@@ -1120,6 +1120,7 @@ pub fn estimate_sharded(
     // vramcal's FSDP rank: what a layer's backward holds beyond the rest, and what the
     // reduce-scatter after backward holds.
     let mut layer_extra = 0;
+    let mut end_extra = 0;
     let mut scatter_items: Vec<(String, u64, String)> = Vec::new();
     let full_gradients = t.gradients;
     if let Some(s) = &sharding {
@@ -1139,6 +1140,8 @@ pub fn estimate_sharded(
         t.gradients = m.gradients;
         t.backward_static = m.reduce_bucket + m.fsdp_root;
         t.layer_static += m.layer_extra;
+        t.end_static += m.end_extra;
+        end_extra = m.end_extra;
         layer_extra = m.layer_extra;
         scatter_items = m.scatter.clone();
         if let (Some(a), true) = (m.accumulated_gradients, spec.accumulate > 1) {
@@ -1281,6 +1284,14 @@ pub fn estimate_sharded(
             name: "gathered layers and a layer's gradients (FSDP)".into(),
             bytes: layer_extra,
             formula: "the layer backpropagated and the next one prefetched, gathered (2 × one layer's params × dtype); its unsharded gradients; the previous layer's reduce-scatter input (padded to ⌈rows / GPUs⌉ · GPUs rows)".into(),
+        });
+    }
+    if moment == Moment::End && end_extra > 0 {
+        own = own.saturating_sub(end_extra);
+        items.push(Item {
+            name: "reduce-scatter input (last layer, FSDP)".into(),
+            bytes: end_extra,
+            formula: "the last layer's gradients copied into one flat buffer (padded to ⌈rows / GPUs⌉ · GPUs rows), kept until the root's reduce-scatter begins".into(),
         });
     }
     if own > 0 {

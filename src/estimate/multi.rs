@@ -44,6 +44,10 @@ pub struct Sharded {
     /// layer's unsharded gradients and the previous layer's reduce-scatter input
     /// (`crate::measure::fsdp`); 0 otherwise.
     pub layer_extra: u64,
+    /// Bytes alive at the end of backward only, beyond the rest (counted at that moment):
+    /// vramcal's simulated FSDP rank's last layer's reduce-scatter input, kept until the
+    /// root's reduce-scatter begins; 0 otherwise.
+    pub end_extra: u64,
     /// What is alive, beyond the weights and states held, once backward has returned and the
     /// rank reduce-scatters (vramcal's simulated ranks): ZeRO-2's full gradients and its
     /// partition of them; FSDP's root, its unsharded gradients and their reduce-scatter input,
@@ -269,6 +273,7 @@ pub fn shard(
     Ok(Sharded {
         weights: w,
         layer_extra: 0,
+        end_extra: 0,
         scatter,
         fsdp_root,
         end_gradients: if own_step && s.shard == Shard::Zero2 {
@@ -433,6 +438,7 @@ fn own_fsdp(
         step_gradients: shard_grads_layers + shard_grads_root,
         fsdp_root: root,
         layer_extra: 2 * layer_bytes + layer_grads + rs_layer,
+        end_extra: rs_layer,
         scatter: vec![
             (
                 "FSDP root, unsharded".to_string(),
