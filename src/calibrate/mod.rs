@@ -58,7 +58,7 @@ pub fn baseline_included(r: &Row) -> u64 {
 ///
 /// # Errors
 /// [`Error::InvalidValue`] for a shard outside the vocabulary, a missing world size, or a
-/// rank or world size [`Sharding::validate`] refuses.
+/// rank or world size [`crate::spec::Sharding::validate`] refuses.
 pub fn sharding_from_row(r: &Row) -> Result<Option<crate::spec::Sharding>> {
     if r.shard.is_empty() {
         return Ok(None);
