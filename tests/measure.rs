@@ -306,9 +306,15 @@ fn accumulation_peak_follows_the_micro_batch() {
 /// all-reduce of equal gradients changes nothing.
 #[test]
 fn simulated_ranks_hold_their_share() {
-    let spec = TrainSpec::new(2, 16);
-    let run =
-        |s: Option<Sharding>| run_rank("tiny", WeightsSpec::Random { seed: 0 }, spec.clone(), s);
+    let spec = TrainSpec::new(1, 16);
+    let run = |s: Option<Sharding>| {
+        run_rank(
+            "mistral-mini",
+            WeightsSpec::Random { seed: 0 },
+            spec.clone(),
+            s,
+        )
+    };
     let rank = |shard, n, r| {
         Some(Sharding {
             rank: r,
@@ -326,13 +332,10 @@ fn simulated_ranks_hold_their_share() {
     let end = |m: &Measurement, phase: &str| m.phase(phase).unwrap().end_allocated_bytes as i64;
     let diff = |a: &Measurement, b: &Measurement, phase: &str| end(a, phase) - end(b, phase);
     // Equal up to candle's bookkeeping of the tensors that differ (each one's shape, layout
-    // and storage handle: a few hundred bytes; at most 512 B per trainable tensor here).
-    let tensors = resolve_model("tiny").unwrap().config.param_shapes().len() as i64;
+    // and storage handle: a few hundred bytes) and what the harness's other test threads hold
+    // at that moment (the counter is the process's): 64 KiB, against partitions of 13 MB.
     let near = |got: i64, want: i64| {
-        assert!(
-            (got - want).abs() <= 512 * tensors,
-            "{got} B, counted {want} B ({tensors} tensors)"
-        );
+        assert!((got - want).abs() <= 64 << 10, "{got} B, counted {want} B");
     };
     // f32 weights, gradients and AdamW moments: 4 bytes per element each.
     near(diff(&ddp, &one, "optimizer_init"), 4 * t as i64);
@@ -369,10 +372,12 @@ fn simulated_ranks_hold_their_share() {
 /// parameters are the whole model's), and the last rank allocates as much as the first.
 #[test]
 fn simulated_fsdp_rank_holds_its_shards() {
-    let mut spec = TrainSpec::new(2, 16);
+    let mut spec = TrainSpec::new(1, 16);
     spec.checkpointing = Checkpointing::Every(1);
-    let run =
-        |s: Option<Sharding>| run_rank("tiny", WeightsSpec::Random { seed: 0 }, spec.clone(), s);
+    let run_on = |model: &str, s: Option<Sharding>| {
+        run_rank(model, WeightsSpec::Random { seed: 0 }, spec.clone(), s)
+    };
+    let run = |s: Option<Sharding>| run_on("mistral-mini", s);
     let one = run(None);
     let n = 4;
     let first = run(Some(Sharding::new(Shard::Fsdp, n)));
@@ -380,8 +385,8 @@ fn simulated_fsdp_rank_holds_its_shards() {
         rank: n - 1,
         ..Sharding::new(Shard::Fsdp, n)
     }));
-    let cfg = resolve_model("tiny").unwrap().config;
-    // Every tensor of tiny (f32, full fine-tuning) trains: ⌈rows/N⌉ · cols elements each.
+    let cfg = resolve_model("mistral-mini").unwrap().config;
+    // Every tensor (f32, full fine-tuning) trains: ⌈rows/N⌉ · cols elements each.
     let padded: u64 = cfg
         .param_shapes()
         .iter()
@@ -390,30 +395,31 @@ fn simulated_fsdp_rank_holds_its_shards() {
             rows.div_ceil(n as u64) * (p.numel() / rows)
         })
         .sum();
-    let tensors = cfg.param_shapes().len() as i64;
     let end = |m: &Measurement, phase: &str| m.phase(phase).unwrap().end_allocated_bytes as i64;
     for m in [&first, &last] {
         assert_eq!(m.optimizer_state_bytes, 8 * padded);
         // After `fully_shard` the rank holds its shards instead of the whole model, up to
-        // candle's bookkeeping of the shard tensors (a few hundred bytes each).
+        // candle's bookkeeping of the shard tensors (a few hundred bytes each) and the
+        // harness's other threads (64 KiB, against 160 MB).
         let got = end(m, "optimizer_init") - end(&one, "optimizer_init");
         let want = 4 * padded as i64 - 4 * one.params as i64;
-        assert!(
-            (got - want).abs() <= 512 * tensors,
-            "{got} B, counted {want} B"
-        );
+        assert!((got - want).abs() <= 64 << 10, "{got} B, counted {want} B");
         assert_eq!(m.losses[0], one.losses[0]);
     }
-    assert_eq!(
-        end(&first, "step2_optimizer_step"),
-        end(&last, "step2_optimizer_step")
+    assert!(
+        (end(&first, "step2_optimizer_step") - end(&last, "step2_optimizer_step")).abs()
+            <= 64 << 10
     );
     // A rank past some tensors' last rows holds padding only for them, and still runs.
     let wide = 64;
-    assert!(cfg.param_shapes().iter().any(|p| p.shape[0] < wide));
-    let past = run(Some(Sharding {
-        rank: wide - 1,
-        ..Sharding::new(Shard::Fsdp, wide)
-    }));
-    assert_eq!(past.losses[0], one.losses[0]);
+    let tiny = resolve_model("tiny").unwrap().config;
+    assert!(tiny.param_shapes().iter().any(|p| p.shape[0] < wide));
+    let past = run_on(
+        "tiny",
+        Some(Sharding {
+            rank: wide - 1,
+            ..Sharding::new(Shard::Fsdp, wide)
+        }),
+    );
+    assert_eq!(past.losses[0], run_on("tiny", None).losses[0]);
 }

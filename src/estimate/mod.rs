@@ -1317,12 +1317,24 @@ pub fn estimate_sharded(
         if b > 0.0 {
             // Sharded gradients: the term's bytes are this GPU's share.
             let per_gpu = term == Term::GradientsLive && t.gradients < full_gradients;
+            // `terms` counts a tied embedding's gradient twice under checkpointing in full
+            // fine-tuning (its own pass summed into the head's at the end of backward).
+            let twice = term == Term::LargestTrainable
+                && profile == Profile::Candle
+                && t.checkpointed
+                && spec.adaptation.lora.is_none()
+                && cfg.tie_word_embeddings;
             items.push(Item {
                 name: name.into(),
                 bytes: b.round() as u64,
                 formula: format!(
-                    "{:.3} × {f}{}",
+                    "{:.3} × {f}{}{}",
                     c.values[i],
+                    if twice {
+                        " × 2 (a tied embedding's own pass and the head's, summed at the end of backward)"
+                    } else {
+                        ""
+                    },
                     if per_gpu { " / GPUs" } else { "" }
                 ),
             });
