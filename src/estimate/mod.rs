@@ -1278,21 +1278,31 @@ pub fn estimate_sharded(
     let mut items = held.clone();
     let moment = t.peak_moment(&c.values);
     let mut own = t.static_at(moment).saturating_sub(t.backward_static);
-    if moment == Moment::Layer && layer_extra > 0 {
-        own = own.saturating_sub(layer_extra);
-        items.push(Item {
-            name: "gathered layers and a layer's gradients (FSDP)".into(),
-            bytes: layer_extra,
-            formula: "the layer backpropagated and the next one prefetched, gathered (2 × one layer's params × dtype); its unsharded gradients; the previous layer's reduce-scatter input (padded to ⌈rows / GPUs⌉ · GPUs rows)".into(),
-        });
-    }
-    if moment == Moment::End && end_extra > 0 {
-        own = own.saturating_sub(end_extra);
-        items.push(Item {
-            name: "reduce-scatter input (last layer, FSDP)".into(),
-            bytes: end_extra,
-            formula: "the last layer's gradients copied into one flat buffer (padded to ⌈rows / GPUs⌉ · GPUs rows), kept until the root's reduce-scatter begins".into(),
-        });
+    // vramcal's FSDP rank: what a layer's backward and the end of backward hold beyond the
+    // rest, itemized apart from the one-device step's own statics.
+    let fsdp_extras = [
+        (
+            Moment::Layer,
+            layer_extra,
+            "gathered layers and a layer's gradients (FSDP)",
+            "the layer backpropagated and the next one prefetched, gathered (2 × one layer's params × dtype); its unsharded gradients; the previous layer's reduce-scatter input (padded to ⌈rows / GPUs⌉ · GPUs rows)",
+        ),
+        (
+            Moment::End,
+            end_extra,
+            "reduce-scatter input (last layer, FSDP)",
+            "the last layer's gradients copied into one flat buffer (padded to ⌈rows / GPUs⌉ · GPUs rows), kept until the root's reduce-scatter begins",
+        ),
+    ];
+    for (at, bytes, name, formula) in fsdp_extras {
+        if moment == at && bytes > 0 {
+            own = own.saturating_sub(bytes);
+            items.push(Item {
+                name: name.into(),
+                bytes,
+                formula: formula.into(),
+            });
+        }
     }
     if own > 0 {
         items.push(match moment {
