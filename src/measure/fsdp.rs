@@ -127,6 +127,22 @@ fn storage_bytes(s: &CpuStorage) -> Result<&[u8]> {
     })
 }
 
+/// Calls `f` with the bytes of CPU tensor `t`'s storage (read-locked meanwhile).
+///
+/// # Errors
+/// [`Error::InvalidValue`] for a tensor off the CPU or of a dtype [`storage_bytes`] refuses.
+fn with_cpu_bytes<R>(t: &Tensor, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+    let (st, _) = t.storage_and_layout();
+    let Storage::Cpu(c) = &*st else {
+        return Err(Error::invalid(
+            "--device",
+            "cuda",
+            "FSDP is simulated on the CPU",
+        ));
+    };
+    Ok(f(storage_bytes(c)?))
+}
+
 /// A vector of `T` holding `bytes`.
 fn vec_from<T: Copy + Default>(bytes: &[u8]) -> Vec<T> {
     let n = bytes.len() / std::mem::size_of::<T>();
@@ -244,10 +260,10 @@ pub struct FsdpRank {
 pub fn check(
     cfg: &crate::config::ModelConfig,
     spec: &crate::spec::TrainSpec,
-    device: &candle_core::Device,
+    device: crate::spec::DeviceChoice,
 ) -> Result<()> {
     let why = |flag: &str, value: String, reason: &str| Err(Error::invalid(flag, value, reason));
-    if !device.is_cpu() {
+    if device != crate::spec::DeviceChoice::Cpu {
         return why(
             "--device",
             "cuda".into(),
@@ -334,19 +350,9 @@ impl FsdpRank {
         {
             let numel = tensor.elem_count();
             let bytes = numel * tensor.dtype().size_in_bytes();
-            {
-                let (st, _) = tensor.storage_and_layout();
-                let Storage::Cpu(c) = &*st else {
-                    return Err(Error::invalid(
-                        "--device",
-                        "cuda",
-                        "FSDP is simulated on the CPU",
-                    ));
-                };
-                world
-                    .bytes_mut(at, bytes)
-                    .copy_from_slice(&storage_bytes(c)?[..bytes]);
-            }
+            with_cpu_bytes(&tensor, |b| {
+                world.bytes_mut(at, bytes).copy_from_slice(&b[..bytes]);
+            })?;
             let (rows, cols) = rows_cols(&tensor);
             let chunk = rows.div_ceil(s.gpus);
             let own_rows = rows.saturating_sub(chunk * s.rank).min(chunk);
@@ -422,21 +428,15 @@ impl FsdpRank {
             .filter(|p| !p.gathered && which(p.layer))
         {
             let d = p.full.dtype().size_in_bytes();
-            let (st, _) = p.shard.storage_and_layout();
-            let Storage::Cpu(c) = &*st else {
-                return Err(Error::invalid(
-                    "--device",
-                    "cuda",
-                    "FSDP is simulated on the CPU",
-                ));
-            };
-            let own = &storage_bytes(c)?[..p.len * d];
-            p.full.inplace_op1(&Fill {
-                world: self.world.bytes(p.world_at, p.numel * d),
-                own,
-                // A rank past the tensor's last row holds padding only.
-                at: if p.len > 0 { p.start * d } else { 0 },
-            })?;
+            let world = self.world.bytes(p.world_at, p.numel * d);
+            with_cpu_bytes(&p.shard, |b| {
+                p.full.inplace_op1(&Fill {
+                    world,
+                    own: &b[..p.len * d],
+                    // A rank past the tensor's last row holds padding only.
+                    at: if p.len > 0 { p.start * d } else { 0 },
+                })
+            })??;
             p.gathered = true;
         }
         Ok(())

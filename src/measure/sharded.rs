@@ -58,20 +58,7 @@ pub fn check(
 ) -> Result<()> {
     match s.shard {
         Shard::Ddp | Shard::Zero1 | Shard::Zero2 => {}
-        Shard::Fsdp => super::fsdp::check(
-            cfg,
-            spec,
-            &match device {
-                crate::spec::DeviceChoice::Cpu => candle_core::Device::Cpu,
-                crate::spec::DeviceChoice::Cuda(_) => {
-                    return Err(Error::invalid(
-                        "--device",
-                        "cuda",
-                        "a simulated FSDP rank frees and refills its unsharded parameters' storage, which vramcal does on the CPU only",
-                    ))
-                }
-            },
-        )?,
+        Shard::Fsdp => super::fsdp::check(cfg, spec, device)?,
         Shard::Zero3 => {
             return Err(Error::invalid(
                 "--shard",
