@@ -5,10 +5,11 @@
 # at N = 2, 4, 8 for full fine-tuning (f32, bf16 weights, checkpointing), LoRA r16 on all linear
 # layers, other ranks, gradient accumulation, a master-weight recipe and SGD with momentum; then
 # fsdp (checkpointing every layer) at N = 2, 4, 8 for full fine-tuning (f32, bf16), LoRA, the
-# last rank and accumulation; each configuration's one-device row beside them. Peaks are exact
+# last rank and accumulation; each configuration's one-device row beside them; then zero3 as
+# fsdp. Peaks are exact
 # (the counting allocator).
 #
-# Usage: scripts/cpu-sharded-grid.sh VRAMCAL OUT.csv [fsdp]   (fsdp: the FSDP part only)
+# Usage: scripts/cpu-sharded-grid.sh VRAMCAL OUT.csv [fsdp|zero3]   (that part only)
 set -euo pipefail
 bin=$1 out=$2
 m() { "$bin" measure --model smollm2-135m --quiet --out "$out" "$@"; }
@@ -39,7 +40,29 @@ fsdp() {
   m --batch 1 --seq 256 --checkpointing layers --accumulate 2
   m --batch 1 --seq 256 --checkpointing layers --accumulate 2 --shard fsdp --world-size 4
 }
+# DeepSpeed ZeRO-3 (checkpointing every layer; src/measure/zero3.rs) at N = 2, 4, 8, beside the
+# one-device rows the FSDP part measures: full fine-tuning (f32, bf16), LoRA, short sequences,
+# the last rank, accumulation; the bucket is DeepSpeed's default (5e8 elements).
+zero3() {
+  local full=(--batch 2 --seq 256 --checkpointing layers)
+  local long=(--batch 1 --seq 512 --checkpointing layers)
+  local lora=(--batch 1 --seq 256 --checkpointing layers --method lora --lora r=16,alpha=32,targets=all-linear)
+  local bf16=(--batch 1 --seq 128 --checkpointing layers --dtype bf16)
+  local s64=(--batch 1 --seq 64 --checkpointing layers)
+  local s128=(--batch 1 --seq 128 --checkpointing layers)
+  for cfg in full long lora bf16 s64 s128; do
+    declare -n a=$cfg
+    for n in 2 4 8; do
+      m "${a[@]}" --shard zero3 --world-size "$n"
+    done
+  done
+  m "${full[@]}" --shard zero3 --world-size 8 --rank 7
+  m --batch 1 --seq 128 --checkpointing layers --method lora --lora r=4,alpha=8,targets=all-linear \
+    --shard zero3 --world-size 8 --rank 7
+  m --batch 1 --seq 256 --checkpointing layers --accumulate 2 --shard zero3 --world-size 4
+}
 if [ "${3:-}" = fsdp ]; then fsdp; exit 0; fi
+if [ "${3:-}" = zero3 ]; then zero3; exit 0; fi
 full=(--batch 2 --seq 256)
 lora=(--batch 1 --seq 256 --method lora --lora r=16,alpha=32,targets=all-linear)
 ckpt=(--batch 2 --seq 256 --checkpointing layers)
@@ -68,3 +91,4 @@ m "${full[@]}" --optimizer sgd --momentum 0.9
 m "${full[@]}" --optimizer sgd --momentum 0.9 --shard zero2 --world-size 4
 m "${full[@]}" --optimizer sgd --momentum 0.9 --shard ddp --world-size 2
 fsdp
+zero3

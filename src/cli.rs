@@ -541,8 +541,9 @@ pub struct MeasureArgs {
     pub how: MethodArgs,
     /// Measure one rank of data-parallel training, simulated in this process: ddp
     /// (DistributedDataParallel's gradient buckets), zero1 or zero2 (DeepSpeed's partitions of
-    /// the optimizer states, and of the gradients), fsdp (FSDP2's sharded parameters; on the
-    /// CPU with --checkpointing layers); with --world-size and --rank.
+    /// the optimizer states, and of the gradients), zero3 (DeepSpeed's partitioned parameters
+    /// and its gradient buffers) or fsdp (FSDP2's sharded parameters), these two on the CPU
+    /// with --checkpointing layers; with --world-size and --rank.
     #[arg(long, requires = "world_size")]
     pub shard: Option<Shard>,
     /// Data-parallel ranks of the simulated world (with --shard).

@@ -1692,9 +1692,22 @@ const BAD_FILES: &[Case] = &[
     Case {
         args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "zero3",
             "--world-size", "2", "--out", "{dir}/keep.csv"],
-        error: "vramcal's step simulates ddp, zero1, zero2 and fsdp",
+        error: "--checkpointing = none: a simulated ZeRO-3 rank needs --checkpointing layers",
         untouched: Some("keep.csv"),
     },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "zero3",
+            "--world-size", "2", "--checkpointing", "layers", "--optimizer", "adafactor"],
+        error: "a zero3 rank steps its flat partition of each tensor, which needs an element-wise optimizer",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "zero3",
+            "--world-size", "2", "--checkpointing", "layers", "--method", "qlora"],
+        error: "a simulated ZeRO-3 rank shards dense tensors",
+        untouched: None,
+    },
+
     Case {
         args: &["measure", "--model", "tiny", "--batch", "1", "--seq", "8", "--shard", "fsdp",
             "--world-size", "4", "--out", "{dir}/keep.csv"],
@@ -1783,7 +1796,7 @@ const BAD_FILES: &[Case] = &[
     Case {
         args: &["estimate", "--model", "tiny", "--seq", "8", "--profile", "candle", "--shard",
             "zero3", "--gpus", "4"],
-        error: "--profile torch-sdpa",
+        error: "--checkpointing = none: a simulated ZeRO-3 rank needs --checkpointing layers",
         untouched: None,
     },
     Case {

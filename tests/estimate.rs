@@ -415,9 +415,35 @@ fn sharding_divides_what_it_should() {
     let n = g / 2;
     let z2_last = shard(&c, &s, &last, false, w, g, st).unwrap();
     assert_eq!(z2_last.end_gradients, 2 * (n - 2 * n.div_ceil(3)));
+    // vramcal's own ZeRO-3 rank: every tensor's flat partition, the norms (4096 elements, under
+    // DeepSpeed's 1e5 persistence threshold) whole too; the flat gradient partition and the
+    // 5e8-element bucket; at the head's backward only the head gathered (its 525M elements,
+    // forward and backward, reach DeepSpeed's 1e9 reuse distance before layer 31's
+    // recomputation), at a layer's backward that layer and its whole gradients.
+    // (The whole-model bytes w, g, st are llama-3-8b's in bf16: 2 bytes per gradient.)
     let z3 = shard(&c, &s, &Sharding::new(Shard::Zero3, 8), false, w, g, st).unwrap();
-    let layer = 2 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336 + 2 * 4096) as u64;
-    assert_eq!(z3.weights, w / 8 + layer);
+    let layer = 2 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336) as u64;
+    let parts: u64 = c
+        .param_shapes()
+        .iter()
+        .map(|p| 2 * p.numel().div_ceil(8))
+        .sum();
+    assert_eq!(z3.weights, parts + 65 * 4096 * 2);
+    assert_eq!(
+        (z3.grad_partition, z3.reduce_bucket),
+        (parts, 1_000_000_000)
+    );
+    assert_eq!(z3.head_extra, 2 * 128_256 * 4096);
+    // (the layer's gradients include its two norms')
+    assert_eq!(z3.layer_extra, 2 * layer + 2 * 2 * 4096);
+    // Mistral-7B's head (32000 × 4096) leaves the last two layers within the distance.
+    let m = preset("mistral-7b-v0.1").unwrap().config;
+    let mz = shard(&m, &s, &Sharding::new(Shard::Zero3, 8), false, w, g, st).unwrap();
+    assert_eq!(mz.head_extra, 2 * layer + 2 * 32_000 * 4096);
+    assert_eq!(z3.optimizer_states, st / (g / 2) * (parts / 2));
+    // The torch profiles' DeepSpeed ZeRO-3: the parameters divided by 8 plus one gathered layer.
+    let z3t = shard(&c, &s, &Sharding::new(Shard::Zero3, 8), true, w, g, st).unwrap();
+    assert_eq!(z3t.weights, w / 8 + layer + 2 * 2 * 4096);
     assert!(shard(&c, &s, &Sharding::new(Shard::Zero3, 0), false, w, g, st).is_err());
     // LoRA: only adapters are sharded as gradients and states; the estimate drops per GPU.
     let mut lo = s.clone();

@@ -423,3 +423,61 @@ fn simulated_fsdp_rank_holds_its_shards() {
     );
     assert_eq!(past.losses[0], run_on("tiny", None).losses[0]);
 }
+
+/// A simulated ZeRO-3 rank (`measure --shard zero3`, checkpointing every layer) holds its flat
+/// partition of every tensor (`⌈numel/N⌉` elements, padded), the flat gradient partition and
+/// the bucket once initialized, AdamW's states for its partition only; on step 1 (the trace
+/// being recorded) it releases every module after use, and from step 2 on keeps the whole of
+/// this small model gathered (each parameter is used again within 1e9 elements). Its step 1
+/// computes the one-device loss, and a bucket small enough to be reduced many times in
+/// backward gives the same step-2 loss as one reduced once.
+#[test]
+fn simulated_zero3_rank_holds_its_partitions() {
+    let mut spec = TrainSpec::new(1, 16);
+    spec.checkpointing = Checkpointing::Every(1);
+    let run = |s: Option<Sharding>| {
+        run_rank(
+            "mistral-mini",
+            WeightsSpec::Random { seed: 0 },
+            spec.clone(),
+            s,
+        )
+    };
+    let n = 4;
+    let bucket = 1u64 << 22;
+    let sharding = |rank: usize, bucket: u64| Sharding {
+        rank,
+        reduce_bucket_elements: bucket,
+        ..Sharding::new(Shard::Zero3, n)
+    };
+    let one = run(None);
+    let first = run(Some(sharding(0, bucket)));
+    let last = run(Some(sharding(n - 1, bucket)));
+    let small = run(Some(sharding(0, 1 << 16)));
+    let cfg = resolve_model("mistral-mini").unwrap().config;
+    let padded: u64 = cfg
+        .param_shapes()
+        .iter()
+        .map(|p| p.numel().div_ceil(n as u64))
+        .sum();
+    let end = |m: &Measurement, phase: &str| m.phase(phase).unwrap().end_allocated_bytes as i64;
+    let params = one.params as i64;
+    for m in [&first, &last] {
+        assert_eq!(m.optimizer_state_bytes, 8 * padded);
+        // Partitions, gradient partition and bucket instead of the whole model (f32), up to
+        // candle's bookkeeping and the harness's other threads (64 KiB, against 100 MB).
+        let got = end(m, "optimizer_init") - end(&one, "optimizer_init");
+        let want = 8 * padded as i64 + 4 * bucket as i64 - 4 * params;
+        assert!((got - want).abs() <= 64 << 10, "{got} B, counted {want} B");
+        // Step 1 releases every module after its forward; step 2 keeps them all, and the
+        // states exist from step 1's update on.
+        let kept = end(m, "step2_forward") - end(m, "step1_forward");
+        let want = 4 * params + 8 * padded as i64;
+        assert!(
+            (kept - want).abs() <= 64 << 10,
+            "{kept} B, counted {want} B"
+        );
+        assert_eq!(m.losses[0], one.losses[0]);
+    }
+    assert_eq!(small.losses, first.losses);
+}

@@ -171,7 +171,7 @@ impl Term {
             Term::Constant => ("fixed overhead (fitted)", "constant"),
             Term::CpuBf16MatmulWidening => (
                 "LM head f32 transients (CPU)",
-                "bf16: the head's products widened to f32, max(4·(N·h + V·h + c·V) + 2·c·V, 10·c·V + 4·V·h + 6·c·h [, 10·c·V + 4·N·h + 6·V·h (+2·V·h) trained]), beyond 2 logits chunks; f32/f16 with a trained head: its weight gradient summed over chunks in f32, 12·V·h (one chunk: 4·V·h, f16 6·V·h), beyond the gradient",
+                "bf16: the head's products widened to f32, max(4·(N·h + V·h + c·V) + 2·c·V, 10·c·V + 4·V·h + 6·c·h [, 10·c·V + 4·N·h + 6·V·h (+2·V·h) trained]), beyond 2 logits chunks; f32/f16 with a trained head: its weight gradient summed over chunks in f32, 12·V·h (one chunk: the GradStore's zeroed buffer, the part and the sum, 12·V·h beyond 2 logits chunks in full fine-tuning, else 4·V·h; f16 6·V·h), beyond the gradient",
             ),
             Term::CpuAttentionTransient => (
                 "attention transient (CPU kernel)",
@@ -839,8 +839,14 @@ pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 /// the gradient itself (bytes), for f32 and f16 (`src/ops/loss.rs`: each chunk's part `Gᵀ·x`
 /// is converted to f32 and added to the f32 sum of the earlier chunks'): with more than one
 /// chunk, the sum, the part and the new sum, `12·V·h`, less the gradient in the model dtype
-/// (`largest_trainable`); with one chunk, the part in f32 and, in f16, the part before
-/// conversion or the final f16 gradient beside it (`4·V·h`, f16 `6·V·h`), less the same.
+/// (`largest_trainable`); with one chunk in f32, candle's `GradStore` receiving the gradient
+/// (candle-core 0.11.1 `backprop.rs`, a custom op's argument: `or_insert` makes a zeroed
+/// `(V, h)` and `add` a new sum beside the part), the same `12·V·h` once the chunk's buffers
+/// are freed, so beyond the two `(c, V)` f32 logits chunks the head's moment counts, and at
+/// least the part (under full fine-tuning: a `modules_to_save` head's is counted by
+/// [`saved_head_backward`], LoRA's the part only); in f16, the part in f32
+/// and the f16 gradient beside it, or the `GradStore`'s three f16 buffers (`6·V·h`), less the
+/// same.
 /// Zero without a trained head, and in bf16 ([`bf16_matmul_widening`] counts its own). Found on
 /// the held-out f16 full fine-tuning row at seq 512 of `results/cpu/smollm2-135m-optimizers.csv`
 /// (3.5 % under without it), whose peak is the head's backward: f16 gradients leave the end of
@@ -853,12 +859,20 @@ pub fn head_weight_grad_f32(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     let vh = cfg.vocab_size as u64 * cfg.hidden_size as u64;
     let n = spec.batch as u64 * spec.seq as u64;
     let chunks = n.div_ceil((crate::ops::CE_CHUNK_TOKENS as u64).min(n).max(1));
+    // A `modules_to_save` head's `GradStore` sum is [`saved_head_backward`]'s. The
+    // `GradStore`'s three buffers come after the chunk's buffers are freed: beyond the two
+    // logits chunks the head's moment counts (`logits_and_loss`), or the part beside them.
+    let c = n.min(crate::ops::CE_CHUNK_TOKENS as u64);
     let total = if chunks > 1 {
         12 * vh
-    } else if d == 2 {
-        6 * vh
-    } else {
+    } else if d == 4 && spec.adaptation.lora.is_none() {
+        (12 * vh)
+            .saturating_sub(2 * 4 * c * cfg.vocab_size as u64)
+            .max(4 * vh)
+    } else if d == 4 {
         4 * vh
+    } else {
+        6 * vh
     };
     // `largest_trainable` counts a tied embedding's gradient twice under checkpointing (its
     // own pass summed into the head's at the end, `terms`): both copies are taken off. Found
@@ -1044,6 +1058,13 @@ fn backward_items(s: &Sharding, m: &multi::Sharded, profile: Profile) -> Vec<Ite
             ),
         }),
     }
+    if m.grad_partition > 0 {
+        v.push(Item {
+            name: "gradient partition (ZeRO-3)".into(),
+            bytes: m.grad_partition,
+            formula: "the flat gradient partition, from initialization on: ⌈numel / GPUs⌉ elements of each trainable tensor × dtype".into(),
+        });
+    }
     if m.gradients_persistent && profile != Profile::Candle {
         v.push(Item {
             name: "gradients (ZeRO-3 partition)".into(),
@@ -1119,6 +1140,7 @@ pub fn estimate_sharded(
     let mut static_items: Vec<Item> = Vec::new();
     // vramcal's FSDP rank: what a layer's backward holds beyond the rest, and what the
     // reduce-scatter after backward holds.
+    let mut head_extra = 0;
     let mut layer_extra = 0;
     let mut end_extra = 0;
     let mut scatter_items: Vec<(String, u64, String)> = Vec::new();
@@ -1138,7 +1160,9 @@ pub fn estimate_sharded(
         t.optimizer_states = m.optimizer_states;
         t.terms[Term::GradientsLive.index()] *= m.gradients as f64 / t.gradients.max(1) as f64;
         t.gradients = m.gradients;
-        t.backward_static = m.reduce_bucket + m.fsdp_root;
+        t.backward_static = m.reduce_bucket + m.fsdp_root + m.grad_partition;
+        t.head_static += m.head_extra;
+        head_extra = m.head_extra;
         t.layer_static += m.layer_extra;
         t.end_static += m.end_extra;
         end_extra = m.end_extra;
@@ -1263,6 +1287,10 @@ pub fn estimate_sharded(
                 _ if profile == Profile::Candle && s.shard == Shard::Fsdp => {
                     "every tensor's shard: ⌈rows / GPUs⌉ rows × dtype (padded)".into()
                 }
+                // vramcal's ZeRO-3 rank: the gathered parameters count at their moments.
+                _ if profile == Profile::Candle && s.shard == Shard::Zero3 => {
+                    "every tensor's partition, ⌈numel / GPUs⌉ × dtype, and the persistent ones (≤ 1e5 elements) whole".into()
+                }
                 _ => format!("{} / GPUs + one gathered layer", held[0].formula),
             };
         }
@@ -1280,8 +1308,32 @@ pub fn estimate_sharded(
     let mut own = t.static_at(moment).saturating_sub(t.backward_static);
     // vramcal's FSDP rank: what a layer's backward and the end of backward hold beyond the
     // rest, itemized apart from the one-device step's own statics.
-    let fsdp_extras = [
-        (
+    let zero3 = sharding.is_some_and(|s| s.shard == Shard::Zero3);
+    let fsdp_extras = if zero3 {
+        [
+            (
+                Moment::Head,
+                head_extra,
+                "gathered parameters (ZeRO-3)",
+                "the parameters DeepSpeed's schedule holds whole at the head's backward, beyond the persistent ones: those used again within stage3_max_reuse_distance (1e9 elements) stay gathered from step 2 on (params × dtype)",
+            ),
+            (
+                Moment::Layer,
+                layer_extra,
+                "gathered parameters and a layer's gradients (ZeRO-3)",
+                "the parameters held whole at a layer's backward (the most over the layers: params × dtype) and the layer's whole gradients before they are copied into the bucket",
+            ),
+            (
+                Moment::End,
+                end_extra,
+                "gathered parameters (ZeRO-3, embedding's backward)",
+                "the parameters held whole at the embedding's backward (params × dtype)",
+            ),
+        ]
+    } else {
+        [
+            (Moment::Head, 0, "", ""),
+            (
             Moment::Layer,
             layer_extra,
             "gathered layers and a layer's gradients (FSDP)",
@@ -1293,7 +1345,8 @@ pub fn estimate_sharded(
             "reduce-scatter input (last layer, FSDP)",
             "the last layer's gradients copied into one flat buffer (padded to ⌈rows / GPUs⌉ · GPUs rows), kept until the root's reduce-scatter begins",
         ),
-    ];
+        ]
+    };
     for (at, bytes, name, formula) in fsdp_extras {
         if moment == at && bytes > 0 {
             own = own.saturating_sub(bytes);

@@ -39,6 +39,13 @@ pub struct Sharded {
     /// (`_fsdp_state.py` `_lazy_init`: the root's `post_forward_mesh_info` is `None`) and
     /// reduces its gradients last; 0 otherwise.
     pub fsdp_root: u64,
+    /// Bytes alive at the head's backward only, beyond the rest (counted at that moment):
+    /// vramcal's simulated ZeRO-3 rank's gathered parameters there (`crate::measure::zero3`);
+    /// 0 otherwise.
+    pub head_extra: u64,
+    /// vramcal's simulated ZeRO-3 rank's flat gradient partition, held from initialization
+    /// through the step (bytes, beside [`Sharded::reduce_bucket`]); 0 otherwise.
+    pub grad_partition: u64,
     /// Bytes alive at a layer's backward only, beyond the rest (counted at that moment):
     /// vramcal's simulated FSDP rank's gathered layer and the next one prefetched, the
     /// layer's unsharded gradients and the previous layer's reduce-scatter input
@@ -254,6 +261,9 @@ pub fn shard(
     if own_step && s.shard == Shard::Fsdp && s.offload == Offload::None {
         return Ok(own_fsdp(cfg, spec, s, gradients, states));
     }
+    if own_step && s.shard == Shard::Zero3 && s.offload == Offload::None {
+        return Ok(own_zero3(cfg, spec, s, gradients, states));
+    }
     let scatter = if own_step && s.shard == Shard::Zero2 {
         vec![
             (
@@ -272,6 +282,8 @@ pub fn shard(
     };
     Ok(Sharded {
         weights: w,
+        head_extra: 0,
+        grad_partition: 0,
         layer_extra: 0,
         end_extra: 0,
         scatter,
@@ -431,6 +443,8 @@ fn own_fsdp(
     let per_state = states / trainable;
     Sharded {
         weights,
+        head_extra: 0,
+        grad_partition: 0,
         // The layers' sharded gradients and the root's unsharded ones, built up by backward.
         gradients: shard_grads_layers + root_grads,
         optimizer_states: per_state * trainable_pad,
@@ -458,6 +472,198 @@ fn own_fsdp(
         ],
         end_gradients: 0,
         accumulated_gradients: Some(shard_grads_layers + shard_grads_root + root_grads),
+        gradients_persistent: false,
+        host_step: false,
+        step_transient: None,
+        host_bytes: 0,
+    }
+}
+
+/// vramcal's simulated ZeRO-3 rank (`crate::measure::zero3`): every tensor partitioned flat,
+/// `⌈numel/N⌉` elements per rank; the parameters DeepSpeed's schedule holds gathered at the
+/// head's backward, at a layer's (the most over the layers) and at the embedding's
+/// ([`crate::spec::zero3::Schedule`], the trace complete: step 2), with the persistent ones
+/// (at most 1e5 elements) always; the flat gradient partition and the bucket of
+/// `reduce_bucket_size` elements from initialization on; a layer's whole gradients at its
+/// backward; at the last reduction the reduce-scatter's input (every rank's chunk of each
+/// gradient in the last bucket, padded); at the step a flat copy of the gradient partition.
+/// `gradients` and `states` are the one-device step's (bytes), scaled per trainable element.
+fn own_zero3(
+    cfg: &ModelConfig,
+    spec: &TrainSpec,
+    s: &Sharding,
+    gradients: u64,
+    states: u64,
+) -> Sharded {
+    use crate::spec::zero3::{self as z3, Module};
+    let n = s.gpus as u64;
+    let d = spec.dtype.size_in_bytes() as u64;
+    let ad = spec.adapter_dtype().size_in_bytes() as u64;
+    let trainable = spec.trainable_params(cfg).max(1);
+    let dg = gradients / trainable;
+    let layers = cfg.num_hidden_layers;
+    let lora = spec.adaptation.lora.as_ref();
+    let tied = cfg.tie_word_embeddings;
+    // (modules, elements, bytes per element, trainable), one layer's for `Layer(0)`.
+    let mut tensors: Vec<(Vec<Module>, u64, u64, bool)> = Vec::new();
+    for p in cfg.param_shapes() {
+        let modules = if p.name.starts_with("model.layers.0.") {
+            vec![Module::Layer(0)]
+        } else if p.name.starts_with("model.layers.") {
+            continue;
+        } else if p.name == "model.embed_tokens.weight" && tied {
+            vec![Module::Embed, Module::Head]
+        } else if p.name.starts_with("model.embed_tokens.") {
+            vec![Module::Embed]
+        } else {
+            vec![Module::Head]
+        };
+        tensors.push((modules, p.numel(), d, lora.is_none()));
+    }
+    if let Some(l) = lora {
+        let r = l.r as u64;
+        for t in l.layer_targets(cfg) {
+            let (o, i) = crate::spec::target_shape(cfg, t);
+            tensors.push((vec![Module::Layer(0)], r * i as u64, ad, true));
+            tensors.push((vec![Module::Layer(0)], o as u64 * r, ad, true));
+        }
+        let (v, h) = (cfg.vocab_size as u64, cfg.hidden_size as u64);
+        if l.lm_head {
+            tensors.push((vec![Module::Head], r * h, ad, true));
+            tensors.push((vec![Module::Head], v * r, ad, true));
+        }
+        if l.embed_tokens {
+            tensors.push((vec![Module::Embed], r * v, ad, true));
+            tensors.push((vec![Module::Embed], h * r, ad, true));
+        }
+    }
+    // Every layer's tensors, each tensor once.
+    let mut all: Vec<(Vec<Module>, u64, u64, bool)> = Vec::new();
+    for t in &tensors {
+        if t.0 == [Module::Layer(0)] {
+            for l in 0..layers {
+                all.push((vec![Module::Layer(l)], t.1, t.2, t.3));
+            }
+        } else {
+            all.push(t.clone());
+        }
+    }
+    let part = |numel: u64| numel.div_ceil(n);
+    let persistent = |numel: u64| numel <= z3::PERSISTENCE_THRESHOLD;
+    let weights: u64 = all
+        .iter()
+        .map(|t| part(t.1) * t.2 + if persistent(t.1) { t.1 * t.2 } else { 0 })
+        .sum();
+    let trainable_part: u64 = all.iter().filter(|t| t.3).map(|t| part(t.1)).sum();
+    let grad_partition = trainable_part * dg;
+    let bucket = s.reduce_bucket_elements.saturating_mul(dg);
+    // The schedule, one entry per tensor (persistent ones included: they count in each
+    // module's elements).
+    let embed_trains = lora.is_none_or(|l| l.embed_tokens);
+    let schedule = z3::Schedule::new(
+        z3::trace(layers, embed_trains),
+        all.iter()
+            .map(|t| z3::Param::new(t.1, t.0.clone()))
+            .collect(),
+        z3::MAX_REUSE_DISTANCE,
+    );
+    let gathered = |at: usize| -> u64 {
+        schedule
+            .gathered_at(at)
+            .iter()
+            .zip(&all)
+            .filter(|(g, t)| **g && !persistent(t.1))
+            .map(|(_, t)| t.1 * t.2)
+            .sum()
+    };
+    let head = gathered(z3::backward_position(Module::Head, layers));
+    let layer_gathered = (0..layers)
+        .map(|l| gathered(z3::backward_position(Module::Layer(l), layers)))
+        .max()
+        .unwrap_or(0);
+    let end = if embed_trains {
+        gathered(z3::backward_position(Module::Embed, layers))
+    } else {
+        0
+    };
+    let layer_grads: u64 = tensors
+        .iter()
+        .filter(|t| t.0 == [Module::Layer(0)] && t.3)
+        .map(|t| t.1 * dg)
+        .sum();
+    // A tied embedding's gradient waits from the head's backward to the embedding's.
+    let tied_grad: u64 = all
+        .iter()
+        .filter(|t| t.3 && t.0.len() == 2 && embed_trains)
+        .map(|t| t.1 * dg)
+        .sum();
+    // The last bucket's contents: gradients arrive in backward order (the head's, the layers'
+    // last first, the embedding's), the bucket reduced whenever the next would overflow it.
+    let mut arrivals: Vec<u64> = Vec::new();
+    let trained = |m: Module| -> Vec<u64> {
+        all.iter()
+            .filter(|t| {
+                t.3 && t.0.contains(&m) && !(m == Module::Head && t.0.len() == 2 && embed_trains)
+            })
+            .map(|t| t.1)
+            .collect()
+    };
+    arrivals.extend(trained(Module::Head));
+    for l in (0..layers).rev() {
+        arrivals.extend(trained(Module::Layer(l)));
+    }
+    if embed_trains {
+        arrivals.extend(trained(Module::Embed));
+    }
+    let mut last: Vec<u64> = Vec::new();
+    let mut filled = 0u64;
+    for a in arrivals {
+        if filled + a > s.reduce_bucket_elements && filled > 0 {
+            last.clear();
+            filled = 0;
+        }
+        last.push(a);
+        filled += a;
+    }
+    let rs_input = if last.len() == 1 && last[0].is_multiple_of(n) {
+        0
+    } else {
+        last.iter().map(|&a| part(a) * n * dg).sum()
+    };
+    let per_state = states / trainable;
+    Sharded {
+        weights,
+        head_extra: head,
+        grad_partition,
+        gradients: tied_grad,
+        optimizer_states: per_state * trainable_part,
+        reduce_bucket: bucket,
+        step_gradients: grad_partition + bucket + grad_partition,
+        fsdp_root: 0,
+        layer_extra: layer_gathered + layer_grads,
+        end_extra: end,
+        scatter: vec![
+            (
+                "gradient bucket (ZeRO-3)".to_string(),
+                bucket,
+                format!(
+                    "reduce_bucket_size ({}) × gradient dtype, from initialization on",
+                    s.reduce_bucket_elements
+                ),
+            ),
+            (
+                "gradient partition (ZeRO-3)".to_string(),
+                grad_partition,
+                "the flat gradient partition: ⌈numel / GPUs⌉ elements of each trainable tensor × dtype".to_string(),
+            ),
+            (
+                "reduce-scatter input (last bucket)".to_string(),
+                rs_input,
+                "every rank's chunk of each gradient in the last bucket, padded: GPUs × Σ ⌈numel / GPUs⌉ × dtype".to_string(),
+            ),
+        ],
+        end_gradients: 0,
+        accumulated_gradients: Some(tied_grad),
         gradients_persistent: false,
         host_step: false,
         step_transient: None,

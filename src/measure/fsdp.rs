@@ -219,33 +219,40 @@ fn filled<T: Copy + Default>(world: &[u8], own: &[u8], at: usize) -> Vec<T> {
 }
 
 /// One sharded parameter.
-struct Sharded {
+pub(super) struct Sharded {
     /// The unsharded tensor the model uses (its storage freed while not gathered).
-    full: Tensor,
+    pub(super) full: Tensor,
     /// This rank's shard, `⌈rows/N⌉·cols` elements (1-D).
-    shard: Tensor,
+    pub(super) shard: Tensor,
     /// The shard as the optimizer's parameter, for a trainable tensor.
-    var: Option<Var>,
+    pub(super) var: Option<Var>,
     /// Index into [`Decoder::trainable_vars`], for a trainable tensor.
-    var_index: Option<usize>,
+    pub(super) var_index: Option<usize>,
     /// Decoder layer; `None` for the root.
-    layer: Option<usize>,
+    pub(super) layer: Option<usize>,
     /// Byte offset of its contents in the world.
-    world_at: usize,
+    pub(super) world_at: usize,
     /// Elements of the unsharded tensor.
-    numel: usize,
+    pub(super) numel: usize,
     /// First element of this rank's rows, and how many of its shard's elements are real (the
     /// rest padding).
-    start: usize,
-    len: usize,
-    gathered: bool,
+    pub(super) start: usize,
+    pub(super) len: usize,
+    pub(super) gathered: bool,
+}
+
+/// Every stored tensor of a [`Decoder`] sharded over a simulated world: this rank's shards,
+/// the other ranks' contents in the world's memory map, each unsharded tensor's storage freed
+/// until gathered.
+pub(super) struct Shards {
+    world: World,
+    pub(super) params: Vec<Sharded>,
+    pub(super) n: usize,
 }
 
 /// A simulated FSDP rank over a [`Decoder`].
 pub struct FsdpRank {
-    world: World,
-    params: Vec<Sharded>,
-    n: usize,
+    shards: Shards,
     /// The sharded gradients of the step so far, per trainable tensor.
     grads: Vec<Option<Tensor>>,
     /// The last reduce-scatter's input, kept until the next begins.
@@ -262,33 +269,46 @@ pub fn check(
     spec: &crate::spec::TrainSpec,
     device: crate::spec::DeviceChoice,
 ) -> Result<()> {
-    let why = |flag: &str, value: String, reason: &str| Err(Error::invalid(flag, value, reason));
+    check_gathering(cfg, spec, device, "FSDP")
+}
+
+/// [`check`] for a rank that gathers its parameters (FSDP, ZeRO-3: `what`, named in errors).
+///
+/// # Errors
+/// As [`check`].
+pub(super) fn check_gathering(
+    cfg: &crate::config::ModelConfig,
+    spec: &crate::spec::TrainSpec,
+    device: crate::spec::DeviceChoice,
+    what: &str,
+) -> Result<()> {
+    let why = |flag: &str, value: String, reason: String| Err(Error::invalid(flag, value, reason));
     if device != crate::spec::DeviceChoice::Cpu {
         return why(
             "--device",
             "cuda".into(),
-            "a simulated FSDP rank frees and refills its unsharded parameters' storage, which vramcal does on the CPU only",
+            format!("a simulated {what} rank frees and refills its unsharded parameters' storage, which vramcal does on the CPU only"),
         );
     }
     if spec.checkpointing != crate::spec::Checkpointing::Every(1) {
         return why(
             "--checkpointing",
             spec.checkpointing.label(),
-            "a simulated FSDP rank needs --checkpointing layers: candle's autograd graph holds every weight it used until backward, so a layer's unsharded weights can be freed after its forward only when its graph is not kept",
+            format!("a simulated {what} rank needs --checkpointing layers: candle's autograd graph holds every weight it used until backward, so a layer's unsharded weights can be freed after its forward only when its graph is not kept"),
         );
     }
     if spec.adaptation.quant != crate::spec::Quant::None {
         return why(
             "--method",
             "qlora".into(),
-            "a simulated FSDP rank shards dense tensors; NF4 weights are stored packed",
+            format!("a simulated {what} rank shards dense tensors; NF4 weights are stored packed"),
         );
     }
     if cfg.moe().is_some() {
         return why(
             "--model",
             "a mixture of experts".into(),
-            "a simulated FSDP rank shards dense decoder layers",
+            format!("a simulated {what} rank shards dense decoder layers"),
         );
     }
     if spec
@@ -300,27 +320,38 @@ pub fn check(
         return why(
             "--lora",
             "modules_to_save".into(),
-            "a simulated FSDP rank does not shard PEFT's full copies of saved modules yet",
+            format!(
+                "a simulated {what} rank does not shard PEFT's full copies of saved modules yet"
+            ),
         );
     }
     if spec.save != crate::spec::SaveMode::None {
         return why(
             "--save",
             spec.save.label().into(),
-            "a simulated FSDP rank holds only its shards after the step",
+            format!("a simulated {what} rank holds only its shards after the step"),
         );
     }
     Ok(())
 }
 
-impl FsdpRank {
-    /// `fully_shard` of `model` for rank `s.rank` of `s.gpus`: every stored tensor's contents
-    /// copied into the world, this rank's shard allocated, the unsharded storage freed.
+impl Shards {
+    /// Shards every stored tensor of `model` for rank `s.rank` of `s.gpus`: its contents
+    /// copied into the world, this rank's shard allocated (`⌈rows/N⌉` rows of it, FSDP2's
+    /// dim-0 sharding; with `flat`, `⌈numel/N⌉` elements of the flattened tensor, DeepSpeed
+    /// ZeRO-3's `ds_tensor`; padded either way), the unsharded storage freed. `what` names the
+    /// scheme in errors. Also returns each tensor's name ([`StoredTensor::name`]), in
+    /// [`Shards::params`] order (not kept here: the rank's bookkeeping is counted memory too).
     ///
     /// # Errors
-    /// [`Error::InvalidValue`] for what [`check`] refuses, trainable tensors of two dtypes, an
-    /// NF4 weight; [`Error::Candle`].
-    pub fn new(s: &Sharding, model: &Decoder) -> Result<Self> {
+    /// [`Error::InvalidValue`] for trainable tensors of two dtypes, an NF4 weight;
+    /// [`Error::Candle`].
+    pub(super) fn new(
+        s: &Sharding,
+        model: &Decoder,
+        flat: bool,
+        what: &str,
+    ) -> Result<(Self, Vec<String>)> {
         let stored = model.stored_tensors()?;
         let vars = model.trainable_vars();
         let dtypes: std::collections::BTreeSet<String> = vars
@@ -331,7 +362,7 @@ impl FsdpRank {
             return Err(Error::invalid(
                 "--precision",
                 dtypes.into_iter().collect::<Vec<_>>().join(" and "),
-                "a simulated FSDP rank reduce-scatters one flat buffer per layer, in one dtype: train tensors of one dtype",
+                format!("a simulated {what} rank reduces its gradients through flat buffers of one dtype: train tensors of one dtype"),
             ));
         }
         let total: usize = stored
@@ -340,12 +371,13 @@ impl FsdpRank {
             .sum();
         let mut world = World::new(total)?;
         let mut params = Vec::with_capacity(stored.len());
+        let mut names = Vec::with_capacity(if flat { stored.len() } else { 0 });
         let mut at = 0;
         for StoredTensor {
             layer,
+            name,
             tensor,
             trainable,
-            ..
         } in stored
         {
             let numel = tensor.elem_count();
@@ -353,7 +385,7 @@ impl FsdpRank {
             with_cpu_bytes(&tensor, |b| {
                 world.bytes_mut(at, bytes).copy_from_slice(&b[..bytes]);
             })?;
-            let (rows, cols) = rows_cols(&tensor);
+            let (rows, cols) = if flat { (numel, 1) } else { rows_cols(&tensor) };
             let chunk = rows.div_ceil(s.gpus);
             let own_rows = rows.saturating_sub(chunk * s.rank).min(chunk);
             let (start, len) = (chunk * s.rank * cols, own_rows * cols);
@@ -376,6 +408,9 @@ impl FsdpRank {
                 None
             };
             tensor.inplace_op1(&Release)?;
+            if flat {
+                names.push(name);
+            }
             params.push(Sharded {
                 full: tensor,
                 shard,
@@ -397,21 +432,22 @@ impl FsdpRank {
         {
             return Err(Error::invalid(
                 "--shard",
-                "fsdp",
+                what.to_string(),
                 "a trainable tensor is not among the optimizer's",
             ));
         }
-        Ok(FsdpRank {
-            world,
-            params,
-            n: s.gpus,
-            grads: vec![None; vars.len()],
-            rs_input: None,
-        })
+        Ok((
+            Shards {
+                world,
+                params,
+                n: s.gpus,
+            },
+            names,
+        ))
     }
 
-    /// The optimizer's parameters: the trainable shards, in [`Decoder::trainable_vars`] order.
-    pub fn optimizer_vars(&self) -> Vec<Var> {
+    /// The trainable shards, in [`Decoder::trainable_vars`] order.
+    pub(super) fn optimizer_vars(&self) -> Vec<Var> {
         let mut v: Vec<(usize, Var)> = self
             .params
             .iter()
@@ -421,11 +457,18 @@ impl FsdpRank {
         v.into_iter().map(|(_, v)| v).collect()
     }
 
-    fn gather(&mut self, which: impl Fn(Option<usize>) -> bool) -> Result<()> {
-        for p in self
+    /// All-gathers the tensors `which` selects (by index into [`Shards::params`] and the
+    /// tensor) that are not gathered: each unsharded storage
+    /// refilled from the world, with this rank's shard written in.
+    ///
+    /// # Errors
+    /// [`Error::Candle`]; [`Error::InvalidValue`] off the CPU.
+    pub(super) fn gather(&mut self, which: impl Fn(usize, &Sharded) -> bool) -> Result<()> {
+        for (_, p) in self
             .params
             .iter_mut()
-            .filter(|p| !p.gathered && which(p.layer))
+            .enumerate()
+            .filter(|(i, p)| !p.gathered && which(*i, p))
         {
             let d = p.full.dtype().size_in_bytes();
             let world = self.world.bytes(p.world_at, p.numel * d);
@@ -442,16 +485,53 @@ impl FsdpRank {
         Ok(())
     }
 
-    fn release(&mut self, which: impl Fn(Option<usize>) -> bool) -> Result<()> {
-        for p in self
+    /// Frees the unsharded storage of the gathered tensors `which` selects (as in
+    /// [`Shards::gather`]).
+    ///
+    /// # Errors
+    /// [`Error::Candle`].
+    pub(super) fn release(&mut self, which: impl Fn(usize, &Sharded) -> bool) -> Result<()> {
+        for (_, p) in self
             .params
             .iter_mut()
-            .filter(|p| p.gathered && which(p.layer))
+            .enumerate()
+            .filter(|(i, p)| p.gathered && which(*i, p))
         {
             p.full.inplace_op1(&Release)?;
             p.gathered = false;
         }
         Ok(())
+    }
+}
+
+impl FsdpRank {
+    /// `fully_shard` of `model` for rank `s.rank` of `s.gpus`: every stored tensor's contents
+    /// copied into the world, this rank's shard allocated, the unsharded storage freed.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for what [`check`] refuses, trainable tensors of two dtypes, an
+    /// NF4 weight; [`Error::Candle`].
+    pub fn new(s: &Sharding, model: &Decoder) -> Result<Self> {
+        let (shards, _) = Shards::new(s, model, false, "FSDP")?;
+        let n = model.trainable_vars().len();
+        Ok(FsdpRank {
+            shards,
+            grads: vec![None; n],
+            rs_input: None,
+        })
+    }
+
+    /// The optimizer's parameters: the trainable shards, in [`Decoder::trainable_vars`] order.
+    pub fn optimizer_vars(&self) -> Vec<Var> {
+        self.shards.optimizer_vars()
+    }
+
+    fn gather(&mut self, which: impl Fn(Option<usize>) -> bool) -> Result<()> {
+        self.shards.gather(|_, p| which(p.layer))
+    }
+
+    fn release(&mut self, which: impl Fn(Option<usize>) -> bool) -> Result<()> {
+        self.shards.release(|_, p| which(p.layer))
     }
 
     /// The root's pre-forward all-gather: the embedding, final norm, head and their adapters,
@@ -472,21 +552,23 @@ impl FsdpRank {
         grads: &mut [Option<Tensor>],
         which: impl Fn(Option<usize>) -> bool,
     ) -> Result<()> {
-        let mine: Vec<usize> = (0..self.params.len())
-            .filter(|&i| self.params[i].var_index.is_some() && which(self.params[i].layer))
+        let params = &self.shards.params;
+        let mine: Vec<usize> = (0..params.len())
+            .filter(|&i| params[i].var_index.is_some() && which(params[i].layer))
             .collect();
         if mine.is_empty() {
             return Ok(());
         }
         self.rs_input = None;
-        let slot = |p: &Sharded| p.shard.elem_count() * self.n;
-        let total: usize = mine.iter().map(|&i| slot(&self.params[i])).sum();
-        let first = &self.params[mine[0]];
+        let n = self.shards.n;
+        let slot = |p: &Sharded| p.shard.elem_count() * n;
+        let total: usize = mine.iter().map(|&i| slot(&params[i])).sum();
+        let first = &params[mine[0]];
         let input = Tensor::zeros(total, first.shard.dtype(), first.shard.device())?;
         let mut off = 0;
         let mut offsets = Vec::with_capacity(mine.len());
         for &i in &mine {
-            let p = &self.params[i];
+            let p = &params[i];
             let vi = p.var_index.expect("trainable");
             let g = grads[vi].take().ok_or_else(|| {
                 Error::invalid("gradient", vi, "a trainable tensor received no gradient")
@@ -497,7 +579,7 @@ impl FsdpRank {
             off += slot(p);
         }
         for (&i, off) in mine.iter().zip(offsets) {
-            let p = &self.params[i];
+            let p = &params[i];
             let vi = p.var_index.expect("trainable");
             let out = Tensor::zeros(p.shard.elem_count(), p.shard.dtype(), p.shard.device())?;
             if p.len > 0 {

@@ -9,6 +9,7 @@ pub mod fsdp;
 pub mod probe;
 pub mod sharded;
 pub mod step;
+pub mod zero3;
 
 pub use alloc::CountingAlloc;
 pub use probe::{failure_hint, is_device_oom, HostProbe, MemoryProbe, MemoryReading};

@@ -20,9 +20,8 @@
 //! ZeRO-2 on vramcal's step reduces once, at the end of backward: candle's backward returns
 //! every gradient at its end, so no bucket can be reduced earlier. DeepSpeed's own ZeRO-2 does
 //! the same for any model whose gradients fit its reduce bucket (500M elements by default,
-//! `reduce_bucket_size`). Parameters stay whole (`zero3` and `fsdp` are not simulated: they
-//! would need each layer's weights gathered and freed around its forward and backward, which
-//! candle's autograd graph, holding every weight it used until backward, does not allow).
+//! `reduce_bucket_size`). Parameters stay whole here: the ranks that gather them are
+//! [`super::fsdp`] and [`super::zero3`].
 //!
 //! The other ranks' parts of the weights are not updated here (their ranks would update
 //! them): the step-2 loss is that of a partly updated model.
@@ -44,12 +43,13 @@ pub const DDP_FIRST_BUCKET_BYTES: u64 = 1 << 20;
 pub const DDP_BUCKET_BYTES: u64 = 25 << 20;
 
 /// Checks that vramcal's step can simulate rank `s.rank` of `s` on `device`: `ddp`, `zero1`,
-/// `zero2` or `fsdp` (what [`super::fsdp::check`] asks of it), at least two ranks, an
+/// `zero2`, `zero3` or `fsdp` (what [`super::fsdp::check`] asks of the last two), at least two ranks, an
 /// element-wise optimizer for the sharded states, no offload.
 ///
 /// # Errors
 /// [`Error::InvalidValue`] naming the flag (`--shard`, `--world-size`, `--rank`,
-/// `--optimizer`, and for `fsdp` `--checkpointing`, `--device`, `--method`, `--save`).
+/// `--optimizer`, and for `zero3` and `fsdp` `--checkpointing`, `--device`, `--method`,
+/// `--save`).
 pub fn check(
     s: &Sharding,
     cfg: &crate::config::ModelConfig,
@@ -59,13 +59,7 @@ pub fn check(
     match s.shard {
         Shard::Ddp | Shard::Zero1 | Shard::Zero2 => {}
         Shard::Fsdp => super::fsdp::check(cfg, spec, device)?,
-        Shard::Zero3 => {
-            return Err(Error::invalid(
-                "--shard",
-                "zero3",
-                "vramcal's step simulates ddp, zero1, zero2 and fsdp: DeepSpeed ZeRO-3's own schedule (its prefetch bucket, the parameters it keeps whole below its persistence threshold, modules released between uses) is not simulated: measure --shard fsdp, or estimate ZeRO-3 under PyTorch with `vramcal estimate --shard zero3 --profile torch-sdpa`",
-            ))
-        }
+        Shard::Zero3 => super::zero3::check(cfg, spec, device)?,
     }
     if s.gpus < 2 {
         return Err(Error::invalid(
@@ -94,6 +88,8 @@ pub fn check(
             spec.optimizer,
             if s.shard == Shard::Fsdp {
                 "an FSDP rank steps its rows of each tensor, which needs an element-wise optimizer: adamw_torch, adamw_torch_fused or sgd".to_string()
+            } else if s.shard == Shard::Zero3 {
+                "a zero3 rank steps its flat partition of each tensor, which needs an element-wise optimizer: adamw_torch, adamw_torch_fused or sgd".to_string()
             } else {
                 format!(
                     "a {} rank steps a flat partition cutting across tensors, which needs an element-wise optimizer: adamw_torch, adamw_torch_fused or sgd",

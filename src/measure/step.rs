@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::measure::fsdp::FsdpRank;
 use crate::measure::probe::MemoryProbe;
 use crate::measure::sharded::Rank;
+use crate::measure::zero3::Zero3Rank;
 use crate::model::{Decoder, ForwardCtx};
 use crate::spec::SaveMode;
 use crate::spec::TrainSpec;
@@ -243,20 +244,33 @@ fn accumulate_into(acc: &[Tensor], g: Vec<Tensor>) -> Result<()> {
     Ok(())
 }
 
+/// A simulated rank that gathers its parameters around the modules that use them.
+// One value per measurement, on the stack: boxing it would add a counted allocation.
+#[allow(clippy::large_enum_variant)]
+enum Gathering {
+    /// FSDP2 ([`crate::measure::fsdp`]).
+    Fsdp(FsdpRank),
+    /// DeepSpeed ZeRO-3 ([`crate::measure::zero3`]).
+    Zero3(Zero3Rank),
+}
+
 /// The training forward pass; on a simulated FSDP rank with the root gathered first and each
-/// layer gathered around its forward.
+/// layer gathered around its forward, on a ZeRO-3 rank each module gathered around its own.
 fn forward(
     model: &Decoder,
-    fsdp: Option<&mut FsdpRank>,
+    gathering: Option<&mut Gathering>,
     inputs: &Tensor,
     targets: &Tensor,
     spec: &TrainSpec,
     ctx: ForwardCtx,
 ) -> Result<crate::model::TrainForward> {
-    match fsdp {
-        Some(f) => {
+    match gathering {
+        Some(Gathering::Fsdp(f)) => {
             f.gather_root()?;
             model.forward_train_with(inputs, targets, spec.checkpointing, ctx, Some(f))
+        }
+        Some(Gathering::Zero3(z)) => {
+            model.forward_train_with(inputs, targets, spec.checkpointing, ctx, Some(&mut *z))
         }
         None => model.forward_train(inputs, targets, spec.checkpointing, ctx),
     }
@@ -264,22 +278,29 @@ fn forward(
 
 /// One micro-batch's backward, its gradients added to the step's `grads` ([`gather_grads`]);
 /// on a simulated FSDP rank each layer's gradients reduce-scattered as its backward ends and
-/// the sharded ones taken into `grads` at the last micro-batch.
+/// the sharded ones taken into `grads` at the last micro-batch; on a ZeRO-3 rank each module's
+/// gradients put in its bucket, reduced into its flat partition (`grads` left empty: the step
+/// takes them there).
 fn backward(
     model: &Decoder,
-    fsdp: Option<&mut FsdpRank>,
+    gathering: Option<&mut Gathering>,
     rank: Option<&Rank>,
     fwd: crate::model::TrainForward,
     grads: &mut Option<Vec<Tensor>>,
     last: bool,
 ) -> Result<()> {
-    match fsdp {
-        Some(f) => {
+    match gathering {
+        Some(Gathering::Fsdp(f)) => {
             let left = model.backward_with(fwd, Some(&mut *f))?;
             f.finish_backward(left)?;
             if last {
                 *grads = Some(f.take_grads()?);
             }
+        }
+        Some(Gathering::Zero3(z)) => {
+            let left = model.backward_with(fwd, Some(&mut *z))?;
+            z.finish_backward(left)?;
+            *grads = Some(Vec::new());
         }
         None => {
             let g = model.backward(fwd)?;
@@ -321,14 +342,22 @@ fn gather_grads(
 /// The optimizer step from the step's `grads`, which are then freed (PyTorch's
 /// `zero_grad(set_to_none=True)`). On a ZeRO rank `opt` steps the partition `opt_vars`: ZeRO-1
 /// first reduce-scatters the full gradients into it (ZeRO-2 did in backward), and the stepped
-/// partition is copied back into the parameters `vars` (the all-gather).
+/// partition is copied back into the parameters `vars` (the all-gather). A ZeRO-3 rank steps
+/// its partitions from its flat gradient partition ([`Zero3Rank::begin_step`]).
 fn apply_step(
     rank: Option<&Rank>,
+    gathering: Option<&mut Gathering>,
     opt: &mut dyn crate::optim::Optim,
     grads: Vec<Tensor>,
     vars: &[candle_core::Var],
     opt_vars: &[candle_core::Var],
 ) -> Result<()> {
+    if let Some(Gathering::Zero3(z)) = gathering {
+        let grads = z.begin_step()?;
+        opt.step(&grads)?;
+        drop(grads);
+        return z.end_step();
+    }
     let grads = match rank {
         Some(r) if r.scatters_at_step() => r.reduce_scatter(grads, None)?,
         _ => grads,
@@ -423,21 +452,28 @@ pub fn measure_with(
     out.trainable_params = model.trainable_count();
     out.param_bytes = model.param_bytes();
     let vars: Vec<_> = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
-    let fsdp_sharding = setup.sharding.filter(|s| s.shard == Shard::Fsdp);
+    let gathering_sharding = setup.sharding.filter(|s| s.shard.shards_parameters());
     let mut rank = setup
         .sharding
-        .filter(|s| s.shard != Shard::Fsdp)
+        .filter(|s| !s.shard.shards_parameters())
         .map(|s| Rank::new(s, &vars))
         .transpose()?;
-    let mut fsdp: Option<FsdpRank> = None;
+    let mut gathering: Option<Gathering> = None;
     // A simulated rank: DDP's buckets are made at wrapping, ZeRO's partition with the
-    // optimizer, FSDP's shards by `fully_shard`; all here.
+    // optimizer, FSDP's shards by `fully_shard`, ZeRO-3's partitions and buffers at its
+    // initialization; all here.
     let (mut opt, opt_vars) = phase(probe, out, &mut ev, "optimizer_init", || {
-        let ov = match (rank.as_mut(), fsdp_sharding) {
+        let ov = match (rank.as_mut(), gathering_sharding) {
+            (_, Some(s)) if s.shard == Shard::Zero3 => {
+                let z = Zero3Rank::new(&s, &model)?;
+                let ov = z.optimizer_vars();
+                gathering = Some(Gathering::Zero3(z));
+                ov
+            }
             (_, Some(s)) => {
                 let f = FsdpRank::new(&s, &model)?;
                 let ov = f.optimizer_vars();
-                fsdp = Some(f);
+                gathering = Some(Gathering::Fsdp(f));
                 ov
             }
             (Some(r), None) => {
@@ -466,7 +502,7 @@ pub fn measure_with(
                 seed: spec.data_seed ^ (batch_id << 20),
             };
             let fwd = phase(probe, out, &mut ev, &format!("step{step}_forward"), || {
-                forward(&model, fsdp.as_mut(), &inputs, &targets, spec, ctx)
+                forward(&model, gathering.as_mut(), &inputs, &targets, spec, ctx)
             })?;
             let loss_value = fwd.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss_value.is_finite() {
@@ -481,7 +517,14 @@ pub fn measure_with(
             }
             let last = micro + 1 == spec.accumulate as u64;
             phase(probe, out, &mut ev, &format!("step{step}_backward"), || {
-                backward(&model, fsdp.as_mut(), rank.as_ref(), fwd, &mut grads, last)
+                backward(
+                    &model,
+                    gathering.as_mut(),
+                    rank.as_ref(),
+                    fwd,
+                    &mut grads,
+                    last,
+                )
             })?;
         }
         merge_phases(
@@ -506,7 +549,16 @@ pub fn measure_with(
             out,
             &mut ev,
             &format!("step{step}_optimizer_step"),
-            || apply_step(rank.as_ref(), opt.as_mut(), grads, &vars, &opt_vars),
+            || {
+                apply_step(
+                    rank.as_ref(),
+                    gathering.as_mut(),
+                    opt.as_mut(),
+                    grads,
+                    &vars,
+                    &opt_vars,
+                )
+            },
         )?;
         if step == 1 {
             out.optimizer_state_bytes = opt.state_bytes();
@@ -527,12 +579,20 @@ pub fn measure_with(
                 train: true,
                 seed: spec.data_seed ^ (batch_id << 20),
             };
-            let fwd = forward(&model, fsdp.as_mut(), &inputs, &targets, spec, ctx)?;
+            let fwd = forward(&model, gathering.as_mut(), &inputs, &targets, spec, ctx)?;
             let last = micro + 1 == spec.accumulate as u64;
-            backward(&model, fsdp.as_mut(), rank.as_ref(), fwd, &mut grads, last)?;
+            backward(
+                &model,
+                gathering.as_mut(),
+                rank.as_ref(),
+                fwd,
+                &mut grads,
+                last,
+            )?;
         }
         apply_step(
             rank.as_ref(),
+            gathering.as_mut(),
             opt.as_mut(),
             grads.expect("accumulate >= 1"),
             &vars,

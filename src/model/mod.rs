@@ -168,10 +168,41 @@ pub struct StoredTensor {
     pub trainable: bool,
 }
 
+/// A module of the root (outside the decoder layers), as [`SegmentHooks`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootPart {
+    /// The embedding and its adapter.
+    Embedding,
+    /// The final norm, the LM head (or the tied embedding) and the head's adapter.
+    Head,
+}
+
 /// Called around each checkpointed segment of layers (a simulated FSDP rank gathers the
 /// segment's parameters before it runs and frees them, and reduce-scatters their gradients,
-/// after: `crate::measure::fsdp`).
+/// after: `crate::measure::fsdp`), and around the root's modules (a simulated ZeRO-3 rank
+/// gathers and releases them too: `crate::measure::zero3`).
 pub trait SegmentHooks {
+    /// The root's `part` is about to run: its forward (`backward` false), or its backward (the
+    /// head's from the loss; the embedding's, recomputed at the end of backward when it
+    /// trains). Nothing by default.
+    ///
+    /// # Errors
+    /// The hook's own.
+    fn before_root(&mut self, part: RootPart, backward: bool) -> Result<()> {
+        let _ = (part, backward);
+        Ok(())
+    }
+
+    /// The root's `part` has run; in backward `grads` as in [`SegmentHooks::after`]. Nothing by
+    /// default.
+    ///
+    /// # Errors
+    /// The hook's own.
+    fn after_root(&mut self, part: RootPart, grads: Option<&mut [Option<Tensor>]>) -> Result<()> {
+        let _ = (part, grads);
+        Ok(())
+    }
+
     /// Layers `first..first + n` are about to run: their forward (`backward` false), or their
     /// recomputation and backward.
     ///
@@ -852,7 +883,13 @@ impl Decoder {
         };
         // Checkpointed: run each segment of k layers keeping only its input; the segment's
         // graph is dropped as soon as its output is detached.
+        if let Some(h) = hooks.as_mut() {
+            h.before_root(RootPart::Embedding, false)?;
+        }
         let mut x = self.embed(input_ids)?.detach();
+        if let Some(h) = hooks.as_mut() {
+            h.after_root(RootPart::Embedding, None)?;
+        }
         let mut segments = Vec::new();
         let mut first = 0;
         while first < self.layers.len() {
@@ -873,7 +910,13 @@ impl Decoder {
         }
         let head_input = Var::from_tensor(&x)?;
         drop(x);
+        if let Some(h) = hooks.as_mut() {
+            h.before_root(RootPart::Head, false)?;
+        }
         let loss = self.head_loss(head_input.as_tensor(), targets, ctx)?;
+        if let Some(h) = hooks.as_mut() {
+            h.after_root(RootPart::Head, None)?;
+        }
         Ok(TrainForward {
             loss,
             ctx,
@@ -945,6 +988,11 @@ impl Decoder {
             segments,
             head_input,
         } = f;
+        if head_input.is_some() {
+            if let Some(h) = hooks.as_mut() {
+                h.before_root(RootPart::Head, true)?;
+            }
+        }
         let store = loss.backward()?;
         drop(loss);
         collect(&vars, &mut grads, &store)?;
@@ -961,6 +1009,9 @@ impl Decoder {
                 .detach();
             drop(store);
             drop(hv);
+            if let Some(h) = hooks.as_mut() {
+                h.after_root(RootPart::Head, Some(&mut grads))?;
+            }
             let aux = self.aux(&input_ids)?;
             for (first, n, input) in segments.into_iter().rev() {
                 if let Some(h) = hooks.as_mut() {
@@ -992,15 +1043,27 @@ impl Decoder {
                     h.after(first, n, Some(&mut grads))?;
                 }
             }
-            if matches!(self.embed_tokens, Param::Trainable(_)) || self.embed_lora.is_some() {
+            if self.embedding_trains() {
+                if let Some(h) = hooks.as_mut() {
+                    h.before_root(RootPart::Embedding, true)?;
+                }
                 let e = self.embed(&input_ids)?;
                 let st = (e * &g)?.sum_all()?.backward()?;
                 collect(&vars, &mut grads, &st)?;
+                drop(st);
+                if let Some(h) = hooks.as_mut() {
+                    h.after_root(RootPart::Embedding, Some(&mut grads))?;
+                }
             }
         } else {
             drop(store);
         }
         Ok(grads)
+    }
+
+    /// Whether the embedding or its adapter trains (its backward runs at the end).
+    pub fn embedding_trains(&self) -> bool {
+        matches!(self.embed_tokens, Param::Trainable(_)) || self.embed_lora.is_some()
     }
 
     fn aux(&self, input_ids: &Tensor) -> Result<Aux> {

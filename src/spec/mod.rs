@@ -19,6 +19,7 @@ pub mod profile;
 pub mod save;
 pub mod shard;
 pub mod weights;
+pub mod zero3;
 
 use candle_core::DType;
 
