@@ -1507,7 +1507,7 @@ const CONTRADICTIONS: &[Case] = &[
     Case {
         args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--gpus", "2",
             "--profile", "candle", "--reduce-bucket-size", "1000"],
-        error: "describes DeepSpeed, which vramcal's own step",
+        error: "which vramcal's own step (--profile candle) keeps at DeepSpeed's default",
         untouched: None,
     },
     Case {
@@ -1561,6 +1561,12 @@ const CONTRADICTIONS: &[Case] = &[
         args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--gpus", "2",
             "--offload", "optimizer", "--profile", "candle"],
         error: "which vramcal's own step (--profile candle) does not run",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero3", "--gpus", "2",
+            "--checkpointing", "layers", "--reduce-bucket-size", "1000", "--profile", "candle"],
+        error: "keeps at DeepSpeed's default (5e8 elements",
         untouched: None,
     },
     Case {

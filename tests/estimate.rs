@@ -441,9 +441,16 @@ fn sharding_divides_what_it_should() {
     let mz = shard(&m, &s, &Sharding::new(Shard::Zero3, 8), false, w, g, st).unwrap();
     assert_eq!(mz.head_extra, 2 * layer + 2 * 32_000 * 4096);
     assert_eq!(z3.optimizer_states, st / (g / 2) * (parts / 2));
-    // The torch profiles' DeepSpeed ZeRO-3: the parameters divided by 8 plus one gathered layer.
+    // The torch profiles' DeepSpeed ZeRO-3: the parameters divided by 8, the norms whole, and
+    // what the same schedule gathers (without checkpointing: no recomputation in the trace).
     let z3t = shard(&c, &s, &Sharding::new(Shard::Zero3, 8), true, w, g, st).unwrap();
-    assert_eq!(z3t.weights, w / 8 + layer + 2 * 2 * 4096);
+    assert_eq!(z3t.weights, w / 8 + 65 * 4096 * 2);
+    assert_eq!(
+        (z3t.head_extra, z3t.layer_extra),
+        (2 * 128_256 * 4096, layer)
+    );
+    let mzt = shard(&m, &s, &Sharding::new(Shard::Zero3, 8), true, w, g, st).unwrap();
+    assert_eq!(mzt.head_extra, 2 * layer + 2 * 32_000 * 4096);
     assert!(shard(&c, &s, &Sharding::new(Shard::Zero3, 0), false, w, g, st).is_err());
     // LoRA: only adapters are sharded as gradients and states; the estimate drops per GPU.
     let mut lo = s.clone();

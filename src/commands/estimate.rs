@@ -404,8 +404,8 @@ fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<Sharding>> {
         }
         return Ok(None);
     };
-    // vramcal's own step (a simulated rank of it: `measure --shard`) has no DeepSpeed
-    // buckets or offload.
+    // vramcal's own step (a simulated rank of it: `measure --shard`) offloads nothing, and its
+    // ZeRO-3 rank keeps DeepSpeed's default bucket, which `measure` does not change.
     if a.profile == Profile::Candle {
         for (flag, v) in &given[1..] {
             if let Some(v) = v {
@@ -414,6 +414,8 @@ fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<Sharding>> {
                     v,
                     if *flag == "--offload" {
                         "describes DeepSpeed's or FSDP's CPU offload, which vramcal's own step (--profile candle) does not run: give --profile torch-sdpa"
+                    } else if *flag == "--reduce-bucket-size" {
+                        "sets DeepSpeed's bucket, which vramcal's own step (--profile candle) keeps at DeepSpeed's default (5e8 elements, as `measure --shard` runs it): give --profile torch-sdpa to set it"
                     } else {
                         "describes DeepSpeed, which vramcal's own step (--profile candle) does not run: give --profile torch-sdpa"
                     },

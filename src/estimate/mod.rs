@@ -1291,6 +1291,11 @@ pub fn estimate_sharded(
                 _ if profile == Profile::Candle && s.shard == Shard::Zero3 => {
                     "every tensor's partition, ⌈numel / GPUs⌉ × dtype, and the persistent ones (≤ 1e5 elements) whole".into()
                 }
+                // DeepSpeed ZeRO-3 under PyTorch: likewise, its schedule's gathered parameters
+                // at their moments.
+                _ if s.shard == Shard::Zero3 && spec.adaptation.quant == Quant::None => {
+                    "params × dtype / GPUs, and the persistent ones (≤ 1e5 elements) whole".into()
+                }
                 _ => format!("{} / GPUs + one gathered layer", held[0].formula),
             };
         }
@@ -1320,8 +1325,16 @@ pub fn estimate_sharded(
             (
                 Moment::Layer,
                 layer_extra,
-                "gathered parameters and a layer's gradients (ZeRO-3)",
-                "the parameters held whole at a layer's backward (the most over the layers: params × dtype) and the layer's whole gradients before they are copied into the bucket",
+                if profile == Profile::Candle {
+                    "gathered parameters and a layer's gradients (ZeRO-3)"
+                } else {
+                    "gathered parameters (ZeRO-3, a layer's backward)"
+                },
+                if profile == Profile::Candle {
+                    "the parameters held whole at a layer's backward (the most over the layers: params × dtype) and the layer's whole gradients before they are copied into the bucket"
+                } else {
+                    "the parameters held whole at a layer's backward (the most over the layers: params × dtype)"
+                },
             ),
             (
                 Moment::End,

@@ -14,7 +14,10 @@ use crate::spec::{Offload, Optimizer, Shard, Sharding, TrainSpec};
 /// ZeRO-3 and FSDP every parameter is sharded and one layer's parameters are gathered at a time.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Sharded {
-    /// Weights held per GPU (bytes), including one gathered layer under ZeRO-3/FSDP.
+    /// Weights held per GPU at every moment (bytes): under ZeRO-3/FSDP the shards, with one
+    /// gathered layer (FSDP, offloaded ZeRO-3) or DeepSpeed ZeRO-3's persistent parameters
+    /// whole (its gathered ones count at their moments: [`Sharded::head_extra`] and the
+    /// others).
     pub weights: u64,
     /// Gradients per GPU through backward (bytes): 0 where ZeRO-Offload moves each reduced
     /// partition to the host.
@@ -39,21 +42,25 @@ pub struct Sharded {
     /// (`_fsdp_state.py` `_lazy_init`: the root's `post_forward_mesh_info` is `None`) and
     /// reduces its gradients last; 0 otherwise.
     pub fsdp_root: u64,
-    /// Bytes alive at the head's backward only, beyond the rest (counted at that moment):
-    /// vramcal's simulated ZeRO-3 rank's gathered parameters there (`crate::measure::zero3`);
-    /// 0 otherwise.
+    /// Bytes alive at the head's backward only, beyond the rest (counted at that moment): the
+    /// parameters DeepSpeed ZeRO-3's schedule holds gathered there (vramcal's simulated rank,
+    /// `crate::measure::zero3`, and the torch profiles' ZeRO-3 with dense weights); 0
+    /// otherwise.
     pub head_extra: u64,
     /// vramcal's simulated ZeRO-3 rank's flat gradient partition, held from initialization
     /// through the step (bytes, beside [`Sharded::reduce_bucket`]); 0 otherwise.
     pub grad_partition: u64,
-    /// Bytes alive at a layer's backward only, beyond the rest (counted at that moment):
-    /// vramcal's simulated FSDP rank's gathered layer and the next one prefetched, the
+    /// Bytes alive at a layer's backward only, beyond the rest (counted at that moment): the
+    /// parameters ZeRO-3's schedule holds gathered there (both profiles; vramcal's rank adds
+    /// the layer's whole gradients); vramcal's simulated FSDP rank's gathered layer and the
+    /// next one prefetched, the
     /// layer's unsharded gradients and the previous layer's reduce-scatter input
     /// (`crate::measure::fsdp`); 0 otherwise.
     pub layer_extra: u64,
     /// Bytes alive at the end of backward only, beyond the rest (counted at that moment):
     /// vramcal's simulated FSDP rank's last layer's reduce-scatter input, kept until the
-    /// root's reduce-scatter begins; 0 otherwise.
+    /// root's reduce-scatter begins; the parameters ZeRO-3's schedule holds gathered at the
+    /// embedding's backward; 0 otherwise.
     pub end_extra: u64,
     /// What is alive, beyond the weights and states held, once backward has returned and the
     /// rank reduce-scatters (vramcal's simulated ranks): ZeRO-2's full gradients and its
@@ -195,6 +202,32 @@ pub fn shard(
         (true, _) => weights.div_ceil(g) + gathered,
         (false, _) => weights,
     };
+    // DeepSpeed ZeRO-3 under PyTorch (dense weights, nothing offloaded): the persistent
+    // parameters whole beside the partitions, and what its schedule holds gathered at each
+    // moment of backward instead of one layer. With activation checkpointing PEFT makes the
+    // embedding's output require a gradient (`enable_input_require_grads`), so the
+    // embedding's backward hook fetches it at the end even when it is frozen.
+    let z3_torch = deepspeed
+        && s.shard == Shard::Zero3
+        && !offload
+        && spec.adaptation.quant == crate::spec::Quant::None;
+    let (w, z3_extra) = if z3_torch {
+        let (all, _) = zero3_tensors(cfg, spec);
+        let persistent: u64 = all
+            .iter()
+            .filter(|t| t.1 <= crate::spec::zero3::PERSISTENCE_THRESHOLD)
+            .map(|t| t.1 * t.2)
+            .sum();
+        let recompute = spec.checkpointing != crate::spec::Checkpointing::None;
+        let embed_backward = spec.adaptation.lora.as_ref().is_none_or(|l| l.embed_tokens)
+            || (recompute && spec.adaptation.lora.is_some());
+        (
+            weights.div_ceil(g) + persistent,
+            zero3_gathered(cfg, &all, embed_backward, recompute),
+        )
+    } else {
+        (w, (0, 0, 0))
+    };
     let host = if offload && s.shard == Shard::Fsdp {
         // FSDP's CPUOffload: parameter and gradient shards and the optimizer's states on the
         // host, the step run there by torch's AdamW.
@@ -282,10 +315,10 @@ pub fn shard(
     };
     Ok(Sharded {
         weights: w,
-        head_extra: 0,
+        head_extra: z3_extra.0,
         grad_partition: 0,
-        layer_extra: 0,
-        end_extra: 0,
+        layer_extra: z3_extra.1,
+        end_extra: z3_extra.2,
         scatter,
         fsdp_root,
         end_gradients: if own_step && s.shard == Shard::Zero2 {
@@ -479,33 +512,21 @@ fn own_fsdp(
     }
 }
 
-/// vramcal's simulated ZeRO-3 rank (`crate::measure::zero3`): every tensor partitioned flat,
-/// `⌈numel/N⌉` elements per rank; the parameters DeepSpeed's schedule holds gathered at the
-/// head's backward, at a layer's (the most over the layers) and at the embedding's
-/// ([`crate::spec::zero3::Schedule`], the trace complete: step 2), with the persistent ones
-/// (at most 1e5 elements) always; the flat gradient partition and the bucket of
-/// `reduce_bucket_size` elements from initialization on; a layer's whole gradients at its
-/// backward; at the last reduction the reduce-scatter's input (every rank's chunk of each
-/// gradient in the last bucket, padded); at the step a flat copy of the gradient partition.
-/// `gradients` and `states` are the one-device step's (bytes), scaled per trainable element.
-fn own_zero3(
-    cfg: &ModelConfig,
-    spec: &TrainSpec,
-    s: &Sharding,
-    gradients: u64,
-    states: u64,
-) -> Sharded {
-    use crate::spec::zero3::{self as z3, Module};
-    let n = s.gpus as u64;
+/// One tensor of a model as DeepSpeed ZeRO-3's schedule sees it: the modules that use it, its
+/// elements, bytes per element, whether it trains.
+type Z3Tensor = (Vec<crate::spec::zero3::Module>, u64, u64, bool);
+
+/// Every stored tensor of `spec` on `cfg` for ZeRO-3's schedule, each once (a tied embedding
+/// used by the embedding and the head), and one layer's (those of `Layer(0)`) apart: the
+/// weights in `spec`'s dtype, LoRA's adapters (on the layers' targets, `lm_head`,
+/// `embed_tokens`) in the adapters' dtype.
+fn zero3_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> (Vec<Z3Tensor>, Vec<Z3Tensor>) {
+    use crate::spec::zero3::Module;
     let d = spec.dtype.size_in_bytes() as u64;
     let ad = spec.adapter_dtype().size_in_bytes() as u64;
-    let trainable = spec.trainable_params(cfg).max(1);
-    let dg = gradients / trainable;
-    let layers = cfg.num_hidden_layers;
     let lora = spec.adaptation.lora.as_ref();
     let tied = cfg.tie_word_embeddings;
-    // (modules, elements, bytes per element, trainable), one layer's for `Layer(0)`.
-    let mut tensors: Vec<(Vec<Module>, u64, u64, bool)> = Vec::new();
+    let mut tensors: Vec<Z3Tensor> = Vec::new();
     for p in cfg.param_shapes() {
         let modules = if p.name.starts_with("model.layers.0.") {
             vec![Module::Layer(0)]
@@ -537,17 +558,88 @@ fn own_zero3(
             tensors.push((vec![Module::Embed], h * r, ad, true));
         }
     }
-    // Every layer's tensors, each tensor once.
-    let mut all: Vec<(Vec<Module>, u64, u64, bool)> = Vec::new();
+    let mut all: Vec<Z3Tensor> = Vec::new();
     for t in &tensors {
         if t.0 == [Module::Layer(0)] {
-            for l in 0..layers {
+            for l in 0..cfg.num_hidden_layers {
                 all.push((vec![Module::Layer(l)], t.1, t.2, t.3));
             }
         } else {
             all.push(t.clone());
         }
     }
+    let layer = tensors
+        .into_iter()
+        .filter(|t| t.0 == [Module::Layer(0)])
+        .collect();
+    (all, layer)
+}
+
+/// Bytes of the non-persistent tensors of `all` that DeepSpeed ZeRO-3's schedule holds whole
+/// (trace complete: step 2) at the head's backward, at a layer's (the most over the layers) and
+/// at the embedding's (0 when `embed_backward` is false: no backward reaches it), on a step
+/// that recomputes each layer before its backward when `recompute` ([`crate::spec::zero3`],
+/// DeepSpeed's default reuse distance).
+fn zero3_gathered(
+    cfg: &ModelConfig,
+    all: &[Z3Tensor],
+    embed_backward: bool,
+    recompute: bool,
+) -> (u64, u64, u64) {
+    use crate::spec::zero3::{self as z3, Module};
+    let layers = cfg.num_hidden_layers;
+    let embed_trains = embed_backward;
+    let schedule = z3::Schedule::new(
+        z3::trace_with(layers, embed_trains, recompute),
+        all.iter()
+            .map(|t| z3::Param::new(t.1, t.0.clone()))
+            .collect(),
+        z3::MAX_REUSE_DISTANCE,
+    );
+    let gathered = |m: Module| -> u64 {
+        schedule
+            .gathered_at(z3::backward_position_with(m, layers, recompute))
+            .iter()
+            .zip(all)
+            .filter(|(g, t)| **g && t.1 > z3::PERSISTENCE_THRESHOLD)
+            .map(|(_, t)| t.1 * t.2)
+            .sum()
+    };
+    let layer = (0..layers)
+        .map(|l| gathered(Module::Layer(l)))
+        .max()
+        .unwrap_or(0);
+    let end = if embed_trains {
+        gathered(Module::Embed)
+    } else {
+        0
+    };
+    (gathered(Module::Head), layer, end)
+}
+
+/// vramcal's simulated ZeRO-3 rank (`crate::measure::zero3`): every tensor partitioned flat,
+/// `⌈numel/N⌉` elements per rank; the parameters DeepSpeed's schedule holds gathered at the
+/// head's backward, at a layer's (the most over the layers) and at the embedding's
+/// ([`zero3_gathered`]), with the persistent ones (at most 1e5 elements) always; the flat
+/// gradient partition and the bucket of `reduce_bucket_size` elements from initialization on;
+/// a layer's whole gradients at its backward; at the last reduction the reduce-scatter's input
+/// (every rank's chunk of each gradient in the last bucket, padded); at the step a flat copy of
+/// the gradient partition. `gradients` and `states` are the one-device step's (bytes), scaled
+/// per trainable element.
+fn own_zero3(
+    cfg: &ModelConfig,
+    spec: &TrainSpec,
+    s: &Sharding,
+    gradients: u64,
+    states: u64,
+) -> Sharded {
+    use crate::spec::zero3::{self as z3, Module};
+    let n = s.gpus as u64;
+    let trainable = spec.trainable_params(cfg).max(1);
+    let dg = gradients / trainable;
+    let layers = cfg.num_hidden_layers;
+    let embed_trains = spec.adaptation.lora.as_ref().is_none_or(|l| l.embed_tokens);
+    let (all, layer_tensors) = zero3_tensors(cfg, spec);
     let part = |numel: u64| numel.div_ceil(n);
     let persistent = |numel: u64| numel <= z3::PERSISTENCE_THRESHOLD;
     let weights: u64 = all
@@ -557,40 +649,8 @@ fn own_zero3(
     let trainable_part: u64 = all.iter().filter(|t| t.3).map(|t| part(t.1)).sum();
     let grad_partition = trainable_part * dg;
     let bucket = s.reduce_bucket_elements.saturating_mul(dg);
-    // The schedule, one entry per tensor (persistent ones included: they count in each
-    // module's elements).
-    let embed_trains = lora.is_none_or(|l| l.embed_tokens);
-    let schedule = z3::Schedule::new(
-        z3::trace(layers, embed_trains),
-        all.iter()
-            .map(|t| z3::Param::new(t.1, t.0.clone()))
-            .collect(),
-        z3::MAX_REUSE_DISTANCE,
-    );
-    let gathered = |at: usize| -> u64 {
-        schedule
-            .gathered_at(at)
-            .iter()
-            .zip(&all)
-            .filter(|(g, t)| **g && !persistent(t.1))
-            .map(|(_, t)| t.1 * t.2)
-            .sum()
-    };
-    let head = gathered(z3::backward_position(Module::Head, layers));
-    let layer_gathered = (0..layers)
-        .map(|l| gathered(z3::backward_position(Module::Layer(l), layers)))
-        .max()
-        .unwrap_or(0);
-    let end = if embed_trains {
-        gathered(z3::backward_position(Module::Embed, layers))
-    } else {
-        0
-    };
-    let layer_grads: u64 = tensors
-        .iter()
-        .filter(|t| t.0 == [Module::Layer(0)] && t.3)
-        .map(|t| t.1 * dg)
-        .sum();
+    let (head, layer_gathered, end) = zero3_gathered(cfg, &all, embed_trains, true);
+    let layer_grads: u64 = layer_tensors.iter().filter(|t| t.3).map(|t| t.1 * dg).sum();
     // A tied embedding's gradient waits from the head's backward to the embedding's.
     let tied_grad: u64 = all
         .iter()

@@ -48,12 +48,20 @@ pub enum Module {
 /// backward; each layer's recomputation and backward, last first; the embedding's backward
 /// when `embed_backward` (a trained embedding or adapter).
 pub fn trace(layers: usize, embed_backward: bool) -> Vec<Module> {
+    trace_with(layers, embed_backward, true)
+}
+
+/// [`trace`], with each layer recomputed before its backward only when `recompute`
+/// (activation checkpointing).
+pub fn trace_with(layers: usize, embed_backward: bool, recompute: bool) -> Vec<Module> {
     let mut t = vec![Module::Embed];
     t.extend((0..layers).map(Module::Layer));
     t.push(Module::Head);
     t.push(Module::Head);
     for l in (0..layers).rev() {
-        t.push(Module::Layer(l));
+        if recompute {
+            t.push(Module::Layer(l));
+        }
         t.push(Module::Layer(l));
     }
     if embed_backward {
@@ -71,13 +79,19 @@ pub fn forward_position(m: Module, layers: usize) -> usize {
     }
 }
 
-/// Trace positions of the backward uses: the head's backward, layer `l`'s backward (after its
-/// recomputation, one position earlier), the embedding's backward.
+/// Trace positions of the backward uses in [`trace`]: the head's backward, layer `l`'s
+/// backward (after its recomputation, one position earlier), the embedding's backward.
 pub fn backward_position(m: Module, layers: usize) -> usize {
+    backward_position_with(m, layers, true)
+}
+
+/// [`backward_position`] in [`trace_with`]`(.., recompute)`.
+pub fn backward_position_with(m: Module, layers: usize, recompute: bool) -> usize {
+    let per = if recompute { 2 } else { 1 };
     match m {
         Module::Head => layers + 2,
-        Module::Layer(l) => layers + 4 + 2 * (layers - 1 - l),
-        Module::Embed => 3 * layers + 3,
+        Module::Layer(l) => layers + 2 + per * (layers - l),
+        Module::Embed => layers + 3 + per * layers,
     }
 }
 
@@ -205,6 +219,16 @@ mod tests {
             t[backward_position(Module::Layer(2), 4) - 1],
             Module::Layer(2)
         );
+        let plain = trace_with(4, true, false);
+        assert_eq!(plain.len(), 2 * 4 + 4);
+        for m in [
+            Module::Embed,
+            Module::Layer(0),
+            Module::Layer(3),
+            Module::Head,
+        ] {
+            assert_eq!(plain[backward_position_with(m, 4, false)], m);
+        }
     }
 
     #[test]
