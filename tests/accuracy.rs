@@ -360,6 +360,48 @@ fn simulated_ranks_are_estimated_within_their_one_device_error() {
     assert_eq!((ranks, fsdp, zero3), (44, 21, 21));
 }
 
+/// smollm2-135m (a tied embedding) divides every tensor's rows by 2, 4 and 8, so a ZeRO-3 rank's
+/// flat partition of each is the FSDP rank's rows: the committed ZeRO-3 rows' step-2 loss (after
+/// one update of the rank's elements from its reduced gradients) equals the FSDP row's of the
+/// same configuration, to the bit.
+#[test]
+fn simulated_zero3_and_fsdp_ranks_step_the_same_elements_alike() {
+    let mut r = csv::Reader::from_path("results/cpu/smollm2-135m-sharded.csv").unwrap();
+    let h = r.headers().unwrap().clone();
+    let col = |name: &str| h.iter().position(|c| c == name).unwrap();
+    let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+    let key = |row: &csv::StringRecord| -> Vec<String> {
+        [
+            "method",
+            "lora_r",
+            "lora_targets",
+            "dtype",
+            "precision",
+            "batch",
+            "seq",
+            "accumulate",
+            "world_size",
+            "rank",
+            "checkpointing",
+        ]
+        .iter()
+        .map(|c| row[col(c)].to_string())
+        .collect()
+    };
+    let mut pairs = 0;
+    for z in rows.iter().filter(|x| &x[col("shard")] == "zero3") {
+        let Some(f) = rows
+            .iter()
+            .find(|x| &x[col("shard")] == "fsdp" && key(x) == key(z))
+        else {
+            continue;
+        };
+        assert_eq!(z[col("loss_step2")], f[col("loss_step2")], "{:?}", key(z));
+        pairs += 1;
+    }
+    assert!(pairs >= 15, "{pairs} pairs");
+}
+
 /// `vramcal check` of `file` (rows the CPU table was never fitted on) against the CPU table,
 /// with these thresholds (max, median) and under-estimate margin; what it printed.
 fn check_unfitted(file: &str, max: &str, median: &str, margin: &str) -> String {

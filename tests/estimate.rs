@@ -416,7 +416,7 @@ fn sharding_divides_what_it_should() {
     let z2_last = shard(&c, &s, &last, false, w, g, st).unwrap();
     assert_eq!(z2_last.end_gradients, 2 * (n - 2 * n.div_ceil(3)));
     // vramcal's own ZeRO-3 rank: every tensor's flat partition, the norms (4096 elements, under
-    // DeepSpeed's 1e5 persistence threshold) whole too; the flat gradient partition and the
+    // DeepSpeed's 1e5 persistence threshold) whole through backward; the flat gradient partition and the
     // 5e8-element bucket; at the head's backward only the head gathered (its 525M elements,
     // forward and backward, reach DeepSpeed's 1e9 reuse distance before layer 31's
     // recomputation), at a layer's backward that layer and its whole gradients.
@@ -428,29 +428,30 @@ fn sharding_divides_what_it_should() {
         .iter()
         .map(|p| 2 * p.numel().div_ceil(8))
         .sum();
-    assert_eq!(z3.weights, parts + 65 * 4096 * 2);
+    let norms = 65 * 4096 * 2;
+    assert_eq!(z3.weights, parts);
     assert_eq!(
         (z3.grad_partition, z3.reduce_bucket),
         (parts, 1_000_000_000)
     );
-    assert_eq!(z3.head_extra, 2 * 128_256 * 4096);
+    assert_eq!(z3.head_extra, 2 * 128_256 * 4096 + norms);
     // (the layer's gradients include its two norms')
-    assert_eq!(z3.layer_extra, 2 * layer + 2 * 2 * 4096);
+    assert_eq!(z3.layer_extra, 2 * layer + 2 * 2 * 4096 + norms);
     // Mistral-7B's head (32000 × 4096) leaves the last two layers within the distance.
     let m = preset("mistral-7b-v0.1").unwrap().config;
     let mz = shard(&m, &s, &Sharding::new(Shard::Zero3, 8), false, w, g, st).unwrap();
-    assert_eq!(mz.head_extra, 2 * layer + 2 * 32_000 * 4096);
+    assert_eq!(mz.head_extra, 2 * layer + 2 * 32_000 * 4096 + norms);
     assert_eq!(z3.optimizer_states, st / (g / 2) * (parts / 2));
-    // The torch profiles' DeepSpeed ZeRO-3: the parameters divided by 8, the norms whole, and
-    // what the same schedule gathers (without checkpointing: no recomputation in the trace).
+    // The torch profiles' DeepSpeed ZeRO-3: the parameters divided by 8, and what the same
+    // schedule gathers beside the norms (without checkpointing: no recomputation in the trace).
     let z3t = shard(&c, &s, &Sharding::new(Shard::Zero3, 8), true, w, g, st).unwrap();
-    assert_eq!(z3t.weights, w / 8 + 65 * 4096 * 2);
+    assert_eq!(z3t.weights, w / 8);
     assert_eq!(
         (z3t.head_extra, z3t.layer_extra),
-        (2 * 128_256 * 4096, layer)
+        (2 * 128_256 * 4096 + norms, layer + norms)
     );
     let mzt = shard(&m, &s, &Sharding::new(Shard::Zero3, 8), true, w, g, st).unwrap();
-    assert_eq!(mzt.head_extra, 2 * layer + 2 * 32_000 * 4096);
+    assert_eq!(mzt.head_extra, 2 * layer + 2 * 32_000 * 4096 + norms);
     assert!(shard(&c, &s, &Sharding::new(Shard::Zero3, 0), false, w, g, st).is_err());
     // LoRA: only adapters are sharded as gradients and states; the estimate drops per GPU.
     let mut lo = s.clone();

@@ -480,4 +480,16 @@ fn simulated_zero3_rank_holds_its_partitions() {
         assert_eq!(m.losses[0], one.losses[0]);
     }
     assert_eq!(small.losses, first.losses);
+    // mistral-mini's tensors all have a multiple of 4 rows, so a ZeRO-3 rank's flat partition
+    // of each is the FSDP rank's rows: both ranks step the same elements with the same reduced
+    // gradients, and step 2's loss is the same to the bit (a gradient lost, doubled or put at
+    // the wrong offset would change it).
+    assert!(cfg.param_shapes().iter().all(|p| p.shape[0] % n == 0));
+    for (rank, z) in [(0, &first), (n - 1, &last)] {
+        let f = run(Some(Sharding {
+            rank,
+            ..Sharding::new(Shard::Fsdp, n)
+        }));
+        assert_eq!(z.losses, f.losses, "rank {rank}");
+    }
 }

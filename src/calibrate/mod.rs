@@ -57,10 +57,18 @@ pub fn baseline_included(r: &Row) -> u64 {
 /// `None` for a one-device row.
 ///
 /// # Errors
-/// [`Error::InvalidValue`] for a shard outside the vocabulary, a missing world size, or a
-/// rank or world size [`crate::spec::Sharding::validate`] refuses.
+/// [`Error::InvalidValue`] for a shard outside the vocabulary, a missing world size, a world
+/// size or rank without a shard, or a rank or world size [`crate::spec::Sharding::validate`]
+/// refuses.
 pub fn sharding_from_row(r: &Row) -> Result<Option<crate::spec::Sharding>> {
     if r.shard.is_empty() {
+        if let Some(n) = r.world_size.or(r.rank) {
+            return Err(Error::invalid(
+                "shard",
+                "",
+                format!("a row with a world size or rank ({n}) names its shard (ddp, zero1, zero2, zero3 or fsdp)"),
+            ));
+        }
         return Ok(None);
     }
     let shard: crate::spec::Shard = r.shard.parse()?;

@@ -838,7 +838,9 @@ pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
 /// The f32 buffers of a trained LM head's weight gradient in the fused head's backward beyond
 /// the gradient itself (bytes), for f32 and f16 (`src/ops/loss.rs`: each chunk's part `Gᵀ·x`
 /// is converted to f32 and added to the f32 sum of the earlier chunks'): with more than one
-/// chunk, the sum, the part and the new sum, `12·V·h`, less the gradient in the model dtype
+/// chunk, the sum, the part and the new sum, `12·V·h`, beside the second chunk's logits and
+/// `G` (counted beyond the two full chunks the head's moment counts: less `8·(c − l₂)·V` for a
+/// second chunk of `l₂ < c` tokens), less the gradient in the model dtype
 /// (`largest_trainable`); with one chunk in f32, candle's `GradStore` receiving the gradient
 /// (candle-core 0.11.1 `backprop.rs`, a custom op's argument: `or_insert` makes a zeroed
 /// `(V, h)` and `add` a new sum beside the part), the same `12·V·h` once the chunk's buffers
@@ -862,17 +864,18 @@ pub fn head_weight_grad_f32(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     // A `modules_to_save` head's `GradStore` sum is [`saved_head_backward`]'s. The
     // `GradStore`'s three buffers come after the chunk's buffers are freed: beyond the two
     // logits chunks the head's moment counts (`logits_and_loss`), or the part beside them.
+    // From the second chunk on, the three sums are alive beside that chunk's logits and `G`
+    // (`l2` tokens: the largest chunk after the first), not beside two full chunks.
     let c = n.min(crate::ops::CE_CHUNK_TOKENS as u64);
+    let l2 = n.saturating_sub(c).min(c);
+    let v = cfg.vocab_size as u64;
+    let part = if d == 2 { 6 * vh } else { 4 * vh };
     let total = if chunks > 1 {
-        12 * vh
+        (12 * vh).saturating_sub(8 * (c - l2) * v).max(part)
     } else if d == 4 && spec.adaptation.lora.is_none() {
-        (12 * vh)
-            .saturating_sub(2 * 4 * c * cfg.vocab_size as u64)
-            .max(4 * vh)
-    } else if d == 4 {
-        4 * vh
+        (12 * vh).saturating_sub(8 * c * v).max(part)
     } else {
-        6 * vh
+        part
     };
     // `largest_trainable` counts a tied embedding's gradient twice under checkpointing (its
     // own pass summed into the head's at the end, `terms`): both copies are taken off. Found
@@ -1289,12 +1292,12 @@ pub fn estimate_sharded(
                 }
                 // vramcal's ZeRO-3 rank: the gathered parameters count at their moments.
                 _ if profile == Profile::Candle && s.shard == Shard::Zero3 => {
-                    "every tensor's partition, ⌈numel / GPUs⌉ × dtype, and the persistent ones (≤ 1e5 elements) whole".into()
+                    "every tensor's partition: ⌈numel / GPUs⌉ × dtype".into()
                 }
                 // DeepSpeed ZeRO-3 under PyTorch: likewise, its schedule's gathered parameters
                 // at their moments.
                 _ if s.shard == Shard::Zero3 && spec.adaptation.quant == Quant::None => {
-                    "params × dtype / GPUs, and the persistent ones (≤ 1e5 elements) whole".into()
+                    "params × dtype / GPUs".into()
                 }
                 _ => format!("{} / GPUs + one gathered layer", held[0].formula),
             };
@@ -1311,16 +1314,17 @@ pub fn estimate_sharded(
     let mut items = held.clone();
     let moment = t.peak_moment(&c.values);
     let mut own = t.static_at(moment).saturating_sub(t.backward_static);
-    // vramcal's FSDP rank: what a layer's backward and the end of backward hold beyond the
-    // rest, itemized apart from the one-device step's own statics.
+    // vramcal's FSDP rank, and ZeRO-3 (both profiles): what the head's backward, a layer's and
+    // the end of backward hold beyond the rest, itemized apart from the one-device step's own
+    // statics (FSDP has nothing at the head's).
     let zero3 = sharding.is_some_and(|s| s.shard == Shard::Zero3);
-    let fsdp_extras = if zero3 {
+    let sharded_extras = if zero3 {
         [
             (
                 Moment::Head,
                 head_extra,
                 "gathered parameters (ZeRO-3)",
-                "the parameters DeepSpeed's schedule holds whole at the head's backward, beyond the persistent ones: those used again within stage3_max_reuse_distance (1e9 elements) stay gathered from step 2 on (params × dtype)",
+                "the parameters DeepSpeed's schedule holds whole at the head's backward: those used again within stage3_max_reuse_distance (1e9 elements) and those of at most 1e5 elements stay gathered from step 2 on (params × dtype)",
             ),
             (
                 Moment::Layer,
@@ -1339,8 +1343,8 @@ pub fn estimate_sharded(
             (
                 Moment::End,
                 end_extra,
-                "gathered parameters (ZeRO-3, embedding's backward)",
-                "the parameters held whole at the embedding's backward (params × dtype)",
+                "gathered parameters (ZeRO-3, end of backward)",
+                "the parameters held whole at the end of backward, the embedding's backward when it trains (params × dtype)",
             ),
         ]
     } else {
@@ -1360,7 +1364,7 @@ pub fn estimate_sharded(
         ),
         ]
     };
-    for (at, bytes, name, formula) in fsdp_extras {
+    for (at, bytes, name, formula) in sharded_extras {
         if moment == at && bytes > 0 {
             own = own.saturating_sub(bytes);
             items.push(Item {

@@ -11,16 +11,19 @@ use crate::spec::{Offload, Optimizer, Shard, Sharding, TrainSpec};
 /// Per-GPU bytes of the sharded parts, and the host RAM of one rank under offload. Only
 /// trainable parameters have gradients and optimizer states, so only they are counted there
 /// (DeepSpeed's own estimators also count frozen parameters there, a known complaint); with
-/// ZeRO-3 and FSDP every parameter is sharded and one layer's parameters are gathered at a time.
+/// ZeRO-3 and FSDP every parameter is sharded and gathered around its use (FSDP: one layer at
+/// a time and the next prefetched; ZeRO-3: what DeepSpeed's schedule holds at each moment).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Sharded {
     /// Weights held per GPU at every moment (bytes): under ZeRO-3/FSDP the shards, with one
-    /// gathered layer (FSDP, offloaded ZeRO-3) or DeepSpeed ZeRO-3's persistent parameters
-    /// whole (its gathered ones count at their moments: [`Sharded::head_extra`] and the
-    /// others).
+    /// gathered layer (the torch profiles' FSDP, offloaded ZeRO-3); DeepSpeed ZeRO-3's
+    /// gathered and persistent parameters count at their moments instead
+    /// ([`Sharded::head_extra`], [`Sharded::layer_extra`], [`Sharded::end_extra`]).
     pub weights: u64,
     /// Gradients per GPU through backward (bytes): 0 where ZeRO-Offload moves each reduced
-    /// partition to the host.
+    /// partition to the host; for vramcal's ZeRO-3 rank only a tied embedding's whole
+    /// gradient, waiting from the head's backward to the embedding's (the rest pass through
+    /// the bucket into [`Sharded::grad_partition`]).
     pub gradients: u64,
     /// Optimizer states per GPU (bytes; 0 when offloaded).
     pub optimizer_states: u64,
@@ -32,8 +35,9 @@ pub struct Sharded {
     /// Gradient bytes on the GPU at the optimizer step: under DeepSpeed ZeRO-1/2 the flat fp32
     /// gradient partition its step builds (`stage_1_and_2.py` `step`: `flatten(averaged_gradients)`
     /// `.to(fp32)`, the other ranks' gradients and the 16-bit partition dropped), under ZeRO-3
-    /// the 16-bit partition, the bucket and one fp32 sub-group; under FSDP the gradient shards;
-    /// 0 when the step runs on the host.
+    /// the 16-bit partition, the bucket and one fp32 sub-group (vramcal's rank: the partition,
+    /// the bucket and the partition's flat copy); under FSDP the gradient shards; 0 when the
+    /// step runs on the host.
     pub step_gradients: u64,
     /// FSDP's root module (the embedding, final norm and head) unsharded from the forward to
     /// the end of backward, with its unsharded gradients, and one layer's unsharded gradients
@@ -53,9 +57,8 @@ pub struct Sharded {
     /// Bytes alive at a layer's backward only, beyond the rest (counted at that moment): the
     /// parameters ZeRO-3's schedule holds gathered there (both profiles; vramcal's rank adds
     /// the layer's whole gradients); vramcal's simulated FSDP rank's gathered layer and the
-    /// next one prefetched, the
-    /// layer's unsharded gradients and the previous layer's reduce-scatter input
-    /// (`crate::measure::fsdp`); 0 otherwise.
+    /// next one prefetched, the layer's unsharded gradients and the previous layer's
+    /// reduce-scatter input (`crate::measure::fsdp`); 0 otherwise.
     pub layer_extra: u64,
     /// Bytes alive at the end of backward only, beyond the rest (counted at that moment):
     /// vramcal's simulated FSDP rank's last layer's reduce-scatter input, kept until the
@@ -65,12 +68,15 @@ pub struct Sharded {
     /// What is alive, beyond the weights and states held, once backward has returned and the
     /// rank reduce-scatters (vramcal's simulated ranks): ZeRO-2's full gradients and its
     /// partition of them; FSDP's root, its unsharded gradients and their reduce-scatter input,
-    /// beside the layers' sharded gradients. Empty otherwise.
+    /// beside the layers' sharded gradients; ZeRO-3's bucket, gradient partition, persistent
+    /// parameters and its largest reduction's input (with what a reduction inside backward
+    /// holds beside it). Empty otherwise.
     pub scatter: Vec<(String, u64, String)>,
     /// Gradient bytes alive in backward with gradient accumulation (the earlier micro-batches'
     /// sum beside the one being built), where the rank keeps them otherwise than the one-device
     /// step's two full sets: vramcal's ZeRO-2 rank (its partition beside the full gradients),
-    /// its FSDP rank (the sharded gradients beside the root's unsharded ones). `None`: as one
+    /// its FSDP rank (the sharded gradients beside the root's unsharded ones), its ZeRO-3 rank
+    /// (a tied embedding's gradient; the rest sum into the gradient partition). `None`: as one
     /// device.
     pub accumulated_gradients: Option<u64>,
     /// Gradient bytes allocated at the very end of backward (counted at that moment only):
@@ -93,10 +99,10 @@ pub struct Sharded {
 }
 
 /// Applies `s` to whole-model `weights`, `gradients`, `states` (bytes) of `spec` on `cfg`.
-/// `torch_stack` (the torch profiles; vramcal's own step has no DDP or DeepSpeed) adds DDP's
-/// gradient buckets and DeepSpeed's reduce bucket, fp32 partitions of the weights and the
-/// moments (DeepSpeed steps fp32 partitions whatever the recipe) and flat fp32 gradient
-/// partition.
+/// `torch_stack` (the torch profiles) adds DDP's gradient buckets and DeepSpeed's reduce
+/// bucket, fp32 partitions of the weights and the moments (DeepSpeed steps fp32 partitions
+/// whatever the recipe) and flat fp32 gradient partition; without it the counts are of
+/// vramcal's simulated ranks (`crate::measure::sharded`, `fsdp`, `zero3`).
 ///
 /// # Errors
 /// [`Error::InvalidValue`] from [`Sharding::validate`]; offload with an optimizer DeepSpeed's
@@ -221,9 +227,11 @@ pub fn shard(
         let recompute = spec.checkpointing != crate::spec::Checkpointing::None;
         let embed_backward = spec.adaptation.lora.as_ref().is_none_or(|l| l.embed_tokens)
             || (recompute && spec.adaptation.lora.is_some());
+        let (head, layer, end) = zero3_gathered(cfg, &all, embed_backward, recompute);
+        // The persistent parameters whole through backward, released for the step.
         (
-            weights.div_ceil(g) + persistent,
-            zero3_gathered(cfg, &all, embed_backward, recompute),
+            weights.div_ceil(g),
+            (head + persistent, layer + persistent, end + persistent),
         )
     } else {
         (w, (0, 0, 0))
@@ -641,10 +649,13 @@ fn own_zero3(
     let embed_trains = spec.adaptation.lora.as_ref().is_none_or(|l| l.embed_tokens);
     let (all, layer_tensors) = zero3_tensors(cfg, spec);
     let part = |numel: u64| numel.div_ceil(n);
-    let persistent = |numel: u64| numel <= z3::PERSISTENCE_THRESHOLD;
-    let weights: u64 = all
+    // The partitions at every moment; the persistent tensors whole through backward (released
+    // for the step).
+    let weights: u64 = all.iter().map(|t| part(t.1) * t.2).sum();
+    let persistent: u64 = all
         .iter()
-        .map(|t| part(t.1) * t.2 + if persistent(t.1) { t.1 * t.2 } else { 0 })
+        .filter(|t| t.1 <= z3::PERSISTENCE_THRESHOLD)
+        .map(|t| t.1 * t.2)
         .sum();
     let trainable_part: u64 = all.iter().filter(|t| t.3).map(|t| part(t.1)).sum();
     let grad_partition = trainable_part * dg;
@@ -675,53 +686,84 @@ fn own_zero3(
     if embed_trains {
         arrivals.extend(trained(Module::Embed));
     }
-    let mut last: Vec<u64> = Vec::new();
+    // Each reduction's input: every rank's chunk of each gradient in the bucket, padded (none
+    // for one tensor that divides evenly).
+    let input = |b: &[u64]| -> u64 {
+        if b.len() == 1 && b[0].is_multiple_of(n) {
+            0
+        } else {
+            b.iter().map(|&a| part(a) * n * dg).sum()
+        }
+    };
+    let mut bucketed: Vec<u64> = Vec::new();
     let mut filled = 0u64;
+    // The largest reduction made while backward runs (inside a layer's hook), and the last.
+    let mut during = 0u64;
     for a in arrivals {
         if filled + a > s.reduce_bucket_elements && filled > 0 {
-            last.clear();
+            during = during.max(input(&bucketed));
+            bucketed.clear();
             filled = 0;
         }
-        last.push(a);
+        bucketed.push(a);
         filled += a;
     }
-    let rs_input = if last.len() == 1 && last[0].is_multiple_of(n) {
-        0
-    } else {
-        last.iter().map(|&a| part(a) * n * dg).sum()
-    };
+    let last = input(&bucketed);
     let per_state = states / trainable;
+    let mut scatter = vec![
+        (
+            "gradient bucket (ZeRO-3)".to_string(),
+            bucket,
+            format!(
+                "reduce_bucket_size ({}) × gradient dtype, from initialization on",
+                s.reduce_bucket_elements
+            ),
+        ),
+        (
+            "gradient partition (ZeRO-3)".to_string(),
+            grad_partition,
+            "the flat gradient partition: ⌈numel / GPUs⌉ elements of each trainable tensor × dtype"
+                .to_string(),
+        ),
+        (
+            "persistent parameters (ZeRO-3)".to_string(),
+            persistent,
+            "tensors of at most 1e5 elements, whole (params × dtype)".to_string(),
+        ),
+    ];
+    if during > last {
+        // A reduction inside a layer's backward hook: that layer's parameters and whole
+        // gradients, and a tied embedding's gradient, are alive beside it.
+        scatter.push((
+            "reduce-scatter input (largest bucket, in backward)".to_string(),
+            during,
+            "every rank's chunk of each gradient in the bucket, padded: GPUs × Σ ⌈numel / GPUs⌉ × dtype".to_string(),
+        ));
+        scatter.push((
+            "gathered parameters and gradients at that reduction".to_string(),
+            layer_gathered + layer_grads + tied_grad,
+            "the layer's parameters held whole, its whole gradients, a tied embedding's"
+                .to_string(),
+        ));
+    } else {
+        scatter.push((
+            "reduce-scatter input (last bucket)".to_string(),
+            last,
+            "every rank's chunk of each gradient in the last bucket, padded: GPUs × Σ ⌈numel / GPUs⌉ × dtype".to_string(),
+        ));
+    }
     Sharded {
         weights,
-        head_extra: head,
+        head_extra: head + persistent,
         grad_partition,
         gradients: tied_grad,
         optimizer_states: per_state * trainable_part,
         reduce_bucket: bucket,
         step_gradients: grad_partition + bucket + grad_partition,
         fsdp_root: 0,
-        layer_extra: layer_gathered + layer_grads,
-        end_extra: end,
-        scatter: vec![
-            (
-                "gradient bucket (ZeRO-3)".to_string(),
-                bucket,
-                format!(
-                    "reduce_bucket_size ({}) × gradient dtype, from initialization on",
-                    s.reduce_bucket_elements
-                ),
-            ),
-            (
-                "gradient partition (ZeRO-3)".to_string(),
-                grad_partition,
-                "the flat gradient partition: ⌈numel / GPUs⌉ elements of each trainable tensor × dtype".to_string(),
-            ),
-            (
-                "reduce-scatter input (last bucket)".to_string(),
-                rs_input,
-                "every rank's chunk of each gradient in the last bucket, padded: GPUs × Σ ⌈numel / GPUs⌉ × dtype".to_string(),
-            ),
-        ],
+        layer_extra: layer_gathered + layer_grads + persistent,
+        end_extra: end + persistent,
+        scatter,
         end_gradients: 0,
         accumulated_gradients: Some(tied_grad),
         gradients_persistent: false,

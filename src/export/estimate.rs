@@ -75,7 +75,7 @@ pub fn json(x: &Answer) -> anyhow::Result<String> {
             "shard": s.shard,
             "gpus": s.gpus,
             "offload": s.offload,
-            "reduce_bucket_elements": (x.profile != Profile::Candle && s.deepspeed()).then_some(s.reduce_bucket_elements),
+            "reduce_bucket_elements": (s.deepspeed() && (x.profile != Profile::Candle || s.shard == crate::spec::Shard::Zero3)).then_some(s.reduce_bucket_elements),
             "gpus_per_node": s.gpus_per_node,
             "host_bytes_per_rank": e.host_bytes_per_rank,
             "host_bytes_per_node": e.host_bytes_per_rank.map(|h| h * s.gpus_per_node as u64),

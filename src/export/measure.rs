@@ -109,8 +109,19 @@ pub fn emit_result(
         let head = if row.shard.is_empty() {
             head
         } else {
+            let zero3 = if row.shard == "zero3" {
+                format!(
+                    "ZeRO-3 (DeepSpeed's defaults): from optimizer_init on the rank holds its partition of every tensor (⌈numel/{n}⌉ elements), the flat gradient partition and a gradient bucket of {} elements in the gradients' dtype; tensors of at most {} elements and those used again within {} elements stay gathered from the second forward on\n",
+                    crate::spec::DEEPSPEED_REDUCE_BUCKET_SIZE,
+                    crate::spec::zero3::PERSISTENCE_THRESHOLD,
+                    crate::spec::zero3::MAX_REUSE_DISTANCE,
+                    n = row.world_size.unwrap_or(0),
+                )
+            } else {
+                String::new()
+            };
             format!(
-                "{head}simulated data-parallel rank {} of {} ({}): weights and gradients above are the whole model's, optimizer states this rank's\n",
+                "{head}simulated data-parallel rank {} of {} ({}): weights and gradients above are the whole model's, optimizer states this rank's\n{zero3}",
                 row.rank.unwrap_or(0),
                 row.world_size.unwrap_or(0),
                 row.shard

@@ -44,7 +44,7 @@ unsafe impl Send for World {}
 
 impl World {
     #[cfg(unix)]
-    fn new(len: usize) -> Result<Self> {
+    fn new(len: usize, shard: crate::spec::Shard) -> Result<Self> {
         let len = len.max(1);
         // SAFETY: a fresh anonymous mapping; checked for failure below.
         let ptr = unsafe {
@@ -60,7 +60,7 @@ impl World {
         if ptr == libc::MAP_FAILED {
             return Err(Error::invalid(
                 "--shard",
-                "fsdp",
+                shard,
                 format!(
                     "could not map {len} bytes for the other ranks' parameters: {}",
                     std::io::Error::last_os_error()
@@ -75,11 +75,11 @@ impl World {
 
     /// Without a Unix memory map (the browser build, which measures nothing): refused.
     #[cfg(not(unix))]
-    fn new(_len: usize) -> Result<Self> {
+    fn new(_len: usize, shard: crate::spec::Shard) -> Result<Self> {
         Err(Error::invalid(
             "--shard",
-            "fsdp",
-            "a simulated FSDP rank keeps the other ranks' parameters in an anonymous memory map, which needs a Unix system",
+            shard,
+            "a simulated rank that shards parameters keeps the other ranks' in an anonymous memory map, which needs a Unix system",
         ))
     }
 
@@ -222,7 +222,7 @@ fn filled<T: Copy + Default>(world: &[u8], own: &[u8], at: usize) -> Vec<T> {
 pub(super) struct Sharded {
     /// The unsharded tensor the model uses (its storage freed while not gathered).
     pub(super) full: Tensor,
-    /// This rank's shard, `⌈rows/N⌉·cols` elements (1-D).
+    /// This rank's shard, `⌈rows/N⌉·cols` elements (1-D; flat: `⌈numel/N⌉`).
     pub(super) shard: Tensor,
     /// The shard as the optimizer's parameter, for a trainable tensor.
     pub(super) var: Option<Var>,
@@ -339,19 +339,18 @@ impl Shards {
     /// Shards every stored tensor of `model` for rank `s.rank` of `s.gpus`: its contents
     /// copied into the world, this rank's shard allocated (`⌈rows/N⌉` rows of it, FSDP2's
     /// dim-0 sharding; with `flat`, `⌈numel/N⌉` elements of the flattened tensor, DeepSpeed
-    /// ZeRO-3's `ds_tensor`; padded either way), the unsharded storage freed. `what` names the
-    /// scheme in errors. Also returns each tensor's name ([`StoredTensor::name`]), in
-    /// [`Shards::params`] order (not kept here: the rank's bookkeeping is counted memory too).
+    /// ZeRO-3's `ds_tensor`; padded either way), the unsharded storage freed. With `flat`, also
+    /// returns each tensor's name ([`StoredTensor::name`]) in [`Shards::params`] order (empty
+    /// otherwise; not kept here: the rank's bookkeeping is counted memory too).
     ///
     /// # Errors
     /// [`Error::InvalidValue`] for trainable tensors of two dtypes, an NF4 weight;
     /// [`Error::Candle`].
-    pub(super) fn new(
-        s: &Sharding,
-        model: &Decoder,
-        flat: bool,
-        what: &str,
-    ) -> Result<(Self, Vec<String>)> {
+    pub(super) fn new(s: &Sharding, model: &Decoder, flat: bool) -> Result<(Self, Vec<String>)> {
+        let what = match s.shard {
+            crate::spec::Shard::Fsdp => "FSDP",
+            _ => "ZeRO-3",
+        };
         let stored = model.stored_tensors()?;
         let vars = model.trainable_vars();
         let dtypes: std::collections::BTreeSet<String> = vars
@@ -369,7 +368,7 @@ impl Shards {
             .iter()
             .map(|t| t.tensor.elem_count() * t.tensor.dtype().size_in_bytes())
             .sum();
-        let mut world = World::new(total)?;
+        let mut world = World::new(total, s.shard)?;
         let mut params = Vec::with_capacity(stored.len());
         let mut names = Vec::with_capacity(if flat { stored.len() } else { 0 });
         let mut at = 0;
@@ -432,7 +431,7 @@ impl Shards {
         {
             return Err(Error::invalid(
                 "--shard",
-                what.to_string(),
+                s.shard,
                 "a trainable tensor is not among the optimizer's",
             ));
         }
@@ -512,7 +511,7 @@ impl FsdpRank {
     /// [`Error::InvalidValue`] for what [`check`] refuses, trainable tensors of two dtypes, an
     /// NF4 weight; [`Error::Candle`].
     pub fn new(s: &Sharding, model: &Decoder) -> Result<Self> {
-        let (shards, _) = Shards::new(s, model, false, "FSDP")?;
+        let (shards, _) = Shards::new(s, model, false)?;
         let n = model.trainable_vars().len();
         Ok(FsdpRank {
             shards,

@@ -106,10 +106,11 @@ impl Zero3Rank {
     /// `s.reduce_bucket_elements` allocated.
     ///
     /// # Errors
-    /// [`Error::InvalidValue`] for trainable tensors of two dtypes or an NF4 weight, a bucket too large to address;
+    /// [`Error::InvalidValue`] for trainable tensors of two dtypes, an NF4 weight, a root tensor
+    /// outside the embedding and the head, nothing trainable, a bucket too large to address;
     /// [`Error::Candle`].
     pub fn new(s: &Sharding, model: &Decoder) -> Result<Self> {
-        let (shards, names) = Shards::new(s, model, true, "ZeRO-3")?;
+        let (shards, names) = Shards::new(s, model, true)?;
         let tied = !names.iter().any(|n| n == "lm_head.weight");
         let params = shards
             .params
@@ -218,7 +219,9 @@ impl Zero3Rank {
         let cap = self.bucket.elem_count();
         for i in mine {
             let vi = self.shards.params[i].var_index.expect("trainable");
-            let Some(g) = grads[vi].take() else { continue };
+            let g = grads[vi].take().ok_or_else(|| {
+                Error::invalid("gradient", vi, "a trainable tensor received no gradient")
+            })?;
             let n = g.elem_count();
             if self.bucket_elems + n > cap && self.bucket_elems > 0 {
                 self.reduce_bucket()?;
@@ -294,7 +297,14 @@ impl Zero3Rank {
     /// # Errors
     /// [`Error::InvalidValue`] if a gradient is left; [`Error::Candle`].
     pub fn finish_backward(&mut self, mut grads: Vec<Option<Tensor>>) -> Result<()> {
-        self.bucket_grads(&mut grads, |_| true)?;
+        // Those the modules' hooks left (none in a dense decoder).
+        let left: Vec<bool> = self
+            .shards
+            .params
+            .iter()
+            .map(|p| p.var_index.is_some_and(|vi| grads[vi].is_some()))
+            .collect();
+        self.bucket_grads(&mut grads, |i| left[i])?;
         self.reduce_bucket()?;
         if let Some(i) = grads.iter().position(Option::is_some) {
             return Err(Error::invalid("gradient", i, "left unreduced"));

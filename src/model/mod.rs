@@ -842,7 +842,8 @@ impl Decoder {
         self.forward_train_with(input_ids, targets, ckpt, ctx, None)
     }
 
-    /// [`Decoder::forward_train`], calling `hooks` around each checkpointed segment.
+    /// [`Decoder::forward_train`], calling `hooks` around each checkpointed segment and around
+    /// the embedding and the head ([`SegmentHooks::before_root`]).
     ///
     /// # Errors
     /// As [`Decoder::forward_train`]; [`Error::InvalidValue`] for hooks without checkpointing;
@@ -953,7 +954,8 @@ impl Decoder {
     }
 
     /// [`Decoder::backward`], calling `hooks` around each checkpointed segment (which may take
-    /// its gradients); the gradients left, `None` where none arrived or a hook took it.
+    /// its gradients) and around the head's backward and the embedding's (when it trains);
+    /// the gradients left, `None` where none arrived or a hook took it.
     ///
     /// # Errors
     /// As [`Decoder::backward`], without the check that every tensor got a gradient; the
