@@ -791,19 +791,22 @@ pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     // logits and bf16 `G` alive (6·c·V): `Gᵀ`
     // and the hidden states widened (4·c·V + 4·N·h), the `(V, h)` output in f32 and bf16
     // (6·V·h); from the second chunk on, the f32 sum of the earlier chunks' parts (4·V·h) is
-    // alive too, and the largest moment is the sum `a + part` (`accumulate`, one statement
-    // with the product, so its bf16 output is still alive): the old and new f32 sums and the
-    // part (12·V·h), the bf16 output (2·V·h), the logits and `G` (6·c·V). The sum's bf16 copy
-    // and candle's `GradStore` come after the chunk buffers are freed: the `largest_trainable`
-    // that the head's moment counts is taken off here (found with an allocation probe in the
-    // fused head's backward on `results/cpu/smollm2-135m-modules-to-save.csv`'s bf16 rows:
-    // 233.2 MB at 1 × 128, 472.4 MB at 1 × 512 for smollm2-135m, both as counted here).
+    // alive too, and the largest moment is the sum `a + part` (`accumulate`; the product's
+    // bf16 output is freed before it since the thirteenth session, when it stayed alive in
+    // the same statement): the old and new f32 sums and the part (12·V·h), the logits and `G`
+    // (6·c·V). The sum's bf16 copy and candle's `GradStore` come after the chunk buffers are
+    // freed: the `largest_trainable` that the head's moment counts is taken off here (found
+    // with an allocation probe in the fused head's backward on
+    // `results/cpu/smollm2-135m-modules-to-save.csv`'s bf16 rows: 233.2 MB at 1 × 128, 472.4 MB
+    // at 1 × 512 for smollm2-135m with the bf16 output alive, 415.8 MB without).
     //
-    // Full fine-tuning keeps the count the CPU table was fitted with, `10·c·V + 4·N·h + 6·V·h`
-    // and `2·V·h` more from the second chunk on, the `largest_trainable` left in: its head
-    // moment is rarely its peak, and on the bf16 rows where it is (seq 512) the probe's count
-    // put them 2–6 % over with the fitted table (other head-moment terms of full fine-tuning
-    // are counted high; not traced yet, docs/roadmap.md).
+    // Full fine-tuning under checkpointing counts the same moments, the largest chunk after
+    // the first of `l₂` tokens (a probe at a simulated ZeRO-3 rank's head, which holds its
+    // peak: 415.8 MB for smollm2-135m at 1 × 512; its one-device row, −2.0 % with the fitted
+    // count, is −0.5 %). Without checkpointing it keeps the count the CPU table was fitted
+    // with, `10·c·V + 4·N·h + 6·V·h` and `2·V·h` more from the second chunk on: there the
+    // probe's count puts the one-device seq-512 rows 2.3–3.1 % over (another head-moment term
+    // of the uncheckpointed step is counted high; not traced yet, docs/roadmap.md).
     //
     // Under checkpointing a tied embedding's `largest_trainable` counts two `(V, h)` copies
     // (its own pass summed into the head's at the end of backward, `terms`), which the head's
@@ -812,9 +815,17 @@ pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     // (`results/cpu/smollm2-135m-sharded.csv`), whose peak is that moment (one-device rows
     // peak at the end of backward).
     let chunks = n.div_ceil(c.max(1));
+    let l2 = n.saturating_sub(c).min(c);
     if spec.adaptation.lora.is_none() {
-        let weight_grad =
-            10 * c * v + 4 * n * h + 6 * v * h + if chunks > 1 { 2 * v * h } else { 0 };
+        // Under checkpointing the chunks' own moments, as for a saved head; without it the
+        // count the table was fitted with (see above).
+        let weight_grad = if chunks > 1 && spec.checkpointing != Checkpointing::None {
+            (10 * l2 * v + 4 * n * h + 10 * v * h)
+                .max(6 * l2 * v + 12 * v * h)
+                .max(10 * c * v + 4 * n * h + 6 * v * h)
+        } else {
+            10 * c * v + 4 * n * h + 6 * v * h + if chunks > 1 { 2 * v * h } else { 0 }
+        };
         let copies = if spec.checkpointing != Checkpointing::None && cfg.tie_word_embeddings {
             2 * 2 * v * h
         } else {
@@ -826,7 +837,7 @@ pub fn bf16_matmul_widening(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
             .saturating_sub(copies);
     }
     let weight_grad = if chunks > 1 {
-        (10 * c * v + 4 * n * h + 10 * v * h).max(6 * c * v + 14 * v * h)
+        (10 * c * v + 4 * n * h + 10 * v * h).max(6 * c * v + 12 * v * h)
     } else {
         10 * c * v + 4 * n * h + 6 * v * h
     };

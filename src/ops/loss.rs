@@ -205,7 +205,11 @@ fn head_cross_entropy(
                         dx.push(Tensor::cat(&[gch.matmul(&w)?, gch.matmul(b)?], 1)?);
                         if want_b {
                             let u = xc.narrow(1, h, rank)?.contiguous()?;
-                            accumulate(&mut db, gch.t()?.matmul(&u)?.to_dtype(f)?)?;
+                            // One statement per part: the product in the model dtype is
+                            // freed before the sum (as one statement it stayed alive beside
+                            // the old and new sums).
+                            let part = gch.t()?.matmul(&u)?.to_dtype(f)?;
+                            accumulate(&mut db, part)?;
                         }
                     }
                 }
@@ -215,7 +219,8 @@ fn head_cross_entropy(
                     } else {
                         xc
                     };
-                    accumulate(&mut dw, gch.t()?.matmul(&xh)?.to_dtype(f)?)?;
+                    let part = gch.t()?.matmul(&xh)?.to_dtype(f)?;
+                    accumulate(&mut dw, part)?;
                 }
             }
             let dx = Tensor::cat(&dx, 0)?;
