@@ -60,6 +60,16 @@ zero3() {
   m --batch 1 --seq 128 --checkpointing layers --method lora --lora r=4,alpha=8,targets=all-linear \
     --shard zero3 --world-size 8 --rank 7
   m --batch 1 --seq 256 --checkpointing layers --accumulate 2 --shard zero3 --world-size 4
+  # Added in the thirteenth session (the fused head's chunk and autocast moments): bf16 beyond
+  # one chunk of 256 tokens, the autocast recipes; and FSDP's bf16 rank 0 of 8 at 1 × 512.
+  m --batch 1 --seq 300 --checkpointing layers --dtype bf16 --shard zero3 --world-size 4
+  m --batch 1 --seq 512 --checkpointing layers --dtype bf16 --shard zero3 --world-size 4
+  m --batch 1 --seq 512 --checkpointing layers --dtype bf16 --shard fsdp --world-size 8
+  m --batch 1 --seq 64 --checkpointing layers --precision amp-bf16 --shard zero3 --world-size 4
+  m --batch 1 --seq 64 --checkpointing layers --precision amp-fp16 --shard zero3 --world-size 4
+  m --batch 1 --seq 128 --checkpointing layers --precision amp-bf16 --shard zero3 --world-size 4
+  m --batch 1 --seq 512 --checkpointing layers --precision amp-bf16 --shard zero3 --world-size 4
+  m --batch 1 --seq 128 --checkpointing layers --precision bf16+amp --shard zero3 --world-size 4
 }
 if [ "${3:-}" = fsdp ]; then fsdp; exit 0; fi
 if [ "${3:-}" = zero3 ]; then zero3; exit 0; fi
