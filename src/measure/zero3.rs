@@ -342,56 +342,61 @@ impl Zero3Rank {
     }
 }
 
-impl SegmentHooks for Zero3Rank {
-    fn before_root(&mut self, part: RootPart, backward: bool) -> Result<()> {
-        let m = match part {
-            RootPart::Embedding => Module::Embed,
-            RootPart::Head => Module::Head,
-        };
-        if m == Module::Embed && !backward {
-            self.forwards += 1;
-        }
-        let at = if backward {
+/// The schedule's module for a root part.
+fn module_of(part: RootPart) -> Module {
+    match part {
+        RootPart::Embedding => Module::Embed,
+        RootPart::Head => Module::Head,
+    }
+}
+
+impl Zero3Rank {
+    /// Trace position of module `m`'s forward, or of its backward.
+    fn position(&self, m: Module, backward: bool) -> usize {
+        if backward {
             schedule::backward_position(m, self.layers)
         } else {
             schedule::forward_position(m, self.layers)
-        };
-        self.fetch(at)
+        }
+    }
+
+    /// Module `m` has run: in backward (`grads` given) its trainable tensors' gradients put
+    /// in the bucket (a tied weight's at the embedding's backward, when its gradient is whole);
+    /// then its parameters released as the schedule says.
+    fn module_done(&mut self, m: Module, grads: Option<&mut [Option<Tensor>]>) -> Result<()> {
+        let backward = grads.is_some();
+        if let Some(g) = grads {
+            let embed_later =
+                m == Module::Head && self.schedule.trace.last() == Some(&Module::Embed);
+            let only: Vec<bool> = self
+                .schedule
+                .params
+                .iter()
+                .map(|p| {
+                    p.modules.contains(&m) && !(embed_later && p.modules.contains(&Module::Embed))
+                })
+                .collect();
+            self.bucket_grads(g, |i| only[i])?;
+        }
+        self.release_after(self.position(m, backward))
+    }
+}
+
+impl SegmentHooks for Zero3Rank {
+    fn before_root(&mut self, part: RootPart, backward: bool) -> Result<()> {
+        let m = module_of(part);
+        if m == Module::Embed && !backward {
+            self.forwards += 1;
+        }
+        self.fetch(self.position(m, backward))
     }
 
     fn after_root(&mut self, part: RootPart, grads: Option<&mut [Option<Tensor>]>) -> Result<()> {
-        let m = match part {
-            RootPart::Embedding => Module::Embed,
-            RootPart::Head => Module::Head,
-        };
-        let at = match grads {
-            Some(g) => {
-                // A tied weight's gradient is whole only after the embedding's backward.
-                let embed_later =
-                    m == Module::Head && self.schedule.trace.last() == Some(&Module::Embed);
-                let params = &self.schedule.params;
-                let only: Vec<bool> = params
-                    .iter()
-                    .map(|p| {
-                        p.modules.contains(&m)
-                            && !(embed_later && p.modules.contains(&Module::Embed))
-                    })
-                    .collect();
-                self.bucket_grads(g, |i| only[i])?;
-                schedule::backward_position(m, self.layers)
-            }
-            None => schedule::forward_position(m, self.layers),
-        };
-        self.release_after(at)
+        self.module_done(module_of(part), grads)
     }
 
     fn before(&mut self, first: usize, _n: usize, backward: bool) -> Result<()> {
-        let at = if backward {
-            schedule::backward_position(Module::Layer(first), self.layers)
-        } else {
-            schedule::forward_position(Module::Layer(first), self.layers)
-        };
-        self.fetch(at)
+        self.fetch(self.position(Module::Layer(first), backward))
     }
 
     fn after(
@@ -400,16 +405,6 @@ impl SegmentHooks for Zero3Rank {
         _n: usize,
         grads: Option<&mut [Option<Tensor>]>,
     ) -> Result<()> {
-        let m = Module::Layer(first);
-        let at = match grads {
-            Some(g) => {
-                let params = &self.schedule.params;
-                let only: Vec<bool> = params.iter().map(|p| p.modules.contains(&m)).collect();
-                self.bucket_grads(g, |i| only[i])?;
-                schedule::backward_position(m, self.layers)
-            }
-            None => schedule::forward_position(m, self.layers),
-        };
-        self.release_after(at)
+        self.module_done(Module::Layer(first), grads)
     }
 }
