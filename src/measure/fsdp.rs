@@ -307,8 +307,13 @@ pub(super) fn check_gathering(
     if cfg.moe().is_some() {
         return why(
             "--model",
-            "a mixture of experts".into(),
-            format!("a simulated {what} rank shards dense decoder layers"),
+            cfg.architectures
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "a mixture of experts".into()),
+            format!(
+                "a simulated {what} rank shards dense decoder layers, not a mixture of experts"
+            ),
         );
     }
     if spec
