@@ -1042,6 +1042,25 @@ impl Fixture {
         }
         drop(w);
 
+        // Simulated ranks, one edited to a rank no world of its size has.
+        let src =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("results/cpu/smollm2-135m-sharded.csv");
+        let mut r = csv::Reader::from_path(&src).unwrap();
+        let header = r.headers().unwrap().clone();
+        let k = header.iter().position(|c| c == "rank").unwrap();
+        let mut w = csv::Writer::from_path(fx.path("bad-rank.csv")).unwrap();
+        w.write_record(&header).unwrap();
+        for (n, rec) in r.records().enumerate().take(20) {
+            let rec = rec.unwrap();
+            let f: Vec<&str> = rec
+                .iter()
+                .enumerate()
+                .map(|(i, v)| if i == k && n == 5 { "64" } else { v })
+                .collect();
+            w.write_record(&f).unwrap();
+        }
+        drop(w);
+
         // Reference rows (PyTorch's) with a precision outside the format's vocabulary.
         let torch_rows =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("results/torch-cpu/smollm2-135m.csv");
@@ -1687,6 +1706,17 @@ const BAD_FILES: &[Case] = &[
         args: &["report", "--measured", "{dir}/flash.csv", "--out", "{dir}/never-made"],
         error: "flash.csv: row 2:",
         untouched: Some("flash.csv"),
+    },
+    Case {
+        args: &["merge", "{dir}/bad-rank.csv", "--out", "{dir}/never-made"],
+        error: "bad-rank.csv row 7",
+        untouched: Some("bad-rank.csv"),
+    },
+    Case {
+        args: &["sweep", "--model", "tiny", "--batch", "1", "--seq", "8", "--resume", "--out",
+            "{dir}/bad-rank.csv"],
+        error: "bad-rank.csv row 7",
+        untouched: Some("bad-rank.csv"),
     },
     Case {
         args: &["check", "--measured", "{dir}/gpu-device.csv"],

@@ -79,6 +79,10 @@ pub fn run(a: &MergeArgs) -> anyhow::Result<ExitCode> {
             let rec = rec?;
             let key = super::sweep::config_key(row);
             let from = format!("{} row {}", part.display(), i + 2);
+            // A simulated rank no run could make (a rank not below its world size, a world size
+            // without a shard): an edited or damaged part, refused.
+            crate::calibrate::sharding_from_row(row)
+                .map_err(|e| Error::invalid("merge", &from, e.to_string()))?;
             match at.get(&key) {
                 None => {
                     at.insert(key.clone(), rows.len());

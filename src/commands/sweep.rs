@@ -350,10 +350,19 @@ fn refuse_repeats(grid: &[Point]) -> anyhow::Result<()> {
 /// Drops the points whose configuration `out` already has a row for (`--resume`).
 fn skip_done(grid: &mut Vec<Point>, out: &std::path::Path) -> anyhow::Result<()> {
     let total = grid.len();
-    let done: HashSet<String> = crate::report::csv_out::read_rows_for_resume(out)?
-        .iter()
-        .map(config_key)
-        .collect();
+    let rows = crate::report::csv_out::read_rows_for_resume(out)?;
+    // A row whose simulated rank no run could make (a rank not below its world size, a world
+    // size without a shard) means the file was edited or damaged: refused, not resumed.
+    for (i, r) in rows.iter().enumerate() {
+        crate::calibrate::sharding_from_row(r).map_err(|e| {
+            Error::invalid(
+                "--resume",
+                format!("{} row {}", out.display(), i + 2),
+                e.to_string(),
+            )
+        })?;
+    }
+    let done: HashSet<String> = rows.iter().map(config_key).collect();
     grid.retain(|p| {
         !done.contains(&config_key(&Row::new(
             &p.ctx,
