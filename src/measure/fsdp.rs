@@ -269,10 +269,19 @@ pub fn check(
     spec: &crate::spec::TrainSpec,
     device: crate::spec::DeviceChoice,
 ) -> Result<()> {
-    check_gathering(cfg, spec, device, "FSDP")
+    check_gathering(cfg, spec, device, crate::spec::Shard::Fsdp)
 }
 
-/// [`check`] for a rank that gathers its parameters (FSDP, ZeRO-3: `what`, named in errors).
+/// How errors name a rank that gathers its parameters: `FSDP` or `ZeRO-3`.
+pub(super) fn scheme_name(shard: crate::spec::Shard) -> &'static str {
+    match shard {
+        crate::spec::Shard::Fsdp => "FSDP",
+        _ => "ZeRO-3",
+    }
+}
+
+/// [`check`] for a rank that gathers its parameters (`shard`: FSDP or ZeRO-3, named in
+/// errors by [`scheme_name`]).
 ///
 /// # Errors
 /// As [`check`].
@@ -280,8 +289,9 @@ pub(super) fn check_gathering(
     cfg: &crate::config::ModelConfig,
     spec: &crate::spec::TrainSpec,
     device: crate::spec::DeviceChoice,
-    what: &str,
+    shard: crate::spec::Shard,
 ) -> Result<()> {
+    let what = scheme_name(shard);
     let why = |flag: &str, value: String, reason: String| Err(Error::invalid(flag, value, reason));
     if device != crate::spec::DeviceChoice::Cpu {
         return why(
@@ -352,10 +362,7 @@ impl Shards {
     /// [`Error::InvalidValue`] for trainable tensors of two dtypes, an NF4 weight;
     /// [`Error::Candle`].
     pub(super) fn new(s: &Sharding, model: &Decoder, flat: bool) -> Result<(Self, Vec<String>)> {
-        let what = match s.shard {
-            crate::spec::Shard::Fsdp => "FSDP",
-            _ => "ZeRO-3",
-        };
+        let what = scheme_name(s.shard);
         let stored = model.stored_tensors()?;
         let vars = model.trainable_vars();
         let dtypes: std::collections::BTreeSet<String> = vars

@@ -79,7 +79,7 @@ pub fn check(
     spec: &crate::spec::TrainSpec,
     device: crate::spec::DeviceChoice,
 ) -> Result<()> {
-    super::fsdp::check_gathering(cfg, spec, device, "ZeRO-3")
+    super::fsdp::check_gathering(cfg, spec, device, crate::spec::Shard::Zero3)
 }
 
 /// The modules that use stored tensor `name` (of decoder layer `layer`), `tied` when the head
