@@ -295,16 +295,14 @@ fn mixture_of_experts_rows_are_estimated_without_refitting() {
 
 /// vramcal's simulated data-parallel ranks (`results/cpu/smollm2-135m-sharded.csv`: ddp, zero1,
 /// zero2, zero3 and fsdp at N = 2, 4, 8, never fitted: their sharded terms are counted) against
-/// the one-device CPU table: median within 1 %, every row within 2 %, the ZeRO-3 ranks within
-/// 1 %. The DDP and ZeRO-1/2 terms are exact: no such rank is estimated further off, in bytes,
-/// than its configuration's one-device row in the same file, beyond 0.05 % of its peak
-/// (candle's bookkeeping of the partition's tensors); those over 1 % are checkpointed ZeRO
-/// ranks at N = 4 and 8, over by the bytes the table over-counts that configuration on one
-/// device. FSDP ranks at N ≥ 4 peak at the tied head's backward, which the table's fitted
-/// coefficients count up to 1.8 % under; ZeRO-3 ranks peak there too (every parameter of
-/// smollm2-135m is kept gathered from step 2 on).
+/// the one-device CPU table: every row within 1 % (issue "Beyond one GPU": `estimate --shard`
+/// within 1 % of each simulated rank, N = 8 held out; no row of the file is fitted). The DDP and
+/// ZeRO-1/2 terms are exact besides: no such rank is estimated further off, in bytes, than its
+/// configuration's one-device row in the same file, beyond 0.05 % of its peak (candle's
+/// bookkeeping of the partition's tensors). FSDP and ZeRO-3 ranks at N ≥ 4 peak at the tied
+/// head's backward, the one-device rows at the end of backward.
 #[test]
-fn simulated_ranks_are_estimated_within_their_one_device_error() {
+fn simulated_ranks_are_estimated_within_1_percent() {
     let file = "results/cpu/smollm2-135m-sharded.csv";
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("check.csv");
@@ -312,9 +310,9 @@ fn simulated_ranks_are_estimated_within_their_one_device_error() {
         file,
         &[
             "--max-error",
-            "2%",
-            "--max-median-error",
             "1%",
+            "--max-median-error",
+            "0.5%",
             "--out-csv",
             out.to_str().unwrap(),
         ],
@@ -338,8 +336,6 @@ fn simulated_ranks_are_estimated_within_their_one_device_error() {
             continue;
         }
         if words[at - 1] == "zero3" {
-            let e = err(row).abs() as f64 / bytes(row, measured) as f64;
-            assert!(e <= 0.01, "{c}: off by {} B", err(row));
             zero3 += 1;
             continue;
         }

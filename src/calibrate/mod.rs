@@ -443,6 +443,14 @@ pub fn unexercised(pts: &[&Point]) -> Vec<usize> {
 /// * `gradients_live` = 1 for every profile: gradient bytes are exact (the trainable
 ///   parameters in the model dtype); fitted, the constant gradients of full fine-tuning trade
 ///   places with other constants of the same rows, which would not carry over to other models;
+/// * `largest_trainable` = 1 for `candle`: the bytes of a gradient being summed into candle's
+///   `GradStore` (candle-core 0.11.1 `backprop.rs`: the old buffer, the part, their sum), or a
+///   tied embedding's two contributions at the end of a checkpointed backward, are exact.
+///   Fitted (0.94 on the CPU rows, 1.32 on the H200's), it traded places with
+///   `checkpoint_inputs` and the constant, which then counted the segments' inputs at the end of
+///   backward where none is alive: the one-device rows came out right, and vramcal's simulated
+///   ranks, whose smaller peaks fall at the head's moment or give the same bytes more weight, up
+///   to 1.8 % off (`results/cpu/smollm2-135m-sharded.csv`; within 0.55 % counted);
 /// * `attention_transient` = 4 for `candle`: the fused attention's backward (`src/ops/
 ///   attention.rs`) holds four `(batch, heads, seq, seq)` compute-dtype tensors at once (`P`,
 ///   `dP`, `dP − rowsum`, `dS`). Short sequences, where it is small, cannot pin it down, and a
@@ -775,7 +783,7 @@ pub fn read_table(path: &Path, profile: Profile) -> Result<Coefficients> {
         {
             if c != counted {
                 return Err(bad(format!(
-                    "gives term {} the coefficient {c}, but it is counted, not fitted ({counted}): the table was edited",
+                    "gives term {} the coefficient {c}, but it is counted, not fitted ({counted}): the table was edited, or made by an older vramcal (remake it with `vramcal calibrate`)",
                     row.term
                 )));
             }

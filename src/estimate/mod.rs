@@ -32,7 +32,8 @@ use crate::spec::{Checkpointing, Profile, Quant, Shard, Sharding};
 ///   profiles the `(N, V)` logits and the loss's intermediates (backward adds their gradients);
 /// * `gradients_live`: gradients of the trainable parameters;
 /// * `largest_trainable`: bytes of the largest trainable tensor (gradient-accumulation
-///   transients such as a tied embedding's two gradient contributions);
+///   transients such as a tied embedding's two gradient contributions; counted, not fitted, for
+///   `candle`: [`crate::calibrate::fixed_coefficients`]);
 /// * `attention_transient`: one layer's attention scores in the compute dtype (the fused
 ///   attention's scores and probabilities, formed one layer at a time), where the attention
 ///   forms them whole: on CUDA, and on the CPU for `--attention eager` or f64;
@@ -53,7 +54,9 @@ use crate::spec::{Checkpointing, Profile, Quant, Shard, Sharding};
 /// The peak of backward is the largest of three [`Moment`]s: the head's backward (its logits
 /// chunk or logits, the LM head's gradient), a layer's backward once the gradients have built
 /// up (with its attention transient), and the very end (all gradients, a tied embedding's two
-/// gradient contributions being summed). `checkpoint_inputs` and `constant` count at all three.
+/// gradient contributions being summed). `constant` counts at all three; `checkpoint_inputs` at
+/// the head's and a layer's (each segment's input is freed once it is recomputed: none is left at
+/// the end of backward, where a checkpointed full fine-tuning step of vramcal's peaks).
 /// The activations are alive at all three without checkpointing (candle keeps the whole graph
 /// until backward ends), and only in a layer's backward with it (the head's graph is freed
 /// before the layers are recomputed; one segment's graph is alive then, and freed before the
@@ -185,6 +188,7 @@ impl Term {
     pub fn counted(self, profile: Profile) -> Option<f64> {
         match (self, profile) {
             (Term::GradientsLive, _) => Some(1.0),
+            (Term::LargestTrainable, Profile::Candle) => Some(1.0),
             (Term::AttentionTransient, Profile::Candle) => Some(4.0),
             (Term::CpuAttentionTransient, Profile::Candle) => Some(1.0),
             _ => None,
@@ -199,7 +203,8 @@ impl Term {
         }
         match self {
             Term::Activations | Term::AttentionScores => !checkpointed || m == Moment::Layer,
-            Term::CheckpointInputs | Term::Constant => true,
+            Term::CheckpointInputs => m != Moment::End,
+            Term::Constant => true,
             Term::CpuBf16MatmulWidening | Term::LogitsAndLoss => m == Moment::Head,
             Term::GradientsLive => m != Moment::Head,
             Term::LargestTrainable => m != Moment::Layer,
@@ -676,12 +681,9 @@ pub fn candle_terms(cfg: &ModelConfig, spec: &TrainSpec, cpu: bool) -> Terms {
         } + saved_head,
         layer_static: 0,
         backward_static: 0,
-        // Under checkpointing the segments' inputs are freed by then, though
-        // `checkpoint_inputs` is counted at every moment: taken off here.
         end_static: (saved_embed_only(spec)
             * (cfg.vocab_size as u64 * cfg.hidden_size as u64)
-            * gd)
-            .saturating_sub(ckpt),
+            * gd),
     }
 }
 
