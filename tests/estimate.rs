@@ -91,8 +91,9 @@ fn saved_tensor_table_matches_a_measured_layer() {
         attention_bias: true,
         ..cfg(layers)
     };
-    // Mixtral's mixture of experts: 4 experts routed top-2 (LoRA on the attention only: the
-    // own step does not adapt the experts).
+    // Mixtral's mixture of experts: 4 experts routed top-2; LoRA on the attention, or PEFT's
+    // all-linear (the router and each expert's share of the 3-D tensors' adapters, no dropout:
+    // PEFT refuses it there).
     let mixtral = |layers: usize| ModelConfig {
         architectures: vec!["MixtralForCausalLM".into()],
         num_local_experts: Some(4),
@@ -102,6 +103,15 @@ fn saved_tensor_table_matches_a_measured_layer() {
     let lora_attn = || Adaptation {
         lora: Some(
             "r=8,alpha=16,dropout=0.1,targets=attn"
+                .parse::<LoraConfig>()
+                .unwrap(),
+        ),
+        quant: Quant::None,
+        seed: 0,
+    };
+    let lora_moe = || Adaptation {
+        lora: Some(
+            "r=8,alpha=16,targets=all-linear"
                 .parse::<LoraConfig>()
                 .unwrap(),
         ),
@@ -174,6 +184,23 @@ fn saved_tensor_table_matches_a_measured_layer() {
             3,
             DType::F32,
             lora_attn(),
+            Attention::Sdpa,
+            Some(Precision::AmpBf16),
+        ),
+        (3, DType::F32, lora_moe(), Attention::Sdpa, None),
+        (3, DType::BF16, lora_moe(), Attention::Sdpa, None),
+        // bf16 experts with fp32 adapters cast per use; autocast's bf16 router.
+        (
+            3,
+            DType::BF16,
+            lora_moe(),
+            Attention::Sdpa,
+            Some(Precision::Bf16Amp),
+        ),
+        (
+            3,
+            DType::F32,
+            lora_moe(),
             Attention::Sdpa,
             Some(Precision::AmpBf16),
         ),

@@ -486,12 +486,141 @@ fn mixture_of_experts_gradients_counts_and_saved_tensors() {
         2 * 4 * (2 * (32 + 32) + 2 * (32 + 16))
     );
     assert_eq!(l(&lora), l(&m32));
-    // PEFT's all-linear would adapt the router and the experts: refused by the own step.
-    let mut spec = TrainSpec::new(1, 8);
-    spec.adaptation = vramcal::spec::Adaptation {
-        lora: Some("r=4,targets=all-linear".parse().unwrap()),
-        ..Default::default()
+}
+
+/// PEFT's `all-linear` on Mixtral in vramcal's step: the router's adapter and each expert's
+/// share of PEFT's `gate_up_proj` (rank and alpha doubled) and `down_proj` adapters count what
+/// PEFT counts (`lora_param_count`: PEFT 0.21.2's trainable parameters); with random `B` every
+/// adapter's gradient matches central finite differences in f64; the saved adapter holds PEFT's
+/// stacked tensors (`mlp.experts.base_layer.lora_A.weight` `(2r·E, h)`, …) and loads back into a
+/// fresh model to the same loss; the merged model (`W + s·B·A`, the experts' rows of the
+/// checkpoint's 3-D tensors) computes the same loss without adapters.
+#[test]
+fn mixture_of_experts_all_linear_lora() {
+    let cfg = tiny_mixtral();
+    let lora: vramcal::spec::LoraConfig = "r=2,alpha=8,targets=all-linear".parse().unwrap();
+    let ad = vramcal::spec::Adaptation {
+        lora: Some(lora.clone()),
+        quant: vramcal::spec::Quant::None,
+        seed: 4,
     };
-    let e = vramcal::spec::check_candle_step(&cfg, &spec).unwrap_err();
-    assert!(e.to_string().contains("router and the experts"), "{e}");
+    let build = |dtype: DType, seed: u64| {
+        Decoder::with_adaptation(
+            &cfg,
+            &mut RandomWeights::new(7),
+            dtype,
+            &Device::Cpu,
+            &vramcal::spec::Adaptation { seed, ..ad.clone() },
+        )
+        .unwrap()
+    };
+    let m = build(DType::F64, 4);
+    assert_eq!(
+        m.trainable_count(),
+        vramcal::spec::lora_param_count(&cfg, &lora)
+    );
+    // (h, i, E, r) = (32, 48, 4, 2) per layer: attention r·(in + out), the router r·(h + E),
+    // gate_up 2r·E·(h + 2i), down r·E·(i + h).
+    let (h, i, e, r) = (32, 48, 4, 2);
+    let attn = r * (h + 32) + 2 * r * (h + 16) + r * (32 + h);
+    assert_eq!(
+        m.trainable_count() as usize,
+        2 * (attn + r * (h + e) + 2 * r * e * (h + 2 * i) + r * e * (i + h))
+    );
+    for (name, v) in m.trainable_vars() {
+        if name.contains("lora_B") {
+            let t = Tensor::randn(0f64, 0.05, v.shape(), &Device::Cpu).unwrap();
+            v.set(&t).unwrap();
+        }
+    }
+    finite_differences(&m);
+
+    // Saved as PEFT saves it; loaded back into a model with other random adapters.
+    let m32 = build(DType::F32, 4);
+    for (name, v) in m32.trainable_vars() {
+        if name.contains("lora_B") {
+            let t = Tensor::randn(0f32, 0.05, v.shape(), &Device::Cpu).unwrap();
+            v.set(&t).unwrap();
+        }
+    }
+    let (x, y) = tiny_batch(2, 8);
+    let l = |d: &Decoder| d.loss(&x, &y).unwrap().to_scalar::<f32>().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    m32.save_trained(dir.path(), "tiny-mixtral").unwrap();
+    let saved =
+        candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let base = "base_model.model.model.layers.1.mlp";
+    for (name, shape) in [
+        (format!("{base}.gate.lora_A.weight"), vec![r, h]),
+        (format!("{base}.gate.lora_B.weight"), vec![e, r]),
+        (
+            format!("{base}.experts.base_layer.lora_A.weight"),
+            vec![2 * r * e, h],
+        ),
+        (
+            format!("{base}.experts.base_layer.lora_B.weight"),
+            vec![2 * i, 2 * r * e],
+        ),
+        (format!("{base}.experts.lora_A.weight"), vec![r * e, i]),
+        (format!("{base}.experts.lora_B.weight"), vec![h, r * e]),
+    ] {
+        assert_eq!(saved[&name].dims(), shape.as_slice(), "{name}");
+    }
+    assert!(
+        !saved.keys().any(|k| k.contains("experts.0.")),
+        "{:?}",
+        saved.keys()
+    );
+    // PEFT's interleaved columns: expert 1's B, column ρ, is column ρ·E + 1 of the stack.
+    let vars = m32.trainable_vars();
+    let var = |n: &str| vars.iter().find(|(k, _)| k == n).unwrap().1.clone();
+    let b1 = var(&format!("{base}.experts.1.down_proj.lora_B.weight"));
+    let stacked = &saved[&format!("{base}.experts.lora_B.weight")];
+    for rho in 0..r {
+        let col = |t: &Tensor, c: usize| -> Vec<f32> {
+            t.narrow(1, c, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_eq!(col(stacked, rho * e + 1), col(b1.as_tensor(), rho));
+    }
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["rank_pattern"][r".*\.gate_up_proj"], 4);
+    assert_eq!(config["alpha_pattern"][r".*\.gate_up_proj"], 16.0);
+    assert_eq!(
+        config["target_parameters"],
+        serde_json::json!(["gate.weight", "down_proj", "gate_up_proj"])
+    );
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj"])
+    );
+    let fresh = build(DType::F32, 9);
+    assert_ne!(l(&fresh), l(&m32));
+    fresh.load_adapter(dir.path()).unwrap();
+    assert_eq!(l(&fresh), l(&m32));
+
+    // Merged: the same loss from the plain model, to f32 rounding.
+    let mut merged = build(DType::F32, 9);
+    merged.load_adapter(dir.path()).unwrap();
+    let mdir = tempfile::tempdir().unwrap();
+    merged.merge_and_save(mdir.path()).unwrap();
+    let mut src = vramcal::weights::open_source(&vramcal::spec::WeightsSpec::Safetensors(
+        mdir.path().to_path_buf(),
+    ))
+    .unwrap();
+    let plain = Decoder::new(&cfg, src.as_mut(), DType::F32, &Device::Cpu).unwrap();
+    assert!(
+        (l(&plain) - l(&m32)).abs() < 1e-5,
+        "{} vs {}",
+        l(&plain),
+        l(&m32)
+    );
 }

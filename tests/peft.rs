@@ -696,3 +696,77 @@ fn bad_peft_settings_are_rejected() {
     .validate(DType::F32);
     assert!(nf4_full.unwrap_err().to_string().contains("qlora"));
 }
+
+/// PEFT's own adapter on transformers' own Mixtral (`tests/data/peft-mixtral-all-linear`, made
+/// by `scripts/peft_moe_fixture.py` with torch 2.15, transformers 5.24, PEFT 0.21.2:
+/// `all-linear`, so the router and the experts' 3-D `gate_up_proj`/`down_proj` are adapted
+/// through `ParamWrapper`s, every adapter tensor random): vramcal loads the base and the adapter
+/// into its own step and computes PEFT's loss on the same tokens (fp32, to 1e-5), and not the
+/// loss without the adapter; saved again, the adapter holds the file's tensors.
+#[test]
+fn peft_mixtral_all_linear_adapter_gives_peft_loss() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/peft-mixtral-all-linear");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let cfg = vramcal::config::ModelConfig::from_json_file(&dir.join("config.json")).unwrap();
+    let ad = Adaptation {
+        lora: Some("r=2,alpha=8,dropout=0,targets=all-linear".parse().unwrap()),
+        quant: Quant::None,
+        seed: 1,
+    };
+    let mut src =
+        vramcal::weights::open_source(&vramcal::spec::WeightsSpec::Safetensors(dir.clone()))
+            .unwrap();
+    let m = Decoder::with_adaptation(&cfg, src.as_mut(), DType::F32, &Device::Cpu, &ad).unwrap();
+    let ids = |key: &str| -> Tensor {
+        let rows: Vec<Vec<u32>> = serde_json::from_value(expected[key].clone()).unwrap();
+        let (b, s) = (rows.len(), rows[0].len());
+        Tensor::from_vec(rows.concat(), (b, s), &Device::Cpu).unwrap()
+    };
+    let (x, y) = (ids("input_ids"), ids("targets"));
+    let loss = |m: &Decoder| m.loss(&x, &y).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let peft = expected["loss"].as_f64().unwrap();
+    let without = expected["loss_without_adapter"].as_f64().unwrap();
+    // B = 0 as vramcal initializes it: the base model's loss.
+    assert!(
+        (loss(&m) - without).abs() < 1e-5,
+        "{} vs {without}",
+        loss(&m)
+    );
+    m.load_adapter(&dir).unwrap();
+    assert!(
+        (loss(&m) - peft).abs() < 1e-5,
+        "{} vs PEFT's {peft}",
+        loss(&m)
+    );
+    assert!((peft - without).abs() > 1e-3);
+    // A model without the experts' adapters refuses the file, naming what differs.
+    let attn = Decoder::with_adaptation(
+        &cfg,
+        vramcal::weights::open_source(&vramcal::spec::WeightsSpec::Safetensors(dir.clone()))
+            .unwrap()
+            .as_mut(),
+        DType::F32,
+        &Device::Cpu,
+        &Adaptation {
+            lora: Some("r=2,alpha=8,targets=attn".parse().unwrap()),
+            ..ad.clone()
+        },
+    )
+    .unwrap();
+    let e = attn.load_adapter(&dir).unwrap_err().to_string();
+    assert!(e.contains("target_parameters={\"down_proj\""), "{e}");
+    // Saved again: PEFT's tensors, bit for bit.
+    let out = tempfile::tempdir().unwrap();
+    m.save_trained(out.path(), "peft-mixtral").unwrap();
+    let a =
+        candle_core::safetensors::load(out.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let b = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &b {
+        assert_eq!(max_abs_diff(&a[name], t), 0.0, "{name}");
+    }
+}

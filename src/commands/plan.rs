@@ -76,7 +76,6 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<ExitCode> {
     };
     let spec = train_spec(&a.model, batch, seq, a.how.method, a.how.checkpointing)?;
     spec.validate(&model.config)?;
-    crate::spec::check_candle_step(&model.config, &spec)?;
     let target = check(a, &model, &spec, epoch.as_ref())?;
     if let Some(d) = &data {
         eprintln!("{}", d.describe());

@@ -285,7 +285,6 @@ pub(crate) fn plan(a: &SweepArgs) -> anyhow::Result<(Vec<Point>, String)> {
             let args = point_args(&a.model, m);
             let spec = super::setup::train_spec(&args, b, s, m, c)?;
             spec.validate(&model.config)?;
-            crate::spec::check_candle_step(&model.config, &spec)?;
             super::setup::check_fits(&spec, &model, device)?;
             let ctx = super::setup::row_context(&args, &model, &weights, &spec, command.clone());
             grid.push(Point {

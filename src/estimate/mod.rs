@@ -1023,15 +1023,24 @@ pub fn largest_trainable(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
             .max()
             .unwrap_or(0),
         Some(l) => {
+            // On a mixture of experts under `all-linear`, each expert's share of PEFT's
+            // `gate_up_proj` adapter: `A_e` `(2r, h)`, `B_e`'s gate and up rows `(i, 2r)` each
+            // (`src/model/moe.rs`, `GateUpLora`).
+            let experts = if l.experts_adapted(cfg) {
+                2 * (l.r * cfg.hidden_size.max(cfg.intermediate_size)) as u64
+            } else {
+                0
+            };
             let layers = l
-                .targets
+                .layer_targets(cfg)
                 .iter()
                 .map(|&t| {
                     let (o, i) = crate::spec::target_shape(cfg, t);
                     (l.r * o.max(i)) as u64
                 })
                 .max()
-                .unwrap_or(0);
+                .unwrap_or(0)
+                .max(experts);
             // `lm_head`'s `B` `(V, r)` and `embed_tokens`' `A` `(r, V)`.
             let top = if l.top_level() {
                 (l.r * cfg.vocab_size.max(cfg.hidden_size)) as u64
@@ -1154,9 +1163,6 @@ pub fn estimate_sharded(
         ));
     }
     spec.validate(cfg)?;
-    if profile == Profile::Candle {
-        crate::spec::check_candle_step(cfg, spec)?;
-    }
     check_saved_modules(spec, profile)?;
     // A torch table fitted on PyTorch's CPU rows describes PyTorch on the CPU.
     let cpu_spec;

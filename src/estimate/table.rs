@@ -240,11 +240,61 @@ fn moe(v: &mut Vec<SavedTensor>, cfg: &ModelConfig, spec: &TrainSpec, m: crate::
     v.push(t("mlp.router.top", "(N, k)", n * k, f));
     v.push(t("mlp.router.top_sum", "(N, 1)", n, f));
     v.push(t("mlp.router.weights", "(N, k)", n * k, f));
+    let adapted = spec
+        .adaptation
+        .lora
+        .as_ref()
+        .filter(|l| l.experts_adapted(cfg));
+    if let Some(l) = adapted {
+        // The router's adapter (a LoRA `Linear` in the compute dtype, no dropout).
+        let r = l.r as u64;
+        if z.a != c {
+            v.push(t("mlp.gate.lora_A_cast", "(r, h)", r * h, c));
+            v.push(t("mlp.gate.lora_B_cast", "(E, r)", e * r, c));
+        }
+        v.push(t("mlp.gate.lora_a_out", "(N, r)", n * r, c));
+        v.push(t(
+            "mlp.gate.lora_b_out_scaled_sum",
+            "3 × (N, E)",
+            3 * n * e,
+            c,
+        ));
+    }
     v.push(t("mlp.experts.pairs", "2 × (S,) u32", 2 * s, 4));
     v.push(t("mlp.experts.sorted_weights", "(S, 1)", s, f));
     v.push(t("mlp.experts.gathered", "(S, h)", s * h, w));
     v.push(t("mlp.experts.gate_up_swiglu", "3 × (S, i)", 3 * s * i, w));
     v.push(t("mlp.experts.down", "(S, h)", s * h, w));
+    if let Some(l) = adapted {
+        // Each expert's share of PEFT's `gate_up_proj` and `down_proj` adapters, in the
+        // experts' dtype (`src/model/moe.rs`): the shared `x·A_eᵀ` `(c, 2r)`, the gate's and the
+        // up projection's `·B_eᵀ`, scaled and summed `(c, i)` each; `down_proj`'s `(c, r)` and
+        // its three `(c, h)`; summed over the experts' rows, `c` makes `S`. The adapters' cast
+        // copies where they are stored in another dtype.
+        let r = l.r as u64;
+        if z.a != w {
+            v.push(t(
+                "mlp.experts.lora_casts",
+                "E × (2r·h + 2·i·2r + r·i + h·r)",
+                e * (2 * r * h + 4 * r * i + r * i + h * r),
+                w,
+            ));
+        }
+        v.push(t("mlp.experts.gate_up_lora_a_out", "(S, 2r)", s * 2 * r, w));
+        v.push(t(
+            "mlp.experts.gate_up_lora_b_out_scaled_sum",
+            "6 × (S, i)",
+            6 * s * i,
+            w,
+        ));
+        v.push(t("mlp.experts.down_lora_a_out", "(S, r)", s * r, w));
+        v.push(t(
+            "mlp.experts.down_lora_b_out_scaled_sum",
+            "3 × (S, h)",
+            3 * s * h,
+            w,
+        ));
+    }
     v.push(t("mlp.experts.cat", "(S, h)", s * h, w));
     if f != w {
         v.push(t("mlp.experts.cat_f32", "(S, h)", s * h, f));

@@ -439,9 +439,21 @@ impl Decoder {
                         dtype,
                     };
                     let e = m.experts;
+                    // PEFT's `all-linear` on Mixtral adapts the router and the experts too
+                    // (`ParamWrapper`s: no dropout, which the spec refuses).
+                    let adapted = ad.lora.as_ref().filter(|c| c.experts_adapted(cfg));
+                    let seed = |k: usize| {
+                        ad.seed
+                            .wrapping_mul(1_000_003)
+                            .wrapping_add(0x4D6F_4500_0000 + (l * 4096 + k) as u64)
+                    };
                     let router = ld.tensor(&format!("{p}.mlp.gate.weight"), &[e, h], dtype)?;
                     let gate = Linear {
                         dtype: compute,
+                        lora: match adapted {
+                            Some(c) => Some(LoraAdapter::new(e, h, c, adapters, device, seed(0))?),
+                            None => None,
+                        },
                         ..plain(dense(router)?, e, h)
                     };
                     let gu = ld.tensor(
@@ -453,10 +465,35 @@ impl Decoder {
                     let mut experts = Vec::with_capacity(e);
                     for x in 0..e {
                         let g = gu.get(x)?;
+                        let (down_lora, gate_up_lora) = match adapted {
+                            Some(c) => (
+                                Some(LoraAdapter::new(
+                                    h,
+                                    i,
+                                    c,
+                                    adapters,
+                                    device,
+                                    seed(1 + 2 * x),
+                                )?),
+                                Some(moe::GateUpLora::new(
+                                    h,
+                                    i,
+                                    c,
+                                    adapters,
+                                    device,
+                                    seed(2 + 2 * x),
+                                )?),
+                            ),
+                            None => (None, None),
+                        };
                         experts.push(moe::Expert {
                             gate: plain(dense(g.narrow(0, 0, i)?.contiguous()?)?, i, h),
                             up: plain(dense(g.narrow(0, i, i)?.contiguous()?)?, i, h),
-                            down: plain(dense(dn.get(x)?.contiguous()?)?, h, i),
+                            down: Linear {
+                                lora: down_lora,
+                                ..plain(dense(dn.get(x)?.contiguous()?)?, h, i)
+                            },
+                            gate_up_lora,
                         });
                     }
                     Mlp::Moe(moe::MoeBlock {
@@ -624,6 +661,18 @@ impl Decoder {
             for (path, l) in &linears[4..] {
                 lin(&mut out, &p, path, l);
             }
+            if let Mlp::Moe(m) = &layer.mlp {
+                // Each expert's share of PEFT's `gate_up_proj` adapter (`save_trained` writes
+                // them as PEFT's stacked tensors).
+                for (e, x) in m.experts.iter().enumerate() {
+                    if let Some(g) = &x.gate_up_lora {
+                        let base = format!("base_model.model.{p}.mlp.experts.{e}");
+                        out.push((format!("{base}.gate_up_proj.lora_A.weight"), g.a.clone()));
+                        out.push((format!("{base}.gate_proj.lora_B.weight"), g.b_gate.clone()));
+                        out.push((format!("{base}.up_proj.lora_B.weight"), g.b_up.clone()));
+                    }
+                }
+            }
         }
         param(&mut out, "model.norm.weight".into(), &self.norm);
         if let Some(h) = &self.lm_head {
@@ -726,6 +775,25 @@ impl Decoder {
                 });
             }
         }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let Mlp::Moe(m) = &layer.mlp else { continue };
+            for (e, x) in m.experts.iter().enumerate() {
+                let Some(g) = &x.gate_up_lora else { continue };
+                let base = format!("base_model.model.model.layers.{l}.mlp.experts.{e}");
+                for (name, v) in [
+                    ("gate_up_proj.lora_A", &g.a),
+                    ("gate_proj.lora_B", &g.b_gate),
+                    ("up_proj.lora_B", &g.b_up),
+                ] {
+                    out.push(StoredTensor {
+                        layer: Some(l),
+                        name: format!("{base}.{name}"),
+                        tensor: v.as_tensor().clone(),
+                        trainable: true,
+                    });
+                }
+            }
+        }
         Ok(out)
     }
 
@@ -734,7 +802,11 @@ impl Decoder {
         let adapters: u64 = self
             .adapters()
             .map(|a| (a.a.elem_count() + a.b.elem_count()) as u64)
-            .sum();
+            .sum::<u64>()
+            + self
+                .gate_up_adapters()
+                .map(|g| g.elem_count() as u64)
+                .sum::<u64>();
         let saved = self
             .adaptation
             .lora
@@ -760,17 +832,32 @@ impl Decoder {
         )
     }
 
-    /// Every adapter: the layers', then `lm_head`'s and `embed_tokens`'.
+    /// Every adapter on a linear module: the layers' (a mixture of experts' router and
+    /// `down_proj` shares included), then `lm_head`'s and `embed_tokens`'; the experts'
+    /// `gate_up_proj` shares are [`Decoder::gate_up_adapters`].
     fn adapters(&self) -> impl Iterator<Item = &LoraAdapter> {
         self.layers
             .iter()
             .flat_map(|l| {
-                Target::ALL
+                l.linears()
                     .into_iter()
-                    .filter_map(move |t| l.linear(t)?.lora.as_ref())
+                    .filter_map(|(_, lin)| lin.lora.as_ref())
             })
             .chain(self.lm_head_lora.as_ref())
             .chain(self.embed_lora.as_ref())
+    }
+
+    /// Each expert's share of PEFT's `gate_up_proj` adapter (`all-linear` on Mixtral), layer by
+    /// layer.
+    fn gate_up_adapters(&self) -> impl Iterator<Item = &moe::GateUpLora> {
+        self.layers.iter().flat_map(|l| match &l.mlp {
+            Mlp::Moe(m) => m
+                .experts
+                .iter()
+                .filter_map(|x| x.gate_up_lora.as_ref())
+                .collect::<Vec<_>>(),
+            Mlp::Dense { .. } => Vec::new(),
+        })
     }
 
     /// Bytes held by all parameters as stored (NF4 weights at their packed size).
@@ -786,6 +873,9 @@ impl Decoder {
         }
         for a in self.adapters() {
             b += ((a.a.elem_count() + a.b.elem_count()) * a.a.dtype().size_in_bytes()) as u64;
+        }
+        for g in self.gate_up_adapters() {
+            b += (g.elem_count() * g.a.dtype().size_in_bytes()) as u64;
         }
         b
     }

@@ -20,9 +20,9 @@
 //! slice of one 3-D parameter would be materialised at the whole stack's size per expert), and
 //! stacked back on saving.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
-use super::linear::{cast, Linear};
+use super::linear::{cast, linear, Linear};
 use super::ForwardCtx;
 use crate::error::{Error, Result};
 use crate::ops;
@@ -34,8 +34,71 @@ pub struct Expert {
     pub gate: Linear,
     /// Up `(i, h)`: rows `i..2i` of `gate_up_proj[e]`.
     pub up: Linear,
-    /// Down `(h, i)`: `down_proj[e]`.
+    /// Down `(h, i)`: `down_proj[e]`; under PEFT's `all-linear` its LoRA adapter is this
+    /// expert's share of PEFT's `down_proj` `ParamWrapper` ([`Linear::lora`], rank `r`).
     pub down: Linear,
+    /// This expert's share of PEFT's `gate_up_proj` adapter under `all-linear`, `None`
+    /// otherwise.
+    pub gate_up_lora: Option<GateUpLora>,
+}
+
+/// One expert's share of PEFT's LoRA on the fused 3-D `gate_up_proj` `(E, 2i, h)` (PEFT 0.21.2
+/// `tuners/lora/layer.py` `ParamWrapper`, its in/out features swapped for the `(E, out, in)`
+/// layout; `utils/transformers_weight_conversion.py` doubles rank and alpha because `w1` and
+/// `w3` are fused): PEFT's `lora_A` `(2r·E, h)` holds expert `e`'s `A` in rows `e·2r..(e+1)·2r`,
+/// its `lora_B` `(2i, 2r·E)` expert `e`'s `B` in columns `ρ·E + e` (`ρ < 2r`), and the expert's
+/// weight is `W_e + (2α/2r)·B_e·A_e` (`get_delta_weight`: `einsum("o r e, e r i -> e o i")`).
+/// One shared `A`; `B`'s gate rows and up rows are kept apart, as the weights are.
+#[derive(Debug, Clone)]
+pub struct GateUpLora {
+    /// `A_e` `(2r, h)`.
+    pub a: Var,
+    /// Rows `0..i` of `B_e`, `(i, 2r)`: the gate's.
+    pub b_gate: Var,
+    /// Rows `i..2i` of `B_e`, `(i, 2r)`: the up projection's.
+    pub b_up: Var,
+    /// `2α / 2r` = `α / r`.
+    pub scale: f64,
+}
+
+impl GateUpLora {
+    /// A fresh share: `A_e ~ U(−1/√h, 1/√h)` (PEFT's `kaiming_uniform_(a=√5)` on `lora_A`, whose
+    /// fan-in is `h`), `B_e = 0`; `r` is the user's rank (doubled here).
+    ///
+    /// # Errors
+    /// [`Error::Candle`].
+    pub fn new(
+        h: usize,
+        i: usize,
+        cfg: &crate::spec::LoraConfig,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        let a = super::linear::LoraAdapter::new(
+            1,
+            h,
+            &crate::spec::LoraConfig {
+                r: 2 * cfg.r,
+                ..cfg.clone()
+            },
+            dtype,
+            device,
+            seed,
+        )?
+        .a;
+        Ok(GateUpLora {
+            a,
+            b_gate: Var::zeros((i, 2 * cfg.r), dtype, device)?,
+            b_up: Var::zeros((i, 2 * cfg.r), dtype, device)?,
+            scale: cfg.scale(),
+        })
+    }
+
+    /// Elements of `A_e`, `B_e`.
+    pub fn elem_count(&self) -> usize {
+        self.a.elem_count() + self.b_gate.elem_count() + self.b_up.elem_count()
+    }
 }
 
 /// A Mixtral sparse mixture-of-experts block.
@@ -105,7 +168,8 @@ fn softmax(x: &Tensor) -> Result<Tensor> {
 impl MoeBlock {
     /// `xn` `(N, h)` (the post-attention norm's output, in the weights' dtype) → `(N, h)` in
     /// f32 (f64 for f64 models): the caller casts it to the residual stream's dtype.
-    /// `salt` is the layer's first dropout salt (LoRA never adapts the experts here).
+    /// `salt` is the layer's first dropout salt (PEFT refuses dropout on the router's and the
+    /// experts' adapters: none is applied there).
     ///
     /// # Errors
     /// [`Error::Candle`]; [`Error::InvalidValue`] when the routing probabilities are not finite.
@@ -142,8 +206,15 @@ impl MoeBlock {
             }
             let xe = gathered.narrow(0, start, c)?;
             let salt = salt.wrapping_add(8 + e as u64);
-            let g = ex.gate.forward(&xe, ctx, salt)?; // (c, i)
-            let u = ex.up.forward(&xe, ctx, salt)?; // (c, i)
+            let mut g = ex.gate.forward(&xe, ctx, salt)?; // (c, i)
+            let mut u = ex.up.forward(&xe, ctx, salt)?; // (c, i)
+            if let Some(l) = &ex.gate_up_lora {
+                // PEFT adds `s·B_e·A_e` to the expert's weight; the same product, factored.
+                let dt = ex.gate.dtype;
+                let t = linear(&cast(&xe, dt)?, &cast(&l.a, dt)?)?; // (c, 2r)
+                g = (g + (linear(&t, &cast(&l.b_gate, dt)?)? * l.scale)?)?;
+                u = (u + (linear(&t, &cast(&l.b_up, dt)?)? * l.scale)?)?;
+            }
             outs.push(ex.down.forward(&ops::swiglu(&g, &u)?, ctx, salt)?); // (c, h)
             start += c;
         }

@@ -22,8 +22,8 @@ pub struct AdapterConfig {
     pub peft_type: String,
     /// Always `CAUSAL_LM`.
     pub task_type: String,
-    /// The base model's name or path.
-    pub base_model_name_or_path: String,
+    /// The base model's name or path; `null` where PEFT was not told one.
+    pub base_model_name_or_path: Option<String>,
     /// Rank.
     pub r: usize,
     /// Alpha.
@@ -42,7 +42,21 @@ pub struct AdapterConfig {
     /// as PEFT writes it.
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    /// Parameters adapted directly (PEFT's `ParamWrapper`): on Mixtral under `all-linear` the
+    /// router `gate.weight` and the experts' `gate_up_proj`, `down_proj`; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_parameters: Option<Vec<String>>,
+    /// Per-module ranks: `{".*\\.gate_up_proj": 2r}` on Mixtral under `all-linear` (`w1` and
+    /// `w3` fused, PEFT's `utils/transformers_weight_conversion.py`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank_pattern: Option<std::collections::BTreeMap<String, usize>>,
+    /// Per-module alphas, `{".*\\.gate_up_proj": 2α}` likewise; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha_pattern: Option<std::collections::BTreeMap<String, f64>>,
 }
+
+/// PEFT's regex for the fused expert tensor whose rank and alpha it doubles.
+const GATE_UP_PATTERN: &str = r".*\.gate_up_proj";
 
 fn st_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Weights {
@@ -75,22 +89,45 @@ impl Decoder {
                 }
             }
         }
+        if self.adaptation().lora.is_some() {
+            // A mixture of experts' adapter shares as PEFT's stacked `ParamWrapper` tensors.
+            for (li, layer) in self.layers.iter().enumerate() {
+                if let Mlp::Moe(m) = &layer.mlp {
+                    let p = format!("model.layers.{li}");
+                    let Some(stacked) = expert_adapter_tensors(&p, m)? else {
+                        continue;
+                    };
+                    let per_expert = format!("base_model.model.{p}.mlp.experts.");
+                    tensors.retain(|n, _| !n.starts_with(&per_expert));
+                    tensors.extend(stacked);
+                }
+            }
+        }
         let file = match &self.adaptation().lora {
             Some(l) => {
+                let experts = l.experts_adapted(&self.cfg);
                 let cfg = AdapterConfig {
                     peft_type: "LORA".into(),
                     task_type: "CAUSAL_LM".into(),
-                    base_model_name_or_path: base_model.into(),
+                    base_model_name_or_path: Some(base_model.into()),
                     r: l.r,
                     lora_alpha: l.alpha,
                     lora_dropout: l.dropout,
-                    target_modules: l.target_names().iter().map(|t| t.to_string()).collect(),
+                    target_modules: peft_target_modules(l, &self.cfg),
                     bias: "none".into(),
                     fan_in_fan_out: false,
                     inference_mode: true,
                     modules_to_save: l
                         .saves_modules()
                         .then(|| l.saved_names().iter().map(|t| t.to_string()).collect()),
+                    target_parameters: experts.then(|| {
+                        ["gate.weight", "down_proj", "gate_up_proj"]
+                            .map(String::from)
+                            .to_vec()
+                    }),
+                    rank_pattern: experts.then(|| [(GATE_UP_PATTERN.to_string(), 2 * l.r)].into()),
+                    alpha_pattern: experts
+                        .then(|| [(GATE_UP_PATTERN.to_string(), 2.0 * l.alpha)].into()),
                 };
                 tensors = tensors
                     .into_iter()
@@ -206,7 +243,8 @@ impl Decoder {
                 }
             }
             if let Mlp::Moe(m) = &layer.mlp {
-                // No adapters in a mixture of experts: its tensors as they are.
+                // Its tensors with the router's and experts' adapters (`all-linear`) merged:
+                // copies, where the dense layers above merge in place.
                 for (name, t) in moe_tensors(&p, m, &device)? {
                     tensors.insert(name, t.to_dtype(wd)?);
                 }
@@ -233,31 +271,87 @@ impl Decoder {
                 "the model has no LoRA adapters to load into",
             ));
         };
-        let targets: Vec<String> = l.target_names().iter().map(|t| t.to_string()).collect();
+        let targets = peft_target_modules(l, &self.cfg);
         let saved: Vec<String> = l.saved_names().iter().map(|t| t.to_string()).collect();
-        // PEFT keeps the user's order: compared as sets.
-        let mut file_saved = cfg.modules_to_save.clone().unwrap_or_default();
-        file_saved.sort();
-        file_saved.dedup();
-        let mut saved = saved;
-        saved.sort();
+        // PEFT keeps the user's order, or a set's (resolved `all-linear`): compared as sets.
+        let set =
+            |v: &[String]| -> std::collections::BTreeSet<String> { v.iter().cloned().collect() };
+        let file_saved = cfg.modules_to_save.clone().unwrap_or_default();
+        // On Mixtral under `all-linear`: the router and the experts as `target_parameters`, the
+        // fused `gate_up_proj` at rank and alpha doubled.
+        let experts = l.experts_adapted(&self.cfg);
+        let file_params = set(cfg.target_parameters.as_deref().unwrap_or_default());
+        let params = if experts {
+            set(&["gate.weight", "down_proj", "gate_up_proj"].map(String::from))
+        } else {
+            Default::default()
+        };
+        let patterns_ok = !experts
+            || (cfg
+                .rank_pattern
+                .as_ref()
+                .and_then(|p| p.get(GATE_UP_PATTERN))
+                == Some(&(2 * l.r))
+                && cfg
+                    .alpha_pattern
+                    .as_ref()
+                    .and_then(|p| p.get(GATE_UP_PATTERN))
+                    == Some(&(2.0 * l.alpha)));
         if cfg.r != l.r
             || cfg.lora_alpha != l.alpha
-            || cfg.target_modules != targets
-            || file_saved != saved
+            || set(&cfg.target_modules) != set(&targets)
+            || set(&file_saved) != set(&saved)
+            || file_params != params
+            || !patterns_ok
             || cfg.peft_type != "LORA"
         {
             return Err(st_err(
                 &cfg_path,
                 format!(
-                    "adapter is {} r={} alpha={} targets={:?} modules_to_save={file_saved:?}, the model has r={} alpha={} targets={targets:?} modules_to_save={saved:?}",
-                    cfg.peft_type, cfg.r, cfg.lora_alpha, cfg.target_modules, l.r, l.alpha
+                    "adapter is {} r={} alpha={} targets={:?} modules_to_save={file_saved:?}{}, the model has r={} alpha={} targets={targets:?} modules_to_save={saved:?}{}",
+                    cfg.peft_type,
+                    cfg.r,
+                    cfg.lora_alpha,
+                    cfg.target_modules,
+                    if file_params.is_empty()
+                        && cfg.rank_pattern.as_ref().is_none_or(|p| p.is_empty())
+                        && cfg.alpha_pattern.as_ref().is_none_or(|p| p.is_empty())
+                    {
+                        String::new()
+                    } else {
+                        format!(
+                            " target_parameters={file_params:?} rank_pattern={:?} alpha_pattern={:?}",
+                            cfg.rank_pattern.clone().unwrap_or_default(),
+                            cfg.alpha_pattern.clone().unwrap_or_default()
+                        )
+                    },
+                    l.r,
+                    l.alpha,
+                    if experts {
+                        format!(
+                            " target_parameters={params:?} (gate_up_proj at r={} alpha={})",
+                            2 * l.r,
+                            2.0 * l.alpha
+                        )
+                    } else {
+                        String::new()
+                    },
                 ),
             ));
         }
         let file = dir.join("adapter_model.safetensors");
-        let tensors =
+        let mut tensors =
             candle_core::safetensors::load(&file, self.device()).map_err(|e| st_err(&file, e))?;
+        // A mixture of experts' stacked adapter tensors, split into the experts' shares.
+        for (li, layer) in self.layers.iter().enumerate() {
+            if let Mlp::Moe(m) = &layer.mlp {
+                let p = format!("model.layers.{li}");
+                if m.experts.iter().any(|x| x.gate_up_lora.is_some()) {
+                    let shares = expert_adapter_shares(&p, m, &tensors, &file)?;
+                    tensors.extend(shares);
+                }
+            }
+        }
         for (name, var) in self.trainable_vars() {
             let name = adapter_file_name(&name);
             let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor {
@@ -282,21 +376,175 @@ fn adapter_file_name(name: &str) -> String {
     }
 }
 
-/// A mixture-of-experts block's tensors with the checkpoint's names and shapes: the router
-/// `{p}.mlp.gate.weight` `(E, h)`, `{p}.mlp.experts.gate_up_proj` `(E, 2i, h)` (each expert's
+/// PEFT's `target_modules` for `l` on `cfg`: the adapted module names in vramcal's order; on a
+/// mixture of experts under `all-linear`, the attention's (and `lm_head`/`embed_tokens`), the
+/// router and experts being `target_parameters` (as PEFT 0.21.2 writes them).
+fn peft_target_modules(
+    l: &crate::spec::LoraConfig,
+    cfg: &crate::config::ModelConfig,
+) -> Vec<String> {
+    if !l.experts_adapted(cfg) {
+        return l.target_names().iter().map(|t| t.to_string()).collect();
+    }
+    let mut v: Vec<String> = l
+        .layer_targets(cfg)
+        .iter()
+        .map(|t| t.name().to_string())
+        .collect();
+    if l.lm_head {
+        v.push("lm_head".into());
+    }
+    if l.embed_tokens {
+        v.push("embed_tokens".into());
+    }
+    v
+}
+
+/// A mixture-of-experts block's adapter shares (`all-linear`) as PEFT's `ParamWrapper` tensors
+/// (PEFT 0.21.2 `tuners/lora/layer.py`; the `down_proj` wrapper wraps the `gate_up_proj` one,
+/// hence `base_layer`): `{p}.mlp.experts.base_layer.lora_A.weight` `(2r·E, h)` (expert `e`'s
+/// `A` in rows `e·2r..`), `…base_layer.lora_B.weight` `(2i, 2r·E)` (expert `e`'s `[B_gate;
+/// B_up]` in columns `ρ·E + e`), `{p}.mlp.experts.lora_A.weight` `(r·E, i)` and
+/// `…lora_B.weight` `(h, r·E)` likewise; `None` when the block has no adapters.
+fn expert_adapter_tensors(p: &str, m: &MoeBlock) -> Result<Option<Vec<(String, Tensor)>>> {
+    let mut a_gu = Vec::new();
+    let mut b_gu = Vec::new();
+    let mut a_d = Vec::new();
+    let mut b_d = Vec::new();
+    for x in &m.experts {
+        let (Some(g), Some(d)) = (&x.gate_up_lora, &x.down.lora) else {
+            return Ok(None);
+        };
+        a_gu.push(g.a.as_tensor().clone());
+        b_gu.push(Tensor::cat(&[g.b_gate.as_tensor(), g.b_up.as_tensor()], 0)?);
+        a_d.push(d.a.as_tensor().clone());
+        b_d.push(d.b.as_tensor().clone());
+    }
+    // (out, rank, E) flattened: column ρ·E + e.
+    let interleave = |b: &[Tensor]| -> Result<Tensor> {
+        let s = Tensor::stack(b, 2)?;
+        let (o, r, e) = s.dims3()?;
+        Ok(s.reshape((o, r * e))?)
+    };
+    let base = format!("base_model.model.{p}.mlp.experts");
+    Ok(Some(vec![
+        (
+            format!("{base}.base_layer.lora_A.weight"),
+            Tensor::cat(&a_gu, 0)?,
+        ),
+        (
+            format!("{base}.base_layer.lora_B.weight"),
+            interleave(&b_gu)?,
+        ),
+        (format!("{base}.lora_A.weight"), Tensor::cat(&a_d, 0)?),
+        (format!("{base}.lora_B.weight"), interleave(&b_d)?),
+    ]))
+}
+
+/// The inverse of [`expert_adapter_tensors`]: PEFT's stacked tensors of block `p` in `file`'s
+/// `tensors`, split into the experts' shares under [`Decoder::trainable_vars`]' names.
+///
+/// # Errors
+/// [`Error::MissingTensor`] / [`Error::WeightShape`] for a missing or mis-shaped tensor.
+fn expert_adapter_shares(
+    p: &str,
+    m: &MoeBlock,
+    tensors: &HashMap<String, Tensor>,
+    file: &Path,
+) -> Result<Vec<(String, Tensor)>> {
+    let e = m.experts.len();
+    let Some((g, d)) = m
+        .experts
+        .first()
+        .and_then(|x| Some((x.gate_up_lora.as_ref()?, x.down.lora.as_ref()?)))
+    else {
+        return Ok(Vec::new());
+    };
+    let (r2, h) = g.a.dims2()?;
+    let i = g.b_gate.dims2()?.0;
+    let (r, _) = d.a.dims2()?;
+    let base = format!("base_model.model.{p}.mlp.experts");
+    let get = |name: String, shape: &[usize]| -> Result<Tensor> {
+        let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor {
+            path: file.to_path_buf(),
+            name: name.clone(),
+        })?;
+        crate::weights::check_shape(file, &name, shape, t.dims())?;
+        Ok(t.clone())
+    };
+    let a_gu = get(format!("{base}.base_layer.lora_A.weight"), &[r2 * e, h])?;
+    let b_gu = get(format!("{base}.base_layer.lora_B.weight"), &[2 * i, r2 * e])?.reshape((
+        2 * i,
+        r2,
+        e,
+    ))?;
+    let a_d = get(format!("{base}.lora_A.weight"), &[r * e, i])?;
+    let b_d = get(format!("{base}.lora_B.weight"), &[h, r * e])?.reshape((h, r, e))?;
+    let mut out = Vec::with_capacity(5 * e);
+    for x in 0..e {
+        let b = b_gu.narrow(2, x, 1)?.squeeze(2)?.contiguous()?; // (2i, 2r)
+        let at = format!("{base}.{x}");
+        out.push((
+            format!("{at}.gate_up_proj.lora_A.weight"),
+            a_gu.narrow(0, x * r2, r2)?.contiguous()?,
+        ));
+        out.push((
+            format!("{at}.gate_proj.lora_B.weight"),
+            b.narrow(0, 0, i)?.contiguous()?,
+        ));
+        out.push((
+            format!("{at}.up_proj.lora_B.weight"),
+            b.narrow(0, i, i)?.contiguous()?,
+        ));
+        out.push((
+            format!("{at}.down_proj.lora_A.weight"),
+            a_d.narrow(0, x * r, r)?.contiguous()?,
+        ));
+        out.push((
+            format!("{at}.down_proj.lora_B.weight"),
+            b_d.narrow(2, x, 1)?.squeeze(2)?.contiguous()?,
+        ));
+    }
+    Ok(out)
+}
+
+/// A mixture-of-experts block's tensors with the checkpoint's names and shapes, any adapter
+/// (`all-linear`) merged in (`W + s·B·A`): the router `{p}.mlp.gate.weight` `(E, h)`,
+/// `{p}.mlp.experts.gate_up_proj` `(E, 2i, h)` (each expert's
 /// gate rows, then its up rows) and `{p}.mlp.experts.down_proj` `(E, h, i)`.
 fn moe_tensors(p: &str, m: &MoeBlock, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    // `W + s·B·A` in the weight's dtype where an adapter is present (`all-linear`).
+    let merged = |lin: &super::linear::Linear, delta: Option<Tensor>| -> Result<Tensor> {
+        let w = lin.dense_weight(device)?;
+        Ok(match delta {
+            Some(d) => (&w + d.to_dtype(w.dtype())?)?,
+            None => w,
+        })
+    };
+    let delta = |lin: &super::linear::Linear| -> Result<Option<Tensor>> {
+        lin.lora
+            .as_ref()
+            .map(|a| Ok((a.b.matmul(a.a.as_tensor())? * a.scale)?))
+            .transpose()
+    };
     let mut gate_up = Vec::with_capacity(m.experts.len());
     let mut down = Vec::with_capacity(m.experts.len());
     for x in &m.experts {
-        gate_up.push(Tensor::cat(
-            &[x.gate.dense_weight(device)?, x.up.dense_weight(device)?],
-            0,
-        )?);
-        down.push(x.down.dense_weight(device)?);
+        let (dg, du) = match &x.gate_up_lora {
+            Some(g) => (
+                Some((g.b_gate.matmul(g.a.as_tensor())? * g.scale)?),
+                Some((g.b_up.matmul(g.a.as_tensor())? * g.scale)?),
+            ),
+            None => (None, None),
+        };
+        gate_up.push(Tensor::cat(&[merged(&x.gate, dg)?, merged(&x.up, du)?], 0)?);
+        down.push(merged(&x.down, delta(&x.down)?)?);
     }
     Ok(vec![
-        (format!("{p}.mlp.gate.weight"), m.gate.dense_weight(device)?),
+        (
+            format!("{p}.mlp.gate.weight"),
+            merged(&m.gate, delta(&m.gate)?)?,
+        ),
         (
             format!("{p}.mlp.experts.gate_up_proj"),
             Tensor::stack(&gate_up, 0)?,

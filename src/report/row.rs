@@ -35,6 +35,9 @@ pub struct RowContext {
     pub model_flops_per_token: Option<f64>,
     /// The simulated data-parallel rank, if any (`--shard`, `--world-size`, `--rank`).
     pub sharding: Option<crate::spec::Sharding>,
+    /// Whether the model is a mixture of experts, whose `all-linear` rows record the word
+    /// ([`crate::spec::LoraConfig::targets_label`]).
+    pub moe: bool,
 }
 
 /// One CSV row. Phase columns are `<phase>_peak_bytes` (highest allocated bytes during the
@@ -170,7 +173,7 @@ impl Row {
             lora_r: lora.map(|l| l.r as u32),
             lora_alpha: lora.map(|l| l.alpha),
             lora_dropout: lora.map(|l| l.dropout),
-            lora_targets: lora.map(|l| l.targets_label()).unwrap_or_default(),
+            lora_targets: lora.map(|l| l.targets_label(ctx.moe)).unwrap_or_default(),
             modules_to_save: lora.map(|l| l.saved_names().join(";")).unwrap_or_default(),
             quant: spec.adaptation.quant.label().into(),
             checkpointing: spec.checkpointing.label(),

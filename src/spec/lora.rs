@@ -199,11 +199,13 @@ impl LoraConfig {
         self.alpha / self.r as f64
     }
 
-    /// Targets as `q_proj;v_proj` (the CSV's `lora_targets` of vramcal's own rows, whose step
-    /// never adapts a mixture of experts), `lm_head` and `embed_tokens` last; `all-linear` as
-    /// its seven names, as rows have always listed it (`sweep --resume` matches them).
-    pub fn targets_label(&self) -> String {
-        self.target_names().join(";")
+    /// Targets as `q_proj;v_proj` (the CSV's `lora_targets` of vramcal's own rows), `lm_head`
+    /// and `embed_tokens` last; `all-linear` as its seven names, as rows of dense models have
+    /// always listed it (`sweep --resume` matches them), but as the word on a mixture of
+    /// experts (`moe`), which has no `gate_proj`/`up_proj`/`down_proj` modules and whose
+    /// router and experts PEFT adapts under it.
+    pub fn targets_label(&self, moe: bool) -> String {
+        self.names_with_all_linear(moe && self.all_linear).join(";")
     }
 
     /// A short description for tables: `r16 all-linear` (the seven layer modules, however
@@ -454,7 +456,8 @@ mod tests {
         let l: LoraConfig = "r=4,targets=embed_tokens,q,lm_head".parse().unwrap();
         assert!(l.lm_head && l.embed_tokens);
         assert_eq!(l.targets, vec![Target::QProj]);
-        assert_eq!(l.targets_label(), "q_proj;lm_head;embed_tokens");
+        assert_eq!(l.targets_label(false), "q_proj;lm_head;embed_tokens");
+        assert_eq!(l.targets_label(true), "q_proj;lm_head;embed_tokens");
         assert_eq!(l.to_string().parse::<LoraConfig>().unwrap(), l);
         let only: LoraConfig = "targets=lm_head".parse().unwrap();
         assert!(only.targets.is_empty() && only.top_level());
@@ -473,11 +476,13 @@ mod tests {
         let all: LoraConfig = "r=8,targets=all-linear,lm_head".parse().unwrap();
         assert!(all.all_linear && all.lm_head);
         assert_eq!(all.targets, Target::ALL.to_vec());
-        // Rows list the seven (as before `all-linear` was kept); Display keeps the word.
+        // Rows of dense models list the seven (as before `all-linear` was kept); those of a
+        // mixture of experts, which has no gate/up/down modules, the word; Display keeps it.
         assert_eq!(
-            all.targets_label(),
+            all.targets_label(false),
             "q_proj;k_proj;v_proj;o_proj;gate_proj;up_proj;down_proj;lm_head"
         );
+        assert_eq!(all.targets_label(true), "all-linear;lm_head");
         assert!(all.to_string().ends_with("targets=all-linear,lm_head"));
         assert_eq!(all.to_string().parse::<LoraConfig>().unwrap(), all);
         // all-linear with another layer module: refused (on Mixtral it would hide a

@@ -96,25 +96,6 @@ pub fn expert_adapter_shapes(cfg: &ModelConfig, lora: &LoraConfig) -> Vec<(u64, 
     ]
 }
 
-/// Refuses what vramcal's own training step cannot run: LoRA on a mixture of experts' router
-/// and experts (PEFT's `all-linear` on Mixtral; the torch profiles estimate it).
-///
-/// # Errors
-/// [`Error::InvalidValue`] for `all-linear` LoRA on a Mixtral config.
-pub fn check_candle_step(cfg: &ModelConfig, spec: &TrainSpec) -> Result<()> {
-    match (cfg.moe(), &spec.adaptation.lora) {
-        (Some(m), Some(l)) if l.experts_adapted(cfg) => Err(Error::invalid(
-            "--lora targets",
-            "all-linear",
-            format!(
-                "on MixtralForCausalLM ({} experts, top-{}) PEFT adapts the router and the experts too, which vramcal's own step does not yet: target q/k/v/o_proj, or estimate it with a torch profile",
-                m.experts, m.top_k
-            ),
-        )),
-        _ => Ok(()),
-    }
-}
-
 /// One training configuration to measure.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainSpec {
@@ -286,7 +267,7 @@ impl TrainSpec {
                 return Err(Error::invalid(
                     "--lora targets",
                     mlp.join(","),
-                    "a Mixtral model has no gate_proj/up_proj/down_proj modules: its experts are the 3-D parameters mlp.experts.gate_up_proj and down_proj, which PEFT adapts (with the router mlp.gate) under all-linear (estimated by the torch profiles); target q/k/v/o_proj, lm_head, embed_tokens or all-linear",
+                    "a Mixtral model has no gate_proj/up_proj/down_proj modules: its experts are the 3-D parameters mlp.experts.gate_up_proj and down_proj, which PEFT adapts (with the router mlp.gate) under all-linear; target q/k/v/o_proj, lm_head, embed_tokens or all-linear",
                 ));
             }
         }

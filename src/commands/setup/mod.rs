@@ -439,7 +439,6 @@ pub fn prepare(
     let (model, weights) = resolve(args)?;
     let spec = train_spec(args, batch, seq, method, checkpointing)?;
     spec.validate(&model.config)?;
-    crate::spec::check_candle_step(&model.config, &spec)?;
     let device = crate::measure::device::check_device(&args.device)?;
     check_fits(&spec, &model, device)?;
     let command = command.unwrap_or_else(super::command_line);
@@ -474,5 +473,6 @@ pub fn row_context(
         budget_bytes: args.budget,
         model_flops_per_token: Some(model_flops_per_token(&model.config, spec)),
         sharding: None,
+        moe: model.config.moe().is_some(),
     }
 }
