@@ -1031,8 +1031,9 @@ impl Decoder {
             .zip(&vars)
             .map(|(g, (name, v))| match g {
                 Some(g) => Ok(g),
-                // An expert no token was routed to: zeros. PyTorch leaves its `grad` None and
-                // AdamW skips it; here AdamW still steps it with its decaying first moment.
+                // An expert no token was routed to (or its adapter share): zeros, as
+                // transformers 5's 3-D expert parameter gets them in its dense gradient
+                // (`grouped_mm`), which AdamW then steps whole.
                 None if name.contains(".mlp.experts.") => Ok(v.zeros_like()?),
                 None => Err(Error::invalid(
                     "gradient",
