@@ -214,8 +214,18 @@ pub fn fixes(
     sharding: Option<Sharding>,
     budget: u64,
 ) -> Vec<(String, Estimate)> {
+    // `--profile candle` estimates vramcal's own step: a sharded fix only where a simulated
+    // rank runs it (`measure --shard` refuses, say, QLoRA or Mixtral under ZeRO-3), so that
+    // each suggestion can be given back to `estimate`.
+    let runs = |s: &TrainSpec, sh: Option<&Sharding>| {
+        profile != Profile::Candle
+            || sh.is_none_or(|sh| {
+                crate::measure::sharded::check(sh, cfg, s, crate::spec::DeviceChoice::Cpu).is_ok()
+            })
+    };
     let mut alts: Vec<(String, Estimate)> = alternatives(cfg, spec, profile)
         .into_iter()
+        .filter(|(_, s)| runs(s, sharding.as_ref()))
         .filter_map(|(n, s)| {
             estimate_sharded(cfg, &s, profile, c, sharding)
                 .ok()
@@ -271,7 +281,7 @@ pub fn fixes(
                 },
             ));
         }
-        for (n, sh) in tries {
+        for (n, sh) in tries.into_iter().filter(|(_, sh)| runs(spec, Some(sh))) {
             if let Ok(x) = estimate_sharded(cfg, spec, profile, c, Some(sh)) {
                 alts.push((n, x));
             }
@@ -281,7 +291,7 @@ pub fn fixes(
         // The smallest number of GPUs that fits, per stage.
         let mut fitted: Vec<Shard> = Vec::new();
         for (n, shard, gpus) in sharded_alternatives(spec) {
-            if fitted.contains(&shard) {
+            if fitted.contains(&shard) || !runs(spec, Some(&Sharding::new(shard, gpus))) {
                 continue;
             }
             if let Ok(x) = estimate_sharded(cfg, spec, profile, c, Some(Sharding::new(shard, gpus)))
