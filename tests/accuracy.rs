@@ -658,6 +658,17 @@ fn estimator_bad_input() {
         fails(&v.iter().map(String::as_str).collect::<Vec<_>>(), needle)
     };
     run(with(&["--gpu", "tpu-v9"]), "`vramcal gpus` lists");
+    // vramcal's CPU rows against the H200's table: refused, as reference rows are.
+    fails(
+        &[
+            "check",
+            "--measured",
+            "results/cpu/smollm2-135m.csv",
+            "--calibration",
+            H200_CALIBRATION,
+        ],
+        "row 2 ran on cpu, but the calibration table results/calibration/h200-candle.csv describes a GPU",
+    );
     run(with(&["--gpu", "a100"]), "a100-40gb or a100-80gb");
     run(with(&["--budget", "80"]), "missing its unit");
     run(

@@ -113,7 +113,25 @@ pub fn compare_file(
                 path: f.to_path_buf(),
                 reason: format!("row {}: {e}", i + 2),
             })?;
-            let e = estimate_sharded(&cfg, &spec, profile, c, sharding)?;
+            // A table describes one kind of device, as for reference rows above.
+            let row_cpu = r.device == "cpu";
+            if c.source != "uncalibrated" && c.cpu != row_cpu {
+                return Err(Error::Csv {
+                    path: f.to_path_buf(),
+                    reason: format!(
+                        "row {} ran on {}, but the calibration table {} describes {}: give a table of the row's device kind",
+                        i + 2,
+                        r.device,
+                        c.source,
+                        if c.cpu { "the CPU" } else { "a GPU" }
+                    ),
+                });
+            }
+            let e =
+                estimate_sharded(&cfg, &spec, profile, c, sharding).map_err(|e| Error::Csv {
+                    path: f.to_path_buf(),
+                    reason: format!("row {}: {e}", i + 2),
+                })?;
             out.push(Compared {
                 id: format!("{}:{}", f.display(), i + 2),
                 config: {
