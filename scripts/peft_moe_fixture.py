@@ -28,8 +28,10 @@ from transformers import MixtralConfig, MixtralForCausalLM
 def main(out: str) -> None:
     torch.manual_seed(0)
     cfg = MixtralConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        # Sizes that differ pairwise (h = 24, i = 20, E = 3, 2r·E = 12, r·E = 6), so that a
+        # transposed or mis-interleaved factor would not keep its shape.
+        vocab_size=64, hidden_size=24, intermediate_size=20, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=3,
         num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False,
         rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=None,
     )

@@ -757,6 +757,34 @@ fn peft_mixtral_all_linear_adapter_gives_peft_loss() {
     .unwrap();
     let e = attn.load_adapter(&dir).unwrap_err().to_string();
     assert!(e.contains("target_parameters={\"down_proj\""), "{e}");
+    // A config PEFT could have written for other scalings is refused: another module's alpha
+    // pattern, rsLoRA.
+    for (key, value) in [
+        (
+            "alpha_pattern",
+            serde_json::json!({r".*\.gate_up_proj": 16, r".*\.q_proj": 1000}),
+        ),
+        ("use_rslora", serde_json::json!(true)),
+    ] {
+        let edited = tempfile::tempdir().unwrap();
+        for f in ["adapter_model.safetensors", "adapter_config.json"] {
+            std::fs::copy(dir.join(f), edited.path().join(f)).unwrap();
+        }
+        let path = edited.path().join("adapter_config.json");
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        c[key] = value;
+        std::fs::write(&path, c.to_string()).unwrap();
+        let e = m.load_adapter(edited.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(if key == "use_rslora" {
+                "use_rslora is true"
+            } else {
+                "q_proj"
+            }),
+            "{e}"
+        );
+    }
     // Saved again: PEFT's tensors, bit for bit.
     let out = tempfile::tempdir().unwrap();
     m.save_trained(out.path(), "peft-mixtral").unwrap();

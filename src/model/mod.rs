@@ -685,8 +685,9 @@ impl Decoder {
         out
     }
 
-    /// Every stored tensor, in a fixed order (the embedding and its adapter, each layer's,
-    /// the final norm, the head and its adapter): its layer (`None` for the embedding, final
+    /// Every stored tensor, in a fixed order (the embedding and norms, the final norm and the
+    /// head, each layer's linear weights, the adapters, then a mixture of experts' adapter
+    /// shares of `gate_up_proj`): its layer (`None` for the embedding, final
     /// norm and head), name, and whether it trains; `vars`-index order of trainables follows
     /// [`Decoder::trainable_vars`] through the names.
     ///

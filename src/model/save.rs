@@ -53,6 +53,12 @@ pub struct AdapterConfig {
     /// Per-module alphas, `{".*\\.gate_up_proj": 2α}` likewise; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpha_pattern: Option<std::collections::BTreeMap<String, f64>>,
+    /// PEFT's rank-stabilised scaling (`α/√r`), which vramcal does not train: read to refuse it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_rslora: Option<bool>,
+    /// PEFT's DoRA, which vramcal does not train: read to refuse it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_dora: Option<bool>,
 }
 
 /// PEFT's regex for the fused expert tensor whose rank and alpha it doubles.
@@ -128,6 +134,8 @@ impl Decoder {
                     rank_pattern: experts.then(|| [(GATE_UP_PATTERN.to_string(), 2 * l.r)].into()),
                     alpha_pattern: experts
                         .then(|| [(GATE_UP_PATTERN.to_string(), 2.0 * l.alpha)].into()),
+                    use_rslora: None,
+                    use_dora: None,
                 };
                 tensors = tensors
                     .into_iter()
@@ -242,9 +250,12 @@ impl Decoder {
                     tensors.insert(format!("{p}.{}.bias", t.path()), param(b));
                 }
             }
-            if let Mlp::Moe(m) = &layer.mlp {
-                // Its tensors with the router's and experts' adapters (`all-linear`) merged:
-                // copies, where the dense layers above merge in place.
+            if let Mlp::Moe(m) = &mut layer.mlp {
+                // The router's and experts' adapters (`all-linear`) merged in place into their
+                // frozen matrices, as above, and dropped; the file's 3-D tensors are then
+                // stacked copies of the experts' matrices (safetensors stores each tensor
+                // whole), one layer's more at a time than the dense layers' views.
+                merge_moe_in_place(m)?;
                 for (name, t) in moe_tensors(&p, m, &device)? {
                     tensors.insert(name, t.to_dtype(wd)?);
                 }
@@ -286,17 +297,26 @@ impl Decoder {
         } else {
             Default::default()
         };
-        let patterns_ok = !experts
-            || (cfg
-                .rank_pattern
-                .as_ref()
-                .and_then(|p| p.get(GATE_UP_PATTERN))
-                == Some(&(2 * l.r))
-                && cfg
-                    .alpha_pattern
-                    .as_ref()
-                    .and_then(|p| p.get(GATE_UP_PATTERN))
-                    == Some(&(2.0 * l.alpha)));
+        // Exactly those patterns, or none: any other would scale a module vramcal scales as
+        // α/r.
+        let (ranks, alphas) = (
+            cfg.rank_pattern.clone().unwrap_or_default(),
+            cfg.alpha_pattern.clone().unwrap_or_default(),
+        );
+        let patterns_ok = if experts {
+            ranks == [(GATE_UP_PATTERN.to_string(), 2 * l.r)].into()
+                && alphas == [(GATE_UP_PATTERN.to_string(), 2.0 * l.alpha)].into()
+        } else {
+            ranks.is_empty() && alphas.is_empty()
+        };
+        for (key, on) in [("use_rslora", cfg.use_rslora), ("use_dora", cfg.use_dora)] {
+            if on == Some(true) {
+                return Err(st_err(
+                    &cfg_path,
+                    format!("{key} is true: vramcal trains plain LoRA (scaling α/r, no magnitude vector)"),
+                ));
+            }
+        }
         if cfg.r != l.r
             || cfg.lora_alpha != l.alpha
             || set(&cfg.target_modules) != set(&targets)
@@ -506,6 +526,34 @@ fn expert_adapter_shares(
         ));
     }
     Ok(out)
+}
+
+/// Merges a mixture-of-experts block's adapters (`all-linear`) into their frozen matrices in
+/// place (`W ← W + s·B·A`, in the weight's dtype) and drops them.
+///
+/// # Errors
+/// [`Error::Candle`].
+fn merge_moe_in_place(m: &mut MoeBlock) -> Result<()> {
+    fn merge(w: &super::linear::Linear, delta: Tensor) -> Result<()> {
+        if let super::linear::Weight::Frozen(t) = &w.weight {
+            let merged = (t + delta.to_dtype(t.dtype())?)?;
+            t.slice_set(&merged, 0, 0)?;
+        }
+        Ok(())
+    }
+    if let Some(a) = m.gate.lora.take() {
+        merge(&m.gate, (a.b.matmul(a.a.as_tensor())? * a.scale)?)?;
+    }
+    for x in &mut m.experts {
+        if let Some(g) = x.gate_up_lora.take() {
+            merge(&x.gate, (g.b_gate.matmul(g.a.as_tensor())? * g.scale)?)?;
+            merge(&x.up, (g.b_up.matmul(g.a.as_tensor())? * g.scale)?)?;
+        }
+        if let Some(a) = x.down.lora.take() {
+            merge(&x.down, (a.b.matmul(a.a.as_tensor())? * a.scale)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// A mixture-of-experts block's tensors with the checkpoint's names and shapes, any adapter
