@@ -2549,3 +2549,55 @@ fn estimate_shows_measured_rows_of_the_same_configuration() {
         fails_with(&args, f.rsplit('/').next().unwrap(), None);
     }
 }
+
+/// The `candle` profile's optimizer states are what vramcal's step allocates, to the byte, for
+/// a mixture of experts, whose step holds one matrix (and one adapter share) per expert: 8-bit
+/// AdamW's 4096-element threshold and Adafactor's factored moments apply per tensor.
+#[test]
+fn mixtral_optimizer_states_are_counted_per_expert() {
+    for (method, lora) in [
+        ("full", None),
+        ("lora", Some("r=8,alpha=16,targets=all-linear")),
+    ] {
+        for optimizer in ["adafactor", "adamw_bnb_8bit"] {
+            let mut args = vec![
+                "--model",
+                "mixtral-mini",
+                "--method",
+                method,
+                "--optimizer",
+                optimizer,
+                "--batch",
+                "1",
+                "--seq",
+                "8",
+                "--json",
+            ];
+            if let Some(l) = lora {
+                args.extend(["--lora", l]);
+            }
+            let json = |cmd: &str, extra: &[&str]| -> serde_json::Value {
+                let out = vramcal().arg(cmd).args(&args).args(extra).output().unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                serde_json::from_slice(&out.stdout).unwrap()
+            };
+            let measured = json("measure", &[])["optimizer_state_bytes"]
+                .as_u64()
+                .unwrap();
+            let est = json("estimate", &["--profile", "candle"]);
+            let counted = est["estimate"]["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["name"].as_str().unwrap().starts_with("optimizer states"))
+                .unwrap()["bytes"]
+                .as_u64()
+                .unwrap();
+            assert_eq!(counted, measured, "{method} {optimizer}");
+        }
+    }
+}

@@ -639,8 +639,13 @@ pub fn autocast_copies(
 /// transformers' `Adafactor` without first moment); an fp32 master copy with master-weight
 /// recipes; SGD with momentum one buffer per trainable parameter in the state dtype.
 pub fn optimizer_states(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    optimizer_states_of(spec, &trainable_tensors(cfg, spec))
+}
+
+/// [`optimizer_states`] of `tensors` (`(rows, cols)` each) as `spec`'s optimizer keeps them:
+/// per tensor for 8-bit AdamW's threshold and Adafactor's factored moments.
+pub(crate) fn optimizer_states_of(spec: &TrainSpec, tensors: &[(u64, u64)]) -> u64 {
     let sd = spec.state_dtype.size_in_bytes() as u64;
-    let tensors = trainable_tensors(cfg, spec);
     let t: u64 = tensors.iter().map(|(o, i)| o * i).sum();
     let eight = |n: u64| {
         if n >= 4096 {
@@ -751,6 +756,60 @@ pub fn optimizer_formula(spec: &TrainSpec) -> &'static str {
     }
 }
 
+/// [`trainable_tensors`] as vramcal's own step holds them (`src/model/moe.rs`): a mixture of
+/// experts' 3-D tensors split into one matrix per expert (`gate_up_proj`'s into gate and up,
+/// `(i, h)` each; `down_proj`'s `(h, i)`), and under `all-linear` each expert's adapter share
+/// (`A_e` `(2r, h)`, the gate's and the up projection's rows of `B_e` `(i, 2r)` each,
+/// `down_proj`'s `(r, i)` and `(h, r)`) in place of PEFT's stacked factors: the tensors
+/// 8-bit AdamW's threshold and Adafactor's factoring see.
+pub(crate) fn own_trainable_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(u64, u64)> {
+    let Some(m) = cfg.moe() else {
+        return trainable_tensors(cfg, spec);
+    };
+    let (e, h, i) = (
+        m.experts as u64,
+        cfg.hidden_size as u64,
+        cfg.intermediate_size as u64,
+    );
+    match &spec.adaptation.lora {
+        None => cfg
+            .param_shapes()
+            .iter()
+            .flat_map(|p| {
+                let n = p.numel();
+                if p.name.ends_with(".mlp.experts.gate_up_proj") {
+                    vec![(i, h); 2 * e as usize]
+                } else if p.name.ends_with(".mlp.experts.down_proj") {
+                    vec![(h, i); e as usize]
+                } else {
+                    let rows = *p.shape.first().unwrap_or(&1) as u64;
+                    vec![(rows, n / rows.max(1))]
+                }
+            })
+            .collect(),
+        Some(l) if l.experts_adapted(cfg) => {
+            let r = l.r as u64;
+            let mut v = Vec::new();
+            for _ in 0..cfg.num_hidden_layers {
+                for x in l.layer_targets(cfg) {
+                    let (o, i) = target_shape(cfg, x);
+                    v.push((r, i as u64));
+                    v.push((o as u64, r));
+                }
+                // The router's A `(r, h)` and B `(E, r)`, then each expert's share.
+                v.push((r, h));
+                v.push((e, r));
+                for _ in 0..e {
+                    v.extend([(2 * r, h), (i, 2 * r), (i, 2 * r), (r, i), (h, r)]);
+                }
+            }
+            v.extend(top_level_adapters(cfg, l));
+            v
+        }
+        Some(_) => trainable_tensors(cfg, spec),
+    }
+}
+
 /// `(rows, cols)` of every trainable tensor (vectors as `(n, 1)`): all parameters for full
 /// fine-tuning (a tied head once), the A and B of every adapter for LoRA.
 pub(crate) fn trainable_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(u64, u64)> {
@@ -774,23 +833,30 @@ pub(crate) fn trainable_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(u64
                 }
                 v.extend(crate::spec::expert_adapter_shapes(cfg, l));
             }
-            let (vocab, h, r) = (cfg.vocab_size as u64, cfg.hidden_size as u64, l.r as u64);
-            if l.lm_head {
-                v.push((r, h));
-                v.push((vocab, r));
-            }
-            if l.embed_tokens {
-                // PEFT's `lora_embedding_A` (r, V) and `lora_embedding_B` (h, r).
-                v.push((r, vocab));
-                v.push((h, r));
-            }
-            // PEFT's `modules_to_save` copies.
-            for _ in l.saved_names() {
-                v.push((vocab, h));
-            }
+            v.extend(top_level_adapters(cfg, l));
             v
         }
     }
+}
+
+/// `(rows, cols)` of `l`'s tensors outside the layers: `lm_head`'s adapter, `embed_tokens`'
+/// (PEFT's `lora_embedding_A` `(r, V)` and `lora_embedding_B` `(h, r)`), the `modules_to_save`
+/// copies `(V, h)`.
+fn top_level_adapters(cfg: &ModelConfig, l: &crate::spec::LoraConfig) -> Vec<(u64, u64)> {
+    let (vocab, h, r) = (cfg.vocab_size as u64, cfg.hidden_size as u64, l.r as u64);
+    let mut v = Vec::new();
+    if l.lm_head {
+        v.push((r, h));
+        v.push((vocab, r));
+    }
+    if l.embed_tokens {
+        v.push((r, vocab));
+        v.push((h, r));
+    }
+    for _ in l.saved_names() {
+        v.push((vocab, h));
+    }
+    v
 }
 
 /// Weight bytes as PyTorch holds them: [`weight_bytes`], except for QLoRA, where
