@@ -39,6 +39,17 @@ fn fails_with<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
     }
 }
 
+/// Runs vramcal with `args`, expects success, returns its stdout.
+fn succeeds<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let out = vramcal().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn rows(p: &Path) -> Vec<csv::StringRecord> {
     csv::Reader::from_path(p)
         .unwrap()
@@ -168,45 +179,29 @@ fn mixtral_is_estimated_with_peft_all_linear() {
 fn mixtral_all_linear_is_measured_and_checked() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m.csv");
-    let st = vramcal()
-        .args([
-            "measure",
-            "--model",
-            "mixtral-mini",
-            "--batch",
-            "1",
-            "--seq",
-            "16",
-            "--lora",
-            "r=4,alpha=8,targets=all-linear",
-            "--out",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let mut r = csv::Reader::from_path(&out).unwrap();
+    let out = out.to_str().unwrap();
+    succeeds(&[
+        "measure",
+        "--model",
+        "mixtral-mini",
+        "--batch",
+        "1",
+        "--seq",
+        "16",
+        "--lora",
+        "r=4,alpha=8,targets=all-linear",
+        "--out",
+        out,
+    ]);
+    let mut r = csv::Reader::from_path(out).unwrap();
     let h = r.headers().unwrap().clone();
     let row = r.records().next().unwrap().unwrap();
     let col = |name: &str| row[h.iter().position(|x| x == name).unwrap()].to_string();
     assert_eq!(col("lora_targets"), "all-linear");
     // Half of r 8's 1,405,184, PEFT 0.21.2's count (`results/torch-cpu/mixtral-mini.csv`).
     assert_eq!(col("trainable_params"), "702592");
-    let st = vramcal()
-        .args(["check", "--profile", "candle", "--measured"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    assert!(String::from_utf8_lossy(&st.stdout).contains("mixtral-mini lora r4 all-linear"));
+    let text = succeeds(&["check", "--profile", "candle", "--measured", out]);
+    assert!(text.contains("mixtral-mini lora r4 all-linear"), "{text}");
 }
 
 /// `plan --seq-lengths`: the step measured is the largest micro-batch, the tokens projected
@@ -2577,13 +2572,8 @@ fn mixtral_optimizer_states_are_counted_per_expert() {
                 args.extend(["--lora", l]);
             }
             let json = |cmd: &str, extra: &[&str]| -> serde_json::Value {
-                let out = vramcal().arg(cmd).args(&args).args(extra).output().unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                serde_json::from_slice(&out.stdout).unwrap()
+                let all: Vec<&str> = [cmd].iter().chain(&args).chain(extra).copied().collect();
+                serde_json::from_str(&succeeds(&all)).unwrap()
             };
             let measured = json("measure", &[])["optimizer_state_bytes"]
                 .as_u64()
