@@ -254,7 +254,8 @@ impl Decoder {
                 // The router's and experts' adapters (`all-linear`) merged in place into their
                 // frozen matrices, as above, and dropped; the file's 3-D tensors are then
                 // stacked copies of the experts' matrices (safetensors stores each tensor
-                // whole), one layer's more at a time than the dense layers' views.
+                // whole), so the experts are held twice until the file is written, where the
+                // dense layers are written from views.
                 merge_moe_in_place(m)?;
                 for (name, t) in moe_tensors(&p, m, &device)? {
                     tensors.insert(name, t.to_dtype(wd)?);
