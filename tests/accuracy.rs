@@ -658,6 +658,29 @@ fn estimator_bad_input() {
         fails(&v.iter().map(String::as_str).collect::<Vec<_>>(), needle)
     };
     run(with(&["--gpu", "tpu-v9"]), "`vramcal gpus` lists");
+    // A cell that does not parse: its row (line) and column named.
+    let bad = dir.path().join("bad-cell.csv");
+    let mut r = csv::Reader::from_path(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results/cpu/smollm2-135m.csv"),
+    )
+    .unwrap();
+    let h = r.headers().unwrap().clone();
+    let rows: Vec<csv::StringRecord> = r.records().take(2).map(Result::unwrap).collect();
+    let col = h.iter().position(|c| c == "peak_bytes").unwrap();
+    let mut w = csv::Writer::from_path(&bad).unwrap();
+    w.write_record(&h).unwrap();
+    w.write_record(&rows[0]).unwrap();
+    let cells: Vec<&str> = rows[1]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| if i == col { "12x4" } else { c })
+        .collect();
+    w.write_record(&cells).unwrap();
+    w.flush().unwrap();
+    fails(
+        &["check", "--measured", bad.to_str().unwrap()],
+        "row 3 does not parse: column peak_bytes: invalid digit",
+    );
     // vramcal's CPU rows against the H200's table: refused, as reference rows are.
     fails(
         &[

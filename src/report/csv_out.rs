@@ -148,13 +148,18 @@ fn check_rows(path: &Path, bytes: &[u8]) -> Result<()> {
         &bytes[..last_start]
     };
     let mut rdr = csv::Reader::from_reader(complete);
+    let header = rdr
+        .headers()
+        .map_err(|e| csv_err(path, e.to_string()))?
+        .clone();
     for (i, r) in rdr.deserialize::<Row>().enumerate() {
         if let Err(e) = r {
             return Err(csv_err(
                 path,
                 format!(
-                    "row {} does not parse ({e}): the file is damaged before its last line; nothing was appended. Repair or move it, or choose another --out",
-                    i + 2
+                    "row {} does not parse ({}): the file is damaged before its last line; nothing was appended. Repair or move it, or choose another --out",
+                    i + 2,
+                    cell_error(&e, &header)
                 ),
             ));
         }
@@ -168,10 +173,19 @@ fn check_rows(path: &Path, bytes: &[u8]) -> Result<()> {
 /// [`Error::Csv`] if the file is unreadable or a row does not parse.
 pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
     let mut rdr = crate::input::csv_reader(path)?;
+    let header = rdr
+        .headers()
+        .map_err(|e| csv_err(path, e.to_string()))?
+        .clone();
     rdr.deserialize()
         .enumerate()
         .map(|(i, r)| {
-            let r: Row = r.map_err(|e| csv_err(path, format!("bad row: {e}")))?;
+            let r: Row = r.map_err(|e| {
+                csv_err(
+                    path,
+                    format!("row {} does not parse: {}", i + 2, cell_error(&e, &header)),
+                )
+            })?;
             check_vocabulary(&r)
                 .map_err(|reason| csv_err(path, format!("row {}: {reason}", i + 2)))?;
             Ok(r)
@@ -363,5 +377,21 @@ pub struct LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What is wrong with a row that does not deserialize: for a cell, its column's name and why
+/// (`column peak_bytes: invalid digit found in string`); otherwise the reader's message.
+fn cell_error(e: &csv::Error, header: &csv::StringRecord) -> String {
+    match e.kind() {
+        csv::ErrorKind::Deserialize { err, .. } => match err.field() {
+            Some(f) => format!(
+                "column {}: {}",
+                header.get(f as usize).unwrap_or("?"),
+                err.kind()
+            ),
+            None => err.kind().to_string(),
+        },
+        _ => e.to_string(),
     }
 }
