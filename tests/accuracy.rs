@@ -681,6 +681,16 @@ fn estimator_bad_input() {
         &["check", "--measured", bad.to_str().unwrap()],
         "row 3 does not parse: column peak_bytes: invalid digit",
     );
+    // One file twice would count its rows twice.
+    fails(
+        &[
+            "check",
+            "--measured",
+            "results/cpu/smollm2-135m.csv",
+            "./results/cpu/smollm2-135m.csv",
+        ],
+        "given twice",
+    );
     // vramcal's CPU rows against the H200's table: refused, as reference rows are.
     fails(
         &[

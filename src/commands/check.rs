@@ -16,6 +16,19 @@ use crate::export::check::Summary;
 pub fn run(a: &CheckArgs) -> anyhow::Result<ExitCode> {
     check_thresholds(a)?;
     let c = crate::calibrate::coefficients(a.calibration.as_deref(), a.profile)?;
+    // One file given twice would count its rows twice.
+    let mut seen = std::collections::HashSet::new();
+    for f in &a.measured {
+        let key = std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());
+        if !seen.insert(key) {
+            return Err(Error::invalid(
+                "--measured",
+                f.display(),
+                "given twice: its rows would count twice",
+            )
+            .into());
+        }
+    }
     let mut rows: Vec<Compared> = Vec::new();
     for f in &a.measured {
         let (r, skipped) = compare_file(f, a.profile, &c)?;
