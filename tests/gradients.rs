@@ -415,6 +415,22 @@ fn mixture_of_experts_gradients_counts_and_saved_tensors() {
     vramcal::weights::check_all(src.as_mut(), &cfg, &file4).unwrap();
     let hub = Decoder::new(&cfg, src.as_mut(), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(l(&hub), l(&m32));
+    // Both layouts in one file: refused, not one read and the other ignored.
+    let mut both = v4.clone();
+    both.insert(
+        "model.layers.0.mlp.experts.gate_up_proj".into(),
+        saved["model.layers.0.mlp.experts.gate_up_proj"].clone(),
+    );
+    let dirb = tempfile::tempdir().unwrap();
+    candle_core::safetensors::save(&both, dirb.path().join("model.safetensors")).unwrap();
+    let mut src = vramcal::weights::open_source(&vramcal::spec::WeightsSpec::Safetensors(
+        dirb.path().to_path_buf(),
+    ))
+    .unwrap();
+    let e = Decoder::new(&cfg, src.as_mut(), DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Mixtral layouts; keep one"), "{e}");
 
     // transformers' `gate_up_proj[e]` is `[gate; up]` (`chunk(2)`): a file whose gate rows are
     // 1 and up rows 2 loads as such.

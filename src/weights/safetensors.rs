@@ -180,6 +180,27 @@ impl SafetensorsWeights {
         }
         v4_parts(name, shape).filter(|p| self.files.contains_key(&p[0].0))
     }
+
+    /// Refuses a file that holds `name` in both Mixtral layouts (the v5 tensor and any of its
+    /// v4 parts): one would be read and the other ignored without a word.
+    fn one_layout(&self, name: &str, shape: &[usize]) -> Result<()> {
+        if !self.files.contains_key(name) {
+            return Ok(());
+        }
+        let both = v4_parts(name, shape)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|(n, _)| self.files.contains_key(n));
+        match both {
+            Some((n, _)) => Err(Error::Weights {
+                path: self.files.get(name).cloned().unwrap_or_default(),
+                reason: format!(
+                    "holds {name} and {n}: the same weights in transformers 5's and 4's Mixtral layouts; keep one"
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 impl WeightSource for SafetensorsWeights {
@@ -192,6 +213,7 @@ impl WeightSource for SafetensorsWeights {
     }
 
     fn check(&mut self, name: &str, shape: &[usize]) -> Result<()> {
+        self.one_layout(name, shape)?;
         match self.v4(name, shape) {
             Some(parts) => parts
                 .iter()
@@ -207,6 +229,7 @@ impl WeightSource for SafetensorsWeights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        self.one_layout(name, shape)?;
         let Some(parts) = self.v4(name, shape) else {
             return self.load_stored(name, shape, dtype, device);
         };
