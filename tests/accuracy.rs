@@ -249,6 +249,27 @@ fn modules_to_save_rows_are_estimated_without_refitting() {
     );
 }
 
+/// PyTorch's Adafactor and bitsandbytes' 8-bit AdamW on a mixture of experts' 3-D tensors, fp32
+/// and bf16, on the CPU (`results/torch-cpu-optimizers/`, never fitted): first principles within
+/// 0.1 % (Adafactor factors a 3-D stack over its last two dimensions; bitsandbytes' CPU kernel
+/// steps a bf16 parameter through an fp32 copy).
+#[test]
+fn torch_profiles_hold_optimizers_on_expert_stacks() {
+    let text = succeeds(&[
+        "check",
+        "--profile",
+        "torch-sdpa",
+        "--measured",
+        "results/torch-cpu-optimizers/mixtral-mini-optimizers.csv",
+        "--max-median-error",
+        "0.1%",
+        "--max-error",
+        "0.1%",
+    ]);
+    assert_eq!(rows_checked(&text), 16, "{text}");
+    assert!(text.contains("bf16 adamw_bnb_8bit"), "{text}");
+}
+
 /// PyTorch with PEFT's `modules_to_save` on the CPU (`results/torch-cpu-modules-to-save/`,
 /// 28 rows, never fitted; kept out of `results/torch-cpu/`, whose longest sequence is the CPU
 /// table's held-out set): the uncalibrated torch profile holds every row within 0.6 %, median

@@ -639,6 +639,26 @@ pub fn autocast_copies(
 /// transformers' `Adafactor` without first moment); an fp32 master copy with master-weight
 /// recipes; SGD with momentum one buffer per trainable parameter in the state dtype.
 pub fn optimizer_states(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
+    if spec.optimizer == Optimizer::Adafactor && spec.adaptation.lora.is_none() {
+        // transformers' Adafactor factors a tensor over its last two dimensions: a row state
+        // `shape[:-1]` and a column state `shape[:-2] + shape[-1:]`
+        // (`transformers/optimization.py`, `Adafactor._get_options` and `step`), so a 3-D
+        // expert stack `(E, a, b)` keeps `E·a + E·b`, as `E` matrices `(a, b)` would, not one
+        // `(E, a·b)` matrix's `E + a·b` (measured: `results/torch-cpu-optimizers/mixtral-mini-optimizers.csv`).
+        let tensors: Vec<(u64, u64)> = cfg
+            .param_shapes()
+            .iter()
+            .flat_map(|p| match p.shape.as_slice() {
+                &[e, a, b] => vec![(a as u64, b as u64); e],
+                _ => {
+                    let n = p.numel();
+                    let rows = *p.shape.first().unwrap_or(&1) as u64;
+                    vec![(rows, n / rows.max(1))]
+                }
+            })
+            .collect();
+        return optimizer_states_of(spec, &tensors);
+    }
     optimizer_states_of(spec, &trainable_tensors(cfg, spec))
 }
 
@@ -696,8 +716,14 @@ pub fn optimizer(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         Optimizer::AdamwTorch if spec.torch_cpu => 2 * largest * sd,
         Optimizer::AdamwTorch => all * sd,
         Optimizer::AdamwTorchFused | Optimizer::Sgd => 0,
-        Optimizer::AdamwBnb8bit | Optimizer::PagedAdamw8bit if spec.torch_cpu => 5 * largest * 4,
-        Optimizer::PagedAdamw32bit if spec.torch_cpu => 3 * largest * 4,
+        // bitsandbytes' CPU kernels step a 16-bit tensor through an fp32 copy of it
+        // (`backends/cpu/ops.py`: `p_fp32 = p.data.float()`, a view for fp32): one more
+        // (measured: `results/torch-cpu-optimizers/mixtral-mini-optimizers.csv`'s bf16 8-bit rows, 7.6 %
+        // under without it).
+        Optimizer::AdamwBnb8bit | Optimizer::PagedAdamw8bit if spec.torch_cpu => {
+            (5 + widened_16bit(spec)) * largest * 4
+        }
+        Optimizer::PagedAdamw32bit if spec.torch_cpu => (3 + widened_16bit(spec)) * largest * 4,
         Optimizer::AdamwBnb8bit | Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit => 0,
         Optimizer::Adafactor => {
             // The tensors it steps: fp32 master copies, and PEFT's fp32 adapters, need no copy.
@@ -990,6 +1016,14 @@ pub fn saved_copies(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
         4
     };
     l.saved_param_count(cfg) * d
+}
+
+/// 1 where the optimizer steps 16-bit tensors (no fp32 master copy, 16-bit trainables), 0 where
+/// it steps fp32 ones.
+fn widened_16bit(spec: &TrainSpec) -> u64 {
+    let fp32 =
+        gradient_dtype(spec) == DType::F32 || spec.precision.is_some_and(|p| p.master_weights());
+    u64::from(!fp32)
 }
 
 /// The dtype of gradients for `spec` under the torch profiles (fp32 adapters' under `+amp`).
