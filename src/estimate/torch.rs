@@ -650,11 +650,7 @@ pub fn optimizer_states(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
             .iter()
             .flat_map(|p| match p.shape.as_slice() {
                 &[e, a, b] => vec![(a as u64, b as u64); e],
-                _ => {
-                    let n = p.numel();
-                    let rows = *p.shape.first().unwrap_or(&1) as u64;
-                    vec![(rows, n / rows.max(1))]
-                }
+                _ => vec![as_matrix(p)],
             })
             .collect();
         return optimizer_states_of(spec, &tensors);
@@ -802,14 +798,12 @@ pub(crate) fn own_trainable_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<
             .param_shapes()
             .iter()
             .flat_map(|p| {
-                let n = p.numel();
                 if p.name.ends_with(".mlp.experts.gate_up_proj") {
                     vec![(i, h); 2 * e as usize]
                 } else if p.name.ends_with(".mlp.experts.down_proj") {
                     vec![(h, i); e as usize]
                 } else {
-                    let rows = *p.shape.first().unwrap_or(&1) as u64;
-                    vec![(rows, n / rows.max(1))]
+                    vec![as_matrix(p)]
                 }
             })
             .collect(),
@@ -836,19 +830,18 @@ pub(crate) fn own_trainable_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<
     }
 }
 
+/// `p` as a matrix: its first dimension's rows, the rest's elements as columns (a vector as
+/// `(n, 1)`).
+fn as_matrix(p: &crate::config::ParamShape) -> (u64, u64) {
+    let rows = *p.shape.first().unwrap_or(&1) as u64;
+    (rows, p.numel() / rows.max(1))
+}
+
 /// `(rows, cols)` of every trainable tensor (vectors as `(n, 1)`): all parameters for full
 /// fine-tuning (a tied head once), the A and B of every adapter for LoRA.
 pub(crate) fn trainable_tensors(cfg: &ModelConfig, spec: &TrainSpec) -> Vec<(u64, u64)> {
     match &spec.adaptation.lora {
-        None => cfg
-            .param_shapes()
-            .iter()
-            .map(|p| {
-                let n = p.numel();
-                let rows = *p.shape.first().unwrap_or(&1) as u64;
-                (rows, n / rows.max(1))
-            })
-            .collect(),
+        None => cfg.param_shapes().iter().map(as_matrix).collect(),
         Some(l) => {
             let mut v = Vec::new();
             for _ in 0..cfg.num_hidden_layers {
