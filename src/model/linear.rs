@@ -188,6 +188,22 @@ pub struct LoraAdapter {
     pub dropout: f64,
 }
 
+/// A fresh `lora_A` `(r, inp)`: `U(−1/√inp, 1/√inp)`, PyTorch's `kaiming_uniform_(a=√5)`, as
+/// PEFT initializes it, from `seed`.
+///
+/// # Errors
+/// [`crate::error::Error::Candle`].
+pub fn kaiming_a(r: usize, inp: usize, dtype: DType, device: &Device, seed: u64) -> Result<Var> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let bound = 1.0 / (inp as f64).sqrt();
+    let a: Vec<f64> = (0..r * inp)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect();
+    Ok(Var::from_tensor(
+        &Tensor::from_vec(a, (r, inp), device)?.to_dtype(dtype)?,
+    )?)
+}
+
 impl LoraAdapter {
     /// A fresh adapter: `A ~ U(−1/√in, 1/√in)` (PyTorch's `kaiming_uniform_(a=√5)`, as PEFT
     /// initializes it), `B = 0`.
@@ -202,14 +218,8 @@ impl LoraAdapter {
         device: &Device,
         seed: u64,
     ) -> Result<Self> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let bound = 1.0 / (inp as f64).sqrt();
-        let a: Vec<f64> = (0..cfg.r * inp)
-            .map(|_| rng.random_range(-bound..bound))
-            .collect();
-        let a = Tensor::from_vec(a, (cfg.r, inp), device)?.to_dtype(dtype)?;
         Ok(LoraAdapter {
-            a: Var::from_tensor(&a)?,
+            a: kaiming_a(cfg.r, inp, dtype, device, seed)?,
             b: Var::zeros((out, cfg.r), dtype, device)?,
             scale: cfg.scale(),
             dropout: cfg.dropout,

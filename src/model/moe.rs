@@ -75,20 +75,8 @@ impl GateUpLora {
         device: &Device,
         seed: u64,
     ) -> Result<Self> {
-        let a = super::linear::LoraAdapter::new(
-            1,
-            h,
-            &crate::spec::LoraConfig {
-                r: 2 * cfg.r,
-                ..cfg.clone()
-            },
-            dtype,
-            device,
-            seed,
-        )?
-        .a;
         Ok(GateUpLora {
-            a,
+            a: super::linear::kaiming_a(2 * cfg.r, h, dtype, device, seed)?,
             b_gate: Var::zeros((i, 2 * cfg.r), dtype, device)?,
             b_up: Var::zeros((i, 2 * cfg.r), dtype, device)?,
             scale: cfg.scale(),
