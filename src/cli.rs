@@ -645,6 +645,11 @@ pub struct SlurmArgs {
     /// Wall-time limit per task (Slurm's `--time`, e.g. `02:00:00`).
     #[arg(long, default_value = "01:00:00")]
     pub time: String,
+    /// Results files of vramcal measured on the cluster's kind of device (CPU or GPU) whose
+    /// rows record `point_seconds`: the time limit is then the longest task's projected time,
+    /// twice over plus 5 minutes, instead of `--time`.
+    #[arg(long, num_args = 1.., conflicts_with = "time")]
+    pub time_from: Vec<PathBuf>,
     /// Slurm partition (`--partition`); the cluster's default without it.
     #[arg(long)]
     pub partition: Option<String>,

@@ -162,7 +162,7 @@ fn merge_refuses_what_it_cannot_join() {
 }
 
 /// `vramcal slurm`'s script, submitted unchanged to a one-node Slurm: four array tasks of a
-/// `tiny` grid; task 2 is cancelled while it runs, resubmitted alone (`--array=2`, which resumes
+/// `tiny` grid, their time limit projected from a local sweep's rows (`--time-from`); task 2 is cancelled while it runs, resubmitted alone (`--array=2`, which resumes
 /// its part), and the merged parts hold the same configurations as a local sweep.
 #[test]
 fn a_slurm_array_runs_the_sweep_in_parts() {
@@ -175,10 +175,25 @@ fn a_slurm_array_runs_the_sweep_in_parts() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     let grid = ["--model", "tiny", "--batch", "1,2", "--seq", "8,16,32,64"];
+    // The local sweep first: its rows' point_seconds give the tasks' time limit.
+    vramcal()
+        .current_dir(p)
+        .arg("sweep")
+        .args(grid)
+        .args(["--out", "local.csv"])
+        .assert()
+        .success();
     vramcal()
         .current_dir(p)
         .args([
-            "slurm", "--tasks", "4", "--dir", "parts", "--time", "10", "--",
+            "slurm",
+            "--tasks",
+            "4",
+            "--dir",
+            "parts",
+            "--time-from",
+            "local.csv",
+            "--",
         ])
         .args(grid)
         // Slow enough points (a few seconds each) to cancel a task mid-run.
@@ -252,15 +267,141 @@ fn a_slurm_array_runs_the_sweep_in_parts() {
         .args(["--out", "merged.csv"])
         .assert()
         .success();
-    vramcal()
-        .current_dir(p)
-        .arg("sweep")
-        .args(grid)
-        .args(["--out", "local.csv"])
-        .assert()
-        .success();
     let merged = configs(&p.join("merged.csv"));
     assert_eq!(merged.len(), 8);
     assert!(merged.iter().all(|c| c.4 == "ok"), "{merged:?}");
     assert_eq!(merged, configs(&p.join("local.csv")));
+}
+
+/// `slurm --time-from`: the time limit from a sweep's measured `point_seconds` (the same
+/// configurations: their sum; a new one: scaled), and what it refuses.
+#[test]
+fn slurm_time_limit_is_projected_from_measured_points() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let grid = ["--model", "tiny", "--batch", "1", "--seq", "8,32"];
+    vramcal()
+        .current_dir(p)
+        .arg("sweep")
+        .args(grid)
+        .args(["--timed-steps", "20", "--out", "m.csv"])
+        .assert()
+        .success();
+    let mut r = csv::Reader::from_path(p.join("m.csv")).unwrap();
+    let measured: f64 = r
+        .deserialize::<std::collections::HashMap<String, String>>()
+        .map(|m| m.unwrap()["point_seconds"].parse::<f64>().unwrap())
+        .sum();
+    assert!(measured > 0.0);
+    let projected = |dir: &str, grid: &[&str]| -> (f64, String) {
+        let out = vramcal()
+            .current_dir(p)
+            .args([
+                "slurm",
+                "--tasks",
+                "1",
+                "--dir",
+                dir,
+                "--time-from",
+                "m.csv",
+                "--",
+            ])
+            .args(grid)
+            .args(["--timed-steps", "20"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script = std::fs::read_to_string(p.join(dir).join("sweep.sbatch")).unwrap();
+        let line = script
+            .lines()
+            .find(|l| l.starts_with("# --time: "))
+            .expect("the script says where its time came from")
+            .to_string();
+        let secs = line
+            .split("projected ")
+            .nth(1)
+            .and_then(|x| x.split(" s,").next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        (secs, line)
+    };
+    // The measured configurations again: the sum of their point_seconds (printed to 0.1 s).
+    let (secs, line) = projected("a", &grid);
+    assert!((secs - measured).abs() <= 0.051, "{line} vs {measured}");
+    assert!(line.contains("2 of 2 point(s) measured"), "{line}");
+    // One configuration more (seq 64): projected, so more than the two measured.
+    let (more, line) = projected(
+        "b",
+        &["--model", "tiny", "--batch", "1", "--seq", "8,32,64"],
+    );
+    assert!(more > secs - 0.051, "{line}");
+    assert!(line.contains("2 of 3 point(s) measured"), "{line}");
+    // Refused, nothing written: rows without point_seconds (another model here), --time
+    // with --time-from, a missing file.
+    for (args, says) in [
+        (
+            vec![
+                "--time-from",
+                "m.csv",
+                "--",
+                "--model",
+                "smollm2-135m",
+                "--batch",
+                "1",
+                "--seq",
+                "8",
+            ],
+            "has no row of smollm2-135m on cpu that records point_seconds",
+        ),
+        (
+            vec![
+                "--time",
+                "10",
+                "--time-from",
+                "m.csv",
+                "--",
+                "--model",
+                "tiny",
+                "--batch",
+                "1",
+                "--seq",
+                "8",
+            ],
+            "cannot be used with",
+        ),
+        (
+            vec![
+                "--time-from",
+                "nope.csv",
+                "--",
+                "--model",
+                "tiny",
+                "--batch",
+                "1",
+                "--seq",
+                "8",
+            ],
+            "nope.csv",
+        ),
+    ] {
+        let out = vramcal()
+            .current_dir(p)
+            .args(["slurm", "--tasks", "1", "--dir", "c"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(says) && err.starts_with("error: "),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(!p.join("c/sweep.sbatch").exists());
+    }
 }

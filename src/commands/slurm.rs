@@ -7,8 +7,9 @@
 //! Per task: one CPU core, or with `--device cuda` one GPU (`--gres=gpu:1`; the sweep runs on
 //! the GPU Slurm gives the task); memory (`--mem`, host RAM) from the largest estimate among
 //! the task's points (the `candle` profile, uncalibrated) plus a quarter and 512 MiB for the
-//! process, at least 1 GiB; the wall time from `--time` (vramcal does not predict it before a
-//! step is measured: `vramcal plan` projects it from one). Tasks run in the folder the script
+//! process, at least 1 GiB; the wall time from `--time`, or with `--time-from` projected from
+//! measured rows' `point_seconds` ([`project_point_seconds`]: vramcal does not predict a
+//! point's time before one of its model is measured). Tasks run in the folder the script
 //! was written from (`--chdir`), so the sweep's relative paths hold.
 
 use std::fmt::Write as _;
@@ -18,6 +19,8 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command, SlurmArgs, SweepArgs};
 use crate::error::Error;
+use crate::measure::Measurement;
+use crate::report::{Row, Status};
 
 /// Whether `t` is one of the time formats `sbatch --time` reads (`man sbatch`): minutes,
 /// minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
@@ -36,6 +39,197 @@ fn slurm_time(t: &str) -> bool {
         return false;
     }
     parts.len() <= 3
+}
+
+/// The projected wall time of one planned sweep point (`vramcal slurm --time-from`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PointTime {
+    /// Projected wall seconds of the point's measuring process, start to exit.
+    pub seconds: f64,
+    /// Whether a measured row of the same configuration gave it; else a row of the same model
+    /// scaled by FLOPs per step.
+    pub same_configuration: bool,
+}
+
+/// The device kind a row or a `--device` names: `cpu`, or `cuda` for any GPU
+/// (`cuda:0 (NVIDIA H200)`, `cuda`, `cuda:1`).
+fn device_kind(device: &str) -> &str {
+    device.split([':', ' ']).next().unwrap_or(device)
+}
+
+/// A row's configuration key ([`super::sweep::config_key`]) on `device`; with `shape` false
+/// without its batch, sequence length, micro-batch and accumulation (the "recipe").
+fn key_on(r: &Row, device: &str, shape: bool) -> String {
+    let mut r = r.clone();
+    r.device = device.to_string();
+    if !shape {
+        (r.batch, r.seq, r.micro_batch, r.accumulate) = (0, 0, 0, 0);
+    }
+    super::sweep::config_key(&r)
+}
+
+/// Projects the wall time of the planned point `planned` (a row built before measuring: its
+/// configuration columns and `model_flops_per_token`), run with `timed_steps` extra timed
+/// steps, from `measured` rows of vramcal. No model of the machine's speed: only what the
+/// rows measured.
+/// - Basis: rows of the same model on the same kind of device (`cpu`, or any `cuda` GPU)
+///   that record `point_seconds`, a step time and `model_flops_per_token`.
+/// - A basis row's step time `s_b` is its `step_seconds_median` (else `step2_seconds`); its
+///   fixed time `o_b = point_seconds − (2 + timed_steps_b)·s_b`, at least 0, holds what is not
+///   a steady step: the process start, loading, optimizer initialization, the first step's
+///   warm-up and the save.
+/// - Basis rows of the point's configuration (every configuration column but the device):
+///   the largest `o_b + (2 + timed_steps)·s_b`.
+/// - Else the basis row nearest in work per step `w = model_flops_per_token × micro_batch ×
+///   accumulate × seq` (nearest in `ln w`; among the rows of the point's recipe, every
+///   configuration column but batch, sequence length, micro-batch and accumulation, where
+///   there are some): its step scaled by `w_point / w_b` (the same achieved FLOP/s), plus the
+///   largest fixed time among those rows.
+///
+/// `None` when no row is a basis.
+pub fn project_point_seconds(
+    planned: &Row,
+    timed_steps: usize,
+    measured: &[Row],
+) -> Option<PointTime> {
+    let work = |r: &Row| {
+        r.model_flops_per_token
+            .map(|f| f * (r.micro_batch * r.accumulate * r.seq) as f64)
+            .filter(|w| w.is_finite() && *w > 0.0)
+    };
+    let w_point = work(planned)?;
+    // (row, step seconds, fixed seconds, work per step)
+    let basis: Vec<(&Row, f64, f64, f64)> = measured
+        .iter()
+        .filter(|r| {
+            r.model == planned.model && device_kind(&r.device) == device_kind(&planned.device)
+        })
+        .filter_map(|r| {
+            let point = r.point_seconds.filter(|t| t.is_finite() && *t > 0.0)?;
+            let step = r
+                .step_seconds_median
+                .or(r.step2_seconds)
+                .filter(|t| t.is_finite() && *t > 0.0)?;
+            let fixed = (point - (2 + r.timed_steps) as f64 * step).max(0.0);
+            Some((r, step, fixed, work(r)?))
+        })
+        .collect();
+    let steps = (2 + timed_steps) as f64;
+    let same: Vec<f64> = basis
+        .iter()
+        .filter(|(r, ..)| key_on(r, "", true) == key_on(planned, "", true))
+        .map(|(_, s, o, _)| o + steps * s)
+        .collect();
+    if !same.is_empty() {
+        return Some(PointTime {
+            seconds: same.iter().copied().fold(0.0, f64::max),
+            same_configuration: true,
+        });
+    }
+    let recipe: Vec<_> = basis
+        .iter()
+        .filter(|(r, ..)| key_on(r, "", false) == key_on(planned, "", false))
+        .collect();
+    let pool: Vec<_> = if recipe.is_empty() {
+        basis.iter().collect()
+    } else {
+        recipe
+    };
+    let nearest = pool.iter().min_by(|a, b| {
+        let d = |w: f64| (w / w_point).ln().abs();
+        d(a.3).total_cmp(&d(b.3))
+    })?;
+    let fixed = pool.iter().map(|(_, _, o, _)| *o).fold(0.0, f64::max);
+    Some(PointTime {
+        seconds: fixed + steps * nearest.1 * w_point / nearest.3,
+        same_configuration: false,
+    })
+}
+
+/// Seconds as Slurm's `--time` reads them, whole minutes rounded up: `H:MM:00`, or
+/// `D-HH:MM:00` from a day.
+fn slurm_duration(seconds: f64) -> String {
+    let minutes = (seconds / 60.0).ceil().max(1.0) as u64;
+    let (d, h, m) = (minutes / 1440, minutes / 60 % 24, minutes % 60);
+    if d > 0 {
+        format!("{d}-{h:02}:{m:02}:00")
+    } else {
+        format!("{h}:{m:02}:00")
+    }
+}
+
+/// The time limit the script gives each task, and where it came from.
+struct TaskTime {
+    /// Slurm's `--time` value.
+    limit: String,
+    /// How `--time-from` projected it (a line for the script and the terminal); `None` for
+    /// `--time`.
+    basis: Option<String>,
+}
+
+/// The limit from `--time-from`: each task's points projected ([`project_point_seconds`]) and
+/// summed; the longest task's sum twice over plus 5 minutes (a margin for slower nodes, a
+/// cold file cache and the rows' spread: a task cut by its limit is resubmitted and resumes,
+/// losing only its unfinished point).
+///
+/// # Errors
+/// A file that cannot be read as vramcal rows; a point whose model has no row recording
+/// `point_seconds` on the sweep's kind of device.
+fn task_time(
+    a: &SlurmArgs,
+    sweep: &SweepArgs,
+    grid: &[super::sweep::Point],
+) -> anyhow::Result<TaskTime> {
+    let mut measured = Vec::new();
+    for f in &a.time_from {
+        measured.extend(crate::report::csv_out::read_rows(f)?);
+    }
+    let files = a
+        .time_from
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut projected = Vec::with_capacity(grid.len());
+    for p in grid {
+        let mut ctx = p.ctx.clone();
+        ctx.device = sweep.model.device.clone();
+        let planned = Row::new(&ctx, &p.spec, &Measurement::default(), Status::Ok, "");
+        let Some(t) = project_point_seconds(&planned, sweep.model.timed_steps, &measured) else {
+            return Err(Error::invalid(
+                "--time-from",
+                &files,
+                format!(
+                    "has no row of {} on {} that records point_seconds, a step time and model FLOPs per token (rows of vramcal before 2026-12-02 lack point_seconds; rows of sweep --jobs keep no times): measure a point of it with vramcal sweep, or give --time",
+                    planned.model,
+                    device_kind(&planned.device)
+                ),
+            )
+            .into());
+        };
+        projected.push(t);
+    }
+    let longest = (1..=a.tasks)
+        .map(|i| {
+            super::sweep::GridShard {
+                index: i,
+                count: a.tasks,
+            }
+            .select((0..grid.len()).collect())
+            .iter()
+            .map(|&j| projected[j].seconds)
+            .sum::<f64>()
+        })
+        .fold(0.0, f64::max);
+    let same = projected.iter().filter(|t| t.same_configuration).count();
+    let limit = slurm_duration(2.0 * longest + 300.0);
+    Ok(TaskTime {
+        basis: Some(format!(
+            "{limit}: the longest task's projected {longest:.1} s, twice over plus 5 min ({same} of {} point(s) measured in the same configuration, the others scaled by FLOPs per step; from {files})",
+            grid.len()
+        )),
+        limit,
+    })
 }
 
 /// Runs `vramcal slurm`.
@@ -155,6 +349,14 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
             crate::estimate::estimate(&model.config, &p.spec, crate::spec::Profile::Candle, &c)?;
         largest = largest.max(e.needed_bytes());
     }
+    let time = if a.time_from.is_empty() {
+        TaskTime {
+            limit: a.time.clone(),
+            basis: None,
+        }
+    } else {
+        task_time(a, &sweep, &grid)?
+    };
     let mem_mib = ((largest + largest / 4) >> 20)
         .saturating_add(512)
         .max(1024);
@@ -202,7 +404,10 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
         writeln!(s, "#SBATCH --gres=gpu:1")?;
     }
     writeln!(s, "#SBATCH --mem={mem_mib}M")?;
-    writeln!(s, "#SBATCH --time={}", a.time)?;
+    if let Some(from) = time.basis.as_deref() {
+        writeln!(s, "# --time: {from}")?;
+    }
+    writeln!(s, "#SBATCH --time={}", time.limit)?;
     if let Some(p) = &a.partition {
         writeln!(s, "#SBATCH --partition={p}")?;
     }
@@ -237,13 +442,16 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
         .into());
     }
     std::fs::write(&script, s).map_err(|e| Error::io(&script, e))?;
+    if let Some(from) = &time.basis {
+        println!("time limit {from}");
+    }
     println!(
         "wrote {}: {} point(s) in {} array task(s), each with {} MiB of memory and a time limit of {}{}",
         script.display(),
         grid.len(),
         a.tasks,
         mem_mib,
-        a.time,
+        time.limit,
         if gpu { " and one GPU" } else { "" }
     );
     println!("submit:   sbatch {}", quote(&script.display().to_string())?);
@@ -257,7 +465,71 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::slurm_time;
+    use super::{project_point_seconds, slurm_duration, slurm_time};
+    use crate::report::Row;
+
+    /// A measured row: `point` seconds in all, `step` seconds a step, no timed steps.
+    fn row(device: &str, method: &str, seq: usize, flops: f64, point: f64, step: f64) -> Row {
+        Row {
+            device: device.into(),
+            model: "m".into(),
+            method: method.into(),
+            batch: 1,
+            seq,
+            micro_batch: 1,
+            accumulate: 1,
+            model_flops_per_token: Some(flops),
+            point_seconds: Some(point),
+            step2_seconds: Some(step),
+            ..Row::default()
+        }
+    }
+
+    /// The projection's three cases, computed by hand from the docstring's formulas.
+    #[test]
+    fn point_time_is_projected_from_measured_rows() {
+        let lora64 = row("cuda:0 (NVIDIA H200)", "lora", 64, 100.0, 10.0, 2.0);
+        let full64 = row("cuda:0 (NVIDIA H200)", "full", 64, 150.0, 20.0, 1.0);
+        let rows = [lora64.clone(), full64.clone()];
+        // The same configuration on another GPU of the kind: its fixed 6 s + (2 + 3) steps.
+        let mut planned = lora64.clone();
+        planned.device = "cuda".into();
+        let t = project_point_seconds(&planned, 3, &rows).unwrap();
+        assert!(t.same_configuration);
+        assert!((t.seconds - (6.0 + 5.0 * 2.0)).abs() < 1e-12, "{t:?}");
+        // Twice the tokens of the LoRA recipe: its step doubled, the recipe's fixed time.
+        planned.seq = 128;
+        let t = project_point_seconds(&planned, 0, &rows).unwrap();
+        assert!(!t.same_configuration);
+        assert!((t.seconds - (6.0 + 2.0 * 4.0)).abs() < 1e-12, "{t:?}");
+        // No row of the recipe (QLoRA): the nearest in work per step (full at 64 × 150 FLOPs
+        // against 128 × 100), the largest fixed time of all (18 s).
+        planned.method = "qlora".into();
+        let t = project_point_seconds(&planned, 0, &rows).unwrap();
+        let scaled = 1.0 * (128.0 * 100.0) / (64.0 * 150.0);
+        assert!((t.seconds - (18.0 + 2.0 * scaled)).abs() < 1e-12, "{t:?}");
+        // Rows of the GPU say nothing of the CPU; nor of another model.
+        planned.device = "cpu".into();
+        assert_eq!(project_point_seconds(&planned, 0, &rows), None);
+        planned.device = "cuda:1".into();
+        planned.model = "other".into();
+        assert_eq!(project_point_seconds(&planned, 0, &rows), None);
+    }
+
+    /// Whole minutes rounded up, in a format `slurm_time` accepts.
+    #[test]
+    fn durations_are_slurm_times() {
+        for (s, want) in [
+            (1.0, "0:01:00"),
+            (60.0, "0:01:00"),
+            (61.0, "0:02:00"),
+            (3600.0, "1:00:00"),
+            (86_400.0 + 90.0, "1-00:02:00"),
+        ] {
+            assert_eq!(slurm_duration(s), want);
+            assert!(slurm_time(want));
+        }
+    }
 
     /// `sbatch --time`'s formats, and a few it refuses.
     #[test]

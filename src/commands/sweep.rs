@@ -432,6 +432,7 @@ fn measure_all(grid: &[Point], out: &std::path::Path, slots: &[String]) -> anyho
                         row.step2_seconds = None;
                         row.step_seconds_median = None;
                         row.tokens_per_second = None;
+                        row.point_seconds = None;
                     }
                     row
                 });
@@ -482,7 +483,7 @@ pub(crate) struct Point {
     seq: usize,
     args: ModelArgs,
     pub(crate) spec: TrainSpec,
-    ctx: RowContext,
+    pub(crate) ctx: RowContext,
 }
 
 /// The `measure` arguments of one point.

@@ -16,13 +16,21 @@ fn csv_err(path: &Path, reason: impl Into<String>) -> Error {
 }
 
 /// Checks that `path` can take rows: it is absent or empty, or its header equals
-/// [`Row::header`] (a file of an earlier vramcal, whose columns are all still there, is first
-/// rewritten with today's header). Creates missing parent folders.
+/// [`Row::header`] or is a file of an earlier vramcal whose columns are all still there (which
+/// [`append_row`] rewrites with today's header before its first row; nothing is rewritten
+/// here). Creates missing parent folders.
 ///
 /// # Errors
 /// [`Error::Csv`] for another header or an unreadable file, [`Error::Io`] if the folder
 /// cannot be created or the file cannot be opened for appending.
 pub fn check_writable(path: &Path) -> Result<()> {
+    writable(path, false)
+}
+
+/// [`check_writable`]; with `upgrade`, a file of an earlier vramcal is rewritten with today's
+/// header (only when a row is about to be appended: a command refused later leaves it as it
+/// was).
+fn writable(path: &Path, upgrade_it: bool) -> Result<()> {
     if let Ok(meta) = std::fs::metadata(path) {
         let t = meta.file_type();
         #[cfg(unix)]
@@ -68,7 +76,9 @@ pub fn check_writable(path: &Path) -> Result<()> {
                     "exists with another header (not a vramcal results file of this version); choose another --out",
                 ));
             }
-            upgrade(path)?;
+            if upgrade_it {
+                upgrade(path)?;
+            }
         } else {
             check_rows(path, &bytes)?;
         }
@@ -109,7 +119,7 @@ fn upgrade(path: &Path) -> Result<()> {
 /// # Errors
 /// As [`check_writable`]; [`Error::Io`] if the write fails (the file keeps its earlier rows).
 pub fn append_row(path: &Path, row: &Row) -> Result<()> {
-    check_writable(path)?;
+    writable(path, true)?;
     repair_last_line(path)?;
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let new = meta.len() == 0;

@@ -120,6 +120,11 @@ pub struct Row {
     pub timed_steps: usize,
     pub step_seconds_median: Option<f64>,
     pub tokens_per_second: Option<f64>,
+    /// Wall time of the point's measuring process, from its start to its exit (loading,
+    /// optimizer initialization, every step, the save), timed by the parent; empty in rows
+    /// written before the column existed and in rows measured in parallel (`sweep --jobs`).
+    #[serde(default)]
+    pub point_seconds: Option<f64>,
     pub model_flops_per_token: Option<f64>,
     pub loss_step1: Option<f64>,
     pub loss_step2: Option<f64>,
@@ -223,6 +228,7 @@ impl Row {
             step_seconds_median: crate::measure::step::median_step_seconds(m),
             tokens_per_second: crate::measure::step::median_step_seconds(m)
                 .map(|s| spec.tokens() as f64 / s),
+            point_seconds: None,
             model_flops_per_token: ctx.model_flops_per_token,
             loss_step1: m.losses.first().copied(),
             loss_step2: m.losses.get(1).copied(),

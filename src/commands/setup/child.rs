@@ -61,8 +61,8 @@ pub struct PointResult {
     pub measurement: Measurement,
 }
 
-/// Runs `exe measure --child <args>` and collects the point. `on_started` sees each phase as
-/// it starts.
+/// Runs `exe measure --child <args>` and collects the point, its `point_seconds` the child's
+/// wall time from start to exit. `on_started` sees each phase as it starts.
 ///
 /// # Errors
 /// Only when the child cannot be started; a child that fails gives a row with status `oom`
@@ -74,6 +74,7 @@ pub fn run_point(
     spec: &TrainSpec,
     mut on_started: impl FnMut(&str),
 ) -> anyhow::Result<PointResult> {
+    let t0 = std::time::Instant::now();
     let mut child = Command::new(exe)
         .args(args)
         .arg("--child")
@@ -109,16 +110,23 @@ pub fn run_point(
         }
     }
     let status = child.wait().context("waiting for the measuring child")?;
+    let point_seconds = Some(t0.elapsed().as_secs_f64());
     let stderr = err_thread.join().unwrap_or_default();
     if let Some(row) = row {
         return Ok(PointResult {
-            row,
+            row: Row {
+                point_seconds,
+                ..row
+            },
             measurement: last,
         });
     }
     let (st, message) = failure(&status, &stderr, &started, ctx.budget_bytes);
     Ok(PointResult {
-        row: Row::new(ctx, spec, &last, st, &message),
+        row: Row {
+            point_seconds,
+            ..Row::new(ctx, spec, &last, st, &message)
+        },
         measurement: last,
     })
 }
