@@ -67,6 +67,9 @@ FIELDS_DIST = FIELDS + ["gpus", "shard"]
 # Files of --modules-to-save runs add a `modules_to_save` column (PEFT's; a column of vramcal's
 # reference files beyond ../shared/cases/README.md, which has none for it).
 SAVE_NAMES = ["lm_head", "embed_tokens"]
+# --torch-adamw: torch's AdamW implementations other than fused (adamw_torch_fused); files of
+# such runs add a `torch_adamw` column (vramcal's, beyond ../shared/cases/README.md).
+TORCH_ADAMW = ["for-loop", "foreach"]
 # --shard: torch's DistributedDataParallel, or FSDP2 (`fully_shard` on each decoder layer, then
 # the root), both with their defaults.
 SHARDS = ["ddp", "fsdp"]
@@ -233,15 +236,19 @@ TARGET_NAMES = LINEAR + ["lm_head", "embed_tokens"]
 SHORT = {"q_proj,v_proj": "qv", "q_proj,k_proj,v_proj,o_proj": "qkvo", "all-linear": "all"}
 
 
-def optimizer(name, params):
+def optimizer(name, params, impl=None):
     """The optimizer HF's Trainer builds for `TrainingArguments.optim = name` (transformers
     `trainer.py` `get_optimizer_cls_and_kwargs`): torch's AdamW (foreach where torch's default
     picks it: CUDA tensors; fused for `adamw_torch_fused`), torch's SGD (momentum 0), and
     transformers' Adafactor (`adafactor`: `scale_parameter=False, relative_step=False` and the
-    learning rate, as the Trainer passes them) and bitsandbytes' 8-bit and paged optimizers."""
+    learning rate, as the Trainer passes them) and bitsandbytes' 8-bit and paged optimizers.
+    `impl` (--torch-adamw) names torch's AdamW implementation for `adamw_torch`: `for-loop`
+    (`foreach=False`) or `foreach` (`foreach=True`); None leaves torch's default."""
     if name == "adafactor":
         return transformers.optimization.Adafactor(params, lr=5e-5, scale_parameter=False,
                                                    relative_step=False)
+    if name == "adamw_torch" and impl is not None:
+        return torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, foreach=impl == "foreach")
     if name == "adamw_torch":
         return torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
     if name == "adamw_torch_fused":
@@ -324,6 +331,8 @@ def point_id(model, p):
         parts.append("save-" + "+".join(p["modules_to_save"]))
     if p.get("world_size", 1) > 1:
         parts.append(f"{p['shard']}{p['world_size']}")
+    if p.get("torch_adamw"):
+        parts.append(p["torch_adamw"])
     return "-".join(parts)
 
 
@@ -394,6 +403,8 @@ def base_row(args, p):
                    modules_to_save=";".join(p.get("modules_to_save") or []))
     if args.world_size > 1:
         row.update(gpus=args.world_size, shard=args.shard)
+    if p.get("torch_adamw"):
+        row.update(torch_adamw=p["torch_adamw"])
     return row
 
 
@@ -482,7 +493,7 @@ def measure_row(args, cfg, p, row, notes):
         row["trainable_params"] = sum(q.numel() for q in params)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # bitsandbytes' paged-on-CPU warning
-            opt = optimizer(p["optimizer"], params)
+            opt = optimizer(p["optimizer"], params, p.get("torch_adamw"))
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g).to(device)
         saved = {}
@@ -714,7 +725,8 @@ def grid(a):
                                                    precision=pr, optimizer=o, attn=at,
                                                    checkpointing=c, batch=b, seq=s,
                                                    world_size=a.world_size, shard=a.shard,
-                                                   modules_to_save=a.modules_to_save)
+                                                   modules_to_save=a.modules_to_save,
+                                                   torch_adamw=a.torch_adamw)
 
 
 def main():
@@ -748,6 +760,10 @@ def main():
     ap.add_argument("--modules-to-save", type=lambda v: v.split(","),
                     help="PEFT's modules_to_save for the LoRA/QLoRA points: ','-separated "
                          + ", ".join(SAVE_NAMES) + " (full trainable copies beside the adapters)")
+    ap.add_argument("--torch-adamw", choices=TORCH_ADAMW,
+                    help="torch's AdamW implementation for --optimizer adamw_torch: for-loop "
+                         "(foreach=False) or foreach (foreach=True); default: torch's choice for "
+                         "the device (for-loop on the CPU, foreach on CUDA)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--timed-steps", type=int, default=0,
                     help="extra steps after step 2, timed only; step_seconds_median covers step 2 and these")
@@ -776,6 +792,8 @@ def main():
                      + ", ".join(SAVE_NAMES))
         if a.world_size > 1:
             ap.error("--modules-to-save is not combined with --world-size yet")
+    if a.torch_adamw is not None and a.optimizer != "adamw_torch":
+        ap.error("--torch-adamw names an implementation of --optimizer adamw_torch (alone)")
     if a.self_test:
         self_test()
         return
@@ -791,6 +809,8 @@ def main():
               else FIELDS_DIST if a.world_size > 1 else FIELDS)
     if a.modules_to_save:
         fields = fields + ["modules_to_save"]
+    if a.torch_adamw:
+        fields = fields + ["torch_adamw"]
     if not new:
         with open(a.out, newline="") as f:
             r = csv.DictReader(f)

@@ -436,6 +436,13 @@ pub struct ModelArgs {
     /// `--profile candle` refuse the option.
     #[arg(long)]
     pub loss: Option<crate::spec::Loss>,
+    /// torch's AdamW implementation for `--optimizer adamw_torch` (torch profiles): `foreach`
+    /// (one buffer of every trainable tensor at the step; torch ≥ 2.0's default for CUDA) or
+    /// `for-loop` (two buffers of the largest; torch 1.x, `foreach=False`, and CPU tensors'
+    /// default). Without it, torch ≥ 2.0's choice for the device. vramcal's own step has its
+    /// own AdamW: `measure`, `sweep`, `max`, `plan` and `--profile candle` refuse the option.
+    #[arg(long)]
+    pub torch_adamw: Option<crate::spec::TorchAdamw>,
     /// SGD momentum (`torch.optim.SGD`); 0, the Trainer's `optim=sgd`, keeps no state. Only
     /// with --optimizer sgd.
     #[arg(long)]

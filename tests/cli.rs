@@ -1350,6 +1350,31 @@ fn numbers_out_of_range_are_refused_with_one_line_and_keep_the_csv() {
 /// Words outside an option's vocabulary, and malformed option lists.
 #[rustfmt::skip]
 const BAD_WORDS: &[Case] = &[
+    // torch's AdamW implementations: two words, for adamw_torch, for the torch profiles.
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--profile", "torch-sdpa",
+            "--torch-adamw", "fused"],
+        error: "expected for-loop or foreach",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--profile", "torch-sdpa",
+            "--torch-adamw", "foreach", "--optimizer", "sgd"],
+        error: "--torch-adamw = foreach: names an implementation of torch's AdamW, --optimizer adamw_torch, not of sgd",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--profile", "candle",
+            "--torch-adamw", "for-loop"],
+        error: "--torch-adamw is for the torch profiles",
+        untouched: None,
+    },
+    Case {
+        args: &["measure", "--out", "{dir}/keep.csv", "--model", "tiny", "--batch", "1", "--seq",
+            "4", "--torch-adamw", "foreach"],
+        error: "--torch-adamw is for estimate's torch profiles",
+        untouched: Some("keep.csv"),
+    },
     Case {
         args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero3", "--gpus", "2",
             "--offload", "cpu"],

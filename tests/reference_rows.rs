@@ -229,6 +229,22 @@ fn cases() -> Vec<Case> {
         ),
         expect: &["column modules_to_save = \"lm_head\"", "cannot also be in"],
     });
+    // vramcal's `torch_adamw` column: two words, on adamw_torch rows only.
+    v.push(Case {
+        what: "torch_adamw unknown",
+        file: format!("{HEADER},torch_adamw\n{GOOD},fused\n"),
+        expect: &[
+            "column torch_adamw = \"fused\"",
+            "expected for-loop, foreach or empty",
+        ],
+    });
+    v.push(Case {
+        what: "torch_adamw on another optimizer",
+        file: format!(
+            "{HEADER},torch_adamw\nr1,t,smollm2-135m,lora,16,32,,q_proj;v_proj,none,bf16,sgd,,2,,512,fixed,on,sdpa,,,,,A100-80GB,,allocated,2000000000,,foreach\n"
+        ),
+        expect: &["column torch_adamw = \"foreach\"", "not of this row's optimizer"],
+    });
     v.push(Case {
         what: "model path that does not exist",
         file: with("model", "./no/such/folder"),

@@ -245,7 +245,8 @@ pub struct Measured {
 /// no allocation (data seed, learning rate and weight decay, `--allow-longer`, the save mode,
 /// LoRA's alpha, the host RAM's GPUs per node) are ignored, and so is the device (`torch_cpu`:
 /// a row measured on the CPU is the same configuration as one for a GPU, with its device said
-/// beside it); a named one-dtype recipe (`fp32`, `bf16`, `fp16`) is the same as the dtypes it
+/// beside it; torch's AdamW implementation counts where it is not the device's default); a
+/// named one-dtype recipe (`fp32`, `bf16`, `fp16`) is the same as the dtypes it
 /// names, and an optimizer that keeps states of its own types (8-bit and paged AdamW,
 /// Adafactor, SGD without momentum) has no state dtype.
 pub fn same_configuration(a: &TrainSpec, b: &TrainSpec) -> bool {
@@ -256,6 +257,11 @@ pub fn same_configuration(a: &TrainSpec, b: &TrainSpec) -> bool {
         s.adamw = Default::default();
         s.allow_longer = false;
         s.save = crate::spec::SaveMode::None;
+        // torch's AdamW implementation named only where it is not the device's default.
+        let default_for_loop = s.torch_cpu;
+        if s.torch_adamw.is_some() && s.torch_adamw_for_loop() == default_for_loop {
+            s.torch_adamw = None;
+        }
         s.torch_cpu = false;
         if let Some(l) = s.adaptation.lora.as_mut() {
             l.alpha = 1.0;

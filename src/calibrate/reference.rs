@@ -45,6 +45,11 @@ pub struct ReferenceRow {
     /// of vramcal's reference files beyond the shared format (absent there: none).
     #[serde(default)]
     pub modules_to_save: String,
+    /// torch's AdamW implementation of an `adamw_torch` row, `for-loop` or `foreach`
+    /// ([`crate::spec::TorchAdamw`]); empty: torch ≥ 2.0's default for the device. A column of
+    /// vramcal's reference files beyond the shared format (absent there: the default).
+    #[serde(default)]
+    pub torch_adamw: String,
     /// Quantization of the base: `none`, `nf4`, `nf4-dq`.
     pub quant: String,
     /// Precision recipe ([`Precision`]).
@@ -340,6 +345,22 @@ impl Reference {
         spec.optimizer = optimizer;
         spec.allow_longer = true;
         spec.torch_cpu = raw.gpu == "cpu";
+        spec.torch_adamw = match raw.torch_adamw.as_str() {
+            "" => None,
+            v => {
+                let t: crate::spec::TorchAdamw = v
+                    .parse()
+                    .map_err(|_| c.err("torch_adamw", v, "expected for-loop, foreach or empty"))?;
+                if optimizer != Optimizer::AdamwTorch {
+                    return Err(c.err(
+                        "torch_adamw",
+                        v,
+                        "names an implementation of adamw_torch, not of this row's optimizer (empty)",
+                    ));
+                }
+                Some(t)
+            }
+        };
         // torch's optimizers keep states in the parameters' dtype; fp32 adapters under +amp.
         let torch_adamw = matches!(
             optimizer,
@@ -572,7 +593,7 @@ impl Reference {
             },
             ours: raw.source.starts_with("scripts/torch_reference.py"),
             summary: format!(
-                "{} {} b{} s{} ckpt {} {} {} {}{}",
+                "{} {} b{} s{} ckpt {} {} {}{} {}{}",
                 raw.model,
                 spec.method_label(),
                 spec.batch,
@@ -580,6 +601,7 @@ impl Reference {
                 raw.checkpointing,
                 precision,
                 optimizer,
+                spec.torch_adamw.map_or(String::new(), |t| format!(" {t}")),
                 raw.attention,
                 match &sharding {
                     Some(s) if s.offload != Offload::None => {

@@ -1531,8 +1531,16 @@ pub fn estimate_sharded(
                     (_, Some(s)) if s.offload != crate::spec::Offload::None => {
                         "none on the GPU: the step runs on the host".into()
                     }
-                    (_, Some(s)) if s.deepspeed() && sharded_transient.is_some() => {
-                        "torch AdamW foreach: one fp32 buffer of DeepSpeed's partition (ZeRO-3: of one sub-group, ≤ 1e9 elements)".into()
+                    (_, Some(s))
+                        if s.deepspeed()
+                            && sharded_transient.is_some()
+                            && spec.optimizer == crate::spec::Optimizer::AdamwTorch =>
+                    {
+                        if spec.torch_adamw_for_loop() {
+                            "torch AdamW for-loop: two fp32 buffers of DeepSpeed's partition (ZeRO-3: of one sub-group, ≤ 1e9 elements)".into()
+                        } else {
+                            "torch AdamW foreach: one fp32 buffer of DeepSpeed's partition (ZeRO-3: of one sub-group, ≤ 1e9 elements)".into()
+                        }
                     }
                     _ => torch::optimizer_formula(spec).into(),
                 },

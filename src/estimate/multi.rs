@@ -90,7 +90,8 @@ pub struct Sharded {
     pub host_step: bool,
     /// The optimizer step's transient on the GPU (bytes) where the sharding sets it: 0 when
     /// the step runs on the host, torch's foreach AdamW's one buffer of the fp32 partition
-    /// under DeepSpeed; `None`: the unsharded transient scaled by the share of states.
+    /// under DeepSpeed (for-loop's two when `--torch-adamw for-loop` says so); `None`: the
+    /// unsharded transient scaled by the share of states.
     pub step_transient: Option<u64>,
     /// Host RAM one rank needs for what is offloaded (bytes): fp32 master partition, moments
     /// and fp32 gradient partition (DeepSpeedCPUAdam), plus the parameter partitions with
@@ -372,9 +373,17 @@ pub fn shard(
         },
         step_transient: match (offload, deepspeed, spec.optimizer) {
             (true, _, _) => Some(0),
-            // torch's foreach AdamW over the flat fp32 partition (or stage 3's sub-group): one
-            // buffer of it (`_foreach_sqrt`).
-            (false, true, Optimizer::AdamwTorch) if !spec.torch_cpu => Some(fp32_grads),
+            // torch's AdamW over the flat fp32 partition (or stage 3's sub-group), one tensor:
+            // foreach one buffer of it (`_foreach_sqrt`), for-loop two (`sqrt`, then its
+            // division by the bias correction, out of place: pub-11's failing line).
+            (false, true, Optimizer::AdamwTorch)
+                if spec.torch_adamw == Some(crate::spec::TorchAdamw::ForLoop) =>
+            {
+                Some(2 * fp32_grads)
+            }
+            (false, true, Optimizer::AdamwTorch) if !spec.torch_adamw_for_loop() => {
+                Some(fp32_grads)
+            }
             (false, true, Optimizer::AdamwTorchFused) => Some(0),
             _ => None,
         },

@@ -694,9 +694,10 @@ pub(crate) fn optimizer_states_of(spec: &TrainSpec, tensors: &[(u64, u64)]) -> u
 }
 
 /// The optimizer step's transient beyond weights, gradients and states (bytes): torch's
-/// AdamW on CUDA (foreach) one buffer of every trainable tensor (`_foreach_sqrt` of the second
-/// moments), on the CPU (one tensor at a time) two buffers of the largest (`sqrt` and the
-/// division by the bias correction, `torch/optim/adamw.py` `_single_tensor_adam`); fused and
+/// AdamW foreach (CUDA's default) one buffer of every trainable tensor (`_foreach_sqrt` of the
+/// second moments), for-loop (the CPU's default, torch 1.x; [`TrainSpec::torch_adamw_for_loop`])
+/// two buffers of the largest (`sqrt` and the division by the bias correction,
+/// `torch/optim/adamw.py` `_single_tensor_adam`); fused and
 /// SGD none; bitsandbytes on the CPU (its non-CUDA fallback) fp32 copies of the largest tensor,
 /// five for 8-bit states and three for 32-bit, none on CUDA; transformers' Adafactor two fp32
 /// tensors of the largest (`update = grad**2 + eps` alive while `_approx_sq_grad` builds the
@@ -709,7 +710,7 @@ pub fn optimizer(cfg: &ModelConfig, spec: &TrainSpec) -> u64 {
     let largest = tensors.iter().map(|(o, i)| o * i).max().unwrap_or(0);
     let all: u64 = tensors.iter().map(|(o, i)| o * i).sum();
     match spec.optimizer {
-        Optimizer::AdamwTorch if spec.torch_cpu => 2 * largest * sd,
+        Optimizer::AdamwTorch if spec.torch_adamw_for_loop() => 2 * largest * sd,
         Optimizer::AdamwTorch => all * sd,
         Optimizer::AdamwTorchFused | Optimizer::Sgd => 0,
         // bitsandbytes' CPU kernels step a 16-bit tensor through an fp32 copy of it
@@ -759,8 +760,8 @@ pub fn states_formula(spec: &TrainSpec) -> String {
 /// What [`optimizer`] counts for `spec`, in words.
 pub fn optimizer_formula(spec: &TrainSpec) -> &'static str {
     match spec.optimizer {
-        Optimizer::AdamwTorch if spec.torch_cpu => {
-            "torch AdamW on the CPU (one tensor at a time): 2 × largest trainable tensor"
+        Optimizer::AdamwTorch if spec.torch_adamw_for_loop() => {
+            "torch AdamW for-loop (one tensor at a time): 2 × largest trainable tensor"
         }
         Optimizer::AdamwTorch => "torch AdamW foreach: one buffer per trainable tensor",
         Optimizer::AdamwTorchFused => "fused AdamW: none",

@@ -62,6 +62,8 @@ pub fn json(x: &Answer) -> anyhow::Result<String> {
         "dtype": x.spec.dtype.as_str(),
         "precision": x.spec.precision.map(|p| p.to_string()),
         "optimizer": x.spec.optimizer.to_string(),
+        // `--torch-adamw` as given; null: torch's default for the device.
+        "torch_adamw": x.spec.torch_adamw.map(|t| t.label()),
         "loss": x.spec.loss.label(),
         "trainable_params": x.spec.trainable_params(&x.model_config),
         "micro_batch": x.spec.batch,

@@ -30,7 +30,7 @@ pub use device::DeviceChoice;
 pub use lora::{LoraConfig, Target};
 pub use loss::Loss;
 pub use method::{check_quant_dtype, Adaptation, Method, Quant};
-pub use optimizer::{AdamWConfig, Optimizer};
+pub use optimizer::{AdamWConfig, Optimizer, TorchAdamw};
 pub use precision::{dtype_name, parse_dtype, Precision};
 pub use profile::Profile;
 pub use save::SaveMode;
@@ -136,6 +136,9 @@ pub struct TrainSpec {
     /// Whether PyTorch runs on the CPU (torch profiles: its AdamW then steps one tensor at a
     /// time instead of foreach); `false` for CUDA.
     pub torch_cpu: bool,
+    /// Which implementation of torch's AdamW steps `adamw_torch` (torch profiles); `None`:
+    /// torch ≥ 2.0's choice for the device ([`TrainSpec::torch_adamw_for_loop`]).
+    pub torch_adamw: Option<TorchAdamw>,
 }
 
 impl TrainSpec {
@@ -159,6 +162,17 @@ impl TrainSpec {
             loss: Loss::Transformers,
             precision: None,
             torch_cpu: false,
+            torch_adamw: None,
+        }
+    }
+
+    /// Whether torch's AdamW steps one tensor at a time (`_single_tensor_adam`): as
+    /// `torch_adamw` says, else torch ≥ 2.0's default, for-loop on the CPU and foreach on CUDA.
+    pub fn torch_adamw_for_loop(&self) -> bool {
+        match self.torch_adamw {
+            Some(TorchAdamw::ForLoop) => true,
+            Some(TorchAdamw::Foreach) => false,
+            None => self.torch_cpu,
         }
     }
 

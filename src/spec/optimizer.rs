@@ -164,3 +164,56 @@ impl std::fmt::Display for Optimizer {
         f.write_str(self.name())
     }
 }
+
+/// Which of torch's AdamW implementations steps `adamw_torch` (torch's `AdamW` documentation,
+/// "Algorithm implementations": for-loop, foreach, fused; `adamw_torch_fused` is the fused
+/// one). They differ in the step's transient memory only (`torch/optim/adamw.py`, torch 2.15:
+/// `_single_tensor_adam` makes `exp_avg_sq.sqrt()` and its division by the bias correction out
+/// of place, two buffers of one tensor at a time; `_multi_tensor_adam`'s `_foreach_sqrt` one
+/// buffer of every tensor of the group at once). torch ≥ 2.0 picks foreach for CUDA tensors
+/// and for-loop for CPU tensors unless `foreach=` says otherwise; torch 1.x always picked
+/// for-loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum TorchAdamw {
+    /// `_single_tensor_adam` (`foreach=False`; torch 1.x's only step; CPU tensors' default).
+    ForLoop,
+    /// `_multi_tensor_adam` (`foreach=True`; CUDA tensors' default since torch 2.0).
+    Foreach,
+}
+
+impl TorchAdamw {
+    /// CLI and reference-row label: `for-loop` or `foreach`.
+    pub fn label(self) -> &'static str {
+        match self {
+            TorchAdamw::ForLoop => "for-loop",
+            TorchAdamw::Foreach => "foreach",
+        }
+    }
+}
+
+impl std::str::FromStr for TorchAdamw {
+    type Err = Error;
+
+    /// Parses `for-loop` or `foreach`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for anything else.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "for-loop" => Ok(TorchAdamw::ForLoop),
+            "foreach" => Ok(TorchAdamw::Foreach),
+            _ => Err(Error::invalid(
+                "--torch-adamw",
+                s,
+                "expected for-loop or foreach (torch's AdamW implementations; the fused one is --optimizer adamw_torch_fused)",
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for TorchAdamw {
+    /// The label [`std::str::FromStr`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}

@@ -25,7 +25,8 @@ use crate::weights::gguf::{config_from_gguf, read_content};
 ///
 /// # Errors
 /// Unknown or malformed model, missing weights, a GGUF whose tensors do not fit the model;
-/// `--loss` (the torch profiles' option: only measuring commands resolve weights).
+/// `--loss` or `--torch-adamw` (the torch profiles' options: only measuring commands resolve
+/// weights).
 pub fn resolve(args: &ModelArgs) -> anyhow::Result<(ResolvedModel, WeightsSpec)> {
     // Only the measuring commands resolve weights: --loss is the torch profiles'.
     if let Some(l) = args.loss {
@@ -33,6 +34,14 @@ pub fn resolve(args: &ModelArgs) -> anyhow::Result<(ResolvedModel, WeightsSpec)>
             "--loss",
             l,
             "vramcal's own step computes the loss with its own chunked head (src/ops/loss.rs); --loss is for estimate's torch profiles",
+        )
+        .into());
+    }
+    if let Some(t) = args.torch_adamw {
+        return Err(Error::invalid(
+            "--torch-adamw",
+            t,
+            "vramcal's own step runs its own AdamW (src/optim); --torch-adamw is for estimate's torch profiles",
         )
         .into());
     }
@@ -204,7 +213,8 @@ pub fn data_batch(
 /// `checkpointing` (which a sweep varies).
 ///
 /// # Errors
-/// As [`adaptation`]; `--merge-save` with `--save adapter`.
+/// As [`adaptation`]; `--merge-save` with `--save adapter`; `--torch-adamw` with another optimizer
+/// than `adamw_torch`.
 pub fn train_spec(
     args: &ModelArgs,
     batch: usize,
@@ -266,6 +276,20 @@ pub fn train_spec(
         .into());
     }
     spec.loss = args.loss.unwrap_or_default();
+    if let Some(t) = args.torch_adamw {
+        if spec.optimizer != crate::spec::Optimizer::AdamwTorch {
+            return Err(Error::invalid(
+                "--torch-adamw",
+                t,
+                format!(
+                    "names an implementation of torch's AdamW, --optimizer adamw_torch, not of {}",
+                    spec.optimizer
+                ),
+            )
+            .into());
+        }
+        spec.torch_adamw = Some(t);
+    }
     if let Some(p) = args.precision {
         // PyTorch's optimizers keep states in the trainable weights' dtype (fp32 master
         // weights and PEFT's fp32 adapters under +amp: fp32).
@@ -292,10 +316,10 @@ pub fn train_spec(
 }
 
 /// Refuses what only the torch profiles describe: vramcal's step has no paged (unified) memory,
-/// its own loss, and one fused attention.
+/// its own loss, its own AdamW, and one fused attention.
 ///
 /// # Errors
-/// `--loss`, a paged `--optimizer`, `fp16` and full
+/// `--loss`, `--torch-adamw`, a paged `--optimizer`, `fp16` and full
 /// fine-tuning in `fp16+amp` (fp16 AdamW states), `--attention flash-attention-2`.
 pub fn check_measurable(spec: &TrainSpec) -> anyhow::Result<()> {
     use crate::spec::Optimizer;
@@ -315,6 +339,14 @@ pub fn check_measurable(spec: &TrainSpec) -> anyhow::Result<()> {
             "--loss",
             spec.loss,
             "vramcal's own step computes the loss with its own chunked head (src/ops/loss.rs); --loss is for the torch profiles",
+        )
+        .into());
+    }
+    if let Some(t) = spec.torch_adamw {
+        return Err(Error::invalid(
+            "--torch-adamw",
+            t,
+            "vramcal's own step runs its own AdamW (src/optim); --torch-adamw is for the torch profiles",
         )
         .into());
     }
