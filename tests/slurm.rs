@@ -274,7 +274,7 @@ fn a_slurm_array_runs_the_sweep_in_parts() {
 }
 
 /// `slurm --time-from`: the time limit from a sweep's measured `point_seconds` (the same
-/// configurations: their sum; a new one: scaled), and what it refuses.
+/// configurations: their sum; a new one: scaled), and what it refuses, its files unchanged.
 #[test]
 fn slurm_time_limit_is_projected_from_measured_points() {
     let d = tempfile::tempdir().unwrap();
@@ -284,7 +284,7 @@ fn slurm_time_limit_is_projected_from_measured_points() {
         .current_dir(p)
         .arg("sweep")
         .args(grid)
-        .args(["--timed-steps", "20", "--out", "m.csv"])
+        .args(["--timed-steps", "300", "--out", "m.csv"])
         .assert()
         .success();
     let mut r = csv::Reader::from_path(p.join("m.csv")).unwrap();
@@ -307,7 +307,7 @@ fn slurm_time_limit_is_projected_from_measured_points() {
                 "--",
             ])
             .args(grid)
-            .args(["--timed-steps", "20"])
+            .args(["--timed-steps", "300"])
             .output()
             .unwrap();
         assert!(
@@ -334,74 +334,83 @@ fn slurm_time_limit_is_projected_from_measured_points() {
     let (secs, line) = projected("a", &grid);
     assert!((secs - measured).abs() <= 0.051, "{line} vs {measured}");
     assert!(line.contains("2 of 2 point(s) measured"), "{line}");
-    // One configuration more (seq 64): projected, so more than the two measured.
-    let (more, line) = projected(
-        "b",
-        &["--model", "tiny", "--batch", "1", "--seq", "8,32,64"],
+    assert!(!line.contains("scaled"), "{line}");
+    // One configuration more (seq 64): its 302 steps projected from seq 32's at twice the
+    // tokens (hundreds of milliseconds), beside the two measured.
+    let more_grid = ["--model", "tiny", "--batch", "1", "--seq", "8,32,64"];
+    let (more, line) = projected("b", &more_grid);
+    assert!(more >= secs + 0.2, "{line} vs {secs}");
+    assert!(
+        line.contains("2 of 3 point(s) measured in the same configuration, the others scaled"),
+        "{line}"
     );
-    assert!(more > secs - 0.051, "{line}");
-    assert!(line.contains("2 of 3 point(s) measured"), "{line}");
-    // Refused, nothing written: rows without point_seconds (another model here), --time
-    // with --time-from, a missing file.
-    for (args, says) in [
+    // Again into the same folder: the same sweep, its script rewritten, not refused.
+    let (again, _) = projected("b", &more_grid);
+    assert!((again - more).abs() <= 0.051);
+    // Files read, never changed: rows of smollm2-135m from before the column existed, a file
+    // whose last row is cut (a sweep still writing it).
+    let m = std::fs::read(p.join("m.csv")).unwrap();
+    std::fs::write(p.join("cut.csv"), &m[..m.len() - 20]).unwrap();
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/cpu/smollm2-135m.csv");
+    std::fs::copy(&committed, p.join("old.csv")).unwrap();
+    let tiny = ["--model", "tiny", "--batch", "1", "--seq", "8"];
+    let smol = ["--model", "smollm2-135m", "--batch", "1", "--seq", "8"];
+    for (files, sweep, says) in [
         (
-            vec![
-                "--time-from",
-                "m.csv",
-                "--",
-                "--model",
-                "smollm2-135m",
-                "--batch",
-                "1",
-                "--seq",
-                "8",
-            ],
+            &["m.csv"][..],
+            &smol,
             "has no row of smollm2-135m on cpu that records point_seconds",
         ),
         (
-            vec![
-                "--time",
-                "10",
-                "--time-from",
-                "m.csv",
-                "--",
-                "--model",
-                "tiny",
-                "--batch",
-                "1",
-                "--seq",
-                "8",
-            ],
-            "cannot be used with",
+            &["old.csv"][..],
+            &smol,
+            "has no row of smollm2-135m on cpu that records point_seconds",
         ),
-        (
-            vec![
-                "--time-from",
-                "nope.csv",
-                "--",
-                "--model",
-                "tiny",
-                "--batch",
-                "1",
-                "--seq",
-                "8",
-            ],
-            "nope.csv",
-        ),
+        (&["cut.csv"][..], &tiny, "its last row is cut short"),
+        (&["m.csv\ntouch x"][..], &tiny, "contains a line break"),
+        (&["nope.csv"][..], &tiny, "nope.csv"),
     ] {
         let out = vramcal()
             .current_dir(p)
-            .args(["slurm", "--tasks", "1", "--dir", "c"])
-            .args(&args)
+            .args(["slurm", "--tasks", "1", "--dir", "c", "--time-from"])
+            .args(files)
+            .arg("--")
+            .args(sweep)
             .output()
             .unwrap();
-        assert!(!out.status.success(), "{args:?}");
+        assert!(!out.status.success(), "{files:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             err.contains(says) && err.starts_with("error: "),
-            "{args:?}: {err}"
+            "{files:?}: {err}"
         );
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(!p.join("c/sweep.sbatch").exists());
     }
+    // --time with --time-from.
+    let out = vramcal()
+        .current_dir(p)
+        .args([
+            "slurm",
+            "--tasks",
+            "1",
+            "--dir",
+            "c",
+            "--time",
+            "10",
+            "--time-from",
+            "m.csv",
+            "--",
+        ])
+        .args(tiny)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+    assert!(!p.join("c/sweep.sbatch").exists());
+    assert_eq!(std::fs::read(p.join("m.csv")).unwrap(), m);
+    assert_eq!(
+        std::fs::read(p.join("old.csv")).unwrap(),
+        std::fs::read(&committed).unwrap()
+    );
 }

@@ -1,6 +1,7 @@
 //! `vramcal merge`: joins result CSVs (the parts of a sharded sweep, `sweep --shard I/N`, e.g.
-//! one per Slurm array task) into one file. Every part must carry the same header and end in a
-//! whole row; rows are kept in the order the parts list them; two rows of one configuration
+//! one per Slurm array task) into one file. Every part must carry the same header (a part of an
+//! earlier vramcal, whose columns are all among today's, joins with today's header, the columns
+//! added since empty) and end in a whole row; rows are kept in the order the parts list them; two rows of one configuration
 //! ([`super::sweep::config_key`], what `--resume` matches) are one row when identical (so
 //! merging again, or merging the result with its parts, changes nothing) and otherwise refused,
 //! unless `--keep newest` keeps the later `utc_time`. The output is written whole, through a
@@ -49,8 +50,18 @@ pub fn run(a: &MergeArgs) -> anyhow::Result<ExitCode> {
             )
             .into());
         }
+        // A part of an earlier vramcal (its columns all among today's) joins with today's
+        // header, its rows given the columns added since, empty (as appending to it would).
+        let today: csv::ByteRecord = crate::report::Row::header().into_iter().collect();
+        let earlier = h != today && h.iter().all(|c| today.iter().any(|t| t == c));
+        let (h, remap) = if earlier {
+            let from = h.clone();
+            (today, Some(from))
+        } else {
+            (h, None)
+        };
         match &header {
-            None => header = Some((h, part.clone())),
+            None => header = Some((h.clone(), part.clone())),
             Some((first, path)) if *first != h => {
                 return Err(Error::invalid(
                     "merge",
@@ -76,7 +87,10 @@ pub fn run(a: &MergeArgs) -> anyhow::Result<ExitCode> {
         }
         let typed = crate::report::csv_out::read_rows(part)?;
         for (i, (rec, row)) in rdr.byte_records().zip(&typed).enumerate() {
-            let rec = rec?;
+            let rec = match &remap {
+                Some(from) => to_header(&rec?, from, &h),
+                None => rec?,
+            };
             let key = super::sweep::config_key(row);
             let from = format!("{} row {}", part.display(), i + 2);
             // A simulated rank no run could make (a rank not below its world size, a world size
@@ -140,4 +154,21 @@ pub fn run(a: &MergeArgs) -> anyhow::Result<ExitCode> {
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `rec`, a record under header `from`, under header `to`: each of `to`'s columns taken from
+/// `from`'s column of that name, empty where `from` has none.
+fn to_header(
+    rec: &csv::ByteRecord,
+    from: &csv::ByteRecord,
+    to: &csv::ByteRecord,
+) -> csv::ByteRecord {
+    to.iter()
+        .map(|c| {
+            from.iter()
+                .position(|f| f == c)
+                .and_then(|i| rec.get(i))
+                .unwrap_or(b"")
+        })
+        .collect()
 }

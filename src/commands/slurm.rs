@@ -17,6 +17,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use super::sweep::device_kind;
 use crate::cli::{Cli, Command, SlurmArgs, SweepArgs};
 use crate::error::Error;
 use crate::measure::Measurement;
@@ -49,12 +50,6 @@ pub struct PointTime {
     /// Whether a measured row of the same configuration gave it; else a row of the same model
     /// scaled by FLOPs per step.
     pub same_configuration: bool,
-}
-
-/// The device kind a row or a `--device` names: `cpu`, or `cuda` for any GPU
-/// (`cuda:0 (NVIDIA H200)`, `cuda`, `cuda:1`).
-fn device_kind(device: &str) -> &str {
-    device.split([':', ' ']).next().unwrap_or(device)
 }
 
 /// A row's configuration key ([`super::sweep::config_key`]) on `device`; with `shape` false
@@ -110,11 +105,11 @@ pub fn project_point_seconds(
                 .step_seconds_median
                 .or(r.step2_seconds)
                 .filter(|t| t.is_finite() && *t > 0.0)?;
-            let fixed = (point - (2 + r.timed_steps) as f64 * step).max(0.0);
+            let fixed = (point - (2.0 + r.timed_steps as f64) * step).max(0.0);
             Some((r, step, fixed, work(r)?))
         })
         .collect();
-    let steps = (2 + timed_steps) as f64;
+    let steps = 2.0 + timed_steps as f64;
     let same: Vec<f64> = basis
         .iter()
         .filter(|(r, ..)| key_on(r, "", true) == key_on(planned, "", true))
@@ -181,15 +176,37 @@ fn task_time(
     grid: &[super::sweep::Point],
 ) -> anyhow::Result<TaskTime> {
     let mut measured = Vec::new();
+    let mut seen = Vec::new();
+    let mut names = Vec::new();
     for f in &a.time_from {
+        let name = f.display().to_string();
+        // The names go into a comment line of the script: a line break would end it there.
+        if name.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "--time-from",
+                name.escape_debug(),
+                "contains a line break or another control character",
+            )
+            .into());
+        }
+        let real = std::fs::canonicalize(f).map_err(|e| Error::io(f, e))?;
+        if seen.contains(&real) {
+            continue;
+        }
+        seen.push(real);
+        let bytes = crate::input::read_capped(f)?;
+        if !bytes.is_empty() && !crate::report::csv_out::last_record(&bytes).1 {
+            return Err(Error::invalid(
+                "--time-from",
+                &name,
+                "its last row is cut short (a sweep still writing it, or killed): let the sweep finish or resume it (--resume repairs it)",
+            )
+            .into());
+        }
         measured.extend(crate::report::csv_out::read_rows(f)?);
+        names.push(name);
     }
-    let files = a
-        .time_from
-        .iter()
-        .map(|f| f.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let files = names.join(", ");
     let mut projected = Vec::with_capacity(grid.len());
     for p in grid {
         let mut ctx = p.ctx.clone();
@@ -222,10 +239,27 @@ fn task_time(
         })
         .fold(0.0, f64::max);
     let same = projected.iter().filter(|t| t.same_configuration).count();
-    let limit = slurm_duration(2.0 * longest + 300.0);
+    let limit_seconds = 2.0 * longest + 300.0;
+    // `sbatch --time` reads at most 999999 days in vramcal's check of it (`slurm_time`).
+    if !(limit_seconds.is_finite() && limit_seconds <= 999_999.0 * 86_400.0) {
+        return Err(Error::invalid(
+            "--time-from",
+            &files,
+            format!(
+                "projects {longest:e} s for the longest task, beyond what Slurm's --time takes: check the rows' point_seconds and step times, or give --time"
+            ),
+        )
+        .into());
+    }
+    let limit = slurm_duration(limit_seconds);
+    let scaled = if same == grid.len() {
+        String::new()
+    } else {
+        ", the others scaled by FLOPs per step".to_string()
+    };
     Ok(TaskTime {
         basis: Some(format!(
-            "{limit}: the longest task's projected {longest:.1} s, twice over plus 5 min ({same} of {} point(s) measured in the same configuration, the others scaled by FLOPs per step; from {files})",
+            "{limit}: the longest task's projected {longest:.1} s, twice over plus 5 min ({same} of {} point(s) measured in the same configuration{scaled}; from {files})",
             grid.len()
         )),
         limit,
@@ -324,6 +358,14 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
     };
     let (grid, _) = super::sweep::plan(&sweep)?;
     let (model, _) = super::setup::resolve(&sweep.model)?;
+    if a.tasks > grid.len() {
+        return Err(Error::invalid(
+            "--tasks",
+            a.tasks,
+            format!("more tasks than the grid's {} point(s)", grid.len()),
+        )
+        .into());
+    }
     let parts: Vec<usize> = (1..=a.tasks)
         .map(|i| {
             super::sweep::GridShard {
@@ -338,7 +380,7 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
         return Err(Error::invalid(
             "--tasks",
             a.tasks,
-            format!("more tasks than the grid's {} points", grid.len()),
+            format!("more tasks than the grid's {} point(s)", grid.len()),
         )
         .into());
     }
@@ -433,7 +475,14 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
             let n = e.file_name().to_string_lossy().into_owned();
             n.starts_with("part-") && n.ends_with(".csv")
         });
-    if old.as_deref().is_some_and(|o| o != s) || (old.is_none() && stale) {
+    // The same sweep with another time limit is not another sweep: its script is rewritten.
+    let untimed = |t: &str| -> String {
+        t.lines()
+            .filter(|l| !l.starts_with("# --time: ") && !l.starts_with("#SBATCH --time="))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    if old.as_deref().is_some_and(|o| untimed(o) != untimed(&s)) || (old.is_none() && stale) {
         return Err(Error::invalid(
             "--dir",
             dir.display(),

@@ -361,9 +361,9 @@ fn skip_done(grid: &mut Vec<Point>, out: &std::path::Path) -> anyhow::Result<()>
             )
         })?;
     }
-    let done: HashSet<String> = rows.iter().map(config_key).collect();
+    let done: HashSet<String> = rows.iter().map(resume_key).collect();
     grid.retain(|p| {
-        !done.contains(&config_key(&Row::new(
+        !done.contains(&resume_key(&Row::new(
             &p.ctx,
             &p.spec,
             &Measurement::default(),
@@ -555,6 +555,21 @@ fn setup_args(m: &ModelArgs, device: &str) -> Vec<OsString> {
     v
 }
 
+/// What `--resume` matches: [`config_key`] with the device's kind for the device. A row names
+/// the GPU its probe found (`cuda:0 (NVIDIA H200)`), a planned point the device asked for
+/// (`cuda`, `cuda:1`): a resumed sweep may be handed any GPU (Slurm, `--devices`).
+pub(crate) fn resume_key(r: &Row) -> String {
+    let mut r = r.clone();
+    r.device = device_kind(&r.device).to_string();
+    config_key(&r)
+}
+
+/// The device kind a row or a `--device` names: `cpu`, or `cuda` for any GPU
+/// (`cuda:0 (NVIDIA H200)`, `cuda`, `cuda:1`).
+pub(crate) fn device_kind(device: &str) -> &str {
+    device.split([':', ' ']).next().unwrap_or(device)
+}
+
 /// The configuration columns of a row: two rows with the same key measured the same point.
 pub fn config_key(r: &Row) -> String {
     let opt = |v: Option<String>| v.unwrap_or_default();
@@ -594,4 +609,29 @@ pub fn config_key(r: &Row) -> String {
         opt(r.rank.map(|x| x.to_string())),
     ]
     .join("|")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{config_key, resume_key};
+    use crate::report::Row;
+
+    /// A row of a GPU (named by its probe) is the planned point of `--device cuda` or
+    /// `cuda:1` for `--resume`, not of the CPU; for `merge` (`config_key`) two GPUs differ.
+    #[test]
+    fn resume_matches_rows_by_the_kind_of_device() {
+        let row = |device: &str| Row {
+            device: device.into(),
+            model: "m".into(),
+            batch: 1,
+            seq: 8,
+            ..Row::default()
+        };
+        let h200 = row("cuda:0 (NVIDIA H200)");
+        for planned in ["cuda", "cuda:0", "cuda:1"] {
+            assert_eq!(resume_key(&h200), resume_key(&row(planned)), "{planned}");
+        }
+        assert_ne!(resume_key(&h200), resume_key(&row("cpu")));
+        assert_ne!(config_key(&h200), config_key(&row("cuda:1 (NVIDIA A100)")));
+    }
 }

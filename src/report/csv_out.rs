@@ -78,6 +78,9 @@ fn writable(path: &Path, upgrade_it: bool) -> Result<()> {
             }
             if upgrade_it {
                 upgrade(path)?;
+            } else {
+                // Refused now, not after a point was measured for it.
+                check_rows(path, &bytes)?;
             }
         } else {
             check_rows(path, &bytes)?;
