@@ -207,8 +207,11 @@ pub struct EstimateArgs {
     #[arg(long)]
     pub shard: Option<Shard>,
     /// Data-parallel GPUs for --shard.
-    #[arg(long, visible_alias = "world-size", default_value_t = 1)]
+    #[arg(long, default_value_t = 1)]
     pub gpus: usize,
+    /// The same as --gpus (torchrun's word, and `measure --shard`'s).
+    #[arg(long, conflicts_with = "gpus")]
+    pub world_size: Option<usize>,
     /// With --shard: the rank estimated, from 0 [default: 0, whose partition is the largest].
     #[arg(long, requires = "shard")]
     pub rank: Option<usize>,

@@ -295,6 +295,53 @@ fn torch_profiles_hold_both_adamw_implementations() {
         text.contains("adamw_torch foreach") && text.contains("adamw_torch for-loop"),
         "{text}"
     );
+    // `estimate --measured` shows the rows of the implementation estimated (the default rows
+    // of results/torch-cpu are for-loop ones: the CPU's default).
+    for (imp, rows) in [
+        (
+            "foreach",
+            vec!["torch-smollm2-135m-full-fp32-adamw_torch-sdpa-ckpt-off-b1-s128-foreach"],
+        ),
+        (
+            "for-loop",
+            vec![
+                "torch-smollm2-135m-full-fp32-adamw_torch-sdpa-ckpt-off-b1-s128",
+                "torch-smollm2-135m-full-fp32-adamw_torch-sdpa-ckpt-off-b1-s128-for-loop",
+            ],
+        ),
+    ] {
+        let out = succeeds(&[
+            "estimate",
+            "--model",
+            "smollm2-135m",
+            "--calibration",
+            "results/calibration/cpu-torch-sdpa.csv",
+            "--precision",
+            "fp32",
+            "--batch",
+            "1",
+            "--seq",
+            "128",
+            "--torch-adamw",
+            imp,
+            "--measured",
+            "results/torch-cpu/smollm2-135m.csv",
+            "results/torch-cpu-optimizers/smollm2-135m-torch-adamw.csv",
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["torch_adamw"], imp);
+        let ids: Vec<&str> = v["measured"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, rows, "{imp}");
+        for r in v["measured"].as_array().unwrap() {
+            assert!(r["relative_error"].as_f64().unwrap().abs() < 1e-3, "{r}");
+        }
+    }
 }
 
 /// pub-11 (DeepSpeed ZeRO-2 fp16 over 8 V100-32GB, out of memory in AdamW's step) with the

@@ -1350,6 +1350,24 @@ fn numbers_out_of_range_are_refused_with_one_line_and_keep_the_csv() {
 /// Words outside an option's vocabulary, and malformed option lists.
 #[rustfmt::skip]
 const BAD_WORDS: &[Case] = &[
+    // `estimate`'s --world-size is --gpus under torchrun's word: one of them, named as given.
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--world-size",
+            "8", "--gpus", "4"],
+        error: "'--world-size <WORLD_SIZE>' cannot be used with '--gpus <GPUS>'",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--world-size", "4"],
+        error: "--world-size = 4: needs --shard",
+        untouched: None,
+    },
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "ddp", "--world-size",
+            "0"],
+        error: "--world-size = 0: must be at least 1",
+        untouched: None,
+    },
     // torch's AdamW implementations: two words, for adamw_torch, for the torch profiles.
     Case {
         args: &["estimate", "--model", "tiny", "--seq", "8", "--profile", "torch-sdpa",

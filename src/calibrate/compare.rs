@@ -245,8 +245,8 @@ pub struct Measured {
 /// no allocation (data seed, learning rate and weight decay, `--allow-longer`, the save mode,
 /// LoRA's alpha, the host RAM's GPUs per node) are ignored, and so is the device (`torch_cpu`:
 /// a row measured on the CPU is the same configuration as one for a GPU, with its device said
-/// beside it; torch's AdamW implementation counts where it is not the device's default); a
-/// named one-dtype recipe (`fp32`, `bf16`, `fp16`) is the same as the dtypes it
+/// beside it; where either names torch's AdamW implementation, the ones that run on each's
+/// device must agree); a named one-dtype recipe (`fp32`, `bf16`, `fp16`) is the same as the dtypes it
 /// names, and an optimizer that keeps states of its own types (8-bit and paged AdamW,
 /// Adafactor, SGD without momentum) has no state dtype.
 pub fn same_configuration(a: &TrainSpec, b: &TrainSpec) -> bool {
@@ -257,11 +257,8 @@ pub fn same_configuration(a: &TrainSpec, b: &TrainSpec) -> bool {
         s.adamw = Default::default();
         s.allow_longer = false;
         s.save = crate::spec::SaveMode::None;
-        // torch's AdamW implementation named only where it is not the device's default.
-        let default_for_loop = s.torch_cpu;
-        if s.torch_adamw.is_some() && s.torch_adamw_for_loop() == default_for_loop {
-            s.torch_adamw = None;
-        }
+        // torch's AdamW implementation: compared below.
+        s.torch_adamw = None;
         s.torch_cpu = false;
         if let Some(l) = s.adaptation.lora.as_mut() {
             l.alpha = 1.0;
@@ -284,6 +281,15 @@ pub fn same_configuration(a: &TrainSpec, b: &TrainSpec) -> bool {
         }
         s
     };
+    // Where either names torch's AdamW implementation, the implementations that run (each on
+    // its device) must be one; else, as with the device, the default of each.
+    let explicit = a.torch_adamw.is_some() || b.torch_adamw.is_some();
+    if explicit
+        && a.optimizer == Optimizer::AdamwTorch
+        && a.torch_adamw_for_loop() != b.torch_adamw_for_loop()
+    {
+        return false;
+    }
     plain(a) == plain(b)
 }
 
@@ -319,6 +325,8 @@ pub fn measured_rows(
     cpu: bool,
 ) -> Result<MeasuredRows> {
     let mut want = spec.clone();
+    // torch's AdamW implementation that runs depends on the device the table is of.
+    want.torch_cpu = want.torch_cpu || (cpu && profile != Profile::Candle);
     if profile == Profile::TorchEager {
         want.attention = crate::spec::Attention::Eager;
     }

@@ -183,6 +183,9 @@ pub fn query(a: &EstimateArgs) -> anyhow::Result<Query> {
         super::setup::check_measurable(&spec)?;
     }
     let coefficients = coefficients(a.calibration.as_deref(), a.profile)?;
+    // A CPU table's torch profile predicts PyTorch on the CPU (its AdamW steps one tensor at a
+    // time by default), as the estimator does with it.
+    spec.torch_cpu = coefficients.cpu && a.profile != Profile::Candle;
     refuse_measurement_options(a)?;
     let sharding = {
         let s = sharding(a)?;
@@ -384,8 +387,12 @@ fn budget(a: &EstimateArgs) -> anyhow::Result<Option<(String, u64)>> {
 /// `--shard` over `--gpus`, with `--offload`, `--reduce-bucket-size` and `--gpus-per-node`
 /// (each of which needs `--shard`).
 fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<Sharding>> {
+    let (gpus_flag, gpus) = match a.world_size {
+        Some(n) => ("--world-size", n),
+        None => ("--gpus", a.gpus),
+    };
     let given: [(&str, Option<String>); 4] = [
-        ("--gpus", (a.gpus != 1).then(|| a.gpus.to_string())),
+        (gpus_flag, (gpus != 1).then(|| gpus.to_string())),
         ("--offload", a.offload.map(|o| o.to_string())),
         (
             "--reduce-bucket-size",
@@ -424,8 +431,18 @@ fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<Sharding>> {
             }
         }
     }
-    let mut s = Sharding::new(sh, a.gpus);
+    let mut s = Sharding::new(sh, gpus);
     s.offload = a.offload.unwrap_or_default();
+    if let (Some(t), Some(o)) = (a.model.torch_adamw, a.offload) {
+        if o != crate::spec::Offload::None {
+            return Err(Error::invalid(
+                "--torch-adamw",
+                t,
+                format!("with --offload {o} the step runs on the host (DeepSpeed's CPU Adam, FSDP's CPU step), not torch's AdamW on the GPU: leave it out"),
+            )
+            .into());
+        }
+    }
     if let Some(b) = a.reduce_bucket_size {
         if !s.deepspeed() {
             return Err(Error::invalid(
@@ -456,9 +473,12 @@ fn sharding(a: &EstimateArgs) -> anyhow::Result<Option<Sharding>> {
         }
         s.gpus_per_node = n;
     }
+    if s.gpus == 0 {
+        return Err(Error::invalid(gpus_flag, 0, "must be at least 1").into());
+    }
     if s.gpus > MAX_GPUS {
         return Err(Error::invalid(
-            "--gpus",
+            gpus_flag,
             s.gpus,
             format!("at most {MAX_GPUS} data-parallel GPUs"),
         )

@@ -39,8 +39,29 @@ pub fn alternatives(
         ] {
             let mut s = spec.clone();
             s.optimizer = o;
-            v.push((what.to_string(), s));
+            // bitsandbytes' optimizers have no torch implementation to name.
+            s.torch_adamw = None;
+            let what = if spec.torch_adamw.is_some() {
+                format!("{what}, without --torch-adamw")
+            } else {
+                what.to_string()
+            };
+            v.push((what, s));
         }
+    }
+    if profile != Profile::Candle
+        && spec.optimizer == Optimizer::AdamwTorch
+        && spec.torch_adamw_for_loop()
+    {
+        // The foreach step's one buffer of every tensor can be more or less than the
+        // for-loop step's two of the largest: offered, and kept only if it fits.
+        let mut s = spec.clone();
+        s.torch_adamw = Some(crate::spec::TorchAdamw::Foreach);
+        v.push((
+            "torch's foreach AdamW (--torch-adamw foreach; torch ≥ 2.0's default on CUDA)"
+                .to_string(),
+            s,
+        ));
     }
     if profile != Profile::Candle && spec.loss == Loss::Transformers {
         let mut s = spec.clone();
@@ -282,7 +303,9 @@ pub fn fixes(
             ));
         }
         for (n, sh) in tries.into_iter().filter(|(_, sh)| runs(spec, Some(sh))) {
-            if let Ok(x) = estimate_sharded(cfg, spec, profile, c, Some(sh)) {
+            // Offloaded, the step is the host's: `--torch-adamw` does not go with it.
+            let (n, s) = without_torch_adamw(n, spec, &sh);
+            if let Ok(x) = estimate_sharded(cfg, &s, profile, c, Some(sh)) {
                 alts.push((n, x));
             }
         }
@@ -309,17 +332,31 @@ pub fn fixes(
                 offload: crate::spec::Offload::Optimizer,
                 ..Sharding::new(Shard::Zero2, 1)
             };
-            if let Ok(x) = estimate_sharded(cfg, spec, profile, c, Some(one)) {
+            let (_, s) = without_torch_adamw(String::new(), spec, &one);
+            if let Ok(x) = estimate_sharded(cfg, &s, profile, c, Some(one)) {
                 let host = x.host_bytes_per_rank.unwrap_or(0);
-                alts.push((
+                let (n, _) = without_torch_adamw(
                     format!(
                         "ZeRO-Offload on this GPU, {} GiB of host RAM (--shard zero2 --gpus 1 --offload optimizer)",
                         crate::size::gib(host)
                     ),
-                    x,
-                ));
+                    spec,
+                    &one,
+                );
+                alts.push((n, x));
             }
         }
     }
     alts
+}
+
+/// `spec` without `--torch-adamw` where `sh` offloads the optimizer (its step runs on the
+/// host, where `estimate` refuses the option), the fix's label `n` saying so.
+fn without_torch_adamw(n: String, spec: &TrainSpec, sh: &Sharding) -> (String, TrainSpec) {
+    if sh.offload == crate::spec::Offload::None || spec.torch_adamw.is_none() {
+        return (n, spec.clone());
+    }
+    let mut s = spec.clone();
+    s.torch_adamw = None;
+    (format!("{n}, without --torch-adamw"), s)
 }

@@ -1536,10 +1536,15 @@ pub fn estimate_sharded(
                             && sharded_transient.is_some()
                             && spec.optimizer == crate::spec::Optimizer::AdamwTorch =>
                     {
-                        if spec.torch_adamw_for_loop() {
-                            "torch AdamW for-loop: two fp32 buffers of DeepSpeed's partition (ZeRO-3: of one sub-group, ≤ 1e9 elements)".into()
+                        let of = if s.shard == Shard::Zero3 {
+                            "of one sub-group of DeepSpeed's partition (≤ 1e9 elements)"
                         } else {
-                            "torch AdamW foreach: one fp32 buffer of DeepSpeed's partition (ZeRO-3: of one sub-group, ≤ 1e9 elements)".into()
+                            "of DeepSpeed's partition"
+                        };
+                        if spec.torch_adamw_for_loop() {
+                            format!("torch AdamW for-loop: two fp32 buffers {of}")
+                        } else {
+                            format!("torch AdamW foreach: one fp32 buffer {of}")
                         }
                     }
                     _ => torch::optimizer_formula(spec).into(),

@@ -90,8 +90,8 @@ pub struct Sharded {
     pub host_step: bool,
     /// The optimizer step's transient on the GPU (bytes) where the sharding sets it: 0 when
     /// the step runs on the host, torch's foreach AdamW's one buffer of the fp32 partition
-    /// under DeepSpeed (for-loop's two when `--torch-adamw for-loop` says so); `None`: the
-    /// unsharded transient scaled by the share of states.
+    /// under DeepSpeed (for-loop's two: `--torch-adamw for-loop`, or the CPU's default);
+    /// `None`: the unsharded transient scaled by the share of states.
     pub step_transient: Option<u64>,
     /// Host RAM one rank needs for what is offloaded (bytes): fp32 master partition, moments
     /// and fp32 gradient partition (DeepSpeedCPUAdam), plus the parameter partitions with
@@ -376,14 +376,10 @@ pub fn shard(
             // torch's AdamW over the flat fp32 partition (or stage 3's sub-group), one tensor:
             // foreach one buffer of it (`_foreach_sqrt`), for-loop two (`sqrt`, then its
             // division by the bias correction, out of place: pub-11's failing line).
-            (false, true, Optimizer::AdamwTorch)
-                if spec.torch_adamw == Some(crate::spec::TorchAdamw::ForLoop) =>
-            {
+            (false, true, Optimizer::AdamwTorch) if spec.torch_adamw_for_loop() => {
                 Some(2 * fp32_grads)
             }
-            (false, true, Optimizer::AdamwTorch) if !spec.torch_adamw_for_loop() => {
-                Some(fp32_grads)
-            }
+            (false, true, Optimizer::AdamwTorch) => Some(fp32_grads),
             (false, true, Optimizer::AdamwTorchFused) => Some(0),
             _ => None,
         },

@@ -697,7 +697,7 @@ pub(crate) fn optimizer_states_of(spec: &TrainSpec, tensors: &[(u64, u64)]) -> u
 /// AdamW foreach (CUDA's default) one buffer of every trainable tensor (`_foreach_sqrt` of the
 /// second moments), for-loop (the CPU's default, torch 1.x; [`TrainSpec::torch_adamw_for_loop`])
 /// two buffers of the largest (`sqrt` and the division by the bias correction,
-/// `torch/optim/adamw.py` `_single_tensor_adam`); fused and
+/// `torch/optim/adam.py` `_single_tensor_adam`, torch 2.15); fused and
 /// SGD none; bitsandbytes on the CPU (its non-CUDA fallback) fp32 copies of the largest tensor,
 /// five for 8-bit states and three for 32-bit, none on CUDA; transformers' Adafactor two fp32
 /// tensors of the largest (`update = grad**2 + eps` alive while `_approx_sq_grad` builds the

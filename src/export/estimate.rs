@@ -62,8 +62,12 @@ pub fn json(x: &Answer) -> anyhow::Result<String> {
         "dtype": x.spec.dtype.as_str(),
         "precision": x.spec.precision.map(|p| p.to_string()),
         "optimizer": x.spec.optimizer.to_string(),
-        // `--torch-adamw` as given; null: torch's default for the device.
-        "torch_adamw": x.spec.torch_adamw.map(|t| t.label()),
+        // The implementation of torch's AdamW counted (`--torch-adamw`, else torch's default
+        // for the device); null where torch's AdamW does not step (another optimizer, the
+        // candle profile).
+        "torch_adamw": (x.profile != Profile::Candle
+            && x.spec.optimizer == crate::spec::Optimizer::AdamwTorch)
+            .then(|| if x.spec.torch_adamw_for_loop() { "for-loop" } else { "foreach" }),
         "loss": x.spec.loss.label(),
         "trainable_params": x.spec.trainable_params(&x.model_config),
         "micro_batch": x.spec.batch,

@@ -304,12 +304,22 @@ impl LoraConfig {
 impl fmt::Display for LoraConfig {
     /// `r=…,alpha=…,dropout=…,targets=…[,modules_to_save=…]`, which [`FromStr`] reads back.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // f64's Display writes every digit (1e-300 as 300 of them); the exponent form reads
+        // back the same.
+        let short = |x: f64| {
+            let s = x.to_string();
+            if s.len() > 24 {
+                format!("{x:e}")
+            } else {
+                s
+            }
+        };
         write!(
             f,
             "r={},alpha={},dropout={},targets={}",
             self.r,
-            self.alpha,
-            self.dropout,
+            short(self.alpha),
+            short(self.dropout),
             self.label_names().join(",")
         )?;
         if self.saves_modules() {

@@ -167,13 +167,13 @@ impl std::fmt::Display for Optimizer {
 
 /// Which of torch's AdamW implementations steps `adamw_torch` (torch's `AdamW` documentation,
 /// "Algorithm implementations": for-loop, foreach, fused; `adamw_torch_fused` is the fused
-/// one). They differ in the step's transient memory only (`torch/optim/adamw.py`, torch 2.15:
-/// `_single_tensor_adam` makes `exp_avg_sq.sqrt()` and its division by the bias correction out
-/// of place, two buffers of one tensor at a time; `_multi_tensor_adam`'s `_foreach_sqrt` one
-/// buffer of every tensor of the group at once). torch ≥ 2.0 picks foreach for CUDA tensors
-/// and for-loop for CPU tensors unless `foreach=` says otherwise; torch 1.x always picked
-/// for-loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// one). They differ in the step's transient memory only (`torch/optim/adam.py`, torch 2.15,
+/// whose `Adam` torch's `AdamW` subclasses: `_single_tensor_adam` makes `exp_avg_sq.sqrt()`
+/// and its division by the bias correction out of place, two buffers of one tensor at a time;
+/// `_multi_tensor_adam`'s `_foreach_sqrt` one buffer of every tensor of the group at once).
+/// torch ≥ 2.0 picks foreach for CUDA tensors and for-loop for CPU tensors unless `foreach=`
+/// says otherwise; torch 1.x always picked for-loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TorchAdamw {
     /// `_single_tensor_adam` (`foreach=False`; torch 1.x's only step; CPU tensors' default).
     ForLoop,
