@@ -19,7 +19,7 @@ fn main() -> ExitCode {
             e.exit()
         }
         Err(e) => {
-            eprintln!("error: {}", vramcal::cli::error_line(&e));
+            eprintln!("error: {}", one_line(&vramcal::cli::error_line(&e)));
             // A setup parser's refusal exits as the commands' own refusals do.
             if vramcal::cli::setup_error(&e).is_some() {
                 return ExitCode::FAILURE;
@@ -30,10 +30,24 @@ fn main() -> ExitCode {
     match vramcal::commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `text` on one line, whatever a refused value held (a line break in `--time`, say): control
+/// characters escaped (`\n`).
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `hypotf` for this binary, so that it does not import glibc 2.35's `hypotf@GLIBC_2.35` (the

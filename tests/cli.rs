@@ -1708,7 +1708,7 @@ const CONTRADICTIONS: &[Case] = &[
     Case {
         args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--gpus", "8",
             "--offload", "optimizer", "--gpus-per-node", "9"],
-        error: "must be between 1 and --gpus (8)",
+        error: "must be between 1 and the data-parallel GPUs (--gpus or --world-size, 8)",
         untouched: None,
     },
     Case {

@@ -115,10 +115,50 @@ fn merge_refuses_what_it_cannot_join() {
         );
         assert!(!p.join("m.csv").exists(), "{args:?} wrote a file");
     };
-    refuses(&["a.csv", "other.csv"], "header differs");
+    refuses(
+        &["a.csv", "other.csv"],
+        "columns this vramcal does not write (note)",
+    );
     refuses(&["foreign.csv", "a.csv"], "not a vramcal results header");
     refuses(&["a.csv", "cut.csv"], "last row is cut short");
     refuses(&["a.csv", "b.csv"], "measures the configuration");
+    // A part of an earlier vramcal (no point_seconds column) joins under today's header, its
+    // rows otherwise as they were.
+    let mut r = csv::Reader::from_path(p.join("b.csv")).unwrap();
+    let h = r.headers().unwrap().clone();
+    let k = h.iter().position(|c| c == "point_seconds").unwrap();
+    let mut w = csv::Writer::from_path(p.join("old.csv")).unwrap();
+    let drop = |rec: &csv::StringRecord| -> Vec<String> {
+        rec.iter()
+            .enumerate()
+            .filter(|(i, _)| *i != k)
+            .map(|(_, v)| v.to_string())
+            .collect()
+    };
+    w.write_record(drop(&h)).unwrap();
+    for rec in r.records() {
+        w.write_record(drop(&rec.unwrap())).unwrap();
+    }
+    drop_writer(w);
+    sweep(p, &["--shard", "2/2"], "c.csv");
+    vramcal()
+        .current_dir(p)
+        .args(["merge", "old.csv", "c.csv", "--out", "joined.csv"])
+        .assert()
+        .success();
+    let mut j = csv::Reader::from_path(p.join("joined.csv")).unwrap();
+    assert_eq!(j.headers().unwrap(), &h);
+    let rows: Vec<csv::StringRecord> = j.records().map(Result::unwrap).collect();
+    let old_rows = csv::Reader::from_path(p.join("b.csv"))
+        .unwrap()
+        .records()
+        .count();
+    assert!(rows[..old_rows].iter().all(|r| r[k].is_empty()));
+    assert!(rows[old_rows..].iter().all(|r| !r[k].is_empty()));
+    assert_eq!(
+        configs(&p.join("joined.csv")).len(),
+        configs(&p.join("a.csv")).len() + configs(&p.join("c.csv")).len()
+    );
     vramcal()
         .current_dir(p)
         .args([
@@ -413,4 +453,77 @@ fn slurm_time_limit_is_projected_from_measured_points() {
         std::fs::read(p.join("old.csv")).unwrap(),
         std::fs::read(&committed).unwrap()
     );
+}
+
+/// Drops a CSV writer, flushing it.
+fn drop_writer(mut w: csv::Writer<std::fs::File>) {
+    w.flush().unwrap();
+}
+
+/// What `vramcal slurm` cannot write into a script is refused before anything is made: a
+/// double quote in `--dir` (no folder left behind), a line break in the current folder, more
+/// tasks than points (at once, for any count), a line break in `--partition` (one line of
+/// error); a `%` in `--dir` is written `%%` in `--output` (sbatch's patterns); an argument that
+/// is not UTF-8 is no panic.
+#[test]
+fn slurm_refuses_what_a_script_cannot_hold() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let tiny = ["--", "--model", "tiny", "--batch", "1", "--seq", "8"];
+    let refused = |dir: &Path, args: &[&str], says: &str| {
+        let out = vramcal()
+            .current_dir(dir)
+            .arg("slurm")
+            .args(args)
+            .args(tiny)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.starts_with("error: ") && err.contains(says),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    };
+    refused(p, &["--tasks", "1", "--dir", "dq\"x"], "double quote");
+    assert!(!p.join("dq\"x").exists());
+    for n in ["18446744073709551615", "4294967296", "2"] {
+        refused(
+            p,
+            &["--tasks", n, "--dir", "t"],
+            "more tasks than the grid's 1 point(s)",
+        );
+    }
+    refused(
+        p,
+        &["--tasks", "1", "--dir", "t", "--partition", "p\nq"],
+        "partition = p\\nq",
+    );
+    let nl = p.join("cw\nnl");
+    std::fs::create_dir(&nl).unwrap();
+    refused(&nl, &["--tasks", "1", "--dir", "t"], "the current folder");
+    assert!(!p.join("t").exists() && !nl.join("t").exists());
+    vramcal()
+        .current_dir(p)
+        .args(["slurm", "--tasks", "1", "--dir", "pc%Ax"])
+        .args(tiny)
+        .assert()
+        .success();
+    let script = std::fs::read_to_string(p.join("pc%Ax/sweep.sbatch")).unwrap();
+    assert!(script.contains("pc%%Ax/slurm-%A_%a.out"), "{script}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let bad = std::ffi::OsStr::from_bytes(b"o\xff.csv");
+        let out = vramcal()
+            .current_dir(p)
+            .args([
+                "sweep", "--model", "tiny", "--batch", "1", "--seq", "8", "--out",
+            ])
+            .arg(bad)
+            .output()
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    }
 }

@@ -71,7 +71,8 @@ def main():
         torch.manual_seed(0)
         model = LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # torch's foreach AdamW asked for on the CPU (CUDA's default): the row says so.
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
         with vramcal.LoopRecorder(model, opt, optim="adamw_torch", batch=2, out=rows,
                                   count_cpu_memory=True) as rec:
             for _ in range(3):
@@ -105,6 +106,7 @@ def main():
         with open(other) as f:
             assert f.read() == "id,peak_bytes\nx,1\n"
         assert got[1]["modules_to_save"] == "lm_head" and got[1]["lora_targets"] == "q_proj;v_proj"
+        assert [r["torch_adamw"] for r in got[:3]] == ["", "", "foreach"], got
         assert all(int(r["peak_bytes"]) > 0 and r["seq"] == "16" for r in got), got
         out = subprocess.run([BIN, "check", "--measured", rows, "--profile", "torch-sdpa"],
                              capture_output=True, text=True, cwd=tmp)

@@ -12,9 +12,11 @@ starts; without it, or on another device, the recorder says so once and records 
 
 A configuration outside the reference-row vocabulary (an optimizer, a quantization, a target
 module, a LoRA option such as DoRA or rank patterns, a sharding vramcal does not know, an
-optimizer passed by hand that is not ``args.optim``'s, a model spread over devices, a batch that
-is not ``per_device_train_batch_size``, TRL's fused LM head, which recent SFTTrainers install)
-is said once and not recorded: a row is never guessed.
+optimizer passed by hand that is not ``args.optim``'s or a fused AdamW under ``adamw_torch``, a
+model spread over devices, a batch that is not ``per_device_train_batch_size``, TRL's fused LM
+head, which recent SFTTrainers install) is said once and not recorded: a row is never guessed.
+An ``adamw_torch`` optimizer built with ``foreach=True`` or ``False`` gives the row's
+``torch_adamw`` (``foreach``, ``for-loop``; empty: torch's default for the device).
 Only the training step's forwards are counted (not evaluation's), and only the main process
 writes. At the end of step 1 vramcal's prediction for the same configuration is printed beside
 the measured peak.
@@ -36,8 +38,11 @@ FIELDS = [
     "offload", "gpu", "gpu_memory_bytes", "counter", "peak_bytes", "peak_reserved_bytes",
     "status", "step1_forward_peak_bytes", "step1_backward_peak_bytes",
     "step1_optimizer_step_peak_bytes", "step2_forward_peak_bytes", "step2_backward_peak_bytes",
-    "step2_optimizer_step_peak_bytes", "steady_peak_bytes", "steps", "notes",
+    "step2_optimizer_step_peak_bytes", "steady_peak_bytes", "steps", "notes", "torch_adamw",
 ]
+# Recorder files written before the `torch_adamw` column (2026-12-02) take rows that leave it
+# empty.
+FIELDS_BEFORE_TORCH_ADAMW = FIELDS[:-1]
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
            "lm_head", "embed_tokens"]
@@ -174,11 +179,14 @@ def configuration(args, model):
 
 def check_optimizer(name, optimizer):
     """Refuses an optimizer that is not the one ``args.optim`` names (one passed to the Trainer
-    by hand), or SGD with momentum (the reference rows have no column for it)."""
+    by hand), a fused AdamW under ``adamw_torch`` (``adamw_torch_fused`` names it), or SGD with
+    momentum (the reference rows have no column for it). Returns the implementation of
+    ``adamw_torch`` its ``foreach=`` names (``"foreach"``, ``"for-loop"``; the rows'
+    ``torch_adamw``), or None for torch's default for the device."""
     import torch
 
     if optimizer is None:
-        return
+        return None
     opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     expected = {"adamw_torch": torch.optim.AdamW, "adamw_torch_fused": torch.optim.AdamW,
                 "sgd": torch.optim.SGD}.get(name)
@@ -186,6 +194,16 @@ def check_optimizer(name, optimizer):
         raise Unsupported(f"an optimizer ({type(opt).__name__}) other than optim={name!r}")
     if name == "sgd" and any(g.get("momentum", 0) for g in opt.param_groups):
         raise Unsupported("SGD with momentum")
+    if name == "adamw_torch":
+        if any(g.get("fused") for g in opt.param_groups):
+            raise Unsupported("a fused AdamW under optim='adamw_torch' (adamw_torch_fused names it)")
+        foreach = {g.get("foreach") for g in opt.param_groups}
+        if len(foreach) > 1:
+            raise Unsupported("AdamW parameter groups of different foreach= settings")
+        f = foreach.pop() if foreach else None
+        if f is not None:
+            return "foreach" if f else "for-loop"
+    return None
 
 
 def live_tensor_bytes():
@@ -269,7 +287,10 @@ class MemoryRecorder(TrainerCallback):
             return
         try:
             self.row, self.opts = configuration(args, model)
-            check_optimizer(self.row["optimizer"], optimizer)
+            implementation = check_optimizer(self.row["optimizer"], optimizer)
+            if implementation is not None:
+                self.row["torch_adamw"] = implementation
+                self.opts["torch_adamw"] = implementation
         except Unsupported as e:
             self._say(f"{e}: not in the reference-row vocabulary, nothing is recorded")
             return
@@ -429,15 +450,23 @@ class MemoryRecorder(TrainerCallback):
         if len(done) > 2:
             row["steady_peak_bytes"] = max(peak(s) for s in done[2:])
         new = not os.path.exists(self.out) or os.path.getsize(self.out) == 0
+        fields = FIELDS
         if not new:
             with open(self.out, newline="") as f:
                 header = next(csv.reader(f), [])
-            if header != FIELDS:
+            if header == FIELDS_BEFORE_TORCH_ADAMW and not row.get("torch_adamw"):
+                fields = header
+            elif header == FIELDS_BEFORE_TORCH_ADAMW:
+                self._say(f"{self.out} was written before the torch_adamw column, which this "
+                          f"row needs (torch_adamw={row['torch_adamw']!r}): nothing is written to it "
+                          "(give another out=)")
+                return
+            elif header != FIELDS:
                 self._say(f"{self.out} has other columns than a recorder's file: nothing is "
                           "written to it (give another out=)")
                 return
         with open(self.out, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
+            w = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
             if new:
                 w.writeheader()
             w.writerow(row)

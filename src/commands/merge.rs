@@ -1,7 +1,7 @@
 //! `vramcal merge`: joins result CSVs (the parts of a sharded sweep, `sweep --shard I/N`, e.g.
-//! one per Slurm array task) into one file. Every part must carry the same header (a part of an
-//! earlier vramcal, whose columns are all among today's, joins with today's header, the columns
-//! added since empty) and end in a whole row; rows are kept in the order the parts list them; two rows of one configuration
+//! one per Slurm array task) into one file, under today's header: every part's columns must be
+//! among today's (a part of an earlier vramcal joins with the columns added since empty), and
+//! every part must end in a whole row; rows are kept in the order the parts list them; two rows of one configuration
 //! ([`super::sweep::config_key`], what `--resume` matches) are one row when identical (so
 //! merging again, or merging the result with its parts, changes nothing) and otherwise refused,
 //! unless `--keep newest` keeps the later `utc_time`. The output is written whole, through a
@@ -17,11 +17,12 @@ use crate::error::Error;
 /// Runs `vramcal merge`.
 ///
 /// # Errors
-/// A part that cannot be read, whose header differs from the first part's, whose last row is
+/// A part that cannot be read, whose header has a column this vramcal does not write, whose last row is
 /// cut, or that holds rows vramcal does not write; conflicting rows of one configuration
 /// without `--keep newest`; an unwritable `--out`.
 pub fn run(a: &MergeArgs) -> anyhow::Result<ExitCode> {
-    let mut header: Option<(csv::ByteRecord, std::path::PathBuf)> = None;
+    // Every part is written under today's header (one of an earlier vramcal remapped to it).
+    let header: csv::ByteRecord = crate::report::Row::header().into_iter().collect();
     // (configuration key, record, utc_time, where it came from)
     let mut rows: Vec<(String, csv::ByteRecord, String, String)> = Vec::new();
     let mut at: HashMap<String, usize> = HashMap::new();
@@ -52,29 +53,23 @@ pub fn run(a: &MergeArgs) -> anyhow::Result<ExitCode> {
         }
         // A part of an earlier vramcal (its columns all among today's) joins with today's
         // header, its rows given the columns added since, empty (as appending to it would).
-        let today: csv::ByteRecord = crate::report::Row::header().into_iter().collect();
-        let earlier = h != today && h.iter().all(|c| today.iter().any(|t| t == c));
-        let (h, remap) = if earlier {
-            let from = h.clone();
-            (today, Some(from))
-        } else {
-            (h, None)
-        };
-        match &header {
-            None => header = Some((h.clone(), part.clone())),
-            Some((first, path)) if *first != h => {
-                return Err(Error::invalid(
-                    "merge",
-                    part.display(),
-                    format!(
-                        "its header differs from {}'s: merge files of one kind and version",
-                        path.display()
-                    ),
-                )
-                .into())
-            }
-            Some(_) => {}
+        let unknown: Vec<String> = h
+            .iter()
+            .filter(|c| !header.iter().any(|t| t == *c))
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        if !unknown.is_empty() {
+            return Err(Error::invalid(
+                "merge",
+                part.display(),
+                format!(
+                    "its header has columns this vramcal does not write ({}): a file of another tool or of a newer vramcal",
+                    unknown.join(", ")
+                ),
+            )
+            .into());
         }
+        let remap = (h != header).then(|| h.clone());
         // vramcal ends every row it writes with a newline: without one the row may be cut
         // inside its last field.
         if !crate::report::csv_out::last_record(&bytes).1 || !bytes.ends_with(b"\n") {
@@ -88,7 +83,7 @@ pub fn run(a: &MergeArgs) -> anyhow::Result<ExitCode> {
         let typed = crate::report::csv_out::read_rows(part)?;
         for (i, (rec, row)) in rdr.byte_records().zip(&typed).enumerate() {
             let rec = match &remap {
-                Some(from) => to_header(&rec?, from, &h),
+                Some(from) => to_header(&rec?, from, &header),
                 None => rec?,
             };
             let key = super::sweep::config_key(row);
@@ -124,7 +119,6 @@ pub fn run(a: &MergeArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let (header, _) = header.expect("at least one part (clap requires it)");
     let dir = a
         .out
         .parent()

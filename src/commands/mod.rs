@@ -47,10 +47,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// The command line of this process, quoted where needed, for recording in results.
 pub fn command_line() -> String {
-    std::env::args()
+    // `args_os`: an argument that is not UTF-8 (a file name) is written with U+FFFD, where
+    // `args` would panic.
+    std::env::args_os()
         .enumerate()
         .map(|(i, a)| {
-            let a = if i == 0 { "vramcal".to_string() } else { a };
+            let a = if i == 0 {
+                "vramcal".to_string()
+            } else {
+                a.to_string_lossy().into_owned()
+            };
             if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '"' || c == '\'') {
                 format!("'{}'", a.replace('\'', "'\\''"))
             } else {

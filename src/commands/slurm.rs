@@ -181,11 +181,11 @@ fn task_time(
     for f in &a.time_from {
         let name = f.display().to_string();
         // The names go into a comment line of the script: a line break would end it there.
-        if name.chars().any(char::is_control) {
+        if f.to_str().is_none() || name.chars().any(char::is_control) {
             return Err(Error::invalid(
                 "--time-from",
                 name.escape_debug(),
-                "contains a line break or another control character",
+                "contains a line break or another control character, or is not UTF-8",
             )
             .into());
         }
@@ -199,7 +199,7 @@ fn task_time(
             return Err(Error::invalid(
                 "--time-from",
                 &name,
-                "its last row is cut short (a sweep still writing it, or killed): let the sweep finish or resume it (--resume repairs it)",
+                "its last row is cut short or has another number of fields than the header (a sweep still writing it, or killed?): let the sweep finish or resume it (--resume repairs a cut row)",
             )
             .into());
         }
@@ -266,6 +266,37 @@ fn task_time(
     })
 }
 
+/// Refuses a path the script cannot hold: not UTF-8 (it would be written as another name), a
+/// control character (a line break ends a script line), a double quote (it ends the quoted
+/// `#SBATCH` paths). `what` names it in the error.
+///
+/// # Errors
+/// [`Error::InvalidValue`] naming `what` and the path.
+fn script_path(what: &str, p: &std::path::Path) -> Result<(), Error> {
+    let Some(t) = p.to_str() else {
+        return Err(Error::invalid(
+            what,
+            p.to_string_lossy().escape_debug(),
+            "is not UTF-8: the script could not name it",
+        ));
+    };
+    if t.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            what,
+            t.escape_debug(),
+            "contains a line break or another control character",
+        ));
+    }
+    if t.contains('"') {
+        return Err(Error::invalid(
+            what,
+            t,
+            "a path with a double quote cannot be written into #SBATCH lines",
+        ));
+    }
+    Ok(())
+}
+
 /// Runs `vramcal slurm`.
 ///
 /// # Errors
@@ -320,17 +351,21 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
     }
     // Line breaks would end the script's lines where its arguments are written; quotes would
     // end the quoted #SBATCH paths.
-    let dir_text = a.dir.display().to_string();
-    for x in a.sweep.iter().chain(std::iter::once(&dir_text)) {
+    for x in &a.sweep {
         if x.chars().any(char::is_control) {
             return Err(Error::invalid(
-                "vramcal slurm",
+                "vramcal slurm -- ...",
                 x.escape_debug(),
                 "contains a line break or another control character",
             )
             .into());
         }
     }
+    // The folder and the current one go into #SBATCH lines, quoted, and the script: checked
+    // before the folder is made, so a refusal leaves nothing behind.
+    let cwd = std::env::current_dir().map_err(|e| Error::io(".", e))?;
+    script_path("--dir", &a.dir)?;
+    script_path("the current folder", &cwd)?;
     // The sweep as `vramcal sweep` reads it: refused here if it would be refused there.
     let argv = ["vramcal", "sweep"]
         .into_iter()
@@ -403,18 +438,15 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
         .saturating_add(512)
         .max(1024);
     let gpu = sweep.model.device.starts_with("cuda");
+    let existed = a.dir.exists();
     std::fs::create_dir_all(&a.dir).map_err(|e| Error::io(&a.dir, e))?;
     let dir = std::fs::canonicalize(&a.dir).map_err(|e| Error::io(&a.dir, e))?;
-    let cwd = std::env::current_dir().map_err(|e| Error::io(".", e))?;
-    for p in [&dir, &cwd] {
-        if p.display().to_string().contains('"') {
-            return Err(Error::invalid(
-                "--dir",
-                p.display(),
-                "a path with a double quote cannot be written into #SBATCH lines",
-            )
-            .into());
+    // The folder as resolved (through a link, say) holds what its name did not.
+    if let Err(e) = script_path("--dir", &dir) {
+        if !existed {
+            let _ = std::fs::remove_dir(&a.dir);
         }
+        return Err(e.into());
     }
     let exe = std::env::current_exe().map_err(|e| Error::io("vramcal", e))?;
     let quote = |s: &str| -> anyhow::Result<String> {
@@ -453,7 +485,12 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
     if let Some(p) = &a.partition {
         writeln!(s, "#SBATCH --partition={p}")?;
     }
-    writeln!(s, "#SBATCH --output=\"{}/slurm-%A_%a.out\"", dir.display())?;
+    // sbatch expands `%` in --output's name (`%A`, `%a`): a `%` of the folder's is `%%`.
+    writeln!(
+        s,
+        "#SBATCH --output=\"{}/slurm-%A_%a.out\"",
+        dir.display().to_string().replace('%', "%%")
+    )?;
     // Relative paths of the sweep (a config.json, weights) as they were written.
     writeln!(s, "#SBATCH --chdir=\"{}\"", cwd.display())?;
     writeln!(s, "set -euo pipefail")?;
@@ -491,10 +528,12 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
         .into());
     }
     std::fs::write(&script, s).map_err(|e| Error::io(&script, e))?;
+    let mut out = String::new();
     if let Some(from) = &time.basis {
-        println!("time limit {from}");
+        writeln!(out, "time limit {from}")?;
     }
-    println!(
+    writeln!(
+        out,
         "wrote {}: {} point(s) in {} array task(s), each with {} MiB of memory and a time limit of {}{}",
         script.display(),
         grid.len(),
@@ -502,13 +541,23 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
         mem_mib,
         time.limit,
         if gpu { " and one GPU" } else { "" }
-    );
-    println!("submit:   sbatch {}", quote(&script.display().to_string())?);
-    println!(
+    )?;
+    writeln!(
+        out,
+        "submit:   sbatch {}",
+        quote(&script.display().to_string())?
+    )?;
+    writeln!(
+        out,
         "redo one: sbatch --array=I {} (resumes part I)",
         quote(&script.display().to_string())?
-    );
-    println!("join:     vramcal merge {d}/part-*.csv --out RESULTS.csv");
+    )?;
+    writeln!(
+        out,
+        "join:     vramcal merge {d}/part-*.csv --out RESULTS.csv"
+    )?;
+    // A closed pipe (`vramcal slurm … | head -1`) ends the output quietly; the script is written.
+    crate::export::emit(&out)?;
     Ok(ExitCode::SUCCESS)
 }
 

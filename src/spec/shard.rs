@@ -255,7 +255,10 @@ impl Sharding {
             return Err(Error::invalid(
                 "--gpus-per-node",
                 self.gpus_per_node,
-                format!("must be between 1 and --gpus ({})", self.gpus),
+                format!(
+                    "must be between 1 and the data-parallel GPUs (--gpus or --world-size, {})",
+                    self.gpus
+                ),
             ));
         }
         Ok(())
