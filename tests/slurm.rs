@@ -139,7 +139,7 @@ fn merge_refuses_what_it_cannot_join() {
     for rec in r.records() {
         w.write_record(drop(&rec.unwrap())).unwrap();
     }
-    drop_writer(w);
+    w.flush().unwrap();
     sweep(p, &["--shard", "2/2"], "c.csv");
     vramcal()
         .current_dir(p)
@@ -334,7 +334,7 @@ fn slurm_time_limit_is_projected_from_measured_points() {
         .sum();
     assert!(measured > 0.0);
     let projected = |dir: &str, grid: &[&str]| -> (f64, String) {
-        let out = vramcal()
+        vramcal()
             .current_dir(p)
             .args([
                 "slurm",
@@ -348,13 +348,8 @@ fn slurm_time_limit_is_projected_from_measured_points() {
             ])
             .args(grid)
             .args(["--timed-steps", "300"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .assert()
+            .success();
         let script = std::fs::read_to_string(p.join(dir).join("sweep.sbatch")).unwrap();
         let line = script
             .lines()
@@ -388,7 +383,7 @@ fn slurm_time_limit_is_projected_from_measured_points() {
     let (again, _) = projected("b", &more_grid);
     assert!((again - more).abs() <= 0.051);
     // Files read, never changed: rows of smollm2-135m from before the column existed, a file
-    // whose last row is cut (a sweep still writing it).
+    // whose last row is cut (a sweep still writing it); and --time beside --time-from.
     let m = std::fs::read(p.join("m.csv")).unwrap();
     std::fs::write(p.join("cut.csv"), &m[..m.len() - 20]).unwrap();
     let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/cpu/smollm2-135m.csv");
@@ -409,6 +404,7 @@ fn slurm_time_limit_is_projected_from_measured_points() {
         (&["cut.csv"][..], &tiny, "its last row is cut short"),
         (&["m.csv\ntouch x"][..], &tiny, "contains a line break"),
         (&["nope.csv"][..], &tiny, "nope.csv"),
+        (&["m.csv", "--time", "10"][..], &tiny, "cannot be used with"),
     ] {
         let out = vramcal()
             .current_dir(p)
@@ -427,37 +423,11 @@ fn slurm_time_limit_is_projected_from_measured_points() {
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(!p.join("c/sweep.sbatch").exists());
     }
-    // --time with --time-from.
-    let out = vramcal()
-        .current_dir(p)
-        .args([
-            "slurm",
-            "--tasks",
-            "1",
-            "--dir",
-            "c",
-            "--time",
-            "10",
-            "--time-from",
-            "m.csv",
-            "--",
-        ])
-        .args(tiny)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
-    assert!(!p.join("c/sweep.sbatch").exists());
     assert_eq!(std::fs::read(p.join("m.csv")).unwrap(), m);
     assert_eq!(
         std::fs::read(p.join("old.csv")).unwrap(),
         std::fs::read(&committed).unwrap()
     );
-}
-
-/// Drops a CSV writer, flushing it.
-fn drop_writer(mut w: csv::Writer<std::fs::File>) {
-    w.flush().unwrap();
 }
 
 /// What `vramcal slurm` cannot write into a script is refused before anything is made: a
