@@ -431,7 +431,7 @@ fn slurm_time_limit_is_projected_from_measured_points() {
 }
 
 /// What `vramcal slurm` cannot write into a script is refused before anything is made: a
-/// double quote in `--dir` (no folder left behind), a line break in the current folder, more
+/// double quote or a backslash in `--dir` (no folder left behind), a line break in the current folder, more
 /// tasks than points (at once, for any count), a line break in `--partition` (one line of
 /// error); a `%` in `--dir` is written `%%` in `--output` (sbatch's patterns); an argument that
 /// is not UTF-8 is no panic.
@@ -457,6 +457,8 @@ fn slurm_refuses_what_a_script_cannot_hold() {
         assert_eq!(err.lines().count(), 1, "{err}");
     };
     refused(p, &["--tasks", "1", "--dir", "dq\"x"], "double quote");
+    refused(p, &["--tasks", "1", "--dir", "bs\\x"], "backslash");
+    assert!(!p.join("bs\\x").exists());
     assert!(!p.join("dq\"x").exists());
     for n in ["18446744073709551615", "4294967296", "2"] {
         refused(
@@ -486,14 +488,22 @@ fn slurm_refuses_what_a_script_cannot_hold() {
     {
         use std::os::unix::ffi::OsStrExt;
         let bad = std::ffi::OsStr::from_bytes(b"o\xff.csv");
-        let out = vramcal()
+        vramcal()
             .current_dir(p)
             .args([
                 "sweep", "--model", "tiny", "--batch", "1", "--seq", "8", "--out",
             ])
             .arg(bad)
-            .output()
-            .unwrap();
-        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+            .assert()
+            .success();
+        // The row's command names the file as it can (U+FFFD for the byte).
+        let mut r = csv::Reader::from_path(p.join(bad)).unwrap();
+        let row: std::collections::HashMap<String, String> =
+            r.deserialize().next().unwrap().unwrap();
+        assert!(
+            row["command"].contains("--out o\u{fffd}.csv"),
+            "{}",
+            row["command"]
+        );
     }
 }

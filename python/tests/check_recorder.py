@@ -82,6 +82,15 @@ def main():
                     with rec.optimizer_step():
                         opt.step()
                     opt.zero_grad()
+        # A fused AdamW under optim="adamw_torch" (adamw_torch_fused names it): said once, no row.
+        fused = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            with vramcal.LoopRecorder(model, fused, optim="adamw_torch", batch=2, out=rows,
+                                      count_cpu_memory=True) as rec:
+                pass
+        assert "a fused AdamW under optim='adamw_torch'" in err.getvalue(), err.getvalue()
+        del fused
         expected = ["full", "lora", "full"]
         sft = sft_trainer_refused(folder, rows)
         # What is alive in the process counts (as torch.cuda.max_memory_allocated would): the

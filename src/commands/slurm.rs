@@ -268,7 +268,8 @@ fn task_time(
 
 /// Refuses a path the script cannot hold: not UTF-8 (it would be written as another name), a
 /// control character (a line break ends a script line), a double quote (it ends the quoted
-/// `#SBATCH` paths). `what` names it in the error.
+/// `#SBATCH` paths) or a backslash (sbatch reads it as an escape inside them, and in
+/// `--output` it turns off the `%A`/`%a` patterns). `what` names it in the error.
 ///
 /// # Errors
 /// [`Error::InvalidValue`] naming `what` and the path.
@@ -287,11 +288,11 @@ fn script_path(what: &str, p: &std::path::Path) -> Result<(), Error> {
             "contains a line break or another control character",
         ));
     }
-    if t.contains('"') {
+    if t.contains('"') || t.contains('\\') {
         return Err(Error::invalid(
             what,
             t,
-            "a path with a double quote cannot be written into #SBATCH lines",
+            "a path with a double quote or a backslash cannot be written into #SBATCH lines",
         ));
     }
     Ok(())
@@ -438,6 +439,16 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
         .saturating_add(512)
         .max(1024);
     let gpu = sweep.model.device.starts_with("cuda");
+    // The binary the tasks run, written (shell-quoted) into the script's last line.
+    let exe = std::env::current_exe().map_err(|e| Error::io("vramcal", e))?;
+    if exe.to_str().is_none_or(|t| t.chars().any(char::is_control)) {
+        return Err(Error::invalid(
+            "the vramcal binary's path",
+            exe.to_string_lossy().escape_debug(),
+            "is not UTF-8 or holds a control character: the script could not name it (run a copy from another folder)",
+        )
+        .into());
+    }
     let existed = a.dir.exists();
     std::fs::create_dir_all(&a.dir).map_err(|e| Error::io(&a.dir, e))?;
     let dir = std::fs::canonicalize(&a.dir).map_err(|e| Error::io(&a.dir, e))?;
@@ -448,7 +459,6 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
         }
         return Err(e.into());
     }
-    let exe = std::env::current_exe().map_err(|e| Error::io("vramcal", e))?;
     let quote = |s: &str| -> anyhow::Result<String> {
         Ok(shlex::try_quote(s)
             .map_err(|_| Error::invalid("vramcal slurm -- ...", s, "contains a NUL byte"))?
