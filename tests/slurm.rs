@@ -154,6 +154,23 @@ fn merge_refuses_what_it_cannot_join() {
         .records()
         .count();
     assert!(rows[..old_rows].iter().all(|r| r[k].is_empty()));
+    // Merging again, the result with its parts (one of an earlier vramcal), changes nothing.
+    vramcal()
+        .current_dir(p)
+        .args([
+            "merge",
+            "joined.csv",
+            "old.csv",
+            "c.csv",
+            "--out",
+            "again.csv",
+        ])
+        .assert()
+        .success();
+    assert_eq!(
+        std::fs::read(p.join("again.csv")).unwrap(),
+        std::fs::read(p.join("joined.csv")).unwrap()
+    );
     assert!(rows[old_rows..].iter().all(|r| !r[k].is_empty()));
     assert_eq!(
         configs(&p.join("joined.csv")).len(),
