@@ -492,7 +492,9 @@ class LoopRecorder:
                     optimizer.zero_grad()
 
     The forward is found by a hook on the model, the backward is what runs until the optimizer
-    step. Everything else is ``MemoryRecorder``'s: the same row, the same refusals.
+    step. Everything else is ``MemoryRecorder``'s: the same row, the same refusals. Without
+    ``optimizer`` nothing of it is checked: its class is taken to be ``optim``'s and its
+    ``foreach=`` torch's default for the device (the row's ``torch_adamw`` empty).
     """
 
     def __init__(self, model, optimizer=None, *, optim, batch, accumulate=1, bf16=False,
