@@ -1350,6 +1350,13 @@ fn numbers_out_of_range_are_refused_with_one_line_and_keep_the_csv() {
 /// Words outside an option's vocabulary, and malformed option lists.
 #[rustfmt::skip]
 const BAD_WORDS: &[Case] = &[
+    // The error names the targets as given, not the whole --lora value.
+    Case {
+        args: &["estimate", "--model", "tiny", "--seq", "8", "--method", "lora", "--lora",
+            "r=8,targets=all-linear,gate,alpha=4"],
+        error: "--lora targets = all-linear,gate: all-linear already names",
+        untouched: None,
+    },
     // `estimate`'s --world-size is --gpus under torchrun's word: one of them, named as given.
     Case {
         args: &["estimate", "--model", "tiny", "--seq", "8", "--shard", "zero2", "--world-size",

@@ -345,6 +345,8 @@ impl FromStr for LoraConfig {
     fn from_str(spec: &str) -> Result<Self> {
         let mut c = LoraConfig::default();
         let mut targets: Option<Vec<Target>> = None;
+        // The words of `targets` as given, for its errors.
+        let mut target_words: Vec<&str> = Vec::new();
         let mut last_key = String::new();
         let mut seen: Vec<String> = Vec::new();
         if spec.split(',').all(|x| x.trim().is_empty()) {
@@ -398,6 +400,7 @@ impl FromStr for LoraConfig {
                 "alpha" | "lora_alpha" => c.alpha = num(value)?,
                 "dropout" | "lora_dropout" => c.dropout = num(value)?,
                 "targets" | "target_modules" => {
+                    target_words.push(value);
                     let list = targets.get_or_insert_with(Vec::new);
                     match value {
                         "lm_head" => c.lm_head = true,
@@ -440,7 +443,7 @@ impl FromStr for LoraConfig {
             if c.all_linear && t.len() > Target::ALL.len() {
                 return Err(Error::invalid(
                     "--lora targets",
-                    spec,
+                    target_words.join(","),
                     "all-linear already names every linear module of the layers: add only lm_head or embed_tokens to it",
                 ));
             }
