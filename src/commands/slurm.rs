@@ -52,15 +52,13 @@ pub struct PointTime {
     pub same_configuration: bool,
 }
 
-/// A row's configuration key ([`super::sweep::config_key`]) on `device`; with `shape` false
-/// without its batch, sequence length, micro-batch and accumulation (the "recipe").
-fn key_on(r: &Row, device: &str, shape: bool) -> String {
+/// A row's recipe: its configuration key on its kind of device
+/// ([`super::sweep::resume_key`]) without its batch, sequence length, micro-batch and
+/// accumulation.
+fn recipe_key(r: &Row) -> String {
     let mut r = r.clone();
-    r.device = device.to_string();
-    if !shape {
-        (r.batch, r.seq, r.micro_batch, r.accumulate) = (0, 0, 0, 0);
-    }
-    super::sweep::config_key(&r)
+    (r.batch, r.seq, r.micro_batch, r.accumulate) = (0, 0, 0, 0);
+    super::sweep::resume_key(&r)
 }
 
 /// Projects the wall time of the planned point `planned` (a row built before measuring: its
@@ -110,9 +108,10 @@ pub fn project_point_seconds(
         })
         .collect();
     let steps = 2.0 + timed_steps as f64;
+    let configuration = super::sweep::resume_key(planned);
     let same: Vec<f64> = basis
         .iter()
-        .filter(|(r, ..)| key_on(r, "", true) == key_on(planned, "", true))
+        .filter(|(r, ..)| super::sweep::resume_key(r) == configuration)
         .map(|(_, s, o, _)| o + steps * s)
         .collect();
     if !same.is_empty() {
@@ -121,9 +120,10 @@ pub fn project_point_seconds(
             same_configuration: true,
         });
     }
+    let recipe_of_point = recipe_key(planned);
     let recipe: Vec<_> = basis
         .iter()
-        .filter(|(r, ..)| key_on(r, "", false) == key_on(planned, "", false))
+        .filter(|(r, ..)| recipe_key(r) == recipe_of_point)
         .collect();
     let pool: Vec<_> = if recipe.is_empty() {
         basis.iter().collect()
