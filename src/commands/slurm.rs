@@ -162,7 +162,7 @@ struct TaskTime {
     basis: Option<String>,
 }
 
-/// The limit from `--time-from`: each task's points projected ([`project_point_seconds`]) and
+/// The limit from `--time-from`: each task's points (`shards`, indices into `grid`) projected ([`project_point_seconds`]) and
 /// summed; the longest task's sum twice over plus 5 minutes (a margin for slower nodes, a
 /// cold file cache and the rows' spread: a task cut by its limit is resubmitted and resumes,
 /// losing only its unfinished point).
@@ -174,6 +174,7 @@ fn task_time(
     a: &SlurmArgs,
     sweep: &SweepArgs,
     grid: &[super::sweep::Point],
+    shards: &[Vec<usize>],
 ) -> anyhow::Result<TaskTime> {
     let mut measured = Vec::new();
     let mut seen = Vec::new();
@@ -226,17 +227,9 @@ fn task_time(
         };
         projected.push(t);
     }
-    let longest = (1..=a.tasks)
-        .map(|i| {
-            super::sweep::GridShard {
-                index: i,
-                count: a.tasks,
-            }
-            .select((0..grid.len()).collect())
-            .iter()
-            .map(|&j| projected[j].seconds)
-            .sum::<f64>()
-        })
+    let longest = shards
+        .iter()
+        .map(|points| points.iter().map(|&j| projected[j].seconds).sum::<f64>())
         .fold(0.0, f64::max);
     let same = projected.iter().filter(|t| t.same_configuration).count();
     let limit_seconds = 2.0 * longest + 300.0;
@@ -402,16 +395,17 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
         )
         .into());
     }
-    let parts: Vec<usize> = (1..=a.tasks)
+    // The grid's point indices each task measures (`sweep --shard I/N`).
+    let shards: Vec<Vec<usize>> = (1..=a.tasks)
         .map(|i| {
             super::sweep::GridShard {
                 index: i,
                 count: a.tasks,
             }
             .select((0..grid.len()).collect())
-            .len()
         })
         .collect();
+    let parts: Vec<usize> = shards.iter().map(Vec::len).collect();
     if parts.contains(&0) {
         return Err(Error::invalid(
             "--tasks",
@@ -433,7 +427,7 @@ pub fn run(a: &SlurmArgs) -> anyhow::Result<ExitCode> {
             basis: None,
         }
     } else {
-        task_time(a, &sweep, &grid)?
+        task_time(a, &sweep, &grid, &shards)?
     };
     let mem_mib = ((largest + largest / 4) >> 20)
         .saturating_add(512)
